@@ -1,0 +1,52 @@
+"""xxh3-128 digests of bytes and files, the identity of every blob.
+
+Used by the client to name what it uploads and to verify what it downloads, and by
+the server (which may import the client) to verify what it stores.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import xxhash
+
+CHUNK = 1 << 20
+HASH_RE = re.compile(r"^[0-9a-f]{32}$")
+
+
+def new_hasher() -> xxhash.xxh3_128:
+    return xxhash.xxh3_128()
+
+
+def hash_bytes(data: bytes) -> str:
+    return xxhash.xxh3_128_hexdigest(data)
+
+
+def hash_file(path: Path, limit: int | None = None) -> tuple[str, int]:
+    """Return (xxh3-128 hex, size) of a file, or of its first `limit` bytes."""
+    hasher = xxhash.xxh3_128()
+    size = 0
+    with open(path, "rb") as f:
+        while limit is None or size < limit:
+            want = CHUNK if limit is None else min(CHUNK, limit - size)
+            chunk = f.read(want)
+            if not chunk:
+                break
+            hasher.update(chunk)
+            size += len(chunk)
+    return hasher.hexdigest(), size
+
+
+def seed_hasher(path: Path, length: int) -> xxhash.xxh3_128:
+    """A hasher that has already consumed the first `length` bytes of `path` (for resumes)."""
+    hasher = xxhash.xxh3_128()
+    remaining = length
+    with open(path, "rb") as f:
+        while remaining > 0:
+            chunk = f.read(min(CHUNK, remaining))
+            if not chunk:
+                raise ValueError(f"{path} is shorter than {length} bytes")
+            hasher.update(chunk)
+            remaining -= len(chunk)
+    return hasher

@@ -1,0 +1,1 @@
+"""Compile workers and backends (inductor, awq, neuron); arrives with issue 3."""

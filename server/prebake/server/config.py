@@ -1,0 +1,95 @@
+"""Server configuration: one frozen dataclass, built once by the CLI and passed down.
+
+Precedence (applied by `load_server_config`): command-line flags > `PREBAKE_*`
+environment variables > a TOML file (`--config`, or `PREBAKE_CONFIG`) > defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_DATA_DIR = Path("./prebake-data")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything the server reads at start-up. Immutable; passed to every component."""
+
+    listen: str = DEFAULT_LISTEN
+    data_dir: Path = DEFAULT_DATA_DIR
+    # A single blob larger than this is refused with RESOURCE_EXHAUSTED.
+    max_blob_bytes: int = 64 << 30
+    # Total blob bytes the store may hold; 0 means no limit.
+    max_store_bytes: int = 0
+    # How long a deterministic compile failure answers FAILED before a lookup retries.
+    negative_cache_seconds: float = 3600.0
+    # Attempts a job gets before a transient failure becomes final.
+    job_max_attempts: int = 3
+    # How long a worker's lease lasts without a heartbeat.
+    lease_seconds: float = 60.0
+    # Partial uploads untouched for this long are removed at start-up.
+    stale_upload_seconds: float = 24 * 3600.0
+    # How often lazily-recorded artifact access times are written to the registry.
+    access_flush_seconds: float = 5.0
+    # Seconds given to in-flight rpcs on shutdown.
+    shutdown_grace_seconds: float = 10.0
+    # Thread pool for blocking work (hashing, fsync) off the event loop.
+    io_threads: int = 4
+
+
+_ENV_PREFIX = "PREBAKE_"
+
+
+def _coerce(name: str, value: Any) -> Any:
+    kind = {f.name: f.type for f in fields(ServerConfig)}[name]
+    try:
+        if kind in ("Path", Path):
+            return Path(value)
+        if kind in ("int", int):
+            return int(value)
+        if kind in ("float", float):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"configuration {name}={value!r}: expected {kind}") from exc
+
+
+def load_server_config(
+    flags: Mapping[str, Any],
+    environ: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+) -> ServerConfig:
+    """Merge flags (None means not given), environment and file into a ServerConfig.
+
+    Raises ValueError with a readable message for unknown file keys or bad values.
+    """
+    environ = os.environ if environ is None else environ
+    names = {f.name for f in fields(ServerConfig)}
+    merged: dict[str, Any] = {}
+    file_path = config_file or (Path(environ[f"{_ENV_PREFIX}CONFIG"]) if f"{_ENV_PREFIX}CONFIG" in environ else None)
+    if file_path is not None:
+        try:
+            data = tomllib.loads(file_path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ValueError(f"cannot read config file {file_path}: {exc}") from exc
+        section = data.get("server", data)
+        unknown = sorted(set(section) - names)
+        if unknown:
+            raise ValueError(f"config file {file_path}: unknown keys {unknown}; known: {sorted(names)}")
+        merged.update({k: _coerce(k, v) for k, v in section.items()})
+    for name in names:
+        env_value = environ.get(_ENV_PREFIX + name.upper())
+        if env_value is not None and env_value != "":
+            merged[name] = _coerce(name, env_value)
+    for name, value in flags.items():
+        if value is not None:
+            if name not in names:
+                raise ValueError(f"unknown server setting {name!r}")
+            merged[name] = _coerce(name, value)
+    return ServerConfig(**merged)

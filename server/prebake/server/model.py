@@ -1,0 +1,157 @@
+"""Domain records shared by the registry, the blob stores and the services.
+
+Plain frozen dataclasses, independent of gRPC and SQLite, so every layer can be tested
+on its own. Times are UNIX seconds (float).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+
+from prebake.server.errors import InvalidArgument
+
+_HASH_RE = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass(frozen=True, order=True)
+class Digest:
+    """A blob's identity: xxh3-128 hex digest (32 lowercase hex digits) and size."""
+
+    hash: str
+    size: int
+
+    def __post_init__(self) -> None:
+        if not _HASH_RE.match(self.hash):
+            raise InvalidArgument(f"digest hash {self.hash!r} is not 32 lowercase hex digits (xxh3-128)")
+        if self.size < 0:
+            raise InvalidArgument(f"digest size {self.size} is negative")
+
+    def __str__(self) -> str:
+        return f"{self.hash}/{self.size}"
+
+
+@dataclass(frozen=True)
+class NormalizedKey:
+    """An artifact key after normalisation (see `prebake.server.keys`).
+
+    Fields irrelevant to the kind are cleared ("" or 0). `canonical` is the exact text
+    that was hashed; `digest` is its xxh3-128 hex digest and the key's identity.
+    """
+
+    schema_version: int
+    kind: str  # "neuron" | "awq" | "inductor"
+    model: str
+    model_revision: str
+    instance_type: str
+    compile_target: str
+    sequence_length: int
+    batch_size: int
+    tensor_parallel_degree: int
+    precision: str
+    toolchain: str
+    options: tuple[tuple[str, str], ...]
+    relevant_fields: tuple[str, ...]
+    ignored_fields: tuple[str, ...]
+    canonical: str
+    digest: str
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of an artifact: a validated relative POSIX path and its blob."""
+
+    path: str
+    digest: Digest
+    executable: bool = False
+
+
+@dataclass(frozen=True)
+class Producer:
+    """Who produced an artifact."""
+
+    worker: str = ""
+    toolchain_versions: tuple[tuple[str, str], ...] = ()
+    compile_seconds: float = 0.0
+    log: Digest | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A published manifest. `artifact_id` is the key digest."""
+
+    artifact_id: str
+    key: NormalizedKey
+    files: tuple[FileEntry, ...]
+    file_count: int
+    total_size: int
+    producer: Producer
+    created_at: float
+    last_accessed_at: float
+    pinned: bool
+    manifest_digest: str
+    hit_count: int = 0
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "queued"
+    LEASED = "leased"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def active(self) -> bool:
+        return self in (JobState.QUEUED, JobState.LEASED)
+
+
+class ErrorClass(enum.StrEnum):
+    NONE = ""
+    TRANSIENT = "transient"
+    DETERMINISTIC = "deterministic"
+
+
+@dataclass(frozen=True)
+class Job:
+    """A compile job. At most one active (queued or leased) job exists per key digest."""
+
+    job_id: str
+    key: NormalizedKey
+    state: JobState
+    created_at: float
+    updated_at: float
+    attempts: int = 0
+    max_attempts: int = 3
+    progress: float = 0.0
+    message: str = ""
+    error: str = ""
+    error_class: ErrorClass = ErrorClass.NONE
+    log: Digest | None = None
+    artifact_id: str = ""
+    worker: str = ""
+    lease_expires_at: float | None = None
+    fencing_token: int = 0
+    not_before: float = 0.0
+    model_source: str = ""
+    finished_at: float | None = None
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One change of a job, numbered from 1 within the job."""
+
+    job_id: str
+    sequence: int
+    at: float
+    job: Job
+
+
+@dataclass(frozen=True)
+class RegistryCounts:
+    """Sizes the registry can report without touching blobs."""
+
+    artifacts: int
+    pinned_artifacts: int
+    jobs_by_state: dict[str, int] = field(default_factory=dict)
