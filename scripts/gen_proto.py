@@ -80,7 +80,11 @@ def main() -> int:
         fresh = {p.name: p for p in generated_files(Path(tmp))}
         committed = {p.name: p for p in generated_files(PROTO_ROOT)}
         drift = sorted(set(fresh) ^ set(committed))
-        drift += [n for n in sorted(set(fresh) & set(committed)) if not filecmp.cmp(fresh[n], committed[n], shallow=False)]
+        drift += [
+            n
+            for n in sorted(set(fresh) & set(committed))
+            if not filecmp.cmp(fresh[n], committed[n], shallow=False)
+        ]
         if drift:
             print("generated stubs drift from the .proto files: " + ", ".join(drift), file=sys.stderr)
             print("run `make proto` and commit the result", file=sys.stderr)

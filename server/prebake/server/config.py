@@ -72,7 +72,9 @@ def load_server_config(
     environ = os.environ if environ is None else environ
     names = {f.name for f in fields(ServerConfig)}
     merged: dict[str, Any] = {}
-    file_path = config_file or (Path(environ[f"{_ENV_PREFIX}CONFIG"]) if f"{_ENV_PREFIX}CONFIG" in environ else None)
+    file_path = config_file or (
+        Path(environ[f"{_ENV_PREFIX}CONFIG"]) if f"{_ENV_PREFIX}CONFIG" in environ else None
+    )
     if file_path is not None:
         try:
             data = tomllib.loads(file_path.read_text())

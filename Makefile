@@ -1,0 +1,46 @@
+# The one dev loop. Every target sets up .venv itself (Python 3.11), so a fresh
+# checkout needs nothing but `make <target>`.
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: all demo test lint format proto proto-check bench clean
+
+all: lint test
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+## demo: start a server on the embedded default and walk a deployer through miss, publish, hit, fetch
+demo: $(STAMP)
+	$(BIN)/python scripts/demo.py
+
+## test: the full test suite against real servers on loopback (also checks stub drift)
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+## lint: ruff check, ruff format --check, mypy, and the generated-stub drift check
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/python scripts/gen_proto.py --check
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+## proto: regenerate the committed stubs from proto/prebake/v1/*.proto
+proto: $(STAMP)
+	$(BIN)/python scripts/gen_proto.py
+
+## bench: benchmarks, reported as ratios against a baseline measured in the same run
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache prebake-data

@@ -1,0 +1,618 @@
+"""`Client`: every rpc of the prebake contract, plus the deployer's operations.
+
+Low-level wrappers (one per rpc, named after it in snake_case) return the contract's
+protobuf messages. High-level operations (`ensure`, `fetch`, `publish`, `upload_blob`,
+`download_blob`) compose them with verification, resumption and atomic placement.
+
+Failures are raised as `prebake.client.errors.PrebakeError` subclasses, never as
+`grpc.RpcError`. UNAVAILABLE is retried (bounded, with backoff) wherever the contract
+says the call is safe to repeat; nothing else is retried implicitly.
+"""
+
+from __future__ import annotations
+
+import getpass
+import socket
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Literal, TypeVar
+
+import grpc
+
+from prebake.client.channel import (
+    IdleWatchdog,
+    RetryPolicy,
+    call_with_retry,
+    cancel_call,
+    create_channel,
+    stalled,
+    status_of,
+)
+from prebake.client.errors import (
+    CompileFailed,
+    DataLoss,
+    DeadlineExceeded,
+    FailedPrecondition,
+    JobCancelled,
+    PrebakeError,
+    Unavailable,
+    from_rpc_error,
+)
+from prebake.client.fetch import FetchResult, fetch_artifact
+from prebake.client.key import ArtifactKey
+from prebake.client.names import (
+    TERMINAL_JOB_STATES,
+    job_state_name,
+    job_state_to_proto,
+    kind_to_proto,
+    lookup_status_name,
+)
+from prebake.client.publish import LocalFile, scan_directory
+from prebake.client.transfer import (
+    DownloadResult,
+    Progress,
+    TransferSettings,
+    UploadResult,
+    download_blob,
+    upload_blob,
+    upload_id_for,
+)
+from prebake.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    blobs_pb2,
+    blobs_pb2_grpc,
+    jobs_pb2,
+    jobs_pb2_grpc,
+    key_pb2,
+    registry_pb2,
+    registry_pb2_grpc,
+)
+
+T = TypeVar("T")
+DEFAULT_TARGET = "127.0.0.1:50051"
+KeyLike = ArtifactKey | key_pb2.ArtifactKey
+DigestLike = blobs_pb2.Digest | tuple[str, int]
+# The contract's limit on digests per FindMissingBlobs request.
+_FIND_MISSING_BATCH = 10_000
+
+
+@dataclass(frozen=True)
+class EnsureResult:
+    """Outcome of `Client.ensure`."""
+
+    # What the initial lookup answered: "HIT", "MISS" or "COMPILING".
+    status: str
+    artifact_id: str
+    # The compile job waited for (None on a HIT).
+    job_id: str | None
+    fetch: FetchResult
+    seconds: float
+
+
+def as_digest(digest: DigestLike) -> blobs_pb2.Digest:
+    if isinstance(digest, blobs_pb2.Digest):
+        return digest
+    hash_hex, size = digest
+    return blobs_pb2.Digest(hash=hash_hex, size_bytes=size)
+
+
+def _key_proto(key: KeyLike) -> key_pb2.ArtifactKey:
+    return key.to_proto() if isinstance(key, ArtifactKey) else key
+
+
+def _producer_identity() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no login name in a bare container
+        user = "unknown"
+    return f"publish:{user}@{socket.gethostname()}"
+
+
+class Client:
+    """A synchronous client for one prebake server.
+
+    Thread safety: a Client may be shared by any number of threads; it holds a gRPC
+    channel (thread-safe) and no other mutable state. Close it (or use it as a context
+    manager) when done; calls on a closed client fail.
+
+    `timeout` is the deadline of each unary call, in seconds. `retries` bounds the
+    retries after an UNAVAILABLE answer. Streams carry no deadline; a stream that
+    delivers nothing for `idle_timeout` seconds is cancelled and resumed from where it
+    was (downloads), or re-opened (job watches, which re-deliver the current state).
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        timeout: float = 30.0,
+        retries: int = 5,
+        *,
+        idle_timeout: float = 30.0,
+        watch_idle_timeout: float = 60.0,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.policy = RetryPolicy(retries=retries)
+        self.idle_timeout = idle_timeout
+        self.watch_idle_timeout = watch_idle_timeout
+        self._channel = create_channel(target)
+        self._registry = registry_pb2_grpc.RegistryStub(self._channel)
+        self._blobs = blobs_pb2_grpc.BlobsStub(self._channel)
+        self._jobs = jobs_pb2_grpc.JobsStub(self._channel)
+        self._admin = admin_pb2_grpc.AdminStub(self._channel)
+        self._transfer = TransferSettings(
+            policy=self.policy, unary_timeout=timeout, idle_seconds=idle_timeout, target=target
+        )
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client(target={self.target!r}, timeout={self.timeout})"
+
+    def _call(self, fn: Callable[[float], T], timeout: float | None = None) -> T:
+        """Run a unary rpc with a deadline, retrying UNAVAILABLE per the policy."""
+        deadline = self.timeout if timeout is None else timeout
+        return call_with_retry(lambda: fn(deadline), self.policy, self.target)
+
+    # Registry ------------------------------------------------------------------------
+
+    def lookup(
+        self,
+        key: KeyLike,
+        on_miss: Literal["enqueue", "report"] = "enqueue",
+        force: bool = False,
+        model_source: str = "",
+        *,
+        timeout: float | None = None,
+    ) -> registry_pb2.LookupResponse:
+        """Look a key up: HIT, MISS, COMPILING or FAILED (`LookupResponse.status`).
+
+        With on_miss="enqueue" a miss creates a compile job or joins the one in flight;
+        "report" creates nothing. `force` ignores a cached deterministic failure.
+        Raises InvalidArgument (with the server's message) for an invalid key.
+        """
+        modes = {"enqueue": registry_pb2.ON_MISS_ENQUEUE, "report": registry_pb2.ON_MISS_REPORT}
+        if on_miss not in modes:
+            raise ValueError(f"on_miss must be 'enqueue' or 'report', not {on_miss!r}")
+        request = registry_pb2.LookupRequest(
+            key=_key_proto(key), on_miss=modes[on_miss], force=force, model_source=model_source
+        )
+        return self._call(lambda t: self._registry.Lookup(request, timeout=t), timeout)
+
+    def get_artifact(self, artifact_id: str) -> registry_pb2.Artifact:
+        """One artifact's manifest, with its files. Raises NotFound for an unknown id."""
+        request = registry_pb2.GetArtifactRequest(artifact_id=artifact_id)
+        return self._call(lambda t: self._registry.GetArtifact(request, timeout=t))
+
+    def publish_artifact(
+        self,
+        key: KeyLike,
+        files: Sequence[registry_pb2.ArtifactFile],
+        producer: registry_pb2.Producer | None = None,
+        replace: bool = False,
+    ) -> registry_pb2.PublishArtifactResponse:
+        """Publish a manifest whose blobs are all uploaded already (see `publish`).
+
+        Raises FailedPrecondition when a blob is missing, AlreadyExists when another file
+        list exists for the key and `replace` is not set.
+        """
+        request = registry_pb2.PublishArtifactRequest(
+            key=_key_proto(key), files=files, producer=producer, replace=replace
+        )
+        return self._call(lambda t: self._registry.PublishArtifact(request, timeout=t))
+
+    # Blobs ---------------------------------------------------------------------------
+
+    def find_missing_blobs(self, digests: Iterable[DigestLike]) -> list[blobs_pb2.Digest]:
+        """The subset of `digests` the server does not hold, in order, without duplicates.
+
+        Any number of digests; they are sent in batches the contract allows.
+        """
+        wanted = [as_digest(d) for d in digests]
+        missing: list[blobs_pb2.Digest] = []
+        seen: set[tuple[str, int]] = set()
+        for start in range(0, len(wanted), _FIND_MISSING_BATCH):
+            batch = wanted[start : start + _FIND_MISSING_BATCH]
+            for digest in self._find_missing_batch(batch):
+                if (digest.hash, digest.size_bytes) not in seen:
+                    seen.add((digest.hash, digest.size_bytes))
+                    missing.append(digest)
+        return missing
+
+    def _find_missing_batch(self, batch: list[blobs_pb2.Digest]) -> list[blobs_pb2.Digest]:
+        request = blobs_pb2.FindMissingBlobsRequest(digests=batch)
+        return list(self._call(lambda t: self._blobs.FindMissingBlobs(request, timeout=t)).missing)
+
+    def read_blob(self, digest: DigestLike, offset: int = 0, limit: int = 0) -> Iterator[bytes]:
+        """Stream a blob's bytes from `offset` (`limit` 0 = to the end), unverified.
+
+        Resumes from the bytes already yielded after UNAVAILABLE or a stall (bounded).
+        For a verified download to a file use `download_blob`.
+        """
+        proto = as_digest(digest)
+        end = proto.size_bytes if limit == 0 else min(proto.size_bytes, offset + limit)
+        failures = 0
+        while offset < end:
+            request = blobs_pb2.ReadRequest(digest=proto, offset=offset, limit=end - offset)
+            call = self._blobs.Read(request)
+            watchdog = IdleWatchdog(call, self.idle_timeout)
+            try:
+                with watchdog:
+                    for message in call:
+                        watchdog.kick()
+                        failures = 0
+                        offset += len(message.data)
+                        yield message.data
+                return
+            except grpc.RpcError as err:
+                if not stalled(err, watchdog) or failures >= self.policy.retries:
+                    raise from_rpc_error(err, target=self.target) from None
+            finally:
+                cancel_call(call)
+            time.sleep(self.policy.backoff(failures))
+            failures += 1
+
+    def write_blob(self, requests: Iterable[blobs_pb2.WriteRequest]) -> blobs_pb2.WriteResponse:
+        """One raw Write stream (no retry: offsets make a blind repeat wrong).
+
+        Most callers want `upload_blob`, which resumes and retries.
+        """
+        try:
+            return self._blobs.Write(iter(requests))
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, target=self.target) from None
+
+    def query_write_status(
+        self, digest: DigestLike, upload_id: str | None = None
+    ) -> blobs_pb2.QueryWriteStatusResponse:
+        """Committed size of an upload (default id: the one `upload_blob` uses)."""
+        proto = as_digest(digest)
+        request = blobs_pb2.QueryWriteStatusRequest(upload_id=upload_id or upload_id_for(proto), digest=proto)
+        return self._call(lambda t: self._blobs.QueryWriteStatus(request, timeout=t))
+
+    def upload_blob(
+        self, path_or_bytes: Path | str | bytes, digest: DigestLike, progress: Progress | None = None
+    ) -> UploadResult:
+        """Upload a file or bytes as blob `digest`; resumes an interrupted upload of it.
+
+        The upload id is derived from host and digest, so a rerun in another process
+        continues from what the server committed. Nothing is sent if the server holds
+        the blob already. `progress(done, total)` is called from a gRPC thread.
+        """
+        source = path_or_bytes if isinstance(path_or_bytes, bytes) else Path(path_or_bytes)
+        return upload_blob(self._blobs, source, as_digest(digest), self._transfer, progress)
+
+    def download_blob(
+        self, digest: DigestLike, path: Path | str, progress: Progress | None = None
+    ) -> DownloadResult:
+        """Download a blob into `path`, verified, resuming from what `path` already holds.
+
+        Raises DigestMismatch (after deleting `path`) if the bytes do not verify.
+        """
+        return download_blob(self._blobs, as_digest(digest), Path(path), self._transfer, progress)
+
+    # Jobs ----------------------------------------------------------------------------
+
+    def get_job(self, job_id: str) -> jobs_pb2.Job:
+        """One job. Raises NotFound for an unknown id."""
+        request = jobs_pb2.GetJobRequest(job_id=job_id)
+        return self._call(lambda t: self._jobs.GetJob(request, timeout=t))
+
+    def list_jobs(
+        self,
+        states: Sequence[str] = (),
+        kind: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> jobs_pb2.ListJobsResponse:
+        """One page of jobs, newest first. `states` are names ("queued", ...); `kind` "" = all."""
+        request = jobs_pb2.ListJobsRequest(
+            states=[job_state_to_proto(s) for s in states],
+            kind=kind_to_proto(kind),
+            page_size=page_size,
+            page_token=page_token,
+        )
+        return self._call(lambda t: self._jobs.ListJobs(request, timeout=t))
+
+    def iter_jobs(
+        self, states: Sequence[str] = (), kind: str = "", limit: int | None = None
+    ) -> Iterator[jobs_pb2.Job]:
+        """Every matching job (following pages), newest first, at most `limit`."""
+        token = ""
+        count = 0
+        while True:
+            page = self.list_jobs(states, kind, page_size=min(limit or 1000, 1000), page_token=token)
+            for job in page.jobs:
+                if limit is not None and count >= limit:
+                    return
+                count += 1
+                yield job
+            token = page.next_page_token
+            if not token:
+                return
+
+    def watch_job(self, job_id: str, timeout: float | None = None) -> Iterator[jobs_pb2.JobEvent]:
+        """Follow a job: its current state, then every change, ending after a terminal one.
+
+        Reconnects after UNAVAILABLE (bounded) and after `watch_idle_timeout` seconds
+        without an event (a cheap liveness check; the new stream re-delivers the current
+        state, which is skipped when already seen). `timeout` bounds the whole watch and
+        raises DeadlineExceeded.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        request = jobs_pb2.WatchJobRequest(job_id=job_id)
+        last_sequence = 0
+        last_state = "unknown"
+        failures = 0
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise DeadlineExceeded(
+                    f"job {job_id} did not finish in {timeout:g} s (last state: {last_state})"
+                )
+            call = self._jobs.WatchJob(request, timeout=remaining)
+            watchdog = IdleWatchdog(call, self.watch_idle_timeout)
+            try:
+                with watchdog:
+                    for event in call:
+                        watchdog.kick()
+                        failures = 0
+                        if event.sequence and event.sequence <= last_sequence:
+                            continue
+                        last_sequence = max(last_sequence, event.sequence)
+                        last_state = job_state_name(event.job.state)
+                        yield event
+                        if event.job.state in TERMINAL_JOB_STATES:
+                            return
+                error: PrebakeError = Unavailable(f"the watch of job {job_id} ended early", self.target)
+            except grpc.RpcError as err:
+                if status_of(err) is grpc.StatusCode.DEADLINE_EXCEEDED and deadline is not None:
+                    raise DeadlineExceeded(
+                        f"job {job_id} did not finish in time (last state: {last_state})"
+                    ) from None
+                if not stalled(err, watchdog):
+                    raise from_rpc_error(err, target=self.target) from None
+                if watchdog.fired:
+                    continue  # merely quiet: re-open at once, not a failure
+                error = from_rpc_error(err, target=self.target)
+            finally:
+                cancel_call(call)
+            if failures >= self.policy.retries:
+                raise error
+            time.sleep(self.policy.backoff(failures))
+            failures += 1
+
+    def wait_for_job(
+        self,
+        job_id: str,
+        timeout: float | None = None,
+        on_event: Callable[[jobs_pb2.JobEvent], object] | None = None,
+    ) -> jobs_pb2.Job:
+        """Watch a job until it is terminal and return it (in whatever terminal state)."""
+        job: jobs_pb2.Job | None = None
+        for event in self.watch_job(job_id, timeout=timeout):
+            if on_event is not None:
+                on_event(event)
+            job = event.job
+        if job is None:  # pragma: no cover - watch_job returns only after a terminal event
+            raise Unavailable(f"the watch of job {job_id} ended without a terminal state", self.target)
+        return job
+
+    def cancel_job(self, job_id: str, reason: str = "") -> jobs_pb2.Job:
+        """Cancel a queued or leased job. Raises FailedPrecondition if it already finished."""
+        request = jobs_pb2.CancelJobRequest(job_id=job_id, reason=reason)
+        return self._call(lambda t: self._jobs.CancelJob(request, timeout=t))
+
+    # Admin ---------------------------------------------------------------------------
+
+    def list_artifacts(
+        self,
+        kind: str = "",
+        model: str = "",
+        pinned_only: bool = False,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> admin_pb2.ListArtifactsResponse:
+        """One page of artifacts (without file lists), newest first."""
+        request = admin_pb2.ListArtifactsRequest(
+            kind=kind_to_proto(kind),
+            model=model,
+            pinned_only=pinned_only,
+            page_size=page_size,
+            page_token=page_token,
+        )
+        return self._call(lambda t: self._admin.ListArtifacts(request, timeout=t))
+
+    def iter_artifacts(
+        self, kind: str = "", model: str = "", pinned_only: bool = False, limit: int | None = None
+    ) -> Iterator[registry_pb2.Artifact]:
+        """Every matching artifact (following pages), newest first, at most `limit`."""
+        token = ""
+        count = 0
+        while True:
+            page = self.list_artifacts(
+                kind, model, pinned_only, page_size=min(limit or 1000, 1000), page_token=token
+            )
+            for artifact in page.artifacts:
+                if limit is not None and count >= limit:
+                    return
+                count += 1
+                yield artifact
+            token = page.next_page_token
+            if not token:
+                return
+
+    def delete_artifact(self, artifact_id: str, force: bool = False) -> admin_pb2.DeleteArtifactResponse:
+        """Delete an artifact and its unshared blobs. Pinned ones need `force`.
+
+        A retried delete whose first attempt succeeded unseen answers NotFound.
+        """
+        request = admin_pb2.DeleteArtifactRequest(artifact_id=artifact_id, force=force)
+        return self._call(lambda t: self._admin.DeleteArtifact(request, timeout=t))
+
+    def pin_artifact(self, artifact_id: str, pinned: bool = True) -> registry_pb2.Artifact:
+        """Pin (or, with pinned=False, unpin) an artifact; returns it."""
+        request = admin_pb2.PinArtifactRequest(artifact_id=artifact_id, pinned=pinned)
+        return self._call(lambda t: self._admin.PinArtifact(request, timeout=t))
+
+    def get_stats(self) -> admin_pb2.Stats:
+        """Counters and sizes: artifacts, blobs, hit rate, queue depth."""
+        return self._call(lambda t: self._admin.GetStats(admin_pb2.GetStatsRequest(), timeout=t))
+
+    # High-level operations -----------------------------------------------------------
+
+    def fetch(
+        self,
+        artifact: registry_pb2.Artifact | str,
+        dest: Path | str,
+        progress: Progress | None = None,
+        overwrite: bool = False,
+    ) -> FetchResult:
+        """Place an artifact (a manifest, or an id) in directory `dest`, verified and atomically.
+
+        Never leaves a partial `dest`: files go to a temporary directory beside it
+        (resumed by the next call after an interruption) and are renamed into place only
+        once all are verified. Returns at once when `dest` already holds the artifact.
+        Raises DestinationExists if `dest` holds something else and not `overwrite`,
+        DigestMismatch if a file does not verify.
+        """
+        if isinstance(artifact, str):
+            artifact = self.get_artifact(artifact)
+        elif not artifact.files and artifact.file_count:
+            artifact = self.get_artifact(artifact.artifact_id)  # a listing entry: no files
+        return fetch_artifact(artifact, Path(dest), self.download_blob, progress, overwrite)
+
+    def publish(
+        self,
+        directory: Path | str,
+        key: KeyLike,
+        producer_note: str = "",
+        replace: bool = False,
+        progress: Progress | None = None,
+    ) -> registry_pb2.PublishArtifactResponse:
+        """Publish the regular files under `directory` as the artifact for `key`.
+
+        Hashes every file, uploads only the blobs the server lacks, then publishes;
+        nothing is published before every blob is uploaded. If a blob vanishes between
+        upload and publish (FAILED_PRECONDITION or DATA_LOSS), it is uploaded again and
+        the publish retried once. Symbolic links and special files are refused.
+        """
+        files = scan_directory(Path(directory))
+        producer = registry_pb2.Producer(worker=_producer_identity(), note=producer_note)
+        manifest = [f.to_proto() for f in files]
+        self._upload_missing(files, progress)
+        try:
+            return self.publish_artifact(key, manifest, producer, replace)
+        except (FailedPrecondition, DataLoss):
+            # A blob was deleted or quarantined since it was uploaded: upload it again.
+            self._upload_missing(files, progress)
+            return self.publish_artifact(key, manifest, producer, replace)
+
+    def _upload_missing(self, files: Sequence[LocalFile], progress: Progress | None) -> None:
+        by_digest: dict[tuple[str, int], LocalFile] = {}
+        for f in files:
+            by_digest.setdefault((f.hash, f.size), f)
+        missing = self.find_missing_blobs(f.digest for f in by_digest.values())
+        todo = [by_digest[(d.hash, d.size_bytes)] for d in missing if (d.hash, d.size_bytes) in by_digest]
+        total = sum(f.size for f in todo)
+        done = 0
+        for f in todo:
+
+            def report(file_done: int, _file_total: int, base: int = done) -> None:
+                if progress is not None:
+                    progress(base + file_done, total)
+
+            self.upload_blob(f.source, f.digest, report)
+            done += f.size
+
+    def ensure(  # noqa: PLR0917 (the documented signature takes these positionally)
+        self,
+        key: KeyLike,
+        dest: Path | str,
+        model_source: str = "",
+        timeout: float | None = None,
+        progress: Progress | None = None,
+        on_event: Callable[[jobs_pb2.JobEvent], object] | None = None,
+        *,
+        overwrite: bool = False,
+    ) -> EnsureResult:
+        """Make `dest` hold the artifact for `key`, compiling it first if needed.
+
+        Lookup (enqueueing on a miss); on HIT fetch; on MISS/COMPILING wait for the job
+        (`on_event` sees every JobEvent), then fetch what it published. `timeout` bounds
+        the lookup and the wait for a compile (DeadlineExceeded), not the transfer, which
+        is bounded by stall detection instead. Raises CompileFailed when the compile
+        failed (now or, cached, earlier) and JobCancelled when the job was cancelled.
+        `dest` is placed as by `fetch` (with its `overwrite`).
+        """
+        started = time.monotonic()
+        remaining = self._remaining(started, timeout)
+        lookup_timeout = self.timeout if remaining is None else min(remaining, self.timeout)
+        response = self.lookup(key, on_miss="enqueue", model_source=model_source, timeout=lookup_timeout)
+        status = lookup_status_name(response.status)
+        job_id: str | None = None
+        if response.status == registry_pb2.LOOKUP_STATUS_HIT:
+            artifact = response.artifact
+        elif response.status == registry_pb2.LOOKUP_STATUS_FAILED:
+            error = response.error or response.job.error or "no error message"
+            raise CompileFailed(
+                f"the last compile of key {response.key.digest} failed: {error} (lookup with force to retry)",
+                job=response.job if response.HasField("job") else None,
+            )
+        else:
+            if not response.job.job_id:
+                reason = response.error or "the server gave no reason"
+                raise FailedPrecondition(
+                    f"no artifact for key {response.key.digest} and no compile job: {reason}"
+                )
+            job_id = response.job.job_id
+            remaining = self._remaining(started, timeout)
+            try:
+                job = self.wait_for_job(job_id, timeout=remaining, on_event=on_event)
+            except DeadlineExceeded as exc:
+                raise DeadlineExceeded(
+                    f"gave up after {timeout:g} s: {exc.details}; the job keeps running, "
+                    "and calling ensure again resumes the wait"
+                ) from None
+            self._raise_unless_succeeded(job)
+            artifact = self.get_artifact(job.artifact_id or job.key.digest or response.key.digest)
+        fetched = self.fetch(artifact, dest, progress=progress, overwrite=overwrite)
+        return EnsureResult(
+            status=status,
+            artifact_id=artifact.artifact_id,
+            job_id=job_id,
+            fetch=fetched,
+            seconds=time.monotonic() - started,
+        )
+
+    def _remaining(self, started: float, timeout: float | None) -> float | None:
+        if timeout is None:
+            return None
+        remaining = started + timeout - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded(f"gave up after {timeout:g} s")
+        return remaining
+
+    @staticmethod
+    def _raise_unless_succeeded(job: jobs_pb2.Job) -> None:
+        if job.state == jobs_pb2.JOB_STATE_SUCCEEDED:
+            return
+        if job.state == jobs_pb2.JOB_STATE_CANCELLED:
+            raise JobCancelled(f"job {job.job_id} was cancelled: {job.error or 'no reason given'}", job=job)
+        raise CompileFailed(f"job {job.job_id} failed: {job.error or 'no error message'}", job=job)

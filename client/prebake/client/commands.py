@@ -1,0 +1,350 @@
+"""Handlers of the `prebake` subcommands; each returns an exit code.
+
+Results go to stdout (text, or one JSON object with --json); progress and errors go to
+stderr, so `--json` output can be piped as is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from prebake.client import exitcodes, render
+from prebake.client.client import Client
+from prebake.client.errors import (
+    AlreadyExists,
+    CompileFailed,
+    FailedPrecondition,
+    NotFound,
+    PrebakeError,
+    Unavailable,
+)
+from prebake.client.key import ArtifactKey
+from prebake.client.progress import JobProgress, TransferProgress, human_bytes
+from prebake.v1 import jobs_pb2, registry_pb2
+
+_LOOKUP_EXIT = {
+    registry_pb2.LOOKUP_STATUS_HIT: exitcodes.OK,
+    registry_pb2.LOOKUP_STATUS_MISS: exitcodes.MISS,
+    registry_pb2.LOOKUP_STATUS_COMPILING: exitcodes.COMPILING,
+    registry_pb2.LOOKUP_STATUS_FAILED: exitcodes.FAILED,
+}
+_JOB_EXIT = {
+    jobs_pb2.JOB_STATE_SUCCEEDED: exitcodes.OK,
+    jobs_pb2.JOB_STATE_FAILED: exitcodes.FAILED,
+    jobs_pb2.JOB_STATE_CANCELLED: exitcodes.ERROR,
+}
+
+
+class UsageError(Exception):
+    """A command line that parses but makes no sense (reported like argparse's errors)."""
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch parsed arguments to their handler, mapping failures to exit codes."""
+    try:
+        if not args.needs_client:
+            return int(args.handler(args))
+        with Client(args.server, timeout=args.timeout) as client:
+            return int(args.handler(args, client))
+    except Unavailable as exc:
+        target = exc.target or args.server
+        _error(
+            f"cannot reach the prebake server at {target}: {exc}\n"
+            "  start one with `prebake serve`, or point --server (or PREBAKE_SERVER) at a running server"
+        )
+        return exitcodes.UNAVAILABLE
+    except NotFound as exc:
+        _error(str(exc))
+        return exitcodes.NOT_FOUND
+    except CompileFailed as exc:
+        _error(str(exc))
+        return exitcodes.FAILED
+    except PrebakeError as exc:
+        _error(str(exc))
+        return exitcodes.ERROR
+    except KeyboardInterrupt:
+        _error("interrupted (a partial transfer is kept; run the command again to resume)")
+        return exitcodes.INTERRUPTED
+    except BrokenPipeError:
+        # stdout closed early (e.g. `| head`): not an error worth a traceback.
+        sys.stderr.close()
+        return exitcodes.ERROR
+
+
+def _error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+
+
+def _emit(args: argparse.Namespace, text: str, data: dict[str, Any]) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2, sort_keys=False))
+    elif text:
+        print(text)
+
+
+def key_from_args(args: argparse.Namespace) -> ArtifactKey:
+    """The ArtifactKey the key options describe. Raises UsageError for repeated options."""
+    options: dict[str, str] = {}
+    for name, value in args.options:
+        if name in options and options[name] != value:
+            raise UsageError(f"--option {name} given twice with different values")
+        options[name] = value
+    return ArtifactKey(
+        kind=args.kind or "",
+        model=args.model or "",
+        model_revision=args.revision,
+        instance_type=args.instance_type,
+        sequence_length=args.sequence_length,
+        batch_size=args.batch_size,
+        tensor_parallel_degree=args.tp,
+        precision=args.precision,
+        toolchain=args.toolchain,
+        options=options,
+    )
+
+
+@contextmanager
+def _transfer_display(args: argparse.Namespace, label: str) -> Iterator[TransferProgress | None]:
+    if getattr(args, "quiet", False):
+        yield None
+        return
+    display = TransferProgress(label)
+    try:
+        yield display
+    finally:
+        display.close()
+
+
+@contextmanager
+def _job_display(args: argparse.Namespace) -> Iterator[JobProgress | None]:
+    if getattr(args, "quiet", False):
+        yield None
+        return
+    display = JobProgress()
+    try:
+        yield display
+    finally:
+        display.close()
+
+
+# Commands ---------------------------------------------------------------------------
+
+
+def serve(args: argparse.Namespace) -> int:
+    try:
+        from prebake.server.app import serve as serve_forever
+        from prebake.server.config import load_server_config
+    except ModuleNotFoundError as exc:
+        _error(f"the prebake server is not installed here ({exc}); install prebake[server]")
+        return exitcodes.ERROR
+    flags = {
+        "listen": args.listen,
+        "data_dir": args.data_dir,
+        "max_blob_bytes": args.max_blob_bytes,
+        "max_store_bytes": args.max_store_bytes,
+    }
+    try:
+        config = load_server_config(flags, os.environ, Path(args.config) if args.config else None)
+    except ValueError as exc:
+        _error(str(exc))
+        return exitcodes.USAGE
+    serve_forever(config)
+    return exitcodes.OK
+
+
+def lookup(args: argparse.Namespace, client: Client) -> int:
+    response = client.lookup(
+        key_from_args(args),
+        on_miss="report" if args.no_enqueue else "enqueue",
+        force=args.force,
+        model_source=args.model_source,
+    )
+    _emit(args, render.lookup_text(response), render.lookup_json(response))
+    return _LOOKUP_EXIT.get(response.status, exitcodes.ERROR)
+
+
+def fetch(args: argparse.Namespace, client: Client) -> int:
+    if args.artifact and (args.kind or args.model):
+        raise UsageError("give either --artifact or a key (--kind, --model, ...), not both")
+    if not args.artifact and not (args.kind and args.model):
+        raise UsageError("give a key (at least --kind and --model) or --artifact ID")
+    response: registry_pb2.LookupResponse | None = None
+    if args.artifact:
+        artifact = client.get_artifact(args.artifact)
+    else:
+        response = client.lookup(key_from_args(args), on_miss="report")
+        if response.status != registry_pb2.LOOKUP_STATUS_HIT:
+            return _fetch_miss(args, response)
+        artifact = response.artifact
+    with _transfer_display(args, "download") as display:
+        result = client.fetch(artifact, Path(args.dest), progress=display, overwrite=args.overwrite)
+    data = {
+        "status": "HIT",
+        "artifact_id": result.artifact_id,
+        "fetch": render.fetch_json(result),
+        "lookup": render.lookup_json(response) if response is not None else None,
+    }
+    _emit(args, render.fetch_text(result), data)
+    return exitcodes.OK
+
+
+def _fetch_miss(args: argparse.Namespace, response: registry_pb2.LookupResponse) -> int:
+    code = _LOOKUP_EXIT.get(response.status, exitcodes.ERROR)
+    summary = render.lookup_json(response)
+    data = {"status": summary["status"], "artifact_id": None, "fetch": None, "lookup": summary}
+    _emit(args, render.lookup_text(response), data)
+    hints = {
+        exitcodes.MISS: "no artifact for this key; `prebake ensure` compiles and fetches it",
+        exitcodes.COMPILING: f"the artifact is being compiled (job {response.job.job_id}); "
+        "`prebake ensure` waits for it",
+        exitcodes.FAILED: "the key's last compile failed; `prebake lookup --force` retries it",
+    }
+    _error(hints.get(code, "no artifact for this key"))
+    return code
+
+
+def ensure(args: argparse.Namespace, client: Client) -> int:
+    key = key_from_args(args)
+    with _job_display(args) as jobs, _transfer_display(args, "download") as display:
+        result = client.ensure(
+            key,
+            Path(args.dest),
+            model_source=args.model_source,
+            timeout=args.wait_timeout,
+            progress=display,
+            on_event=jobs,
+            overwrite=args.overwrite,
+        )
+    text = render.fetch_text(result.fetch)
+    if result.job_id:
+        text += (
+            f"\ncompiled by job {result.job_id} (lookup said {result.status}); total {result.seconds:.1f}s"
+        )
+    data = {
+        "status": result.status,
+        "artifact_id": result.artifact_id,
+        "job_id": result.job_id,
+        "seconds": result.seconds,
+        "fetch": render.fetch_json(result.fetch),
+    }
+    _emit(args, text, data)
+    return exitcodes.OK
+
+
+def publish(args: argparse.Namespace, client: Client) -> int:
+    key = key_from_args(args)
+    try:
+        with _transfer_display(args, "upload") as display:
+            response = client.publish(
+                Path(args.directory), key, producer_note=args.note, replace=args.replace, progress=display
+            )
+    except AlreadyExists as exc:
+        _error(f"{exc}\n  pass --replace to replace it")
+        return exitcodes.ERROR
+    artifact = response.artifact
+    state = "published" if response.created else "unchanged (already published)"
+    lines = [
+        f"{state}: artifact {artifact.artifact_id}",
+        render.rows(
+            [
+                ("key", render.describe_key(artifact.key)),
+                ("files", render.size_summary(artifact.file_count, artifact.total_size_bytes)),
+                (
+                    "jobs",
+                    ", ".join(response.completed_job_ids) + " completed"
+                    if response.completed_job_ids
+                    else "",
+                ),
+            ]
+        ),
+    ]
+    data = {
+        "artifact_id": artifact.artifact_id,
+        "created": response.created,
+        "completed_job_ids": list(response.completed_job_ids),
+        "artifact": render.artifact_json(artifact),
+    }
+    _emit(args, "\n".join(lines), data)
+    return exitcodes.OK
+
+
+def jobs_list(args: argparse.Namespace, client: Client) -> int:
+    limit = args.limit if args.limit and args.limit > 0 else None
+    jobs = list(client.iter_jobs(states=args.states or (), kind=args.kind or "", limit=limit))
+    text = render.jobs_table(jobs) if jobs else "no jobs"
+    _emit(args, text, {"jobs": [render.job_json(j) for j in jobs]})
+    return exitcodes.OK
+
+
+def jobs_show(args: argparse.Namespace, client: Client) -> int:
+    job = client.get_job(args.job_id)
+    _emit(args, render.job_text(job), render.job_json(job))
+    return exitcodes.OK
+
+
+def jobs_watch(args: argparse.Namespace, client: Client) -> int:
+    with _job_display(args) as display:
+        job = client.wait_for_job(args.job_id, on_event=display)
+    _emit(args, render.job_text(job), render.job_json(job))
+    return _JOB_EXIT.get(job.state, exitcodes.ERROR)
+
+
+def jobs_cancel(args: argparse.Namespace, client: Client) -> int:
+    job = client.cancel_job(args.job_id, reason=args.reason)
+    _emit(args, render.job_text(job), render.job_json(job))
+    return exitcodes.OK
+
+
+def ls(args: argparse.Namespace, client: Client) -> int:
+    limit = args.limit if args.limit > 0 else None
+    artifacts = list(
+        client.iter_artifacts(kind=args.kind or "", model=args.model, pinned_only=args.pinned, limit=limit)
+    )
+    text = render.artifacts_table(artifacts) if artifacts else "no artifacts"
+    _emit(args, text, {"artifacts": [render.artifact_json(a, files=False) for a in artifacts]})
+    return exitcodes.OK
+
+
+def show(args: argparse.Namespace, client: Client) -> int:
+    artifact = client.get_artifact(args.artifact_id)
+    _emit(args, render.artifact_text(artifact), render.artifact_json(artifact))
+    return exitcodes.OK
+
+
+def rm(args: argparse.Namespace, client: Client) -> int:
+    try:
+        response = client.delete_artifact(args.artifact_id, force=args.force)
+    except FailedPrecondition as exc:
+        _error(f"{exc}\n  `prebake rm --force` deletes it anyway, `prebake pin --unpin` unpins it")
+        return exitcodes.ERROR
+    text = (
+        f"deleted artifact {args.artifact_id} "
+        f"({response.blobs_deleted} blobs, {human_bytes(response.bytes_freed)} freed)"
+    )
+    data = {
+        "artifact_id": args.artifact_id,
+        "blobs_deleted": response.blobs_deleted,
+        "bytes_freed": response.bytes_freed,
+    }
+    _emit(args, text, data)
+    return exitcodes.OK
+
+
+def pin(args: argparse.Namespace, client: Client) -> int:
+    artifact = client.pin_artifact(args.artifact_id, pinned=not args.unpin)
+    text = f"{'pinned' if artifact.pinned else 'unpinned'} artifact {artifact.artifact_id}"
+    _emit(args, text, render.artifact_json(artifact, files=False))
+    return exitcodes.OK
+
+
+def stats(args: argparse.Namespace, client: Client) -> int:
+    result = client.get_stats()
+    _emit(args, render.stats_text(result), render.stats_json(result))
+    return exitcodes.OK

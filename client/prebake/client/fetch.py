@@ -1,0 +1,349 @@
+"""Placing an artifact's files in a destination directory: verified, resumable, atomic.
+
+Files are downloaded into a temporary directory beside `dest` whose name depends only on
+`dest` and the artifact, so an interrupted fetch (crash, Ctrl-C, lost connection) resumes
+where it stopped. Only when every file is verified is the directory renamed into place,
+with a `.prebake.json` marker naming the artifact; a later fetch of the same artifact to
+the same place sees the marker and does nothing. `dest` is therefore either absent, the
+previous content, or the complete new artifact: never a mixture.
+
+Concurrent fetches of one artifact to one `dest` on a host serialise on a lock on the
+temporary directory (where the platform has `fcntl`); the second finds the work done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import stat
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prebake.client.errors import DestinationExists, UnsafeManifest
+from prebake.client.paths import UnsafePath, safe_join, validate_manifest_paths
+from prebake.client.transfer import DownloadResult, Progress
+from prebake.v1 import blobs_pb2, registry_pb2
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: fetches of one dest are not serialised
+    fcntl = None  # type: ignore[assignment]
+
+MARKER = ".prebake.json"
+MARKER_FORMAT = 1
+
+Downloader = Callable[[blobs_pb2.Digest, Path, Progress | None], DownloadResult]
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """What `fetch` placed, and how much of it came over the network."""
+
+    artifact_id: str
+    dest: Path
+    files: int
+    total_bytes: int
+    bytes_downloaded: int
+    # Bytes already on disk from an earlier interrupted attempt (not downloaded again).
+    bytes_resumed: int
+    # `dest` already held this artifact; nothing was downloaded or changed.
+    already_present: bool
+    seconds: float
+
+
+def temp_dir_for(dest: Path, artifact_id: str) -> Path:
+    """Stable per (dest, artifact), so a rerun finds and resumes the partial download."""
+    return dest.parent / f".prebake-tmp-{dest.name}-{artifact_id[:16]}"
+
+
+def marker_for(artifact: registry_pb2.Artifact) -> dict[str, Any]:
+    return {
+        "format": MARKER_FORMAT,
+        "artifact_id": artifact.artifact_id,
+        "manifest_digest": artifact.manifest_digest,
+        "key_digest": artifact.key.digest,
+        "key_canonical": artifact.key.canonical,
+        "total_size_bytes": artifact.total_size_bytes,
+        "files": [
+            {
+                "path": f.path,
+                "hash": f.digest.hash,
+                "size_bytes": f.digest.size_bytes,
+                "executable": f.executable,
+            }
+            for f in artifact.files
+        ],
+    }
+
+
+def read_marker(directory: Path) -> dict[str, Any] | None:
+    """The marker of a directory placed by `fetch`, or None if there is none (or it is unreadable)."""
+    try:
+        data = json.loads((directory / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def holds_artifact(directory: Path, marker: dict[str, Any]) -> bool:
+    """Whether `directory` was placed by a fetch of this exact manifest and still looks whole.
+
+    Checks the marker and every file's size, not the content: re-hashing a large
+    artifact on every deploy would cost more than it protects against.
+    """
+    found = read_marker(directory)
+    if found is None or found.get("artifact_id") != marker["artifact_id"]:
+        return False
+    if found.get("files") != marker["files"]:
+        return False
+    for entry in marker["files"]:
+        try:
+            if (directory / entry["path"]).stat().st_size != entry["size_bytes"]:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def _is_empty_dir(path: Path) -> bool:
+    # An empty directory (e.g. a mount point prepared by the deployer) is replaced freely.
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+
+
+def check_manifest(artifact: registry_pb2.Artifact) -> None:
+    """Raise UnsafeManifest unless every path can be written safely under a root."""
+    paths = [f.path for f in artifact.files]
+    try:
+        validate_manifest_paths(paths)
+    except UnsafePath as exc:
+        raise UnsafeManifest(f"artifact {artifact.artifact_id} has an unsafe manifest: {exc}") from None
+    if MARKER in paths:
+        raise UnsafeManifest(f"artifact {artifact.artifact_id} contains {MARKER}, a name prebake reserves")
+
+
+def fetch_artifact(
+    artifact: registry_pb2.Artifact,
+    dest: Path,
+    download: Downloader,
+    progress: Progress | None = None,
+    overwrite: bool = False,
+) -> FetchResult:
+    """Place `artifact`'s files (the manifest must include them) in `dest`. See module doc.
+
+    Raises DestinationExists when `dest` holds something else and `overwrite` is not
+    set (checked before anything is downloaded), UnsafeManifest for a path that could
+    escape `dest`, DigestMismatch when a file fails verification. Exceptions from
+    `progress` propagate; the partial download is kept for the next attempt.
+    """
+    started = time.monotonic()
+    dest = Path(os.path.abspath(dest))
+    check_manifest(artifact)
+    marker = marker_for(artifact)
+
+    def result(downloaded: int, resumed: int, present: bool) -> FetchResult:
+        return FetchResult(
+            artifact_id=artifact.artifact_id,
+            dest=dest,
+            files=len(artifact.files),
+            total_bytes=sum(f.digest.size_bytes for f in artifact.files),
+            bytes_downloaded=downloaded,
+            bytes_resumed=resumed,
+            already_present=present,
+            seconds=time.monotonic() - started,
+        )
+
+    if holds_artifact(dest, marker):
+        return result(0, 0, present=True)
+    _refuse_unless_free(dest, artifact.artifact_id, overwrite)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_dir_for(dest, artifact.artifact_id)
+    with _exclusive_dir(tmp):
+        if holds_artifact(dest, marker):
+            # Another fetch placed it while we waited for the lock.
+            shutil.rmtree(tmp, ignore_errors=True)
+            return result(0, 0, present=True)
+        downloaded, resumed = _download_all(artifact, tmp, download, progress)
+        _prune(tmp, {f.path for f in artifact.files})
+        marker_path = tmp / MARKER
+        marker_path.write_text(json.dumps(marker, indent=1, sort_keys=True) + "\n")
+        _fsync_tree(tmp, [f.path for f in artifact.files] + [MARKER])
+        present = _place(tmp, dest, marker, overwrite, artifact.artifact_id)
+    return result(downloaded, resumed, present=present)
+
+
+def _refuse_unless_free(dest: Path, artifact_id: str, overwrite: bool) -> None:
+    if overwrite or not os.path.lexists(dest) or _is_empty_dir(dest):
+        return
+    found = read_marker(dest) if dest.is_dir() else None
+    what = (
+        f"artifact {found.get('artifact_id')}"
+        if found and found.get("artifact_id") != artifact_id
+        else "another version or a modified copy of this artifact"
+        if found
+        else "other files"
+    )
+    raise DestinationExists(
+        f"{dest} already exists and holds {what}, not artifact {artifact_id}; "
+        "pass overwrite=True (--overwrite) to replace it, or choose another destination"
+    )
+
+
+def _download_all(
+    artifact: registry_pb2.Artifact,
+    tmp: Path,
+    download: Downloader,
+    progress: Progress | None,
+) -> tuple[int, int]:
+    total = sum(f.digest.size_bytes for f in artifact.files)
+    done = 0
+    downloaded = resumed = 0
+    # Identical files within one artifact are fetched once and copied locally.
+    placed: dict[tuple[str, int], Path] = {}
+    targets = []
+    for entry in artifact.files:
+        try:
+            targets.append(safe_join(tmp, entry.path))
+        except UnsafePath as exc:
+            raise UnsafeManifest(f"artifact {artifact.artifact_id}: {exc}") from None
+    for entry, target in zip(artifact.files, targets, strict=True):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.is_symlink() or target.is_dir():
+            _remove(target)
+        identity = (entry.digest.hash, entry.digest.size_bytes)
+        if identity in placed and not target.exists():
+            shutil.copyfile(placed[identity], target)
+        else:
+            base = done
+
+            def report(file_done: int, _file_total: int, base: int = base) -> None:
+                if progress is not None:
+                    progress(base + file_done, total)
+
+            outcome = download(entry.digest, target, report)
+            downloaded += outcome.bytes_downloaded
+            resumed += outcome.bytes_resumed
+        placed.setdefault(identity, target)
+        _set_executable(target, entry.executable)
+        done += entry.digest.size_bytes
+    if progress is not None:
+        progress(total, total)
+    return downloaded, resumed
+
+
+def _set_executable(path: Path, executable: bool) -> None:
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if executable:
+        # Execute permission wherever read permission is granted (like `chmod +x` under umask).
+        mode |= (mode & 0o444) >> 2
+    else:
+        mode &= ~0o111
+    path.chmod(mode)
+
+
+def _prune(tmp: Path, keep: set[str]) -> None:
+    """Remove leftovers of an older attempt (e.g. a replaced manifest) not in this one."""
+    for root, dirs, files in os.walk(tmp, topdown=False):
+        for name in files + dirs:
+            path = Path(root) / name
+            rel = path.relative_to(tmp).as_posix()
+            if rel in keep:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                if not any(path.iterdir()):
+                    path.rmdir()
+            else:
+                path.unlink()
+
+
+def _fsync_tree(tmp: Path, files: list[str]) -> None:
+    # download_blob fsyncs file contents; the directory entries need their own fsync
+    # for the rename into place to be durable.
+    directories = {tmp} | {(tmp / rel).parent for rel in files}
+    with open(tmp / MARKER, "rb+") as f:
+        os.fsync(f.fileno())
+    for directory in sorted(directories, key=lambda p: len(p.parts), reverse=True):
+        _fsync_dir(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms that cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - file systems that refuse directory fsync
+        pass
+    finally:
+        os.close(fd)
+
+
+def _place(tmp: Path, dest: Path, marker: dict[str, Any], overwrite: bool, artifact_id: str) -> bool:
+    """Rename the verified `tmp` into `dest`; returns True if `dest` already held it."""
+    if not os.path.lexists(dest) or _is_empty_dir(dest):
+        try:
+            os.rename(tmp, dest)
+            _fsync_dir(dest.parent)
+            return False
+        except OSError:
+            pass  # `dest` appeared meanwhile (another process): decide below.
+    if holds_artifact(dest, marker):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return True
+    # Raises unless overwrite; the verified download stays in `tmp` for a rerun.
+    _refuse_unless_free(dest, artifact_id, overwrite)
+    aside = dest.parent / f".prebake-old-{dest.name}-{uuid.uuid4().hex[:12]}"
+    os.rename(dest, aside)
+    try:
+        os.rename(tmp, dest)
+    except BaseException:
+        os.rename(aside, dest)
+        raise
+    _fsync_dir(dest.parent)
+    _remove(aside)
+    return False
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _exclusive_dir(tmp: Path) -> Iterator[None]:
+    """Create `tmp` if needed and hold an exclusive lock on it for the block."""
+    if fcntl is None:  # pragma: no cover
+        tmp.mkdir(exist_ok=True)
+        yield
+        return
+    for _ in range(1000):
+        try:
+            tmp.mkdir(exist_ok=True)
+            fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except (FileNotFoundError, FileExistsError):
+            continue  # the previous holder renamed it into place between our two calls
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            current = os.stat(tmp)
+            held = os.fstat(fd)
+            same = (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino)
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        # The holder renamed or removed the directory while we waited: start over.
+        os.close(fd)
+    else:
+        raise FileExistsError(f"cannot create and lock the temporary directory {tmp}")
+    try:
+        yield
+    finally:
+        os.close(fd)

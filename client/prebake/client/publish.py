@@ -1,0 +1,81 @@
+"""Turning a local directory into a manifest: scan, hash, and describe its files.
+
+The walk refuses anything that would not round-trip through a fetch: symbolic links
+(their target would silently be lost or, worse, escape the tree), sockets, devices and
+FIFOs. Empty directories are not represented (an artifact is a list of files). A
+`.prebake.json` marker at the root, left by `fetch`, is skipped, so a fetched artifact
+can be published to another server as is.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from prebake.client import digests
+from prebake.client.errors import InvalidArgument
+from prebake.client.fetch import MARKER
+from prebake.client.paths import UnsafePath, validate_manifest_paths
+from prebake.v1 import blobs_pb2, registry_pb2
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    """One file of a directory being published."""
+
+    path: str  # relative POSIX path, as in the manifest
+    source: Path
+    hash: str
+    size: int
+    executable: bool
+
+    @property
+    def digest(self) -> blobs_pb2.Digest:
+        return blobs_pb2.Digest(hash=self.hash, size_bytes=self.size)
+
+    def to_proto(self) -> registry_pb2.ArtifactFile:
+        return registry_pb2.ArtifactFile(path=self.path, digest=self.digest, executable=self.executable)
+
+
+def scan_directory(directory: Path) -> list[LocalFile]:
+    """Every regular file under `directory`, hashed, sorted by path.
+
+    Raises InvalidArgument for a missing directory, a symbolic link or special file
+    anywhere in the tree, an unsafe or over-long path, or a tree with no files.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise InvalidArgument(f"{directory} is not a directory")
+    found: list[tuple[str, Path, bool]] = []
+    for root, dirs, files in os.walk(directory, followlinks=False):
+        dirs.sort()
+        for name in sorted(dirs + files):
+            path = Path(root) / name
+            rel = path.relative_to(directory).as_posix()
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                raise InvalidArgument(
+                    f"{path} is a symbolic link; artifacts hold regular files only "
+                    "(copy the target in place of the link, or remove it)"
+                )
+            if stat.S_ISDIR(mode):
+                continue
+            if not stat.S_ISREG(mode):
+                raise InvalidArgument(f"{path} is not a regular file (socket, device or FIFO)")
+            if rel == MARKER:
+                continue
+            found.append((rel, path, bool(mode & stat.S_IXUSR)))
+    if not found:
+        raise InvalidArgument(f"{directory} contains no files to publish")
+    found.sort()
+    try:
+        validate_manifest_paths([rel for rel, _, _ in found])
+    except UnsafePath as exc:
+        raise InvalidArgument(f"cannot publish {directory}: {exc}") from None
+    result = []
+    for rel, path, executable in found:
+        hash_hex, size = digests.hash_file(path)
+        result.append(LocalFile(path=rel, source=path, hash=hash_hex, size=size, executable=executable))
+    return result

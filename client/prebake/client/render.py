@@ -1,0 +1,390 @@
+"""How the CLI shows results: concise aligned text for people, one JSON object for scripts.
+
+The JSON shapes are explicit (not `MessageToDict`) so that scripts see stable snake_case
+names, integers as numbers (proto3 JSON would turn int64 into strings) and null for
+absent values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from google.protobuf import timestamp_pb2
+
+from prebake.client.fetch import FetchResult
+from prebake.client.key import ArtifactKey
+from prebake.client.names import error_class_name, job_state_name, kind_name, lookup_status_name
+from prebake.client.progress import human_bytes, human_seconds
+from prebake.v1 import admin_pb2, blobs_pb2, jobs_pb2, key_pb2, registry_pb2
+
+# JSON --------------------------------------------------------------------------------
+
+
+def timestamp_json(ts: timestamp_pb2.Timestamp) -> str | None:
+    return ts.ToJsonString() if ts.seconds or ts.nanos else None
+
+
+def digest_json(digest: blobs_pb2.Digest) -> dict[str, Any] | None:
+    return {"hash": digest.hash, "size_bytes": digest.size_bytes} if digest.hash else None
+
+
+def key_json(resolved: key_pb2.ResolvedKey) -> dict[str, Any]:
+    key = ArtifactKey.from_proto(resolved.key)
+    return {
+        "digest": resolved.digest,
+        "canonical": resolved.canonical,
+        "schema_version": resolved.schema_version,
+        "compile_target": resolved.compile_target,
+        "key": {**dataclasses.asdict(key), "options": dict(key.options)},
+        "relevant_fields": list(resolved.relevant_fields),
+        "ignored_fields": list(resolved.ignored_fields),
+    }
+
+
+def artifact_json(artifact: registry_pb2.Artifact, files: bool = True) -> dict[str, Any]:
+    producer = artifact.producer
+    data: dict[str, Any] = {
+        "artifact_id": artifact.artifact_id,
+        "kind": kind_name(artifact.key.key.kind),
+        "model": artifact.key.key.model,
+        "key": key_json(artifact.key),
+        "file_count": artifact.file_count or len(artifact.files),
+        "total_size_bytes": artifact.total_size_bytes,
+        "manifest_digest": artifact.manifest_digest,
+        "pinned": artifact.pinned,
+        "hit_count": artifact.hit_count,
+        "created_at": timestamp_json(artifact.created_at),
+        "last_accessed_at": timestamp_json(artifact.last_accessed_at),
+        "producer": {
+            "worker": producer.worker,
+            "toolchain_versions": dict(producer.toolchain_versions),
+            "compile_seconds": producer.compile_seconds,
+            "log": digest_json(producer.log),
+            "note": producer.note,
+        },
+    }
+    if files:
+        data["files"] = [
+            {
+                "path": f.path,
+                "hash": f.digest.hash,
+                "size_bytes": f.digest.size_bytes,
+                "executable": f.executable,
+            }
+            for f in artifact.files
+        ]
+    return data
+
+
+def job_json(job: jobs_pb2.Job) -> dict[str, Any]:
+    return {
+        "job_id": job.job_id,
+        "state": job_state_name(job.state),
+        "kind": kind_name(job.key.key.kind),
+        "model": job.key.key.model,
+        "key_digest": job.key.digest,
+        "progress": job.progress,
+        "message": job.message,
+        "error": job.error or None,
+        "error_class": error_class_name(job.error_class) or None,
+        "attempts": job.attempts,
+        "max_attempts": job.max_attempts,
+        "artifact_id": job.artifact_id or None,
+        "worker": job.worker or None,
+        "model_source": job.model_source or None,
+        "log": digest_json(job.log),
+        "created_at": timestamp_json(job.created_at),
+        "updated_at": timestamp_json(job.updated_at),
+        "lease_expires_at": timestamp_json(job.lease_expires_at),
+        "finished_at": timestamp_json(job.finished_at),
+    }
+
+
+def near_miss_json(near: registry_pb2.NearMiss) -> dict[str, Any]:
+    return {
+        "artifact_id": near.artifact_id,
+        "key_digest": near.key.digest,
+        "differences": [
+            {"field": d.field, "artifact_value": d.artifact_value, "requested_value": d.requested_value}
+            for d in near.differences
+        ],
+    }
+
+
+def lookup_json(response: registry_pb2.LookupResponse) -> dict[str, Any]:
+    has_job = response.HasField("job") and bool(response.job.job_id)
+    hit = response.status == registry_pb2.LOOKUP_STATUS_HIT
+    return {
+        "status": lookup_status_name(response.status),
+        "key_digest": response.key.digest,
+        "job_id": response.job.job_id if has_job else None,
+        "job_created": response.job_created,
+        "error": response.error or None,
+        "artifact": artifact_json(response.artifact, files=False) if hit else None,
+        "match_reason": response.match_reason or None,
+        "matched_policy": response.matched_policy or None,
+        "job": job_json(response.job) if has_job else None,
+        "nearest": [near_miss_json(n) for n in response.nearest],
+        "key": key_json(response.key),
+    }
+
+
+def fetch_json(result: FetchResult) -> dict[str, Any]:
+    data = dataclasses.asdict(result)
+    data["dest"] = str(result.dest)
+    return data
+
+
+def stats_json(stats: admin_pb2.Stats) -> dict[str, Any]:
+    return {
+        "artifacts": stats.artifacts,
+        "pinned_artifacts": stats.pinned_artifacts,
+        "blobs": stats.blobs,
+        "blob_bytes": stats.blob_bytes,
+        "lookups": stats.lookups,
+        "hits": stats.hits,
+        "misses": stats.misses,
+        "hit_rate": stats.hit_rate,
+        "jobs_by_state": dict(stats.jobs_by_state),
+        "queue_depth": stats.queue_depth,
+        "bytes_served": stats.bytes_served,
+        "bytes_received": stats.bytes_received,
+        "started_at": timestamp_json(stats.started_at),
+    }
+
+
+# Text --------------------------------------------------------------------------------
+
+
+def rows(pairs: Iterable[tuple[str, str]], indent: str = "  ") -> str:
+    """Aligned "label  value" lines, skipping empty values."""
+    items = [(label, value) for label, value in pairs if value]
+    width = max((len(label) for label, _ in items), default=0)
+    return "\n".join(f"{indent}{label:<{width}}  {value}" for label, value in items)
+
+
+def table(headers: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns; the last column is not padded."""
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)]
+    lines = []
+    for row in [list(headers), *body]:
+        cells = [cell.ljust(widths[i]) if i < len(row) - 1 else cell for i, cell in enumerate(row)]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def short_time(ts: timestamp_pb2.Timestamp) -> str:
+    if not (ts.seconds or ts.nanos):
+        return ""
+    return ts.ToDatetime().strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def describe_key(resolved: key_pb2.ResolvedKey) -> str:
+    text = ArtifactKey.from_proto(resolved.key).describe()
+    return f"{text} (target {resolved.compile_target})" if resolved.compile_target else text
+
+
+def size_summary(file_count: int, total_bytes: int) -> str:
+    return f"{file_count} file{'s' if file_count != 1 else ''}, {human_bytes(total_bytes)}"
+
+
+def job_summary(job: jobs_pb2.Job) -> str:
+    text = job_state_name(job.state)
+    if job.state == jobs_pb2.JOB_STATE_LEASED:
+        text += f" {job.progress * 100:.0f}%"
+        if job.worker:
+            text += f" on {job.worker}"
+    if job.message and job.state in (jobs_pb2.JOB_STATE_QUEUED, jobs_pb2.JOB_STATE_LEASED):
+        text += f": {job.message}"
+    return text
+
+
+def differences_text(near: registry_pb2.NearMiss) -> str:
+    return ", ".join(
+        f"{d.field} {d.artifact_value or '(unset)'} (you asked {d.requested_value or '(unset)'})"
+        for d in near.differences
+    )
+
+
+def lookup_text(response: registry_pb2.LookupResponse) -> str:
+    status = lookup_status_name(response.status)
+    lines = []
+    if response.status == registry_pb2.LOOKUP_STATUS_HIT:
+        artifact = response.artifact
+        why = response.match_reason or "matched"
+        if response.matched_policy and response.matched_policy not in why:
+            why += f", policy {response.matched_policy}"
+        lines.append(f"HIT  artifact {artifact.artifact_id}")
+        lines.append(
+            rows(
+                [
+                    ("key", describe_key(artifact.key)),
+                    (
+                        "files",
+                        size_summary(artifact.file_count or len(artifact.files), artifact.total_size_bytes),
+                    ),
+                    ("why", why),
+                    ("created", short_time(artifact.created_at)),
+                    ("pinned", "yes" if artifact.pinned else ""),
+                ]
+            )
+        )
+        return "\n".join(lines)
+    lines.append(f"{status}  key {response.key.digest}")
+    job = response.job if response.HasField("job") and response.job.job_id else None
+    pairs = [("key", describe_key(response.key))]
+    if response.key.ignored_fields:
+        kind = kind_name(response.key.key.kind)
+        pairs.append(("ignored", f"{', '.join(response.key.ignored_fields)} (not part of a {kind} key)"))
+    if job is not None:
+        how = "created" if response.job_created else "joined"
+        pairs.append(("job", f"{job.job_id} ({how}; {job_summary(job)})"))
+    elif response.status == registry_pb2.LOOKUP_STATUS_MISS and not response.error:
+        pairs.append(("job", "none enqueued"))
+    if response.error:
+        pairs.append(("error", response.error))
+    lines.append(rows(pairs))
+    if response.nearest:
+        lines.append("  nearest artifacts:")
+        lines.extend(f"    {n.artifact_id}  {differences_text(n)}" for n in response.nearest)
+    return "\n".join(lines)
+
+
+def artifact_text(artifact: registry_pb2.Artifact) -> str:
+    producer = artifact.producer
+    toolchain = ", ".join(f"{k} {v}" for k, v in sorted(producer.toolchain_versions.items()))
+    lines = [
+        f"artifact {artifact.artifact_id}",
+        rows(
+            [
+                ("key", describe_key(artifact.key)),
+                ("canonical", artifact.key.canonical),
+                (
+                    "files",
+                    size_summary(artifact.file_count or len(artifact.files), artifact.total_size_bytes),
+                ),
+                ("manifest", artifact.manifest_digest),
+                ("pinned", "yes" if artifact.pinned else "no"),
+                ("hits", str(artifact.hit_count)),
+                ("created", short_time(artifact.created_at)),
+                ("accessed", short_time(artifact.last_accessed_at)),
+                ("producer", producer.worker),
+                ("toolchain", toolchain),
+                ("compile", human_seconds(producer.compile_seconds) if producer.compile_seconds else ""),
+                (
+                    "log",
+                    f"blob {producer.log.hash} ({human_bytes(producer.log.size_bytes)})"
+                    if producer.log.hash
+                    else "",
+                ),
+                ("note", producer.note),
+            ]
+        ),
+    ]
+    if artifact.files:
+        lines.append("  files:")
+        body = [
+            [human_bytes(f.digest.size_bytes), "x" if f.executable else "-", f.digest.hash, f.path]
+            for f in artifact.files
+        ]
+        lines.extend("    " + line for line in table(["size", "x", "xxh3", "path"], body).splitlines())
+    return "\n".join(lines)
+
+
+def artifacts_table(artifacts: Sequence[registry_pb2.Artifact]) -> str:
+    body = [
+        [
+            a.artifact_id,
+            kind_name(a.key.key.kind),
+            a.key.compile_target or a.key.key.instance_type,
+            human_bytes(a.total_size_bytes),
+            "pinned" if a.pinned else "",
+            short_time(a.created_at),
+            a.key.key.model,
+        ]
+        for a in artifacts
+    ]
+    return table(["ARTIFACT", "KIND", "TARGET", "SIZE", "PIN", "CREATED", "MODEL"], body)
+
+
+def job_text(job: jobs_pb2.Job) -> str:
+    return "\n".join(
+        [
+            f"job {job.job_id}",
+            rows(
+                [
+                    ("state", job_summary(job)),
+                    ("key", describe_key(job.key)),
+                    ("digest", job.key.digest),
+                    (
+                        "attempts",
+                        f"{job.attempts}/{job.max_attempts}" if job.max_attempts else str(job.attempts),
+                    ),
+                    (
+                        "error",
+                        job.error + (f" ({error_class_name(job.error_class)})" if job.error_class else ""),
+                    ),
+                    ("artifact", job.artifact_id),
+                    ("worker", job.worker),
+                    ("source", job.model_source),
+                    (
+                        "log",
+                        f"blob {job.log.hash} ({human_bytes(job.log.size_bytes)})" if job.log.hash else "",
+                    ),
+                    ("created", short_time(job.created_at)),
+                    ("updated", short_time(job.updated_at)),
+                    ("finished", short_time(job.finished_at)),
+                ]
+            ),
+        ]
+    )
+
+
+def jobs_table(jobs: Sequence[jobs_pb2.Job]) -> str:
+    body = [
+        [
+            j.job_id,
+            job_state_name(j.state),
+            f"{j.progress * 100:.0f}%" if j.state == jobs_pb2.JOB_STATE_LEASED else "",
+            kind_name(j.key.key.kind),
+            short_time(j.created_at),
+            ArtifactKey.from_proto(j.key.key).describe(),
+        ]
+        for j in jobs
+    ]
+    return table(["JOB", "STATE", "PROGRESS", "KIND", "CREATED", "KEY"], body)
+
+
+def stats_text(stats: admin_pb2.Stats) -> str:
+    jobs = ", ".join(f"{state} {count}" for state, count in sorted(stats.jobs_by_state.items()))
+    return rows(
+        [
+            ("artifacts", f"{stats.artifacts} ({stats.pinned_artifacts} pinned)"),
+            ("blobs", f"{stats.blobs} ({human_bytes(stats.blob_bytes)})"),
+            (
+                "lookups",
+                f"{stats.lookups} ({stats.hits} hits, {stats.misses} misses, hit rate {stats.hit_rate:.1%})",
+            ),
+            ("jobs", jobs or "none"),
+            ("queue depth", str(stats.queue_depth)),
+            ("served", human_bytes(stats.bytes_served)),
+            ("received", human_bytes(stats.bytes_received)),
+            ("since", short_time(stats.started_at)),
+        ],
+        indent="",
+    )
+
+
+def fetch_text(result: FetchResult) -> str:
+    if result.already_present:
+        size = size_summary(result.files, result.total_bytes)
+        return f"{result.dest}: already holds artifact {result.artifact_id} ({size})"
+    moved = f"downloaded {human_bytes(result.bytes_downloaded)}"
+    if result.bytes_resumed:
+        moved += f", resumed {human_bytes(result.bytes_resumed)}"
+    return (
+        f"{result.dest}: placed artifact {result.artifact_id} "
+        f"({size_summary(result.files, result.total_bytes)}; {moved}) in {human_seconds(result.seconds)}"
+    )

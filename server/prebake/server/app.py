@@ -1,0 +1,212 @@
+"""Assemble and run the prebake gRPC server (grpc.aio).
+
+`serve(config)` is what `prebake serve` runs: it blocks until SIGINT/SIGTERM, then
+stops accepting rpcs, gives in-flight ones `shutdown_grace_seconds`, flushes access
+times and closes the registry. `BackgroundServer` runs the same server on a thread with
+its own event loop, for tests, benchmarks and the demo.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # re-exported at run time
+from grpc_reflection.v1alpha import reflection
+
+from prebake.server.blobs import LocalBlobStore
+from prebake.server.catalog import InstanceCatalog
+from prebake.server.config import ServerConfig
+from prebake.server.registry import Registry
+from prebake.server.services.admin_service import AdminService
+from prebake.server.services.blobs_service import BlobsService
+from prebake.server.services.jobs_service import JobsService
+from prebake.server.services.registry_service import RegistryService
+from prebake.server.state import ServerState
+from prebake.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    blobs_pb2,
+    blobs_pb2_grpc,
+    jobs_pb2,
+    jobs_pb2_grpc,
+    registry_pb2,
+    registry_pb2_grpc,
+)
+
+log = logging.getLogger("prebake.server")
+
+MESSAGE_LIMIT = 16 << 20
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MESSAGE_LIMIT),
+    ("grpc.max_send_message_length", MESSAGE_LIMIT),
+    # Detect dead peers on long streams (downloads, job watches) without app traffic.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+SERVICE_NAMES = (
+    registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name,
+    blobs_pb2.DESCRIPTOR.services_by_name["Blobs"].full_name,
+    jobs_pb2.DESCRIPTOR.services_by_name["Jobs"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+)
+
+
+def open_state(config: ServerConfig) -> ServerState:
+    """Open (creating if needed) the data directory's registry and blob store."""
+    data_dir = config.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    registry = Registry(data_dir / "registry.sqlite3")
+    blobs = LocalBlobStore(data_dir / "cas", config.max_blob_bytes, config.max_store_bytes)
+    swept = blobs.sweep_uploads(config.stale_upload_seconds)
+    if swept:
+        log.info("removed %d stale partial uploads", swept)
+    return ServerState(
+        config=config,
+        registry=registry,
+        blobs=blobs,
+        catalog=InstanceCatalog.load_default(),
+        executor=ThreadPoolExecutor(config.io_threads, thread_name_prefix="prebake-io"),
+    )
+
+
+class RunningServer:
+    """A started server: its bound address and the means to stop it."""
+
+    def __init__(self, server: grpc.aio.Server, state: ServerState, address: str) -> None:
+        self.server = server
+        self.state = state
+        self.address = address
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def _flush_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.state.config.access_flush_seconds)
+            self.state.tracker.flush()
+
+    def start_background_tasks(self) -> None:
+        self._flusher = asyncio.get_running_loop().create_task(self._flush_periodically())
+
+    async def stop(self, grace: float | None = None) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+        await self.server.stop(self.state.config.shutdown_grace_seconds if grace is None else grace)
+        self.state.tracker.flush()
+        self.state.executor.shutdown(wait=True)
+        self.state.registry.close()
+
+
+async def start(config: ServerConfig) -> RunningServer:
+    """Open the state, bind `config.listen` (port 0 picks a free port) and start serving."""
+    state = open_state(config)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    registry_pb2_grpc.add_RegistryServicer_to_server(RegistryService(state), server)
+    blobs_pb2_grpc.add_BlobsServicer_to_server(BlobsService(state), server)
+    jobs_pb2_grpc.add_JobsServicer_to_server(JobsService(state), server)
+    admin_pb2_grpc.add_AdminServicer_to_server(AdminService(state), server)
+    health_servicer = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    host, _, _ = config.listen.rpartition(":")
+    try:
+        port = server.add_insecure_port(config.listen)
+    except RuntimeError as exc:
+        state.registry.close()
+        raise OSError(f"cannot listen on {config.listen}: {exc} (is another server using the port?)") from exc
+    await server.start()
+    for name in ("", *SERVICE_NAMES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    running = RunningServer(server, state, f"{host}:{port}")
+    running.start_background_tasks()
+    return running
+
+
+async def _serve(config: ServerConfig) -> None:
+    running = await start(config)
+    print(
+        f"prebake serving on {running.address} (data dir {config.data_dir.resolve()})",
+        file=sys.stderr,
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("prebake shutting down", file=sys.stderr, flush=True)
+    await running.stop()
+
+
+def serve(config: ServerConfig) -> None:
+    """Run the server until SIGINT or SIGTERM. Raises OSError if the address is taken."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(_serve(config))
+
+
+class BackgroundServer:
+    """The real server on a background thread with its own event loop (tests, demo, bench).
+
+    `address` is valid after `start()`; `stop()` shuts it down gracefully. Not for use
+    from inside an event loop thread.
+    """
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.address = ""
+        self.running: RunningServer | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="prebake-server", daemon=True)
+
+    def start(self) -> BackgroundServer:
+        self._thread.start()
+        self.running = asyncio.run_coroutine_threadsafe(start(self.config), self._loop).result()
+        self.address = self.running.address
+        return self
+
+    def call(self, fn: object, *args: object) -> object:
+        """Run a plain function on the server's loop thread (for tests poking at state)."""
+
+        async def run() -> object:
+            return fn(*args)  # type: ignore[operator]
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result()
+
+    def stop(self, grace: float = 1.0) -> None:
+        if self.running is not None:
+            asyncio.run_coroutine_threadsafe(self.running.stop(grace), self._loop).result()
+            self.running = None
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def background_server(data_dir: Path, **overrides: object) -> Iterator[BackgroundServer]:
+    """A BackgroundServer on a free loopback port with `data_dir` as its data directory."""
+    config = replace(ServerConfig(listen="127.0.0.1:0", data_dir=data_dir), **overrides)  # type: ignore[arg-type]
+    with BackgroundServer(config) as server:
+        yield server

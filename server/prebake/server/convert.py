@@ -1,0 +1,198 @@
+"""Conversions between domain records (`prebake.server.model`) and `prebake.v1` messages.
+
+Pure functions; validation of untrusted input happens here for digests and file lists
+(raising domain errors), and in `prebake.server.keys` for keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from prebake.server import paths
+from prebake.server.errors import InvalidArgument
+from prebake.server.keys import KeyRequest
+from prebake.server.model import (
+    Artifact,
+    Digest,
+    ErrorClass,
+    FileEntry,
+    Job,
+    JobState,
+    NormalizedKey,
+    Producer,
+)
+from prebake.v1 import blobs_pb2, jobs_pb2, key_pb2, registry_pb2
+
+KIND_NAMES = {
+    key_pb2.ARTIFACT_KIND_NEURON: "neuron",
+    key_pb2.ARTIFACT_KIND_AWQ: "awq",
+    key_pb2.ARTIFACT_KIND_INDUCTOR: "inductor",
+}
+KIND_ENUMS = {name: value for value, name in KIND_NAMES.items()}
+
+JOB_STATES = {
+    JobState.QUEUED: jobs_pb2.JOB_STATE_QUEUED,
+    JobState.LEASED: jobs_pb2.JOB_STATE_LEASED,
+    JobState.SUCCEEDED: jobs_pb2.JOB_STATE_SUCCEEDED,
+    JobState.FAILED: jobs_pb2.JOB_STATE_FAILED,
+    JobState.CANCELLED: jobs_pb2.JOB_STATE_CANCELLED,
+}
+JOB_STATES_FROM_PROTO = {value: state for state, value in JOB_STATES.items()}
+
+ERROR_CLASSES = {
+    ErrorClass.NONE: jobs_pb2.ERROR_CLASS_UNSPECIFIED,
+    ErrorClass.TRANSIENT: jobs_pb2.ERROR_CLASS_TRANSIENT,
+    ErrorClass.DETERMINISTIC: jobs_pb2.ERROR_CLASS_DETERMINISTIC,
+}
+
+MAX_NOTE = 4096
+MAX_WORKER = 256
+MAX_TOOL_VERSIONS = 32
+
+
+def kind_name(kind: int) -> str:
+    """Proto enum -> kind name; "" for unspecified or unknown values."""
+    name: str = KIND_NAMES.get(kind, "")  # type: ignore[call-overload]
+    return name
+
+
+def timestamp(seconds: float | None) -> Timestamp | None:
+    if seconds is None:
+        return None
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def key_request(msg: key_pb2.ArtifactKey) -> KeyRequest:
+    return KeyRequest(
+        kind=kind_name(msg.kind),
+        model=msg.model,
+        model_revision=msg.model_revision,
+        instance_type=msg.instance_type,
+        sequence_length=msg.sequence_length,
+        batch_size=msg.batch_size,
+        tensor_parallel_degree=msg.tensor_parallel_degree,
+        precision=msg.precision,
+        toolchain=msg.toolchain,
+        options=dict(msg.options),
+    )
+
+
+def resolved_key(key: NormalizedKey) -> key_pb2.ResolvedKey:
+    return key_pb2.ResolvedKey(
+        digest=key.digest,
+        canonical=key.canonical,
+        schema_version=key.schema_version,
+        key=key_pb2.ArtifactKey(
+            kind=KIND_ENUMS.get(key.kind, key_pb2.ARTIFACT_KIND_UNSPECIFIED),
+            model=key.model,
+            model_revision=key.model_revision,
+            instance_type=key.instance_type,
+            sequence_length=key.sequence_length,
+            batch_size=key.batch_size,
+            tensor_parallel_degree=key.tensor_parallel_degree,
+            precision=key.precision,
+            toolchain=key.toolchain,
+            options=dict(key.options),
+        ),
+        compile_target=key.compile_target,
+        relevant_fields=list(key.relevant_fields),
+        ignored_fields=list(key.ignored_fields),
+    )
+
+
+def digest_from_proto(msg: blobs_pb2.Digest, what: str = "digest") -> Digest:
+    """Validate and convert; raises InvalidArgument naming `what`."""
+    try:
+        return Digest(msg.hash, msg.size_bytes)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"{what}: {exc}") from None
+
+
+def digest(d: Digest) -> blobs_pb2.Digest:
+    return blobs_pb2.Digest(hash=d.hash, size_bytes=d.size)
+
+
+def file_entries(files: Sequence[registry_pb2.ArtifactFile]) -> list[FileEntry]:
+    """Validate a manifest's file list (paths and digests) and convert it, sorted by path."""
+    paths.validate_manifest_paths([f.path for f in files])
+    entries = [
+        FileEntry(f.path, digest_from_proto(f.digest, f"file {f.path!r}"), f.executable) for f in files
+    ]
+    return sorted(entries, key=lambda e: e.path)
+
+
+def producer_from_proto(msg: registry_pb2.Producer) -> Producer:
+    if len(msg.note) > MAX_NOTE:
+        raise InvalidArgument(f"producer note is {len(msg.note)} characters; at most {MAX_NOTE}")
+    if len(msg.worker) > MAX_WORKER:
+        raise InvalidArgument(f"producer worker is {len(msg.worker)} characters; at most {MAX_WORKER}")
+    if len(msg.toolchain_versions) > MAX_TOOL_VERSIONS:
+        raise InvalidArgument(
+            f"producer lists {len(msg.toolchain_versions)} tool versions; at most {MAX_TOOL_VERSIONS}"
+        )
+    return Producer(
+        worker=msg.worker,
+        toolchain_versions=tuple(sorted(msg.toolchain_versions.items())),
+        compile_seconds=max(0.0, msg.compile_seconds),
+        log=digest_from_proto(msg.log, "producer log") if msg.HasField("log") else None,
+        note=msg.note,
+    )
+
+
+def producer(p: Producer) -> registry_pb2.Producer:
+    return registry_pb2.Producer(
+        worker=p.worker,
+        toolchain_versions=dict(p.toolchain_versions),
+        compile_seconds=p.compile_seconds,
+        log=digest(p.log) if p.log else None,
+        note=p.note,
+    )
+
+
+def artifact(a: Artifact) -> registry_pb2.Artifact:
+    return registry_pb2.Artifact(
+        artifact_id=a.artifact_id,
+        key=resolved_key(a.key),
+        files=[
+            registry_pb2.ArtifactFile(path=f.path, digest=digest(f.digest), executable=f.executable)
+            for f in a.files
+        ],
+        file_count=a.file_count,
+        total_size_bytes=a.total_size,
+        producer=producer(a.producer),
+        created_at=timestamp(a.created_at),
+        last_accessed_at=timestamp(a.last_accessed_at),
+        pinned=a.pinned,
+        manifest_digest=a.manifest_digest,
+        hit_count=a.hit_count,
+    )
+
+
+def job(j: Job) -> jobs_pb2.Job:
+    return jobs_pb2.Job(
+        job_id=j.job_id,
+        key=resolved_key(j.key),
+        state=JOB_STATES[j.state],
+        created_at=timestamp(j.created_at),
+        updated_at=timestamp(j.updated_at),
+        attempts=j.attempts,
+        max_attempts=j.max_attempts,
+        progress=j.progress,
+        message=j.message,
+        error=j.error,
+        error_class=ERROR_CLASSES[j.error_class],
+        log=digest(j.log) if j.log else None,
+        artifact_id=j.artifact_id,
+        worker=j.worker,
+        lease_expires_at=timestamp(j.lease_expires_at),
+        model_source=j.model_source,
+        finished_at=timestamp(j.finished_at),
+    )
+
+
+def unique_digests(entries: Iterable[FileEntry]) -> list[Digest]:
+    return list(dict.fromkeys(e.digest for e in entries))

@@ -1,0 +1,84 @@
+"""`prebake.v1.Admin`: list, delete and pin artifacts; statistics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from prebake.server import convert
+from prebake.server.errors import InvalidArgument
+from prebake.server.model import JobState
+from prebake.server.services import pagination
+from prebake.server.services.registry_service import check_artifact_id
+from prebake.server.state import ServerState
+from prebake.server.status import unary
+from prebake.v1 import admin_pb2, admin_pb2_grpc, registry_pb2
+
+MAX_MODEL_FILTER = 256
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+class AdminService(admin_pb2_grpc.AdminServicer):
+    def __init__(self, state: ServerState) -> None:
+        self.s = state
+
+    @unary
+    async def ListArtifacts(
+        self, request: admin_pb2.ListArtifactsRequest, context: Ctx
+    ) -> admin_pb2.ListArtifactsResponse:
+        if len(request.model) > MAX_MODEL_FILTER:
+            raise InvalidArgument(
+                f"model filter is {len(request.model)} characters; at most {MAX_MODEL_FILTER}"
+            )
+        limit = pagination.page_size(request.page_size)
+        offset = pagination.decode(request.page_token)
+        found = self.s.registry.list_artifacts(
+            convert.kind_name(request.kind), request.model, request.pinned_only, limit + 1, offset
+        )
+        return admin_pb2.ListArtifactsResponse(
+            artifacts=[convert.artifact(a) for a in found[:limit]],
+            next_page_token=pagination.next_token(offset, limit, len(found)),
+        )
+
+    @unary
+    async def DeleteArtifact(
+        self, request: admin_pb2.DeleteArtifactRequest, context: Ctx
+    ) -> admin_pb2.DeleteArtifactResponse:
+        s = self.s
+        # Registry rows go first: once they are gone no lookup can hand out the blobs,
+        # and a crash before the blob deletes only leaves garbage, never a broken artifact.
+        unreferenced = s.registry.delete_artifact(check_artifact_id(request.artifact_id), request.force)
+        deleted = [d for d in unreferenced if s.blobs.delete(d)]
+        return admin_pb2.DeleteArtifactResponse(
+            blobs_deleted=len(deleted), bytes_freed=sum(d.size for d in deleted)
+        )
+
+    @unary
+    async def PinArtifact(self, request: admin_pb2.PinArtifactRequest, context: Ctx) -> registry_pb2.Artifact:
+        return convert.artifact(
+            self.s.registry.set_pinned(check_artifact_id(request.artifact_id), request.pinned)
+        )
+
+    @unary
+    async def GetStats(self, request: admin_pb2.GetStatsRequest, context: Ctx) -> admin_pb2.Stats:
+        s = self.s
+        s.tracker.flush()
+        counts = s.registry.counts()
+        blob_count, blob_bytes = s.blobs.stats()
+        c = s.counters
+        return admin_pb2.Stats(
+            artifacts=counts.artifacts,
+            pinned_artifacts=counts.pinned_artifacts,
+            blobs=blob_count,
+            blob_bytes=blob_bytes,
+            lookups=c.lookups,
+            hits=c.hits,
+            misses=c.misses,
+            hit_rate=c.hits / c.lookups if c.lookups else 0.0,
+            jobs_by_state={state.value: counts.jobs_by_state.get(state.value, 0) for state in JobState},
+            queue_depth=counts.jobs_by_state.get(JobState.QUEUED.value, 0),
+            bytes_served=c.bytes_served,
+            bytes_received=c.bytes_received,
+            started_at=convert.timestamp(c.started_at),
+        )

@@ -1,0 +1,118 @@
+"""`prebake.v1.Blobs`: content-addressed upload (resumable) and verified download."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from prebake.server import convert
+from prebake.server.blobs import BlobWriter
+from prebake.server.errors import InvalidArgument
+from prebake.server.state import ServerState
+from prebake.server.status import streaming, unary
+from prebake.v1 import blobs_pb2, blobs_pb2_grpc
+
+MAX_FIND = 10_000
+MAX_WRITE_CHUNK = 4 << 20
+READ_CHUNK = 1 << 20
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+class BlobsService(blobs_pb2_grpc.BlobsServicer):
+    def __init__(self, state: ServerState) -> None:
+        self.s = state
+
+    @unary
+    async def FindMissingBlobs(
+        self, request: blobs_pb2.FindMissingBlobsRequest, context: Ctx
+    ) -> blobs_pb2.FindMissingBlobsResponse:
+        if len(request.digests) > MAX_FIND:
+            raise InvalidArgument(f"{len(request.digests)} digests in one request; at most {MAX_FIND}")
+        digests = [convert.digest_from_proto(d, f"digests[{i}]") for i, d in enumerate(request.digests)]
+        missing = self.s.blobs.find_missing(digests)
+        return blobs_pb2.FindMissingBlobsResponse(missing=[convert.digest(d) for d in missing])
+
+    @streaming
+    async def Read(
+        self, request: blobs_pb2.ReadRequest, context: Ctx
+    ) -> AsyncIterator[blobs_pb2.ReadResponse]:
+        digest = convert.digest_from_proto(request.digest)
+        if request.offset < 0 or request.limit < 0:
+            raise InvalidArgument(
+                f"offset ({request.offset}) and limit ({request.limit}) must not be negative"
+            )
+        s = self.s
+        # Check the bytes before the first chunk leaves: a corrupt blob is never served.
+        await s.run_blocking(s.blobs.verify, digest)
+        chunks = s.blobs.read(digest, request.offset, request.limit, READ_CHUNK)
+        try:
+            for chunk in chunks:
+                s.counters.bytes_served += len(chunk)
+                yield blobs_pb2.ReadResponse(data=chunk)
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+
+    @unary
+    async def Write(
+        self, request_iterator: AsyncIterator[blobs_pb2.WriteRequest], context: Ctx
+    ) -> blobs_pb2.WriteResponse:
+        s = self.s
+        writer: BlobWriter | None = None
+        upload_id = ""
+        try:
+            async for req in request_iterator:
+                if writer is None:
+                    if not req.upload_id or not req.HasField("digest"):
+                        raise InvalidArgument("the first Write message must carry upload_id and digest")
+                    upload_id = req.upload_id
+                    writer = await s.run_blocking(
+                        s.blobs.open_write, upload_id, convert.digest_from_proto(req.digest)
+                    )
+                    if writer.complete:
+                        return blobs_pb2.WriteResponse(committed_size=writer.digest.size, complete=True)
+                else:
+                    self._check_consistent(req, upload_id, writer)
+                if req.offset != writer.committed_size:
+                    raise InvalidArgument(
+                        f"write offset {req.offset} does not match the upload's committed size "
+                        f"{writer.committed_size}; call QueryWriteStatus and continue from there"
+                    )
+                if len(req.data) > MAX_WRITE_CHUNK:
+                    raise InvalidArgument(
+                        f"a Write message carries {len(req.data)} bytes; at most {MAX_WRITE_CHUNK}"
+                    )
+                if req.data:
+                    writer.append(req.data)
+                    s.counters.bytes_received += len(req.data)
+                if req.finish_write:
+                    await s.run_blocking(writer.commit)
+                    return blobs_pb2.WriteResponse(committed_size=writer.committed_size, complete=True)
+            if writer is None:
+                raise InvalidArgument(
+                    "empty Write stream: send at least one message with upload_id and digest"
+                )
+            return blobs_pb2.WriteResponse(committed_size=writer.committed_size, complete=False)
+        finally:
+            # Keep what arrived (flushed and fsynced) so the client can resume; after a
+            # commit or an abort this is a no-op.
+            if writer is not None:
+                await s.run_blocking(writer.close)
+
+    @staticmethod
+    def _check_consistent(req: blobs_pb2.WriteRequest, upload_id: str, writer: BlobWriter) -> None:
+        if req.upload_id and req.upload_id != upload_id:
+            raise InvalidArgument(f"upload_id changed mid-stream from {upload_id!r} to {req.upload_id!r}")
+        if req.HasField("digest") and convert.digest_from_proto(req.digest) != writer.digest:
+            raise InvalidArgument("digest changed mid-stream; one Write stream uploads one blob")
+
+    @unary
+    async def QueryWriteStatus(
+        self, request: blobs_pb2.QueryWriteStatusRequest, context: Ctx
+    ) -> blobs_pb2.QueryWriteStatusResponse:
+        digest = convert.digest_from_proto(request.digest)
+        committed, complete = self.s.blobs.upload_status(request.upload_id, digest)
+        return blobs_pb2.QueryWriteStatusResponse(committed_size=committed, complete=complete)

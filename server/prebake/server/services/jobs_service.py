@@ -1,0 +1,94 @@
+"""`prebake.v1.Jobs`: inspect, list, watch and cancel compile jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from prebake.server import convert
+from prebake.server.errors import InvalidArgument, NotFound
+from prebake.server.model import Job
+from prebake.server.services import pagination
+from prebake.server.state import ServerState
+from prebake.server.status import streaming, unary
+from prebake.v1 import jobs_pb2, jobs_pb2_grpc
+
+JOB_ID_RE = re.compile(r"^j-[0-9a-f]{24}$")
+MAX_REASON = 1024
+# Watchers re-read the registry at least this often, so a change made by another
+# process sharing the database is still seen.
+WATCH_POLL_SECONDS = 2.0
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+def check_job_id(job_id: str) -> str:
+    if not JOB_ID_RE.match(job_id):
+        raise InvalidArgument(f"job id {job_id!r} is malformed; job ids look like j-<24 hex digits>")
+    return job_id
+
+
+class JobsService(jobs_pb2_grpc.JobsServicer):
+    def __init__(self, state: ServerState) -> None:
+        self.s = state
+
+    def _job(self, job_id: str) -> Job:
+        job = self.s.registry.get_job(check_job_id(job_id))
+        if job is None:
+            raise NotFound(f"no job {job_id}")
+        return job
+
+    @unary
+    async def GetJob(self, request: jobs_pb2.GetJobRequest, context: Ctx) -> jobs_pb2.Job:
+        return convert.job(self._job(request.job_id))
+
+    @unary
+    async def ListJobs(self, request: jobs_pb2.ListJobsRequest, context: Ctx) -> jobs_pb2.ListJobsResponse:
+        limit = pagination.page_size(request.page_size)
+        offset = pagination.decode(request.page_token)
+        states = []
+        for value in request.states:
+            if value not in convert.JOB_STATES_FROM_PROTO:
+                raise InvalidArgument(f"unknown job state {value} in filter")
+            states.append(convert.JOB_STATES_FROM_PROTO[value])
+        jobs = self.s.registry.list_jobs(states, convert.kind_name(request.kind), limit + 1, offset)
+        return jobs_pb2.ListJobsResponse(
+            jobs=[convert.job(j) for j in jobs[:limit]],
+            next_page_token=pagination.next_token(offset, limit, len(jobs)),
+        )
+
+    @streaming
+    async def WatchJob(
+        self, request: jobs_pb2.WatchJobRequest, context: Ctx
+    ) -> AsyncIterator[jobs_pb2.JobEvent]:
+        registry = self.s.registry
+        job = self._job(request.job_id)
+        wake = self.s.hub.subscribe(job.job_id)
+        try:
+            events = registry.job_events(job.job_id)
+            sequence = events[-1].sequence if events else 0
+            yield jobs_pb2.JobEvent(sequence=sequence, job=convert.job(job))
+            while job.state.active:
+                wake.clear()
+                for event in registry.job_events(job.job_id, after_sequence=sequence):
+                    sequence = event.sequence
+                    job = event.job
+                    yield jobs_pb2.JobEvent(sequence=sequence, job=convert.job(job))
+                if not job.state.active:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), WATCH_POLL_SECONDS)
+        finally:
+            self.s.hub.unsubscribe(job.job_id, wake)
+
+    @unary
+    async def CancelJob(self, request: jobs_pb2.CancelJobRequest, context: Ctx) -> jobs_pb2.Job:
+        if len(request.reason) > MAX_REASON:
+            raise InvalidArgument(f"reason is {len(request.reason)} characters; at most {MAX_REASON}")
+        job = self.s.registry.cancel_job(check_job_id(request.job_id), request.reason)
+        self.s.hub.notify([job.job_id])
+        return convert.job(job)

@@ -1,0 +1,74 @@
+"""What every service shares: configuration, registry, blob store, catalog, counters.
+
+Built once by `prebake.server.app` and handed to each service. All members are used
+from the server's event loop; blocking work (hashing, fsync) goes to `run_blocking`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from prebake.server.blobs import BlobStore
+from prebake.server.catalog import InstanceCatalog
+from prebake.server.config import ServerConfig
+from prebake.server.events import JobEventHub
+from prebake.server.registry import Registry
+
+T = TypeVar("T")
+
+
+@dataclass
+class Counters:
+    """Counters since start-up, reported by GetStats. Event-loop only."""
+
+    started_at: float = field(default_factory=time.time)
+    lookups: int = 0
+    hits: int = 0
+    misses: int = 0
+    bytes_served: int = 0
+    bytes_received: int = 0
+
+
+class AccessTracker:
+    """Collects artifact hits in memory and writes them to the registry in batches.
+
+    A hit must not cost a database write on the lookup path; losing the last few
+    seconds of access times in a crash only makes eviction slightly less precise.
+    """
+
+    def __init__(self, registry: Registry, clock: Callable[[], float] = time.time) -> None:
+        self._registry = registry
+        self._clock = clock
+        self._pending: dict[str, tuple[int, float]] = {}
+
+    def hit(self, artifact_id: str) -> None:
+        count, _ = self._pending.get(artifact_id, (0, 0.0))
+        self._pending[artifact_id] = (count + 1, self._clock())
+
+    def flush(self) -> None:
+        if self._pending:
+            pending, self._pending = self._pending, {}
+            self._registry.record_hits(pending)
+
+
+@dataclass
+class ServerState:
+    config: ServerConfig
+    registry: Registry
+    blobs: BlobStore
+    catalog: InstanceCatalog
+    executor: ThreadPoolExecutor
+    hub: JobEventHub = field(default_factory=JobEventHub)
+    counters: Counters = field(default_factory=Counters)
+    tracker: AccessTracker = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tracker = AccessTracker(self.registry)
+
+    async def run_blocking(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)

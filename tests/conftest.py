@@ -1,0 +1,61 @@
+"""Shared fixtures: a real prebake server on a loopback port, and a client for it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from prebake.client import ArtifactKey, Client
+from prebake.server.app import BackgroundServer, background_server
+
+LLAMA3_8B_INF2 = ArtifactKey(
+    kind="neuron",
+    model="meta-llama/Meta-Llama-3-8B",
+    instance_type="ml.inf2.48xlarge",
+    sequence_length=8192,
+    batch_size=8,
+    tensor_parallel_degree=24,
+    precision="bf16",
+)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[BackgroundServer]:
+    with background_server(tmp_path / "data") as srv:
+        yield srv
+
+
+@pytest.fixture
+def client(server: BackgroundServer) -> Iterator[Client]:
+    with Client(server.address, timeout=30.0) as c:
+        yield c
+
+
+def make_artifact_dir(root: Path, sizes: dict[str, int], seed: int = 0) -> Path:
+    """A directory of files with pseudo-random content (deterministic per seed and path)."""
+    import random
+
+    rng = random.Random(seed)
+    for rel, size in sizes.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(rng.randbytes(size))
+    return root
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Every regular file under root (relative path -> bytes), excluding prebake's marker."""
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != ".prebake.json"
+    }
+
+
+def data_files(data_dir: Path) -> list[str]:
+    """Files under a server's blob directory (blobs + partial uploads), for no-side-effect checks."""
+    cas = data_dir / "cas"
+    return sorted(os.path.relpath(p, cas) for p in cas.rglob("*") if p.is_file())

@@ -1,0 +1,124 @@
+"""Lookup against a real server: hit, miss, single flight, negative cache."""
+
+from __future__ import annotations
+
+import dataclasses
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from prebake.client import Client
+from prebake.server.app import BackgroundServer
+from prebake.server.model import ErrorClass, JobState
+from prebake.v1 import jobs_pb2, registry_pb2
+from tests.conftest import LLAMA3_8B_INF2, make_artifact_dir
+
+HIT = registry_pb2.LOOKUP_STATUS_HIT
+MISS = registry_pb2.LOOKUP_STATUS_MISS
+COMPILING = registry_pb2.LOOKUP_STATUS_COMPILING
+FAILED = registry_pb2.LOOKUP_STATUS_FAILED
+
+
+def all_jobs(client: Client) -> list[jobs_pb2.Job]:
+    jobs: list[jobs_pb2.Job] = []
+    token = ""
+    while True:
+        page = client.list_jobs(page_size=1000, page_token=token)
+        jobs.extend(page.jobs)
+        token = page.next_page_token
+        if not token:
+            return jobs
+
+
+def test_miss_enqueues_a_job_and_a_second_lookup_joins_it(client: Client) -> None:
+    first = client.lookup(LLAMA3_8B_INF2)
+    assert first.status == MISS
+    assert first.job_created and first.job.state == jobs_pb2.JOB_STATE_QUEUED
+    assert first.key.digest == first.job.key.digest and len(first.key.digest) == 32
+    second = client.lookup(LLAMA3_8B_INF2)
+    assert second.status == COMPILING
+    assert not second.job_created and second.job.job_id == first.job.job_id
+
+
+def test_report_only_miss_creates_nothing(client: Client) -> None:
+    response = client.lookup(LLAMA3_8B_INF2, on_miss="report")
+    assert response.status == MISS and not response.job.job_id
+    assert all_jobs(client) == []
+
+
+def test_publish_then_lookup_hits_with_the_manifest(client: Client, tmp_path: Path) -> None:
+    job = client.lookup(LLAMA3_8B_INF2).job
+    src = make_artifact_dir(tmp_path / "art", {"config.json": 100, "compiled/model.neff": 300_000})
+    published = client.publish(src, LLAMA3_8B_INF2)
+    assert published.created and list(published.completed_job_ids) == [job.job_id]
+    hit = client.lookup(LLAMA3_8B_INF2)
+    assert hit.status == HIT and hit.matched_policy == "exact"
+    assert hit.artifact.artifact_id == hit.key.digest
+    assert sorted(f.path for f in hit.artifact.files) == ["compiled/model.neff", "config.json"]
+    assert hit.artifact.total_size_bytes == 300_100
+    assert client.get_job(job.job_id).state == jobs_pb2.JOB_STATE_SUCCEEDED
+
+
+def test_aliases_and_defaults_hit_the_same_artifact(client: Client, tmp_path: Path) -> None:
+    client.publish(make_artifact_dir(tmp_path / "a", {"w": 10}), LLAMA3_8B_INF2)
+    alias = dataclasses.replace(LLAMA3_8B_INF2, precision="bfloat16", instance_type="inf2.48xlarge")
+    assert client.lookup(alias).status == HIT
+
+
+def test_200_concurrent_lookups_of_one_missing_key_create_exactly_one_job(client: Client) -> None:
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        responses = list(pool.map(lambda _: client.lookup(LLAMA3_8B_INF2), range(200)))
+    assert sum(r.job_created for r in responses) == 1
+    assert {r.job.job_id for r in responses} == {responses[0].job.job_id}
+    assert {r.status for r in responses} == {MISS, COMPILING}
+    assert len(all_jobs(client)) == 1
+
+
+def test_200_distinct_keys_create_one_job_each(client: Client) -> None:
+    keys = [dataclasses.replace(LLAMA3_8B_INF2, sequence_length=128 * (i + 1)) for i in range(200)]
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        # Every key looked up twice, concurrently, in interleaved order.
+        responses = list(pool.map(client.lookup, keys + keys[::-1]))
+    assert sum(r.job_created for r in responses) == 200
+    jobs = all_jobs(client)
+    assert len(jobs) == 200
+    assert len({j.key.digest for j in jobs}) == 200
+
+
+def test_deterministic_failure_is_cached_and_force_retries(client: Client, server: BackgroundServer) -> None:
+    job = client.lookup(LLAMA3_8B_INF2).job
+    registry = server.running.state.registry  # type: ignore[union-attr]
+    server.call(registry.fail_job, job.job_id, "neuronx-cc: unsupported operator", ErrorClass.DETERMINISTIC)
+    failed = client.lookup(LLAMA3_8B_INF2)
+    assert failed.status == FAILED
+    assert "unsupported operator" in failed.error and failed.job.job_id == job.job_id
+    retried = client.lookup(LLAMA3_8B_INF2, force=True)
+    assert retried.status == MISS and retried.job_created and retried.job.job_id != job.job_id
+
+
+def test_transient_failure_is_not_cached(client: Client, server: BackgroundServer) -> None:
+    job = client.lookup(LLAMA3_8B_INF2).job
+    registry = server.running.state.registry  # type: ignore[union-attr]
+    requeued = server.call(registry.fail_job, job.job_id, "worker lost", ErrorClass.TRANSIENT)
+    assert requeued.state == JobState.QUEUED  # type: ignore[attr-defined]
+    again = client.lookup(LLAMA3_8B_INF2)
+    assert again.status == COMPILING and again.job.job_id == job.job_id
+
+
+def test_miss_lists_nearest_artifacts_with_differences(client: Client, tmp_path: Path) -> None:
+    client.publish(
+        make_artifact_dir(tmp_path / "a", {"w": 10}), dataclasses.replace(LLAMA3_8B_INF2, batch_size=4)
+    )
+    miss = client.lookup(LLAMA3_8B_INF2, on_miss="report")
+    assert miss.status == MISS and len(miss.nearest) == 1
+    diffs = {(d.field, d.artifact_value, d.requested_value) for d in miss.nearest[0].differences}
+    assert diffs == {("batch_size", "4", "8")}
+
+
+def test_stats_count_hits_and_misses(client: Client, tmp_path: Path) -> None:
+    client.lookup(LLAMA3_8B_INF2)
+    client.publish(make_artifact_dir(tmp_path / "a", {"w": 10}), LLAMA3_8B_INF2)
+    client.lookup(LLAMA3_8B_INF2)
+    stats = client.get_stats()
+    assert (stats.lookups, stats.hits, stats.misses) == (2, 1, 1)
+    assert stats.artifacts == 1 and stats.blobs == 1 and stats.blob_bytes == 10
+    assert stats.jobs_by_state["succeeded"] == 1 and stats.queue_depth == 0
