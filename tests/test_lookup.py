@@ -82,6 +82,16 @@ def test_200_distinct_keys_create_one_job_each(client: Client) -> None:
     jobs = all_jobs(client)
     assert len(jobs) == 200
     assert len({j.key.digest for j in jobs}) == 200
+    # Small pages walk the same jobs exactly once, newest first.
+    paged, token = [], ""
+    while True:
+        page = client.list_jobs(page_size=7, page_token=token)
+        paged.extend(j.job_id for j in page.jobs)
+        token = page.next_page_token
+        if not token:
+            break
+    assert paged == [j.job_id for j in jobs]
+    assert [j.job_id for j in client.iter_jobs(limit=50)] == paged[:50]
 
 
 def test_deterministic_failure_is_cached_and_force_retries(client: Client, server: BackgroundServer) -> None:

@@ -78,6 +78,8 @@ KeyLike = ArtifactKey | key_pb2.ArtifactKey
 DigestLike = blobs_pb2.Digest | tuple[str, int]
 # The contract's limit on digests per FindMissingBlobs request.
 _FIND_MISSING_BATCH = 10_000
+# The contract's largest page for list rpcs.
+_MAX_PAGE = 1000
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,20 @@ def as_digest(digest: DigestLike) -> blobs_pb2.Digest:
         return digest
     hash_hex, size = digest
     return blobs_pb2.Digest(hash=hash_hex, size_bytes=size)
+
+
+def _paginate(page: Callable[[int, str], tuple[Sequence[T], str]], limit: int | None) -> Iterator[T]:
+    """Follow a list rpc's page tokens, yielding at most `limit` items (None: all)."""
+    token, count = "", 0
+    while True:
+        items, token = page(min(limit or _MAX_PAGE, _MAX_PAGE), token)
+        for item in items:
+            if limit is not None and count >= limit:
+                return
+            count += 1
+            yield item
+        if not token:
+            return
 
 
 def _key_proto(key: KeyLike) -> key_pb2.ArtifactKey:
@@ -334,18 +350,12 @@ class Client:
         self, states: Sequence[str] = (), kind: str = "", limit: int | None = None
     ) -> Iterator[jobs_pb2.Job]:
         """Every matching job (following pages), newest first, at most `limit`."""
-        token = ""
-        count = 0
-        while True:
-            page = self.list_jobs(states, kind, page_size=min(limit or 1000, 1000), page_token=token)
-            for job in page.jobs:
-                if limit is not None and count >= limit:
-                    return
-                count += 1
-                yield job
-            token = page.next_page_token
-            if not token:
-                return
+
+        def page(size: int, token: str) -> tuple[Sequence[jobs_pb2.Job], str]:
+            reply = self.list_jobs(states, kind, page_size=size, page_token=token)
+            return reply.jobs, reply.next_page_token
+
+        return _paginate(page, limit)
 
     def watch_job(self, job_id: str, timeout: float | None = None) -> Iterator[jobs_pb2.JobEvent]:
         """Follow a job: its current state, then every change, ending after a terminal one.
@@ -443,20 +453,12 @@ class Client:
         self, kind: str = "", model: str = "", pinned_only: bool = False, limit: int | None = None
     ) -> Iterator[registry_pb2.Artifact]:
         """Every matching artifact (following pages), newest first, at most `limit`."""
-        token = ""
-        count = 0
-        while True:
-            page = self.list_artifacts(
-                kind, model, pinned_only, page_size=min(limit or 1000, 1000), page_token=token
-            )
-            for artifact in page.artifacts:
-                if limit is not None and count >= limit:
-                    return
-                count += 1
-                yield artifact
-            token = page.next_page_token
-            if not token:
-                return
+
+        def page(size: int, token: str) -> tuple[Sequence[registry_pb2.Artifact], str]:
+            reply = self.list_artifacts(kind, model, pinned_only, page_size=size, page_token=token)
+            return reply.artifacts, reply.next_page_token
+
+        return _paginate(page, limit)
 
     def delete_artifact(self, artifact_id: str, force: bool = False) -> admin_pb2.DeleteArtifactResponse:
         """Delete an artifact and its unshared blobs. Pinned ones need `force`.

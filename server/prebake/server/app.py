@@ -87,10 +87,13 @@ def open_state(config: ServerConfig) -> ServerState:
 class RunningServer:
     """A started server: its bound address and the means to stop it."""
 
-    def __init__(self, server: grpc.aio.Server, state: ServerState, address: str) -> None:
+    def __init__(
+        self, server: grpc.aio.Server, state: ServerState, address: str, health: health_aio.HealthServicer
+    ) -> None:
         self.server = server
         self.state = state
         self.address = address
+        self.health = health
         self._flusher: asyncio.Task[None] | None = None
 
     async def _flush_periodically(self) -> None:
@@ -104,6 +107,8 @@ class RunningServer:
     async def stop(self, grace: float | None = None) -> None:
         if self._flusher is not None:
             self._flusher.cancel()
+        # Load balancers and health probes see NOT_SERVING while in-flight rpcs finish.
+        await self.health.enter_graceful_shutdown()
         await self.server.stop(self.state.config.shutdown_grace_seconds if grace is None else grace)
         self.state.tracker.flush()
         self.state.executor.shutdown(wait=True)
@@ -133,7 +138,7 @@ async def start(config: ServerConfig) -> RunningServer:
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    running = RunningServer(server, state, f"{host}:{port}")
+    running = RunningServer(server, state, f"{host}:{port}", health_servicer)
     running.start_background_tasks()
     return running
 

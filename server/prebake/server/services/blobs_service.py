@@ -48,13 +48,12 @@ class BlobsService(blobs_pb2_grpc.BlobsServicer):
         await s.run_blocking(s.blobs.verify, digest)
         chunks = s.blobs.read(digest, request.offset, request.limit, READ_CHUNK)
         try:
-            for chunk in chunks:
+            # Disk reads go to the I/O pool: a cold read must not stall every other rpc.
+            while (chunk := await s.run_blocking(next, chunks, None)) is not None:
                 s.counters.bytes_served += len(chunk)
                 yield blobs_pb2.ReadResponse(data=chunk)
         finally:
-            close = getattr(chunks, "close", None)
-            if close is not None:
-                close()
+            chunks.close()
 
     @unary
     async def Write(
@@ -86,7 +85,7 @@ class BlobsService(blobs_pb2_grpc.BlobsServicer):
                         f"a Write message carries {len(req.data)} bytes; at most {MAX_WRITE_CHUNK}"
                     )
                 if req.data:
-                    writer.append(req.data)
+                    await s.run_blocking(writer.append, req.data)
                     s.counters.bytes_received += len(req.data)
                 if req.finish_write:
                     await s.run_blocking(writer.commit)
