@@ -83,7 +83,8 @@ def test_200_distinct_keys_create_one_job_each(client: Client) -> None:
     assert len(jobs) == 200
     assert len({j.key.digest for j in jobs}) == 200
     # Small pages walk the same jobs exactly once, newest first.
-    paged, token = [], ""
+    paged: list[str] = []
+    token = ""
     while True:
         page = client.list_jobs(page_size=7, page_token=token)
         paged.extend(j.job_id for j in page.jobs)

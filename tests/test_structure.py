@@ -14,7 +14,8 @@ from prebake.server.services.admin_service import AdminService
 from prebake.server.services.blobs_service import BlobsService
 from prebake.server.services.jobs_service import JobsService
 from prebake.server.services.registry_service import RegistryService
-from prebake.v1 import admin_pb2, blobs_pb2, jobs_pb2, registry_pb2
+from prebake.server.services.workers_service import WorkersService
+from prebake.v1 import admin_pb2, blobs_pb2, jobs_pb2, registry_pb2, workers_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = [
@@ -22,6 +23,7 @@ SERVICES = [
     (blobs_pb2.DESCRIPTOR.services_by_name["Blobs"], BlobsService),
     (jobs_pb2.DESCRIPTOR.services_by_name["Jobs"], JobsService),
     (admin_pb2.DESCRIPTOR.services_by_name["Admin"], AdminService),
+    (workers_pb2.DESCRIPTOR.services_by_name["Workers"], WorkersService),
 ]
 ALL_RPCS = [
     (service.full_name, method.name, impl) for service, impl in SERVICES for method in service.methods
@@ -49,7 +51,7 @@ def test_every_rpc_is_wrapped_by_the_client(service: str, rpc: str, impl: type) 
 
 
 def test_all_services_are_covered() -> None:
-    files = [registry_pb2, blobs_pb2, jobs_pb2, admin_pb2]
+    files = [registry_pb2, blobs_pb2, jobs_pb2, admin_pb2, workers_pb2]
     declared = {s.full_name for f in files for s in f.DESCRIPTOR.services_by_name.values()}
     assert declared == {s.full_name for s, _ in SERVICES}
 

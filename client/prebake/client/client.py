@@ -70,6 +70,8 @@ from prebake.v1 import (
     key_pb2,
     registry_pb2,
     registry_pb2_grpc,
+    workers_pb2,
+    workers_pb2_grpc,
 )
 
 T = TypeVar("T")
@@ -160,6 +162,7 @@ class Client:
         self._blobs = blobs_pb2_grpc.BlobsStub(self._channel)
         self._jobs = jobs_pb2_grpc.JobsStub(self._channel)
         self._admin = admin_pb2_grpc.AdminStub(self._channel)
+        self._workers = workers_pb2_grpc.WorkersStub(self._channel)
         self._transfer = TransferSettings(
             policy=self.policy, unary_timeout=timeout, idle_seconds=idle_timeout, target=target
         )
@@ -429,6 +432,70 @@ class Client:
         request = jobs_pb2.CancelJobRequest(job_id=job_id, reason=reason)
         return self._call(lambda t: self._jobs.CancelJob(request, timeout=t))
 
+    # Workers -------------------------------------------------------------------------
+
+    def lease_job(
+        self, worker_id: str, capabilities: Sequence[workers_pb2.Capability], wait_seconds: float = 0.0
+    ) -> workers_pb2.LeaseJobResponse:
+        """Lease a job matching one capability, waiting up to `wait_seconds` (long poll).
+
+        `LeaseJobResponse.job` is unset when none came. Keep `fencing_token` for every
+        later call about the job.
+        """
+        request = workers_pb2.LeaseJobRequest(
+            worker_id=worker_id, capabilities=capabilities, wait_seconds=wait_seconds
+        )
+        return self._call(lambda t: self._workers.LeaseJob(request, timeout=t), self.timeout + wait_seconds)
+
+    def heartbeat(
+        self, job_id: str, fencing_token: int, progress: float, message: str = ""
+    ) -> workers_pb2.HeartbeatResponse:
+        """Extend the lease and report progress. `cancelled` in the reply means stop.
+
+        Raises FailedPrecondition when the lease is no longer this worker's.
+        """
+        request = workers_pb2.HeartbeatRequest(
+            job_id=job_id, fencing_token=fencing_token, progress=progress, message=message
+        )
+        return self._call(lambda t: self._workers.Heartbeat(request, timeout=t))
+
+    def complete_job(
+        self,
+        job_id: str,
+        fencing_token: int,
+        files: Sequence[registry_pb2.ArtifactFile],
+        producer: registry_pb2.Producer | None = None,
+    ) -> workers_pb2.CompleteJobResponse:
+        """Publish a leased job's output (uploaded beforehand, e.g. by `upload_directory`).
+
+        Raises FailedPrecondition when the lease was lost (nothing stored) or a blob is
+        missing (upload and retry); idempotent, so safe to retry.
+        """
+        request = workers_pb2.CompleteJobRequest(
+            job_id=job_id, fencing_token=fencing_token, files=files, producer=producer
+        )
+        return self._call(lambda t: self._workers.CompleteJob(request, timeout=t))
+
+    def fail_job(
+        self,
+        job_id: str,
+        fencing_token: int,
+        error: str,
+        deterministic: bool,
+        log: blobs_pb2.Digest | None = None,
+    ) -> jobs_pb2.Job:
+        """Report a failed attempt; deterministic failures end the job, others requeue it."""
+        error_class = jobs_pb2.ERROR_CLASS_DETERMINISTIC if deterministic else jobs_pb2.ERROR_CLASS_TRANSIENT
+        request = workers_pb2.FailJobRequest(
+            job_id=job_id, fencing_token=fencing_token, error=error, error_class=error_class, log=log
+        )
+        return self._call(lambda t: self._workers.FailJob(request, timeout=t))
+
+    def release_job(self, job_id: str, fencing_token: int, reason: str = "") -> jobs_pb2.Job:
+        """Give a leased job back to the queue without spending an attempt."""
+        request = workers_pb2.ReleaseJobRequest(job_id=job_id, fencing_token=fencing_token, reason=reason)
+        return self._call(lambda t: self._workers.ReleaseJob(request, timeout=t))
+
     # Admin ---------------------------------------------------------------------------
 
     def list_artifacts(
@@ -525,6 +592,18 @@ class Client:
             # A blob was deleted or quarantined since it was uploaded: upload it again.
             self._upload_missing(files, progress)
             return self.publish_artifact(key, manifest, producer, replace)
+
+    def upload_directory(
+        self, directory: Path | str, progress: Progress | None = None
+    ) -> list[registry_pb2.ArtifactFile]:
+        """Upload the regular files under `directory` (only the blobs the server lacks).
+
+        Returns the manifest to pass to `publish_artifact` or `complete_job`. Symbolic
+        links and special files are refused, as in `publish`.
+        """
+        files = scan_directory(Path(directory))
+        self._upload_missing(files, progress)
+        return [f.to_proto() for f in files]
 
     def _upload_missing(self, files: Sequence[LocalFile], progress: Progress | None) -> None:
         by_digest: dict[tuple[str, int], LocalFile] = {}

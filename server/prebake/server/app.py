@@ -32,6 +32,7 @@ from prebake.server.services.admin_service import AdminService
 from prebake.server.services.blobs_service import BlobsService
 from prebake.server.services.jobs_service import JobsService
 from prebake.server.services.registry_service import RegistryService
+from prebake.server.services.workers_service import WorkersService
 from prebake.server.state import ServerState
 from prebake.v1 import (
     admin_pb2,
@@ -42,6 +43,8 @@ from prebake.v1 import (
     jobs_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
+    workers_pb2,
+    workers_pb2_grpc,
 )
 
 log = logging.getLogger("prebake.server")
@@ -63,6 +66,7 @@ SERVICE_NAMES = (
     blobs_pb2.DESCRIPTOR.services_by_name["Blobs"].full_name,
     jobs_pb2.DESCRIPTOR.services_by_name["Jobs"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+    workers_pb2.DESCRIPTOR.services_by_name["Workers"].full_name,
 )
 
 
@@ -70,7 +74,7 @@ def open_state(config: ServerConfig) -> ServerState:
     """Open (creating if needed) the data directory's registry and blob store."""
     data_dir = config.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
-    registry = Registry(data_dir / "registry.sqlite3")
+    registry = Registry(data_dir / "registry.sqlite3", backoff_base=config.retry_backoff_seconds)
     blobs = LocalBlobStore(data_dir / "cas", config.max_blob_bytes, config.max_store_bytes)
     swept = blobs.sweep_uploads(config.stale_upload_seconds)
     if swept:
@@ -94,19 +98,35 @@ class RunningServer:
         self.state = state
         self.address = address
         self.health = health
-        self._flusher: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def _flush_periodically(self) -> None:
         while True:
             await asyncio.sleep(self.state.config.access_flush_seconds)
             self.state.tracker.flush()
 
+    async def _expire_leases_periodically(self) -> None:
+        s = self.state
+        # A quarter of the lease: an expired job waits at most that long to be requeued.
+        interval = max(0.05, min(5.0, s.config.lease_seconds / 4))
+        while True:
+            await asyncio.sleep(interval)
+            expired = s.registry.expire_leases()
+            if expired:
+                log.info("requeued or failed %d job(s) whose worker stopped heartbeating", len(expired))
+                s.hub.notify(j.job_id for j in expired)
+                s.work.fire()
+
     def start_background_tasks(self) -> None:
-        self._flusher = asyncio.get_running_loop().create_task(self._flush_periodically())
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._flush_periodically()),
+            loop.create_task(self._expire_leases_periodically()),
+        ]
 
     async def stop(self, grace: float | None = None) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
+        for task in self._tasks:
+            task.cancel()
         # Load balancers and health probes see NOT_SERVING while in-flight rpcs finish.
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.state.config.shutdown_grace_seconds if grace is None else grace)
@@ -123,6 +143,7 @@ async def start(config: ServerConfig) -> RunningServer:
     blobs_pb2_grpc.add_BlobsServicer_to_server(BlobsService(state), server)
     jobs_pb2_grpc.add_JobsServicer_to_server(JobsService(state), server)
     admin_pb2_grpc.add_AdminServicer_to_server(AdminService(state), server)
+    workers_pb2_grpc.add_WorkersServicer_to_server(WorkersService(state), server)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -33,6 +33,8 @@ class ServerConfig:
     job_max_attempts: int = 3
     # How long a worker's lease lasts without a heartbeat.
     lease_seconds: float = 60.0
+    # A transiently failed job waits base * 2**attempts seconds (at most 300) before a retry.
+    retry_backoff_seconds: float = 5.0
     # Partial uploads untouched for this long are removed at start-up.
     stale_upload_seconds: float = 24 * 3600.0
     # How often lazily-recorded artifact access times are written to the registry.

@@ -11,6 +11,7 @@ Not thread-safe: owned by the server's event loop; call `notify` from that loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import defaultdict
 from collections.abc import Iterable
 
@@ -38,3 +39,22 @@ class JobEventHub:
 
     def watchers(self, job_id: str) -> int:
         return len(self._waiters.get(job_id, ()))
+
+
+class Pulse:
+    """Wakes every current waiter at once (e.g. long-polling workers when work appears).
+
+    Waiters re-check their condition after waking, so a pulse carries no data and a
+    missed pulse only costs the waiter's own timeout. Event-loop only.
+    """
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def fire(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._event.wait(), timeout)

@@ -16,7 +16,7 @@ from typing import TypeVar
 from prebake.server.blobs import BlobStore
 from prebake.server.catalog import InstanceCatalog
 from prebake.server.config import ServerConfig
-from prebake.server.events import JobEventHub
+from prebake.server.events import JobEventHub, Pulse
 from prebake.server.registry import Registry
 
 T = TypeVar("T")
@@ -64,6 +64,8 @@ class ServerState:
     catalog: InstanceCatalog
     executor: ThreadPoolExecutor
     hub: JobEventHub = field(default_factory=JobEventHub)
+    # Fired whenever a job may have become leasable (created, requeued, released).
+    work: Pulse = field(default_factory=Pulse)
     counters: Counters = field(default_factory=Counters)
     tracker: AccessTracker = field(init=False)
 

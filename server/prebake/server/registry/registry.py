@@ -205,9 +205,9 @@ def new_job_id() -> str:
     return "j-" + secrets.token_hex(12)
 
 
-def retry_backoff(attempts: int) -> float:
+def retry_backoff(attempts: int, base: float = BACKOFF_BASE_SECONDS) -> float:
     """Seconds a transiently failed job waits before it may be leased again."""
-    return min(2.0 ** min(attempts, 16) * BACKOFF_BASE_SECONDS, BACKOFF_MAX_SECONDS)
+    return min(2.0 ** min(attempts, 16) * base, BACKOFF_MAX_SECONDS)
 
 
 def _dict_row(cursor: sqlite3.Cursor, values: tuple[Any, ...]) -> Row:
@@ -263,8 +263,13 @@ class Registry:
     broken (retryable as UNAVAILABLE).
     """
 
-    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, path: Path, clock: Callable[[], float] = time.time, backoff_base: float = BACKOFF_BASE_SECONDS
+    ) -> None:
         """Open (creating if needed) the database at `path` and apply pending migrations.
+
+        `backoff_base` scales the wait before a transiently failed job is retried
+        (`retry_backoff`).
 
         Raises `SchemaTooNew` (a `FailedPrecondition`) for a database written by a newer
         prebake.
@@ -273,6 +278,7 @@ class Registry:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._clock = clock
+        self._backoff_base = backoff_base
         self._lock = threading.Lock()
         self._conn = _connect(path)
         try:
@@ -340,26 +346,9 @@ class Registry:
         The caller has checked that every blob is present. A repeated path raises
         `InvalidArgument`.
         """
-        if not files:
-            raise InvalidArgument("an artifact needs at least one file")
-        ordered = tuple(sorted(files, key=_path))
-        manifest = manifest_digest(ordered)
         now = self._clock()
         with self._write() as c:
-            existing = _artifact_row(c, key.digest)
-            if existing is not None and existing["manifest_digest"] == manifest:
-                artifact = _artifact_from_row(existing, _files(c, key.digest))
-                return artifact, False, _complete_active_jobs(c, key.digest, now)
-            if existing is not None and not replace:
-                raise AlreadyExists(
-                    f"artifact {key.digest} for this key already exists with a different file list "
-                    f"(manifest {existing['manifest_digest']}); pass replace to overwrite"
-                )
-            pinned = existing is not None and bool(existing["pinned"])
-            _delete_artifact_rows(c, key.digest)
-            row = _insert_artifact(c, key, ordered, manifest, producer, pinned=pinned, now=now)
-            completed = _complete_active_jobs(c, key.digest, now)
-        return _artifact_from_row(row, ordered), True, completed
+            return _publish(c, key, files, producer, replace=replace, now=now)
 
     def delete_artifact(self, artifact_id: str, force: bool = False) -> list[Digest]:
         """Delete the artifact; return its blobs that nothing references any more, sorted.
@@ -605,7 +594,7 @@ class Registry:
             state = JobState(row["state"])
             if not state.active:
                 raise FailedPrecondition(f"job {job_id} already {state.value}; it cannot fail again")
-            return _fail(c, row, error, error_class, log=log, now=now)
+            return _fail(c, row, error, error_class, log=log, now=now, backoff_base=self._backoff_base)
 
     def job_events(self, job_id: str, after_sequence: int = 0) -> list[JobEvent]:
         """The job's events with sequence > `after_sequence`, in order. Raises `NotFound`."""
@@ -686,16 +675,65 @@ class Registry:
             raise InvalidArgument(f"progress must be between 0.0 and 1.0, got {progress}")
         now = self._clock() if now is None else now
         with self._write() as c:
-            row = _job_row_or_raise(c, job_id)
-            if row["state"] != JobState.LEASED.value or row["fencing_token"] != fencing_token:
-                raise FailedPrecondition(
-                    f"job {job_id} is not leased under fencing token {fencing_token} "
-                    f"(state {row['state']}, token {row['fencing_token']}); stop working on it"
-                )
+            row = _leased_row_or_raise(c, job_id, fencing_token)
             changed = (row["progress"], row["message"]) != (progress, message)
             changes: Row = {"progress": progress, "message": message, "lease_expires_at": now + lease_seconds}
             updated = _update_job(c, job_id, changes, now)
             return _append_event(c, updated, now) if changed else _job_from_row(updated)
+
+    def complete_job(
+        self, job_id: str, fencing_token: int, files: Sequence[FileEntry], producer: Producer
+    ) -> tuple[Artifact, list[Job]]:
+        """A worker's result: publish `files` as the artifact for the job's key.
+
+        One transaction: the lease is checked under `fencing_token` (a worker that lost
+        its lease, or a zombie, gets `FailedPrecondition` and nothing is stored), then
+        the artifact is published exactly as `publish` does, which completes this job
+        and any other active job of the key. An artifact that an operator published
+        for the key meanwhile is kept (`replace` is never implied). The caller has
+        checked that every blob is present.
+        """
+        now = self._clock()
+        with self._write() as c:
+            row = _leased_row_or_raise(c, job_id, fencing_token)
+            key = _key_from_row(row, row["key_digest"])
+            existing = _artifact_row(c, key.digest)
+            if existing is not None:
+                completed = _complete_active_jobs(c, key.digest, now)
+                return _artifact_from_row(existing, _files(c, key.digest)), completed
+            artifact, _, completed = _publish(c, key, files, producer, replace=False, now=now)
+            if producer.log is not None:
+                _update_job(c, job_id, _log_columns(producer.log), now)
+            return artifact, completed
+
+    def fail_leased_job(
+        self, job_id: str, fencing_token: int, error: str, error_class: ErrorClass, log: Digest | None = None
+    ) -> Job:
+        """`fail_job` for a worker: only under a current lease (else `FailedPrecondition`)."""
+        if error_class is ErrorClass.NONE:
+            raise InvalidArgument("a failure needs an error class: transient or deterministic")
+        now = self._clock()
+        with self._write() as c:
+            row = _leased_row_or_raise(c, job_id, fencing_token)
+            return _fail(c, row, error, error_class, log=log, now=now, backoff_base=self._backoff_base)
+
+    def release_job(self, job_id: str, fencing_token: int, reason: str = "") -> Job:
+        """Give a leased job back to the queue without spending an attempt.
+
+        For a worker shutting down gracefully: the job is runnable again at once.
+        Raises `FailedPrecondition` when the lease is no longer the caller's.
+        """
+        now = self._clock()
+        with self._write() as c:
+            row = _leased_row_or_raise(c, job_id, fencing_token)
+            changes: Row = {
+                "state": JobState.QUEUED.value,
+                "attempts": max(0, row["attempts"] - 1),
+                "lease_expires_at": None,
+                "progress": 0.0,
+                "message": f"released by {row['worker']}" + (f": {reason}" if reason else ""),
+            }
+            return _append_event(c, _update_job(c, job_id, changes, now), now)
 
     def expire_leases(self, now: float | None = None) -> list[Job]:
         """Treat every lease past its expiry as a transient failure; return the jobs changed."""
@@ -706,7 +744,7 @@ class Registry:
                 "ORDER BY lease_expires_at",
                 (now,),
             ).fetchall()
-            return [_expire(c, row, now) for row in rows]
+            return [_expire(c, row, now, self._backoff_base) for row in rows]
 
 
 # --- statements shared by the methods (all run inside the caller's transaction) ----------
@@ -818,6 +856,7 @@ def _active_job_row(c: sqlite3.Connection, key_digest: str) -> Row | None:
 _UPDATABLE_JOB_COLUMNS = frozenset(
     {
         "state",
+        "attempts",
         "progress",
         "message",
         "error",
@@ -860,6 +899,46 @@ def _append_event(c: sqlite3.Connection, row: Row, now: float) -> Job:
     return _job_from_row(row)
 
 
+def _publish(
+    c: sqlite3.Connection,
+    key: NormalizedKey,
+    files: Sequence[FileEntry],
+    producer: Producer,
+    *,
+    replace: bool,
+    now: float,
+) -> tuple[Artifact, bool, list[Job]]:
+    """The body of `Registry.publish`, inside the caller's write transaction."""
+    if not files:
+        raise InvalidArgument("an artifact needs at least one file")
+    ordered = tuple(sorted(files, key=_path))
+    manifest = manifest_digest(ordered)
+    existing = _artifact_row(c, key.digest)
+    if existing is not None and existing["manifest_digest"] == manifest:
+        artifact = _artifact_from_row(existing, _files(c, key.digest))
+        return artifact, False, _complete_active_jobs(c, key.digest, now)
+    if existing is not None and not replace:
+        raise AlreadyExists(
+            f"artifact {key.digest} for this key already exists with a different file list "
+            f"(manifest {existing['manifest_digest']}); pass replace to overwrite"
+        )
+    pinned = existing is not None and bool(existing["pinned"])
+    _delete_artifact_rows(c, key.digest)
+    row = _insert_artifact(c, key, ordered, manifest, producer, pinned=pinned, now=now)
+    completed = _complete_active_jobs(c, key.digest, now)
+    return _artifact_from_row(row, ordered), True, completed
+
+
+def _leased_row_or_raise(c: sqlite3.Connection, job_id: str, fencing_token: int) -> Row:
+    row = _job_row_or_raise(c, job_id)
+    if row["state"] != JobState.LEASED.value or row["fencing_token"] != fencing_token:
+        raise FailedPrecondition(
+            f"job {job_id} is not leased under fencing token {fencing_token} "
+            f"(state {row['state']}, token {row['fencing_token']}); stop working on it"
+        )
+    return row
+
+
 def _complete_active_jobs(c: sqlite3.Connection, key_digest: str, now: float) -> list[Job]:
     rows = c.execute(
         "UPDATE jobs SET state = 'succeeded', artifact_id = :digest, progress = 1.0, "
@@ -872,7 +951,14 @@ def _complete_active_jobs(c: sqlite3.Connection, key_digest: str, now: float) ->
 
 
 def _fail(
-    c: sqlite3.Connection, row: Row, error: str, error_class: ErrorClass, *, log: Digest | None, now: float
+    c: sqlite3.Connection,
+    row: Row,
+    error: str,
+    error_class: ErrorClass,
+    *,
+    log: Digest | None,
+    now: float,
+    backoff_base: float,
 ) -> Job:
     """Fail the active job in `row`: terminally, or back to the queue after a backoff."""
     changes: Row = {"error": error, "error_class": error_class.value, "lease_expires_at": None}
@@ -885,12 +971,12 @@ def _fail(
         changes.update(
             state=JobState.QUEUED.value,
             progress=0.0,
-            not_before=now + retry_backoff(attempts),
+            not_before=now + retry_backoff(attempts, backoff_base),
             message=f"retrying after a transient failure (attempt {attempts} of {max_attempts})",
         )
     return _append_event(c, _update_job(c, row["job_id"], changes, now), now)
 
 
-def _expire(c: sqlite3.Connection, row: Row, now: float) -> Job:
+def _expire(c: sqlite3.Connection, row: Row, now: float, backoff_base: float) -> Job:
     error = f"lease expired: worker {row['worker']} stopped heartbeating"
-    return _fail(c, row, error, ErrorClass.TRANSIENT, log=None, now=now)
+    return _fail(c, row, error, ErrorClass.TRANSIENT, log=None, now=now, backoff_base=backoff_base)

@@ -8,9 +8,10 @@ from typing import Any
 import grpc
 
 from prebake.server import convert
-from prebake.server.errors import FailedPrecondition, InvalidArgument, NotFound
+from prebake.server.errors import InvalidArgument, NotFound
 from prebake.server.keys import diff_keys, normalize_key
 from prebake.server.model import ErrorClass, JobState, NormalizedKey
+from prebake.server.services.blob_checks import require_present, verify_blobs
 from prebake.server.state import ServerState
 from prebake.server.status import unary
 from prebake.v1 import registry_pb2, registry_pb2_grpc
@@ -99,6 +100,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         job, created = s.registry.create_or_join_job(key, model_source, s.config.job_max_attempts)
         if created:
             s.hub.notify([job.job_id])
+            s.work.fire()
         response.status = registry_pb2.LOOKUP_STATUS_MISS if created else registry_pb2.LOOKUP_STATUS_COMPILING
         response.job.CopyFrom(convert.job(job))
         response.job_created = created
@@ -124,14 +126,9 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         if producer.log is not None:
             digests.append(producer.log)
         s = self.s
-        self._require_present(digests)
-        # Re-hash every blob off the event loop: a blob may have rotted since upload, and
-        # publishing is the last moment to refuse it before deployers depend on it.
-        for d in digests:
-            await s.run_blocking(s.blobs.verify, d)
-        # No await between this check and the insert: a concurrent DeleteArtifact (which
-        # also runs on this loop) cannot remove a blob in between.
-        self._require_present(digests)
+        await verify_blobs(s, digests)
+        # No await between this check and the insert (see verify_blobs).
+        require_present(s, digests)
         stored, created, completed = s.registry.publish(key, files, producer, replace=request.replace)
         s.hub.notify(j.job_id for j in completed)
         return registry_pb2.PublishArtifactResponse(
@@ -139,12 +136,3 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
             created=created,
             completed_job_ids=[j.job_id for j in completed],
         )
-
-    def _require_present(self, digests: list[Any]) -> None:
-        missing = self.s.blobs.find_missing(digests)
-        if missing:
-            shown = ", ".join(str(d) for d in missing[:10])
-            more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
-            raise FailedPrecondition(
-                f"{len(missing)} blob(s) are not uploaded: {shown}{more}; upload them and publish again"
-            )

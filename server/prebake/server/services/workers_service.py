@@ -1,0 +1,156 @@
+"""`prebake.v1.Workers`: lease, heartbeat, complete, fail and release compile jobs."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import grpc
+
+from prebake.server import convert
+from prebake.server.errors import InvalidArgument, NotFound
+from prebake.server.model import ErrorClass, Job, JobState
+from prebake.server.services.blob_checks import require_present, verify_blobs
+from prebake.server.services.jobs_service import check_job_id
+from prebake.server.state import ServerState
+from prebake.server.status import unary
+from prebake.v1 import jobs_pb2, workers_pb2, workers_pb2_grpc
+
+MAX_WAIT = 60.0
+MAX_CAPABILITIES = 16
+MAX_WORKER_ID = 256
+MAX_MESSAGE = 1024
+MAX_ERROR = 16_384
+# Long-polls re-check at least this often: a job whose retry backoff ends becomes
+# leasable without any event announcing it.
+RECHECK_SECONDS = 1.0
+Ctx = grpc.aio.ServicerContext[Any, Any]
+ERROR_CLASSES = {
+    jobs_pb2.ERROR_CLASS_TRANSIENT: ErrorClass.TRANSIENT,
+    jobs_pb2.ERROR_CLASS_DETERMINISTIC: ErrorClass.DETERMINISTIC,
+}
+
+
+def check_worker_id(worker_id: str) -> str:
+    if not 1 <= len(worker_id) <= MAX_WORKER_ID or not worker_id.isprintable():
+        raise InvalidArgument(f"worker_id must be 1-{MAX_WORKER_ID} printable characters, got {worker_id!r}")
+    return worker_id
+
+
+def capabilities(request: workers_pb2.LeaseJobRequest) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(kind, toolchain, compile targets) per capability, validated."""
+    if not 1 <= len(request.capabilities) <= MAX_CAPABILITIES:
+        count = len(request.capabilities)
+        raise InvalidArgument(f"a worker advertises 1-{MAX_CAPABILITIES} capabilities, got {count}")
+    result = []
+    for i, cap in enumerate(request.capabilities):
+        kind = convert.kind_name(cap.kind)
+        if not kind:
+            raise InvalidArgument(f"capabilities[{i}] has no kind; use neuron, awq or inductor")
+        if not cap.toolchain:
+            raise InvalidArgument(f"capabilities[{i}] ({kind}) has no toolchain; jobs are matched on it")
+        result.append((kind, cap.toolchain, tuple(cap.compile_targets)))
+    return result
+
+
+class WorkersService(workers_pb2_grpc.WorkersServicer):
+    def __init__(self, state: ServerState) -> None:
+        self.s = state
+
+    def _lease_any(self, worker: str, caps: list[tuple[str, str, tuple[str, ...]]]) -> Job | None:
+        for kind, toolchain, targets in caps:
+            job = self.s.registry.lease_job(
+                worker, [kind], [toolchain], targets, lease_seconds=self.s.config.lease_seconds
+            )
+            if job is not None:
+                return job
+        return None
+
+    @unary
+    async def LeaseJob(
+        self, request: workers_pb2.LeaseJobRequest, context: Ctx
+    ) -> workers_pb2.LeaseJobResponse:
+        worker = check_worker_id(request.worker_id)
+        caps = capabilities(request)
+        if not 0.0 <= request.wait_seconds <= MAX_WAIT:
+            raise InvalidArgument(f"wait_seconds must be 0-{MAX_WAIT:g}, got {request.wait_seconds}")
+        deadline = time.monotonic() + request.wait_seconds
+        while (job := self._lease_any(worker, caps)) is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or context.cancelled():
+                return workers_pb2.LeaseJobResponse(lease_seconds=self.s.config.lease_seconds)
+            await self.s.work.wait(min(remaining, RECHECK_SECONDS))
+        self.s.hub.notify([job.job_id])
+        return workers_pb2.LeaseJobResponse(
+            job=convert.job(job),
+            fencing_token=job.fencing_token,
+            lease_expires_at=convert.timestamp(job.lease_expires_at),
+            lease_seconds=self.s.config.lease_seconds,
+        )
+
+    @unary
+    async def Heartbeat(
+        self, request: workers_pb2.HeartbeatRequest, context: Ctx
+    ) -> workers_pb2.HeartbeatResponse:
+        job_id = check_job_id(request.job_id)
+        if len(request.message) > MAX_MESSAGE:
+            raise InvalidArgument(f"message is {len(request.message)} characters; at most {MAX_MESSAGE}")
+        current = self.s.registry.get_job(job_id)
+        if current is None:
+            raise NotFound(f"no job {job_id}")
+        if current.state == JobState.CANCELLED and current.fencing_token == request.fencing_token:
+            # Cancelled under this worker's own lease: say so plainly rather than as an error.
+            return workers_pb2.HeartbeatResponse(cancelled=True)
+        job = self.s.registry.heartbeat(
+            job_id,
+            request.fencing_token,
+            request.progress,
+            request.message,
+            lease_seconds=self.s.config.lease_seconds,
+        )
+        self.s.hub.notify([job_id])
+        return workers_pb2.HeartbeatResponse(lease_expires_at=convert.timestamp(job.lease_expires_at))
+
+    @unary
+    async def CompleteJob(
+        self, request: workers_pb2.CompleteJobRequest, context: Ctx
+    ) -> workers_pb2.CompleteJobResponse:
+        job_id = check_job_id(request.job_id)
+        files = convert.file_entries(request.files)
+        producer = convert.producer_from_proto(request.producer)
+        digests = convert.unique_digests(files)
+        if producer.log is not None:
+            digests.append(producer.log)
+        s = self.s
+        await verify_blobs(s, digests)
+        require_present(s, digests)  # no await from here to the registry write
+        artifact, completed = s.registry.complete_job(job_id, request.fencing_token, files, producer)
+        s.hub.notify(j.job_id for j in completed)
+        return workers_pb2.CompleteJobResponse(artifact=convert.artifact(artifact))
+
+    @unary
+    async def FailJob(self, request: workers_pb2.FailJobRequest, context: Ctx) -> jobs_pb2.Job:
+        job_id = check_job_id(request.job_id)
+        error_class = ERROR_CLASSES.get(request.error_class)  # type: ignore[call-overload]
+        if error_class is None:
+            raise InvalidArgument("error_class must be TRANSIENT or DETERMINISTIC")
+        if len(request.error) > MAX_ERROR:
+            raise InvalidArgument(f"error is {len(request.error)} characters; at most {MAX_ERROR}")
+        log = convert.digest_from_proto(request.log, "log") if request.HasField("log") else None
+        if log is not None:
+            require_present(self.s, [log])
+        job = self.s.registry.fail_leased_job(job_id, request.fencing_token, request.error, error_class, log)
+        self.s.hub.notify([job_id])
+        if job.state == JobState.QUEUED:
+            self.s.work.fire()
+        return convert.job(job)
+
+    @unary
+    async def ReleaseJob(self, request: workers_pb2.ReleaseJobRequest, context: Ctx) -> jobs_pb2.Job:
+        job_id = check_job_id(request.job_id)
+        if len(request.reason) > MAX_MESSAGE:
+            raise InvalidArgument(f"reason is {len(request.reason)} characters; at most {MAX_MESSAGE}")
+        job = self.s.registry.release_job(job_id, request.fencing_token, request.reason)
+        self.s.hub.notify([job_id])
+        self.s.work.fire()
+        return convert.job(job)
