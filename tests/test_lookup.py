@@ -133,3 +133,20 @@ def test_stats_count_hits_and_misses(client: Client, tmp_path: Path) -> None:
     assert (stats.lookups, stats.hits, stats.misses) == (2, 1, 1)
     assert stats.artifacts == 1 and stats.blobs == 1 and stats.blob_bytes == 10
     assert stats.jobs_by_state["succeeded"] == 1 and stats.queue_depth == 0
+
+
+def test_a_local_model_source_sets_the_revision_so_new_weights_miss(client: Client, tmp_path: Path) -> None:
+    from prebake.client.model_revision import revision_of
+
+    weights = make_artifact_dir(tmp_path / "ckpt", {"config.json": 50, "model.safetensors": 4096}, seed=1)
+    first = client.lookup(LLAMA3_8B_INF2, model_source=str(weights))
+    assert first.key.key.model_revision == revision_of(weights)
+    assert first.job.model_source == str(weights)
+    client.publish(make_artifact_dir(tmp_path / "compiled", {"model.neff": 10}), first.job.key.key)
+    assert client.lookup(LLAMA3_8B_INF2, model_source=str(weights)).status == HIT
+    (weights / "model.safetensors").write_bytes(b"retrained")
+    retrained = client.lookup(LLAMA3_8B_INF2, model_source=str(weights))
+    assert retrained.status == MISS and retrained.key.digest != first.key.digest
+    # An explicit revision wins over the directory's digest.
+    pinned = dataclasses.replace(LLAMA3_8B_INF2, model_revision="abc123")
+    assert client.lookup(pinned, model_source=str(weights)).key.key.model_revision == "abc123"

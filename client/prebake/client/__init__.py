@@ -38,6 +38,7 @@ from prebake.client.errors import (
     from_rpc_error,
 )
 from prebake.client.fetch import FetchResult
+from prebake.client.hostcache import HostCache
 from prebake.client.key import ArtifactKey
 from prebake.client.transfer import DownloadResult, UploadResult
 
@@ -56,6 +57,7 @@ __all__ = [
     "EnsureResult",
     "FailedPrecondition",
     "FetchResult",
+    "HostCache",
     "Internal",
     "InvalidArgument",
     "JobCancelled",

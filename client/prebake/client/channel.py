@@ -22,6 +22,7 @@ from typing import Protocol, TypeVar
 import grpc
 
 from prebake.client.errors import from_rpc_error
+from prebake.v1 import admin_pb2_grpc, blobs_pb2_grpc, jobs_pb2_grpc, registry_pb2_grpc, workers_pb2_grpc
 
 T = TypeVar("T")
 
@@ -44,8 +45,73 @@ def create_channel(target: str) -> grpc.Channel:
         ("grpc.keepalive_permit_without_calls", 0),
         # gRPC stops pinging after 2 pings without data by default; a watch may be silent long.
         ("grpc.http2.max_pings_without_data", 0),
+        # Channels share connections through a global pool unless told otherwise; a
+        # replacement channel (see Connection) must really open a new connection.
+        ("grpc.use_local_subchannel_pool", 1),
     ]
     return grpc.insecure_channel(target, options=options)
+
+
+@dataclass(frozen=True)
+class Stubs:
+    """One channel and a stub per service on it."""
+
+    channel: grpc.Channel
+    registry: registry_pb2_grpc.RegistryStub
+    blobs: blobs_pb2_grpc.BlobsStub
+    jobs: jobs_pb2_grpc.JobsStub
+    admin: admin_pb2_grpc.AdminStub
+    workers: workers_pb2_grpc.WorkersStub
+
+    @classmethod
+    def open(cls, target: str) -> Stubs:
+        channel = create_channel(target)
+        return cls(
+            channel=channel,
+            registry=registry_pb2_grpc.RegistryStub(channel),
+            blobs=blobs_pb2_grpc.BlobsStub(channel),
+            jobs=jobs_pb2_grpc.JobsStub(channel),
+            admin=admin_pb2_grpc.AdminStub(channel),
+            workers=workers_pb2_grpc.WorkersStub(channel),
+        )
+
+
+class Connection:
+    """A client's channel to one server, replaced when a stream stalls on it.
+
+    A connection silently dropped by a NAT or load balancer keeps every new call on it
+    stalled too, until keepalive gives up on it (tens of seconds). When an idle
+    watchdog fires, the caller hands back the stubs it used and `replace` swaps in a
+    channel on a fresh connection, once per stale channel however many threads notice.
+    The stale channel is closed with the Connection, not at once: other threads may
+    still be finishing calls on it. Thread-safe.
+    """
+
+    def __init__(self, target: str) -> None:
+        self._target = target
+        self._lock = threading.Lock()
+        self._stubs = Stubs.open(target)
+        self._retired: list[grpc.Channel] = []
+
+    @property
+    def stubs(self) -> Stubs:
+        return self._stubs
+
+    def replace(self, stale: Stubs) -> None:
+        with self._lock:
+            if self._stubs is stale:
+                # Two generations back, any call still on a channel has stalled on it
+                # long since: close those rather than keep them for the client's life.
+                for old in self._retired[:-1]:
+                    old.close()
+                self._retired = [*self._retired[-1:], stale.channel]
+                self._stubs = Stubs.open(self._target)
+
+    def close(self) -> None:
+        with self._lock:
+            for channel in (*self._retired, self._stubs.channel):
+                channel.close()
+            self._retired.clear()
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,26 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more seconds, got {text!r}")
+    return value
+
+
 def _client_options(suppress: bool) -> argparse.ArgumentParser:
     """--server and --timeout, accepted before or after the command name.
 
@@ -122,6 +142,39 @@ def _add_json(parser: argparse.ArgumentParser) -> None:
 
 def _add_quiet(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress display on stderr")
+
+
+def _add_host_cache(parser: argparse.ArgumentParser, purpose: str, env_default: bool) -> None:
+    """--host-cache [DIR] (and, if the env var enables it, --no-host-cache).
+
+    Given without DIR, the value is "" (the default root: `commands.host_cache_from_args`).
+    """
+    default_dir = "default DIR: $PREBAKE_HOST_CACHE or ~/.cache/prebake/blobs"
+    enabled = "; on by default when PREBAKE_HOST_CACHE is set" if env_default else ""
+    parser.add_argument(
+        "--host-cache",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="DIR",
+        help=f"{purpose} ({default_dir}{enabled})",
+    )
+    if env_default:
+        parser.add_argument(
+            "--no-host-cache",
+            action="store_true",
+            help="do not use the host cache even if PREBAKE_HOST_CACHE is set",
+        )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or more, got {text!r}")
+    return value
 
 
 def _add_job_filters(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -198,10 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
         commands.serve,
         "run a prebake server",
         "Run the server in this process until SIGINT/SIGTERM: registry and blobs under the\n"
-        "data directory. Settings: flags > PREBAKE_* environment variables > --config file.",
+        "data directory, and an in-process compile worker for every backend whose toolchain\n"
+        "is installed here (see --workers). Settings: flags > PREBAKE_* environment\n"
+        "variables > --config file.",
         """
         prebake serve
         prebake serve --listen 0.0.0.0:50051 --data-dir /var/lib/prebake --max-store-bytes 500G
+        prebake serve --workers 0          # compile only on separate `prebake worker` hosts
         PREBAKE_DATA_DIR=/srv/prebake prebake serve --config prebake.toml
         """,
         client=False,
@@ -215,6 +271,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-store-bytes", type=_size, metavar="N", help="total blob bytes allowed (default: no limit)"
     )
+    p.add_argument(
+        "--workers",
+        type=_count,
+        metavar="N",
+        help="in-process compile workers per installed backend (default 1; 0 = none)",
+    )
+
+    p = add(
+        "worker",
+        commands.worker,
+        "run a compile worker",
+        "Lease compile jobs from the server and run them until SIGINT/SIGTERM: each compile\n"
+        "runs in a child process, heartbeats carry its progress, outputs are uploaded\n"
+        "(resumably) and published. A worker leases only the kinds whose toolchain is\n"
+        "installed here, and waits out server restarts. On SIGINT/SIGTERM it takes no new\n"
+        "job and gives a running compile --drain-seconds to finish, then kills it and hands\n"
+        "the job back to the queue; a second signal skips the wait.",
+        """
+        prebake worker                                 # every kind whose toolchain is installed
+        prebake worker --kind inductor --work-dir /scratch/prebake --server registry:50051
+        prebake worker --kind neuron --max-jobs 1 --drain-seconds 600   # one job, then exit
+        """,
+    )
+    p.add_argument(
+        "--kind",
+        dest="kinds",
+        action="append",
+        choices=kind_names(),
+        default=[],
+        help="serve only this kind; repeatable (default: every kind installed here)",
+    )
+    p.add_argument(
+        "--work-dir",
+        metavar="DIR",
+        help="scratch space for compiles, cleaned after each job (default: $TMPDIR/prebake-worker)",
+    )
+    p.add_argument(
+        "--max-jobs", type=_count, metavar="N", help="exit after N jobs (default: run until stopped)"
+    )
+    p.add_argument(
+        "--drain-seconds",
+        type=_seconds,
+        default=60.0,
+        metavar="S",
+        help="on SIGINT/SIGTERM, let a running compile finish for up to S seconds (default 60)",
+    )
+    p.add_argument("--worker-id", metavar="ID", help="name recorded on leased jobs (default: HOST:PID)")
 
     p = add(
         "lookup",
@@ -253,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifact", metavar="ID", help="fetch this artifact id instead of looking a key up")
     p.add_argument("--dest", required=True, metavar="DIR", help="directory to place the artifact in")
     p.add_argument("--overwrite", action="store_true", help="replace whatever --dest holds")
+    _add_host_cache(p, "place files this host's blob cache holds from it", env_default=True)
     _add_quiet(p)
     _add_json(p)
 
@@ -281,6 +385,67 @@ def build_parser() -> argparse.ArgumentParser:
         help="give up waiting for a compile after S seconds",
     )
     p.add_argument("--overwrite", action="store_true", help="replace whatever --dest holds")
+    _add_host_cache(p, "place files this host's blob cache holds from it", env_default=True)
+    _add_quiet(p)
+    _add_json(p)
+
+    p = add(
+        "prewarm",
+        commands.prewarm,
+        "make sure every configuration of a matrix is compiled (and cached on this host)",
+        "Look every configuration of a prewarm file up: the missing ones get a compile job,\n"
+        "those in flight are joined. Then wait for every job (showing progress) and print a\n"
+        "table of what became of each: hit, compiled, failed, cancelled, invalid (the server\n"
+        "refused the combination; its message says why), timeout or error. With --host-cache\n"
+        "the artifacts are also downloaded into this host's cache, which later fetch/ensure\n"
+        "calls on the host use first.\n"
+        "\n"
+        "FILE is JSON, or YAML (needs PyYAML: pip install 'prebake[prewarm]'):\n"
+        "  kind: neuron                   # default for every entry\n"
+        "  toolchain: neuronx-cc-2        # optional default\n"
+        '  options: {optlevel: "2"}       # optional default compiler options\n'
+        "  models:                        # id strings, or {model, revision, model_source,\n"
+        "    - model: meta-llama/Meta-Llama-3-8B    #  kind, toolchain, options}\n"
+        "      model_source: s3://bucket/llama3-8b\n"
+        "  instance_types: [ml.inf2.48xlarge, ml.trn1.32xlarge]\n"
+        "  shapes: [{sequence_length: 8192, batch_size: 8}, {sequence_length: 4096, batch_size: 4}]\n"
+        "  tensor_parallel_degrees: [24, 32]   # optional, default [1]\n"
+        "  precisions: [bf16]\n"
+        "  keys:                          # optional explicit keys, added to the product\n"
+        "    - {kind: awq, model: my/model, precision: int4-awq, instance_type: ml.g5.12xlarge}\n"
+        "The product is models x instance_types x shapes x tensor_parallel_degrees x\n"
+        "precisions; identical entries are listed once. A file holding a list is a list of keys.\n"
+        "\n"
+        "Exit status: 0 if every row is hit or compiled (or, with --no-wait, enqueued/joined);\n"
+        "5 if any compile failed; else 1 if any row is invalid, cancelled, timeout or error.\n"
+        "Rows hidden by --skip-invalid do not count. 2: the file is unreadable or malformed.",
+        """
+        prebake prewarm launch-matrix.yaml
+        prebake prewarm launch-matrix.yaml --no-wait --skip-invalid
+        prebake prewarm launch-matrix.json --wait-timeout 7200 --host-cache=/var/cache/prebake --json
+        """,
+    )
+    p.add_argument("matrix", metavar="FILE", help="prewarm matrix (YAML or JSON; see above)")
+    p.add_argument("--no-wait", action="store_true", help="enqueue and report; do not wait for jobs")
+    p.add_argument(
+        "--wait-timeout",
+        type=_positive_float,
+        metavar="S",
+        help="stop waiting for jobs after S seconds (they keep running; rows say timeout)",
+    )
+    # Not on by default from the env var: it downloads every artifact of the matrix.
+    _add_host_cache(
+        p, "also download every artifact into this host's cache; put FILE first", env_default=False
+    )
+    p.add_argument("--skip-invalid", action="store_true", help="hide (and do not fail on) invalid rows")
+    p.add_argument("--force", action="store_true", help="retry keys whose last compile failed")
+    p.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=8,
+        metavar="N",
+        help="parallel lookups/watches (default 8)",
+    )
     _add_quiet(p)
     _add_json(p)
 

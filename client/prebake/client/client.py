@@ -23,11 +23,11 @@ from typing import Literal, TypeVar
 import grpc
 
 from prebake.client.channel import (
+    Connection,
     IdleWatchdog,
     RetryPolicy,
     call_with_retry,
     cancel_call,
-    create_channel,
     stalled,
     status_of,
 )
@@ -36,13 +36,16 @@ from prebake.client.errors import (
     DataLoss,
     DeadlineExceeded,
     FailedPrecondition,
+    InvalidArgument,
     JobCancelled,
     PrebakeError,
     Unavailable,
     from_rpc_error,
 )
 from prebake.client.fetch import FetchResult, fetch_artifact
+from prebake.client.hostcache import HostCache
 from prebake.client.key import ArtifactKey
+from prebake.client.model_revision import revision_of
 from prebake.client.names import (
     TERMINAL_JOB_STATES,
     job_state_name,
@@ -62,16 +65,11 @@ from prebake.client.transfer import (
 )
 from prebake.v1 import (
     admin_pb2,
-    admin_pb2_grpc,
     blobs_pb2,
-    blobs_pb2_grpc,
     jobs_pb2,
-    jobs_pb2_grpc,
     key_pb2,
     registry_pb2,
-    registry_pb2_grpc,
     workers_pb2,
-    workers_pb2_grpc,
 )
 
 T = TypeVar("T")
@@ -118,6 +116,26 @@ def _paginate(page: Callable[[int, str], tuple[Sequence[T], str]], limit: int | 
             return
 
 
+def _with_source_revision(key: key_pb2.ArtifactKey, model_source: str) -> key_pb2.ArtifactKey:
+    """The key, with the revision a local model source directory implies if it has none.
+
+    New weights must never hit an artifact compiled from old ones, so a key looked up
+    with a local checkpoint directory and no revision gets the digest of the checkpoint's
+    files (`revision_of`; hashing runs at disk speed). An `s3://` source implies nothing.
+    Raises InvalidArgument if the directory cannot be read.
+    """
+    if key.model_revision or not model_source or "://" in model_source:
+        return key
+    try:
+        revision = revision_of(Path(model_source))
+    except (OSError, ValueError) as exc:
+        raise InvalidArgument(f"model_source {model_source}: {exc}") from None
+    resolved = key_pb2.ArtifactKey()
+    resolved.CopyFrom(key)
+    resolved.model_revision = revision
+    return resolved
+
+
 def _key_proto(key: KeyLike) -> key_pb2.ArtifactKey:
     return key.to_proto() if isinstance(key, ArtifactKey) else key
 
@@ -157,18 +175,13 @@ class Client:
         self.policy = RetryPolicy(retries=retries)
         self.idle_timeout = idle_timeout
         self.watch_idle_timeout = watch_idle_timeout
-        self._channel = create_channel(target)
-        self._registry = registry_pb2_grpc.RegistryStub(self._channel)
-        self._blobs = blobs_pb2_grpc.BlobsStub(self._channel)
-        self._jobs = jobs_pb2_grpc.JobsStub(self._channel)
-        self._admin = admin_pb2_grpc.AdminStub(self._channel)
-        self._workers = workers_pb2_grpc.WorkersStub(self._channel)
+        self._conn = Connection(target)
         self._transfer = TransferSettings(
             policy=self.policy, unary_timeout=timeout, idle_seconds=idle_timeout, target=target
         )
 
     def close(self) -> None:
-        self._channel.close()
+        self._conn.close()
 
     def __enter__(self) -> Client:
         return self
@@ -209,15 +222,16 @@ class Client:
         modes = {"enqueue": registry_pb2.ON_MISS_ENQUEUE, "report": registry_pb2.ON_MISS_REPORT}
         if on_miss not in modes:
             raise ValueError(f"on_miss must be 'enqueue' or 'report', not {on_miss!r}")
+        key = _with_source_revision(_key_proto(key), model_source)
         request = registry_pb2.LookupRequest(
-            key=_key_proto(key), on_miss=modes[on_miss], force=force, model_source=model_source
+            key=key, on_miss=modes[on_miss], force=force, model_source=model_source
         )
-        return self._call(lambda t: self._registry.Lookup(request, timeout=t), timeout)
+        return self._call(lambda t: self._conn.stubs.registry.Lookup(request, timeout=t), timeout)
 
     def get_artifact(self, artifact_id: str) -> registry_pb2.Artifact:
         """One artifact's manifest, with its files. Raises NotFound for an unknown id."""
         request = registry_pb2.GetArtifactRequest(artifact_id=artifact_id)
-        return self._call(lambda t: self._registry.GetArtifact(request, timeout=t))
+        return self._call(lambda t: self._conn.stubs.registry.GetArtifact(request, timeout=t))
 
     def publish_artifact(
         self,
@@ -234,7 +248,7 @@ class Client:
         request = registry_pb2.PublishArtifactRequest(
             key=_key_proto(key), files=files, producer=producer, replace=replace
         )
-        return self._call(lambda t: self._registry.PublishArtifact(request, timeout=t))
+        return self._call(lambda t: self._conn.stubs.registry.PublishArtifact(request, timeout=t))
 
     # Blobs ---------------------------------------------------------------------------
 
@@ -256,7 +270,7 @@ class Client:
 
     def _find_missing_batch(self, batch: list[blobs_pb2.Digest]) -> list[blobs_pb2.Digest]:
         request = blobs_pb2.FindMissingBlobsRequest(digests=batch)
-        return list(self._call(lambda t: self._blobs.FindMissingBlobs(request, timeout=t)).missing)
+        return list(self._call(lambda t: self._conn.stubs.blobs.FindMissingBlobs(request, timeout=t)).missing)
 
     def read_blob(self, digest: DigestLike, offset: int = 0, limit: int = 0) -> Iterator[bytes]:
         """Stream a blob's bytes from `offset` (`limit` 0 = to the end), unverified.
@@ -269,7 +283,8 @@ class Client:
         failures = 0
         while offset < end:
             request = blobs_pb2.ReadRequest(digest=proto, offset=offset, limit=end - offset)
-            call = self._blobs.Read(request)
+            stubs = self._conn.stubs
+            call = stubs.blobs.Read(request)
             watchdog = IdleWatchdog(call, self.idle_timeout)
             try:
                 with watchdog:
@@ -282,6 +297,8 @@ class Client:
             except grpc.RpcError as err:
                 if not stalled(err, watchdog) or failures >= self.policy.retries:
                     raise from_rpc_error(err, target=self.target) from None
+                if watchdog.fired:
+                    self._conn.replace(stubs)
             finally:
                 cancel_call(call)
             time.sleep(self.policy.backoff(failures))
@@ -293,7 +310,7 @@ class Client:
         Most callers want `upload_blob`, which resumes and retries.
         """
         try:
-            return self._blobs.Write(iter(requests))
+            return self._conn.stubs.blobs.Write(iter(requests))
         except grpc.RpcError as err:
             raise from_rpc_error(err, target=self.target) from None
 
@@ -303,7 +320,7 @@ class Client:
         """Committed size of an upload (default id: the one `upload_blob` uses)."""
         proto = as_digest(digest)
         request = blobs_pb2.QueryWriteStatusRequest(upload_id=upload_id or upload_id_for(proto), digest=proto)
-        return self._call(lambda t: self._blobs.QueryWriteStatus(request, timeout=t))
+        return self._call(lambda t: self._conn.stubs.blobs.QueryWriteStatus(request, timeout=t))
 
     def upload_blob(
         self, path_or_bytes: Path | str | bytes, digest: DigestLike, progress: Progress | None = None
@@ -315,7 +332,7 @@ class Client:
         the blob already. `progress(done, total)` is called from a gRPC thread.
         """
         source = path_or_bytes if isinstance(path_or_bytes, bytes) else Path(path_or_bytes)
-        return upload_blob(self._blobs, source, as_digest(digest), self._transfer, progress)
+        return upload_blob(self._conn, source, as_digest(digest), self._transfer, progress)
 
     def download_blob(
         self, digest: DigestLike, path: Path | str, progress: Progress | None = None
@@ -324,14 +341,14 @@ class Client:
 
         Raises DigestMismatch (after deleting `path`) if the bytes do not verify.
         """
-        return download_blob(self._blobs, as_digest(digest), Path(path), self._transfer, progress)
+        return download_blob(self._conn, as_digest(digest), Path(path), self._transfer, progress)
 
     # Jobs ----------------------------------------------------------------------------
 
     def get_job(self, job_id: str) -> jobs_pb2.Job:
         """One job. Raises NotFound for an unknown id."""
         request = jobs_pb2.GetJobRequest(job_id=job_id)
-        return self._call(lambda t: self._jobs.GetJob(request, timeout=t))
+        return self._call(lambda t: self._conn.stubs.jobs.GetJob(request, timeout=t))
 
     def list_jobs(
         self,
@@ -347,7 +364,7 @@ class Client:
             page_size=page_size,
             page_token=page_token,
         )
-        return self._call(lambda t: self._jobs.ListJobs(request, timeout=t))
+        return self._call(lambda t: self._conn.stubs.jobs.ListJobs(request, timeout=t))
 
     def iter_jobs(
         self, states: Sequence[str] = (), kind: str = "", limit: int | None = None
@@ -379,12 +396,15 @@ class Client:
                 raise DeadlineExceeded(
                     f"job {job_id} did not finish in {timeout:g} s (last state: {last_state})"
                 )
-            call = self._jobs.WatchJob(request, timeout=remaining)
+            stubs = self._conn.stubs
+            call = stubs.jobs.WatchJob(request, timeout=remaining)
             watchdog = IdleWatchdog(call, self.watch_idle_timeout)
+            heard = False
             try:
                 with watchdog:
                     for event in call:
                         watchdog.kick()
+                        heard = True
                         failures = 0
                         if event.sequence and event.sequence <= last_sequence:
                             continue
@@ -402,7 +422,12 @@ class Client:
                 if not stalled(err, watchdog):
                     raise from_rpc_error(err, target=self.target) from None
                 if watchdog.fired:
-                    continue  # merely quiet: re-open at once, not a failure
+                    # Every watch opens with the job's current state: a stream that never
+                    # delivered it sits on a dead connection; one that went quiet later
+                    # merely had nothing to say. Either way, re-open at once.
+                    if not heard:
+                        self._conn.replace(stubs)
+                    continue
                 error = from_rpc_error(err, target=self.target)
             finally:
                 cancel_call(call)
@@ -430,7 +455,7 @@ class Client:
     def cancel_job(self, job_id: str, reason: str = "") -> jobs_pb2.Job:
         """Cancel a queued or leased job. Raises FailedPrecondition if it already finished."""
         request = jobs_pb2.CancelJobRequest(job_id=job_id, reason=reason)
-        return self._call(lambda t: self._jobs.CancelJob(request, timeout=t))
+        return self._call(lambda t: self._conn.stubs.jobs.CancelJob(request, timeout=t))
 
     # Workers -------------------------------------------------------------------------
 
@@ -445,7 +470,9 @@ class Client:
         request = workers_pb2.LeaseJobRequest(
             worker_id=worker_id, capabilities=capabilities, wait_seconds=wait_seconds
         )
-        return self._call(lambda t: self._workers.LeaseJob(request, timeout=t), self.timeout + wait_seconds)
+        return self._call(
+            lambda t: self._conn.stubs.workers.LeaseJob(request, timeout=t), self.timeout + wait_seconds
+        )
 
     def heartbeat(
         self, job_id: str, fencing_token: int, progress: float, message: str = ""
@@ -457,7 +484,7 @@ class Client:
         request = workers_pb2.HeartbeatRequest(
             job_id=job_id, fencing_token=fencing_token, progress=progress, message=message
         )
-        return self._call(lambda t: self._workers.Heartbeat(request, timeout=t))
+        return self._call(lambda t: self._conn.stubs.workers.Heartbeat(request, timeout=t))
 
     def complete_job(
         self,
@@ -474,7 +501,7 @@ class Client:
         request = workers_pb2.CompleteJobRequest(
             job_id=job_id, fencing_token=fencing_token, files=files, producer=producer
         )
-        return self._call(lambda t: self._workers.CompleteJob(request, timeout=t))
+        return self._call(lambda t: self._conn.stubs.workers.CompleteJob(request, timeout=t))
 
     def fail_job(
         self,
@@ -489,12 +516,12 @@ class Client:
         request = workers_pb2.FailJobRequest(
             job_id=job_id, fencing_token=fencing_token, error=error, error_class=error_class, log=log
         )
-        return self._call(lambda t: self._workers.FailJob(request, timeout=t))
+        return self._call(lambda t: self._conn.stubs.workers.FailJob(request, timeout=t))
 
     def release_job(self, job_id: str, fencing_token: int, reason: str = "") -> jobs_pb2.Job:
         """Give a leased job back to the queue without spending an attempt."""
         request = workers_pb2.ReleaseJobRequest(job_id=job_id, fencing_token=fencing_token, reason=reason)
-        return self._call(lambda t: self._workers.ReleaseJob(request, timeout=t))
+        return self._call(lambda t: self._conn.stubs.workers.ReleaseJob(request, timeout=t))
 
     # Admin ---------------------------------------------------------------------------
 
@@ -514,7 +541,7 @@ class Client:
             page_size=page_size,
             page_token=page_token,
         )
-        return self._call(lambda t: self._admin.ListArtifacts(request, timeout=t))
+        return self._call(lambda t: self._conn.stubs.admin.ListArtifacts(request, timeout=t))
 
     def iter_artifacts(
         self, kind: str = "", model: str = "", pinned_only: bool = False, limit: int | None = None
@@ -533,16 +560,16 @@ class Client:
         A retried delete whose first attempt succeeded unseen answers NotFound.
         """
         request = admin_pb2.DeleteArtifactRequest(artifact_id=artifact_id, force=force)
-        return self._call(lambda t: self._admin.DeleteArtifact(request, timeout=t))
+        return self._call(lambda t: self._conn.stubs.admin.DeleteArtifact(request, timeout=t))
 
     def pin_artifact(self, artifact_id: str, pinned: bool = True) -> registry_pb2.Artifact:
         """Pin (or, with pinned=False, unpin) an artifact; returns it."""
         request = admin_pb2.PinArtifactRequest(artifact_id=artifact_id, pinned=pinned)
-        return self._call(lambda t: self._admin.PinArtifact(request, timeout=t))
+        return self._call(lambda t: self._conn.stubs.admin.PinArtifact(request, timeout=t))
 
     def get_stats(self) -> admin_pb2.Stats:
         """Counters and sizes: artifacts, blobs, hit rate, queue depth."""
-        return self._call(lambda t: self._admin.GetStats(admin_pb2.GetStatsRequest(), timeout=t))
+        return self._call(lambda t: self._conn.stubs.admin.GetStats(admin_pb2.GetStatsRequest(), timeout=t))
 
     # High-level operations -----------------------------------------------------------
 
@@ -552,6 +579,8 @@ class Client:
         dest: Path | str,
         progress: Progress | None = None,
         overwrite: bool = False,
+        *,
+        host_cache: HostCache | None = None,
     ) -> FetchResult:
         """Place an artifact (a manifest, or an id) in directory `dest`, verified and atomically.
 
@@ -559,13 +588,16 @@ class Client:
         (resumed by the next call after an interruption) and are renamed into place only
         once all are verified. Returns at once when `dest` already holds the artifact.
         Raises DestinationExists if `dest` holds something else and not `overwrite`,
-        DigestMismatch if a file does not verify.
+        DigestMismatch if a file does not verify. With `host_cache`, files it holds are
+        placed from it (verified) rather than downloaded (`FetchResult.bytes_from_cache`).
         """
         if isinstance(artifact, str):
             artifact = self.get_artifact(artifact)
         elif not artifact.files and artifact.file_count:
             artifact = self.get_artifact(artifact.artifact_id)  # a listing entry: no files
-        return fetch_artifact(artifact, Path(dest), self.download_blob, progress, overwrite)
+        return fetch_artifact(
+            artifact, Path(dest), self.download_blob, progress, overwrite, host_cache=host_cache
+        )
 
     def publish(
         self,
@@ -632,6 +664,7 @@ class Client:
         on_event: Callable[[jobs_pb2.JobEvent], object] | None = None,
         *,
         overwrite: bool = False,
+        host_cache: HostCache | None = None,
     ) -> EnsureResult:
         """Make `dest` hold the artifact for `key`, compiling it first if needed.
 
@@ -640,7 +673,7 @@ class Client:
         the lookup and the wait for a compile (DeadlineExceeded), not the transfer, which
         is bounded by stall detection instead. Raises CompileFailed when the compile
         failed (now or, cached, earlier) and JobCancelled when the job was cancelled.
-        `dest` is placed as by `fetch` (with its `overwrite`).
+        `dest` is placed as by `fetch` (with its `overwrite` and `host_cache`).
         """
         started = time.monotonic()
         remaining = self._remaining(started, timeout)
@@ -673,7 +706,7 @@ class Client:
                 ) from None
             self._raise_unless_succeeded(job)
             artifact = self.get_artifact(job.artifact_id or job.key.digest or response.key.digest)
-        fetched = self.fetch(artifact, dest, progress=progress, overwrite=overwrite)
+        fetched = self.fetch(artifact, dest, progress=progress, overwrite=overwrite, host_cache=host_cache)
         return EnsureResult(
             status=status,
             artifact_id=artifact.artifact_id,

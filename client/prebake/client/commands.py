@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -25,8 +26,13 @@ from prebake.client.errors import (
     PrebakeError,
     Unavailable,
 )
+from prebake.client.hostcache import ENV as HOST_CACHE_ENV
+from prebake.client.hostcache import HostCache
 from prebake.client.key import ArtifactKey
-from prebake.client.progress import JobProgress, TransferProgress, human_bytes
+from prebake.client.matrix import MatrixError, load_matrix
+from prebake.client.prewarm import OK_OUTCOMES, PrewarmRow, summarize
+from prebake.client.prewarm import prewarm as prewarm_keys
+from prebake.client.progress import JobProgress, PrewarmDisplay, TransferProgress, human_bytes
 from prebake.v1 import jobs_pb2, registry_pb2
 
 _LOOKUP_EXIT = {
@@ -149,6 +155,7 @@ def serve(args: argparse.Namespace) -> int:
         "data_dir": args.data_dir,
         "max_blob_bytes": args.max_blob_bytes,
         "max_store_bytes": args.max_store_bytes,
+        "embedded_workers": args.workers,
     }
     try:
         config = load_server_config(flags, os.environ, Path(args.config) if args.config else None)
@@ -156,6 +163,39 @@ def serve(args: argparse.Namespace) -> int:
         _error(str(exc))
         return exitcodes.USAGE
     serve_forever(config)
+    return exitcodes.OK
+
+
+def worker(args: argparse.Namespace, client: Client) -> int:
+    # Imported here: the thin client must not depend on the compiler package.
+    try:
+        from prebake.compiler.worker import (
+            Worker,
+            WorkerConfig,
+            WorkerSetupError,
+            default_work_dir,
+            default_worker_id,
+            run_until_signalled,
+        )
+    except ModuleNotFoundError as exc:
+        _error(f"the prebake compile worker is not installed here ({exc})")
+        return exitcodes.ERROR
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = WorkerConfig(
+        server=args.server,
+        work_dir=Path(args.work_dir) if args.work_dir else default_work_dir(),
+        kinds=tuple(args.kinds),
+        worker_id=args.worker_id or default_worker_id(),
+        max_jobs=args.max_jobs,
+        drain_seconds=args.drain_seconds,
+        rpc_timeout=args.timeout,
+    )
+    try:
+        compile_worker = Worker(config, client=client)
+    except WorkerSetupError as exc:
+        _error(str(exc))
+        return exitcodes.ERROR
+    run_until_signalled(compile_worker)
     return exitcodes.OK
 
 
@@ -184,7 +224,13 @@ def fetch(args: argparse.Namespace, client: Client) -> int:
             return _fetch_miss(args, response)
         artifact = response.artifact
     with _transfer_display(args, "download") as display:
-        result = client.fetch(artifact, Path(args.dest), progress=display, overwrite=args.overwrite)
+        result = client.fetch(
+            artifact,
+            Path(args.dest),
+            progress=display,
+            overwrite=args.overwrite,
+            host_cache=host_cache_from_args(args, env_default=True),
+        )
     data = {
         "status": "HIT",
         "artifact_id": result.artifact_id,
@@ -221,6 +267,7 @@ def ensure(args: argparse.Namespace, client: Client) -> int:
             progress=display,
             on_event=jobs,
             overwrite=args.overwrite,
+            host_cache=host_cache_from_args(args, env_default=True),
         )
     text = render.fetch_text(result.fetch)
     if result.job_id:
@@ -236,6 +283,76 @@ def ensure(args: argparse.Namespace, client: Client) -> int:
     }
     _emit(args, text, data)
     return exitcodes.OK
+
+
+def host_cache_from_args(args: argparse.Namespace, env_default: bool) -> HostCache | None:
+    """The HostCache that --host-cache [DIR] / --no-host-cache ask for, or None.
+
+    `--host-cache` without DIR means the default root ($PREBAKE_HOST_CACHE, else
+    ~/.cache/prebake/blobs). With `env_default`, a set PREBAKE_HOST_CACHE enables the
+    cache without the flag (deploy-time commands: a host operator opts the whole host in).
+    """
+    if getattr(args, "no_host_cache", False):
+        return None
+    if args.host_cache is not None:
+        return HostCache(args.host_cache or None)
+    if env_default and os.environ.get(HOST_CACHE_ENV):
+        return HostCache()
+    return None
+
+
+def prewarm_exit_code(rows: list[PrewarmRow]) -> int:
+    """0 if every row is fine; FAILED if a compile failed; else ERROR if any row is not fine."""
+    outcomes = {row.outcome for row in rows}
+    if "failed" in outcomes:
+        return exitcodes.FAILED
+    return exitcodes.ERROR if outcomes - OK_OUTCOMES else exitcodes.OK
+
+
+@contextmanager
+def _prewarm_display(args: argparse.Namespace) -> Iterator[PrewarmDisplay | None]:
+    if args.quiet:
+        yield None
+        return
+    display = PrewarmDisplay()
+    try:
+        yield display
+    finally:
+        display.close()
+
+
+def prewarm(args: argparse.Namespace, client: Client) -> int:
+    try:
+        entries = load_matrix(args.matrix)
+    except MatrixError as exc:
+        _error(str(exc))
+        return exitcodes.USAGE
+    cache = host_cache_from_args(args, env_default=False)
+    with _prewarm_display(args) as display:
+        rows = prewarm_keys(
+            client,
+            entries,
+            wait=not args.no_wait,
+            timeout=args.wait_timeout,
+            fetch_to_cache=cache,
+            progress=display,
+            concurrency=args.concurrency,
+            force=args.force,
+        )
+    shown = [row for row in rows if not (args.skip_invalid and row.outcome == "invalid")]
+    counts = summarize(shown)
+    code = prewarm_exit_code(shown)
+    summary = render.prewarm_summary(counts, hidden_invalid=len(rows) - len(shown))
+    data = {
+        "keys": len(rows),
+        "counts": counts,
+        "hidden_invalid": len(rows) - len(shown),
+        "exit_code": code,
+        "host_cache": str(cache.root) if cache is not None else None,
+        "rows": [render.prewarm_row_json(row) for row in shown],
+    }
+    _emit(args, f"{render.prewarm_table(shown)}\n{summary}" if shown else summary, data)
+    return code
 
 
 def publish(args: argparse.Namespace, client: Client) -> int:

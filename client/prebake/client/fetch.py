@@ -7,6 +7,9 @@ with a `.prebake.json` marker naming the artifact; a later fetch of the same art
 the same place sees the marker and does nothing. `dest` is therefore either absent, the
 previous content, or the complete new artifact: never a mixture.
 
+With a host-local cache (`prebake.client.hostcache.HostCache`), each file the cache holds
+is placed from it (hard-linked or copied, and verified) instead of being downloaded.
+
 Concurrent fetches of one artifact to one `dest` on a host serialise on a lock on the
 temporary directory (where the platform has `fcntl`); the second finds the work done.
 """
@@ -23,12 +26,15 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prebake.client.errors import DestinationExists, UnsafeManifest
 from prebake.client.paths import UnsafePath, safe_join, validate_manifest_paths
 from prebake.client.transfer import DownloadResult, Progress
 from prebake.v1 import blobs_pb2, registry_pb2
+
+if TYPE_CHECKING:  # only its methods are called here; avoids a load-time import
+    from prebake.client.hostcache import HostCache
 
 try:
     import fcntl
@@ -55,6 +61,8 @@ class FetchResult:
     # `dest` already held this artifact; nothing was downloaded or changed.
     already_present: bool
     seconds: float
+    # Bytes placed from a host-local cache (`HostCache`) instead of being downloaded.
+    bytes_from_cache: int = 0
 
 
 def temp_dir_for(dest: Path, artifact_id: str) -> Path:
@@ -133,8 +141,13 @@ def fetch_artifact(
     download: Downloader,
     progress: Progress | None = None,
     overwrite: bool = False,
+    *,
+    host_cache: HostCache | None = None,
 ) -> FetchResult:
     """Place `artifact`'s files (the manifest must include them) in `dest`. See module doc.
+
+    With `host_cache`, every file the cache holds is placed from it (verified; see
+    `HostCache.place`) and only the others are downloaded.
 
     Raises DestinationExists when `dest` holds something else and `overwrite` is not
     set (checked before anything is downloaded), UnsafeManifest for a path that could
@@ -146,7 +159,7 @@ def fetch_artifact(
     check_manifest(artifact)
     marker = marker_for(artifact)
 
-    def result(downloaded: int, resumed: int, present: bool) -> FetchResult:
+    def result(downloaded: int, resumed: int, present: bool, from_cache: int = 0) -> FetchResult:
         return FetchResult(
             artifact_id=artifact.artifact_id,
             dest=dest,
@@ -156,6 +169,7 @@ def fetch_artifact(
             bytes_resumed=resumed,
             already_present=present,
             seconds=time.monotonic() - started,
+            bytes_from_cache=from_cache,
         )
 
     if holds_artifact(dest, marker):
@@ -168,13 +182,13 @@ def fetch_artifact(
             # Another fetch placed it while we waited for the lock.
             shutil.rmtree(tmp, ignore_errors=True)
             return result(0, 0, present=True)
-        downloaded, resumed = _download_all(artifact, tmp, download, progress)
+        downloaded, resumed, from_cache = _download_all(artifact, tmp, download, progress, host_cache)
         _prune(tmp, {f.path for f in artifact.files})
         marker_path = tmp / MARKER
         marker_path.write_text(json.dumps(marker, indent=1, sort_keys=True) + "\n")
         _fsync_tree(tmp, [f.path for f in artifact.files] + [MARKER])
         present = _place(tmp, dest, marker, overwrite, artifact.artifact_id)
-    return result(downloaded, resumed, present=present)
+    return result(downloaded, resumed, present=present, from_cache=from_cache)
 
 
 def _refuse_unless_free(dest: Path, artifact_id: str, overwrite: bool) -> None:
@@ -199,10 +213,12 @@ def _download_all(
     tmp: Path,
     download: Downloader,
     progress: Progress | None,
-) -> tuple[int, int]:
+    host_cache: HostCache | None = None,
+) -> tuple[int, int, int]:
+    """Download (or place from `host_cache`) every file; returns (downloaded, resumed, from cache)."""
     total = sum(f.digest.size_bytes for f in artifact.files)
     done = 0
-    downloaded = resumed = 0
+    downloaded = resumed = from_cache = 0
     # Identical files within one artifact are fetched once and copied locally.
     placed: dict[tuple[str, int], Path] = {}
     targets = []
@@ -218,7 +234,12 @@ def _download_all(
         identity = (entry.digest.hash, entry.digest.size_bytes)
         if identity in placed and not target.exists():
             shutil.copyfile(placed[identity], target)
+        elif host_cache is not None and host_cache.place(entry.digest, target, executable=entry.executable):
+            from_cache += entry.digest.size_bytes
+            if progress is not None:
+                progress(done + entry.digest.size_bytes, total)
         else:
+            _unshare(target)
             base = done
 
             def report(file_done: int, _file_total: int, base: int = base) -> None:
@@ -233,17 +254,31 @@ def _download_all(
         done += entry.digest.size_bytes
     if progress is not None:
         progress(total, total)
-    return downloaded, resumed
+    return downloaded, resumed, from_cache
+
+
+def _unshare(target: Path) -> None:
+    """Remove `target` if it is a hard link (placed from a host cache by an earlier attempt).
+
+    download_blob appends to what it finds; appending to a name of a cache file's inode
+    would change the cache entry.
+    """
+    try:
+        if target.stat().st_nlink > 1:
+            target.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def _set_executable(path: Path, executable: bool) -> None:
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if executable:
-        # Execute permission wherever read permission is granted (like `chmod +x` under umask).
-        mode |= (mode & 0o444) >> 2
-    else:
-        mode &= ~0o111
-    path.chmod(mode)
+    old = stat.S_IMODE(path.stat().st_mode)
+    # Executable: execute permission wherever read permission is granted (like `chmod +x`
+    # under umask).
+    mode = old | (old & 0o444) >> 2 if executable else old & ~0o111
+    # Unchanged modes are not set again: a file hard-linked from a host cache shares its
+    # inode (and owner) with the cache, whose modes are not ours to touch.
+    if mode != old:
+        path.chmod(mode)
 
 
 def _prune(tmp: Path, keep: set[str]) -> None:

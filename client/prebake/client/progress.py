@@ -12,10 +12,13 @@ import shutil
 import sys
 import threading
 import time
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from prebake.client.names import TERMINAL_JOB_STATES, job_state_name
 from prebake.v1 import jobs_pb2
+
+if TYPE_CHECKING:
+    from prebake.client.prewarm import PrewarmProgress
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
@@ -193,3 +196,82 @@ class JobProgress:
         if first_line:
             parts.append(first_line)
         return "  ".join(parts)
+
+
+class PrewarmDisplay:
+    """A `prewarm` progress callback: one line of counts, redrawn (terminal) or logged now and then.
+
+    "prewarm: 5/12 done (3 hit, 2 compiled); 7 waiting, 2 compiling; 1m02s"
+    """
+
+    def __init__(
+        self,
+        stream: TextIO | None = None,
+        *,
+        interactive: bool | None = None,
+        redraw_seconds: float = 0.2,
+        log_seconds: float = 30.0,
+    ) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.interactive = is_interactive(self.stream) if interactive is None else interactive
+        self._interval = redraw_seconds if self.interactive else log_seconds
+        self._lock = threading.Lock()
+        self._started = time.monotonic()
+        self._last_draw = 0.0
+        self._last: PrewarmProgress | None = None
+        self._open_line = False
+
+    def __call__(self, snapshot: PrewarmProgress) -> None:
+        with self._lock:
+            previous, self._last = self._last, snapshot
+            now = time.monotonic()
+            if self.interactive:
+                changed = previous is None or previous.done != snapshot.done
+                due = changed or now - self._last_draw >= self._interval
+            else:
+                # A log gets a line once every key is looked up (what is left to wait
+                # for), then one per interval; the final table follows on stdout.
+                looked_up = snapshot.looked_up == snapshot.total and (
+                    previous is None or previous.looked_up < snapshot.total
+                )
+                due = looked_up or (self._last_draw > 0 and now - self._last_draw >= self._interval)
+            if due:
+                self._last_draw = now
+                self._draw(snapshot, now)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._last is not None and self.interactive:
+                self._draw(self._last, time.monotonic())
+            if self._open_line:
+                self.stream.write("\n")
+                self.stream.flush()
+                self._open_line = False
+
+    def describe(self, snapshot: PrewarmProgress, elapsed: float) -> str:
+        counts = ", ".join(f"{n} {outcome}" for outcome, n in snapshot.counts.items() if n)
+        text = f"prewarm: {snapshot.done}/{snapshot.total} done"
+        if counts:
+            text += f" ({counts})"
+        if snapshot.looked_up < snapshot.total:
+            text += f"; looking up {snapshot.looked_up}/{snapshot.total}"
+        elif snapshot.total > snapshot.done:
+            activity = []
+            if snapshot.waiting:
+                plural = "s" if snapshot.waiting != 1 else ""
+                activity.append(f"{snapshot.waiting} job{plural}, {snapshot.compiling} compiling")
+            if snapshot.caching:
+                activity.append(f"{snapshot.caching} caching")
+            text += f"; {snapshot.total - snapshot.done} pending"
+            if activity:
+                text += f" ({'; '.join(activity)})"
+        return f"{text}; {human_seconds(elapsed)}"
+
+    def _draw(self, snapshot: PrewarmProgress, now: float) -> None:
+        line = self.describe(snapshot, now - self._started)
+        if self.interactive:
+            self.stream.write("\r" + line[: _width(self.stream) - 1] + "\x1b[K")
+            self._open_line = True
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()

@@ -16,6 +16,7 @@ from google.protobuf import timestamp_pb2
 from prebake.client.fetch import FetchResult
 from prebake.client.key import ArtifactKey
 from prebake.client.names import error_class_name, job_state_name, kind_name, lookup_status_name
+from prebake.client.prewarm import PrewarmRow
 from prebake.client.progress import human_bytes, human_seconds
 from prebake.v1 import admin_pb2, blobs_pb2, jobs_pb2, key_pb2, registry_pb2
 
@@ -384,7 +385,79 @@ def fetch_text(result: FetchResult) -> str:
     moved = f"downloaded {human_bytes(result.bytes_downloaded)}"
     if result.bytes_resumed:
         moved += f", resumed {human_bytes(result.bytes_resumed)}"
+    if result.bytes_from_cache:
+        moved += f", {human_bytes(result.bytes_from_cache)} from the host cache"
     return (
         f"{result.dest}: placed artifact {result.artifact_id} "
         f"({size_summary(result.files, result.total_bytes)}; {moved}) in {human_seconds(result.seconds)}"
     )
+
+
+def prewarm_row_json(row: PrewarmRow) -> dict[str, Any]:
+    return {
+        "key": {**dataclasses.asdict(row.key), "options": dict(row.key.options)},
+        "model_source": row.model_source or None,
+        "outcome": row.outcome,
+        "detail": row.detail or None,
+        "lookup_status": row.lookup_status or None,
+        "key_digest": row.key_digest or None,
+        "compile_target": row.compile_target or None,
+        "artifact_id": row.artifact_id or None,
+        "job_id": row.job_id or None,
+        "job_created": row.job_created,
+        "cached": row.cached,
+        "bytes_cached": row.bytes_cached,
+    }
+
+
+def _prewarm_detail(row: PrewarmRow) -> str:
+    parts = []
+    if row.outcome in ("hit", "compiled") and row.artifact_id:
+        parts.append(f"artifact {row.artifact_id}")
+    if row.job_id and row.outcome in ("compiled", "enqueued", "joined", "cancelled", "timeout"):
+        parts.append(f"job {row.job_id}")
+    if row.cached:
+        parts.append(f"cached {human_bytes(row.bytes_cached)}" if row.bytes_cached else "in host cache")
+    first_line = next((line for line in row.detail.splitlines() if line.strip()), "")
+    if first_line:
+        parts.append(first_line)
+    return "; ".join(parts)
+
+
+def prewarm_table(rows: Sequence[PrewarmRow]) -> str:
+    """One line per configuration, in the order of the matrix."""
+
+    def number(value: int) -> str:
+        return str(value) if value else "-"
+
+    body = []
+    for row in rows:
+        key, resolved = row.key, row.resolved
+        instance = key.instance_type or (resolved.instance_type if resolved else "")
+        target = f"{instance or '-'}/{row.compile_target}" if row.compile_target else instance or "-"
+        precision = key.precision or (resolved.precision if resolved else "")
+        body.append(
+            [
+                key.model,
+                key.kind,
+                target,
+                number(key.sequence_length),
+                number(key.batch_size),
+                number(key.tensor_parallel_degree),
+                precision or "-",
+                row.outcome,
+                _prewarm_detail(row),
+            ]
+        )
+    headers = ["MODEL", "KIND", "INSTANCE/TARGET", "SEQ", "BATCH", "TP", "PRECISION", "OUTCOME", "DETAIL"]
+    return table(headers, body)
+
+
+def prewarm_summary(counts: dict[str, int], hidden_invalid: int = 0) -> str:
+    """ "12 keys: 3 hit, 8 compiled, 1 failed" (counts as from `prewarm.summarize`)."""
+    total = sum(counts.values()) + hidden_invalid
+    parts = [f"{n} {outcome}" for outcome, n in counts.items() if n]
+    text = f"{total} key{'s' if total != 1 else ''}: {', '.join(parts) or 'none shown'}"
+    if hidden_invalid:
+        text += f" ({hidden_invalid} invalid not shown)"
+    return text

@@ -13,6 +13,7 @@ later attempt resumes. Upload progress is reported from a gRPC worker thread.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import socket
@@ -28,6 +29,7 @@ import xxhash
 
 from prebake.client import digests
 from prebake.client.channel import (
+    Connection,
     IdleWatchdog,
     RetryPolicy,
     call_with_retry,
@@ -43,7 +45,7 @@ from prebake.client.errors import (
     Unavailable,
     from_rpc_error,
 )
-from prebake.v1 import blobs_pb2, blobs_pb2_grpc
+from prebake.v1 import blobs_pb2
 
 Progress = Callable[[int, int], object]
 CHUNK = 1 << 20
@@ -97,7 +99,7 @@ class _WriteState:
 
 
 def upload_blob(
-    stub: blobs_pb2_grpc.BlobsStub,
+    conn: Connection,
     source: Path | bytes,
     digest: blobs_pb2.Digest,
     settings: TransferSettings,
@@ -118,8 +120,9 @@ def upload_blob(
     resumed: int | None = None
     best_committed = -1
     while True:
+        stubs = conn.stubs
         status = call_with_retry(
-            lambda: stub.QueryWriteStatus(query, timeout=settings.unary_timeout),
+            functools.partial(stubs.blobs.QueryWriteStatus, query, timeout=settings.unary_timeout),
             settings.policy,
             settings.target,
         )
@@ -147,7 +150,7 @@ def upload_blob(
             state=state,
             progress=progress,
         )
-        future = stub.Write.future(requests)
+        future = stubs.blobs.Write.future(requests)
         watchdog = state.watchdog = IdleWatchdog(future, settings.idle_seconds)
         try:
             with watchdog:
@@ -162,6 +165,8 @@ def upload_blob(
                 continue
             if not (code is grpc.StatusCode.UNAVAILABLE or stalled(err, watchdog)):
                 raise from_rpc_error(err, target=settings.target) from None
+            if watchdog.fired:
+                conn.replace(stubs)
             error: PrebakeError = from_rpc_error(err, target=settings.target)
         else:
             if state.error is not None:
@@ -233,7 +238,7 @@ def _open_source(source: Path | bytes) -> BinaryIO:
 
 
 def download_blob(
-    stub: blobs_pb2_grpc.BlobsStub,
+    conn: Connection,
     digest: blobs_pb2.Digest,
     path: Path,
     settings: TransferSettings,
@@ -255,7 +260,7 @@ def download_blob(
         try:
             with open(path, "ab") as out:
                 end = _stream_into(
-                    stub=stub,
+                    conn=conn,
                     digest=digest,
                     out=out,
                     hasher=hasher,
@@ -282,7 +287,7 @@ def download_blob(
 
 def _stream_into(
     *,
-    stub: blobs_pb2_grpc.BlobsStub,
+    conn: Connection,
     digest: blobs_pb2.Digest,
     out: BinaryIO,
     hasher: xxhash.xxh3_128,
@@ -294,7 +299,8 @@ def _stream_into(
     size = digest.size_bytes
     failures = 0
     while offset < size:
-        call = stub.Read(blobs_pb2.ReadRequest(digest=digest, offset=offset))
+        stubs = conn.stubs
+        call = stubs.blobs.Read(blobs_pb2.ReadRequest(digest=digest, offset=offset))
         watchdog = IdleWatchdog(call, settings.idle_seconds)
         error: PrebakeError
         try:
@@ -319,6 +325,8 @@ def _stream_into(
                 if watchdog.fired
                 else from_rpc_error(err, target=settings.target)
             )
+            if watchdog.fired:
+                conn.replace(stubs)
         finally:
             cancel_call(call)
         if offset < size:

@@ -175,8 +175,26 @@ async def _serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    workers_stop = threading.Event()
+    workers: list[threading.Thread] = []
+    if config.embedded_workers > 0:
+        from prebake.compiler.worker import join_embedded_workers, run_embedded_workers
+
+        # Off the loop: the backend probe is a child process that takes seconds, and the
+        # workers' rpcs are answered by this very loop.
+        workers = await asyncio.to_thread(
+            run_embedded_workers,
+            running.address,
+            workers_stop,
+            config.data_dir / "work",
+            per_kind=config.embedded_workers,
+        )
     await stop.wait()
     print("prebake shutting down", file=sys.stderr, flush=True)
+    if workers:
+        # Before the server stops, so that a compile in progress is released, not lost.
+        workers_stop.set()
+        await asyncio.to_thread(join_embedded_workers, workers)
     await running.stop()
 
 

@@ -43,6 +43,9 @@ class ServerConfig:
     shutdown_grace_seconds: float = 10.0
     # Thread pool for blocking work (hashing, fsync) off the event loop.
     io_threads: int = 4
+    # `prebake serve` runs this many in-process compile workers per backend whose toolchain
+    # is installed here (0: none, compile on separate `prebake worker` hosts only).
+    embedded_workers: int = 1
 
 
 _ENV_PREFIX = "PREBAKE_"

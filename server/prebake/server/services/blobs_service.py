@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -62,6 +64,9 @@ class BlobsService(blobs_pb2_grpc.BlobsServicer):
         s = self.s
         writer: BlobWriter | None = None
         upload_id = ""
+        # The append running on an I/O thread, if any: a cancelled stream must not close
+        # the writer under it (see finally).
+        appending: asyncio.Future[None] | None = None
         try:
             async for req in request_iterator:
                 if writer is None:
@@ -85,8 +90,9 @@ class BlobsService(blobs_pb2_grpc.BlobsServicer):
                         f"a Write message carries {len(req.data)} bytes; at most {MAX_WRITE_CHUNK}"
                     )
                 if req.data:
-                    await s.run_blocking(writer.append, req.data)
                     s.counters.bytes_received += len(req.data)
+                    appending = asyncio.ensure_future(s.run_blocking(writer.append, req.data))
+                    await asyncio.shield(appending)
                 if req.finish_write:
                     await s.run_blocking(writer.commit)
                     return blobs_pb2.WriteResponse(committed_size=writer.committed_size, complete=True)
@@ -96,6 +102,10 @@ class BlobsService(blobs_pb2_grpc.BlobsServicer):
                 )
             return blobs_pb2.WriteResponse(committed_size=writer.committed_size, complete=False)
         finally:
+            if appending is not None and not appending.done():
+                # Cancelled mid-append: the thread still writes; let it finish first.
+                with contextlib.suppress(Exception):
+                    await appending
             # Keep what arrived (flushed and fsynced) so the client can resume; after a
             # commit or an abort this is a no-op.
             if writer is not None:
