@@ -40,7 +40,8 @@ proto: $(STAMP)
 
 ## bench: benchmarks, reported as ratios against a baseline measured in the same run
 bench: $(STAMP)
-	$(BIN)/python bench/run.py
+	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.cold_warm
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache prebake-data

@@ -22,10 +22,7 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +32,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.common import served
 from prebake.client import ArtifactKey, Client
 from prebake.client.digests import hash_file
 from prebake.v1 import blobs_pb2, blobs_pb2_grpc
@@ -96,27 +94,6 @@ def raw_write(stub: blobs_pb2_grpc.BlobsStub, digest: blobs_pb2.Digest, src: Pat
     stub.Write(messages())
 
 
-def start_server(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """`prebake serve` in its own process, as deployed: client and server must not share a GIL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{s.getsockname()[1]}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "prebake.client.cli",
-        "serve",
-        "--listen",
-        address,
-        "--data-dir",
-        str(data_dir),
-    ]
-    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
-    with grpc.insecure_channel(address) as channel:
-        grpc.channel_ready_future(channel).result(timeout=30)
-    return proc, address
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=256, help="artifact size for transfer benchmarks")
@@ -130,12 +107,8 @@ def main() -> int:
         src = work / "src"
         src.mkdir()
         (src / "model.neff").write_bytes(os.urandom(args.size_mib << 20))
-        server, address = start_server(work / "data")
-        try:
+        with served(work / "data") as address:
             run(args, work, src, address, results)
-        finally:
-            server.send_signal(signal.SIGTERM)
-            server.wait(timeout=30)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
