@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -477,3 +478,44 @@ def test_resolve_model_source(tmp_path: Path) -> None:
         resolve_model_source(str(model / "config.json"))
     with pytest.raises(ValueError, match="only local directories"):
         resolve_model_source("https://example.com/model")
+
+
+def _alive(pid: int) -> bool:
+    """Running and not a zombie (an orphan's exit may wait for a reaper that never comes)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+@needs_inductor
+def test_a_compile_whose_worker_died_exits_instead_of_running_on(tmp_path: Path, tiny_model: Path) -> None:
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    request = CompileRequest(job_id="job-1", key=inductor_key(), model_source=tiny_model, output_dir=out_dir)
+    (tmp_path / "request.json").write_text(request.to_json())
+    child_cmd = [sys.executable, "-m", "prebake.compiler.run", "--kind", "inductor"]
+    child_cmd += ["--request", str(tmp_path / "request.json"), "--result", str(tmp_path / "result.json")]
+    # A stand-in worker: starts the compile in its own session, as the worker does, then waits.
+    worker_code = (
+        "import subprocess, sys, time\n"
+        f"child = subprocess.Popen({child_cmd!r}, start_new_session=True,"
+        " stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    worker = subprocess.Popen([sys.executable, "-c", worker_code], stdout=subprocess.PIPE, text=True)
+    assert worker.stdout is not None
+    child_pid = int(worker.stdout.readline())
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "compile-scratch").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _alive(child_pid), "the compile is running"
+    worker.kill()
+    worker.wait()
+    deadline = time.monotonic() + 15
+    while _alive(child_pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(child_pid), "the orphaned compile exited by itself"
+    assert not (out_dir / "model.pt2").exists()

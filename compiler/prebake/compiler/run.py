@@ -141,8 +141,32 @@ def _log(message: str) -> None:
     print(f"prebake.compiler.run: {message}", file=sys.stderr, flush=True)
 
 
+# How often an orphaned compile notices that its worker is gone.
+ORPHAN_POLL_SECONDS = 1.0
+
+
+def exit_when_orphaned(parent_pid: int, poll_seconds: float = ORPHAN_POLL_SECONDS) -> threading.Thread:
+    """Exit this process (transient failure) as soon as `parent_pid` is no longer its parent.
+
+    The worker starts compiles in their own session so it can kill their whole process
+    group; a worker that is itself SIGKILLed cannot, and its compile would otherwise burn
+    the host's cores for a result no one can publish (the lease is gone).
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            threading.Event().wait(poll_seconds)
+        _log(f"the worker (pid {parent_pid}) is gone; abandoning the compile")
+        os._exit(EXIT_TRANSIENT)
+
+    thread = threading.Thread(target=watch, name="orphan-watch", daemon=True)
+    thread.start()
+    return thread
+
+
 def run_job(kind: str, request_path: Path, result_path: Path) -> int:
     """Run one compile; returns the exit status (see the module docstring)."""
+    exit_when_orphaned(os.getppid())
     request = CompileRequest.from_json(request_path.read_text())
     backend = BACKENDS[kind]()
     # Beside the result, i.e. in the worker's job directory: if this child is killed, the
