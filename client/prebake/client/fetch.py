@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from prebake.client.durable import fsync_dir
 from prebake.client.errors import DestinationExists, UnsafeManifest
 from prebake.client.paths import UnsafePath, safe_join, validate_manifest_paths
 from prebake.client.transfer import DownloadResult, Progress
@@ -303,20 +304,7 @@ def _fsync_tree(tmp: Path, files: list[str]) -> None:
     with open(tmp / MARKER, "rb+") as f:
         os.fsync(f.fileno())
     for directory in sorted(directories, key=lambda p: len(p.parts), reverse=True):
-        _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms that cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - file systems that refuse directory fsync
-        pass
-    finally:
-        os.close(fd)
+        fsync_dir(directory)
 
 
 def _place(tmp: Path, dest: Path, marker: dict[str, Any], overwrite: bool, artifact_id: str) -> bool:
@@ -324,7 +312,7 @@ def _place(tmp: Path, dest: Path, marker: dict[str, Any], overwrite: bool, artif
     if not os.path.lexists(dest) or _is_empty_dir(dest):
         try:
             os.rename(tmp, dest)
-            _fsync_dir(dest.parent)
+            fsync_dir(dest.parent)
             return False
         except OSError:
             pass  # `dest` appeared meanwhile (another process): decide below.
@@ -340,7 +328,7 @@ def _place(tmp: Path, dest: Path, marker: dict[str, Any], overwrite: bool, artif
     except BaseException:
         os.rename(aside, dest)
         raise
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
     _remove(aside)
     return False
 

@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from prebake.client import digests
+from prebake.client.durable import fsync_dir
 from prebake.client.transfer import DownloadResult, Progress
 from prebake.v1 import blobs_pb2
 
@@ -179,7 +180,7 @@ class HostCache:
             finally:
                 if not exclusive:
                     partial.unlink(missing_ok=True)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         return PutResult(final, result.bytes_downloaded, result.bytes_resumed, already_present=False)
 
     def place(self, digest: blobs_pb2.Digest, dest: Path | str, *, executable: bool = False) -> bool:
@@ -310,18 +311,4 @@ def _locked(path: Path) -> Iterator[bool]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        os.close(fd)
-
-
-def _fsync_dir(directory: Path) -> None:
-    # The rename into place is durable only once the directory entry is synced.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms that cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - file systems that refuse directory fsync
-        pass
-    finally:
         os.close(fd)

@@ -1,10 +1,14 @@
-"""The check every publish path makes before a manifest may reference blobs."""
+"""The checks every publish path (operator publish, worker completion) makes on a manifest."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from prebake.server import convert
 from prebake.server.errors import FailedPrecondition
-from prebake.server.model import Digest
+from prebake.server.model import Digest, FileEntry, Producer
 from prebake.server.state import ServerState
+from prebake.v1 import registry_pb2
 
 
 def require_present(state: ServerState, digests: list[Digest]) -> None:
@@ -30,3 +34,21 @@ async def verify_blobs(state: ServerState, digests: list[Digest]) -> None:
     require_present(state, digests)
     for digest in digests:
         await state.run_blocking(state.blobs.verify, digest)
+
+
+async def verified_manifest(
+    state: ServerState, files: Sequence[registry_pb2.ArtifactFile], producer: registry_pb2.Producer
+) -> tuple[list[FileEntry], Producer, list[Digest]]:
+    """Validate a manifest (paths, digests, producer) and verify every blob it names.
+
+    Returns (files sorted by path, producer, every digest named including the log). The
+    caller must `require_present(state, digests)` again right before its registry write,
+    with no await in between (see verify_blobs).
+    """
+    entries = convert.file_entries(files)
+    checked = convert.producer_from_proto(producer)
+    digests = convert.unique_digests(entries)
+    if checked.log is not None:
+        digests.append(checked.log)
+    await verify_blobs(state, digests)
+    return entries, checked, digests

@@ -11,7 +11,7 @@ from prebake.server import convert
 from prebake.server.errors import InvalidArgument, NotFound
 from prebake.server.keys import diff_keys, normalize_key
 from prebake.server.model import ErrorClass, JobState, NormalizedKey
-from prebake.server.services.blob_checks import require_present, verify_blobs
+from prebake.server.services.blob_checks import require_present, verified_manifest
 from prebake.server.state import ServerState
 from prebake.server.status import unary
 from prebake.v1 import registry_pb2, registry_pb2_grpc
@@ -120,15 +120,9 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         self, request: registry_pb2.PublishArtifactRequest, context: Ctx
     ) -> registry_pb2.PublishArtifactResponse:
         key = self.normalize(request.key)
-        files = convert.file_entries(request.files)
-        producer = convert.producer_from_proto(request.producer)
-        digests = convert.unique_digests(files)
-        if producer.log is not None:
-            digests.append(producer.log)
         s = self.s
-        await verify_blobs(s, digests)
-        # No await between this check and the insert (see verify_blobs).
-        require_present(s, digests)
+        files, producer, digests = await verified_manifest(s, request.files, request.producer)
+        require_present(s, digests)  # no await from here to the registry write
         stored, created, completed = s.registry.publish(key, files, producer, replace=request.replace)
         s.hub.notify(j.job_id for j in completed)
         return registry_pb2.PublishArtifactResponse(

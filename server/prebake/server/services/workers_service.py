@@ -10,7 +10,7 @@ import grpc
 from prebake.server import convert
 from prebake.server.errors import InvalidArgument, NotFound
 from prebake.server.model import ErrorClass, Job, JobState
-from prebake.server.services.blob_checks import require_present, verify_blobs
+from prebake.server.services.blob_checks import require_present, verified_manifest
 from prebake.server.services.jobs_service import check_job_id
 from prebake.server.state import ServerState
 from prebake.server.status import unary
@@ -116,13 +116,8 @@ class WorkersService(workers_pb2_grpc.WorkersServicer):
         self, request: workers_pb2.CompleteJobRequest, context: Ctx
     ) -> workers_pb2.CompleteJobResponse:
         job_id = check_job_id(request.job_id)
-        files = convert.file_entries(request.files)
-        producer = convert.producer_from_proto(request.producer)
-        digests = convert.unique_digests(files)
-        if producer.log is not None:
-            digests.append(producer.log)
         s = self.s
-        await verify_blobs(s, digests)
+        files, producer, digests = await verified_manifest(s, request.files, request.producer)
         require_present(s, digests)  # no await from here to the registry write
         artifact, completed = s.registry.complete_job(job_id, request.fencing_token, files, producer)
         s.hub.notify(j.job_id for j in completed)
