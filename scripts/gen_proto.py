@@ -56,7 +56,10 @@ def generate(out: Path) -> None:
         f"--mypy_grpc_out={out}",
         *protos,
     ]
-    subprocess.run(cmd, check=True, cwd=PROTO_ROOT)
+    # protoc's plugins narrate every file they write; show that only when protoc fails.
+    result = subprocess.run(cmd, cwd=PROTO_ROOT, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        sys.exit(f"protoc failed:\n{result.stdout}{result.stderr}")
 
 
 def generated_files(base: Path) -> list[Path]:
