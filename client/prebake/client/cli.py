@@ -108,7 +108,8 @@ def _client_options(suppress: bool) -> argparse.ArgumentParser:
     return parent
 
 
-def _add_key_options(parser: argparse.ArgumentParser, required: bool) -> None:
+def _add_key_options(parser: argparse.ArgumentParser, required: bool, lookup: bool = True) -> None:
+    """The key's options; with `lookup`, also --allow (compatibility policies for a lookup)."""
     group = parser.add_argument_group(
         "artifact key",
         "the configuration; the server validates and normalises it (aliases, defaults, "
@@ -133,6 +134,16 @@ def _add_key_options(parser: argparse.ArgumentParser, required: bool) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="extra compiler option; repeatable",
+    )
+    if not lookup:
+        return
+    group.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        choices=["longer_sequence", "neuroncore_v2_family"],
+        help="also accept an artifact this policy admits (neuron: compiled for a longer "
+        "sequence length; compiled for the other NeuronCore-v2 family, inf2/trn1); repeatable",
     )
 
 
@@ -461,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
         """,
     )
     p.add_argument("directory", metavar="DIR", help="directory whose files form the artifact")
-    _add_key_options(p, required=True)
+    _add_key_options(p, required=True, lookup=False)
     p.add_argument("--note", default="", help="free text recorded as the producer's note")
     p.add_argument("--replace", action="store_true", help="replace an existing artifact with other files")
     _add_quiet(p)

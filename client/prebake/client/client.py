@@ -78,6 +78,11 @@ KeyLike = ArtifactKey | key_pb2.ArtifactKey
 DigestLike = blobs_pb2.Digest | tuple[str, int]
 # The contract's limit on digests per FindMissingBlobs request.
 _FIND_MISSING_BATCH = 10_000
+# Compatibility policies by the names the client and CLI use.
+POLICIES = {
+    "longer_sequence": registry_pb2.COMPATIBILITY_POLICY_LONGER_SEQUENCE,
+    "neuroncore_v2_family": registry_pb2.COMPATIBILITY_POLICY_NEURONCORE_V2_FAMILY,
+}
 # The contract's largest page for list rpcs.
 _MAX_PAGE = 1000
 
@@ -212,8 +217,13 @@ class Client:
         model_source: str = "",
         *,
         timeout: float | None = None,
+        allow: Sequence[str] = (),
     ) -> registry_pb2.LookupResponse:
         """Look a key up: HIT, MISS, COMPILING or FAILED (`LookupResponse.status`).
+
+        `allow` names compatibility policies accepted besides an exact match
+        (`longer_sequence`, `neuroncore_v2_family`); a HIT's `matched_policy` says which
+        one matched.
 
         With on_miss="enqueue" a miss creates a compile job or joins the one in flight;
         "report" creates nothing. `force` ignores a cached deterministic failure.
@@ -223,8 +233,15 @@ class Client:
         if on_miss not in modes:
             raise ValueError(f"on_miss must be 'enqueue' or 'report', not {on_miss!r}")
         key = _with_source_revision(_key_proto(key), model_source)
+        unknown = sorted(set(allow) - POLICIES.keys())
+        if unknown:
+            raise ValueError(f"unknown compatibility policies {unknown}; known: {sorted(POLICIES)}")
         request = registry_pb2.LookupRequest(
-            key=key, on_miss=modes[on_miss], force=force, model_source=model_source
+            key=key,
+            on_miss=modes[on_miss],
+            force=force,
+            model_source=model_source,
+            allow=[POLICIES[name] for name in allow],
         )
         return self._call(lambda t: self._conn.stubs.registry.Lookup(request, timeout=t), timeout)
 
@@ -665,6 +682,7 @@ class Client:
         *,
         overwrite: bool = False,
         host_cache: HostCache | None = None,
+        allow: Sequence[str] = (),
     ) -> EnsureResult:
         """Make `dest` hold the artifact for `key`, compiling it first if needed.
 
@@ -678,7 +696,9 @@ class Client:
         started = time.monotonic()
         remaining = self._remaining(started, timeout)
         lookup_timeout = self.timeout if remaining is None else min(remaining, self.timeout)
-        response = self.lookup(key, on_miss="enqueue", model_source=model_source, timeout=lookup_timeout)
+        response = self.lookup(
+            key, on_miss="enqueue", model_source=model_source, timeout=lookup_timeout, allow=allow
+        )
         status = lookup_status_name(response.status)
         job_id: str | None = None
         if response.status == registry_pb2.LOOKUP_STATUS_HIT:

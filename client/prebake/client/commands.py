@@ -205,6 +205,7 @@ def lookup(args: argparse.Namespace, client: Client) -> int:
         on_miss="report" if args.no_enqueue else "enqueue",
         force=args.force,
         model_source=args.model_source,
+        allow=args.allow,
     )
     _emit(args, render.lookup_text(response), render.lookup_json(response))
     return _LOOKUP_EXIT.get(response.status, exitcodes.ERROR)
@@ -219,7 +220,7 @@ def fetch(args: argparse.Namespace, client: Client) -> int:
     if args.artifact:
         artifact = client.get_artifact(args.artifact)
     else:
-        response = client.lookup(key_from_args(args), on_miss="report")
+        response = client.lookup(key_from_args(args), on_miss="report", allow=args.allow)
         if response.status != registry_pb2.LOOKUP_STATUS_HIT:
             return _fetch_miss(args, response)
         artifact = response.artifact
@@ -268,6 +269,7 @@ def ensure(args: argparse.Namespace, client: Client) -> int:
             on_event=jobs,
             overwrite=args.overwrite,
             host_cache=host_cache_from_args(args, env_default=True),
+            allow=args.allow,
         )
     text = render.fetch_text(result.fetch)
     if result.job_id:

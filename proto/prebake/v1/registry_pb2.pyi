@@ -53,6 +53,47 @@ ON_MISS_REPORT: OnMiss.ValueType  # 2
 """Only report the miss; create nothing."""
 Global___OnMiss: _TypeAlias = OnMiss  # noqa: Y015
 
+class _CompatibilityPolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CompatibilityPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CompatibilityPolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    COMPATIBILITY_POLICY_UNSPECIFIED: _CompatibilityPolicy.ValueType  # 0
+    """Not a policy; ignored."""
+    COMPATIBILITY_POLICY_LONGER_SEQUENCE: _CompatibilityPolicy.ValueType  # 1
+    """Neuron: an artifact compiled for a longer sequence length serves a shorter request
+    (same batch size, tensor-parallel degree, precision, toolchain and options).
+    """
+    COMPATIBILITY_POLICY_NEURONCORE_V2_FAMILY: _CompatibilityPolicy.ValueType  # 2
+    """Neuron: inf2 and trn1 share NeuronCore-v2, so an artifact compiled for one may
+    serve the other when the tensor-parallel degree fits the requested instance. AWS
+    documents inf2-compiled models for inf2, hence opt-in. trn2 (NeuronCore-v3) never
+    shares artifacts with either.
+    """
+
+class CompatibilityPolicy(_CompatibilityPolicy, metaclass=_CompatibilityPolicyEnumTypeWrapper):
+    """A way an artifact compiled for a different key may serve a request. Opt-in per
+    request; without any, only an exact key match hits. When several artifacts qualify,
+    the best is chosen deterministically: an exact match first, then the smallest
+    sufficient sequence length, then the requested compile target before another one,
+    then the oldest artifact (ties broken by artifact id).
+    """
+
+COMPATIBILITY_POLICY_UNSPECIFIED: CompatibilityPolicy.ValueType  # 0
+"""Not a policy; ignored."""
+COMPATIBILITY_POLICY_LONGER_SEQUENCE: CompatibilityPolicy.ValueType  # 1
+"""Neuron: an artifact compiled for a longer sequence length serves a shorter request
+(same batch size, tensor-parallel degree, precision, toolchain and options).
+"""
+COMPATIBILITY_POLICY_NEURONCORE_V2_FAMILY: CompatibilityPolicy.ValueType  # 2
+"""Neuron: inf2 and trn1 share NeuronCore-v2, so an artifact compiled for one may
+serve the other when the tensor-parallel degree fits the requested instance. AWS
+documents inf2-compiled models for inf2, hence opt-in. trn2 (NeuronCore-v3) never
+shares artifacts with either.
+"""
+Global___CompatibilityPolicy: _TypeAlias = CompatibilityPolicy  # noqa: Y015
+
 class _LookupStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -334,6 +375,7 @@ class LookupRequest(_message.Message):
     ON_MISS_FIELD_NUMBER: _builtins.int
     FORCE_FIELD_NUMBER: _builtins.int
     MODEL_SOURCE_FIELD_NUMBER: _builtins.int
+    ALLOW_FIELD_NUMBER: _builtins.int
     on_miss: Global___OnMiss.ValueType
     """What to do on a miss. Unset means enqueue a compile job."""
     force: _builtins.bool
@@ -346,6 +388,12 @@ class LookupRequest(_message.Message):
     def key(self) -> _key_pb2.ArtifactKey:
         """The configuration to look up."""
 
+    @_builtins.property
+    def allow(self) -> _containers.RepeatedScalarFieldContainer[Global___CompatibilityPolicy.ValueType]:
+        """Compatibility policies the caller accepts besides an exact match. Empty means
+        exact only.
+        """
+
     def __init__(
         self,
         *,
@@ -353,10 +401,11 @@ class LookupRequest(_message.Message):
         on_miss: Global___OnMiss.ValueType = ...,
         force: _builtins.bool = ...,
         model_source: _builtins.str = ...,
+        allow: _abc.Iterable[Global___CompatibilityPolicy.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "key", b"key", "model_source", b"model_source", "on_miss", b"on_miss"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "force", b"force", "key", b"key", "model_source", b"model_source", "on_miss", b"on_miss"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -380,9 +429,13 @@ class LookupResponse(_message.Message):
     status: Global___LookupStatus.ValueType
     """HIT, MISS, COMPILING or FAILED."""
     match_reason: _builtins.str
-    """For HIT: why it matched, for people (`exact key match`)."""
+    """For HIT: why it matched, for people (`exact key match`, or which field the policy
+    relaxed and how).
+    """
     matched_policy: _builtins.str
-    """For HIT: the compatibility policy that matched (`exact`)."""
+    """For HIT: the policy that matched: `exact`, `longer_sequence`,
+    `neuroncore_v2_family`, or both policy names joined by `+`.
+    """
     job_created: _builtins.bool
     """True when this lookup created `job` (as opposed to joining one in flight)."""
     error: _builtins.str

@@ -219,6 +219,10 @@ def _check_page(limit: int, offset: int) -> None:
         raise InvalidArgument(f"limit ({limit}) and offset ({offset}) must not be negative")
 
 
+def _placeholders_named(prefix: str, values: Sequence[Any]) -> str:
+    return ", ".join(f":{prefix}{i}" for i in range(len(values)))
+
+
 def _placeholders(values: Sequence[Any]) -> str:
     return ", ".join("?" for _ in values)
 
@@ -443,6 +447,33 @@ class Registry:
         )
         with self._read() as c:
             rows = c.execute(sql, {**key_row, "digest": key.digest, "limit": limit}).fetchall()
+        return [_artifact_from_row(row) for row in rows]
+
+    def compatible_candidates(
+        self, key: NormalizedKey, compile_targets: Sequence[str], limit: int = 50
+    ) -> list[Artifact]:
+        """Artifacts that differ from `key` at most in sequence length (not shorter) and
+        compile target (one of `compile_targets`): the candidates a compatibility policy
+        may choose from (`prebake.server.compat`). Without files; smallest sequence
+        length first.
+        """
+        _check_page(limit, 0)
+        if not compile_targets:
+            return []
+        same = ("kind", "model", "model_revision", "batch_size", "tensor_parallel_degree", "precision")
+        where = " AND ".join(f"{column} = :{column}" for column in (*same, "toolchain", "key_options"))
+        sql = (
+            f"SELECT * FROM artifacts WHERE {where} AND sequence_length >= :sequence_length "
+            f"AND compile_target IN ({_placeholders_named('target', compile_targets)}) "
+            "ORDER BY sequence_length, created_at, artifact_id LIMIT :limit"
+        )
+        params = {
+            **_key_row(key),
+            **{f"target{i}": target for i, target in enumerate(compile_targets)},
+            "limit": limit,
+        }
+        with self._read() as c:
+            rows = c.execute(sql, params).fetchall()
         return [_artifact_from_row(row) for row in rows]
 
     def blob_referenced(self, digest: Digest) -> bool:

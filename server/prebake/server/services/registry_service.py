@@ -7,7 +7,7 @@ from typing import Any
 
 import grpc
 
-from prebake.server import convert
+from prebake.server import compat, convert
 from prebake.server.errors import InvalidArgument, NotFound
 from prebake.server.keys import diff_keys, normalize_key
 from prebake.server.model import ErrorClass, JobState, NormalizedKey
@@ -17,6 +17,10 @@ from prebake.server.status import unary
 from prebake.v1 import registry_pb2, registry_pb2_grpc
 
 MAX_MODEL_SOURCE = 1024
+POLICIES = {
+    registry_pb2.COMPATIBILITY_POLICY_LONGER_SEQUENCE: compat.Policy.LONGER_SEQUENCE,
+    registry_pb2.COMPATIBILITY_POLICY_NEURONCORE_V2_FAMILY: compat.Policy.NEURONCORE_V2_FAMILY,
+}
 NEAREST = 5
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
@@ -55,6 +59,22 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
             for a in self.s.registry.nearest(key, NEAREST)
         ]
 
+    def _match(self, key: NormalizedKey, request: registry_pb2.LookupRequest) -> compat.Match | None:
+        """The exact artifact, else the best one an allowed compatibility policy admits."""
+        registry = self.s.registry
+        found = registry.get_artifact(key.digest)
+        if found is not None:
+            return compat.Match(found, "exact", compat.exact_reason(key))
+        allowed = [POLICIES[p] for p in request.allow if p in POLICIES]
+        if not compat.applies(key, allowed):
+            return None
+        candidates = registry.compatible_candidates(key, compat.candidate_targets(key, allowed))
+        match = compat.choose(key, candidates, allowed)
+        if match is None:
+            return None
+        with_files = registry.get_artifact(match.artifact.artifact_id)
+        return None if with_files is None else compat.Match(with_files, match.policy, match.reason)
+
     @unary
     async def Lookup(self, request: registry_pb2.LookupRequest, context: Ctx) -> registry_pb2.LookupResponse:
         key = self.normalize(request.key)
@@ -62,16 +82,16 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         s = self.s
         s.counters.lookups += 1
         resolved = convert.resolved_key(key)
-        found = s.registry.get_artifact(key.digest)
-        if found is not None:
+        match = self._match(key, request)
+        if match is not None:
             s.counters.hits += 1
-            s.tracker.hit(found.artifact_id)
+            s.tracker.hit(match.artifact.artifact_id)
             return registry_pb2.LookupResponse(
                 status=registry_pb2.LOOKUP_STATUS_HIT,
                 key=resolved,
-                artifact=convert.artifact(found),
-                match_reason="exact key match",
-                matched_policy="exact",
+                artifact=convert.artifact(match.artifact),
+                match_reason=match.reason,
+                matched_policy=match.policy,
             )
         s.counters.misses += 1
         response = registry_pb2.LookupResponse(key=resolved, nearest=self.nearest(key))
