@@ -23,6 +23,7 @@ from prebake.client.digests import hash_bytes
 from prebake.server.catalog import InstanceCatalog, InstanceType
 from prebake.server.errors import InvalidKey
 from prebake.server.model import NormalizedKey
+from prebake.server.sizing import check_fits
 
 SCHEMA_VERSION = 1
 KINDS = ("neuron", "awq", "inductor")
@@ -166,6 +167,7 @@ def normalize_key(req: KeyRequest, catalog: InstanceCatalog) -> NormalizedKey:
     sequence_length = _shape("sequence_length", req.sequence_length, MAX_SEQUENCE_LENGTH, kind)
     batch_size = _shape("batch_size", req.batch_size, MAX_BATCH_SIZE, kind)
     tp = _tensor_parallel(req.tensor_parallel_degree, kind, instance)
+    check_fits(model, precision, kind, tp, instance)
     toolchain = _toolchain(req.toolchain, kind)
     options = _options(req.options, kind)
 
