@@ -12,10 +12,11 @@ import pytest
 from prebake.client import Client
 from prebake.server.services.admin_service import AdminService
 from prebake.server.services.blobs_service import BlobsService
+from prebake.server.services.catalog_service import CatalogService
 from prebake.server.services.jobs_service import JobsService
 from prebake.server.services.registry_service import RegistryService
 from prebake.server.services.workers_service import WorkersService
-from prebake.v1 import admin_pb2, blobs_pb2, jobs_pb2, registry_pb2, workers_pb2
+from prebake.v1 import admin_pb2, blobs_pb2, catalog_pb2, jobs_pb2, registry_pb2, workers_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = [
@@ -24,6 +25,7 @@ SERVICES = [
     (jobs_pb2.DESCRIPTOR.services_by_name["Jobs"], JobsService),
     (admin_pb2.DESCRIPTOR.services_by_name["Admin"], AdminService),
     (workers_pb2.DESCRIPTOR.services_by_name["Workers"], WorkersService),
+    (catalog_pb2.DESCRIPTOR.services_by_name["Catalog"], CatalogService),
 ]
 ALL_RPCS = [
     (service.full_name, method.name, impl) for service, impl in SERVICES for method in service.methods
@@ -51,7 +53,7 @@ def test_every_rpc_is_wrapped_by_the_client(service: str, rpc: str, impl: type) 
 
 
 def test_all_services_are_covered() -> None:
-    files = [registry_pb2, blobs_pb2, jobs_pb2, admin_pb2, workers_pb2]
+    files = [registry_pb2, blobs_pb2, jobs_pb2, admin_pb2, workers_pb2, catalog_pb2]
     declared = {s.full_name for f in files for s in f.DESCRIPTOR.services_by_name.values()}
     assert declared == {s.full_name for s, _ in SERVICES}
 

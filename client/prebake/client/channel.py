@@ -22,7 +22,14 @@ from typing import Protocol, TypeVar
 import grpc
 
 from prebake.client.errors import from_rpc_error
-from prebake.v1 import admin_pb2_grpc, blobs_pb2_grpc, jobs_pb2_grpc, registry_pb2_grpc, workers_pb2_grpc
+from prebake.v1 import (
+    admin_pb2_grpc,
+    blobs_pb2_grpc,
+    catalog_pb2_grpc,
+    jobs_pb2_grpc,
+    registry_pb2_grpc,
+    workers_pb2_grpc,
+)
 
 T = TypeVar("T")
 
@@ -62,6 +69,7 @@ class Stubs:
     jobs: jobs_pb2_grpc.JobsStub
     admin: admin_pb2_grpc.AdminStub
     workers: workers_pb2_grpc.WorkersStub
+    catalog: catalog_pb2_grpc.CatalogStub
 
     @classmethod
     def open(cls, target: str) -> Stubs:
@@ -73,6 +81,7 @@ class Stubs:
             jobs=jobs_pb2_grpc.JobsStub(channel),
             admin=admin_pb2_grpc.AdminStub(channel),
             workers=workers_pb2_grpc.WorkersStub(channel),
+            catalog=catalog_pb2_grpc.CatalogStub(channel),
         )
 
 

@@ -584,6 +584,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_json(p)
 
     p = add(
+        "catalog",
+        commands.catalog,
+        "list JumpStart models or instance types the server knows",
+        "models: the SageMaker JumpStart model table and which optimizations each model\n"
+        "supports (quantization, speculative decoding, SageMaker draft model); AWQ keys for a\n"
+        "model without quantization support are refused. instances: every instance type keys\n"
+        "may name, with its cores (the bound of --tp), memory and compile target.",
+        """
+        prebake catalog                        # models
+        prebake catalog models --family LLaMA --quantization
+        prebake catalog instances --json
+        """,
+    )
+    p.add_argument("what", nargs="?", choices=["models", "instances"], default="models")
+    p.add_argument("--family", default="", help="only this model family (e.g. LLaMA, Mistral)")
+    p.add_argument("--quantization", action="store_true", help="only models that support quantization")
+    _add_json(p)
+
+    p = add(
         "stats",
         commands.stats,
         "show server statistics",

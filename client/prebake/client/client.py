@@ -66,6 +66,7 @@ from prebake.client.transfer import (
 from prebake.v1 import (
     admin_pb2,
     blobs_pb2,
+    catalog_pb2,
     jobs_pb2,
     key_pb2,
     registry_pb2,
@@ -587,6 +588,19 @@ class Client:
     def get_stats(self) -> admin_pb2.Stats:
         """Counters and sizes: artifacts, blobs, hit rate, queue depth."""
         return self._call(lambda t: self._conn.stubs.admin.GetStats(admin_pb2.GetStatsRequest(), timeout=t))
+
+    # Catalog -------------------------------------------------------------------------
+
+    def list_models(self, family: str = "", quantization_only: bool = False) -> list[catalog_pb2.ModelInfo]:
+        """JumpStart models the server knows, with the optimizations each supports."""
+        request = catalog_pb2.ListModelsRequest(family=family, quantization_only=quantization_only)
+        return list(self._call(lambda t: self._conn.stubs.catalog.ListModels(request, timeout=t)).models)
+
+    def list_instance_types(self) -> list[catalog_pb2.InstanceTypeInfo]:
+        """Instance types keys may name: cores, memory and the compile target each resolves to."""
+        request = catalog_pb2.ListInstanceTypesRequest()
+        reply = self._call(lambda t: self._conn.stubs.catalog.ListInstanceTypes(request, timeout=t))
+        return list(reply.instance_types)
 
     # High-level operations -----------------------------------------------------------
 

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from google.protobuf.json_format import MessageToDict
+
 from prebake.client import exitcodes, render
 from prebake.client.client import Client
 from prebake.client.errors import (
@@ -466,4 +468,34 @@ def pin(args: argparse.Namespace, client: Client) -> int:
 def stats(args: argparse.Namespace, client: Client) -> int:
     result = client.get_stats()
     _emit(args, render.stats_text(result), render.stats_json(result))
+    return exitcodes.OK
+
+
+_SUPPORT = {0: "-", 1: "yes", 2: "no"}
+
+
+def catalog(args: argparse.Namespace, client: Client) -> int:
+    if args.what == "instances":
+        types = client.list_instance_types()
+        rows = [
+            [t.name, t.accelerator, str(t.total_cores), t.compile_target, f"{t.accelerator_memory_gib:g}"]
+            for t in types
+        ]
+        header = ["INSTANCE", "ACCELERATOR", "CORES", "TARGET", "ACCEL GiB"]
+        data: Any = {"instance_types": [MessageToDict(t, preserving_proto_field_name=True) for t in types]}
+    else:
+        models = client.list_models(args.family, args.quantization)
+        rows = [
+            [
+                m.family,
+                m.jumpstart_model_id,
+                _SUPPORT[m.quantization],
+                _SUPPORT[m.speculative_decoding],
+                _SUPPORT[m.sagemaker_draft_model],
+            ]
+            for m in models
+        ]
+        header = ["FAMILY", "JUMPSTART MODEL", "QUANTIZATION", "SPECULATIVE", "DRAFT MODEL"]
+        data = {"models": [MessageToDict(m, preserving_proto_field_name=True) for m in models]}
+    _emit(args, render.table(header, rows), data)
     return exitcodes.OK

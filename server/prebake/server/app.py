@@ -30,6 +30,7 @@ from prebake.server.config import ServerConfig
 from prebake.server.registry import Registry
 from prebake.server.services.admin_service import AdminService
 from prebake.server.services.blobs_service import BlobsService
+from prebake.server.services.catalog_service import CatalogService
 from prebake.server.services.jobs_service import JobsService
 from prebake.server.services.registry_service import RegistryService
 from prebake.server.services.workers_service import WorkersService
@@ -39,6 +40,8 @@ from prebake.v1 import (
     admin_pb2_grpc,
     blobs_pb2,
     blobs_pb2_grpc,
+    catalog_pb2,
+    catalog_pb2_grpc,
     jobs_pb2,
     jobs_pb2_grpc,
     registry_pb2,
@@ -67,6 +70,7 @@ SERVICE_NAMES = (
     jobs_pb2.DESCRIPTOR.services_by_name["Jobs"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
     workers_pb2.DESCRIPTOR.services_by_name["Workers"].full_name,
+    catalog_pb2.DESCRIPTOR.services_by_name["Catalog"].full_name,
 )
 
 
@@ -144,6 +148,7 @@ async def start(config: ServerConfig) -> RunningServer:
     jobs_pb2_grpc.add_JobsServicer_to_server(JobsService(state), server)
     admin_pb2_grpc.add_AdminServicer_to_server(AdminService(state), server)
     workers_pb2_grpc.add_WorkersServicer_to_server(WorkersService(state), server)
+    catalog_pb2_grpc.add_CatalogServicer_to_server(CatalogService(state), server)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

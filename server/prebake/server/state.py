@@ -17,6 +17,7 @@ from prebake.server.blobs import BlobStore
 from prebake.server.catalog import InstanceCatalog
 from prebake.server.config import ServerConfig
 from prebake.server.events import JobEventHub, Pulse
+from prebake.server.models import ModelCatalog
 from prebake.server.registry import Registry
 
 T = TypeVar("T")
@@ -63,6 +64,7 @@ class ServerState:
     blobs: BlobStore
     catalog: InstanceCatalog
     executor: ThreadPoolExecutor
+    models: ModelCatalog = field(default_factory=ModelCatalog.load_default)
     hub: JobEventHub = field(default_factory=JobEventHub)
     # Fired whenever a job may have become leasable (created, requeued, released).
     work: Pulse = field(default_factory=Pulse)

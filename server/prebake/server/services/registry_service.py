@@ -44,7 +44,9 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         self.s = state
 
     def normalize(self, msg: Any) -> NormalizedKey:
-        return normalize_key(convert.key_request(msg), self.s.catalog)
+        key = normalize_key(convert.key_request(msg), self.s.catalog)
+        self.s.models.check(key.model, key.kind)
+        return key
 
     def nearest(self, key: NormalizedKey) -> list[registry_pb2.NearMiss]:
         return [
