@@ -159,3 +159,23 @@ def test_no_enqueue_miss_and_fetch_miss(served: str, tmp_path: Path) -> None:
 def test_unreachable_server_exits_7(tmp_path: Path) -> None:
     result = cli(f"127.0.0.1:{free_port()}", "lookup", *KEY)
     assert result.returncode == 7 and "127.0.0.1" in result.stderr
+
+
+def test_miss_explanations_name_the_differing_fields(served: str, tmp_path: Path) -> None:
+    for batch, seq in (("4", "8192"), ("8", "4096")):
+        changed = [*KEY]
+        changed[changed.index("--batch-size") + 1] = batch
+        changed[changed.index("--sequence-length") + 1] = seq
+        src = make_artifact_dir(tmp_path / f"b{batch}", {"model.neff": 10}, seed=int(batch))
+        assert cli(served, "publish", str(src), *changed).returncode == 0
+    short = cli(served, "lookup", *KEY, "--no-enqueue")
+    assert short.returncode == 3
+    assert "nearest" in short.stdout
+    assert "(you asked 8)" in short.stdout or "(you asked 8192)" in short.stdout
+    assert "1 more near artifact; --explain shows them" in short.stdout
+    explained = cli(served, "lookup", *KEY, "--no-enqueue", "--explain")
+    assert explained.returncode == 3
+    out = explained.stdout
+    assert "FIELD" in out and "YOU ASKED" in out and '"v":1' in out
+    table_rows = {tuple(line.split()) for line in out.splitlines()}
+    assert ("batch_size", "4", "8") in table_rows and ("sequence_length", "4096", "8192") in table_rows

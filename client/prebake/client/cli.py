@@ -345,6 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_key_options(p, required=True)
     p.add_argument("--no-enqueue", action="store_true", help="only report a miss; create no compile job")
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="on a miss, show the canonical key and every near artifact field by field",
+    )
     p.add_argument("--force", action="store_true", help="ignore a cached compile failure and enqueue again")
     p.add_argument(
         "--model-source", default="", metavar="SRC", help="weights for a new job (dir or s3:// prefix)"

@@ -209,7 +209,7 @@ def lookup(args: argparse.Namespace, client: Client) -> int:
         model_source=args.model_source,
         allow=args.allow,
     )
-    _emit(args, render.lookup_text(response), render.lookup_json(response))
+    _emit(args, render.lookup_text(response, explain=args.explain), render.lookup_json(response))
     return _LOOKUP_EXIT.get(response.status, exitcodes.ERROR)
 
 

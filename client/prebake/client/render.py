@@ -209,7 +209,10 @@ def differences_text(near: registry_pb2.NearMiss) -> str:
     )
 
 
-def lookup_text(response: registry_pb2.LookupResponse) -> str:
+def lookup_text(response: registry_pb2.LookupResponse, explain: bool = False) -> str:
+    """Human output of a lookup. On a miss, the closest artifact and its differences;
+    with `explain`, the canonical key, the fields that count, and every near artifact
+    field by field."""
     status = lookup_status_name(response.status)
     lines = []
     if response.status == registry_pb2.LOOKUP_STATUS_HIT:
@@ -246,10 +249,29 @@ def lookup_text(response: registry_pb2.LookupResponse) -> str:
         pairs.append(("job", "none enqueued"))
     if response.error:
         pairs.append(("error", response.error))
+    if explain:
+        pairs.append(("counts", ", ".join(response.key.relevant_fields)))
+        pairs.append(("canonical", response.key.canonical))
     lines.append(rows(pairs))
-    if response.nearest:
-        lines.append("  nearest artifacts:")
-        lines.extend(f"    {n.artifact_id}  {differences_text(n)}" for n in response.nearest)
+    if not response.nearest:
+        if explain:
+            lines.append("  no artifact of this kind and model exists yet")
+        return "\n".join(lines)
+    if not explain:
+        closest = response.nearest[0]
+        lines.append(f"  nearest  {closest.artifact_id}  {differences_text(closest)}")
+        more = len(response.nearest) - 1
+        if more:
+            lines.append(f"  ({more} more near artifact{'s' if more != 1 else ''}; --explain shows them)")
+        return "\n".join(lines)
+    lines.append("  nearest artifacts of this kind and model, closest first:")
+    for near in response.nearest:
+        lines.append(f"    {near.artifact_id}  ({describe_key(near.key)})")
+        body = [
+            [d.field, d.artifact_value or "(unset)", d.requested_value or "(unset)"] for d in near.differences
+        ]
+        table_text = table(["FIELD", "ARTIFACT", "YOU ASKED"], body)
+        lines.extend("      " + line for line in table_text.splitlines())
     return "\n".join(lines)
 
 
