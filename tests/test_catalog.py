@@ -125,3 +125,60 @@ def test_catalog_command(server: BackgroundServer) -> None:
     assert instances.returncode == 0
     names = [t["name"] for t in json.loads(instances.stdout)["instance_types"]]
     assert "ml.trn1.32xlarge" in names
+
+
+def test_import_command_publishes_a_precompiled_set(
+    server: BackgroundServer, client: Client, tmp_path: Path
+) -> None:
+    make_artifact_dir(
+        tmp_path / "set" / "llama3-8b", {"compiled/model.neff": 3000, "config.json": 10}, seed=1
+    )
+    make_artifact_dir(
+        tmp_path / "set" / "llama3-70b", {"compiled/model.neff": 5000, "config.json": 10}, seed=2
+    )
+    entries = [
+        {
+            "path": "llama3-8b",
+            "kind": "neuron",
+            "model": "meta-textgeneration-llama-3-8b",
+            "instance_type": "ml.inf2.48xlarge",
+            "sequence_length": 8192,
+            "batch_size": 8,
+            "tensor_parallel_degree": 24,
+            "note": "SageMaker precompiled set",
+        },
+        {
+            "path": "llama3-70b",
+            "kind": "neuron",
+            "model": "meta-textgeneration-llama-3-70b",
+            "instance_type": "ml.trn1.32xlarge",
+            "sequence_length": 8192,
+            "batch_size": 4,
+            "tensor_parallel_degree": 32,
+        },
+        {
+            "path": "missing-dir",
+            "kind": "neuron",
+            "model": "meta-textgeneration-llama-3-8b",
+            "instance_type": "ml.inf2.48xlarge",
+            "sequence_length": 4096,
+            "batch_size": 1,
+            "tensor_parallel_degree": 2,
+        },
+    ]
+    set_file = tmp_path / "set" / "precompiled-set.json"
+    set_file.write_text(json.dumps(entries))
+    env = {**os.environ, "PREBAKE_SERVER": server.address}
+    cmd = [sys.executable, "-m", "prebake.client.cli", "import", str(set_file), "--json"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    assert result.returncode == 1, "one entry failed"
+    imported = json.loads(result.stdout)["imported"]
+    assert [r["created"] for r in imported] == [True, True, False]
+    assert imported[2]["error"] and "missing-dir" in imported[2]["error"]
+    artifact = client.get_artifact(imported[0]["artifact_id"])
+    assert artifact.producer.note == "SageMaker precompiled set"
+    assert {f.path for f in artifact.files} == {"compiled/model.neff", "config.json"}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"kind": "neuron"}]))
+    usage = subprocess.run([*cmd[:-2], str(bad)], env=env, capture_output=True, text=True, check=False)
+    assert usage.returncode == 2 and "path" in usage.stderr

@@ -589,6 +589,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_json(p)
 
     p = add(
+        "import",
+        commands.import_set,
+        "publish a set of artifacts compiled elsewhere, listed in a file",
+        "Publish every artifact a set file lists (e.g. a SageMaker-style precompiled set), each\n"
+        "as `prebake publish` would. FILE is JSON, or YAML (needs PyYAML), holding a list of\n"
+        "entries: the key's fields as in a prewarm file's `keys`, plus `path` (the directory\n"
+        "with that artifact's files, relative to FILE) and an optional `note`. Entries are\n"
+        "independent; the exit status is 1 if any failed.",
+        """
+        prebake import precompiled-set.yaml
+        # precompiled-set.yaml:
+        # - {path: llama3-8b, kind: neuron, model: meta-textgeneration-llama-3-8b,
+        #    instance_type: ml.inf2.48xlarge, sequence_length: 8192, batch_size: 8,
+        #    tensor_parallel_degree: 24, note: SageMaker precompiled set}
+        """,
+    )
+    p.add_argument("file", metavar="FILE", help="the set file (JSON or YAML)")
+    _add_json(p)
+
+    p = add(
         "catalog",
         commands.catalog,
         "list JumpStart models or instance types the server knows",

@@ -18,7 +18,7 @@ from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
-from prebake.client import exitcodes, render
+from prebake.client import exitcodes, importing, render
 from prebake.client.client import Client
 from prebake.client.errors import (
     AlreadyExists,
@@ -499,3 +499,37 @@ def catalog(args: argparse.Namespace, client: Client) -> int:
         data = {"models": [MessageToDict(m, preserving_proto_field_name=True) for m in models]}
     _emit(args, render.table(header, rows), data)
     return exitcodes.OK
+
+
+def import_set(args: argparse.Namespace, client: Client) -> int:
+    try:
+        entries = importing.load_set(Path(args.file))
+    except MatrixError as exc:
+        _error(str(exc))
+        return exitcodes.USAGE
+
+    def report(result: importing.ImportResult) -> None:
+        if args.json:
+            return
+        where = result.entry.directory
+        if result.error:
+            _error(f"{where}: {result.error}")
+        else:
+            print(f"{'published' if result.created else 'already there'}  {result.artifact_id}  {where}")
+
+    results = importing.import_set(client, entries, report)
+    failed = sum(1 for r in results if r.error)
+    data = {
+        "imported": [
+            {
+                "path": str(r.entry.directory),
+                "artifact_id": r.artifact_id or None,
+                "created": r.created,
+                "error": r.error or None,
+            }
+            for r in results
+        ]
+    }
+    summary = f"{len(results)} entries: {len(results) - failed} published or present, {failed} failed"
+    _emit(args, summary, data)
+    return exitcodes.ERROR if failed else exitcodes.OK

@@ -121,10 +121,11 @@ def load_matrix(path: Path | str) -> list[PrewarmEntry]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise MatrixError(f"{path}: cannot read the prewarm file: {exc}") from None
-    return parse_matrix(_decode(text, path), source=str(path))
+    return parse_matrix(decode(text, path), source=str(path))
 
 
-def _decode(text: str, path: Path) -> object:
+def decode(text: str, path: Path) -> object:
+    """Parse a JSON or YAML document (see `load_matrix`); raises MatrixError."""
     try:
         return json.loads(text)
     except ValueError as exc:
