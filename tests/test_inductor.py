@@ -359,7 +359,7 @@ def test_probe_reports_toolchain_and_targets() -> None:
     assert inductor["toolchain"] == "torch-2.13.0"
     assert inductor["compile_targets"] == BACKEND.compile_targets()
     assert "cpu-avx2" in inductor["compile_targets"]
-    assert available_backends() == {"inductor": (True, "")}
+    assert available_backends()["inductor"] == (True, "")
 
 
 def test_targets_follow_the_cpu_features_not_the_env_override() -> None:

@@ -40,6 +40,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TextIO, runtime_checkable
 
+from prebake.compiler.awq import AwqBackend
 from prebake.compiler.backend import (
     EXIT_DETERMINISTIC,
     EXIT_OK,
@@ -49,12 +50,17 @@ from prebake.compiler.backend import (
     CompileResult,
 )
 from prebake.compiler.inductor import CPU_CAPABILITY_ENV, InductorBackend
+from prebake.compiler.neuron import NeuronBackend
 
 EXIT_TRANSIENT = 1
 SCRATCH_NAME = "compile-scratch"
 
-# kind -> backend factory. awq and neuron join when their modules exist.
-BACKENDS: Mapping[str, Callable[[], Backend]] = {"inductor": InductorBackend}
+# kind -> backend factory.
+BACKENDS: Mapping[str, Callable[[], Backend]] = {
+    "inductor": InductorBackend,
+    "awq": AwqBackend,
+    "neuron": NeuronBackend,
+}
 
 
 @runtime_checkable
