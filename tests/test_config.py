@@ -51,3 +51,39 @@ def test_bad_configuration_is_a_readable_error(
         file.write_text(text)
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         load_server_config(flags, environ, file)
+
+
+def test_default_toolchains_are_parsed_and_checked() -> None:
+    config = load_server_config({}, {"PREBAKE_DEFAULT_TOOLCHAINS": "neuron=neuronx-cc-2.15"})
+    assert config.default_toolchains == "neuron=neuronx-cc-2.15"
+    for bad in ("neuron", "gpu=cuda-12", "neuron="):
+        with pytest.raises(ValueError, match="KIND=TOOLCHAIN"):
+            load_server_config({}, {"PREBAKE_DEFAULT_TOOLCHAINS": bad})
+
+
+def test_a_configured_default_toolchain_fills_unset_keys(tmp_path: Path) -> None:
+    from prebake.client import ArtifactKey, Client
+    from prebake.server.app import background_server
+
+    key = ArtifactKey(
+        kind="neuron",
+        model="meta-llama/Meta-Llama-3-8B",
+        instance_type="ml.inf2.48xlarge",
+        sequence_length=2048,
+        batch_size=1,
+        tensor_parallel_degree=2,
+    )
+    with (
+        background_server(tmp_path / "data", default_toolchains="neuron=neuronx-cc-2.15") as server,
+        Client(server.address) as client,
+    ):
+        resolved = client.lookup(key, on_miss="report").key
+        assert resolved.key.toolchain == "neuronx-cc-2.15"
+        explicit = client.lookup(
+            ArtifactKey(**{**key.__dict__, "toolchain": "neuronx-cc-2.14"}), on_miss="report"
+        )
+        assert explicit.key.key.toolchain == "neuronx-cc-2.14"
+        inductor = ArtifactKey(
+            kind="inductor", model="m/x", instance_type="ml.c6a.4xlarge", sequence_length=8, batch_size=1
+        )
+        assert client.lookup(inductor, on_miss="report").key.key.toolchain == "torch-2.13.0"

@@ -39,6 +39,11 @@ class ServerConfig:
     stale_upload_seconds: float = 24 * 3600.0
     # How often lazily-recorded artifact access times are written to the registry.
     access_flush_seconds: float = 5.0
+    # Toolchain a key of each kind gets when the request leaves it unset, as
+    # "kind=toolchain,..." (e.g. "neuron=neuronx-cc-2.15"): set it to what the workers run,
+    # since a job is leased only by a worker whose toolchain equals the key's. Kinds not
+    # named keep the built-in defaults (neuronx-cc-2, llmcompressor-0.14, torch-2.13.0).
+    default_toolchains: str = ""
     # Seconds given to in-flight rpcs on shutdown.
     shutdown_grace_seconds: float = 10.0
     # Thread pool for blocking work (hashing, fsync) off the event loop.
@@ -99,4 +104,22 @@ def load_server_config(
             if name not in names:
                 raise ValueError(f"unknown server setting {name!r}")
             merged[name] = _coerce(name, value)
-    return ServerConfig(**merged)
+    config = ServerConfig(**merged)
+    from prebake.server.keys import DEFAULT_TOOLCHAINS
+
+    parse_default_toolchains(config.default_toolchains, DEFAULT_TOOLCHAINS)  # refuse it now, readably
+    return config
+
+
+def parse_default_toolchains(text: str, known_kinds: Mapping[str, str]) -> dict[str, str]:
+    """`default_toolchains` as a mapping over the built-in defaults; ValueError if malformed."""
+    result = dict(known_kinds)
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        kind, sep, toolchain = item.partition("=")
+        if not sep or kind.strip() not in known_kinds or not toolchain.strip():
+            raise ValueError(
+                f"default_toolchains entry {item!r}: expected KIND=TOOLCHAIN with KIND one of "
+                f"{', '.join(sorted(known_kinds))}"
+            )
+        result[kind.strip()] = toolchain.strip()
+    return result

@@ -153,10 +153,14 @@ class KeyRequest:
     options: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
 
-def normalize_key(req: KeyRequest, catalog: InstanceCatalog) -> NormalizedKey:
+def normalize_key(
+    req: KeyRequest, catalog: InstanceCatalog, default_toolchains: Mapping[str, str] = DEFAULT_TOOLCHAINS
+) -> NormalizedKey:
     """Validate and normalise `req`; raises InvalidKey(field, message) for the first problem.
 
-    Pure and thread-safe (the catalog is only read). Equal digests <=> same artifact.
+    `default_toolchains` fills an unset toolchain per kind (a deployment sets it to the
+    compiler version its workers run, e.g. neuron=neuronx-cc-2.15). Pure and thread-safe
+    (the catalog is only read). Equal digests <=> same artifact.
     """
     kind = _kind(req.kind)
     rules = _RULES[kind]
@@ -168,7 +172,7 @@ def normalize_key(req: KeyRequest, catalog: InstanceCatalog) -> NormalizedKey:
     batch_size = _shape("batch_size", req.batch_size, MAX_BATCH_SIZE, kind)
     tp = _tensor_parallel(req.tensor_parallel_degree, kind, instance)
     check_fits(model, precision, kind, tp, instance)
-    toolchain = _toolchain(req.toolchain, kind)
+    toolchain = _toolchain(req.toolchain or default_toolchains.get(kind, ""), kind)
     options = _options(req.options, kind)
 
     compile_target = instance.compile_target if instance else ""

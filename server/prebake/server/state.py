@@ -15,8 +15,9 @@ from typing import TypeVar
 
 from prebake.server.blobs import BlobStore
 from prebake.server.catalog import InstanceCatalog
-from prebake.server.config import ServerConfig
+from prebake.server.config import ServerConfig, parse_default_toolchains
 from prebake.server.events import JobEventHub, Pulse
+from prebake.server.keys import DEFAULT_TOOLCHAINS
 from prebake.server.models import ModelCatalog
 from prebake.server.registry import Registry
 
@@ -71,8 +72,11 @@ class ServerState:
     counters: Counters = field(default_factory=Counters)
     tracker: AccessTracker = field(init=False)
 
+    default_toolchains: dict[str, str] = field(init=False)
+
     def __post_init__(self) -> None:
         self.tracker = AccessTracker(self.registry)
+        self.default_toolchains = parse_default_toolchains(self.config.default_toolchains, DEFAULT_TOOLCHAINS)
 
     async def run_blocking(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)

@@ -44,7 +44,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         self.s = state
 
     def normalize(self, msg: Any) -> NormalizedKey:
-        key = normalize_key(convert.key_request(msg), self.s.catalog)
+        key = normalize_key(convert.key_request(msg), self.s.catalog, self.s.default_toolchains)
         self.s.models.check(key.model, key.kind)
         return key
 
