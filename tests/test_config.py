@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -79,9 +80,7 @@ def test_a_configured_default_toolchain_fills_unset_keys(tmp_path: Path) -> None
     ):
         resolved = client.lookup(key, on_miss="report").key
         assert resolved.key.toolchain == "neuronx-cc-2.15"
-        explicit = client.lookup(
-            ArtifactKey(**{**key.__dict__, "toolchain": "neuronx-cc-2.14"}), on_miss="report"
-        )
+        explicit = client.lookup(dataclasses.replace(key, toolchain="neuronx-cc-2.14"), on_miss="report")
         assert explicit.key.key.toolchain == "neuronx-cc-2.14"
         inductor = ArtifactKey(
             kind="inductor", model="m/x", instance_type="ml.c6a.4xlarge", sequence_length=8, batch_size=1
