@@ -64,8 +64,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prebake.compiler.backend import CompileError, CompileRequest, CompileResult, ProgressFn
-from prebake.compiler.inductor import _checked_source, _is_environmental
+from prebake.compiler.backend import CompileError, CompileRequest, CompileResult, ProgressFn, is_environmental
+from prebake.compiler.model_source import checked_source
 
 if TYPE_CHECKING:
     import torch
@@ -236,7 +236,7 @@ class AwqBackend:
 
         progress(0.05, f"loading {request.model_source}")
         began = time.perf_counter()
-        source = _checked_source(request.model_source, str(request.key.get("model_revision", "")))
+        source = checked_source(request.model_source, str(request.key.get("model_revision", "")))
         model = _load_model(source, device)
         metrics["load_seconds"] = time.perf_counter() - began
         dtype_name = str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -351,7 +351,7 @@ def _load_model(path: Path, device: str) -> PreTrainedModel:
             str(path), local_files_only=True, dtype="auto", trust_remote_code=False
         )
     except Exception as exc:
-        if _is_environmental(exc):
+        if is_environmental(exc):
             raise
         raise CompileError(f"cannot load a causal LM from {path}: {type(exc).__name__}: {exc}", True) from exc
     torch.nn.Module.eval(model).requires_grad_(False)
@@ -367,7 +367,7 @@ def _reload(path: Path, device: str) -> PreTrainedModel:
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:
-        if _is_environmental(exc):
+        if is_environmental(exc):
             raise
         raise CompileError(
             f"the saved checkpoint does not load with transformers: {type(exc).__name__}: {exc}", True
@@ -466,7 +466,7 @@ def _tokenizer_for(source: Path, vocab_size: int, scratch: Path) -> tuple[Any, b
         try:
             return AutoTokenizer.from_pretrained(str(source), local_files_only=True), False
         except Exception as exc:
-            if _is_environmental(exc):
+            if is_environmental(exc):
                 raise
             # Fall through: calibration only needs token ids.
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -534,7 +534,7 @@ def _run_awq(
                 log_dir=str(scratch / "logs"),
             )
     except Exception as exc:
-        if _is_environmental(exc) or (isinstance(exc, RuntimeError) and "CUDA" in str(exc)):
+        if is_environmental(exc) or (isinstance(exc, RuntimeError) and "CUDA" in str(exc)):
             raise
         # The recipe is a function of the key and the model: it fails the same way everywhere.
         raise CompileError(f"llm-compressor rejected the model: {type(exc).__name__}: {exc}", True) from exc

@@ -35,6 +35,15 @@ class CompileError(Exception):
         self.deterministic = deterministic
 
 
+def is_environmental(exc: BaseException) -> bool:
+    """Failures of the worker's machine rather than of the job: out of memory, disk full, I/O.
+
+    Backends classify these as transient. transformers reports a missing checkpoint file as
+    a bare OSError (no errno); that is about the job's input, so it is not environmental.
+    """
+    return isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno is not None)
+
+
 @dataclass(frozen=True)
 class CompileRequest:
     """Everything a backend needs; serialisable to JSON for the child process.

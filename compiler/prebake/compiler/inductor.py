@@ -50,7 +50,6 @@ import importlib.util
 import json
 import math
 import os
-import re
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -58,8 +57,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prebake.compiler.backend import CompileError, CompileRequest, CompileResult, ProgressFn
-from prebake.compiler.model_source import resolve_model_source, revision_of
+from prebake.compiler.backend import CompileError, CompileRequest, CompileResult, ProgressFn, is_environmental
+from prebake.compiler.model_source import checked_source
 
 if TYPE_CHECKING:
     import torch
@@ -75,7 +74,6 @@ CHECK_INPUTS_ENV = "AOTI_RUNTIME_CHECK_INPUTS"
 CPU_CAPABILITY_ENV = "ATEN_CPU_CAPABILITY"
 CACHE_DIR_ENV = "TORCHINDUCTOR_CACHE_DIR"
 # The form of revision_of()'s digests (xxh3-128 hex); other revisions are not verifiable here.
-CONTENT_REVISION_RE = re.compile(r"[0-9a-f]{32}")
 
 # key precision -> torch dtype name
 PRECISIONS: Mapping[str, str] = {"fp32": "float32", "bf16": "bfloat16"}
@@ -264,15 +262,6 @@ class _Progress:
         self(end, f"{message}: done in {time.monotonic() - began:.1f} s")
 
 
-def _is_environmental(exc: BaseException) -> bool:
-    """Failures of this worker rather than of the job: out of memory, disk full, I/O errors.
-
-    transformers reports a missing file as a bare OSError (no errno); those are about the
-    checkpoint and so are not environmental.
-    """
-    return isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno is not None)
-
-
 class InductorBackend:
     """CPU AOTInductor packages of Hugging Face causal LMs (see the module docstring)."""
 
@@ -363,7 +352,7 @@ class InductorBackend:
             with torch.no_grad():
                 exported = torch.export.export(wrapper, (example,))
         except Exception as exc:
-            if _is_environmental(exc):
+            if is_environmental(exc):
                 raise
             # torch.export is a pure function of the model code and the example shapes.
             raise CompileError(
@@ -393,7 +382,7 @@ class InductorBackend:
                 with torch.no_grad():
                     actual = runner(canary)
             except Exception as exc:
-                if _is_environmental(exc):
+                if is_environmental(exc):
                     raise
                 raise CompileError(f"the package fails on its own input shape: {exc}", True) from exc
         metrics["canary_max_abs_diff"] = compare_logits(actual, expected, plan.precision)
@@ -438,45 +427,23 @@ class InductorBackend:
         return CompileResult(toolchain_versions=versions, metrics=metrics)
 
 
-def _checked_source(source: Path, revision: str) -> Path:
-    """The resolved model source, verified against the key's revision when it is a content digest.
-
-    A 32-hex-digit revision is what `revision_of` computes (a commit hash has 40): if the
-    directory no longer hashes to it, the checkpoint changed after the key was made, and an
-    artifact built from it would be published under the wrong revision.
-    """
-    try:
-        path = resolve_model_source(str(source))
-    except (ValueError, NotImplementedError) as exc:
-        raise CompileError(str(exc), True) from exc
-    if CONTENT_REVISION_RE.fullmatch(revision):
-        actual = revision_of(path)
-        if actual != revision:
-            raise CompileError(
-                f"model source {path} has revision {actual}, not the key's model_revision {revision}: "
-                "the checkpoint changed since the key was made; look it up again with the new revision",
-                True,
-            )
-    return path
-
-
 def _load_model(source: Path, revision: str, dtype: torch.dtype) -> PreTrainedModel:
     """The causal LM in `source`, in eval mode, never touching a model hub.
 
-    Problems with the checkpoint (including a revision mismatch, see `_checked_source`) are
+    Problems with the checkpoint (including a revision mismatch, see `checked_source`) are
     deterministic CompileErrors; environmental failures (memory, disk) propagate and end up
     transient.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
-    path = _checked_source(source, revision)
+    path = checked_source(source, revision)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(path), local_files_only=True, dtype=dtype, trust_remote_code=False
         )
     except Exception as exc:
-        if _is_environmental(exc):
+        if is_environmental(exc):
             raise
         # Unsupported architecture (ValueError/KeyError), missing or truncated weight files
         # (OSError without errno, safetensors errors): a property of these model bytes.

@@ -7,11 +7,16 @@ computes revisions for `--model-source PATH` without torch) and is re-exported h
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from prebake.client.model_revision import checkpoint_files, revision_of
+from prebake.compiler.backend import CompileError
 
-__all__ = ["checkpoint_files", "resolve_model_source", "revision_of"]
+__all__ = ["checked_source", "checkpoint_files", "resolve_model_source", "revision_of"]
+
+# What `revision_of` computes (a git commit hash has 40 hex digits, so it is not checked).
+CONTENT_REVISION_RE = re.compile(r"[0-9a-f]{32}")
 
 
 def resolve_model_source(source: str) -> Path:
@@ -40,4 +45,26 @@ def resolve_model_source(source: str) -> Path:
         raise ValueError(f"model source {path} is not a directory")
     if not (path / "config.json").is_file():
         raise ValueError(f"model source {path} has no config.json; it is not a Hugging Face checkpoint")
+    return path
+
+
+def checked_source(source: Path, revision: str) -> Path:
+    """The resolved model source, verified against the key's revision when it is a content digest.
+
+    If the directory no longer hashes to a 32-hex-digit revision, the checkpoint changed
+    after the key was made, and an artifact built from it would be published under the
+    wrong revision. Every problem here is a deterministic CompileError.
+    """
+    try:
+        path = resolve_model_source(str(source))
+    except (ValueError, NotImplementedError) as exc:
+        raise CompileError(str(exc), True) from exc
+    if CONTENT_REVISION_RE.fullmatch(revision):
+        actual = revision_of(path)
+        if actual != revision:
+            raise CompileError(
+                f"model source {path} has revision {actual}, not the key's model_revision {revision}: "
+                "the checkpoint changed since the key was made; look it up again with the new revision",
+                True,
+            )
     return path

@@ -78,7 +78,7 @@ from pathlib import Path
 from typing import Any
 
 from prebake.compiler.backend import CompileError, CompileRequest, CompileResult, ProgressFn
-from prebake.compiler.model_source import resolve_model_source, revision_of
+from prebake.compiler.model_source import checked_source
 
 KIND = "neuron"
 COMPILER_DIST = "neuronx-cc"
@@ -93,7 +93,6 @@ NOT_INSTALLED = (
     "Neuron SDK not installed: neuronx-cc not found (install the AWS Neuron SDK on an inf2/trn1/trn2 host)"
 )
 # The form of revision_of()'s digests (xxh3-128 hex); other revisions are not verifiable here.
-CONTENT_REVISION_RE = re.compile(r"[0-9a-f]{32}")
 
 # key precision -> optimum-neuron `--auto_cast_type`. Only what the CLI can express exactly.
 PRECISIONS: Mapping[str, str] = {"bf16": "bf16", "fp16": "fp16"}
@@ -553,7 +552,7 @@ class NeuronBackend:
             raise CompileError(why, False)
         version = _neuronx_cc_version()
         validate_key(request.key, self.compile_targets(), self.toolchain())
-        model_dir = _checked_source(request.model_source, str(request.key.get("model_revision", "")))
+        model_dir = checked_source(request.model_source, str(request.key.get("model_revision", "")))
         out_dir = request.output_dir
         argv = export_command(request.key, model_dir, out_dir, version)
         argv[0] = _executable(EXPORT_EXE)
@@ -624,20 +623,3 @@ class NeuronBackend:
         (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         progress(1.0, "done: exported and load-checked")
         return CompileResult(toolchain_versions=versions, metrics=metrics)
-
-
-def _checked_source(source: Path, revision: str) -> Path:
-    """The resolved model source, verified against the key's revision when it is a content digest."""
-    try:
-        path = resolve_model_source(str(source))
-    except (ValueError, NotImplementedError) as exc:
-        raise CompileError(str(exc), True) from exc
-    if CONTENT_REVISION_RE.fullmatch(revision):
-        actual = revision_of(path)
-        if actual != revision:
-            raise CompileError(
-                f"model source {path} has revision {actual}, not the key's model_revision {revision}: "
-                "the checkpoint changed since the key was made",
-                True,
-            )
-    return path
