@@ -64,6 +64,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from prebake.compiler import backend
 from prebake.compiler.backend import CompileError, CompileRequest, CompileResult, ProgressFn, is_environmental
 from prebake.compiler.model_source import checked_source
 
@@ -472,10 +473,10 @@ def _tokenizer_for(source: Path, vocab_size: int, scratch: Path) -> tuple[Any, b
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     vocab = {f"<t{i}>": i for i in range(vocab_size)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<t0>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # type: ignore[assignment] # untyped setter
+    word_level = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<t0>"))
+    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # type: ignore[assignment] # untyped setter
     tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call] # transformers leaves it unannotated
-        tokenizer_object=backend, unk_token="<t0>", pad_token="<t0>", bos_token="<t1>", eos_token="<t1>"
+        tokenizer_object=word_level, unk_token="<t0>", pad_token="<t0>", bos_token="<t1>", eos_token="<t1>"
     )
     tokenizer.save_pretrained(str(scratch / "tokenizer"))
     return tokenizer, True
@@ -565,17 +566,7 @@ def _compare(actual: torch.Tensor, expected: torch.Tensor, dtype_name: str) -> f
 
 def read_manifest(checkpoint_dir: Path) -> dict[str, Any]:
     """The manifest of an awq artifact directory; ValueError if it is not one we can read."""
-    path = checkpoint_dir / MANIFEST_NAME
-    try:
-        manifest: dict[str, Any] = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{checkpoint_dir} has no {MANIFEST_NAME}; it is not an awq artifact") from None
-    if manifest.get("format") != MANIFEST_FORMAT or manifest.get("format_version") != MANIFEST_VERSION:
-        raise ValueError(
-            f"{path}: format {manifest.get('format')!r} version {manifest.get('format_version')!r}; "
-            f"this prebake reads {MANIFEST_FORMAT} version {MANIFEST_VERSION}"
-        )
-    return manifest
+    return backend.read_manifest(checkpoint_dir, MANIFEST_NAME, MANIFEST_FORMAT, MANIFEST_VERSION)
 
 
 # AutoAWQ GEMM layout: eight 4-bit values per int32 along the output dimension, in this order

@@ -44,6 +44,34 @@ def is_environmental(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno is not None)
 
 
+def positive_int(key: Mapping[str, Any], name: str, product: str) -> int:
+    """`key[name]` as a positive int, else a deterministic CompileError naming `product`
+    ("inductor packages", "neuron artifacts")."""
+    value = key.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise CompileError(f"{product} need a positive {name}; the key has {value!r}", True)
+    return value
+
+
+def read_manifest(directory: Path, name: str, format_name: str, version: int) -> dict[str, Any]:
+    """The manifest a backend wrote beside its artifact (`name` inside `directory`).
+
+    Raises ValueError if the file is absent, or is another format or version than this
+    prebake reads.
+    """
+    path = directory / name
+    try:
+        manifest: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{directory} has no {name}; it is not a {format_name} artifact") from None
+    if manifest.get("format") != format_name or manifest.get("format_version") != version:
+        raise ValueError(
+            f"{path}: format {manifest.get('format')!r} version {manifest.get('format_version')!r}; "
+            f"this prebake reads {format_name} version {version}"
+        )
+    return manifest
+
+
 @dataclass(frozen=True)
 class CompileRequest:
     """Everything a backend needs; serialisable to JSON for the child process.

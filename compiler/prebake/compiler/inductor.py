@@ -57,7 +57,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prebake.compiler.backend import CompileError, CompileRequest, CompileResult, ProgressFn, is_environmental
+from prebake.compiler import backend
+from prebake.compiler.backend import (
+    CompileError,
+    CompileRequest,
+    CompileResult,
+    ProgressFn,
+    is_environmental,
+    positive_int,
+)
 from prebake.compiler.model_source import checked_source
 
 if TYPE_CHECKING:
@@ -164,10 +172,7 @@ class _Plan:
 
 
 def _positive_int(key: Mapping[str, Any], name: str) -> int:
-    value = key.get(name)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise CompileError(f"inductor packages need a positive {name}; the key has {value!r}", True)
-    return value
+    return positive_int(key, name, "inductor packages")
 
 
 def validate_key(key: Mapping[str, Any], host_targets: list[str], toolchain: str) -> _Plan:
@@ -516,17 +521,7 @@ def logits_only(model: torch.nn.Module) -> torch.nn.Module:
 
 def read_manifest(package_dir: Path) -> dict[str, Any]:
     """The manifest of an inductor artifact directory; ValueError if it is not one we can read."""
-    path = package_dir / MANIFEST_NAME
-    try:
-        manifest: dict[str, Any] = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{package_dir} has no {MANIFEST_NAME}; it is not an inductor artifact") from None
-    if manifest.get("format") != MANIFEST_FORMAT or manifest.get("format_version") != MANIFEST_VERSION:
-        raise ValueError(
-            f"{path}: format {manifest.get('format')!r} version {manifest.get('format_version')!r}; "
-            f"this prebake reads {MANIFEST_FORMAT} version {MANIFEST_VERSION}"
-        )
-    return manifest
+    return backend.read_manifest(package_dir, MANIFEST_NAME, MANIFEST_FORMAT, MANIFEST_VERSION)
 
 
 class InductorPackage:

@@ -77,7 +77,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prebake.compiler.backend import CompileError, CompileRequest, CompileResult, ProgressFn
+from prebake.compiler.backend import CompileError, CompileRequest, CompileResult, ProgressFn, positive_int
 from prebake.compiler.model_source import checked_source
 
 KIND = "neuron"
@@ -176,10 +176,7 @@ class ExportPlan:
 
 
 def _positive_int(key: Mapping[str, Any], name: str) -> int:
-    value = key.get(name)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise CompileError(f"neuron artifacts need a positive {name}; the key has {value!r}", True)
-    return value
+    return positive_int(key, name, "neuron artifacts")
 
 
 def validate_key(key: Mapping[str, Any], host_targets: Sequence[str], toolchain: str) -> ExportPlan:
