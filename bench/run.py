@@ -34,7 +34,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.common import served
 from prebake.client import ArtifactKey, Client
-from prebake.client.digests import hash_file
+from prebake.core.digests import hash_file
 from prebake.v1 import blobs_pb2, blobs_pb2_grpc
 
 KEY = ArtifactKey(

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from prebake.client.digests import hash_bytes
+from prebake.core.digests import hash_bytes
 from prebake.server.blobs import BlobReader, BlobStore, BlobWriter, LocalBlobStore, StoreStats, UploadStatus
 from prebake.server.errors import (
     Busy,
@@ -33,7 +33,7 @@ from prebake.server.errors import (
     OutOfRange,
     QuotaExceeded,
 )
-from prebake.server.model import Digest
+from prebake.server.records import Digest
 
 MiB = 1 << 20
 

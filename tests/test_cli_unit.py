@@ -167,7 +167,10 @@ def test_main_works_as_a_console_script(tmp_path: Path) -> None:
 
 
 def test_importing_the_client_loads_no_server_or_heavy_dependency() -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(ROOT / d) for d in ("proto", "client", "server"))}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(str(ROOT / d) for d in ("proto", "core", "client", "server")),
+    }
     code = (
         "import sys, prebake.client, prebake.client.cli, prebake.client.commands;"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('boto3', 'botocore', 'sqlite_utils')"

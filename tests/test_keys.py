@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import xxhash
 
-from prebake.server.catalog import InstanceCatalog
 from prebake.server.errors import InvalidArgument, InvalidKey
-from prebake.server.keys import (
+from prebake.server.instance_catalog import InstanceCatalog
+from prebake.server.key_normalization import (
     DEFAULT_TOOLCHAINS,
     PRECISION_ALIASES,
     PRECISIONS,
@@ -23,7 +23,7 @@ from prebake.server.keys import (
     key_to_dict,
     normalize_key,
 )
-from prebake.server.model import NormalizedKey
+from prebake.server.records import NormalizedKey
 
 CATALOG = InstanceCatalog.load_default()
 MODEL = "meta-llama/Meta-Llama-3-8B"

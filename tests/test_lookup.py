@@ -8,7 +8,7 @@ from pathlib import Path
 
 from prebake.client import Client
 from prebake.server.app import BackgroundServer
-from prebake.server.model import ErrorClass, JobState
+from prebake.server.records import ErrorClass, JobState
 from prebake.v1 import jobs_pb2, registry_pb2
 from tests.conftest import LLAMA3_8B_INF2, make_artifact_dir
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from prebake.client import paths as client_paths
-from prebake.client.paths import UnsafePath
-from prebake.server import paths
+from prebake.core import manifest_paths as client_paths
+from prebake.core.manifest_paths import UnsafePath
+from prebake.server import manifest_checks as paths
 from prebake.server.errors import InvalidArgument
 
 GOOD = [

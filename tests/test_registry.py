@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from sqlite_utils import Database
 
-from prebake.client.digests import hash_bytes
+from prebake.core.digests import hash_bytes
 from prebake.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from prebake.server.model import (
+from prebake.server.records import (
     Digest,
     ErrorClass,
     FileEntry,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from prebake.server.catalog import InstanceCatalog
 from prebake.server.errors import InvalidKey
-from prebake.server.keys import KeyRequest, normalize_key
+from prebake.server.instance_catalog import InstanceCatalog
+from prebake.server.key_normalization import KeyRequest, normalize_key
 from prebake.server.sizing import parameter_count
 
 CATALOG = InstanceCatalog.load_default()

@@ -70,7 +70,7 @@ def test_client_import_does_not_pull_in_server_or_heavy_deps() -> None:
 
 
 def test_no_prebake_init_in_any_source_folder() -> None:
-    for folder in ("proto", "client", "server", "compiler"):
+    for folder in ("proto", "core", "client", "server", "compiler"):
         assert not (ROOT / folder / "prebake" / "__init__.py").exists(), folder
 
 

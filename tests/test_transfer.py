@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from prebake.client import Client, errors
-from prebake.client.digests import hash_file
+from prebake.core.digests import hash_file
 from prebake.server.app import BackgroundServer
 from prebake.v1 import registry_pb2
 from tests.conftest import LLAMA3_8B_INF2, make_artifact_dir, tree

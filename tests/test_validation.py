@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from prebake.client.digests import hash_bytes
+from prebake.core.digests import hash_bytes
 from prebake.server.app import BackgroundServer
 from prebake.v1 import (
     admin_pb2,

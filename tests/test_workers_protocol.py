@@ -212,7 +212,7 @@ def test_bad_worker_calls_are_invalid_argument(client: Client) -> None:
 
 
 def hash_of(data: bytes) -> str:
-    from prebake.client.digests import hash_bytes
+    from prebake.core.digests import hash_bytes
 
     return hash_bytes(data)
 

@@ -12,6 +12,7 @@ Needs only grpcio, protobuf and xxhash; never imports the server.
 
 from __future__ import annotations
 
+from prebake.client.artifact_key import ArtifactKey
 from prebake.client.client import Client, EnsureResult
 from prebake.client.errors import (
     Aborted,
@@ -39,7 +40,6 @@ from prebake.client.errors import (
 )
 from prebake.client.fetch import FetchResult
 from prebake.client.hostcache import HostCache
-from prebake.client.key import ArtifactKey
 from prebake.client.transfer import DownloadResult, UploadResult
 
 __all__ = [

@@ -16,7 +16,7 @@ from typing import Any
 
 from prebake.client import commands, exitcodes
 from prebake.client.client import DEFAULT_TARGET
-from prebake.client.names import job_state_names, kind_names
+from prebake.core.names import job_state_names, kind_names
 
 DEFAULT_TIMEOUT = 30.0
 

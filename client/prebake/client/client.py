@@ -22,6 +22,7 @@ from typing import Literal, TypeVar
 
 import grpc
 
+from prebake.client.artifact_key import ArtifactKey
 from prebake.client.channel import (
     Connection,
     IdleWatchdog,
@@ -44,15 +45,7 @@ from prebake.client.errors import (
 )
 from prebake.client.fetch import FetchResult, fetch_artifact
 from prebake.client.hostcache import HostCache
-from prebake.client.key import ArtifactKey
 from prebake.client.model_revision import revision_of
-from prebake.client.names import (
-    TERMINAL_JOB_STATES,
-    job_state_name,
-    job_state_to_proto,
-    kind_to_proto,
-    lookup_status_name,
-)
 from prebake.client.publish import LocalFile, scan_directory
 from prebake.client.transfer import (
     DownloadResult,
@@ -62,6 +55,13 @@ from prebake.client.transfer import (
     download_blob,
     upload_blob,
     upload_id_for,
+)
+from prebake.core.names import (
+    TERMINAL_JOB_STATES,
+    job_state_name,
+    job_state_to_proto,
+    kind_to_proto,
+    lookup_status_name,
 )
 from prebake.v1 import (
     admin_pb2,

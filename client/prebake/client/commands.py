@@ -19,6 +19,7 @@ from typing import Any
 from google.protobuf.json_format import MessageToDict
 
 from prebake.client import exitcodes, importing, render
+from prebake.client.artifact_key import ArtifactKey
 from prebake.client.client import Client
 from prebake.client.errors import (
     AlreadyExists,
@@ -30,7 +31,6 @@ from prebake.client.errors import (
 )
 from prebake.client.hostcache import ENV as HOST_CACHE_ENV
 from prebake.client.hostcache import HostCache
-from prebake.client.key import ArtifactKey
 from prebake.client.matrix import MatrixError, load_matrix
 from prebake.client.prewarm import OK_OUTCOMES, PrewarmRow, summarize
 from prebake.client.prewarm import prewarm as prewarm_keys

@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 from prebake.client.durable import fsync_dir
 from prebake.client.errors import DestinationExists, UnsafeManifest
-from prebake.client.paths import UnsafePath, safe_join, validate_manifest_paths
 from prebake.client.transfer import DownloadResult, Progress
+from prebake.core.manifest_paths import UnsafePath, safe_join, validate_manifest_paths
 from prebake.v1 import blobs_pb2, registry_pb2
 
 if TYPE_CHECKING:  # only its methods are called here; avoids a load-time import

@@ -51,9 +51,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from prebake.client import digests
 from prebake.client.durable import fsync_dir
 from prebake.client.transfer import DownloadResult, Progress
+from prebake.core import digests
 from prebake.v1 import blobs_pb2
 
 try:

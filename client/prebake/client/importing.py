@@ -24,9 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from prebake.client.artifact_key import ArtifactKey
 from prebake.client.client import Client
 from prebake.client.errors import PrebakeError
-from prebake.client.key import ArtifactKey
 from prebake.client.matrix import MatrixError, decode, parse_matrix
 
 

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prebake.client.key import ArtifactKey
+from prebake.client.artifact_key import ArtifactKey
 
 # A product larger than this is almost certainly a mistake in the file (and would
 # enqueue that many compile jobs); split it into several files if it is really meant.

@@ -3,7 +3,7 @@
 A key's `model_revision` must change whenever the weights change. For a checkpoint that
 has no commit hash (a local directory) the revision is computed from the files themselves,
 so the thin client (`--model-source PATH` without `--revision`) and a compile worker that
-reads the same bytes agree on it. Stdlib + `prebake.client.digests` only: the client must
+reads the same bytes agree on it. Stdlib + `prebake.core.digests` only: the client must
 not depend on torch.
 """
 
@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from prebake.client.digests import hash_bytes, hash_file
+from prebake.core.digests import hash_bytes, hash_file
 
 # Part of the hashed document: a change of the recipe must change every revision, never
 # silently collide with revisions computed the old way.

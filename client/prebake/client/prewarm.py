@@ -32,12 +32,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar, cast
 
+from prebake.client.artifact_key import ArtifactKey
 from prebake.client.client import Client
 from prebake.client.errors import DeadlineExceeded, InvalidArgument, PrebakeError, Unavailable
 from prebake.client.hostcache import HostCache
-from prebake.client.key import ArtifactKey
 from prebake.client.matrix import PrewarmEntry
-from prebake.client.names import TERMINAL_JOB_STATES, job_state_name
+from prebake.core.names import TERMINAL_JOB_STATES, job_state_name
 from prebake.v1 import jobs_pb2, registry_pb2
 
 OUTCOMES = ("hit", "compiled", "enqueued", "joined", "failed", "cancelled", "invalid", "timeout", "error")

@@ -14,7 +14,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, TextIO
 
-from prebake.client.names import TERMINAL_JOB_STATES, job_state_name
+from prebake.core.names import TERMINAL_JOB_STATES, job_state_name
 from prebake.v1 import jobs_pb2
 
 if TYPE_CHECKING:

@@ -14,10 +14,10 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from prebake.client import digests
 from prebake.client.errors import InvalidArgument
 from prebake.client.fetch import MARKER
-from prebake.client.paths import UnsafePath, validate_manifest_paths
+from prebake.core import digests
+from prebake.core.manifest_paths import UnsafePath, validate_manifest_paths
 from prebake.v1 import blobs_pb2, registry_pb2
 
 

@@ -27,7 +27,6 @@ from typing import BinaryIO
 import grpc
 import xxhash
 
-from prebake.client import digests
 from prebake.client.channel import (
     Connection,
     IdleWatchdog,
@@ -45,6 +44,7 @@ from prebake.client.errors import (
     Unavailable,
     from_rpc_error,
 )
+from prebake.core import digests
 from prebake.v1 import blobs_pb2
 
 Progress = Callable[[int, int], object]

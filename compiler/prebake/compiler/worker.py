@@ -49,7 +49,6 @@ import grpc
 
 from prebake.client.channel import create_channel, status_of
 from prebake.client.client import Client
-from prebake.client.digests import hash_file
 from prebake.client.errors import (
     DataLoss,
     DeadlineExceeded,
@@ -60,9 +59,10 @@ from prebake.client.errors import (
     Unavailable,
     from_rpc_error,
 )
-from prebake.client.names import kind_name, kind_names, kind_to_proto
 from prebake.compiler.backend import EXIT_DETERMINISTIC, EXIT_OK, CompileRequest
 from prebake.compiler.model_source import resolve_model_source
+from prebake.core.digests import hash_file
+from prebake.core.names import kind_name, kind_names, kind_to_proto
 from prebake.v1 import blobs_pb2, jobs_pb2, key_pb2, registry_pb2, workers_pb2, workers_pb2_grpc
 
 T = TypeVar("T")

@@ -25,8 +25,8 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from grpc_reflection.v1alpha import reflection
 
 from prebake.server.blobs import LocalBlobStore
-from prebake.server.catalog import InstanceCatalog
 from prebake.server.config import ServerConfig
+from prebake.server.instance_catalog import InstanceCatalog
 from prebake.server.registry import Registry
 from prebake.server.services.admin_service import AdminService
 from prebake.server.services.blobs_service import BlobsService

@@ -13,7 +13,7 @@ import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from prebake.server.model import Artifact, NormalizedKey
+from prebake.server.records import Artifact, NormalizedKey
 
 # inf2 and trn1 (trn1n resolves to trn1) are both NeuronCore-v2; trn2 is v3.
 NEURONCORE_V2 = frozenset({"inf2", "trn1"})

@@ -105,7 +105,7 @@ def load_server_config(
                 raise ValueError(f"unknown server setting {name!r}")
             merged[name] = _coerce(name, value)
     config = ServerConfig(**merged)
-    from prebake.server.keys import DEFAULT_TOOLCHAINS
+    from prebake.server.key_normalization import DEFAULT_TOOLCHAINS
 
     parse_default_toolchains(config.default_toolchains, DEFAULT_TOOLCHAINS)  # refuse it now, readably
     return config

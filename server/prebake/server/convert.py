@@ -1,7 +1,7 @@
-"""Conversions between domain records (`prebake.server.model`) and `prebake.v1` messages.
+"""Conversions between domain records (`prebake.server.records`) and `prebake.v1` messages.
 
 Pure functions; validation of untrusted input happens here for digests and file lists
-(raising domain errors), and in `prebake.server.keys` for keys.
+(raising domain errors), and in `prebake.server.key_normalization` for keys.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from collections.abc import Iterable, Sequence
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from prebake.server import paths
+from prebake.server import manifest_checks as paths
 from prebake.server.errors import InvalidArgument
-from prebake.server.keys import KeyRequest
-from prebake.server.model import (
+from prebake.server.key_normalization import KeyRequest
+from prebake.server.records import (
     Artifact,
     Digest,
     ErrorClass,

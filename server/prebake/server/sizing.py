@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import re
 
-from prebake.server.catalog import InstanceType
 from prebake.server.errors import InvalidKey
+from prebake.server.instance_catalog import InstanceType
 
 BYTES_PER_PARAMETER = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "fp8": 1.0, "int4-awq": 0.5}
 # "8b", "70b", "1.5b", "8x7b", "7b1" (7.1B), "560m"; not glued to other letters or digits.

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from prebake.server.blobs import BlobStore
-from prebake.server.catalog import InstanceCatalog
 from prebake.server.config import ServerConfig, parse_default_toolchains
 from prebake.server.events import JobEventHub, Pulse
-from prebake.server.keys import DEFAULT_TOOLCHAINS
-from prebake.server.models import ModelCatalog
+from prebake.server.instance_catalog import InstanceCatalog
+from prebake.server.key_normalization import DEFAULT_TOOLCHAINS
+from prebake.server.model_catalog import ModelCatalog
 from prebake.server.registry import Registry
 
 T = TypeVar("T")

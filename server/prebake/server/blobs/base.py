@@ -32,7 +32,7 @@ from collections.abc import Iterable, Iterator
 from typing import NamedTuple, Protocol, runtime_checkable
 
 from prebake.server.errors import InvalidArgument
-from prebake.server.model import Digest
+from prebake.server.records import Digest
 
 MAX_UPLOAD_ID_LENGTH = 128
 _UPLOAD_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")

@@ -31,7 +31,7 @@ from typing import NoReturn
 
 import xxhash
 
-from prebake.client.digests import new_hasher, seed_hasher
+from prebake.core.digests import new_hasher, seed_hasher
 from prebake.server.blobs.base import StoreStats, UploadStatus, validate_upload_id
 from prebake.server.errors import (
     Busy,
@@ -43,7 +43,7 @@ from prebake.server.errors import (
     OutOfRange,
     QuotaExceeded,
 )
-from prebake.server.model import Digest
+from prebake.server.records import Digest
 
 _BLOB_NAME_RE = re.compile(r"([0-9a-f]{32})-(0|[1-9][0-9]*)")
 _HASH_BUFFER = 4 << 20

@@ -1,6 +1,6 @@
 """The registry: artifact manifests and compile jobs in one SQLite database.
 
-Rows map to the domain records of `prebake.server.model`; nothing here knows about
+Rows map to the domain records of `prebake.server.records`; nothing here knows about
 gRPC or blob bytes. Times are UNIX seconds from the injected clock.
 """
 
@@ -20,9 +20,9 @@ from typing import Any
 
 from sqlite_utils import Database
 
-from prebake.client.digests import hash_bytes
+from prebake.core.digests import hash_bytes
 from prebake.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from prebake.server.model import (
+from prebake.server.records import (
     Artifact,
     Digest,
     ErrorClass,

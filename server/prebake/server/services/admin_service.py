@@ -8,7 +8,7 @@ import grpc
 
 from prebake.server import convert
 from prebake.server.errors import InvalidArgument
-from prebake.server.model import JobState
+from prebake.server.records import JobState
 from prebake.server.services import pagination
 from prebake.server.services.registry_service import check_artifact_id
 from prebake.server.state import ServerState

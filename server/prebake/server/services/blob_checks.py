@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from prebake.server import convert
 from prebake.server.errors import FailedPrecondition
-from prebake.server.model import Digest, FileEntry, Producer
+from prebake.server.records import Digest, FileEntry, Producer
 from prebake.server.state import ServerState
 from prebake.v1 import registry_pb2
 

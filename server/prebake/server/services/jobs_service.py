@@ -12,7 +12,7 @@ import grpc
 
 from prebake.server import convert
 from prebake.server.errors import InvalidArgument, NotFound
-from prebake.server.model import Job
+from prebake.server.records import Job
 from prebake.server.services import pagination
 from prebake.server.state import ServerState
 from prebake.server.status import streaming, unary

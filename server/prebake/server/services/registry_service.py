@@ -9,8 +9,8 @@ import grpc
 
 from prebake.server import compat, convert
 from prebake.server.errors import InvalidArgument, NotFound
-from prebake.server.keys import diff_keys, normalize_key
-from prebake.server.model import ErrorClass, JobState, NormalizedKey
+from prebake.server.key_normalization import diff_keys, normalize_key
+from prebake.server.records import ErrorClass, JobState, NormalizedKey
 from prebake.server.services.blob_checks import require_present, verified_manifest
 from prebake.server.state import ServerState
 from prebake.server.status import unary

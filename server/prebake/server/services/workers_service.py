@@ -9,7 +9,7 @@ import grpc
 
 from prebake.server import convert
 from prebake.server.errors import InvalidArgument, NotFound
-from prebake.server.model import ErrorClass, Job, JobState
+from prebake.server.records import ErrorClass, Job, JobState
 from prebake.server.services.blob_checks import require_present, verified_manifest
 from prebake.server.services.jobs_service import check_job_id
 from prebake.server.state import ServerState

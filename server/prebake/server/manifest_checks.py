@@ -1,4 +1,4 @@
-"""Manifest path validation for the server: `prebake.client.paths` with domain errors.
+"""Manifest path validation for the server: `prebake.core.manifest_paths` with domain errors.
 
 The rules live in the client module so both sides enforce the same ones; this wrapper
 only turns `UnsafePath` into `InvalidArgument`, which the gRPC layer maps to
@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from prebake.client import paths as _rules
-from prebake.client.paths import MAX_COMPONENT_BYTES, MAX_FILES, MAX_PATH_BYTES, UnsafePath
+from prebake.core import manifest_paths as _rules
+from prebake.core.manifest_paths import MAX_COMPONENT_BYTES, MAX_FILES, MAX_PATH_BYTES, UnsafePath
 from prebake.server.errors import InvalidArgument
 
 __all__ = [
@@ -25,7 +25,7 @@ __all__ = [
 
 
 def check_path(path: str) -> None:
-    """Raise InvalidArgument unless `path` is a safe manifest path (see `prebake.client.paths`)."""
+    """Raise InvalidArgument unless `path` is a safe manifest path (see `prebake.core.manifest_paths`)."""
     try:
         _rules.check_path(path)
     except UnsafePath as exc:

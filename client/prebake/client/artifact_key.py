@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
-from prebake.client.names import kind_name, kind_to_proto
+from prebake.core.names import kind_name, kind_to_proto
 from prebake.v1 import key_pb2
 
 

@@ -1,7 +1,7 @@
 """xxh3-128 digests of bytes and files, the identity of every blob.
 
 Used by the client to name what it uploads and to verify what it downloads, and by
-the server (which may import the client) to verify what it stores.
+the server to verify what it stores.
 """
 
 from __future__ import annotations

@@ -19,10 +19,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 
-from prebake.client.digests import hash_bytes
-from prebake.server.catalog import InstanceCatalog, InstanceType
+from prebake.core.digests import hash_bytes
 from prebake.server.errors import InvalidKey
-from prebake.server.model import NormalizedKey
+from prebake.server.instance_catalog import InstanceCatalog, InstanceType
+from prebake.server.records import NormalizedKey
 from prebake.server.sizing import check_fits
 
 SCHEMA_VERSION = 1

@@ -34,7 +34,7 @@ class Digest:
 
 @dataclass(frozen=True)
 class NormalizedKey:
-    """An artifact key after normalisation (see `prebake.server.keys`).
+    """An artifact key after normalisation (see `prebake.server.key_normalization`).
 
     Fields irrelevant to the kind are cleared ("" or 0). `canonical` is the exact text
     that was hashed; `digest` is its xxh3-128 hex digest and the key's identity.
