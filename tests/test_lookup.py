@@ -97,8 +97,8 @@ def test_200_distinct_keys_create_one_job_each(client: Client) -> None:
 
 def test_deterministic_failure_is_cached_and_force_retries(client: Client, server: BackgroundServer) -> None:
     job = client.lookup(LLAMA3_8B_INF2).job
-    registry = server.running.state.registry  # type: ignore[union-attr]
-    server.call(registry.fail_job, job.job_id, "neuronx-cc: unsupported operator", ErrorClass.DETERMINISTIC)
+    lifecycle = server.running.state.lifecycle  # type: ignore[union-attr]
+    server.call(lifecycle.fail, job.job_id, "neuronx-cc: unsupported operator", ErrorClass.DETERMINISTIC)
     failed = client.lookup(LLAMA3_8B_INF2)
     assert failed.status == FAILED
     assert "unsupported operator" in failed.error and failed.job.job_id == job.job_id
@@ -108,8 +108,8 @@ def test_deterministic_failure_is_cached_and_force_retries(client: Client, serve
 
 def test_transient_failure_is_not_cached(client: Client, server: BackgroundServer) -> None:
     job = client.lookup(LLAMA3_8B_INF2).job
-    registry = server.running.state.registry  # type: ignore[union-attr]
-    requeued = server.call(registry.fail_job, job.job_id, "worker lost", ErrorClass.TRANSIENT)
+    lifecycle = server.running.state.lifecycle  # type: ignore[union-attr]
+    requeued = server.call(lifecycle.fail, job.job_id, "worker lost", ErrorClass.TRANSIENT)
     assert requeued.state == JobState.QUEUED  # type: ignore[attr-defined]
     again = client.lookup(LLAMA3_8B_INF2)
     assert again.status == COMPILING and again.job.job_id == job.job_id

@@ -295,8 +295,8 @@ def test_a_killed_worker_loses_its_job_to_another_and_cannot_publish_late(
     shared = tmp_path / "work"
     first = start_worker(workers, client.target, tmp_path, "first", work_dir=shared)
     wait_until(lambda: compiling(client, job_id, first), 60, "the first worker to compile")
-    registry = cast(Any, server.running).state.registry
-    zombie_token = cast(Any, server.call(registry.get_job, job_id)).fencing_token
+    jobs = cast(Any, server.running).state.storage.jobs
+    zombie_token = cast(Any, server.call(jobs.get, job_id)).fencing_token
     killed = first.kill_host()
     assert killed
     wait_until(lambda: not any(alive(pid) for pid in killed), 10, "the killed compile to die")

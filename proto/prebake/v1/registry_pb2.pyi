@@ -426,6 +426,8 @@ class LookupResponse(_message.Message):
     JOB_CREATED_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     NEAREST_FIELD_NUMBER: _builtins.int
+    TOOLCHAIN_SOURCE_FIELD_NUMBER: _builtins.int
+    UNSERVED_REASON_FIELD_NUMBER: _builtins.int
     status: Global___LookupStatus.ValueType
     """HIT, MISS, COMPILING or FAILED."""
     match_reason: _builtins.str
@@ -440,6 +442,17 @@ class LookupResponse(_message.Message):
     """True when this lookup created `job` (as opposed to joining one in flight)."""
     error: _builtins.str
     """For FAILED: the compile error. For a MISS with no job: why none was created."""
+    toolchain_source: _builtins.str
+    """Where the key's toolchain came from when the request named none: `configured
+    default`, `newest toolchain of a live worker (<worker id>)` or `built-in default`;
+    `requested` when the request named one.
+    """
+    unserved_reason: _builtins.str
+    """For MISS and COMPILING: empty when a live worker can run the job; otherwise why none
+    can, naming the missing capability ("no live worker serves inductor torch-2.13.0
+    for cpu-avx512; live inductor workers serve torch-2.13.0 for cpu-avx2"). The job
+    stays queued for a worker that may still come; a deployer should not wait for it.
+    """
     @_builtins.property
     def key(self) -> _key_pb2.ResolvedKey:
         """The key as the server resolved it."""
@@ -470,10 +483,12 @@ class LookupResponse(_message.Message):
         job_created: _builtins.bool = ...,
         error: _builtins.str = ...,
         nearest: _abc.Iterable[Global___NearMiss] | None = ...,
+        toolchain_source: _builtins.str = ...,
+        unserved_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "job", b"job", "key", b"key"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "error", b"error", "job", b"job", "job_created", b"job_created", "key", b"key", "match_reason", b"match_reason", "matched_policy", b"matched_policy", "nearest", b"nearest", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "error", b"error", "job", b"job", "job_created", b"job_created", "key", b"key", "match_reason", b"match_reason", "matched_policy", b"matched_policy", "nearest", b"nearest", "status", b"status", "toolchain_source", b"toolchain_source", "unserved_reason", b"unserved_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -29,7 +29,7 @@ from prebake.v1 import key_pb2 as prebake_dot_v1_dot_key__pb2
 from prebake.v1 import registry_pb2 as prebake_dot_v1_dot_registry__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18prebake/v1/workers.proto\x12\nprebake.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16prebake/v1/blobs.proto\x1a\x15prebake/v1/jobs.proto\x1a\x14prebake/v1/key.proto\x1a\x19prebake/v1/registry.proto\"`\n\nCapability\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.prebake.v1.ArtifactKind\x12\x11\n\ttoolchain\x18\x02 \x01(\t\x12\x17\n\x0f\x63ompile_targets\x18\x03 \x03(\t\"h\n\x0fLeaseJobRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12,\n\x0c\x63\x61pabilities\x18\x02 \x03(\x0b\x32\x16.prebake.v1.Capability\x12\x14\n\x0cwait_seconds\x18\x03 \x01(\x01\"\x94\x01\n\x10LeaseJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.prebake.v1.Job\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\x12\x34\n\x10lease_expires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rlease_seconds\x18\x04 \x01(\x01\"\\\n\x10HeartbeatRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\x12\x10\n\x08progress\x18\x03 \x01(\x01\x12\x0f\n\x07message\x18\x04 \x01(\t\"\\\n\x11HeartbeatResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\x12\x34\n\x10lease_expires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8c\x01\n\x12\x43ompleteJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\x12\'\n\x05\x66iles\x18\x03 \x03(\x0b\x32\x18.prebake.v1.ArtifactFile\x12&\n\x08producer\x18\x04 \x01(\x0b\x32\x14.prebake.v1.Producer\"=\n\x13\x43ompleteJobResponse\x12&\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x14.prebake.v1.Artifact\"\x94\x01\n\x0e\x46\x61ilJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12+\n\x0b\x65rror_class\x18\x04 \x01(\x0e\x32\x16.prebake.v1.ErrorClass\x12\x1f\n\x03log\x18\x05 \x01(\x0b\x32\x12.prebake.v1.Digest\"J\n\x11ReleaseJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\t2\xe0\x02\n\x07Workers\x12\x45\n\x08LeaseJob\x12\x1b.prebake.v1.LeaseJobRequest\x1a\x1c.prebake.v1.LeaseJobResponse\x12H\n\tHeartbeat\x12\x1c.prebake.v1.HeartbeatRequest\x1a\x1d.prebake.v1.HeartbeatResponse\x12N\n\x0b\x43ompleteJob\x12\x1e.prebake.v1.CompleteJobRequest\x1a\x1f.prebake.v1.CompleteJobResponse\x12\x36\n\x07\x46\x61ilJob\x12\x1a.prebake.v1.FailJobRequest\x1a\x0f.prebake.v1.Job\x12<\n\nReleaseJob\x12\x1d.prebake.v1.ReleaseJobRequest\x1a\x0f.prebake.v1.Jobb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18prebake/v1/workers.proto\x12\nprebake.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16prebake/v1/blobs.proto\x1a\x15prebake/v1/jobs.proto\x1a\x14prebake/v1/key.proto\x1a\x19prebake/v1/registry.proto\"`\n\nCapability\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.prebake.v1.ArtifactKind\x12\x11\n\ttoolchain\x18\x02 \x01(\t\x12\x17\n\x0f\x63ompile_targets\x18\x03 \x03(\t\"-\n\x12ListWorkersRequest\x12\x17\n\x0finclude_expired\x18\x01 \x01(\x08\"\xba\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12,\n\x0c\x63\x61pabilities\x18\x02 \x03(\x0b\x32\x16.prebake.v1.Capability\x12-\n\tlast_seen\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04live\x18\x05 \x01(\x08\">\n\x13ListWorkersResponse\x12\'\n\x07workers\x18\x01 \x03(\x0b\x32\x16.prebake.v1.WorkerInfo\"h\n\x0fLeaseJobRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12,\n\x0c\x63\x61pabilities\x18\x02 \x03(\x0b\x32\x16.prebake.v1.Capability\x12\x14\n\x0cwait_seconds\x18\x03 \x01(\x01\"\x94\x01\n\x10LeaseJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.prebake.v1.Job\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\x12\x34\n\x10lease_expires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rlease_seconds\x18\x04 \x01(\x01\"\\\n\x10HeartbeatRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\x12\x10\n\x08progress\x18\x03 \x01(\x01\x12\x0f\n\x07message\x18\x04 \x01(\t\"\\\n\x11HeartbeatResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\x12\x34\n\x10lease_expires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8c\x01\n\x12\x43ompleteJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\x12\'\n\x05\x66iles\x18\x03 \x03(\x0b\x32\x18.prebake.v1.ArtifactFile\x12&\n\x08producer\x18\x04 \x01(\x0b\x32\x14.prebake.v1.Producer\"=\n\x13\x43ompleteJobResponse\x12&\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x14.prebake.v1.Artifact\"\x94\x01\n\x0e\x46\x61ilJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12+\n\x0b\x65rror_class\x18\x04 \x01(\x0e\x32\x16.prebake.v1.ErrorClass\x12\x1f\n\x03log\x18\x05 \x01(\x0b\x32\x12.prebake.v1.Digest\"J\n\x11ReleaseJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\t2\xb0\x03\n\x07Workers\x12N\n\x0bListWorkers\x12\x1e.prebake.v1.ListWorkersRequest\x1a\x1f.prebake.v1.ListWorkersResponse\x12\x45\n\x08LeaseJob\x12\x1b.prebake.v1.LeaseJobRequest\x1a\x1c.prebake.v1.LeaseJobResponse\x12H\n\tHeartbeat\x12\x1c.prebake.v1.HeartbeatRequest\x1a\x1d.prebake.v1.HeartbeatResponse\x12N\n\x0b\x43ompleteJob\x12\x1e.prebake.v1.CompleteJobRequest\x1a\x1f.prebake.v1.CompleteJobResponse\x12\x36\n\x07\x46\x61ilJob\x12\x1a.prebake.v1.FailJobRequest\x1a\x0f.prebake.v1.Job\x12<\n\nReleaseJob\x12\x1d.prebake.v1.ReleaseJobRequest\x1a\x0f.prebake.v1.Jobb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,22 +38,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CAPABILITY']._serialized_start=169
   _globals['_CAPABILITY']._serialized_end=265
-  _globals['_LEASEJOBREQUEST']._serialized_start=267
-  _globals['_LEASEJOBREQUEST']._serialized_end=371
-  _globals['_LEASEJOBRESPONSE']._serialized_start=374
-  _globals['_LEASEJOBRESPONSE']._serialized_end=522
-  _globals['_HEARTBEATREQUEST']._serialized_start=524
-  _globals['_HEARTBEATREQUEST']._serialized_end=616
-  _globals['_HEARTBEATRESPONSE']._serialized_start=618
-  _globals['_HEARTBEATRESPONSE']._serialized_end=710
-  _globals['_COMPLETEJOBREQUEST']._serialized_start=713
-  _globals['_COMPLETEJOBREQUEST']._serialized_end=853
-  _globals['_COMPLETEJOBRESPONSE']._serialized_start=855
-  _globals['_COMPLETEJOBRESPONSE']._serialized_end=916
-  _globals['_FAILJOBREQUEST']._serialized_start=919
-  _globals['_FAILJOBREQUEST']._serialized_end=1067
-  _globals['_RELEASEJOBREQUEST']._serialized_start=1069
-  _globals['_RELEASEJOBREQUEST']._serialized_end=1143
-  _globals['_WORKERS']._serialized_start=1146
-  _globals['_WORKERS']._serialized_end=1498
+  _globals['_LISTWORKERSREQUEST']._serialized_start=267
+  _globals['_LISTWORKERSREQUEST']._serialized_end=312
+  _globals['_WORKERINFO']._serialized_start=315
+  _globals['_WORKERINFO']._serialized_end=501
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=503
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=565
+  _globals['_LEASEJOBREQUEST']._serialized_start=567
+  _globals['_LEASEJOBREQUEST']._serialized_end=671
+  _globals['_LEASEJOBRESPONSE']._serialized_start=674
+  _globals['_LEASEJOBRESPONSE']._serialized_end=822
+  _globals['_HEARTBEATREQUEST']._serialized_start=824
+  _globals['_HEARTBEATREQUEST']._serialized_end=916
+  _globals['_HEARTBEATRESPONSE']._serialized_start=918
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1010
+  _globals['_COMPLETEJOBREQUEST']._serialized_start=1013
+  _globals['_COMPLETEJOBREQUEST']._serialized_end=1153
+  _globals['_COMPLETEJOBRESPONSE']._serialized_start=1155
+  _globals['_COMPLETEJOBRESPONSE']._serialized_end=1216
+  _globals['_FAILJOBREQUEST']._serialized_start=1219
+  _globals['_FAILJOBREQUEST']._serialized_end=1367
+  _globals['_RELEASEJOBREQUEST']._serialized_start=1369
+  _globals['_RELEASEJOBREQUEST']._serialized_end=1443
+  _globals['_WORKERS']._serialized_start=1446
+  _globals['_WORKERS']._serialized_end=1878
 # @@protoc_insertion_point(module_scope)

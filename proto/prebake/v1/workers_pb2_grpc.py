@@ -27,7 +27,7 @@ if _version_not_supported:
 
 
 class WorkersStub:
-    """Lease, heartbeat, complete, fail and release compile jobs.
+    """Lease, heartbeat, complete, fail and release compile jobs; list the live workers.
     """
 
     def __init__(self, channel):
@@ -36,6 +36,11 @@ class WorkersStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.ListWorkers = channel.unary_unary(
+                '/prebake.v1.Workers/ListWorkers',
+                request_serializer=prebake_dot_v1_dot_workers__pb2.ListWorkersRequest.SerializeToString,
+                response_deserializer=prebake_dot_v1_dot_workers__pb2.ListWorkersResponse.FromString,
+                _registered_method=True)
         self.LeaseJob = channel.unary_unary(
                 '/prebake.v1.Workers/LeaseJob',
                 request_serializer=prebake_dot_v1_dot_workers__pb2.LeaseJobRequest.SerializeToString,
@@ -64,8 +69,19 @@ class WorkersStub:
 
 
 class WorkersServicer:
-    """Lease, heartbeat, complete, fail and release compile jobs.
+    """Lease, heartbeat, complete, fail and release compile jobs; list the live workers.
     """
+
+    def ListWorkers(self, request, context):
+        """Lists the workers heard of lately (by `LeaseJob` or `Heartbeat` on any replica)
+        with what they serve, sorted by worker id. Live ones only unless `include_expired`.
+
+        Errors:
+        * `UNAVAILABLE`: transient. Retry with backoff.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def LeaseJob(self, request, context):
         """Leases the oldest queued job that matches one of the worker's capabilities. Waits
@@ -144,6 +160,11 @@ class WorkersServicer:
 
 def add_WorkersServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'ListWorkers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWorkers,
+                    request_deserializer=prebake_dot_v1_dot_workers__pb2.ListWorkersRequest.FromString,
+                    response_serializer=prebake_dot_v1_dot_workers__pb2.ListWorkersResponse.SerializeToString,
+            ),
             'LeaseJob': grpc.unary_unary_rpc_method_handler(
                     servicer.LeaseJob,
                     request_deserializer=prebake_dot_v1_dot_workers__pb2.LeaseJobRequest.FromString,
@@ -178,8 +199,35 @@ def add_WorkersServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Workers:
-    """Lease, heartbeat, complete, fail and release compile jobs.
+    """Lease, heartbeat, complete, fail and release compile jobs; list the live workers.
     """
+
+    @staticmethod
+    def ListWorkers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/prebake.v1.Workers/ListWorkers',
+            prebake_dot_v1_dot_workers__pb2.ListWorkersRequest.SerializeToString,
+            prebake_dot_v1_dot_workers__pb2.ListWorkersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def LeaseJob(request,

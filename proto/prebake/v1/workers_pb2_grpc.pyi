@@ -36,12 +36,19 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class WorkersStub:
-    """Lease, heartbeat, complete, fail and release compile jobs."""
+    """Lease, heartbeat, complete, fail and release compile jobs; list the live workers."""
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> WorkersAsyncStub: ...
+    ListWorkers: _grpc.UnaryUnaryMultiCallable[_workers_pb2.ListWorkersRequest, _workers_pb2.ListWorkersResponse]
+    """Lists the workers heard of lately (by `LeaseJob` or `Heartbeat` on any replica)
+    with what they serve, sorted by worker id. Live ones only unless `include_expired`.
+
+    Errors:
+    * `UNAVAILABLE`: transient. Retry with backoff.
+    """
     LeaseJob: _grpc.UnaryUnaryMultiCallable[_workers_pb2.LeaseJobRequest, _workers_pb2.LeaseJobResponse]
     """Leases the oldest queued job that matches one of the worker's capabilities. Waits
     up to `wait_seconds` for one to appear (a long poll); answers with no job when
@@ -99,9 +106,16 @@ class WorkersStub:
 
 @_typing.type_check_only
 class WorkersAsyncStub(WorkersStub):
-    """Lease, heartbeat, complete, fail and release compile jobs."""
+    """Lease, heartbeat, complete, fail and release compile jobs; list the live workers."""
 
     def __init__(self, channel: _aio.Channel) -> None: ...
+    ListWorkers: _aio.UnaryUnaryMultiCallable[_workers_pb2.ListWorkersRequest, _workers_pb2.ListWorkersResponse]  # type: ignore[assignment]
+    """Lists the workers heard of lately (by `LeaseJob` or `Heartbeat` on any replica)
+    with what they serve, sorted by worker id. Live ones only unless `include_expired`.
+
+    Errors:
+    * `UNAVAILABLE`: transient. Retry with backoff.
+    """
     LeaseJob: _aio.UnaryUnaryMultiCallable[_workers_pb2.LeaseJobRequest, _workers_pb2.LeaseJobResponse]  # type: ignore[assignment]
     """Leases the oldest queued job that matches one of the worker's capabilities. Waits
     up to `wait_seconds` for one to appear (a long poll); answers with no job when
@@ -158,7 +172,20 @@ class WorkersAsyncStub(WorkersStub):
     """
 
 class WorkersServicer(metaclass=_abc_1.ABCMeta):
-    """Lease, heartbeat, complete, fail and release compile jobs."""
+    """Lease, heartbeat, complete, fail and release compile jobs; list the live workers."""
+
+    @_abc_1.abstractmethod
+    def ListWorkers(
+        self,
+        request: _workers_pb2.ListWorkersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workers_pb2.ListWorkersResponse, _abc.Awaitable[_workers_pb2.ListWorkersResponse]]:
+        """Lists the workers heard of lately (by `LeaseJob` or `Heartbeat` on any replica)
+        with what they serve, sorted by worker id. Live ones only unless `include_expired`.
+
+        Errors:
+        * `UNAVAILABLE`: transient. Retry with backoff.
+        """
 
     @_abc_1.abstractmethod
     def LeaseJob(

@@ -2,7 +2,7 @@
 
 `serve(config)` is what `prebake serve` runs: it blocks until SIGINT/SIGTERM, then
 stops accepting rpcs, gives in-flight ones `shutdown_grace_seconds`, flushes access
-times and closes the registry. `BackgroundServer` runs the same server on a thread with
+times and closes the storage. `BackgroundServer` runs the same server on a thread with
 its own event loop, for tests, benchmarks and the demo.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import signal
 import sys
@@ -27,7 +28,6 @@ from grpc_reflection.v1alpha import reflection
 from prebake.server.blobs import LocalBlobStore
 from prebake.server.config import ServerConfig
 from prebake.server.instance_catalog import InstanceCatalog
-from prebake.server.registry import Registry
 from prebake.server.services.admin_service import AdminService
 from prebake.server.services.blobs_service import BlobsService
 from prebake.server.services.catalog_service import CatalogService
@@ -35,6 +35,7 @@ from prebake.server.services.jobs_service import JobsService
 from prebake.server.services.registry_service import RegistryService
 from prebake.server.services.workers_service import WorkersService
 from prebake.server.state import ServerState
+from prebake.server.storage.sqlite import open_sqlite
 from prebake.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -78,14 +79,14 @@ def open_state(config: ServerConfig) -> ServerState:
     """Open (creating if needed) the data directory's registry and blob store."""
     data_dir = config.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
-    registry = Registry(data_dir / "registry.sqlite3", backoff_base=config.retry_backoff_seconds)
+    storage = open_sqlite(data_dir / "registry.sqlite3")
     blobs = LocalBlobStore(data_dir / "cas", config.max_blob_bytes, config.max_store_bytes)
     swept = blobs.sweep_uploads(config.stale_upload_seconds)
     if swept:
         log.info("removed %d stale partial uploads", swept)
     return ServerState(
         config=config,
-        registry=registry,
+        storage=storage,
         blobs=blobs,
         catalog=InstanceCatalog.load_default(),
         executor=ThreadPoolExecutor(config.io_threads, thread_name_prefix="prebake-io"),
@@ -107,7 +108,10 @@ class RunningServer:
     async def _flush_periodically(self) -> None:
         while True:
             await asyncio.sleep(self.state.config.access_flush_seconds)
-            self.state.tracker.flush()
+            try:
+                await self.state.tracker.flush()
+            except Exception:
+                log.exception("recording artifact access times failed; retrying later")
 
     async def _expire_leases_periodically(self) -> None:
         s = self.state
@@ -115,7 +119,11 @@ class RunningServer:
         interval = max(0.05, min(5.0, s.config.lease_seconds / 4))
         while True:
             await asyncio.sleep(interval)
-            expired = s.registry.expire_leases()
+            try:
+                expired = await s.lifecycle.expire_leases()
+            except Exception:
+                log.exception("expiring leases failed; retrying later")
+                continue
             if expired:
                 log.info("requeued or failed %d job(s) whose worker stopped heartbeating", len(expired))
                 s.hub.notify(j.job_id for j in expired)
@@ -134,9 +142,9 @@ class RunningServer:
         # Load balancers and health probes see NOT_SERVING while in-flight rpcs finish.
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.state.config.shutdown_grace_seconds if grace is None else grace)
-        self.state.tracker.flush()
+        await self.state.tracker.flush()
         self.state.executor.shutdown(wait=True)
-        self.state.registry.close()
+        self.state.storage.close()
 
 
 async def start(config: ServerConfig) -> RunningServer:
@@ -159,7 +167,7 @@ async def start(config: ServerConfig) -> RunningServer:
     try:
         port = server.add_insecure_port(config.listen)
     except RuntimeError as exc:
-        state.registry.close()
+        state.storage.close()
         raise OSError(f"cannot listen on {config.listen}: {exc} (is another server using the port?)") from exc
     await server.start()
     for name in ("", *SERVICE_NAMES):
@@ -230,10 +238,12 @@ class BackgroundServer:
         return self
 
     def call(self, fn: object, *args: object) -> object:
-        """Run a plain function on the server's loop thread (for tests poking at state)."""
+        """Run a function (or coroutine function) on the server's loop thread and return
+        its result (for tests poking at state)."""
 
         async def run() -> object:
-            return fn(*args)  # type: ignore[operator]
+            result = fn(*args)  # type: ignore[operator]
+            return await result if inspect.isawaitable(result) else result
 
         return asyncio.run_coroutine_threadsafe(run(), self._loop).result()
 

@@ -40,10 +40,15 @@ class ServerConfig:
     # How often lazily-recorded artifact access times are written to the registry.
     access_flush_seconds: float = 5.0
     # Toolchain a key of each kind gets when the request leaves it unset, as
-    # "kind=toolchain,..." (e.g. "neuron=neuronx-cc-2.15"): set it to what the workers run,
-    # since a job is leased only by a worker whose toolchain equals the key's. Kinds not
-    # named keep the built-in defaults (neuronx-cc-2, llmcompressor-0.14, torch-2.13.0).
+    # "kind=toolchain,..." (e.g. "neuron=neuronx-cc-2.15"). Kinds not named get the newest
+    # toolchain a live worker serves for the key's compile target, else the built-in
+    # default (neuronx-cc-2, llmcompressor-0.14, torch-2.13.0).
     default_toolchains: str = ""
+    # A worker counts as live for this long after its last lease poll or heartbeat.
+    worker_ttl_seconds: float = 90.0
+    # For this long after start-up a job no live worker serves is not reported as such
+    # (in-process and remote workers need a moment to register).
+    worker_grace_seconds: float = 20.0
     # Seconds given to in-flight rpcs on shutdown.
     shutdown_grace_seconds: float = 10.0
     # Thread pool for blocking work (hashing, fsync) off the event loop.
@@ -112,8 +117,8 @@ def load_server_config(
 
 
 def parse_default_toolchains(text: str, known_kinds: Mapping[str, str]) -> dict[str, str]:
-    """`default_toolchains` as a mapping over the built-in defaults; ValueError if malformed."""
-    result = dict(known_kinds)
+    """The kinds `default_toolchains` names, with their toolchains; ValueError if malformed."""
+    result: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         kind, sep, toolchain = item.partition("=")
         if not sep or kind.strip() not in known_kinds or not toolchain.strip():

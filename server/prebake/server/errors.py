@@ -55,3 +55,7 @@ class QuotaExceeded(PrebakeError):
 
 class Busy(PrebakeError):
     """Another request holds the object right now (e.g. the same upload id)."""
+
+
+class Unavailable(PrebakeError):
+    """The storage engine is busy or unreachable right now; retrying later may succeed."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 
@@ -153,14 +153,20 @@ class KeyRequest:
     options: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
 
+ToolchainResolver = Callable[[str, str], str]
+
+
 def normalize_key(
-    req: KeyRequest, catalog: InstanceCatalog, default_toolchains: Mapping[str, str] = DEFAULT_TOOLCHAINS
+    req: KeyRequest,
+    catalog: InstanceCatalog,
+    default_toolchains: Mapping[str, str] | ToolchainResolver = DEFAULT_TOOLCHAINS,
 ) -> NormalizedKey:
     """Validate and normalise `req`; raises InvalidKey(field, message) for the first problem.
 
-    `default_toolchains` fills an unset toolchain per kind (a deployment sets it to the
-    compiler version its workers run, e.g. neuron=neuronx-cc-2.15). Pure and thread-safe
-    (the catalog is only read). Equal digests <=> same artifact.
+    `default_toolchains` fills an unset toolchain: a mapping per kind, or a function of
+    (kind, compile target) (the server's: configured default, else the newest toolchain
+    a live worker serves, else the built-in default). Pure and thread-safe (the catalog
+    is only read). Equal digests <=> same artifact.
     """
     kind = _kind(req.kind)
     rules = _RULES[kind]
@@ -172,10 +178,15 @@ def normalize_key(
     batch_size = _shape("batch_size", req.batch_size, MAX_BATCH_SIZE, kind)
     tp = _tensor_parallel(req.tensor_parallel_degree, kind, instance)
     check_fits(model, precision, kind, tp, instance)
-    toolchain = _toolchain(req.toolchain or default_toolchains.get(kind, ""), kind)
+    compile_target = instance.compile_target if instance else ""
+    if req.toolchain:
+        toolchain = _toolchain(req.toolchain, kind)
+    elif callable(default_toolchains):
+        toolchain = _toolchain(default_toolchains(kind, compile_target), kind)
+    else:
+        toolchain = _toolchain(default_toolchains.get(kind, ""), kind)
     options = _options(req.options, kind)
 
-    compile_target = instance.compile_target if instance else ""
     values: dict[str, object] = {
         "kind": kind,
         "model": model,

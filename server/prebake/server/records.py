@@ -136,6 +136,9 @@ class Job:
     not_before: float = 0.0
     model_source: str = ""
     finished_at: float | None = None
+    # Bumped by every stored change; the job queue's compare-and-set condition, and the
+    # sequence number of the job event that change appended (creation is revision 1).
+    revision: int = 0
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,35 @@ class JobEvent:
     sequence: int
     at: float
     job: Job
+
+
+@dataclass(frozen=True)
+class WorkerCapability:
+    """One (kind, toolchain, compile targets) a worker serves; empty targets: any."""
+
+    kind: str
+    toolchain: str
+    compile_targets: tuple[str, ...] = ()
+
+    def serves(self, kind: str, toolchain: str, compile_target: str) -> bool:
+        return (
+            self.kind == kind
+            and self.toolchain == toolchain
+            and (not self.compile_targets or compile_target in self.compile_targets)
+        )
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    """A worker as the server last heard of it (lease poll or heartbeat)."""
+
+    worker_id: str
+    capabilities: tuple[WorkerCapability, ...]
+    last_seen: float
+    expires_at: float
+
+    def live(self, now: float) -> bool:
+        return now < self.expires_at
 
 
 @dataclass(frozen=True)

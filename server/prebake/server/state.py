@@ -1,7 +1,8 @@
-"""What every service shares: configuration, registry, blob store, catalog, counters.
+"""What every service shares: configuration, storage, job rules, blobs, catalog, counters.
 
 Built once by `prebake.server.app` and handed to each service. All members are used
-from the server's event loop; blocking work (hashing, fsync) goes to `run_blocking`.
+from the server's event loop; blocking work (hashing, fsync) goes to `run_blocking`;
+the storage seams keep their own blocking work off the loop.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ from prebake.server.blobs import BlobStore
 from prebake.server.config import ServerConfig, parse_default_toolchains
 from prebake.server.events import JobEventHub, Pulse
 from prebake.server.instance_catalog import InstanceCatalog
+from prebake.server.job_lifecycle import JobLifecycle
 from prebake.server.key_normalization import DEFAULT_TOOLCHAINS
 from prebake.server.model_catalog import ModelCatalog
-from prebake.server.registry import Registry
+from prebake.server.storage import ArtifactIndex
+from prebake.server.storage.bundle import Storage
+from prebake.server.worker_liveness import WorkerLiveness
 
 T = TypeVar("T")
 
@@ -37,14 +41,14 @@ class Counters:
 
 
 class AccessTracker:
-    """Collects artifact hits in memory and writes them to the registry in batches.
+    """Collects artifact hits in memory and writes them to the index in batches.
 
     A hit must not cost a database write on the lookup path; losing the last few
     seconds of access times in a crash only makes eviction slightly less precise.
     """
 
-    def __init__(self, registry: Registry, clock: Callable[[], float] = time.time) -> None:
-        self._registry = registry
+    def __init__(self, index: ArtifactIndex, clock: Callable[[], float] = time.time) -> None:
+        self._index = index
         self._clock = clock
         self._pending: dict[str, tuple[int, float]] = {}
 
@@ -52,16 +56,16 @@ class AccessTracker:
         count, _ = self._pending.get(artifact_id, (0, 0.0))
         self._pending[artifact_id] = (count + 1, self._clock())
 
-    def flush(self) -> None:
+    async def flush(self) -> None:
         if self._pending:
             pending, self._pending = self._pending, {}
-            self._registry.record_hits(pending)
+            await self._index.record_hits(pending)
 
 
 @dataclass
 class ServerState:
     config: ServerConfig
-    registry: Registry
+    storage: Storage
     blobs: BlobStore
     catalog: InstanceCatalog
     executor: ThreadPoolExecutor
@@ -71,12 +75,30 @@ class ServerState:
     work: Pulse = field(default_factory=Pulse)
     counters: Counters = field(default_factory=Counters)
     tracker: AccessTracker = field(init=False)
-
-    default_toolchains: dict[str, str] = field(init=False)
+    lifecycle: JobLifecycle = field(init=False)
+    liveness: WorkerLiveness = field(init=False)
+    # The kinds whose default toolchain the configuration names (others are resolved
+    # from live workers, then from DEFAULT_TOOLCHAINS).
+    configured_toolchains: dict[str, str] = field(init=False)
+    # Held from "every blob is present" to the registry write that references them by
+    # publishes, and from "no artifact references it" to the blob delete by deletes, so
+    # a delete never removes a blob a concurrent publish of this replica relies on.
+    blob_refs: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def __post_init__(self) -> None:
-        self.tracker = AccessTracker(self.registry)
-        self.default_toolchains = parse_default_toolchains(self.config.default_toolchains, DEFAULT_TOOLCHAINS)
+        self.tracker = AccessTracker(self.storage.artifacts)
+        self.lifecycle = JobLifecycle(
+            self.storage.artifacts, self.storage.jobs, backoff_base=self.config.retry_backoff_seconds
+        )
+        self.liveness = WorkerLiveness(self.storage.workers, self.config.worker_ttl_seconds)
+        self.configured_toolchains = parse_default_toolchains(
+            self.config.default_toolchains, DEFAULT_TOOLCHAINS
+        )
+
+    @property
+    def in_worker_grace(self) -> bool:
+        """Still too soon after start-up to say that no worker serves a job."""
+        return time.time() - self.counters.started_at < self.config.worker_grace_seconds
 
     async def run_blocking(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)

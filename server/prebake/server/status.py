@@ -27,6 +27,7 @@ _CODES: tuple[tuple[type[errors.PrebakeError], grpc.StatusCode], ...] = (
     (errors.DataLoss, grpc.StatusCode.DATA_LOSS),
     (errors.QuotaExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.Busy, grpc.StatusCode.ABORTED),
+    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
 )
 
 

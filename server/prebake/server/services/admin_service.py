@@ -13,6 +13,7 @@ from prebake.server.services import pagination
 from prebake.server.services.registry_service import check_artifact_id
 from prebake.server.state import ServerState
 from prebake.server.status import unary
+from prebake.server.storage import ArtifactQuery
 from prebake.v1 import admin_pb2, admin_pb2_grpc, registry_pb2
 
 MAX_MODEL_FILTER = 256
@@ -32,13 +33,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 f"model filter is {len(request.model)} characters; at most {MAX_MODEL_FILTER}"
             )
         limit = pagination.page_size(request.page_size)
-        offset = pagination.decode(request.page_token)
-        found = self.s.registry.list_artifacts(
-            convert.kind_name(request.kind), request.model, request.pinned_only, limit + 1, offset
-        )
+        query = ArtifactQuery(convert.kind_name(request.kind), request.model, request.pinned_only)
+        page = await self.s.storage.artifacts.list_page(query, request.page_token, limit)
         return admin_pb2.ListArtifactsResponse(
-            artifacts=[convert.artifact(a) for a in found[:limit]],
-            next_page_token=pagination.next_token(offset, limit, len(found)),
+            artifacts=[convert.artifact(a) for a in page.items], next_page_token=page.next_token
         )
 
     @unary
@@ -48,8 +46,11 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         s = self.s
         # Registry rows go first: once they are gone no lookup can hand out the blobs,
         # and a crash before the blob deletes only leaves garbage, never a broken artifact.
-        unreferenced = s.registry.delete_artifact(check_artifact_id(request.artifact_id), request.force)
-        deleted = [d for d in unreferenced if s.blobs.delete(d)]
+        async with s.blob_refs:
+            unreferenced = await s.lifecycle.delete_artifact(
+                check_artifact_id(request.artifact_id), request.force
+            )
+            deleted = [d for d in unreferenced if s.blobs.delete(d)]
         return admin_pb2.DeleteArtifactResponse(
             blobs_deleted=len(deleted), bytes_freed=sum(d.size for d in deleted)
         )
@@ -57,14 +58,14 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     @unary
     async def PinArtifact(self, request: admin_pb2.PinArtifactRequest, context: Ctx) -> registry_pb2.Artifact:
         return convert.artifact(
-            self.s.registry.set_pinned(check_artifact_id(request.artifact_id), request.pinned)
+            await self.s.lifecycle.set_pinned(check_artifact_id(request.artifact_id), request.pinned)
         )
 
     @unary
     async def GetStats(self, request: admin_pb2.GetStatsRequest, context: Ctx) -> admin_pb2.Stats:
         s = self.s
-        s.tracker.flush()
-        counts = s.registry.counts()
+        await s.tracker.flush()
+        counts = await s.storage.artifacts.counts()
         blob_count, blob_bytes = s.blobs.stats()
         c = s.counters
         return admin_pb2.Stats(

@@ -16,6 +16,7 @@ from prebake.server.records import Job
 from prebake.server.services import pagination
 from prebake.server.state import ServerState
 from prebake.server.status import streaming, unary
+from prebake.server.storage import JobQuery
 from prebake.v1 import jobs_pb2, jobs_pb2_grpc
 
 JOB_ID_RE = re.compile(r"^j-[0-9a-f]{24}$")
@@ -36,45 +37,44 @@ class JobsService(jobs_pb2_grpc.JobsServicer):
     def __init__(self, state: ServerState) -> None:
         self.s = state
 
-    def _job(self, job_id: str) -> Job:
-        job = self.s.registry.get_job(check_job_id(job_id))
+    async def _job(self, job_id: str) -> Job:
+        job = await self.s.storage.jobs.get(check_job_id(job_id))
         if job is None:
             raise NotFound(f"no job {job_id}")
         return job
 
     @unary
     async def GetJob(self, request: jobs_pb2.GetJobRequest, context: Ctx) -> jobs_pb2.Job:
-        return convert.job(self._job(request.job_id))
+        return convert.job(await self._job(request.job_id))
 
     @unary
     async def ListJobs(self, request: jobs_pb2.ListJobsRequest, context: Ctx) -> jobs_pb2.ListJobsResponse:
         limit = pagination.page_size(request.page_size)
-        offset = pagination.decode(request.page_token)
         states = []
         for value in request.states:
             if value not in convert.JOB_STATES_FROM_PROTO:
                 raise InvalidArgument(f"unknown job state {value} in filter")
             states.append(convert.JOB_STATES_FROM_PROTO[value])
-        jobs = self.s.registry.list_jobs(states, convert.kind_name(request.kind), limit + 1, offset)
+        query = JobQuery(states=tuple(states), kind=convert.kind_name(request.kind))
+        page = await self.s.storage.jobs.list_page(query, request.page_token, limit)
         return jobs_pb2.ListJobsResponse(
-            jobs=[convert.job(j) for j in jobs[:limit]],
-            next_page_token=pagination.next_token(offset, limit, len(jobs)),
+            jobs=[convert.job(j) for j in page.items], next_page_token=page.next_token
         )
 
     @streaming
     async def WatchJob(
         self, request: jobs_pb2.WatchJobRequest, context: Ctx
     ) -> AsyncIterator[jobs_pb2.JobEvent]:
-        registry = self.s.registry
-        job = self._job(request.job_id)
+        jobs = self.s.storage.jobs
+        job = await self._job(request.job_id)
         wake = self.s.hub.subscribe(job.job_id)
         try:
-            events = registry.job_events(job.job_id)
+            events = await jobs.events(job.job_id)
             sequence = events[-1].sequence if events else 0
             yield jobs_pb2.JobEvent(sequence=sequence, job=convert.job(job))
             while job.state.active:
                 wake.clear()
-                for event in registry.job_events(job.job_id, after_sequence=sequence):
+                for event in await jobs.events(job.job_id, after_sequence=sequence):
                     sequence = event.sequence
                     job = event.job
                     yield jobs_pb2.JobEvent(sequence=sequence, job=convert.job(job))
@@ -89,6 +89,6 @@ class JobsService(jobs_pb2_grpc.JobsServicer):
     async def CancelJob(self, request: jobs_pb2.CancelJobRequest, context: Ctx) -> jobs_pb2.Job:
         if len(request.reason) > MAX_REASON:
             raise InvalidArgument(f"reason is {len(request.reason)} characters; at most {MAX_REASON}")
-        job = self.s.registry.cancel_job(check_job_id(request.job_id), request.reason)
+        job = await self.s.lifecycle.cancel(check_job_id(request.job_id), request.reason)
         self.s.hub.notify([job.job_id])
         return convert.job(job)

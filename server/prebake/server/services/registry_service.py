@@ -7,13 +7,14 @@ from typing import Any
 
 import grpc
 
-from prebake.server import compat, convert
+from prebake.server import compat, convert, nearest
 from prebake.server.errors import InvalidArgument, NotFound
-from prebake.server.key_normalization import diff_keys, normalize_key
-from prebake.server.records import ErrorClass, JobState, NormalizedKey
+from prebake.server.key_normalization import DEFAULT_TOOLCHAINS, diff_keys, normalize_key
+from prebake.server.records import ErrorClass, Job, JobState, NormalizedKey
 from prebake.server.services.blob_checks import require_present, verified_manifest
 from prebake.server.state import ServerState
 from prebake.server.status import unary
+from prebake.server.worker_liveness import WorkerLiveness
 from prebake.v1 import registry_pb2, registry_pb2_grpc
 
 MAX_MODEL_SOURCE = 1024
@@ -43,12 +44,36 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
     def __init__(self, state: ServerState) -> None:
         self.s = state
 
-    def normalize(self, msg: Any) -> NormalizedKey:
-        key = normalize_key(convert.key_request(msg), self.s.catalog, self.s.default_toolchains)
-        self.s.models.check(key.model, key.kind)
-        return key
+    async def normalize(self, msg: Any) -> tuple[NormalizedKey, str]:
+        """The key, and where its toolchain came from (see LookupResponse.toolchain_source)."""
+        request = convert.key_request(msg)
+        if request.toolchain:
+            key = normalize_key(request, self.s.catalog, DEFAULT_TOOLCHAINS)
+            source = "requested"
+        else:
+            configured = self.s.configured_toolchains
+            # Read before normalising (which is synchronous); cached, so a hit rarely
+            # pays for it.
+            live = await self.s.liveness.live()
+            sources: list[str] = []
 
-    def nearest(self, key: NormalizedKey) -> list[registry_pb2.NearMiss]:
+            def resolve(kind: str, compile_target: str) -> str:
+                if kind in configured:
+                    sources.append("configured default")
+                    return configured[kind]
+                newest = WorkerLiveness.newest_toolchain(live, kind, compile_target)
+                if newest is not None:
+                    sources.append(f"newest toolchain of a live worker ({newest[1]})")
+                    return newest[0]
+                sources.append("built-in default")
+                return DEFAULT_TOOLCHAINS.get(kind, "")
+
+            key = normalize_key(request, self.s.catalog, resolve)
+            source = sources[0] if sources else "built-in default"
+        self.s.models.check(key.model, key.kind)
+        return key, source
+
+    async def nearest(self, key: NormalizedKey) -> list[registry_pb2.NearMiss]:
         return [
             registry_pb2.NearMiss(
                 artifact_id=a.artifact_id,
@@ -58,33 +83,47 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
                     for name, theirs, ours in diff_keys(a.key, key)
                 ],
             )
-            for a in self.s.registry.nearest(key, NEAREST)
+            for a in await nearest.nearest(self.s.storage.artifacts, key, NEAREST)
         ]
 
-    def _match(self, key: NormalizedKey, request: registry_pb2.LookupRequest) -> compat.Match | None:
+    async def _match(self, key: NormalizedKey, request: registry_pb2.LookupRequest) -> compat.Match | None:
         """The exact artifact, else the best one an allowed compatibility policy admits."""
-        registry = self.s.registry
-        found = registry.get_artifact(key.digest)
+        index = self.s.storage.artifacts
+        found = await index.get(key.digest)
         if found is not None:
             return compat.Match(found, "exact", compat.exact_reason(key))
         allowed = [POLICIES[p] for p in request.allow if p in POLICIES]
         if not compat.applies(key, allowed):
             return None
-        candidates = registry.compatible_candidates(key, compat.candidate_targets(key, allowed))
+        candidates = await nearest.compatible_candidates(index, key, compat.candidate_targets(key, allowed))
         match = compat.choose(key, candidates, allowed)
         if match is None:
             return None
-        with_files = registry.get_artifact(match.artifact.artifact_id)
+        with_files = await index.get(match.artifact.artifact_id)
         return None if with_files is None else compat.Match(with_files, match.policy, match.reason)
+
+    async def _unserved(self, key: NormalizedKey, job: Job) -> str:
+        """Why no live worker can take `job` ("" if one can, or during start-up grace).
+
+        The reason also becomes the job's message, so watchers and `prebake jobs` see it.
+        """
+        s = self.s
+        if s.in_worker_grace:
+            return ""
+        reason = WorkerLiveness.unserved_reason(await s.liveness.live(), key)
+        if reason and job.state == JobState.QUEUED and job.message != reason:
+            await s.lifecycle.set_message(job.job_id, reason)
+            s.hub.notify([job.job_id])
+        return reason
 
     @unary
     async def Lookup(self, request: registry_pb2.LookupRequest, context: Ctx) -> registry_pb2.LookupResponse:
-        key = self.normalize(request.key)
+        key, toolchain_source = await self.normalize(request.key)
         model_source = check_model_source(request.model_source)
         s = self.s
         s.counters.lookups += 1
         resolved = convert.resolved_key(key)
-        match = self._match(key, request)
+        match = await self._match(key, request)
         if match is not None:
             s.counters.hits += 1
             s.tracker.hit(match.artifact.artifact_id)
@@ -94,15 +133,20 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
                 artifact=convert.artifact(match.artifact),
                 match_reason=match.reason,
                 matched_policy=match.policy,
+                toolchain_source=toolchain_source,
             )
         s.counters.misses += 1
-        response = registry_pb2.LookupResponse(key=resolved, nearest=self.nearest(key))
-        active = s.registry.active_job(key.digest)
+        response = registry_pb2.LookupResponse(
+            key=resolved, nearest=await self.nearest(key), toolchain_source=toolchain_source
+        )
+        jobs = s.storage.jobs
+        active = await jobs.active(key.digest)
         if active is not None:
             response.status = registry_pb2.LOOKUP_STATUS_COMPILING
-            response.job.CopyFrom(convert.job(active))
+            response.unserved_reason = await self._unserved(key, active)
+            response.job.CopyFrom(convert.job(await jobs.get(active.job_id) or active))
             return response
-        last = s.registry.last_finished_job(key.digest)
+        last = await jobs.last_finished(key.digest)
         if (
             last is not None
             and not request.force
@@ -119,12 +163,13 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
             response.status = registry_pb2.LOOKUP_STATUS_MISS
             response.error = "no artifact for this key; no job was created (on_miss=REPORT)"
             return response
-        job, created = s.registry.create_or_join_job(key, model_source, s.config.job_max_attempts)
+        job, created = await s.lifecycle.create_or_join(key, model_source, s.config.job_max_attempts)
         if created:
             s.hub.notify([job.job_id])
             s.work.fire()
         response.status = registry_pb2.LOOKUP_STATUS_MISS if created else registry_pb2.LOOKUP_STATUS_COMPILING
-        response.job.CopyFrom(convert.job(job))
+        response.unserved_reason = await self._unserved(key, job)
+        response.job.CopyFrom(convert.job(await jobs.get(job.job_id) or job))
         response.job_created = created
         return response
 
@@ -132,7 +177,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
     async def GetArtifact(
         self, request: registry_pb2.GetArtifactRequest, context: Ctx
     ) -> registry_pb2.Artifact:
-        found = self.s.registry.get_artifact(check_artifact_id(request.artifact_id))
+        found = await self.s.storage.artifacts.get(check_artifact_id(request.artifact_id))
         if found is None:
             raise NotFound(f"no artifact {request.artifact_id}")
         return convert.artifact(found)
@@ -141,11 +186,12 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
     async def PublishArtifact(
         self, request: registry_pb2.PublishArtifactRequest, context: Ctx
     ) -> registry_pb2.PublishArtifactResponse:
-        key = self.normalize(request.key)
+        key, _ = await self.normalize(request.key)
         s = self.s
         files, producer, digests = await verified_manifest(s, request.files, request.producer)
-        require_present(s, digests)  # no await from here to the registry write
-        stored, created, completed = s.registry.publish(key, files, producer, replace=request.replace)
+        async with s.blob_refs:
+            require_present(s, digests)
+            stored, created, completed = await s.lifecycle.publish(key, files, producer, request.replace)
         s.hub.notify(j.job_id for j in completed)
         return registry_pb2.PublishArtifactResponse(
             artifact=convert.artifact(stored),

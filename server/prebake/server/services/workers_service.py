@@ -9,12 +9,12 @@ import grpc
 
 from prebake.server import convert
 from prebake.server.errors import InvalidArgument, NotFound
-from prebake.server.records import ErrorClass, Job, JobState
+from prebake.server.records import ErrorClass, Job, JobState, WorkerCapability
 from prebake.server.services.blob_checks import require_present, verified_manifest
 from prebake.server.services.jobs_service import check_job_id
 from prebake.server.state import ServerState
 from prebake.server.status import unary
-from prebake.v1 import jobs_pb2, workers_pb2, workers_pb2_grpc
+from prebake.v1 import jobs_pb2, key_pb2, workers_pb2, workers_pb2_grpc
 
 MAX_WAIT = 60.0
 MAX_CAPABILITIES = 16
@@ -37,8 +37,8 @@ def check_worker_id(worker_id: str) -> str:
     return worker_id
 
 
-def capabilities(request: workers_pb2.LeaseJobRequest) -> list[tuple[str, str, tuple[str, ...]]]:
-    """(kind, toolchain, compile targets) per capability, validated."""
+def capabilities(request: workers_pb2.LeaseJobRequest) -> list[WorkerCapability]:
+    """The request's capabilities, validated."""
     if not 1 <= len(request.capabilities) <= MAX_CAPABILITIES:
         count = len(request.capabilities)
         raise InvalidArgument(f"a worker advertises 1-{MAX_CAPABILITIES} capabilities, got {count}")
@@ -49,7 +49,7 @@ def capabilities(request: workers_pb2.LeaseJobRequest) -> list[tuple[str, str, t
             raise InvalidArgument(f"capabilities[{i}] has no kind; use neuron, awq or inductor")
         if not cap.toolchain:
             raise InvalidArgument(f"capabilities[{i}] ({kind}) has no toolchain; jobs are matched on it")
-        result.append((kind, cap.toolchain, tuple(cap.compile_targets)))
+        result.append(WorkerCapability(kind, cap.toolchain, tuple(cap.compile_targets)))
     return result
 
 
@@ -57,14 +57,34 @@ class WorkersService(workers_pb2_grpc.WorkersServicer):
     def __init__(self, state: ServerState) -> None:
         self.s = state
 
-    def _lease_any(self, worker: str, caps: list[tuple[str, str, tuple[str, ...]]]) -> Job | None:
-        for kind, toolchain, targets in caps:
-            job = self.s.registry.lease_job(
-                worker, [kind], [toolchain], targets, lease_seconds=self.s.config.lease_seconds
-            )
-            if job is not None:
-                return job
-        return None
+    async def _lease_any(self, worker: str, caps: list[WorkerCapability]) -> Job | None:
+        return await self.s.lifecycle.lease(worker, caps, lease_seconds=self.s.config.lease_seconds)
+
+    @unary
+    async def ListWorkers(
+        self, request: workers_pb2.ListWorkersRequest, context: Ctx
+    ) -> workers_pb2.ListWorkersResponse:
+        now = time.time()
+        records = await self.s.storage.workers.workers(now, include_expired=request.include_expired)
+        return workers_pb2.ListWorkersResponse(
+            workers=[
+                workers_pb2.WorkerInfo(
+                    worker_id=w.worker_id,
+                    capabilities=[
+                        workers_pb2.Capability(
+                            kind=convert.KIND_ENUMS.get(c.kind, key_pb2.ARTIFACT_KIND_UNSPECIFIED),
+                            toolchain=c.toolchain,
+                            compile_targets=c.compile_targets,
+                        )
+                        for c in w.capabilities
+                    ],
+                    last_seen=convert.timestamp(w.last_seen),
+                    expires_at=convert.timestamp(w.expires_at),
+                    live=w.live(now),
+                )
+                for w in records
+            ]
+        )
 
     @unary
     async def LeaseJob(
@@ -74,8 +94,9 @@ class WorkersService(workers_pb2_grpc.WorkersServicer):
         caps = capabilities(request)
         if not 0.0 <= request.wait_seconds <= MAX_WAIT:
             raise InvalidArgument(f"wait_seconds must be 0-{MAX_WAIT:g}, got {request.wait_seconds}")
+        await self.s.liveness.heard_from(worker, caps)
         deadline = time.monotonic() + request.wait_seconds
-        while (job := self._lease_any(worker, caps)) is None:
+        while (job := await self._lease_any(worker, caps)) is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or context.cancelled():
                 return workers_pb2.LeaseJobResponse(lease_seconds=self.s.config.lease_seconds)
@@ -95,13 +116,13 @@ class WorkersService(workers_pb2_grpc.WorkersServicer):
         job_id = check_job_id(request.job_id)
         if len(request.message) > MAX_MESSAGE:
             raise InvalidArgument(f"message is {len(request.message)} characters; at most {MAX_MESSAGE}")
-        current = self.s.registry.get_job(job_id)
+        current = await self.s.storage.jobs.get(job_id)
         if current is None:
             raise NotFound(f"no job {job_id}")
         if current.state == JobState.CANCELLED and current.fencing_token == request.fencing_token:
             # Cancelled under this worker's own lease: say so plainly rather than as an error.
             return workers_pb2.HeartbeatResponse(cancelled=True)
-        job = self.s.registry.heartbeat(
+        job = await self.s.lifecycle.heartbeat(
             job_id,
             request.fencing_token,
             request.progress,
@@ -109,6 +130,7 @@ class WorkersService(workers_pb2_grpc.WorkersServicer):
             lease_seconds=self.s.config.lease_seconds,
         )
         self.s.hub.notify([job_id])
+        await self.s.liveness.still_alive(job.worker)
         return workers_pb2.HeartbeatResponse(lease_expires_at=convert.timestamp(job.lease_expires_at))
 
     @unary
@@ -118,8 +140,9 @@ class WorkersService(workers_pb2_grpc.WorkersServicer):
         job_id = check_job_id(request.job_id)
         s = self.s
         files, producer, digests = await verified_manifest(s, request.files, request.producer)
-        require_present(s, digests)  # no await from here to the registry write
-        artifact, completed = s.registry.complete_job(job_id, request.fencing_token, files, producer)
+        async with s.blob_refs:
+            require_present(s, digests)
+            artifact, completed = await s.lifecycle.complete(job_id, request.fencing_token, files, producer)
         s.hub.notify(j.job_id for j in completed)
         return workers_pb2.CompleteJobResponse(artifact=convert.artifact(artifact))
 
@@ -134,7 +157,9 @@ class WorkersService(workers_pb2_grpc.WorkersServicer):
         log = convert.digest_from_proto(request.log, "log") if request.HasField("log") else None
         if log is not None:
             require_present(self.s, [log])
-        job = self.s.registry.fail_leased_job(job_id, request.fencing_token, request.error, error_class, log)
+        job = await self.s.lifecycle.fail_leased(
+            job_id, request.fencing_token, request.error, error_class, log
+        )
         self.s.hub.notify([job_id])
         if job.state == JobState.QUEUED:
             self.s.work.fire()
@@ -145,7 +170,7 @@ class WorkersService(workers_pb2_grpc.WorkersServicer):
         job_id = check_job_id(request.job_id)
         if len(request.reason) > MAX_MESSAGE:
             raise InvalidArgument(f"reason is {len(request.reason)} characters; at most {MAX_MESSAGE}")
-        job = self.s.registry.release_job(job_id, request.fencing_token, request.reason)
+        job = await self.s.lifecycle.release(job_id, request.fencing_token, request.reason)
         self.s.hub.notify([job_id])
         self.s.work.fire()
         return convert.job(job)

@@ -163,8 +163,25 @@ def _initial_schema(db: Database) -> None:
     _run_step(db, _PARTIAL_INDEXES_SQL)
 
 
+# Revision numbers let the job queue compare-and-set; existing jobs start at their last
+# event's sequence, which is what the revision of every later event continues from.
+_JOB_REVISIONS_AND_WORKERS_SQL = """
+ALTER TABLE jobs ADD COLUMN revision INTEGER NOT NULL DEFAULT 0;
+UPDATE jobs SET revision = (SELECT COALESCE(MAX(sequence), 0) FROM job_events
+                            WHERE job_events.job_id = jobs.job_id);
+CREATE TABLE workers (
+    worker_id TEXT PRIMARY KEY,
+    capabilities TEXT NOT NULL,
+    last_seen REAL NOT NULL,
+    expires_at REAL NOT NULL
+) STRICT;
+CREATE INDEX jobs_queued ON jobs(created_at, job_id) WHERE state = 'queued';
+"""
+
+
 MIGRATIONS: list[Migration] = [
     (1, "artifacts, artifact files, jobs, job events", _initial_schema),
+    (2, "job revisions for compare-and-set; worker directory", _JOB_REVISIONS_AND_WORKERS_SQL),
 ]
 
 _BOOTSTRAP_SQL = """

@@ -1,0 +1,106 @@
+"""The artifact index: published manifests by key digest.
+
+Primitives only. Whether a publish may replace, which blobs a delete frees and which
+artifacts are "nearest" are decided above this interface (`prebake.server.job_lifecycle`,
+`prebake.server.nearest`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from prebake.server.records import Artifact, Digest, Job, RegistryCounts
+from prebake.server.storage.page_tokens import Page
+
+
+@dataclass(frozen=True)
+class JobWrite:
+    """A job compare-and-set carried inside another atomic write.
+
+    Stores `job` (its revision bumped to `expect_revision + 1`, with a job event
+    appended) only if the stored job's revision is still `expect_revision`.
+    """
+
+    job: Job
+    expect_revision: int
+
+
+@dataclass(frozen=True)
+class ArtifactQuery:
+    """Filters of `ArtifactIndex.list_page`; empty strings match everything."""
+
+    kind: str = ""
+    model: str = ""
+    pinned_only: bool = False
+
+
+class ArtifactIndex(Protocol):
+    """Artifact manifests, each stored whole under its id (the key digest).
+
+    Thread safety: coroutines of one instance may run concurrently on one event loop;
+    instances in several processes or replicas on one engine are consistent with each
+    other through the engine's conditional writes. Reads never return part of an
+    artifact: its files and its row are written and removed in one atomic step.
+    Failures: see `prebake.server.storage`.
+    """
+
+    async def get(self, artifact_id: str) -> Artifact | None:
+        """The artifact with its files sorted by path, or None."""
+        ...
+
+    async def put(
+        self, artifact: Artifact, *, expect_manifest: str | None, complete: JobWrite | None = None
+    ) -> None:
+        """Store `artifact` (row and files) in one atomic write, conditionally.
+
+        `expect_manifest` None: only if no artifact has this id (conditional create).
+        A string: only if the stored artifact has that manifest digest (conditional
+        replace). `complete`, when given, is applied in the same atomic write. Raises
+        `ConditionFailed` when either condition does not hold; `InvalidArgument` for
+        repeated file paths.
+        """
+        ...
+
+    async def delete(self, artifact_id: str, *, expect_manifest: str, expect_pinned: bool) -> None:
+        """Remove the artifact only if its manifest and pin are still as expected.
+
+        Raises `ConditionFailed` otherwise (including when it is gone).
+        """
+        ...
+
+    async def set_pinned(self, artifact_id: str, pinned: bool) -> Artifact | None:
+        """Set the pin; return the artifact with its files, or None if unknown."""
+        ...
+
+    async def record_hits(self, hits: Mapping[str, tuple[int, float]]) -> None:
+        """Add hit counts and advance last-access times: id -> (hits, latest access).
+
+        Unknown ids are ignored; an access time never moves backwards. Not
+        conditional: counters may lose increments in a crash, never artifacts.
+        """
+        ...
+
+    async def list_page(self, query: ArtifactQuery, page_token: str, limit: int) -> Page[Artifact]:
+        """Artifacts newest first (created_at descending, then id), without files.
+
+        Deterministic; `page_token` is "" or a token from a previous page of the same
+        query (else `InvalidArgument`).
+        """
+        ...
+
+    async def of_model(self, kind: str, model: str, limit: int) -> list[Artifact]:
+        """Up to `limit` artifacts of one kind and model, newest first, without files.
+
+        The candidates of nearest-artifact explanations and compatibility policies.
+        """
+        ...
+
+    async def is_referenced(self, digest: Digest) -> bool:
+        """Whether any artifact's file or producer log, or any job's log, names `digest`."""
+        ...
+
+    async def counts(self) -> RegistryCounts:
+        """Artifact totals and jobs per state (every state present, zeros included)."""
+        ...

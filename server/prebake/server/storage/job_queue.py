@@ -1,0 +1,76 @@
+"""The job queue: compile jobs, their events, and the one active job per key.
+
+Primitives only; the lifecycle rules live in `prebake.server.job_lifecycle`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from prebake.server.records import Job, JobEvent, JobState, WorkerCapability
+from prebake.server.storage.page_tokens import Page
+
+
+@dataclass(frozen=True)
+class JobQuery:
+    """Filters of `JobQueue.list_page`; empty filters match everything."""
+
+    states: tuple[JobState, ...] = ()
+    kind: str = ""
+
+
+class JobQueue(Protocol):
+    """Jobs by id, with at most one active (queued or leased) job per key digest.
+
+    Every stored change of a job bumps its `revision` and appends a `JobEvent` whose
+    sequence is that revision, in the same atomic write; `compare_and_set` on the
+    revision is the only way to change a job, so concurrent deciders (two workers
+    leasing, a heartbeat racing an expiry) cannot both win. Thread safety and failures:
+    see `prebake.server.storage`.
+    """
+
+    async def get(self, job_id: str) -> Job | None: ...
+
+    async def active(self, key_digest: str) -> Job | None:
+        """The key's queued or leased job, if any."""
+        ...
+
+    async def last_finished(self, key_digest: str) -> Job | None:
+        """The key's most recently finished job (by finished_at), if any."""
+        ...
+
+    async def create_if_absent(self, job: Job) -> tuple[Job, bool]:
+        """Store `job` (active, revision 1) unless the key has an active job already.
+
+        Returns (the key's active job, whether it is `job`). Single flight holds across
+        processes and replicas: it is enforced by the engine (a unique index, a
+        conditional put), not by a read before the write.
+        """
+        ...
+
+    async def compare_and_set(self, job: Job, expect_revision: int) -> Job:
+        """Store `job` if the stored revision is `expect_revision`; return it as stored.
+
+        The stored job has revision `expect_revision + 1` and an event of that sequence.
+        Raises `ConditionFailed` if the revision moved on (or the job is unknown).
+        """
+        ...
+
+    async def events(self, job_id: str, after_sequence: int = 0) -> list[JobEvent]:
+        """The job's events with sequence > `after_sequence`, in order ([] if unknown)."""
+        ...
+
+    async def list_page(self, query: JobQuery, page_token: str, limit: int) -> Page[Job]:
+        """Jobs newest first (created_at descending, then id); deterministic pages."""
+        ...
+
+    async def leasable(self, capabilities: Sequence[WorkerCapability], now: float, limit: int) -> list[Job]:
+        """Queued jobs whose retry backoff has passed (`not_before <= now`) that one of
+        `capabilities` serves, oldest first, at most `limit`."""
+        ...
+
+    async def expired_leases(self, now: float, limit: int) -> list[Job]:
+        """Leased jobs whose lease expired at or before `now`, soonest-expired first."""
+        ...

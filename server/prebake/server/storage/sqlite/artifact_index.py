@@ -1,0 +1,194 @@
+"""`ArtifactIndex` on SQLite: rows in `artifacts`, files in `artifact_files`."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+from prebake.server.errors import InvalidArgument
+from prebake.server.records import Artifact, Digest, FileEntry, JobState, RegistryCounts
+from prebake.server.storage import page_tokens
+from prebake.server.storage.artifact_index import ArtifactQuery, JobWrite
+from prebake.server.storage.conditions import ConditionFailed
+from prebake.server.storage.page_tokens import Page
+from prebake.server.storage.sqlite import rows
+from prebake.server.storage.sqlite.connection import Database
+from prebake.server.storage.sqlite.job_queue import cas_job
+
+TOKEN_TAG = "artifacts"
+
+
+def _artifact_row(c: sqlite3.Connection, artifact_id: str) -> dict[str, Any] | None:
+    row: dict[str, Any] | None = c.execute(
+        "SELECT * FROM artifacts WHERE artifact_id = ?", (artifact_id,)
+    ).fetchone()
+    return row
+
+
+def _files(c: sqlite3.Connection, artifact_id: str) -> tuple[FileEntry, ...]:
+    found = c.execute(
+        "SELECT path, hash, size, executable FROM artifact_files WHERE artifact_id = ? ORDER BY path",
+        (artifact_id,),
+    ).fetchall()
+    return tuple(rows.file_from_row(row) for row in found)
+
+
+def _delete_rows(c: sqlite3.Connection, artifact_id: str) -> None:
+    c.execute("DELETE FROM artifact_files WHERE artifact_id = ?", (artifact_id,))
+    c.execute("DELETE FROM artifacts WHERE artifact_id = ?", (artifact_id,))
+
+
+def _insert(c: sqlite3.Connection, artifact: Artifact) -> None:
+    row = rows.artifact_row(artifact)
+    c.execute(f"INSERT INTO artifacts ({', '.join(row)}) VALUES ({', '.join(':' + k for k in row)})", row)
+    try:
+        c.executemany(
+            "INSERT INTO artifact_files (artifact_id, path, hash, size, executable) VALUES (?, ?, ?, ?, ?)",
+            [
+                (artifact.artifact_id, f.path, f.digest.hash, f.digest.size, int(f.executable))
+                for f in artifact.files
+            ],
+        )
+    except sqlite3.IntegrityError as exc:
+        repeated = sorted(path for path, n in Counter(f.path for f in artifact.files).items() if n > 1)
+        if not repeated:
+            raise
+        raise InvalidArgument(f"file paths must be unique; repeated: {', '.join(repeated)}") from exc
+
+
+class SqliteArtifactIndex:
+    """See `prebake.server.storage.artifact_index.ArtifactIndex`. Reads run inline
+    (WAL snapshots), writes on the database's writer thread."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def get(self, artifact_id: str) -> Artifact | None:
+        with self._db.read() as c:
+            row = _artifact_row(c, artifact_id)
+            if row is None:
+                return None
+            files = _files(c, artifact_id)
+        return rows.artifact_from_row(row, files)
+
+    async def put(
+        self, artifact: Artifact, *, expect_manifest: str | None, complete: JobWrite | None = None
+    ) -> None:
+        def write(c: sqlite3.Connection) -> None:
+            existing = _artifact_row(c, artifact.artifact_id)
+            if expect_manifest is None and existing is not None:
+                raise ConditionFailed(f"artifact {artifact.artifact_id} already exists")
+            if expect_manifest is not None and (
+                existing is None or existing["manifest_digest"] != expect_manifest
+            ):
+                raise ConditionFailed(f"artifact {artifact.artifact_id} changed meanwhile")
+            if existing is not None:
+                _delete_rows(c, artifact.artifact_id)
+            _insert(c, artifact)
+            if complete is not None:
+                cas_job(c, complete.job, complete.expect_revision)
+
+        await self._db.write(write)
+
+    async def delete(self, artifact_id: str, *, expect_manifest: str, expect_pinned: bool) -> None:
+        def write(c: sqlite3.Connection) -> None:
+            row = _artifact_row(c, artifact_id)
+            if (
+                row is None
+                or row["manifest_digest"] != expect_manifest
+                or bool(row["pinned"]) != expect_pinned
+            ):
+                raise ConditionFailed(f"artifact {artifact_id} changed meanwhile")
+            _delete_rows(c, artifact_id)
+
+        await self._db.write(write)
+
+    async def set_pinned(self, artifact_id: str, pinned: bool) -> Artifact | None:
+        def write(c: sqlite3.Connection) -> Artifact | None:
+            row = c.execute(
+                "UPDATE artifacts SET pinned = ? WHERE artifact_id = ? RETURNING *",
+                (int(pinned), artifact_id),
+            ).fetchone()
+            return None if row is None else rows.artifact_from_row(row, _files(c, artifact_id))
+
+        return await self._db.write(write)
+
+    async def record_hits(self, hits: Mapping[str, tuple[int, float]]) -> None:
+        if not hits:
+            return
+        params = [(count, at, artifact_id) for artifact_id, (count, at) in hits.items()]
+
+        def write(c: sqlite3.Connection) -> None:
+            c.executemany(
+                "UPDATE artifacts SET hit_count = hit_count + ?, "
+                "last_accessed_at = MAX(last_accessed_at, ?) WHERE artifact_id = ?",
+                params,
+            )
+
+        await self._db.write(write)
+
+    async def list_page(self, query: ArtifactQuery, page_token: str, limit: int) -> Page[Artifact]:
+        if limit < 1:
+            raise InvalidArgument(f"limit must be positive, got {limit}")
+        after = page_tokens.decode(TOKEN_TAG, page_token, (float, str))
+        where: list[str] = ["1"]
+        params: list[Any] = []
+        if query.kind:
+            where.append("kind = ?")
+            params.append(query.kind)
+        if query.model:
+            where.append("model = ?")
+            params.append(query.model)
+        if query.pinned_only:
+            where.append("pinned = 1")
+        if after is not None:
+            # Newest first, then by id: the rows after (created_at, id) in that order.
+            where.append("(created_at < ? OR (created_at = ? AND artifact_id > ?))")
+            params.extend([after[0], after[0], after[1]])
+        sql = (
+            f"SELECT * FROM artifacts WHERE {' AND '.join(where)} "
+            "ORDER BY created_at DESC, artifact_id LIMIT ?"
+        )
+        with self._db.read() as c:
+            found = c.execute(sql, (*params, limit + 1)).fetchall()
+        items = [rows.artifact_from_row(row) for row in found[:limit]]
+        token = ""
+        if len(found) > limit:
+            last = items[-1]
+            token = page_tokens.encode(TOKEN_TAG, [last.created_at, last.artifact_id])
+        return Page(items, token)
+
+    async def of_model(self, kind: str, model: str, limit: int) -> list[Artifact]:
+        with self._db.read() as c:
+            found = c.execute(
+                "SELECT * FROM artifacts WHERE kind = ? AND model = ? "
+                "ORDER BY created_at DESC, artifact_id LIMIT ?",
+                (kind, model, limit),
+            ).fetchall()
+        return [rows.artifact_from_row(row) for row in found]
+
+    async def is_referenced(self, digest: Digest) -> bool:
+        with self._db.read() as c:
+            row = c.execute(
+                """
+                SELECT EXISTS (SELECT 1 FROM artifact_files WHERE hash = :h AND size = :s)
+                    OR EXISTS (SELECT 1 FROM artifacts WHERE log_hash = :h AND log_size = :s)
+                    OR EXISTS (SELECT 1 FROM jobs WHERE log_hash = :h AND log_size = :s) AS used
+                """,
+                {"h": digest.hash, "s": digest.size},
+            ).fetchone()
+        return bool(row["used"])
+
+    async def counts(self) -> RegistryCounts:
+        with self._db.read() as c:
+            totals = c.execute(
+                "SELECT COUNT(*) AS artifacts, COALESCE(SUM(pinned), 0) AS pinned FROM artifacts"
+            ).fetchone()
+            states = c.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state").fetchall()
+        by_state = {state.value: 0 for state in JobState}
+        by_state.update({row["state"]: row["n"] for row in states})
+        return RegistryCounts(
+            artifacts=totals["artifacts"], pinned_artifacts=totals["pinned"], jobs_by_state=by_state
+        )
