@@ -39,6 +39,7 @@ from prebake.client.errors import (
     FailedPrecondition,
     InvalidArgument,
     JobCancelled,
+    NoCapableWorker,
     PrebakeError,
     Unavailable,
     from_rpc_error,
@@ -477,6 +478,13 @@ class Client:
 
     # Workers -------------------------------------------------------------------------
 
+    def list_workers(self, include_expired: bool = False) -> list[workers_pb2.WorkerInfo]:
+        """The workers heard of lately, with what they serve, sorted by id (live ones only
+        unless `include_expired`)."""
+        request = workers_pb2.ListWorkersRequest(include_expired=include_expired)
+        response = self._call(lambda t: self._conn.stubs.workers.ListWorkers(request, timeout=t))
+        return list(response.workers)
+
     def lease_job(
         self, worker_id: str, capabilities: Sequence[workers_pb2.Capability], wait_seconds: float = 0.0
     ) -> workers_pb2.LeaseJobResponse:
@@ -685,6 +693,32 @@ class Client:
             self.upload_blob(f.source, f.digest, report)
             done += f.size
 
+    def _await_capable_worker(
+        self,
+        response: registry_pb2.LookupResponse,
+        *,
+        key: KeyLike,
+        model_source: str,
+        allow: Sequence[str],
+        started: float,
+        grace: float,
+    ) -> registry_pb2.LookupResponse:
+        """`response`, or a later lookup's once a live worker can take the job."""
+        while response.unserved_reason:
+            if time.monotonic() - started >= grace:
+                waited = f" (waited {grace:g} s for one)" if grace > 0 else ""
+                raise NoCapableWorker(
+                    f"{response.unserved_reason}{waited}; job {response.job.job_id} stays queued. "
+                    "Start a worker that serves it (`prebake worker`), or name another toolchain "
+                    "or instance type",
+                    job=response.job,
+                )
+            time.sleep(min(1.0, max(0.0, grace - (time.monotonic() - started))))
+            response = self.lookup(key, on_miss="enqueue", model_source=model_source, allow=allow)
+            if response.status in (registry_pb2.LOOKUP_STATUS_HIT, registry_pb2.LOOKUP_STATUS_FAILED):
+                break
+        return response
+
     def ensure(  # noqa: PLR0917 (the documented signature takes these positionally)
         self,
         key: KeyLike,
@@ -697,8 +731,13 @@ class Client:
         overwrite: bool = False,
         host_cache: HostCache | None = None,
         allow: Sequence[str] = (),
+        worker_grace: float = 0.0,
     ) -> EnsureResult:
         """Make `dest` hold the artifact for `key`, compiling it first if needed.
+
+        When no live worker can compile the key (the lookup's `unserved_reason`),
+        raises `NoCapableWorker` at once, or after waiting up to `worker_grace`
+        seconds for one to appear (re-checking every second).
 
         Lookup (enqueueing on a miss); on HIT fetch; on MISS/COMPILING wait for the job
         (`on_event` sees every JobEvent), then fetch what it published. `timeout` bounds
@@ -730,6 +769,9 @@ class Client:
                     f"no artifact for key {response.key.digest} and no compile job: {reason}"
                 )
             job_id = response.job.job_id
+            response = self._await_capable_worker(
+                response, key=key, model_source=model_source, allow=allow, started=started, grace=worker_grace
+            )
             remaining = self._remaining(started, timeout)
             try:
                 job = self.wait_for_job(job_id, timeout=remaining, on_event=on_event)

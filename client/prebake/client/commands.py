@@ -25,6 +25,7 @@ from prebake.client.errors import (
     AlreadyExists,
     CompileFailed,
     FailedPrecondition,
+    NoCapableWorker,
     NotFound,
     PrebakeError,
     Unavailable,
@@ -74,6 +75,9 @@ def run(args: argparse.Namespace) -> int:
     except CompileFailed as exc:
         _error(str(exc))
         return exitcodes.FAILED
+    except NoCapableWorker as exc:
+        _error(str(exc))
+        return exitcodes.NO_WORKER
     except PrebakeError as exc:
         _error(str(exc))
         return exitcodes.ERROR

@@ -60,6 +60,16 @@ class DestinationExists(FailedPrecondition):
     """`fetch` found its destination occupied by something else and `overwrite` was not set."""
 
 
+class NoCapableWorker(FailedPrecondition):
+    """No live worker can compile the key (kind, toolchain, compile target); `ensure`
+    stops waiting instead of waiting in silence. The job stays queued for a worker
+    that may still come; `job` is it, `details` names the missing capability."""
+
+    def __init__(self, details: str = "", job: jobs_pb2.Job | None = None) -> None:
+        super().__init__(details)
+        self.job = job
+
+
 class DataLoss(PrebakeError):
     """Bytes do not match their digest (on the server, or as received by the client)."""
 

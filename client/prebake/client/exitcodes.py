@@ -10,6 +10,7 @@ COMPILING = 4  # lookup/fetch: a compile job for the key was already in flight
 FAILED = 5  # the key's compile failed (lookup/fetch: its last compile; ensure: the job)
 NOT_FOUND = 6  # show/rm/pin/jobs show/fetch --artifact: no such artifact or job
 UNAVAILABLE = 7  # the server could not be reached
+NO_WORKER = 8  # ensure: no live worker can compile the key (the job stays queued)
 INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
 
 DESCRIPTIONS: dict[int, str] = {
@@ -21,6 +22,7 @@ DESCRIPTIONS: dict[int, str] = {
     FAILED: "FAILED: the key's compile failed",
     NOT_FOUND: "NOT_FOUND: no such artifact or job",
     UNAVAILABLE: "UNAVAILABLE: the server could not be reached",
+    NO_WORKER: "NO_WORKER: ensure: no live worker can compile the key",
 }
 
 
