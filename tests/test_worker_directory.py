@@ -52,7 +52,9 @@ def client(server: BackgroundServer) -> Iterator[Client]:
         yield c
 
 
-def advertise(client: Client, worker_id: str, kind: int, toolchain: str, *targets: str) -> None:
+def advertise(
+    client: Client, worker_id: str, kind: key_pb2.ArtifactKind.ValueType, toolchain: str, *targets: str
+) -> None:
     """A real LeaseJob poll (no wait), which is how the server hears of a worker."""
     cap = workers_pb2.Capability(kind=kind, toolchain=toolchain, compile_targets=list(targets))
     response = client.lease_job(worker_id, [cap], wait_seconds=0)
