@@ -15,7 +15,7 @@ import pytest
 from sqlite_utils import Database
 
 from prebake.core.digests import hash_bytes
-from prebake.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from prebake.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from prebake.server.records import (
     Digest,
     ErrorClass,

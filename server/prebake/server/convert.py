@@ -10,8 +10,8 @@ from collections.abc import Iterable, Sequence
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from prebake.server import manifest_checks as paths
-from prebake.server.errors import InvalidArgument
+from prebake.core.errors import InvalidArgument
+from prebake.core.manifest_paths import validate_manifest_paths
 from prebake.server.key_normalization import KeyRequest
 from prebake.server.records import (
     Artifact,
@@ -118,7 +118,7 @@ def digest(d: Digest) -> blobs_pb2.Digest:
 
 def file_entries(files: Sequence[registry_pb2.ArtifactFile]) -> list[FileEntry]:
     """Validate a manifest's file list (paths and digests) and convert it, sorted by path."""
-    paths.validate_manifest_paths([f.path for f in files])
+    validate_manifest_paths([f.path for f in files])
     entries = [
         FileEntry(f.path, digest_from_proto(f.digest, f"file {f.path!r}"), f.executable) for f in files
     ]

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 
 from prebake.core.digests import hash_bytes
-from prebake.server.errors import InvalidKey
+from prebake.core.errors import InvalidKey
 from prebake.server.instance_catalog import InstanceCatalog, InstanceType
 from prebake.server.records import NormalizedKey
 from prebake.server.sizing import check_fits
