@@ -22,17 +22,17 @@ from typing import Any
 import pytest
 
 from prebake.core.digests import hash_bytes
-from prebake.server.blobs import BlobReader, BlobStore, BlobWriter, LocalBlobStore, StoreStats, UploadStatus
-from prebake.server.errors import (
+from prebake.core.errors import (
     Busy,
     DataLoss,
-    DigestMismatch,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     OutOfRange,
     QuotaExceeded,
+    UploadDigestMismatch,
 )
+from prebake.server.blobs import BlobReader, BlobStore, BlobWriter, LocalBlobStore, StoreStats, UploadStatus
 from prebake.server.records import Digest
 
 MiB = 1 << 20
@@ -216,7 +216,7 @@ def test_wrong_hash_stores_nothing(blob_store: BlobStore) -> None:
     claimed = Digest(hash_bytes(b"something else entirely"), len(data))
     writer = blob_store.open_write("liar", claimed)
     writer.append(data)
-    with pytest.raises(DigestMismatch, match="nothing was stored"):
+    with pytest.raises(UploadDigestMismatch, match="nothing was stored"):
         writer.commit()
     assert not blob_store.contains(claimed)
     assert blob_store.find_missing([claimed]) == [claimed]
@@ -231,7 +231,7 @@ def test_more_bytes_than_declared(blob_store: BlobStore, pieces: list[int]) -> N
     data = payload(sum(pieces), seed=4)
     digest = digest_of(data[:10])
     writer = blob_store.open_write("too-long", digest)
-    with pytest.raises(DigestMismatch, match="more than its declared size 10"):
+    with pytest.raises(UploadDigestMismatch, match="more than its declared size 10"):
         pos = 0
         for n in pieces:
             writer.append(data[pos : pos + n])
@@ -249,7 +249,7 @@ def test_commit_of_incomplete_upload_keeps_it(blob_store: BlobStore) -> None:
     writer.append(data[:600])
     with pytest.raises(InvalidArgument, match="incomplete: 600 of 1000 bytes") as exc:
         writer.commit()
-    assert not isinstance(exc.value, DigestMismatch)
+    assert not isinstance(exc.value, UploadDigestMismatch)
     assert not blob_store.contains(digest)
     writer.append(data[600:])
     writer.commit()
@@ -764,7 +764,7 @@ def test_local_damaged_partial_fails_the_commit(tmp_path: Path) -> None:
     writer = store.open_write("bad", digest)
     assert writer.committed_size == 50
     writer.append(data[50:])
-    with pytest.raises(DigestMismatch):
+    with pytest.raises(UploadDigestMismatch):
         writer.commit()
     assert _files(root) == []
 

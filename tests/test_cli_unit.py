@@ -158,7 +158,7 @@ def test_lookup_against_a_closed_port_exits_7_naming_the_address(capsys: pytest.
 
 
 def test_main_works_as_a_console_script(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(ROOT / d) for d in ("proto", "client"))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(ROOT / d) for d in ("proto", "core", "client"))}
     code = "import sys; from prebake.client.cli import main; raise SystemExit(main())"
     result = subprocess.run(
         [sys.executable, "-c", code, "show", "--help"], env=env, capture_output=True, text=True, check=False
@@ -229,11 +229,12 @@ def test_from_rpc_error_maps_every_status_code(code: grpc.StatusCode) -> None:
 
 
 def test_client_side_errors_belong_to_their_status_family() -> None:
-    assert issubclass(errors.DigestMismatch, errors.DataLoss)
+    assert issubclass(errors.DownloadDigestMismatch, errors.DataLoss)
     assert issubclass(errors.UnsafeManifest, errors.DataLoss)
     assert issubclass(errors.DestinationExists, errors.FailedPrecondition)
-    assert issubclass(errors.CompileFailed, errors.PrebakeError)
-    assert issubclass(errors.JobCancelled, errors.PrebakeError)
+    assert issubclass(errors.NoCapableWorker, errors.FailedPrecondition)
+    assert issubclass(errors.CompileFailed, errors.FailedPrecondition)
+    assert issubclass(errors.JobCancelled, errors.Cancelled)
 
 
 def test_artifact_key_round_trips_through_the_proto() -> None:

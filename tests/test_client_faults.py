@@ -356,7 +356,7 @@ def test_bytes_that_do_not_match_the_digest_are_deleted_and_never_placed(tmp_pat
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
-        with Client(f"127.0.0.1:{port}", timeout=5.0) as c, pytest.raises(errors.DigestMismatch):
+        with Client(f"127.0.0.1:{port}", timeout=5.0) as c, pytest.raises(errors.DownloadDigestMismatch):
             c.fetch(artifact, tmp_path / "out")
     finally:
         server.stop(grace=None)

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import xxhash
 
-from prebake.server.errors import InvalidArgument, InvalidKey
+from prebake.core.errors import InvalidArgument, InvalidKey
 from prebake.server.instance_catalog import InstanceCatalog
 from prebake.server.key_normalization import (
     DEFAULT_TOOLCHAINS,

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from prebake.core import manifest_paths as client_paths
+from prebake.core import manifest_paths as paths
+from prebake.core.errors import InvalidArgument
 from prebake.core.manifest_paths import UnsafePath
-from prebake.server import manifest_checks as paths
-from prebake.server.errors import InvalidArgument
 
 GOOD = [
     "config.json",
@@ -31,7 +30,6 @@ GOOD = [
 @pytest.mark.parametrize("path", GOOD)
 def test_good_paths_pass(path: str) -> None:
     paths.validate_manifest_paths([path])
-    client_paths.validate_manifest_paths([path])
 
 
 def test_good_manifest_passes() -> None:
@@ -69,14 +67,12 @@ def test_good_manifest_passes() -> None:
     ],
 )
 def test_bad_paths(path: str, message: str) -> None:
-    with pytest.raises(InvalidArgument) as info:
+    with pytest.raises(UnsafePath) as info:
         paths.validate_manifest_paths(["ok.txt", path])
     assert message in str(info.value)
-    with pytest.raises(UnsafePath) as client_info:
-        client_paths.check_path(path)
-    assert str(client_info.value) == str(info.value)
-    with pytest.raises(InvalidArgument):
+    with pytest.raises(UnsafePath) as single:
         paths.check_path(path)
+    assert str(single.value) == str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -90,7 +86,7 @@ def test_bad_paths(path: str, message: str) -> None:
     ],
 )
 def test_bad_manifests(manifest: list[str], message: str) -> None:
-    with pytest.raises(InvalidArgument) as info:
+    with pytest.raises(UnsafePath) as info:
         paths.validate_manifest_paths(manifest)
     assert message in str(info.value)
 
@@ -98,7 +94,7 @@ def test_bad_manifests(manifest: list[str], message: str) -> None:
 def test_too_many_files() -> None:
     manifest = [f"f{i}" for i in range(11)]
     paths.validate_manifest_paths(manifest[:10], max_files=10)
-    with pytest.raises(InvalidArgument, match="11 files; the limit is 10"):
+    with pytest.raises(UnsafePath, match="11 files; the limit is 10"):
         paths.validate_manifest_paths(manifest, max_files=10)
 
 
@@ -107,9 +103,11 @@ def test_a_single_string_is_not_a_manifest() -> None:
         paths.validate_manifest_paths("abc")
 
 
-def test_unsafe_path_is_a_value_error() -> None:
-    assert issubclass(UnsafePath, ValueError)
-    assert not issubclass(UnsafePath, InvalidArgument)
+def test_unsafe_path_is_invalid_argument() -> None:
+    # The server lets it through as INVALID_ARGUMENT; no wrapper re-raises it.
+    assert issubclass(UnsafePath, InvalidArgument)
+    assert UnsafePath("x").code == "INVALID_ARGUMENT"
+    assert not UnsafePath("x").retryable
 
 
 @pytest.mark.parametrize("rel", ["a", "a/b/c.bin", ".hidden"])
@@ -121,10 +119,8 @@ def test_safe_join_stays_inside(tmp_path: Path, rel: str) -> None:
 
 @pytest.mark.parametrize("rel", ["../x", "/etc/passwd", "a/../../x", "", "a\\..\\..\\x", "a\x00"])
 def test_safe_join_refuses(tmp_path: Path, rel: str) -> None:
-    with pytest.raises(InvalidArgument):
-        paths.safe_join(tmp_path, rel)
     with pytest.raises(UnsafePath):
-        client_paths.safe_join(tmp_path, rel)
+        paths.safe_join(tmp_path, rel)
 
 
 @pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symbolic links")
@@ -136,6 +132,6 @@ def test_safe_join_refuses_a_symlink_out_of_root(tmp_path: Path) -> None:
     (root / "link").symlink_to(outside, target_is_directory=True)
     (root / "inner").mkdir()
     (root / "ok").symlink_to(root / "inner", target_is_directory=True)
-    with pytest.raises(InvalidArgument, match="symbolic link"):
+    with pytest.raises(UnsafePath, match="symbolic link"):
         paths.safe_join(root, "link/file")
     assert paths.safe_join(root, "ok/file") == root / "ok" / "file"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from prebake.server.errors import InvalidKey
+from prebake.core.errors import InvalidKey
 from prebake.server.instance_catalog import InstanceCatalog
 from prebake.server.key_normalization import KeyRequest, normalize_key
 from prebake.server.sizing import parameter_count

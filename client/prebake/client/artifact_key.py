@@ -8,8 +8,10 @@ ARTIFACT_KIND_UNSPECIFIED so that the server's message is the one the user sees.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
+from prebake.core.key_fields import KEY_FIELDS, require_fields
 from prebake.core.names import kind_name, kind_to_proto
 from prebake.v1 import key_pb2
 
@@ -67,34 +69,18 @@ class ArtifactKey:
 
     def to_proto(self) -> key_pb2.ArtifactKey:
         """The wire form. Raises TypeError if a field has the wrong type."""
-        return key_pb2.ArtifactKey(
-            kind=kind_to_proto(self.kind),
-            model=self.model,
-            model_revision=self.model_revision,
-            instance_type=self.instance_type,
-            sequence_length=self.sequence_length,
-            batch_size=self.batch_size,
-            tensor_parallel_degree=self.tensor_parallel_degree,
-            precision=self.precision,
-            toolchain=self.toolchain,
-            options=dict(self.options),
-        )
+        values: dict[str, Any] = {name: getattr(self, name) for name in KEY_FIELDS}
+        values["kind"] = kind_to_proto(self.kind)
+        values["options"] = dict(self.options)
+        return key_pb2.ArtifactKey(**values)
 
     @classmethod
     def from_proto(cls, proto: key_pb2.ArtifactKey) -> ArtifactKey:
         """The key a proto states (e.g. `ResolvedKey.key`, the normalised form)."""
-        return cls(
-            kind=kind_name(proto.kind),
-            model=proto.model,
-            model_revision=proto.model_revision,
-            instance_type=proto.instance_type,
-            sequence_length=proto.sequence_length,
-            batch_size=proto.batch_size,
-            tensor_parallel_degree=proto.tensor_parallel_degree,
-            precision=proto.precision,
-            toolchain=proto.toolchain,
-            options=dict(proto.options),
-        )
+        values: dict[str, Any] = {name: getattr(proto, name) for name in KEY_FIELDS}
+        values["kind"] = kind_name(proto.kind)
+        values["options"] = dict(proto.options)
+        return cls(**values)
 
     def describe(self) -> str:
         """A one-line human summary, listing only the fields that are set."""
@@ -111,3 +97,7 @@ class ArtifactKey:
         parts.extend(f"{label}={value}" for label, value in labels if value)
         parts.extend(f"{k}={v}" for k, v in sorted(self.options.items()))
         return " ".join(parts)
+
+
+# The dataclass spells the fields out for type checkers; the contract decides which exist.
+require_fields((f.name for f in fields(ArtifactKey)), "prebake.client.ArtifactKey")

@@ -358,7 +358,7 @@ class Client:
     ) -> DownloadResult:
         """Download a blob into `path`, verified, resuming from what `path` already holds.
 
-        Raises DigestMismatch (after deleting `path`) if the bytes do not verify.
+        Raises DownloadDigestMismatch (after deleting `path`) if the bytes do not verify.
         """
         return download_blob(self._conn, as_digest(digest), Path(path), self._transfer, progress)
 
@@ -627,7 +627,7 @@ class Client:
         (resumed by the next call after an interruption) and are renamed into place only
         once all are verified. Returns at once when `dest` already holds the artifact.
         Raises DestinationExists if `dest` holds something else and not `overwrite`,
-        DigestMismatch if a file does not verify. With `host_cache`, files it holds are
+        DownloadDigestMismatch if a file does not verify. With `host_cache`, files it holds are
         placed from it (verified) rather than downloaded (`FetchResult.bytes_from_cache`).
         """
         if isinstance(artifact, str):

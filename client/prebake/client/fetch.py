@@ -152,7 +152,7 @@ def fetch_artifact(
 
     Raises DestinationExists when `dest` holds something else and `overwrite` is not
     set (checked before anything is downloaded), UnsafeManifest for a path that could
-    escape `dest`, DigestMismatch when a file fails verification. Exceptions from
+    escape `dest`, DownloadDigestMismatch when a file fails verification. Exceptions from
     `progress` propagate; the partial download is kept for the next attempt.
     """
     started = time.monotonic()

@@ -155,7 +155,7 @@ class HostCache:
         was interrupted), is verified (size and xxh3-128) and fsynced by
         `download_blob`, then made read-only and renamed into place. Safe to call
         concurrently for one digest from threads or processes (one downloads, the others
-        wait and find it present). Raises what `download_blob` raises (DigestMismatch,
+        wait and find it present). Raises what `download_blob` raises (DownloadDigestMismatch,
         NotFound, Unavailable, ...), leaving the cache without the blob.
         """
         final = self.blob_path(digest)

@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from prebake.client.artifact_key import ArtifactKey
+from prebake.core.key_fields import INT_FIELDS, KEY_FIELDS, STRING_FIELDS
 
 # A product larger than this is almost certainly a mistake in the file (and would
 # enqueue that many compile jobs); split it into several files if it is really meant.
@@ -77,25 +78,10 @@ _MODEL_FIELDS = frozenset(
     {"model", "revision", "model_revision", "model_source", "kind", "toolchain", "options"}
 )
 _SHAPE_FIELDS = frozenset({"sequence_length", "batch_size"})
-_KEY_FIELDS = frozenset(
-    {
-        "kind",
-        "model",
-        "model_revision",
-        "revision",
-        "instance_type",
-        "sequence_length",
-        "batch_size",
-        "tensor_parallel_degree",
-        "tp",
-        "precision",
-        "toolchain",
-        "options",
-        "model_source",
-    }
-)
 # Accepted spellings -> the ArtifactKey field they stand for.
 _ALIASES = {"revision": "model_revision", "tp": "tensor_parallel_degree"}
+# What an explicit key may state: the contract's key fields, their aliases, and where the weights are.
+_KEY_FIELDS = frozenset({*KEY_FIELDS, *_ALIASES, "model_source"})
 
 
 class MatrixError(ValueError):
@@ -321,18 +307,12 @@ class _Parser:
         def number(name: str) -> int:
             return self.integer(fields.get(name, 0), f"{at}.{name}")
 
-        key = ArtifactKey(
-            kind=text("kind", defaults.kind),
-            model=text("model"),
-            model_revision=text("model_revision"),
-            instance_type=text("instance_type"),
-            sequence_length=number("sequence_length"),
-            batch_size=number("batch_size"),
-            tensor_parallel_degree=number("tensor_parallel_degree"),
-            precision=text("precision"),
-            toolchain=text("toolchain", defaults.toolchain),
-            options={**defaults.options, **self.options(fields.get("options", {}), f"{at}.options")},
-        )
+        values: dict[str, Any] = {name: number(name) for name in INT_FIELDS}
+        values.update({name: text(name) for name in STRING_FIELDS})
+        values["kind"] = text("kind", defaults.kind)
+        values["toolchain"] = text("toolchain", defaults.toolchain)
+        values["options"] = {**defaults.options, **self.options(fields.get("options", {}), f"{at}.options")}
+        key = ArtifactKey(**values)
         if not key.kind:
             raise self.fail(f"{at}.kind", "no kind: set `kind` at the top level or in this key")
         if not key.model:

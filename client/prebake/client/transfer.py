@@ -38,7 +38,7 @@ from prebake.client.channel import (
 )
 from prebake.client.errors import (
     DataLoss,
-    DigestMismatch,
+    DownloadDigestMismatch,
     InvalidArgument,
     PrebakeError,
     Unavailable,
@@ -248,7 +248,7 @@ def download_blob(
 
     Verifies size and xxh3-128 while streaming; the file is fsynced before returning. On
     a mismatch the file is deleted; if the mismatch may come from stale resumed bytes
-    the blob is fetched once more from zero, otherwise `DigestMismatch` is raised.
+    the blob is fetched once more from zero, otherwise `DownloadDigestMismatch` is raised.
     """
     downloaded = 0
     for from_scratch in (False, True):
@@ -271,7 +271,7 @@ def download_blob(
                 downloaded += end - existing
                 out.flush()
                 os.fsync(out.fileno())
-        except DigestMismatch:
+        except DownloadDigestMismatch:
             path.unlink(missing_ok=True)
             raise
         if hasher.hexdigest() == digest.hash:
@@ -279,7 +279,7 @@ def download_blob(
         path.unlink(missing_ok=True)
         if existing == 0:
             break
-    raise DigestMismatch(
+    raise DownloadDigestMismatch(
         f"blob {digest.hash} ({digest.size_bytes} bytes) failed xxh3 verification after download; "
         "the file was deleted"
     )
@@ -309,7 +309,9 @@ def _stream_into(
                     watchdog.kick()
                     data = message.data
                     if offset + len(data) > size:
-                        raise DigestMismatch(f"the server sent more than {size} bytes for blob {digest.hash}")
+                        raise DownloadDigestMismatch(
+                            f"the server sent more than {size} bytes for blob {digest.hash}"
+                        )
                     out.write(data)
                     hasher.update(data)
                     offset += len(data)

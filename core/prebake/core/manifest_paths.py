@@ -5,7 +5,9 @@ A manifest path names one file relative to the artifact root, in normalised POSI
 client checks every path again before writing a downloaded file, so a hostile or broken
 manifest can never make either side touch a file outside the artifact root.
 
-Stdlib only: the thin client imports this module.
+`UnsafePath` is an `InvalidArgument`: on the server it answers INVALID_ARGUMENT as is;
+the client, which checks manifests it received, re-raises it as `UnsafeManifest`.
+Stdlib and `prebake.core.errors` only: the thin client imports this module.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
+from prebake.core.errors import InvalidArgument
+
 MAX_FILES = 100_000
 MAX_COMPONENT_BYTES = 255  # NAME_MAX on Linux and most file systems
 MAX_PATH_BYTES = 1024
@@ -22,7 +26,7 @@ MAX_PATH_BYTES = 1024
 _DRIVE_RE = re.compile(r"^[A-Za-z]:")
 
 
-class UnsafePath(ValueError):
+class UnsafePath(InvalidArgument):
     """A manifest path (or list of paths) that must not be written or published."""
 
 

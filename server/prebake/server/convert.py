@@ -7,11 +7,14 @@ Pure functions; validation of untrusted input happens here for digests and file 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from prebake.server import manifest_checks as paths
-from prebake.server.errors import InvalidArgument
+from prebake.core import names
+from prebake.core.errors import InvalidArgument
+from prebake.core.key_fields import KEY_FIELDS
+from prebake.core.manifest_paths import validate_manifest_paths
 from prebake.server.key_normalization import KeyRequest
 from prebake.server.records import (
     Artifact,
@@ -24,13 +27,6 @@ from prebake.server.records import (
     Producer,
 )
 from prebake.v1 import blobs_pb2, jobs_pb2, key_pb2, registry_pb2
-
-KIND_NAMES = {
-    key_pb2.ARTIFACT_KIND_NEURON: "neuron",
-    key_pb2.ARTIFACT_KIND_AWQ: "awq",
-    key_pb2.ARTIFACT_KIND_INDUCTOR: "inductor",
-}
-KIND_ENUMS = {name: value for value, name in KIND_NAMES.items()}
 
 JOB_STATES = {
     JobState.QUEUED: jobs_pb2.JOB_STATE_QUEUED,
@@ -54,8 +50,7 @@ MAX_TOOL_VERSIONS = 32
 
 def kind_name(kind: int) -> str:
     """Proto enum -> kind name; "" for unspecified or unknown values."""
-    name: str = KIND_NAMES.get(kind, "")  # type: ignore[call-overload]
-    return name
+    return names.kind_name(kind)
 
 
 def timestamp(seconds: float | None) -> Timestamp | None:
@@ -67,18 +62,19 @@ def timestamp(seconds: float | None) -> Timestamp | None:
 
 
 def key_request(msg: key_pb2.ArtifactKey) -> KeyRequest:
-    return KeyRequest(
-        kind=kind_name(msg.kind),
-        model=msg.model,
-        model_revision=msg.model_revision,
-        instance_type=msg.instance_type,
-        sequence_length=msg.sequence_length,
-        batch_size=msg.batch_size,
-        tensor_parallel_degree=msg.tensor_parallel_degree,
-        precision=msg.precision,
-        toolchain=msg.toolchain,
-        options=dict(msg.options),
-    )
+    """The key as stated on the wire; every field of the contract is copied (see KEY_FIELDS)."""
+    values: dict[str, Any] = {name: getattr(msg, name) for name in KEY_FIELDS}
+    values["kind"] = kind_name(msg.kind)
+    values["options"] = dict(msg.options)
+    return KeyRequest(**values)
+
+
+def key_message(key: NormalizedKey) -> key_pb2.ArtifactKey:
+    """The normalised key in wire form (instance_type is the instance's canonical name)."""
+    values: dict[str, Any] = {name: getattr(key, name) for name in KEY_FIELDS}
+    values["kind"] = names.kind_to_proto(key.kind)
+    values["options"] = dict(key.options)
+    return key_pb2.ArtifactKey(**values)
 
 
 def resolved_key(key: NormalizedKey) -> key_pb2.ResolvedKey:
@@ -86,18 +82,7 @@ def resolved_key(key: NormalizedKey) -> key_pb2.ResolvedKey:
         digest=key.digest,
         canonical=key.canonical,
         schema_version=key.schema_version,
-        key=key_pb2.ArtifactKey(
-            kind=KIND_ENUMS.get(key.kind, key_pb2.ARTIFACT_KIND_UNSPECIFIED),
-            model=key.model,
-            model_revision=key.model_revision,
-            instance_type=key.instance_type,
-            sequence_length=key.sequence_length,
-            batch_size=key.batch_size,
-            tensor_parallel_degree=key.tensor_parallel_degree,
-            precision=key.precision,
-            toolchain=key.toolchain,
-            options=dict(key.options),
-        ),
+        key=key_message(key),
         compile_target=key.compile_target,
         relevant_fields=list(key.relevant_fields),
         ignored_fields=list(key.ignored_fields),
@@ -118,7 +103,7 @@ def digest(d: Digest) -> blobs_pb2.Digest:
 
 def file_entries(files: Sequence[registry_pb2.ArtifactFile]) -> list[FileEntry]:
     """Validate a manifest's file list (paths and digests) and convert it, sorted by path."""
-    paths.validate_manifest_paths([f.path for f in files])
+    validate_manifest_paths([f.path for f in files])
     entries = [
         FileEntry(f.path, digest_from_proto(f.digest, f"file {f.path!r}"), f.executable) for f in files
     ]

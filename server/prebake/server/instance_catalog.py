@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
 
-from prebake.server.errors import InvalidKey
+from prebake.core.errors import InvalidKey
 
 NEURON_TARGETS = frozenset({"inf2", "trn1", "trn2"})
 FAMILIES = ("neuron", "gpu", "cpu")

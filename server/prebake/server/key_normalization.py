@@ -20,13 +20,16 @@ from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 
 from prebake.core.digests import hash_bytes
-from prebake.server.errors import InvalidKey
+from prebake.core.errors import InvalidKey
+from prebake.core.key_fields import KEY_FIELDS as CONTRACT_KEY_FIELDS
+from prebake.core.key_fields import KINDS as CONTRACT_KINDS
+from prebake.core.key_fields import require_fields, require_kinds
 from prebake.server.instance_catalog import InstanceCatalog, InstanceType
 from prebake.server.records import NormalizedKey
 from prebake.server.sizing import check_fits
 
 SCHEMA_VERSION = 1
-KINDS = ("neuron", "awq", "inductor")
+KINDS = CONTRACT_KINDS
 PRECISIONS = ("bf16", "fp16", "fp32", "int8", "fp8", "int4-awq")
 PRECISION_ALIASES: Mapping[str, str] = MappingProxyType(
     {
@@ -60,19 +63,8 @@ MAX_OPTIONS = 32
 MAX_OPTION_NAME = 64
 MAX_OPTION_VALUE = 256
 
-# ArtifactKey field order, used for relevant_fields and for diffs.
-KEY_FIELDS = (
-    "kind",
-    "model",
-    "model_revision",
-    "instance_type",
-    "sequence_length",
-    "batch_size",
-    "tensor_parallel_degree",
-    "precision",
-    "toolchain",
-    "options",
-)
+# ArtifactKey field order (from the contract), used for relevant_fields and for diffs.
+KEY_FIELDS = CONTRACT_KEY_FIELDS
 
 _MODEL_RE = re.compile(r"[A-Za-z0-9._\-/:@+]+")
 _REVISION_RE = re.compile(r"[A-Za-z0-9._\-:+]+")
@@ -154,6 +146,14 @@ class KeyRequest:
 
 
 ToolchainResolver = Callable[[str, str], str]
+
+
+# The tables above are per kind and per field: a kind or key field added to the contract
+# must be given its rules here, so fail at import rather than normalise it wrongly.
+require_kinds(_RULES, "key_normalization._RULES")
+require_fields((f.name for f in fields(KeyRequest)), "key_normalization.KeyRequest")
+if any(not set(rules.relevant) <= set(KEY_FIELDS) for rules in _RULES.values()):
+    raise RuntimeError("key_normalization._RULES: a kind's relevant fields name a field the key lacks")
 
 
 def normalize_key(

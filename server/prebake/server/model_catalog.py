@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 
-from prebake.server.errors import InvalidKey
+from prebake.core.errors import InvalidKey
 
 # JumpStart ids look like `meta-textgeneration-llama-3-8b` or `huggingface-llm-falcon-7b-bf16`.
 _JUMPSTART_RE = re.compile(r"^(?:meta|huggingface)-[a-z0-9][a-z0-9._-]*$")

@@ -10,7 +10,7 @@ import enum
 import re
 from dataclasses import dataclass, field
 
-from prebake.server.errors import InvalidArgument
+from prebake.core.errors import InvalidArgument
 
 _HASH_RE = re.compile(r"^[0-9a-f]{32}$")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from prebake.server.errors import InvalidKey
+from prebake.core.errors import InvalidKey
 from prebake.server.instance_catalog import InstanceType
 
 BYTES_PER_PARAMETER = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "fp8": 1.0, "int4-awq": 0.5}

@@ -1,42 +1,39 @@
-"""The one place where domain errors become gRPC status codes.
+"""The one place where the server's exceptions become gRPC status codes.
 
-Services raise `prebake.server.errors` exceptions; the `unary` and `streaming`
-decorators catch them and abort the rpc with `to_status`. Anything else is a bug: it
-is logged with its traceback and answered INTERNAL without leaking internals.
+Services raise `prebake.core.errors` exceptions; the `unary` and `streaming` decorators
+catch them and abort the rpc with `prebake.core.rpc_errors.to_status`, the mapping the
+client reverses. One server-only translation comes first: SQLite's "database is locked"
+(`sqlite3.OperationalError` after the busy timeout) is a transient condition, answered
+UNAVAILABLE so that clients retry it, never INTERNAL. Anything else unexpected is a bug:
+it is logged with its traceback and answered INTERNAL without leaking internals.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 
-from prebake.server import errors
+from prebake.core import errors
+from prebake.core.rpc_errors import to_status
 
 log = logging.getLogger(__name__)
 
-_CODES: tuple[tuple[type[errors.PrebakeError], grpc.StatusCode], ...] = (
-    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
-    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
-    (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
-    (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
-    (errors.OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
-    (errors.DataLoss, grpc.StatusCode.DATA_LOSS),
-    (errors.QuotaExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (errors.Busy, grpc.StatusCode.ABORTED),
-    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
-)
+# SQLITE_BUSY and SQLITE_LOCKED, as the sqlite3 module words them.
+_BUSY_MESSAGES = ("database is locked", "database is busy", "database table is locked")
 
 
-def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """Map an exception to (status code, message). Unknown exceptions are INTERNAL."""
-    for kind, code in _CODES:
-        if isinstance(exc, kind):
-            return code, str(exc)
-    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"
+def domain_error(exc: BaseException) -> BaseException:
+    """`exc`, or the domain error it stands for when it is a known transient storage failure."""
+    if isinstance(exc, sqlite3.OperationalError) and any(m in str(exc).lower() for m in _BUSY_MESSAGES):
+        return errors.Unavailable(
+            "the registry database is busy (another writer holds its lock); retry shortly"
+        )
+    return exc
 
 
 Req = TypeVar("Req")
@@ -45,9 +42,12 @@ Self = TypeVar("Self")
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException, method: str) -> None:
-    code, message = to_status(exc)
+    translated = domain_error(exc)
+    code, message = to_status(translated)
     if code == grpc.StatusCode.INTERNAL:
         log.exception("%s failed", method, exc_info=exc)
+    elif translated is not exc:
+        log.warning("%s: %s (%s)", method, message, exc)
     await context.abort(code, message)
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import grpc
 
+from prebake.core import names
 from prebake.server import convert
 from prebake.server.errors import InvalidArgument, NotFound
 from prebake.server.records import ErrorClass, Job, JobState, WorkerCapability
@@ -14,7 +15,7 @@ from prebake.server.services.blob_checks import require_present, verified_manife
 from prebake.server.services.jobs_service import check_job_id
 from prebake.server.state import ServerState
 from prebake.server.status import unary
-from prebake.v1 import jobs_pb2, key_pb2, workers_pb2, workers_pb2_grpc
+from prebake.v1 import jobs_pb2, workers_pb2, workers_pb2_grpc
 
 MAX_WAIT = 60.0
 MAX_CAPABILITIES = 16
@@ -72,7 +73,7 @@ class WorkersService(workers_pb2_grpc.WorkersServicer):
                     worker_id=w.worker_id,
                     capabilities=[
                         workers_pb2.Capability(
-                            kind=convert.KIND_ENUMS.get(c.kind, key_pb2.ARTIFACT_KIND_UNSPECIFIED),
+                            kind=names.kind_to_proto(c.kind),
                             toolchain=c.toolchain,
                             compile_targets=c.compile_targets,
                         )
