@@ -301,7 +301,8 @@ def _add_plugin_commands(sub: _Commands) -> None:
         found.setdefault(entry.name, entry)  # two installs providing one name: the first wins
     for name in [*PLUGIN_COMMANDS, *sorted(found.keys() - PLUGIN_COMMANDS.keys())]:
         plugin = found.get(name)
-        problem = ""
+        # Said too, for a development checkout whose installed metadata predates the plugin.
+        problem = f" (no {ENTRY_POINT_GROUP!r} entry point {name!r} is installed)"
         if plugin is not None:
             try:
                 register: Register = plugin.load()
