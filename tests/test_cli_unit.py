@@ -296,7 +296,10 @@ def test_any_package_can_add_a_command_through_the_protocol(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     greet = EntryPoint("greet", f"{__name__}:_register_greet", ENTRY_POINT_GROUP)
-    monkeypatch.setattr(cli, "entry_points", lambda group: [*entry_points(group=group), greet])
+    # One named like a client command is ignored; one taking a taken name fails alone.
+    shadow = EntryPoint("lookup", f"{__name__}:_register_greet", ENTRY_POINT_GROUP)
+    twice = EntryPoint("greet-again", f"{__name__}:_register_greet", ENTRY_POINT_GROUP)
+    monkeypatch.setattr(cli, "entry_points", lambda group: [*entry_points(group=group), greet, shadow, twice])
     assert "greet someone" in build_parser().format_help()
     assert main(["greet", "--name", "you"]) == 0 and capsys.readouterr().out == "hello you\n"
     assert main(["greet", "--name", "nobody"]) == exitcodes.USAGE
@@ -306,6 +309,17 @@ def test_any_package_can_add_a_command_through_the_protocol(
     assert main(["greet", "--help"]) == 0
     out = capsys.readouterr().out
     assert "examples:\n  prebake greet --name you" in out and "exit codes:" in out
+    assert build_parser().parse_args(["lookup", *KEY_ARGS]).handler.__name__ == "lookup"
+    assert main(["greet-again"]) == exitcodes.ERROR
+    assert "a command of that name exists already" in capsys.readouterr().err
+
+
+def test_each_client_command_adds_the_command_it_is_listed_under() -> None:
+    for name, add in cli.CLIENT_COMMANDS.items():
+        parser = argparse.ArgumentParser()
+        add(cli._Commands(parser.add_subparsers(), argparse.ArgumentParser(add_help=False)))
+        assert set(_command_paths(parser)) >= {(name,)}
+        assert {path[0] for path in _command_paths(parser)} == {name}
 
 
 # Errors and keys --------------------------------------------------------------------------

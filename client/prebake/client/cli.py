@@ -235,6 +235,8 @@ class _Commands:
         examples: str,
         connects: bool = True,
     ) -> argparse.ArgumentParser:
+        if name in self._subparsers.choices:
+            raise ValueError(f"prebake {name}: a command of that name exists already")
         p: argparse.ArgumentParser = self._subparsers.add_parser(
             name,
             help=summary,
@@ -275,30 +277,20 @@ def build_parser() -> argparse.ArgumentParser:
         _client_options(suppress=True),
     )
     _add_plugin_commands(sub)
-    for add in (
-        _add_lookup,
-        _add_fetch,
-        _add_ensure,
-        _add_prewarm,
-        _add_publish,
-        _add_jobs,
-        _add_ls,
-        _add_show,
-        _add_rm,
-        _add_pin,
-        _add_import,
-        _add_catalog,
-        _add_stats,
-    ):
+    for add in CLIENT_COMMANDS.values():
         add(sub)
     return parser
 
 
 def _add_plugin_commands(sub: _Commands) -> None:
-    """The commands of the `prebake.commands` entry points; a stand-in for each missing one."""
+    """The commands of the `prebake.commands` entry points; a stand-in for each missing one.
+
+    An entry point named like a client command is ignored: the client's own always wins.
+    """
     found: dict[str, EntryPoint] = {}
     for entry in entry_points(group=ENTRY_POINT_GROUP):
-        found.setdefault(entry.name, entry)  # two installs providing one name: the first wins
+        if entry.name not in CLIENT_COMMANDS:
+            found.setdefault(entry.name, entry)  # two installs providing one name: the first wins
     for name in [*PLUGIN_COMMANDS, *sorted(found.keys() - PLUGIN_COMMANDS.keys())]:
         plugin = found.get(name)
         # Said too, for a development checkout whose installed metadata predates the plugin.
@@ -664,6 +656,24 @@ def _add_stats(sub: _Commands) -> None:
         examples="prebake stats --json",
     )
     _add_json(p)
+
+
+# The client's own commands, by name, in `prebake --help` order (after the plugins').
+CLIENT_COMMANDS: dict[str, Callable[[_Commands], None]] = {
+    "lookup": _add_lookup,
+    "fetch": _add_fetch,
+    "ensure": _add_ensure,
+    "prewarm": _add_prewarm,
+    "publish": _add_publish,
+    "jobs": _add_jobs,
+    "ls": _add_ls,
+    "show": _add_show,
+    "rm": _add_rm,
+    "pin": _add_pin,
+    "import": _add_import,
+    "catalog": _add_catalog,
+    "stats": _add_stats,
+}
 
 
 def _version() -> str:
