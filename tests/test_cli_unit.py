@@ -9,19 +9,24 @@ faults injected by a proxy, in test_client_faults.py.
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib
 import os
 import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
 import grpc
 import pytest
 
-from prebake.client import ArtifactKey, errors, exitcodes
+from prebake.client import ArtifactKey, cli, errors, exitcodes
 from prebake.client.cli import build_parser, main
+from prebake.core.command_plugins import ENTRY_POINT_GROUP, CommandFailed, CommandRegistrar
 from prebake.v1 import key_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,7 +57,7 @@ COMMANDS = sorted(_command_paths(build_parser()))
 
 def test_every_command_is_covered() -> None:
     names = {" ".join(path) for path in COMMANDS}
-    expected = {"serve", "lookup", "fetch", "ensure", "publish", "ls", "show", "rm", "pin", "stats"}
+    expected = {"serve", "worker", "lookup", "fetch", "ensure", "publish", "ls", "show", "rm", "pin", "stats"}
     expected |= {"jobs", "jobs list", "jobs show", "jobs watch", "jobs cancel"}
     assert expected <= names
 
@@ -121,6 +126,8 @@ def test_key_options_build_the_key() -> None:
         ["jobs", "--state", "sleeping"],
         ["ls", "--kind", "tpu"],
         ["serve", "--max-blob-bytes", "lots"],
+        ["worker", "--drain-seconds", "-1"],
+        ["stats", "--frobnicate"],
         ["frobnicate"],
     ],
 )
@@ -179,6 +186,140 @@ def test_importing_the_client_loads_no_server_or_heavy_dependency() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == ""
+
+
+# Commands from other parts: entry points in the prebake.commands group -----------------
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_serve_and_worker_are_the_entry_points_the_package_declares() -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    declared = pyproject["project"]["entry-points"][ENTRY_POINT_GROUP]
+    assert declared == {"serve": "prebake.server.cli:register", "worker": "prebake.compiler.cli:register"}
+    installed = {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    assert installed == declared, "the installed metadata is stale: pip install -e ."
+    for value in declared.values():
+        module, _, attr = value.partition(":")
+        assert callable(getattr(importlib.import_module(module), attr))
+
+
+def test_the_client_imports_no_plugin_and_the_server_nothing_of_the_client() -> None:
+    for path in (ROOT / "client").rglob("*.py"):
+        bad = {m for m in _imports(path) if m.startswith(("prebake.server", "prebake.compiler"))}
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+    for path in (ROOT / "server").rglob("*.py"):
+        bad = {m for m in _imports(path) if m.startswith("prebake.client")}
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+    bad = {m for m in _imports(ROOT / "compiler/prebake/compiler/cli.py") if m.startswith("prebake.client.c")}
+    assert bad <= {"prebake.client.client"}, bad  # the Client type only, never the CLI
+
+
+def test_serve_without_the_server_extra_says_what_to_install(tmp_path: Path) -> None:
+    # As if grpcio-health-checking were not installed: importing grpc_health fails.
+    code = (
+        "import sys; sys.modules['grpc_health'] = None;"
+        "from prebake.client.cli import main; raise SystemExit(main(sys.argv[1:]))"
+    )
+    argv = ["serve", "--workers", "0", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "d")]
+    result = subprocess.run(
+        [sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == exitcodes.ERROR, result.stderr
+    assert "prebake serve needs the server extra: pip install 'prebake[server]'" in result.stderr
+    assert "grpc_health" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "d").exists()
+
+
+def test_commands_missing_from_the_install_say_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli, "entry_points", lambda group: [])
+    assert main(["--help"]) == 0
+    listing = capsys.readouterr().out
+    assert "run a prebake server (not installed here)" in listing
+    assert "run a compile worker (not installed here)" in listing
+    # Whatever the arguments, the answer is what to install, not "invalid choice".
+    assert main(["serve", "--listen", "127.0.0.1:1", "--data-dir", "x"]) == exitcodes.ERROR
+    assert (
+        "error: prebake serve needs the server extra: pip install 'prebake[server]'"
+        in capsys.readouterr().err
+    )
+    assert main(["--server", "127.0.0.1:9", "worker", "--kind", "inductor"]) == exitcodes.ERROR
+    assert "error: prebake worker needs the compiler and a backend: pip install" in capsys.readouterr().err
+    assert main(["serve", "--help"]) == 0
+    assert "pip install 'prebake[server]'" in capsys.readouterr().out
+
+
+def test_a_plugin_that_fails_to_load_breaks_only_its_own_command(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = EntryPoint("serve", "prebake.server.no_such_module:register", ENTRY_POINT_GROUP)
+    monkeypatch.setattr(cli, "entry_points", lambda group: [broken])
+    assert main(["serve"]) == exitcodes.ERROR
+    err = capsys.readouterr().err
+    assert "pip install 'prebake[server]'" in err and "prebake.server.no_such_module:register failed" in err
+    assert main(["lookup", "--help"]) == 0
+    assert main(["--server", "127.0.0.1:9", "lookup", "--model", "m"]) == exitcodes.USAGE  # parsing as usual
+
+
+def _register_greet(commands: CommandRegistrar) -> None:
+    p = commands.add_command(
+        "greet",
+        _greet,
+        summary="greet someone",
+        description="Print a greeting (a plugin command from another package).",
+        examples="prebake greet --name you",
+        connects=False,
+    )
+    p.add_argument("--name", required=True)
+
+
+def _greet(args: argparse.Namespace) -> int:
+    if args.name == "nobody":
+        raise CommandFailed("there is nobody to greet", bad_input=True)
+    if args.name == "everybody":
+        raise CommandFailed("too many to greet")
+    print(f"hello {args.name}")
+    return 0
+
+
+def test_any_package_can_add_a_command_through_the_protocol(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    greet = EntryPoint("greet", f"{__name__}:_register_greet", ENTRY_POINT_GROUP)
+    # One named like a client command is ignored; one taking a taken name fails alone.
+    shadow = EntryPoint("lookup", f"{__name__}:_register_greet", ENTRY_POINT_GROUP)
+    twice = EntryPoint("greet-again", f"{__name__}:_register_greet", ENTRY_POINT_GROUP)
+    monkeypatch.setattr(cli, "entry_points", lambda group: [*entry_points(group=group), greet, shadow, twice])
+    assert "greet someone" in build_parser().format_help()
+    assert main(["greet", "--name", "you"]) == 0 and capsys.readouterr().out == "hello you\n"
+    assert main(["greet", "--name", "nobody"]) == exitcodes.USAGE
+    assert capsys.readouterr().err == "error: there is nobody to greet\n"
+    assert main(["greet", "--name", "everybody"]) == exitcodes.ERROR
+    assert main(["greet"]) == exitcodes.USAGE  # its own arguments are checked by argparse
+    assert main(["greet", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "examples:\n  prebake greet --name you" in out and "exit codes:" in out
+    assert build_parser().parse_args(["lookup", *KEY_ARGS]).handler.__name__ == "lookup"
+    assert main(["greet-again"]) == exitcodes.ERROR
+    assert "a command of that name exists already" in capsys.readouterr().err
+
+
+def test_each_client_command_adds_the_command_it_is_listed_under() -> None:
+    for name, add in cli.CLIENT_COMMANDS.items():
+        parser = argparse.ArgumentParser()
+        add(cli._Commands(parser.add_subparsers(), argparse.ArgumentParser(add_help=False)))
+        assert set(_command_paths(parser)) >= {(name,)}
+        assert {path[0] for path in _command_paths(parser)} == {name}
 
 
 # Errors and keys --------------------------------------------------------------------------

@@ -1,8 +1,33 @@
 """The `prebake` command line: argument parsing, dispatch and exit codes.
 
 The handlers live in `prebake.client.commands`; this module defines the command-line
-shape (kept stable for scripts) and turns failures into `error: ...` on stderr and the
-exit codes of `prebake.client.exitcodes`.
+shape (kept stable for scripts), one small `_add_*` function per command or command
+group, and turns failures into `error: ...` on stderr and the exit codes of
+`prebake.client.exitcodes`.
+
+Commands from other parts of prebake
+------------------------------------
+`serve` (the server) and `worker` (the compile worker) live next to the code they run and
+are never imported by this module. They are plugins: entry points of the installed
+package in the group `prebake.commands` (pyproject.toml), each named after its command and
+pointing at a `register(commands)` callable. The protocol, with nothing in it from either
+side, is `prebake.core.command_plugins`:
+
+- `build_parser` loads every entry point of the group and calls it once with a
+  `CommandRegistrar` (`_Commands` here). The callable adds its command with
+  `commands.add_command(name, handler, summary=, description=, examples=, connects=)`,
+  which gives it the help layout and exit-code table every command has and, with
+  `connects=True`, the --server/--timeout options; it then adds its own arguments to the
+  parser it gets back.
+- `commands.run` calls `handler(args)`, or `handler(args, client)` with a connected
+  `Client` when `connects`; the handler returns an exit code or raises `CommandFailed`
+  (`error: <message>`, exit 1, or 2 for bad input). Client errors get the usual codes.
+- A plugin module imports only the standard library and `prebake.core` (plus its own
+  part's light modules) at load time and the rest inside its handler, so that loading
+  every plugin costs every `prebake` run little.
+- A command of `PLUGIN_COMMANDS` whose entry point is missing or fails to load is still
+  listed; running it (with any arguments) prints what to install and exits 1, instead of
+  argparse's "invalid choice". A plugin that fails to load never breaks other commands.
 """
 
 from __future__ import annotations
@@ -12,13 +37,40 @@ import os
 import sys
 import textwrap
 from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 from prebake.client import commands, exitcodes
 from prebake.client.client import DEFAULT_TARGET
+from prebake.core.cli_values import positive_int, positive_seconds
+from prebake.core.command_plugins import ENTRY_POINT_GROUP, CommandFailed, Register
 from prebake.core.names import job_state_names, kind_names
 
 DEFAULT_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class PluginCommand:
+    """What the CLI knows of a command another part provides: enough to say what to install."""
+
+    summary: str
+    needs: str
+    install: str
+
+    def hint(self, name: str) -> str:
+        return f"prebake {name} needs {self.needs}: {self.install}"
+
+
+# In `prebake --help` order, before the client's own commands.
+PLUGIN_COMMANDS = {
+    "serve": PluginCommand("run a prebake server", "the server extra", "pip install 'prebake[server]'"),
+    "worker": PluginCommand(
+        "run a compile worker",
+        "the compiler and a backend",
+        "pip install 'prebake[inductor]' (or 'prebake[awq]')",
+    ),
+}
 
 
 def _formatter(prog: str) -> argparse.HelpFormatter:
@@ -35,52 +87,6 @@ def _option(text: str) -> tuple[str, str]:
     if not sep or not name.strip():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     return name.strip(), value
-
-
-def _size(text: str) -> int:
-    """Bytes, with an optional binary suffix: 1048576, 512M, 64G, 2TiB."""
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    raw = text.strip().upper().removesuffix("B").removesuffix("I")
-    number, unit = (raw[:-1], raw[-1]) if raw and raw[-1] in units else (raw, "")
-    try:
-        value = int(float(number) * units[unit])
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a size such as 1048576, 512M or 64G, got {text!r}"
-        ) from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"a size cannot be negative: {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or more, got {text!r}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or more seconds, got {text!r}")
-    return value
 
 
 def _client_options(suppress: bool) -> argparse.ArgumentParser:
@@ -101,7 +107,7 @@ def _client_options(suppress: bool) -> argparse.ArgumentParser:
     group.add_argument(
         "--timeout",
         metavar="SECONDS",
-        type=_positive_float,
+        type=positive_seconds,
         default=argparse.SUPPRESS if suppress else DEFAULT_TIMEOUT,
         help=f"deadline of each request (default {DEFAULT_TIMEOUT:g})",
     )
@@ -178,16 +184,6 @@ def _add_host_cache(parser: argparse.ArgumentParser, purpose: str, env_default: 
         )
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected 1 or more, got {text!r}")
-    return value
-
-
 def _add_job_filters(parser: argparse.ArgumentParser, suppress: bool) -> None:
     default: Any = argparse.SUPPRESS if suppress else None
     parser.add_argument(
@@ -210,8 +206,51 @@ def _add_job_filters(parser: argparse.ArgumentParser, suppress: bool) -> None:
         parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
 
 
+class _Commands:
+    """The CommandRegistrar given to plugins, also used for the client's own commands.
+
+    Every command gets the same help layout (description, examples, exit codes) and, if it
+    connects to a server, the --server/--timeout options; its handler is recorded in the
+    parsed arguments (`handler`, `needs_client`) for `commands.run`.
+    """
+
+    def __init__(self, subparsers: Any, connection: argparse.ArgumentParser) -> None:
+        self._subparsers = subparsers
+        self._connection = connection
+
+    def names(self) -> set[str]:
+        return set(self._subparsers.choices)
+
+    def nested(self, subparsers: Any) -> _Commands:
+        """The same registrar for a command group's subcommands (`prebake jobs show`)."""
+        return _Commands(subparsers, self._connection)
+
+    def add_command(
+        self,
+        name: str,
+        handler: Callable[..., int],
+        *,
+        summary: str,
+        description: str,
+        examples: str,
+        connects: bool = True,
+    ) -> argparse.ArgumentParser:
+        if name in self._subparsers.choices:
+            raise ValueError(f"prebake {name}: a command of that name exists already")
+        p: argparse.ArgumentParser = self._subparsers.add_parser(
+            name,
+            help=summary,
+            description=description,
+            epilog=_epilog(examples, exitcodes.describe()),
+            formatter_class=_formatter,
+            parents=[self._connection] if connects else [],
+        )
+        p.set_defaults(handler=handler, needs_client=connects)
+        return p
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The whole `prebake` command line."""
+    """The whole `prebake` command line: the plugins' commands, then the client's own."""
     parser = argparse.ArgumentParser(
         prog="prebake",
         formatter_class=_formatter,
@@ -233,111 +272,70 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    client_opts = _client_options(suppress=True)
+    sub = _Commands(
+        parser.add_subparsers(dest="command", metavar="COMMAND", required=True),
+        _client_options(suppress=True),
+    )
+    _add_plugin_commands(sub)
+    for add in CLIENT_COMMANDS.values():
+        add(sub)
+    return parser
 
-    def add(
-        name: str,
-        handler: Callable[..., int],
-        summary: str,
-        description: str,
-        examples: str,
-        *,
-        client: bool = True,
-        parent: Any = sub,
-    ) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = parent.add_parser(
-            name,
-            help=summary,
-            description=description,
-            epilog=_epilog(examples, exitcodes.describe()),
-            formatter_class=_formatter,
-            parents=[client_opts] if client else [],
-        )
-        p.set_defaults(handler=handler, needs_client=client)
-        return p
 
-    p = add(
-        "serve",
-        commands.serve,
-        "run a prebake server",
-        "Run the server in this process until SIGINT/SIGTERM: registry and blobs under the\n"
-        "data directory, and an in-process compile worker for every backend whose toolchain\n"
-        "is installed here (see --workers). Settings: flags > PREBAKE_* environment\n"
-        "variables > --config file.",
-        """
-        prebake serve
-        prebake serve --listen 0.0.0.0:50051 --data-dir /var/lib/prebake --max-store-bytes 500G
-        prebake serve --workers 0          # compile only on separate `prebake worker` hosts
-        PREBAKE_DATA_DIR=/srv/prebake prebake serve --config prebake.toml
-        """,
-        client=False,
-    )
-    p.add_argument("--listen", metavar="HOST:PORT", help=f"address to listen on (default {DEFAULT_TARGET})")
-    p.add_argument(
-        "--data-dir", metavar="DIR", help="where the registry and blobs live (default ./prebake-data)"
-    )
-    p.add_argument("--config", metavar="FILE", help="TOML file with a [server] table (env PREBAKE_CONFIG)")
-    p.add_argument("--max-blob-bytes", type=_size, metavar="N", help="largest blob accepted (default 64G)")
-    p.add_argument(
-        "--max-store-bytes", type=_size, metavar="N", help="total blob bytes allowed (default: no limit)"
-    )
-    p.add_argument(
-        "--workers",
-        type=_count,
-        metavar="N",
-        help="in-process compile workers per installed backend (default 1; 0 = none)",
-    )
+def _add_plugin_commands(sub: _Commands) -> None:
+    """The commands of the `prebake.commands` entry points; a stand-in for each missing one.
 
-    p = add(
-        "worker",
-        commands.worker,
-        "run a compile worker",
-        "Lease compile jobs from the server and run them until SIGINT/SIGTERM: each compile\n"
-        "runs in a child process, heartbeats carry its progress, outputs are uploaded\n"
-        "(resumably) and published. A worker leases only the kinds whose toolchain is\n"
-        "installed here, and waits out server restarts. On SIGINT/SIGTERM it takes no new\n"
-        "job and gives a running compile --drain-seconds to finish, then kills it and hands\n"
-        "the job back to the queue; a second signal skips the wait.",
-        """
-        prebake worker                                 # every kind whose toolchain is installed
-        prebake worker --kind inductor --work-dir /scratch/prebake --server registry:50051
-        prebake worker --kind neuron --max-jobs 1 --drain-seconds 600   # one job, then exit
-        """,
-    )
-    p.add_argument(
-        "--kind",
-        dest="kinds",
-        action="append",
-        choices=kind_names(),
-        default=[],
-        help="serve only this kind; repeatable (default: every kind installed here)",
-    )
-    p.add_argument(
-        "--work-dir",
-        metavar="DIR",
-        help="scratch space for compiles, cleaned after each job (default: $TMPDIR/prebake-worker)",
-    )
-    p.add_argument(
-        "--max-jobs", type=_count, metavar="N", help="exit after N jobs (default: run until stopped)"
-    )
-    p.add_argument(
-        "--drain-seconds",
-        type=_seconds,
-        default=60.0,
-        metavar="S",
-        help="on SIGINT/SIGTERM, let a running compile finish for up to S seconds (default 60)",
-    )
-    p.add_argument("--worker-id", metavar="ID", help="name recorded on leased jobs (default: HOST:PID)")
+    An entry point named like a client command is ignored: the client's own always wins.
+    """
+    found: dict[str, EntryPoint] = {}
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        if entry.name not in CLIENT_COMMANDS:
+            found.setdefault(entry.name, entry)  # two installs providing one name: the first wins
+    for name in [*PLUGIN_COMMANDS, *sorted(found.keys() - PLUGIN_COMMANDS.keys())]:
+        plugin = found.get(name)
+        # Said too, for a development checkout whose installed metadata predates the plugin.
+        problem = f" (no {ENTRY_POINT_GROUP!r} entry point {name!r} is installed)"
+        if plugin is not None:
+            try:
+                register: Register = plugin.load()
+                register(sub)
+                continue
+            except Exception as exc:  # a broken plugin must not take the other commands down
+                problem = f" ({plugin.value} failed to load: {exc!r})"
+        if name not in sub.names():
+            _add_missing_plugin(sub, name, problem)
 
-    p = add(
+
+def _add_missing_plugin(sub: _Commands, name: str, problem: str) -> None:
+    known = PLUGIN_COMMANDS.get(name)
+    summary = known.summary if known else f"the {name} command"
+    hint = known.hint(name) if known else f"prebake {name} is not usable here"
+    message = hint + problem
+
+    def not_installed(_args: argparse.Namespace) -> int:
+        raise CommandFailed(message)
+
+    p = sub.add_command(
+        name,
+        not_installed,
+        summary=f"{summary} (not installed here)",
+        description=f"{message}.",
+        examples=known.install if known else f"prebake {name}",
+        connects=False,
+    )
+    # Whatever the user passes, the answer is what to install, not an argument error.
+    p.set_defaults(accepts_any_arguments=True)
+
+
+def _add_lookup(sub: _Commands) -> None:
+    p = sub.add_command(
         "lookup",
         commands.lookup,
-        "look a configuration up (HIT / MISS / COMPILING / FAILED)",
-        "Look a key up. On a miss a compile job is enqueued (or the one in flight joined)\n"
+        summary="look a configuration up (HIT / MISS / COMPILING / FAILED)",
+        description="Look a key up. On a miss a compile job is enqueued (or the one in flight joined)\n"
         "unless --no-enqueue. A HIT shows the artifact and why it matched; a MISS shows the\n"
         "job and the nearest existing artifacts with the fields that differ.",
-        """
+        examples="""
         prebake lookup --kind neuron --model meta-llama/Meta-Llama-3-8B \\
             --instance-type ml.inf2.48xlarge --sequence-length 8192 --batch-size 8 --tp 24
         prebake lookup --kind awq --model my/model --no-enqueue --json | jq .status
@@ -356,13 +354,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_json(p)
 
-    p = add(
+
+def _add_fetch(sub: _Commands) -> None:
+    p = sub.add_command(
         "fetch",
         commands.fetch,
-        "download an existing artifact into a directory",
-        "Download the artifact for a key (or --artifact ID) into --dest, verified, resumable,\n"
+        summary="download an existing artifact into a directory",
+        description="Download the artifact for a key (or --artifact ID) into --dest, verified, resumable,\n"
         "placed atomically. Never compiles: a miss exits with the MISS code (see ensure).",
-        """
+        examples="""
         prebake fetch --kind inductor --model my/llama --instance-type ml.c7i.4xlarge \\
             --sequence-length 512 --batch-size 1 --dest /opt/models/llama-aot
         prebake fetch --artifact 3f2a9c0d1e2b3a4f5e6d7c8b9a0f1e2d --dest ./a --overwrite
@@ -376,14 +376,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quiet(p)
     _add_json(p)
 
-    p = add(
+
+def _add_ensure(sub: _Commands) -> None:
+    p = sub.add_command(
         "ensure",
         commands.ensure,
-        "make a directory hold the artifact for a key, compiling it if needed",
-        "The deployer's command: look the key up; on a hit download it; on a miss wait for\n"
+        summary="make a directory hold the artifact for a key, compiling it if needed",
+        description="The deployer's command: look the key up; on a hit download it; on a miss wait for\n"
         "the compile job (showing its progress), then download. --dest is placed atomically\n"
         "and is left untouched on failure.",
-        """
+        examples="""
         prebake ensure --kind neuron --model meta-llama/Meta-Llama-3-8B \\
             --instance-type ml.inf2.48xlarge --sequence-length 8192 --batch-size 8 --tp 24 \\
             --model-source s3://models/llama-3-8b --dest /opt/ml/model/compiled --wait-timeout 3600
@@ -396,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--wait-timeout",
-        type=_positive_float,
+        type=positive_seconds,
         metavar="S",
         help="give up waiting for a compile after S seconds",
     )
@@ -405,11 +407,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quiet(p)
     _add_json(p)
 
-    p = add(
+
+def _add_prewarm(sub: _Commands) -> None:
+    p = sub.add_command(
         "prewarm",
         commands.prewarm,
-        "make sure every configuration of a matrix is compiled (and cached on this host)",
-        "Look every configuration of a prewarm file up: the missing ones get a compile job,\n"
+        summary="make sure every configuration of a matrix is compiled (and cached on this host)",
+        description="Look every configuration of a prewarm file up: the missing ones get a compile job,\n"
         "those in flight are joined. Then wait for every job (showing progress) and print a\n"
         "table of what became of each: hit, compiled, failed, cancelled, invalid (the server\n"
         "refused the combination; its message says why), timeout or error. With --host-cache\n"
@@ -435,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Exit status: 0 if every row is hit or compiled (or, with --no-wait, enqueued/joined);\n"
         "5 if any compile failed; else 1 if any row is invalid, cancelled, timeout or error.\n"
         "Rows hidden by --skip-invalid do not count. 2: the file is unreadable or malformed.",
-        """
+        examples="""
         prebake prewarm launch-matrix.yaml
         prebake prewarm launch-matrix.yaml --no-wait --skip-invalid
         prebake prewarm launch-matrix.json --wait-timeout 7200 --host-cache=/var/cache/prebake --json
@@ -445,11 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-wait", action="store_true", help="enqueue and report; do not wait for jobs")
     p.add_argument(
         "--wait-timeout",
-        type=_positive_float,
+        type=positive_seconds,
         metavar="S",
         help="stop waiting for jobs after S seconds (they keep running; rows say timeout)",
     )
-    # Not on by default from the env var: it downloads every artifact of the matrix.
     _add_host_cache(
         p, "also download every artifact into this host's cache; put FILE first", env_default=False
     )
@@ -457,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="retry keys whose last compile failed")
     p.add_argument(
         "--concurrency",
-        type=_positive_int,
+        type=positive_int,
         default=8,
         metavar="N",
         help="parallel lookups/watches (default 8)",
@@ -465,13 +468,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quiet(p)
     _add_json(p)
 
-    p = add(
+
+def _add_publish(sub: _Commands) -> None:
+    p = sub.add_command(
         "publish",
         commands.publish,
-        "publish a local directory as the artifact for a key",
-        "Hash every regular file under DIR, upload the blobs the server lacks (resumable),\n"
+        summary="publish a local directory as the artifact for a key",
+        description="Hash every regular file under DIR, upload the blobs the server lacks (resumable),\n"
         "then publish the manifest atomically. Symbolic links are refused.",
-        """
+        examples="""
         prebake publish ./out --kind inductor --model my/llama --instance-type ml.c7i.4xlarge \\
             --sequence-length 512 --batch-size 1 --note "built on ci-42"
         """,
@@ -483,13 +488,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quiet(p)
     _add_json(p)
 
-    jobs_help = "list, show, watch and cancel compile jobs"
-    p = add(
+
+def _add_jobs(sub: _Commands) -> None:
+    p = sub.add_command(
         "jobs",
         commands.jobs_list,
-        jobs_help,
-        "Compile jobs. Without a subcommand: list them (newest first).",
-        """
+        summary="list, show, watch and cancel compile jobs",
+        description="Compile jobs. Without a subcommand: list them (newest first).",
+        examples="""
         prebake jobs --state queued leased
         prebake jobs show j-3f2a
         prebake jobs watch j-3f2a
@@ -497,51 +503,54 @@ def build_parser() -> argparse.ArgumentParser:
         """,
     )
     _add_job_filters(p, suppress=False)
-    jobs = p.add_subparsers(dest="jobs_command", metavar="SUBCOMMAND")
-    p = add(
+    jobs = sub.nested(p.add_subparsers(dest="jobs_command", metavar="SUBCOMMAND"))
+    p = jobs.add_command(
         "list",
         commands.jobs_list,
-        "list jobs (the default)",
-        "List compile jobs, newest first.",
-        "prebake jobs list --state failed --kind neuron --limit 10",
-        parent=jobs,
+        summary="list jobs (the default)",
+        description="List compile jobs, newest first.",
+        examples="prebake jobs list --state failed --kind neuron --limit 10",
     )
     _add_job_filters(p, suppress=True)
-    p = add(
-        "show", commands.jobs_show, "show one job", "Show one job.", "prebake jobs show j-3f2a", parent=jobs
+    p = jobs.add_command(
+        "show",
+        commands.jobs_show,
+        summary="show one job",
+        description="Show one job.",
+        examples="prebake jobs show j-3f2a",
     )
     p.add_argument("job_id", metavar="ID")
     _add_json(p)
-    p = add(
+    p = jobs.add_command(
         "watch",
         commands.jobs_watch,
-        "follow a job until it finishes",
-        "Follow a job's state and progress until it succeeds, fails or is cancelled.\n"
+        summary="follow a job until it finishes",
+        description="Follow a job's state and progress until it succeeds, fails or is cancelled.\n"
         "Exits 0 if it succeeded, 5 if it failed, 1 if it was cancelled.",
-        "prebake jobs watch j-3f2a",
-        parent=jobs,
+        examples="prebake jobs watch j-3f2a",
     )
     p.add_argument("job_id", metavar="ID")
     _add_quiet(p)
     _add_json(p)
-    p = add(
+    p = jobs.add_command(
         "cancel",
         commands.jobs_cancel,
-        "cancel a queued or running job",
-        "Cancel a queued or leased job; its worker learns so at its next heartbeat.",
-        'prebake jobs cancel j-3f2a --reason "superseded"',
-        parent=jobs,
+        summary="cancel a queued or running job",
+        description="Cancel a queued or leased job; its worker learns so at its next heartbeat.",
+        examples='prebake jobs cancel j-3f2a --reason "superseded"',
     )
     p.add_argument("job_id", metavar="ID")
     p.add_argument("--reason", default="", help="recorded as the job's error")
     _add_json(p)
 
-    p = add(
+
+def _add_ls(sub: _Commands) -> None:
+    p = sub.add_command(
         "ls",
         commands.ls,
-        "list artifacts",
-        "List artifacts, newest first (without their files; see show).",
-        """
+        summary="list artifacts",
+        description="List artifacts, newest first (without their files; see show).",
+        examples="""
         prebake ls
         prebake ls --kind neuron --model meta-llama/Meta-Llama-3-8B --pinned
         """,
@@ -552,34 +561,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=100, help="at most N artifacts (default 100; 0 = all)")
     _add_json(p)
 
-    p = add(
+
+def _add_show(sub: _Commands) -> None:
+    p = sub.add_command(
         "show",
         commands.show,
-        "show an artifact's manifest",
-        "Show an artifact: key, producer, and every file with its size and digest.",
-        "prebake show 3f2a9c0d1e2b3a4f5e6d7c8b9a0f1e2d",
+        summary="show an artifact's manifest",
+        description="Show an artifact: key, producer, and every file with its size and digest.",
+        examples="prebake show 3f2a9c0d1e2b3a4f5e6d7c8b9a0f1e2d",
     )
     p.add_argument("artifact_id", metavar="ARTIFACT_ID")
     _add_json(p)
 
-    p = add(
+
+def _add_rm(sub: _Commands) -> None:
+    p = sub.add_command(
         "rm",
         commands.rm,
-        "delete an artifact",
-        "Delete an artifact and every blob no other artifact uses; later lookups of its key\n"
+        summary="delete an artifact",
+        description="Delete an artifact and every blob no other artifact uses; later lookups of its key\n"
         "miss. A pinned artifact needs --force.",
-        "prebake rm 3f2a9c0d1e2b3a4f5e6d7c8b9a0f1e2d",
+        examples="prebake rm 3f2a9c0d1e2b3a4f5e6d7c8b9a0f1e2d",
     )
     p.add_argument("artifact_id", metavar="ARTIFACT_ID")
     p.add_argument("--force", action="store_true", help="delete even if pinned")
     _add_json(p)
 
-    p = add(
+
+def _add_pin(sub: _Commands) -> None:
+    p = sub.add_command(
         "pin",
         commands.pin,
-        "pin (or --unpin) an artifact",
-        "Pinned artifacts are never evicted and are deleted only with rm --force.",
-        """
+        summary="pin (or --unpin) an artifact",
+        description="Pinned artifacts are never evicted and are deleted only with rm --force.",
+        examples="""
         prebake pin 3f2a9c0d1e2b3a4f5e6d7c8b9a0f1e2d
         prebake pin --unpin 3f2a9c0d1e2b3a4f5e6d7c8b9a0f1e2d
         """,
@@ -588,16 +603,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unpin", action="store_true", help="unpin instead")
     _add_json(p)
 
-    p = add(
+
+def _add_import(sub: _Commands) -> None:
+    p = sub.add_command(
         "import",
         commands.import_set,
-        "publish a set of artifacts compiled elsewhere, listed in a file",
-        "Publish every artifact a set file lists (e.g. a SageMaker-style precompiled set), each\n"
+        summary="publish a set of artifacts compiled elsewhere, listed in a file",
+        description="Publish every artifact a set file lists (e.g. a SageMaker-style precompiled set), each\n"
         "as `prebake publish` would. FILE is JSON, or YAML (needs PyYAML), holding a list of\n"
         "entries: the key's fields as in a prewarm file's `keys`, plus `path` (the directory\n"
         "with that artifact's files, relative to FILE) and an optional `note`. Entries are\n"
         "independent; the exit status is 1 if any failed.",
-        """
+        examples="""
         prebake import precompiled-set.yaml
         # precompiled-set.yaml:
         # - {path: llama3-8b, kind: neuron, model: meta-textgeneration-llama-3-8b,
@@ -608,15 +625,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE", help="the set file (JSON or YAML)")
     _add_json(p)
 
-    p = add(
+
+def _add_catalog(sub: _Commands) -> None:
+    p = sub.add_command(
         "catalog",
         commands.catalog,
-        "list JumpStart models or instance types the server knows",
-        "models: the SageMaker JumpStart model table and which optimizations each model\n"
+        summary="list JumpStart models or instance types the server knows",
+        description="models: the SageMaker JumpStart model table and which optimizations each model\n"
         "supports (quantization, speculative decoding, SageMaker draft model); AWQ keys for a\n"
         "model without quantization support are refused. instances: every instance type keys\n"
         "may name, with its cores (the bound of --tp), memory and compile target.",
-        """
+        examples="""
         prebake catalog                        # models
         prebake catalog models --family LLaMA --quantization
         prebake catalog instances --json
@@ -627,15 +646,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantization", action="store_true", help="only models that support quantization")
     _add_json(p)
 
-    p = add(
+
+def _add_stats(sub: _Commands) -> None:
+    p = sub.add_command(
         "stats",
         commands.stats,
-        "show server statistics",
-        "Artifacts, blobs, lookups and hit rate, jobs per state, queue depth, bytes moved.",
-        "prebake stats --json",
+        summary="show server statistics",
+        description="Artifacts, blobs, lookups and hit rate, jobs per state, queue depth, bytes moved.",
+        examples="prebake stats --json",
     )
     _add_json(p)
-    return parser
+
+
+# The client's own commands, by name, in `prebake --help` order (after the plugins').
+CLIENT_COMMANDS: dict[str, Callable[[_Commands], None]] = {
+    "lookup": _add_lookup,
+    "fetch": _add_fetch,
+    "ensure": _add_ensure,
+    "prewarm": _add_prewarm,
+    "publish": _add_publish,
+    "jobs": _add_jobs,
+    "ls": _add_ls,
+    "show": _add_show,
+    "rm": _add_rm,
+    "pin": _add_pin,
+    "import": _add_import,
+    "catalog": _add_catalog,
+    "stats": _add_stats,
+}
 
 
 def _version() -> str:
@@ -655,7 +693,9 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown and not getattr(args, "accepts_any_arguments", False):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as exc:
         if exc.code is None:
             return exitcodes.OK

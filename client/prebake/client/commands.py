@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -36,6 +35,7 @@ from prebake.client.matrix import MatrixError, load_matrix
 from prebake.client.prewarm import OK_OUTCOMES, PrewarmRow, summarize
 from prebake.client.prewarm import prewarm as prewarm_keys
 from prebake.client.progress import JobProgress, PrewarmDisplay, TransferProgress, human_bytes
+from prebake.core.command_plugins import CommandFailed
 from prebake.v1 import jobs_pb2, registry_pb2
 
 _LOOKUP_EXIT = {
@@ -69,6 +69,9 @@ def run(args: argparse.Namespace) -> int:
             "  start one with `prebake serve`, or point --server (or PREBAKE_SERVER) at a running server"
         )
         return exitcodes.UNAVAILABLE
+    except CommandFailed as exc:
+        _error(str(exc))
+        return exitcodes.USAGE if exc.bad_input else exitcodes.ERROR
     except NotFound as exc:
         _error(str(exc))
         return exitcodes.NOT_FOUND
@@ -147,62 +150,6 @@ def _job_display(args: argparse.Namespace) -> Iterator[JobProgress | None]:
 
 
 # Commands ---------------------------------------------------------------------------
-
-
-def serve(args: argparse.Namespace) -> int:
-    try:
-        from prebake.server.app import serve as serve_forever
-        from prebake.server.config import load_server_config
-    except ModuleNotFoundError as exc:
-        _error(f"the prebake server is not installed here ({exc}); install prebake[server]")
-        return exitcodes.ERROR
-    flags = {
-        "listen": args.listen,
-        "data_dir": args.data_dir,
-        "max_blob_bytes": args.max_blob_bytes,
-        "max_store_bytes": args.max_store_bytes,
-        "embedded_workers": args.workers,
-    }
-    try:
-        config = load_server_config(flags, os.environ, Path(args.config) if args.config else None)
-    except ValueError as exc:
-        _error(str(exc))
-        return exitcodes.USAGE
-    serve_forever(config)
-    return exitcodes.OK
-
-
-def worker(args: argparse.Namespace, client: Client) -> int:
-    # Imported here: the thin client must not depend on the compiler package.
-    try:
-        from prebake.compiler.worker import (
-            Worker,
-            WorkerConfig,
-            WorkerSetupError,
-            default_work_dir,
-            default_worker_id,
-            run_until_signalled,
-        )
-    except ModuleNotFoundError as exc:
-        _error(f"the prebake compile worker is not installed here ({exc})")
-        return exitcodes.ERROR
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = WorkerConfig(
-        server=args.server,
-        work_dir=Path(args.work_dir) if args.work_dir else default_work_dir(),
-        kinds=tuple(args.kinds),
-        worker_id=args.worker_id or default_worker_id(),
-        max_jobs=args.max_jobs,
-        drain_seconds=args.drain_seconds,
-        rpc_timeout=args.timeout,
-    )
-    try:
-        compile_worker = Worker(config, client=client)
-    except WorkerSetupError as exc:
-        _error(str(exc))
-        return exitcodes.ERROR
-    run_until_signalled(compile_worker)
-    return exitcodes.OK
 
 
 def lookup(args: argparse.Namespace, client: Client) -> int:

@@ -27,6 +27,8 @@ from grpc_reflection.v1alpha import reflection
 
 from prebake.server.blobs import LocalBlobStore
 from prebake.server.config import ServerConfig
+from prebake.server.data_dir_lock import DataDirLock
+from prebake.server.exclusive_bind import NO_PORT_SHARING, bind_exclusively
 from prebake.server.instance_catalog import InstanceCatalog
 from prebake.server.services.admin_service import AdminService
 from prebake.server.services.blobs_service import BlobsService
@@ -63,6 +65,8 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_pings_without_data", 0),
+    # A port in use makes start() fail instead of splitting connections with its owner.
+    NO_PORT_SHARING,
 ]
 
 SERVICE_NAMES = (
@@ -100,6 +104,8 @@ class RunningServer:
         self, server: grpc.aio.Server, state: ServerState, address: str, health: health_aio.HealthServicer
     ) -> None:
         self.server = server
+        # Set by start(); released last on stop(), once the state is closed.
+        self.data_dir_lock: DataDirLock | None = None
         self.state = state
         self.address = address
         self.health = health
@@ -145,10 +151,29 @@ class RunningServer:
         await self.state.tracker.flush()
         self.state.executor.shutdown(wait=True)
         self.state.storage.close()
+        if self.data_dir_lock is not None:
+            self.data_dir_lock.release()
 
 
 async def start(config: ServerConfig) -> RunningServer:
-    """Open the state, bind `config.listen` (port 0 picks a free port) and start serving."""
+    """Lock the data directory, open the state, bind `config.listen` (port 0 picks a free
+    port) and start serving.
+
+    Raises DataDirInUse if another server holds the data directory, CannotListen if the
+    address is taken (both name the other server where they can).
+    """
+    data_dir_lock = DataDirLock.acquire(config.data_dir, config.listen)
+    try:
+        running = await _start_locked(config)
+    except BaseException:
+        data_dir_lock.release()
+        raise
+    data_dir_lock.record(running.address)
+    running.data_dir_lock = data_dir_lock
+    return running
+
+
+async def _start_locked(config: ServerConfig) -> RunningServer:
     state = open_state(config)
     server = grpc.aio.server(options=SERVER_OPTIONS)
     registry_pb2_grpc.add_RegistryServicer_to_server(RegistryService(state), server)
@@ -165,10 +190,10 @@ async def start(config: ServerConfig) -> RunningServer:
     )
     host, _, _ = config.listen.rpartition(":")
     try:
-        port = server.add_insecure_port(config.listen)
-    except RuntimeError as exc:
+        port = bind_exclusively(server, config.listen)
+    except OSError:
         state.storage.close()
-        raise OSError(f"cannot listen on {config.listen}: {exc} (is another server using the port?)") from exc
+        raise
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -212,7 +237,8 @@ async def _serve(config: ServerConfig) -> None:
 
 
 def serve(config: ServerConfig) -> None:
-    """Run the server until SIGINT or SIGTERM. Raises OSError if the address is taken."""
+    """Run the server until SIGINT or SIGTERM. Raises DataDirInUse or CannotListen (both
+    OSError) if another server has the data directory or the address."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(_serve(config))
 
