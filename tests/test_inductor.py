@@ -24,6 +24,7 @@ from prebake.client.model_revision import revision_of
 from prebake.compiler import tiny_llama
 from prebake.compiler.backend import EXIT_DETERMINISTIC, EXIT_OK, CompileError, CompileRequest
 from prebake.compiler.inductor import (
+    CPU_TARGETS,
     MANIFEST_NAME,
     PACKAGE_NAME,
     InductorBackend,
@@ -36,7 +37,8 @@ from prebake.compiler.inductor import (
     validate_key,
 )
 from prebake.compiler.model_source import resolve_model_source
-from prebake.compiler.run import SCRATCH_NAME, available_backends, result_from_dict
+from prebake.compiler.probe import BackendStatus
+from prebake.compiler.run import SCRATCH_NAME, available_backends, probe, result_from_dict
 
 BACKEND = InductorBackend()
 needs_inductor = pytest.mark.skipif(not BACKEND.available()[0], reason=BACKEND.available()[1])
@@ -372,6 +374,43 @@ def test_targets_follow_the_cpu_features_not_the_env_override() -> None:
     assert child_environment_for({"compile_target": "cpu-avx512"}) == {"ATEN_CPU_CAPABILITY": "avx512"}
     assert child_environment_for({"compile_target": "cpu-avx2"}) == {"ATEN_CPU_CAPABILITY": "avx2"}
     assert child_environment_for({"compile_target": "inf2"}) == {}
+
+
+AVX2_FLAGS = {"architecture": "x86_64", "avx2": True, "fma3": True}
+AVX512_FLAGS = {**AVX2_FLAGS, "avx512_f": True, "avx512_bw": True, "avx512_dq": True, "avx512_vl": True}
+
+
+@needs_inductor
+@pytest.mark.parametrize(
+    ("flags", "advertised"),
+    [(AVX512_FLAGS, ("cpu-avx512", "cpu-avx2")), (AVX2_FLAGS, ("cpu-avx2",))],
+    ids=["avx512-host", "avx2-host"],
+)
+def test_a_worker_builds_for_every_isa_its_cpu_can_run_and_verify(
+    flags: dict[str, object], advertised: tuple[str, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The CPU-flag reader patched, the rest real: what the probe reports is what the worker
+    # advertises (BackendStatus.capability), and what compile() accepts (validate_key on the
+    # same targets). An AVX-512 host builds AVX2 packages for -march=x86-64-v3 with ATen on
+    # AVX2, and can run them to verify; an AVX2 host refuses AVX-512 keys.
+    import torch
+
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: dict(flags))
+    entry = probe()["inductor"]
+    status = BackendStatus(
+        "inductor", entry["available"], entry["reason"], entry["toolchain"], tuple(entry["compile_targets"])
+    )
+    assert tuple(status.capability().compile_targets) == advertised
+    for target in CPU_TARGETS:
+        key = inductor_key(compile_target=target)
+        if target in advertised:
+            plan = validate_key(key, BACKEND.compile_targets(), BACKEND.toolchain())
+            assert plan.target is CPU_TARGETS[target]
+            assert child_environment_for(key) == {"ATEN_CPU_CAPABILITY": CPU_TARGETS[target].aten_capability}
+        else:
+            with pytest.raises(CompileError, match=f"this host cannot build or verify {target}"):
+                validate_key(key, BACKEND.compile_targets(), BACKEND.toolchain())
+    assert CPU_TARGETS["cpu-avx2"].march == "x86-64-v3"
 
 
 def test_child_environment_keeps_inductor_caches_in_the_job_scratch(

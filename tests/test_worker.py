@@ -24,16 +24,10 @@ from typing import Any, TypeVar, cast
 import pytest
 
 from prebake.client import ArtifactKey, Client, CompileFailed, FailedPrecondition
-from prebake.compiler.worker import (
-    MAX_ERROR_CHARS,
-    BackendStatus,
-    Worker,
-    WorkerConfig,
-    WorkerSetupError,
-    failure_report,
-    select_backends,
-    sweep_work_dir,
-)
+from prebake.compiler.probe import BackendStatus, WorkerSetupError, select_backends
+from prebake.compiler.reports import MAX_ERROR_CHARS, failure_report
+from prebake.compiler.work_dir import sweep_work_dir
+from prebake.compiler.worker import Worker, WorkerConfig
 from prebake.server.app import BackgroundServer, background_server
 from prebake.server.config import ServerConfig
 from prebake.v1 import jobs_pb2, registry_pb2
@@ -228,7 +222,7 @@ def test_the_client_and_the_worker_process_stay_free_of_toolchains() -> None:
         "import sys, prebake.client, prebake.client.cli;"
         "heavy = lambda: sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers'));"
         "bad = heavy() + sorted(m for m in sys.modules if m.startswith('prebake.compiler'));"
-        "import prebake.compiler.worker;"
+        "import prebake.compiler.worker, prebake.compiler.embedded;"
         "print(','.join(bad + heavy()))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

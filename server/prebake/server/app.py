@@ -216,7 +216,7 @@ async def _serve(config: ServerConfig) -> None:
     workers_stop = threading.Event()
     workers: list[threading.Thread] = []
     if config.embedded_workers > 0:
-        from prebake.compiler.worker import join_embedded_workers, run_embedded_workers
+        from prebake.compiler.embedded import join_embedded_workers, run_embedded_workers
 
         # Off the loop: the backend probe is a child process that takes seconds, and the
         # workers' rpcs are answered by this very loop.
