@@ -69,14 +69,10 @@ def register(commands: CommandRegistrar) -> None:
 
 def worker(args: argparse.Namespace, client: Client) -> int:
     """Run a worker until it has done --max-jobs or is signalled; CommandFailed if it cannot start."""
-    from prebake.compiler.worker import (
-        Worker,
-        WorkerConfig,
-        WorkerSetupError,
-        default_work_dir,
-        default_worker_id,
-        run_until_signalled,
-    )
+    from prebake.compiler.probe import WorkerSetupError
+    from prebake.compiler.signals import run_until_signalled
+    from prebake.compiler.work_dir import default_work_dir
+    from prebake.compiler.worker import Worker, WorkerConfig, default_worker_id
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = WorkerConfig(

@@ -66,22 +66,12 @@ from prebake.compiler.probe import (
 )
 from prebake.compiler.publish_outputs import NothingToPublish, publish, upload_log
 from prebake.compiler.reports import MAX_ERROR_CHARS, failure_report
-from prebake.compiler.signals import run_until_signalled
 from prebake.compiler.supervise import key_fields, run_compile
 from prebake.compiler.work_dir import default_work_dir, worker_dir
 from prebake.core.names import kind_name, kind_names
 from prebake.v1 import blobs_pb2, jobs_pb2, workers_pb2
 
 # Callers of `prebake worker` import these from here (with Worker and WorkerConfig).
-__all__ = [
-    "Worker",
-    "WorkerConfig",
-    "WorkerSetupError",
-    "default_work_dir",
-    "default_worker_id",
-    "run_until_signalled",
-]
-
 log = logging.getLogger("prebake.worker")
 
 
