@@ -9,6 +9,7 @@ because the SDK is not.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -212,3 +213,19 @@ def test_a_neuron_key_without_toolchain_is_leased_by_a_worker_reporting_2_21(
         if worker.poll() is None:
             worker.kill()
             worker.wait()
+
+
+def test_prebake_workers_lists_them(server: BackgroundServer) -> None:
+    with Client(server.address) as c:
+        advertise(c, "w-avx2", key_pb2.ARTIFACT_KIND_INDUCTOR, "torch-2.13.0", "cpu-avx2")
+    env = {**os.environ, "PREBAKE_SERVER": server.address}
+    text = subprocess.run([*PREBAKE, "workers"], env=env, capture_output=True, text=True, check=True).stdout
+    assert "w-avx2" in text and "inductor torch-2.13.0 (cpu-avx2)" in text
+    done = subprocess.run(
+        [*PREBAKE, "workers", "--json"], env=env, capture_output=True, text=True, check=True
+    )
+    (worker,) = json.loads(done.stdout)["workers"]
+    assert worker["worker_id"] == "w-avx2" and worker["live"] is True
+    assert worker["capabilities"] == [
+        {"kind": "inductor", "toolchain": "torch-2.13.0", "compile_targets": ["cpu-avx2"]}
+    ]

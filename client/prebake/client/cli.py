@@ -43,7 +43,7 @@ from typing import Any
 
 from prebake.client import commands, exitcodes
 from prebake.client.client import DEFAULT_TARGET
-from prebake.core.cli_values import positive_int, positive_seconds
+from prebake.core.cli_values import positive_int, positive_seconds, seconds
 from prebake.core.command_plugins import ENTRY_POINT_GROUP, CommandFailed, Register
 from prebake.core.names import job_state_names, kind_names
 
@@ -403,6 +403,14 @@ def _add_ensure(sub: _Commands) -> None:
         help="give up waiting for a compile after S seconds",
     )
     p.add_argument("--overwrite", action="store_true", help="replace whatever --dest holds")
+    p.add_argument(
+        "--worker-grace",
+        type=seconds,
+        default=0.0,
+        metavar="S",
+        help="when no live worker can compile the key, wait up to S seconds for one to appear "
+        "before exiting with code 8 (default 0: exit at once)",
+    )
     _add_host_cache(p, "place files this host's blob cache holds from it", env_default=True)
     _add_quiet(p)
     _add_json(p)
@@ -647,6 +655,20 @@ def _add_catalog(sub: _Commands) -> None:
     _add_json(p)
 
 
+def _add_workers(sub: _Commands) -> None:
+    p = sub.add_command(
+        "workers",
+        commands.workers,
+        summary="list the live compile workers and what they serve",
+        description="Workers heard of lately by any replica (a lease poll or a heartbeat), with the\n"
+        "kind, toolchain and compile targets each serves. A key that names no toolchain gets\n"
+        "the newest one a live worker serves for its compile target (unless configured).",
+        examples="prebake workers\n        prebake workers --all --json",
+    )
+    p.add_argument("--all", action="store_true", help="include workers whose liveness expired")
+    _add_json(p)
+
+
 def _add_stats(sub: _Commands) -> None:
     p = sub.add_command(
         "stats",
@@ -672,6 +694,7 @@ CLIENT_COMMANDS: dict[str, Callable[[_Commands], None]] = {
     "pin": _add_pin,
     "import": _add_import,
     "catalog": _add_catalog,
+    "workers": _add_workers,
     "stats": _add_stats,
 }
 

@@ -223,6 +223,7 @@ def ensure(args: argparse.Namespace, client: Client) -> int:
             overwrite=args.overwrite,
             host_cache=host_cache_from_args(args, env_default=True),
             allow=args.allow,
+            worker_grace=args.worker_grace,
         )
     text = render.fetch_text(result.fetch)
     if result.job_id:
@@ -413,6 +414,12 @@ def pin(args: argparse.Namespace, client: Client) -> int:
     artifact = client.pin_artifact(args.artifact_id, pinned=not args.unpin)
     text = f"{'pinned' if artifact.pinned else 'unpinned'} artifact {artifact.artifact_id}"
     _emit(args, text, render.artifact_json(artifact, files=False))
+    return exitcodes.OK
+
+
+def workers(args: argparse.Namespace, client: Client) -> int:
+    found = client.list_workers(include_expired=args.all)
+    _emit(args, render.workers_text(found), {"workers": render.workers_json(found)})
     return exitcodes.OK
 
 

@@ -18,7 +18,7 @@ from prebake.client.fetch import FetchResult
 from prebake.client.prewarm import PrewarmRow
 from prebake.client.progress import human_bytes, human_seconds
 from prebake.core.names import error_class_name, job_state_name, kind_name, lookup_status_name
-from prebake.v1 import admin_pb2, blobs_pb2, jobs_pb2, key_pb2, registry_pb2
+from prebake.v1 import admin_pb2, blobs_pb2, jobs_pb2, key_pb2, registry_pb2, workers_pb2
 
 # JSON --------------------------------------------------------------------------------
 
@@ -378,6 +378,43 @@ def jobs_table(jobs: Sequence[jobs_pb2.Job]) -> str:
         for j in jobs
     ]
     return table(["JOB", "STATE", "PROGRESS", "KIND", "CREATED", "KEY"], body)
+
+
+def _capabilities_text(worker: workers_pb2.WorkerInfo) -> str:
+    return "; ".join(
+        f"{kind_name(c.kind)} {c.toolchain} ({', '.join(c.compile_targets) or 'any target'})"
+        for c in worker.capabilities
+    )
+
+
+def workers_text(workers: Sequence[workers_pb2.WorkerInfo]) -> str:
+    if not workers:
+        return "no live workers (start one with `prebake worker`)"
+    body = [
+        [w.worker_id, "live" if w.live else "expired", short_time(w.last_seen), _capabilities_text(w)]
+        for w in workers
+    ]
+    return table(["WORKER", "STATE", "LAST SEEN", "SERVES"], body)
+
+
+def workers_json(workers: Sequence[workers_pb2.WorkerInfo]) -> list[dict[str, Any]]:
+    return [
+        {
+            "worker_id": w.worker_id,
+            "live": w.live,
+            "last_seen": w.last_seen.ToJsonString(),
+            "expires_at": w.expires_at.ToJsonString(),
+            "capabilities": [
+                {
+                    "kind": kind_name(c.kind),
+                    "toolchain": c.toolchain,
+                    "compile_targets": list(c.compile_targets),
+                }
+                for c in w.capabilities
+            ],
+        }
+        for w in workers
+    ]
 
 
 def stats_text(stats: admin_pb2.Stats) -> str:
