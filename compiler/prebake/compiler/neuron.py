@@ -79,6 +79,7 @@ from typing import Any
 
 from prebake.compiler.backend import CompileError, CompileRequest, CompileResult, ProgressFn, positive_int
 from prebake.compiler.model_source import checked_source
+from prebake.core.key_fields import KEY_FIELDS
 
 KIND = "neuron"
 COMPILER_DIST = "neuronx-cc"
@@ -594,23 +595,7 @@ class NeuronBackend:
         manifest = {
             "format": MANIFEST_FORMAT,
             "format_version": MANIFEST_VERSION,
-            "key": {
-                name: request.key.get(name)
-                for name in (
-                    "kind",
-                    "model",
-                    "model_revision",
-                    "instance_type",
-                    "compile_target",
-                    "batch_size",
-                    "sequence_length",
-                    "tensor_parallel_degree",
-                    "precision",
-                    "toolchain",
-                    "options",
-                    "digest",
-                )
-            },
+            "key": {name: request.key.get(name) for name in (*KEY_FIELDS, "compile_target", "digest")},
             "neuronx_cc_version": version,
             "versions": versions,
             # The argv as run, with the executable by name: paths of this worker mean nothing elsewhere.
