@@ -15,7 +15,9 @@ object store (`find_uploads` + `list_parts`). `commit` publishes a blob that fit
 with one atomic `put` after hashing it; a bigger one is assembled under its session key
 (`complete_upload`), verified (from the running hash if this process hashed every stored part,
 which the parts' etags prove, else by reading it back once) and only then moved under its content
-address. So the content address never holds unverified bytes, on any backend.
+address. So the content address never holds unverified bytes, on any backend. (The price on S3:
+the move is a server-side copy; the parts of an unfinished upload cannot be read there, so the
+assembled object is the only thing that can be verified after a restart.)
 """
 
 from __future__ import annotations
@@ -256,7 +258,7 @@ class ContentAddressedStore:
                     return info
             except NoSuchObject:
                 raise NotFound(f"blob {digest} is not stored") from None
-            actual, size = found[-1]
+            actual, size = found[-1] if found else ("(not hashed)", info.size)
             if self._quarantine(digest, info) is not _Quarantined.REPLACED:
                 raise DataLoss(
                     f"blob {digest} is corrupt in storage (read {actual}/{size}); "
