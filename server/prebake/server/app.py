@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # re-exported at run time
 from grpc_reflection.v1alpha import reflection
 
-from prebake.server.blobs import LocalBlobStore
+from prebake.server.blobs import ContentAddressedStore, LocalObjectStore
 from prebake.server.config import ServerConfig
 from prebake.server.data_dir_lock import DataDirLock
 from prebake.server.exclusive_bind import NO_PORT_SHARING, bind_exclusively
@@ -84,7 +84,11 @@ def open_state(config: ServerConfig) -> ServerState:
     data_dir = config.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     storage = open_sqlite(data_dir / "registry.sqlite3")
-    blobs = LocalBlobStore(data_dir / "cas", config.max_blob_bytes, config.max_store_bytes)
+    blobs = ContentAddressedStore(
+        LocalObjectStore(data_dir / "cas"),
+        max_blob_bytes=config.max_blob_bytes,
+        max_store_bytes=config.max_store_bytes,
+    )
     swept = blobs.sweep_uploads(config.stale_upload_seconds)
     if swept:
         log.info("removed %d stale partial uploads", swept)

@@ -1,6 +1,12 @@
-"""Content-addressed blob storage: the `BlobStore` contract and its backends."""
+"""Blob storage in two layers: a narrow object store per backend, one content-addressed store above.
 
-from prebake.server.blobs.base import (
+`objects.ObjectStore` (put, ranged get, head, delete, list, move, multipart uploads) is what a
+backend implements: `local_objects.LocalObjectStore` today. `cas.ContentAddressedStore` is the
+one `blob_store.BlobStore` over any of them: upload sessions, resume, hashing, verification,
+quotas.
+"""
+
+from prebake.server.blobs.blob_store import (
     MAX_UPLOAD_ID_LENGTH,
     BlobReader,
     BlobStore,
@@ -9,15 +15,19 @@ from prebake.server.blobs.base import (
     UploadStatus,
     validate_upload_id,
 )
-from prebake.server.blobs.local import LocalBlobStore, LocalBlobWriter
+from prebake.server.blobs.cas import BlobUpload, ContentAddressedStore
+from prebake.server.blobs.local_objects import LocalObjectStore
+from prebake.server.blobs.objects import ObjectStore
 
 __all__ = [
     "MAX_UPLOAD_ID_LENGTH",
     "BlobReader",
     "BlobStore",
+    "BlobUpload",
     "BlobWriter",
-    "LocalBlobStore",
-    "LocalBlobWriter",
+    "ContentAddressedStore",
+    "LocalObjectStore",
+    "ObjectStore",
     "StoreStats",
     "UploadStatus",
     "validate_upload_id",

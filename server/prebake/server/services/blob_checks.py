@@ -23,10 +23,11 @@ def require_present(state: ServerState, digests: list[Digest]) -> None:
 
 
 async def verify_blobs(state: ServerState, digests: list[Digest]) -> None:
-    """Every blob present and its bytes re-hashed (off the event loop).
+    """Every blob present and verified (off the event loop) as far as its backend needs.
 
-    A blob may have rotted since upload, and publishing is the last moment to refuse it
-    before deployers depend on it (DataLoss quarantines it). Callers must call
+    A local blob whose file changed since it was last found good is re-hashed: publishing is
+    the last moment to refuse it before deployers depend on it (DataLoss quarantines it). A
+    backend that checks its own bytes (S3) is trusted, as on every read. Callers must call
     `require_present` again with no await between it and their registry write: a
     concurrent DeleteArtifact, which also runs on the loop, may remove a blob while
     this coroutine waits.

@@ -33,7 +33,9 @@ class BlobsService(blobs_pb2_grpc.BlobsServicer):
         if len(request.digests) > MAX_FIND:
             raise InvalidArgument(f"{len(request.digests)} digests in one request; at most {MAX_FIND}")
         digests = [convert.digest_from_proto(d, f"digests[{i}]") for i, d in enumerate(request.digests)]
-        missing = self.s.blobs.find_missing(digests)
+        s = self.s
+        # Off the loop: one stat (local) or HEAD (object store) per digest.
+        missing = await s.run_blocking(s.blobs.find_missing, digests)
         return blobs_pb2.FindMissingBlobsResponse(missing=[convert.digest(d) for d in missing])
 
     @streaming
@@ -46,9 +48,9 @@ class BlobsService(blobs_pb2_grpc.BlobsServicer):
                 f"offset ({request.offset}) and limit ({request.limit}) must not be negative"
             )
         s = self.s
-        # Check the bytes before the first chunk leaves: a corrupt blob is never served.
-        await s.run_blocking(s.blobs.verify, digest)
-        chunks = s.blobs.read(digest, request.offset, request.limit, READ_CHUNK)
+        # read() checks the blob before returning (hashing it where the backend cannot vouch for
+        # it), so a corrupt blob is never served; off the loop, since that may read the whole blob.
+        chunks = await s.run_blocking(s.blobs.read, digest, request.offset, request.limit, READ_CHUNK)
         try:
             # Disk reads go to the I/O pool: a cold read must not stall every other rpc.
             while (chunk := await s.run_blocking(next, chunks, None)) is not None:
@@ -100,14 +102,17 @@ class BlobsService(blobs_pb2_grpc.BlobsServicer):
                 raise InvalidArgument(
                     "empty Write stream: send at least one message with upload_id and digest"
                 )
+            # Closed before answering, so the reply names what the store kept (a backend with a
+            # minimum part size may keep less than arrived), the size a client continues from.
+            await s.run_blocking(writer.close)
             return blobs_pb2.WriteResponse(committed_size=writer.committed_size, complete=False)
         finally:
             if appending is not None and not appending.done():
                 # Cancelled mid-append: the thread still writes; let it finish first.
                 with contextlib.suppress(Exception):
                     await appending
-            # Keep what arrived (flushed and fsynced) so the client can resume; after a
-            # commit or an abort this is a no-op.
+            # Keep what the store can of what arrived, so the client can resume; after a
+            # commit, an abort or the close above this is a no-op.
             if writer is not None:
                 await s.run_blocking(writer.close)
 
@@ -123,5 +128,7 @@ class BlobsService(blobs_pb2_grpc.BlobsServicer):
         self, request: blobs_pb2.QueryWriteStatusRequest, context: Ctx
     ) -> blobs_pb2.QueryWriteStatusResponse:
         digest = convert.digest_from_proto(request.digest)
-        committed, complete = self.s.blobs.upload_status(request.upload_id, digest)
+        s = self.s
+        # Off the loop: on an object store this lists the upload's parts.
+        committed, complete = await s.run_blocking(s.blobs.upload_status, request.upload_id, digest)
         return blobs_pb2.QueryWriteStatusResponse(committed_size=committed, complete=complete)

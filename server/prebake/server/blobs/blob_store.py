@@ -1,0 +1,241 @@
+"""The blob store contract: content-addressed, verified, resumable storage of immutable blobs.
+
+A blob is an immutable byte string named by its `Digest` (xxh3-128 and size). The gRPC `Blobs`
+service and the publish checks are written against `BlobStore` only. It has one implementation,
+`prebake.server.blobs.cas.ContentAddressedStore`, over any `ObjectStore` backend (local disk, S3),
+checked for every backend by `tests/contract/test_content_store.py`.
+
+Contract common to every method:
+
+* **Concurrency.** Every `BlobStore` method is safe to call from several threads at once, and from
+  several processes (or replicas) sharing the same object store. A `BlobWriter` or `BlobReader`
+  belongs to one caller at a time. Within one store instance an upload (upload id + digest) has at
+  most one open writer (`Busy` for a second one); across processes nothing excludes two writers of
+  one upload, and none is needed: the bytes at each offset of a blob are fixed by its digest, so
+  honest writers store the same parts, and anything else fails verification.
+* **Nothing partial or unverified is ever visible.** A blob becomes visible to `contains`, `read`,
+  `find_missing` and `iter_digests` only once its whole content has been received, hashed and
+  found equal to its digest, and been made durable and published under its content address in one
+  atomic step. Whatever fails (an exception, a killed process, a power cut), a digest names either
+  no blob or the complete, verified blob.
+* **Resume.** What an upload keeps is what the object store holds (its stored parts). An
+  interrupted upload continues from `upload_status().committed_size`, from this or any other store
+  instance on the same storage (after a restart, on another replica). A backend whose parts have a
+  minimum size (S3: 5 MiB) may keep less than was received: bytes after the last stored part are
+  received again.
+* **Idempotency.** Storing a blob that already exists succeeds without changing anything visible;
+  concurrent uploads of one blob all succeed and one of them publishes it. `delete` of an absent
+  blob and `close`/`abort` of an ended writer are no-ops.
+* **Verification on read** is the backend's: a local disk re-hashes a blob whose file changed since
+  it was last found good (see `local_stamps`), an object store with its own checksums is trusted.
+  A blob found corrupt is quarantined (reported missing from then on, so it can be uploaded again)
+  and `DataLoss` is raised; its bytes are never served.
+* **Errors** are the domain exceptions of `prebake.server.errors` (the gRPC layer maps them to
+  status codes); failures of the backing storage propagate as `OSError` and leave the store as
+  described above.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple, Protocol, runtime_checkable
+
+from prebake.server.errors import InvalidArgument
+from prebake.server.records import Digest
+
+MAX_UPLOAD_ID_LENGTH = 128
+_UPLOAD_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+def validate_upload_id(upload_id: str) -> str:
+    """Return `upload_id` if it is 1-128 characters of `A-Z a-z 0-9 . _ -`, else raise InvalidArgument.
+
+    Every backend uses the id in a storage name, so the alphabet is part of the contract.
+    """
+    if not _UPLOAD_ID_RE.fullmatch(upload_id):
+        shown = upload_id if len(upload_id) <= 40 else upload_id[:40] + "..."
+        raise InvalidArgument(
+            f"upload id {shown!r} ({len(upload_id)} characters) is invalid: use 1-{MAX_UPLOAD_ID_LENGTH} "
+            "characters of A-Z a-z 0-9 . _ -"
+        )
+    return upload_id
+
+
+class UploadStatus(NamedTuple):
+    """How far an upload has got. A tuple, so `committed, complete = ...` works."""
+
+    committed_size: int
+    """Bytes of this upload the store holds; a client continues from here."""
+    complete: bool
+    """The whole blob is stored (by this or any other upload); then committed_size == size."""
+
+
+class StoreStats(NamedTuple):
+    """Size of the store. A tuple, so `count, total = ...` works."""
+
+    blob_count: int
+    total_bytes: int
+
+
+@runtime_checkable
+class BlobReader(Iterator[bytes], Protocol):
+    """The chunks of one read, in order.
+
+    Holds resources until it is exhausted or `close()`d, whichever comes first; `close()` is
+    idempotent. A blob deleted during the read may be served to the end (local disk: the open file
+    pins it) or cut short with `DataLoss`/`NotFound`; never with other bytes.
+    """
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class BlobWriter(Protocol):
+    """One upload of one blob, held exclusively by its caller until `commit`, `close` or `abort`.
+
+    While a writer is open, no other writer of the same store instance can open the same
+    (upload_id, digest): `BlobStore.open_write` raises `Busy`. Writers of the same blob under
+    different upload ids are independent. Every writer must be ended by `commit`, `close` or `abort` (the
+    first of them to succeed ends it; calling `close` afterwards, e.g. in a `finally`,
+    is always safe). On an ended writer `append` raises `FailedPrecondition`, and so
+    does `commit` unless the writer is complete, when it is a no-op.
+    """
+
+    @property
+    def digest(self) -> Digest:
+        """The blob being written."""
+        ...
+
+    @property
+    def committed_size(self) -> int:
+        """Offset of the next `append`: bytes of this upload the writer holds (stored or buffered).
+
+        After `close` it is what the store kept (the size `upload_status` reports), which may be
+        less than was appended on backends with a minimum part size.
+        """
+        ...
+
+    @property
+    def complete(self) -> bool:
+        """The blob is stored: committed by this writer, or already present at `open_write`."""
+        ...
+
+    def append(self, data: bytes) -> None:
+        """Add the next bytes of the content (buffered up to a part, then stored as one).
+
+        Raises `DigestMismatch` if the upload would exceed `digest.size` (the partial
+        upload is discarded and the writer ends), `FailedPrecondition` on a complete or
+        ended writer, `QuotaExceeded` if the backing storage is full (nothing of `data`
+        is kept, the writer stays usable). On failure `committed_size` does not grow.
+        """
+        ...
+
+    def commit(self) -> None:
+        """Verify the bytes and publish the blob atomically; afterwards `complete` is True.
+
+        Hashes what this writer has not hashed while receiving it (after a resume in another
+        process, the stored parts are read back once). Raises `InvalidArgument` if fewer than
+        `digest.size` bytes were appended (the partial upload is kept, the writer stays open);
+        `DigestMismatch` if the bytes hash to something else (the partial upload is deleted,
+        nothing is stored, the writer ends); `QuotaExceeded` if publishing would exceed the
+        store's quota (the upload is kept for a later retry). Succeeds if another upload
+        published the same blob first. A no-op on a complete writer.
+        """
+        ...
+
+    def close(self) -> None:
+        """End the writer, storing what the backend can keep so the upload can be resumed.
+
+        Afterwards `committed_size` is the durable resume point. A no-op after `commit`,
+        `abort` or a previous `close`.
+        """
+        ...
+
+    def abort(self) -> None:
+        """End the writer and discard the partial upload. Never removes a stored blob.
+
+        A no-op after `commit`, `close` or a previous `abort`.
+        """
+        ...
+
+
+@runtime_checkable
+class BlobStore(Protocol):
+    """Content-addressed blob storage with verified, resumable, atomic uploads.
+
+    See the module docstring for the guarantees shared by every method: thread- and
+    process-safety, nothing partial or unverified ever visible, resume, idempotency.
+    """
+
+    def contains(self, digest: Digest) -> bool:
+        """Whether the complete blob is stored. Never true for a partial upload."""
+        ...
+
+    def find_missing(self, digests: Iterable[Digest]) -> list[Digest]:
+        """The digests not stored, in the order given, each at most once."""
+        ...
+
+    def verify(self, digest: Digest) -> None:
+        """Check that the stored bytes still match `digest`, as far as the backend needs to.
+
+        Raises `NotFound` if the blob is absent. If the stored size or hash differ, quarantines
+        the blob and raises `DataLoss`. Costs one full read of the blob where the backend cannot
+        vouch for it (local disk: the file changed since it was last found good), else nothing.
+        """
+        ...
+
+    def read(self, digest: Digest, offset: int = 0, limit: int = 0, chunk_size: int = 1 << 20) -> BlobReader:
+        """Stream the blob's bytes from `offset`, at most `limit` of them (0: to the end).
+
+        Every chunk is non-empty and at most `chunk_size` bytes; reading at offset ==
+        size yields nothing. Verifies the blob first as `verify` does, so a corrupt blob
+        is never served (a blob known good costs no hashing, whatever the range). Raises at
+        the call, before any iteration: `InvalidArgument` (negative offset or limit,
+        chunk_size < 1), `NotFound`, `OutOfRange` (offset > size), `DataLoss` (quarantined);
+        and `DataLoss` while iterating if the stored blob turns out shorter than its digest.
+        """
+        ...
+
+    def open_write(self, upload_id: str, digest: Digest) -> BlobWriter:
+        """Start or resume upload `upload_id` of `digest`.
+
+        If the blob is already stored, returns a complete writer (committed_size ==
+        size) that holds nothing. Otherwise resumes from what the store kept for this
+        upload id and digest (`committed_size`), or starts at 0. Raises `InvalidArgument`
+        (malformed upload id), `QuotaExceeded` (blob larger than the store accepts, or
+        the store's total would exceed its quota), `Busy` (a writer of this store instance
+        holds the same upload id and digest right now).
+        """
+        ...
+
+    def upload_status(self, upload_id: str, digest: Digest) -> UploadStatus:
+        """(size, True) if the blob is stored; else (bytes the store keeps for this upload, False).
+
+        Those bytes are what a client must send from; never more than `open_write` resumes
+        from. Raises `InvalidArgument` for a malformed upload id.
+        """
+        ...
+
+    def delete(self, digest: Digest) -> bool:
+        """Remove the blob; True if it was stored. See `BlobReader` for readers already streaming it."""
+        ...
+
+    def stats(self) -> StoreStats:
+        """(number of blobs, their total bytes). Cheap; each backend documents its freshness."""
+        ...
+
+    def iter_digests(self) -> Iterator[Digest]:
+        """Every stored blob, once each, in no particular order.
+
+        Weakly consistent: a blob stored for the whole iteration is yielded; one added or
+        removed meanwhile may or may not be.
+        """
+        ...
+
+    def sweep_uploads(self, older_than_seconds: float) -> int:
+        """Discard partial uploads untouched for at least `older_than_seconds` and not
+        held by an open writer of this instance; return how many were discarded. Stored
+        blobs are never touched.
+        """
+        ...

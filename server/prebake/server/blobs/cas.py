@@ -1,0 +1,718 @@
+"""`BlobStore` over any `ObjectStore`: upload sessions, resume, hashing, verification and quotas, once.
+
+Keys it uses in the object store::
+
+    blobs/<hash[:2]>/<hash>-<size>         published blobs; only ever verified bytes
+    uploads/<upload_id>--<hash>-<size>     an upload session: the key of its multipart upload, and
+                                           of the assembled object between completion and publishing
+    quarantine/<hash>-<size>.<time_ns>     blobs whose stored bytes were found not to match
+
+An upload buffers what it receives up to `part_size` bytes and stores each full buffer as the next
+part of the session's multipart upload, feeding the xxh3-128 hash as it goes; `close` stores the
+buffered tail too if the backend accepts a part that small (local disk does, S3 does not below 5
+MiB), so a resume continues from the sum of the stored parts, which any process can read from the
+object store (`find_uploads` + `list_parts`). `commit` publishes a blob that fits in one buffer
+with one atomic `put` after hashing it; a bigger one is assembled under its session key
+(`complete_upload`), verified (from the running hash if this process hashed every stored part,
+which the parts' etags prove, else by reading it back once) and only then moved under its content
+address. So the content address never holds unverified bytes, on any backend. (The price on S3:
+the move is a server-side copy; the parts of an unfinished upload cannot be read there, so the
+assembled object is the only thing that can be verified after a restart.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import math
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import xxhash
+
+from prebake.core.digests import hash_bytes, new_hasher
+from prebake.server.blobs.blob_store import StoreStats, UploadStatus, validate_upload_id
+from prebake.server.blobs.objects import (
+    InvalidPart,
+    InvalidRange,
+    NoSuchObject,
+    NoSuchUpload,
+    ObjectInfo,
+    ObjectReader,
+    ObjectStore,
+    PartInfo,
+    PreconditionFailed,
+    StorageFull,
+    UploadHandle,
+)
+from prebake.server.errors import (
+    Busy,
+    DataLoss,
+    DigestMismatch,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    QuotaExceeded,
+)
+from prebake.server.records import Digest
+
+DEFAULT_PART_SIZE = 8 << 20
+_HASH_CHUNK = 4 << 20
+_BLOB_KEY_RE = re.compile(r"blobs/([0-9a-f]{2})/([0-9a-f]{32})-(0|[1-9][0-9]*)")
+_SESSION_KEY_RE = re.compile(r"uploads/([A-Za-z0-9._-]{1,128})--([0-9a-f]{32})-(0|[1-9][0-9]*)")
+# Stripes of per-digest locks: publishing and deleting one blob are serialised in this process
+# (exact counters), without one slow publish (an S3 copy) holding up every other blob.
+_STRIPES = 64
+
+
+def blob_key(digest: Digest) -> str:
+    return f"blobs/{digest.hash[:2]}/{digest.hash}-{digest.size}"
+
+
+def session_key(upload_id: str, digest: Digest) -> str:
+    return f"uploads/{upload_id}--{digest.hash}-{digest.size}"
+
+
+def _put(objects: ObjectStore, key: str, data: bytes) -> None:
+    objects.put(key, data)
+
+
+def _move(objects: ObjectStore, staged: ObjectInfo, key: str) -> None:
+    # Only the object that was verified: another writer of the session may have replaced it.
+    objects.move(staged.key, key, if_etag=staged.etag)
+
+
+def _same_parts(a: Iterable[PartInfo], b: Iterable[PartInfo]) -> bool:
+    return [(p.number, p.size, p.etag) for p in a] == [(p.number, p.size, p.etag) for p in b]
+
+
+class _Quarantined(enum.Enum):
+    MOVED = "moved"
+    GONE = "gone"  # already quarantined or deleted by someone else
+    REPLACED = "replaced"  # a fresh upload was published over it meanwhile
+
+
+@dataclass(frozen=True)
+class _Hashed:
+    """What this process hashed of one upload session: exactly the bytes of `parts`, in order."""
+
+    parts: tuple[PartInfo, ...]
+    hasher: xxhash.xxh3_128
+
+
+@dataclass
+class _Resume:
+    """Where an upload session stands in the object store."""
+
+    upload: UploadHandle | None = None
+    parts: tuple[PartInfo, ...] = ()
+    staged: ObjectInfo | None = None  # assembled, not yet verified and published
+
+    @property
+    def stored(self) -> int:
+        return sum(p.size for p in self.parts)
+
+
+class ContentAddressedStore:
+    """The `BlobStore`: content-addressed blobs on an `ObjectStore`; see the module docstring.
+
+    `stats()` is served from in-memory counters, initialised by one listing of `blobs/` here and
+    kept up to date by this instance's own publishes, deletes and quarantines; other processes'
+    changes are seen after `rescan()`. The `max_store_bytes` quota is checked against them, so it
+    is exact for one server per store and approximate otherwise. Uploads and quarantined blobs do
+    not count. `part_size` is the upload buffer and part size (raised per blob where the backend's
+    part count would not suffice); the backend's `min_part_size` bounds it from below.
+    """
+
+    def __init__(
+        self,
+        objects: ObjectStore,
+        *,
+        max_blob_bytes: int = 64 << 30,
+        max_store_bytes: int = 0,
+        part_size: int = DEFAULT_PART_SIZE,
+        remembered_uploads: int = 1024,
+    ) -> None:
+        if max_blob_bytes < 0 or max_store_bytes < 0:
+            raise ValueError(
+                f"max_blob_bytes ({max_blob_bytes}) and max_store_bytes ({max_store_bytes}) must be >= 0"
+            )
+        if part_size < max(1, objects.min_part_size):
+            raise ValueError(f"part size {part_size} is below the backend's minimum {objects.min_part_size}")
+        self.objects = objects
+        self.max_blob_bytes = max_blob_bytes
+        self.max_store_bytes = max_store_bytes
+        self.part_size = part_size
+        # Guards the counters, `_held` and `_hashed`.
+        self._lock = threading.Lock()
+        self._stripes = [threading.Lock() for _ in range(_STRIPES)]
+        self._held: set[tuple[str, Digest]] = set()
+        # Running hashes of uploads whose writer closed, so that a resume in this process need not
+        # read the stored parts back. Bounded: forgetting one only costs that read.
+        self._hashed: OrderedDict[tuple[str, Digest], _Hashed] = OrderedDict()
+        self._remembered_uploads = remembered_uploads
+        self._count = 0
+        self._bytes = 0
+        self._hashed_bytes = 0
+        self.rescan()
+
+    def _stripe(self, digest: Digest) -> threading.Lock:
+        return self._stripes[int(digest.hash[:8], 16) % _STRIPES]
+
+    def part_size_for(self, digest: Digest) -> int:
+        """The part size of `digest`'s uploads: big enough that its parts fit the backend's part count,
+        with a tenth of the numbers left for short parts stored by interrupted uploads."""
+        usable = max(1, self.objects.max_part_count * 9 // 10)
+        return max(self.part_size, math.ceil(digest.size / usable))
+
+    # -- queries ---------------------------------------------------------------------
+
+    def contains(self, digest: Digest) -> bool:
+        return self.objects.head(blob_key(digest)) is not None
+
+    def find_missing(self, digests: Iterable[Digest]) -> list[Digest]:
+        seen: set[Digest] = set()
+        missing: list[Digest] = []
+        for d in digests:
+            if d in seen:
+                continue
+            seen.add(d)
+            if not self.contains(d):
+                missing.append(d)
+        return missing
+
+    def stats(self) -> StoreStats:
+        with self._lock:
+            return StoreStats(self._count, self._bytes)
+
+    @property
+    def hashed_bytes(self) -> int:
+        """Bytes read back and hashed to verify stored blobs or uploads, since start-up."""
+        with self._lock:
+            return self._hashed_bytes
+
+    def rescan(self) -> StoreStats:
+        """Recount blobs and bytes from one listing of `blobs/` and return the result."""
+        count = total = 0
+        for digest in self.iter_digests():
+            count += 1
+            # The key's size, not the object's: a wrong-length object is corrupt and is later
+            # quarantined under the key's size, which keeps the counters exact.
+            total += digest.size
+        with self._lock:
+            self._count, self._bytes = count, total
+        return StoreStats(count, total)
+
+    def iter_digests(self) -> Iterator[Digest]:
+        """Every well-named object under `blobs/` in its right shard."""
+        for info in self.objects.list_objects("blobs/"):
+            m = _BLOB_KEY_RE.fullmatch(info.key)
+            # A misplaced or foreign object is unreachable through blob_key: not a blob of ours.
+            if m is not None and m.group(2)[:2] == m.group(1):
+                yield Digest(m.group(2), int(m.group(3)))
+
+    # -- verification ----------------------------------------------------------------
+
+    def _hash_object(self, key: str) -> tuple[str, int]:
+        hasher = new_hasher()
+        size = 0
+        reader = self.objects.get(key, 0, None, _HASH_CHUNK)
+        try:
+            for chunk in reader:
+                hasher.update(chunk)
+                size += len(chunk)
+        finally:
+            reader.close()
+            with self._lock:
+                self._hashed_bytes += size
+        return hasher.hexdigest(), size
+
+    def _checked(self, digest: Digest) -> ObjectInfo:
+        """The stored blob, verified as far as the backend needs (see `BlobStore.verify`)."""
+        key = blob_key(digest)
+        # Loops only if a fresh upload replaced the object while it was being checked.
+        for _ in range(3):
+            info = self.objects.head(key)
+            if info is None:
+                raise NotFound(f"blob {digest} is not stored")
+            if info.size != digest.size:
+                if self._quarantine(digest, info) is _Quarantined.REPLACED:
+                    continue
+                raise DataLoss(
+                    f"blob {digest} is corrupt in storage ({info.size} bytes instead of {digest.size}); "
+                    "quarantined — upload it again"
+                )
+            found: list[tuple[str, int]] = []
+
+            def rehash(key: str = key, found: list[tuple[str, int]] = found) -> bool:
+                found.append(self._hash_object(key))
+                return found[-1] == (digest.hash, digest.size)
+
+            try:
+                if self.objects.read_verification.verified(key, rehash):
+                    return info
+            except NoSuchObject:
+                raise NotFound(f"blob {digest} is not stored") from None
+            actual, size = found[-1] if found else ("(not hashed)", info.size)
+            if self._quarantine(digest, info) is not _Quarantined.REPLACED:
+                raise DataLoss(
+                    f"blob {digest} is corrupt in storage (read {actual}/{size}); "
+                    "quarantined — upload it again"
+                )
+        raise DataLoss(f"blob {digest} kept changing in storage while being checked; try again")
+
+    def verify(self, digest: Digest) -> None:
+        self._checked(digest)
+
+    def _quarantine(self, digest: Digest, seen: ObjectInfo) -> _Quarantined:
+        """Move the blob aside, but only if it still is the object that was found bad."""
+        key = blob_key(digest)
+        with self._stripe(digest):
+            try:
+                self.objects.move(
+                    key, f"quarantine/{digest.hash}-{digest.size}.{time.time_ns()}", if_etag=seen.etag
+                )
+            except NoSuchObject:
+                return _Quarantined.GONE
+            except PreconditionFailed:
+                return _Quarantined.REPLACED
+            self.objects.read_verification.forget(key)
+            with self._lock:
+                self._count = max(0, self._count - 1)
+                self._bytes = max(0, self._bytes - digest.size)
+        return _Quarantined.MOVED
+
+    def _quarantine_if_short(self, digest: Digest, at: int) -> None:
+        info = self.objects.head(blob_key(digest))
+        if info is not None and info.size != digest.size:
+            self._quarantine(digest, info)
+        raise DataLoss(
+            f"blob {digest} is corrupt in storage (it ends after {at} bytes); quarantined — upload it again"
+        )
+
+    # -- reading ---------------------------------------------------------------------
+
+    def read(
+        self, digest: Digest, offset: int = 0, limit: int = 0, chunk_size: int = 1 << 20
+    ) -> _CheckedReader:
+        if offset < 0 or limit < 0:
+            raise InvalidArgument(f"read offset ({offset}) and limit ({limit}) must not be negative")
+        if chunk_size < 1:
+            raise InvalidArgument(f"read chunk size {chunk_size} must be at least 1")
+        self._checked(digest)
+        if offset > digest.size:
+            raise OutOfRange(f"read offset {offset} is past the end of blob {digest} ({digest.size} bytes)")
+        end = digest.size if limit == 0 else min(digest.size, offset + limit)
+        inner: ObjectReader | None = None
+        if end > offset:
+            try:
+                inner = self.objects.get(blob_key(digest), offset, end - offset, chunk_size)
+            except NoSuchObject:
+                raise NotFound(f"blob {digest} is not stored") from None
+            except InvalidRange:
+                self._quarantine_if_short(digest, offset)
+        return _CheckedReader(inner, offset, end, lambda at: self._quarantine_if_short(digest, at))
+
+    # -- writing ---------------------------------------------------------------------
+
+    def _check_quota_locked(self, digest: Digest) -> None:
+        if self.max_store_bytes and self._bytes + digest.size > self.max_store_bytes:
+            raise QuotaExceeded(
+                f"storing blob {digest} ({digest.size} bytes) would exceed the store's quota: "
+                f"{self._bytes} of {self.max_store_bytes} bytes are used; free space and retry"
+            )
+
+    def _resume(self, upload_id: str, digest: Digest) -> _Resume:
+        key = session_key(upload_id, digest)
+        staged = self.objects.head(key)
+        if staged is not None and staged.size == digest.size:
+            return _Resume(staged=staged)
+        best = _Resume()
+        for upload in self.objects.find_uploads(key):
+            if upload.key != key:
+                continue  # a longer key with this one as prefix
+            try:
+                listed = self.objects.list_parts(upload)
+            except NoSuchUpload:
+                continue
+            parts: list[PartInfo] = []
+            for part in listed:
+                if part.number != len(parts) + 1:
+                    break
+                parts.append(part)
+                if part.size < self.objects.min_part_size:
+                    break  # nothing can follow a short part
+            candidate = _Resume(upload=upload, parts=tuple(parts))
+            # Several uploads of one session (two processes started at once): keep the longest.
+            if candidate.stored <= digest.size and (best.upload is None or candidate.stored > best.stored):
+                best = candidate
+        return best
+
+    def open_write(self, upload_id: str, digest: Digest) -> BlobUpload:
+        validate_upload_id(upload_id)
+        if self.contains(digest):
+            return BlobUpload.already_stored(digest)
+        if digest.size > self.max_blob_bytes:
+            raise QuotaExceeded(
+                f"blob {digest} is {digest.size} bytes; this store accepts blobs of at most "
+                f"{self.max_blob_bytes} bytes"
+            )
+        session = (upload_id, digest)
+        with self._lock:
+            self._check_quota_locked(digest)
+            if session in self._held:
+                raise Busy(
+                    f"upload {upload_id!r} of blob {digest} is being written by another request right now; "
+                    "retry later after QueryWriteStatus"
+                )
+            self._held.add(session)
+            remembered = self._hashed.pop(session, None)
+        try:
+            resume = self._resume(upload_id, digest)
+            if self.contains(digest):
+                # Published by another upload meanwhile: what this one kept is of no use.
+                self._discard(resume)
+                self._release(session)
+                return BlobUpload.already_stored(digest)
+            hasher: xxhash.xxh3_128 | None = None
+            if resume.staged is None and not resume.parts:
+                hasher = new_hasher()
+            elif remembered is not None and _same_parts(remembered.parts, resume.parts):
+                hasher = remembered.hasher
+        except BaseException:
+            self._release(session)
+            raise
+        return BlobUpload(self, upload_id, digest, resume, hasher)
+
+    def _discard(self, resume: _Resume) -> None:
+        if resume.upload is not None:
+            self.objects.abort_upload(resume.upload)
+        if resume.staged is not None:
+            self.objects.delete(resume.staged.key)
+
+    def _release(self, session: tuple[str, Digest], hashed: _Hashed | None = None) -> None:
+        with self._lock:
+            self._held.discard(session)
+            if hashed is not None:
+                self._hashed[session] = hashed
+                while len(self._hashed) > self._remembered_uploads:
+                    self._hashed.popitem(last=False)
+
+    def _publish(self, digest: Digest, put: Callable[[], None]) -> None:
+        """Run `put` (which makes the verified blob visible) unless the blob is stored, counting it."""
+        with self._stripe(digest):
+            if self.contains(digest):
+                return
+            with self._lock:
+                self._check_quota_locked(digest)
+                self._count += 1
+                self._bytes += digest.size
+            try:
+                put()
+            except BaseException:
+                with self._lock:
+                    self._count -= 1
+                    self._bytes -= digest.size
+                raise
+
+    def upload_status(self, upload_id: str, digest: Digest) -> UploadStatus:
+        validate_upload_id(upload_id)
+        if self.contains(digest):
+            return UploadStatus(digest.size, True)
+        resume = self._resume(upload_id, digest)
+        return UploadStatus(digest.size if resume.staged is not None else resume.stored, False)
+
+    # -- removal ---------------------------------------------------------------------
+
+    def delete(self, digest: Digest) -> bool:
+        key = blob_key(digest)
+        with self._stripe(digest):
+            if not self.objects.delete(key):
+                return False
+            self.objects.read_verification.forget(key)
+            with self._lock:
+                self._count = max(0, self._count - 1)
+                self._bytes = max(0, self._bytes - digest.size)
+        return True
+
+    def _is_held(self, key: str) -> bool:
+        m = _SESSION_KEY_RE.fullmatch(key)
+        if m is None:
+            return False
+        with self._lock:
+            return (m.group(1), Digest(m.group(2), int(m.group(3)))) in self._held
+
+    def sweep_uploads(self, older_than_seconds: float) -> int:
+        """Abort multipart uploads, and delete assembled objects, under `uploads/` that nothing
+        touched for `older_than_seconds`. Anything else under `uploads/` (left by hand or by
+        older versions) goes too: nothing else belongs there."""
+        cutoff = time.time() - older_than_seconds
+        removed = 0
+        for upload in self.objects.find_uploads("uploads/"):
+            if self._is_held(upload.key):
+                continue
+            try:
+                parts = self.objects.list_parts(upload)
+            except NoSuchUpload:
+                continue
+            if max([upload.initiated, *(p.modified for p in parts)]) > cutoff:
+                continue
+            self.objects.abort_upload(upload)
+            removed += 1
+        for info in list(self.objects.list_objects("uploads/")):
+            if info.modified <= cutoff and not self._is_held(info.key) and self.objects.delete(info.key):
+                removed += 1
+        return removed
+
+
+class _CheckedReader:
+    """Chunks of [pos, end) of a blob; a stored object that ends early is DataLoss, not a short read."""
+
+    def __init__(
+        self, inner: ObjectReader | None, pos: int, end: int, truncated: Callable[[int], None]
+    ) -> None:
+        self._inner = inner
+        self._pos = pos
+        self._end = end
+        self._truncated = truncated
+
+    def __iter__(self) -> _CheckedReader:
+        return self
+
+    def __next__(self) -> bytes:
+        inner = self._inner
+        if inner is None:
+            raise StopIteration
+        try:
+            data = next(inner)
+        except StopIteration:
+            self.close()
+            if self._pos < self._end:
+                self._truncated(self._pos)
+            raise
+        except BaseException:
+            self.close()
+            raise
+        data = data[: self._end - self._pos]
+        self._pos += len(data)
+        return data
+
+    def close(self) -> None:
+        inner, self._inner = self._inner, None
+        if inner is not None:
+            inner.close()
+
+    def __enter__(self) -> _CheckedReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class BlobUpload:
+    """`BlobWriter` of `ContentAddressedStore`: one upload session, buffered into parts."""
+
+    def __init__(
+        self,
+        store: ContentAddressedStore | None,
+        upload_id: str,
+        digest: Digest,
+        resume: _Resume,
+        hasher: xxhash.xxh3_128 | None,
+    ) -> None:
+        self._store = store
+        self._upload_id = upload_id
+        self._digest = digest
+        self._upload = resume.upload
+        self._parts = list(resume.parts)
+        self._stored = resume.stored
+        self._staged = resume.staged
+        self._staged_verified = False
+        self._buffer = bytearray()
+        # Has consumed exactly the bytes of `_parts`; None if some were stored by another process.
+        self._hasher = hasher
+        self._open = store is not None
+        self._complete = store is None
+
+    @classmethod
+    def already_stored(cls, digest: Digest) -> BlobUpload:
+        return cls(None, "", digest, _Resume(), None)
+
+    @property
+    def digest(self) -> Digest:
+        return self._digest
+
+    @property
+    def committed_size(self) -> int:
+        if self._complete or self._staged is not None:
+            return self._digest.size
+        return self._stored + len(self._buffer)
+
+    @property
+    def complete(self) -> bool:
+        return self._complete
+
+    def _live_store(self, action: str) -> ContentAddressedStore:
+        if self._complete:
+            raise FailedPrecondition(f"cannot {action} blob {self._digest}: it is already stored")
+        if not self._open or self._store is None:
+            raise FailedPrecondition(
+                f"cannot {action} upload {self._upload_id!r} of blob {self._digest}: the writer has ended"
+            )
+        return self._store
+
+    def _lost(self) -> Busy:
+        """The session was completed or discarded by another writer (another process) meanwhile."""
+        self._end(keep_hash=False)
+        return Busy(
+            f"upload {self._upload_id!r} of blob {self._digest} was changed by another request; "
+            "retry after QueryWriteStatus"
+        )
+
+    def _store_part(self, store: ContentAddressedStore, size: int) -> None:
+        objects = store.objects
+        data = bytes(self._buffer[:size])
+        number = len(self._parts) + 1
+        if number > objects.max_part_count:
+            raise QuotaExceeded(
+                f"upload {self._upload_id!r} of blob {self._digest} was interrupted too often to resume; "
+                "use another upload id"
+            )
+        if self._upload is None:
+            self._upload = objects.create_upload(session_key(self._upload_id, self._digest))
+        try:
+            part = objects.upload_part(self._upload, number, data)
+        except NoSuchUpload:
+            raise self._lost() from None
+        except StorageFull as exc:
+            raise QuotaExceeded(
+                f"no space left to store upload {self._upload_id!r} of blob {self._digest}; "
+                "free space and resume from the committed size"
+            ) from exc
+        if self._hasher is not None:
+            self._hasher.update(data)
+        self._parts.append(part)
+        self._stored += size
+        del self._buffer[:size]
+
+    def append(self, data: bytes) -> None:
+        store = self._live_store("append to")
+        if not data:
+            return
+        before = self.committed_size
+        end = before + len(data)
+        if end > self._digest.size:
+            self.abort()
+            raise DigestMismatch(
+                f"upload of {self._digest} sent {end} bytes, more than its declared size "
+                f"{self._digest.size}; the partial upload was discarded"
+            )
+        self._buffer += data
+        part_size = store.part_size_for(self._digest)
+        try:
+            while len(self._buffer) >= part_size:
+                self._store_part(store, part_size)
+        except BaseException:
+            # Nothing of `data` counts unless a part holding it is stored.
+            del self._buffer[max(0, before - self._stored) :]
+            raise
+
+    def commit(self) -> None:
+        if self._complete:
+            return
+        store = self._live_store("commit")
+        digest = self._digest
+        if self.committed_size != digest.size:
+            raise InvalidArgument(
+                f"upload of {digest} is incomplete: {self.committed_size} of {digest.size} bytes"
+            )
+        blob = blob_key(digest)
+        if self._staged is None and self._upload is None:
+            # Every byte is in the buffer: hash it, then one atomic put under the content address.
+            data = bytes(self._buffer)
+            actual = hash_bytes(data)
+            if actual != digest.hash:
+                self.abort()
+                raise self._mismatch(actual)
+            store._publish(digest, lambda: _put(store.objects, blob, data))
+            return self._finish()
+        if self._staged is None:
+            assert self._upload is not None
+            if self._buffer:
+                self._store_part(store, len(self._buffer))
+            try:
+                # Our own part list: it fails if another writer replaced a part we hashed.
+                self._staged = store.objects.complete_upload(self._upload, self._parts)
+            except (InvalidPart, NoSuchUpload):
+                raise self._lost() from None
+            self._upload = None
+        staged = self._staged
+        if not self._staged_verified:
+            if self._hasher is not None and self._stored == digest.size:
+                actual = self._hasher.hexdigest()
+            else:
+                try:
+                    actual, _ = store._hash_object(staged.key)
+                except NoSuchObject:
+                    raise self._lost() from None
+            if actual != digest.hash:
+                store.objects.delete(staged.key)
+                self._end(keep_hash=False)
+                raise self._mismatch(actual)
+            self._staged_verified = True
+        try:
+            store._publish(digest, lambda: _move(store.objects, staged, blob))
+        except (NoSuchObject, PreconditionFailed):
+            if not store.contains(digest):
+                raise self._lost() from None
+        store.objects.delete(staged.key)  # left if the blob was published by another upload first
+        return self._finish()
+
+    def _mismatch(self, actual: str) -> DigestMismatch:
+        return DigestMismatch(
+            f"uploaded bytes hash to {actual} but the digest says {self._digest.hash}; nothing was stored"
+        )
+
+    def _finish(self) -> None:
+        self._complete = True
+        self._end(keep_hash=False)
+
+    def close(self) -> None:
+        if not self._open:
+            return
+        store = self._store
+        assert store is not None
+        try:
+            if self._buffer and len(self._buffer) >= store.objects.min_part_size and self._staged is None:
+                # What the backend accepts as a part is kept; the rest is received again on resume.
+                with contextlib.suppress(OSError, QuotaExceeded, Busy, NoSuchUpload):
+                    self._store_part(store, len(self._buffer))
+        finally:
+            self._buffer.clear()
+            self._end(keep_hash=True)
+
+    def abort(self) -> None:
+        if not self._open:
+            return
+        store = self._store
+        assert store is not None
+        try:
+            store._discard(_Resume(upload=self._upload, staged=self._staged))
+        finally:
+            self._end(keep_hash=False)
+
+    def _end(self, *, keep_hash: bool) -> None:
+        if not self._open or self._store is None:
+            return
+        self._open = False
+        self._buffer.clear()
+        hashed = None
+        if keep_hash and self._hasher is not None and self._parts:
+            hashed = _Hashed(tuple(self._parts), self._hasher)
+        self._hasher = None
+        self._store._release((self._upload_id, self._digest), hashed)

@@ -1,0 +1,747 @@
+"""The `BlobStore` contract (`ContentAddressedStore`), checked over every object-store backend.
+
+The suite talks to stores only through the `BlobStore`/`BlobWriter` protocols and the backend's
+test hooks (`blob_backends`), so a new backend joins by adding one factory there. Local-disk
+details are in tests/test_blobstore.py. A "restart" is a new store instance on the same storage.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from prebake.core.digests import hash_bytes
+from prebake.server.blobs import (
+    BlobReader,
+    BlobStore,
+    BlobWriter,
+    ContentAddressedStore,
+    StoreStats,
+    UploadStatus,
+)
+from prebake.server.errors import (
+    Busy,
+    DataLoss,
+    DigestMismatch,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    QuotaExceeded,
+)
+from prebake.server.records import Digest
+from tests.contract.blob_backends import CONTENT_BACKENDS, ObjectBackend
+
+MiB = 1 << 20
+SPAWN = multiprocessing.get_context("spawn")
+
+
+@pytest.fixture(params=CONTENT_BACKENDS)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ObjectBackend]:
+    b: ObjectBackend = request.param(tmp_path)
+    yield b
+    b.cleanup()
+
+
+@pytest.fixture
+def blob_store(backend: ObjectBackend) -> ContentAddressedStore:
+    return backend.content_store()
+
+
+# -- helpers -------------------------------------------------------------------------
+
+
+def payload(size: int, seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def digest_of(data: bytes) -> Digest:
+    return Digest(hash_bytes(data), len(data))
+
+
+def put(store: BlobStore, data: bytes, upload_id: str = "up-1", chunk: int = 256 * 1024) -> Digest:
+    digest = digest_of(data)
+    writer = store.open_write(upload_id, digest)
+    if writer.complete:
+        return digest
+    for i in range(0, len(data), chunk):
+        writer.append(data[i : i + chunk])
+    writer.commit()
+    assert writer.complete
+    return digest
+
+
+def get(store: BlobStore, digest: Digest, **kw: int) -> bytes:
+    reader = store.read(digest, **kw)
+    try:
+        return b"".join(reader)
+    finally:
+        reader.close()
+
+
+def kept(store: ContentAddressedStore, digest: Digest, appended: int) -> int:
+    """What a store keeps of `appended` bytes sent in one writer from 0 and then closed: every full
+    part, and the tail if the backend takes a part that small."""
+    part = store.part_size_for(digest)
+    full = appended // part * part
+    tail = appended - full
+    return full + (tail if tail >= store.objects.min_part_size else 0)
+
+
+def no_uploads_left(store: ContentAddressedStore) -> bool:
+    return store.objects.find_uploads("") == [] and list(store.objects.list_objects("uploads/")) == []
+
+
+MISSING = digest_of(b"never stored anywhere")
+
+
+# -- round trips and reads -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 3 * 4096 + 7])
+def test_round_trip_with_small_chunks(blob_store: ContentAddressedStore, size: int) -> None:
+    data = payload(size, seed=size)
+    digest = put(blob_store, data, chunk=1000)
+    assert blob_store.contains(digest)
+    blob_store.verify(digest)
+    chunks = list(blob_store.read(digest, chunk_size=4096))
+    assert b"".join(chunks) == data
+    assert all(0 < len(c) <= 4096 for c in chunks)
+
+
+@pytest.mark.parametrize("size", [MiB - 1, MiB, MiB + 1, 5 * MiB + 3])
+def test_round_trip_default_chunks(blob_store: ContentAddressedStore, size: int) -> None:
+    data = payload(size, seed=size)
+    digest = put(blob_store, data, chunk=4 * MiB)
+    chunks = list(blob_store.read(digest))
+    assert b"".join(chunks) == data
+    assert all(0 < len(c) <= MiB for c in chunks)
+    blob_store.verify(digest)
+
+
+def test_zero_size_blob(blob_store: ContentAddressedStore) -> None:
+    digest = digest_of(b"")
+    writer = blob_store.open_write("empty", digest)
+    assert (writer.committed_size, writer.complete) == (0, False)
+    assert not blob_store.contains(digest)
+    writer.commit()
+    assert blob_store.contains(digest)
+    blob_store.verify(digest)
+    assert list(blob_store.read(digest)) == []
+    assert blob_store.stats() == (1, 0)
+    assert blob_store.delete(digest)
+    assert not blob_store.contains(digest)
+
+
+def test_read_offset_and_limit(blob_store: ContentAddressedStore) -> None:
+    data = payload(10_000, seed=1)
+    digest = put(blob_store, data)
+    assert get(blob_store, digest, offset=1234) == data[1234:]
+    assert get(blob_store, digest, offset=1234, limit=100) == data[1234:1334]
+    assert get(blob_store, digest, limit=1) == data[:1]
+    assert get(blob_store, digest, offset=9_990, limit=100) == data[9_990:]
+    assert get(blob_store, digest, offset=10_000) == b""
+    assert get(blob_store, digest, offset=3, limit=5000, chunk_size=999) == data[3:5003]
+
+
+def test_read_errors_are_raised_at_the_call(blob_store: ContentAddressedStore) -> None:
+    digest = put(blob_store, b"0123456789")
+    with pytest.raises(OutOfRange):
+        blob_store.read(digest, offset=11)
+    with pytest.raises(InvalidArgument):
+        blob_store.read(digest, offset=-1)
+    with pytest.raises(InvalidArgument):
+        blob_store.read(digest, limit=-1)
+    with pytest.raises(InvalidArgument):
+        blob_store.read(digest, chunk_size=0)
+    with pytest.raises(NotFound):
+        blob_store.read(MISSING)
+    with pytest.raises(NotFound):
+        blob_store.verify(MISSING)
+
+
+def test_reader_can_be_closed_early_and_survives_delete(blob_store: ContentAddressedStore) -> None:
+    data = payload(50_000, seed=2)
+    digest = put(blob_store, data)
+    reader: BlobReader = blob_store.read(digest, chunk_size=1000)
+    reader.close()
+    reader.close()
+    assert list(reader) == []
+
+
+def test_find_missing_keeps_request_order_without_duplicates(blob_store: ContentAddressedStore) -> None:
+    present = put(blob_store, b"present")
+    a, b = digest_of(b"a"), digest_of(b"b")
+    assert blob_store.find_missing([a, present, b, a, present, b, a]) == [a, b]
+    assert blob_store.find_missing([present]) == []
+    assert blob_store.find_missing(iter([])) == []
+
+
+# -- bad uploads ---------------------------------------------------------------------
+
+
+def test_wrong_hash_stores_nothing(blob_store: ContentAddressedStore) -> None:
+    data = payload(5000, seed=3)
+    claimed = Digest(hash_bytes(b"something else entirely"), len(data))
+    writer = blob_store.open_write("liar", claimed)
+    writer.append(data)
+    with pytest.raises(DigestMismatch, match="nothing was stored"):
+        writer.commit()
+    assert not blob_store.contains(claimed)
+    assert blob_store.find_missing([claimed]) == [claimed]
+    assert blob_store.upload_status("liar", claimed) == (0, False)
+    assert blob_store.stats() == (0, 0)
+    writer.close()  # ended writers tolerate close/abort
+    writer.abort()
+
+
+@pytest.mark.parametrize("pieces", [[11], [5, 6], [10, 1]])
+def test_more_bytes_than_declared(blob_store: ContentAddressedStore, pieces: list[int]) -> None:
+    data = payload(sum(pieces), seed=4)
+    digest = digest_of(data[:10])
+    writer = blob_store.open_write("too-long", digest)
+    with pytest.raises(DigestMismatch, match="more than its declared size 10"):
+        pos = 0
+        for n in pieces:
+            writer.append(data[pos : pos + n])
+            pos += n
+    assert not blob_store.contains(digest)
+    assert blob_store.upload_status("too-long", digest) == (0, False)
+    with pytest.raises(FailedPrecondition):
+        writer.append(b"x")
+
+
+def test_commit_of_incomplete_upload_keeps_it(blob_store: ContentAddressedStore) -> None:
+    data = payload(1000, seed=5)
+    digest = digest_of(data)
+    writer = blob_store.open_write("short", digest)
+    writer.append(data[:600])
+    with pytest.raises(InvalidArgument, match="incomplete: 600 of 1000 bytes") as exc:
+        writer.commit()
+    assert not isinstance(exc.value, DigestMismatch)
+    assert not blob_store.contains(digest)
+    writer.append(data[600:])
+    writer.commit()
+    assert get(blob_store, digest) == data
+
+
+@pytest.mark.parametrize("upload_id", ["", "a" * 129, "a/b", "../x", "a b", "ü", "id\n", "a:b"])
+def test_malformed_upload_id(blob_store: ContentAddressedStore, upload_id: str) -> None:
+    digest = digest_of(b"x")
+    with pytest.raises(InvalidArgument, match="upload id"):
+        blob_store.open_write(upload_id, digest)
+    with pytest.raises(InvalidArgument, match="upload id"):
+        blob_store.upload_status(upload_id, digest)
+
+
+@pytest.mark.parametrize("upload_id", ["a", "a" * 128, "A.b_c-9", "..", "-x-", "a--b"])
+def test_well_formed_upload_ids(blob_store: ContentAddressedStore, upload_id: str) -> None:
+    data = payload(100, seed=6)
+    digest = put(blob_store, data, upload_id=upload_id)
+    assert get(blob_store, digest) == data
+
+
+# -- writer lifecycle and resume -----------------------------------------------------
+
+
+def test_interrupted_write_resumes_from_committed_size(blob_store: ContentAddressedStore) -> None:
+    data = payload(3 * MiB + 17, seed=7)
+    digest = digest_of(data)
+    half = len(data) // 2
+    assert blob_store.upload_status("resume", digest) == (0, False)
+
+    writer = blob_store.open_write("resume", digest)
+    writer.append(data[:half])
+    writer.close()
+    committed = kept(blob_store, digest, half)
+    assert writer.committed_size == committed
+    assert blob_store.upload_status("resume", digest) == UploadStatus(committed, False)
+    assert not blob_store.contains(digest)
+
+    writer = blob_store.open_write("resume", digest)
+    assert (writer.committed_size, writer.complete) == (committed, False)
+    writer.append(data[committed:])
+    writer.commit()
+    assert writer.committed_size == len(data)
+    assert blob_store.upload_status("resume", digest) == (len(data), True)
+    blob_store.verify(digest)
+    assert get(blob_store, digest) == data
+
+
+def test_resume_over_several_sessions(blob_store: ContentAddressedStore) -> None:
+    # Steps the backend keeps when a writer closes after each (at least a part's minimum).
+    step = 3000 + (blob_store.objects.min_part_size if blob_store.objects.min_part_size > 1 else 0)
+    data = payload(3 * step + 1000, seed=8)
+    digest = digest_of(data)
+    sessions = 0
+    while True:
+        writer = blob_store.open_write("many", digest)
+        start = writer.committed_size
+        writer.append(data[start : start + step])
+        sessions += 1
+        if writer.committed_size == len(data):
+            break
+        writer.close()
+        assert blob_store.upload_status("many", digest).committed_size == writer.committed_size
+    writer.commit()
+    assert sessions >= 4
+    assert get(blob_store, digest) == data
+
+
+def test_other_upload_id_starts_from_zero(blob_store: ContentAddressedStore) -> None:
+    data = payload(4000, seed=9)
+    digest = digest_of(data)
+    first = blob_store.open_write("first", digest)
+    first.append(data[:1000])
+    first.close()
+
+    second = blob_store.open_write("second", digest)
+    assert second.committed_size == 0
+    assert blob_store.upload_status("second", digest) == (0, False)
+    assert blob_store.upload_status("first", digest) == (kept(blob_store, digest, 1000), False)
+    second.append(data)
+    second.commit()
+
+    # Once the blob is stored, every upload of it is complete.
+    assert blob_store.upload_status("first", digest) == (4000, True)
+    again = blob_store.open_write("first", digest)
+    assert (again.complete, again.committed_size) == (True, 4000)
+
+
+def test_writer_for_stored_blob_is_complete_and_inert(blob_store: ContentAddressedStore) -> None:
+    data = b"already here"
+    digest = put(blob_store, data)
+    writer: BlobWriter = blob_store.open_write("late", digest)
+    assert (writer.complete, writer.committed_size, writer.digest) == (True, len(data), digest)
+    with pytest.raises(FailedPrecondition):
+        writer.append(b"more")
+    writer.commit()
+    writer.abort()  # must not remove the stored blob
+    writer.close()
+    assert get(blob_store, digest) == data
+
+
+def test_writer_end_states(blob_store: ContentAddressedStore) -> None:
+    data = payload(300, seed=10)
+    digest = digest_of(data)
+
+    writer = blob_store.open_write("ends", digest)
+    writer.append(data[:100])
+    writer.append(b"")
+    assert writer.committed_size == 100
+    writer.close()
+    writer.close()
+    with pytest.raises(FailedPrecondition):
+        writer.append(data[100:])
+    with pytest.raises(FailedPrecondition):
+        writer.commit()
+    writer.abort()  # after close: a no-op, the partial stays
+    assert blob_store.upload_status("ends", digest) == (kept(blob_store, digest, 100), False)
+
+    writer = blob_store.open_write("ends", digest)
+    writer.abort()
+    writer.abort()
+    assert blob_store.upload_status("ends", digest) == (0, False)
+    with pytest.raises(FailedPrecondition):
+        writer.append(data)
+
+    writer = blob_store.open_write("ends", digest)
+    assert writer.committed_size == 0
+    writer.append(data)
+    writer.commit()
+    writer.commit()
+    writer.close()
+    writer.abort()
+    assert writer.complete
+    assert blob_store.contains(digest)
+
+
+def test_unfinished_upload_is_never_visible(backend: ObjectBackend) -> None:
+    store = backend.content_store()
+    data = payload(2000, seed=11)
+    digest = digest_of(data)
+    writer = store.open_write("crash", digest)
+    writer.append(data)  # every byte, but no commit
+    assert not store.contains(digest)
+    assert store.find_missing([digest]) == [digest]
+    assert list(store.iter_digests()) == []
+    assert store.stats() == (0, 0)
+    with pytest.raises(NotFound):
+        store.read(digest)
+    writer.close()
+    fresh = backend.content_store()
+    assert not fresh.contains(digest)
+    assert fresh.stats() == (0, 0)
+
+
+# -- concurrency ---------------------------------------------------------------------
+
+
+def test_same_upload_id_is_busy_while_held(blob_store: ContentAddressedStore) -> None:
+    data = payload(1000, seed=12)
+    digest = digest_of(data)
+    holder = blob_store.open_write("shared", digest)
+    holder.append(data[:400])
+    with pytest.raises(Busy):
+        blob_store.open_write("shared", digest)
+    # Other upload ids, and the same id for another blob, are independent.
+    other = blob_store.open_write("other", digest)
+    other.close()
+    unrelated = blob_store.open_write("shared", digest_of(b"unrelated"))
+    unrelated.abort()
+
+    holder.close()
+    resumed = blob_store.open_write("shared", digest)
+    assert resumed.committed_size == kept(blob_store, digest, 400)
+    resumed.append(data[resumed.committed_size :])
+    resumed.commit()
+    assert get(blob_store, digest) == data
+
+
+def test_same_upload_id_from_many_threads_admits_one(blob_store: ContentAddressedStore) -> None:
+    digest = digest_of(b"contended")
+    n = 8
+    start, done = threading.Barrier(n), threading.Barrier(n)
+
+    def attempt(_: int) -> BlobWriter | None:
+        start.wait()
+        try:
+            writer: BlobWriter | None = blob_store.open_write("hot", digest)
+        except Busy:
+            writer = None
+        done.wait()
+        return writer
+
+    with ThreadPoolExecutor(n) as pool:
+        writers = [w for w in pool.map(attempt, range(n)) if w is not None]
+    assert len(writers) == 1
+    writers[0].append(b"contended")
+    writers[0].commit()
+    assert blob_store.contains(digest)
+
+
+def test_concurrent_writers_of_one_blob_all_succeed(blob_store: ContentAddressedStore) -> None:
+    data = payload(3 * MiB + 5, seed=13)
+    digest = digest_of(data)
+    n = 8
+    barrier = threading.Barrier(n)
+
+    def upload(i: int) -> bool:
+        writer = blob_store.open_write(f"writer-{i}", digest)
+        barrier.wait()
+        if writer.complete:
+            return True
+        step = 64 * 1024 + i  # different chunkings, so the writers interleave differently
+        for pos in range(0, len(data), step):
+            writer.append(data[pos : pos + step])
+        writer.commit()
+        return writer.complete
+
+    with ThreadPoolExecutor(n) as pool:
+        assert all(pool.map(upload, range(n)))
+    blob_store.verify(digest)
+    assert get(blob_store, digest) == data
+    assert blob_store.stats() == (1, len(data))
+    assert list(blob_store.iter_digests()) == [digest]
+    assert no_uploads_left(blob_store)
+
+
+def _write_in_child(
+    reopen: Callable[[], ContentAddressedStore], upload_id: str, seed: int, size: int, barrier: Any
+) -> None:
+    """Upload one blob; on Busy (another process finished or replaced the same session) start over."""
+    store = reopen()
+    data = payload(size, seed)
+    digest = digest_of(data)
+    barrier.wait(60)
+    for _ in range(20):
+        try:
+            writer = store.open_write(upload_id, digest)
+            start = writer.committed_size
+            for pos in range(start, len(data), 100_000):
+                writer.append(data[pos : pos + 100_000])
+            writer.commit()
+            return
+        except Busy:
+            continue
+    raise SystemExit(3)
+
+
+@pytest.mark.parametrize("same_upload_id", [False, True], ids=["two-upload-ids", "one-upload-id"])
+def test_two_processes_race_to_upload_one_blob(backend: ObjectBackend, same_upload_id: bool) -> None:
+    size, seed = 4 * MiB + 1, 14
+    barrier = SPAWN.Barrier(2)
+    ids = ["proc", "proc"] if same_upload_id else ["proc-0", "proc-1"]
+    procs = [
+        SPAWN.Process(target=_write_in_child, args=(backend.content_factory(), i, seed, size, barrier))
+        for i in ids
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    data = payload(size, seed)
+    digest = digest_of(data)
+    fresh = backend.content_store()
+    fresh.verify(digest)
+    assert get(fresh, digest) == data
+    assert fresh.stats() == (1, size)
+    assert no_uploads_left(fresh), "one blob, no partial uploads left"
+    assert backend.scratch() == []
+
+
+def _upload_until_killed(reopen: Callable[[], ContentAddressedStore], size: int, sent: Any) -> None:
+    store = reopen()
+    data = payload(size, 40)
+    writer = store.open_write("killed", digest_of(data))
+    for pos in range(0, size, 64 * 1024):
+        writer.append(data[pos : pos + 64 * 1024])
+        sent.value = pos + 64 * 1024
+    threading.Event().wait(60)  # never commits: the parent kills it first
+
+
+def test_killed_upload_is_never_visible_and_resumes_after_restart(backend: ObjectBackend) -> None:
+    size = 3 * MiB + 3
+    sent = SPAWN.Value("q", 0)
+    proc = SPAWN.Process(target=_upload_until_killed, args=(backend.content_factory(), size, sent))
+    proc.start()
+    try:
+        while sent.value < 2 * MiB and proc.is_alive():
+            threading.Event().wait(0.005)
+    finally:
+        proc.kill()  # SIGKILL
+        proc.join(30)
+    assert sent.value >= 2 * MiB
+    data = payload(size, 40)
+    digest = digest_of(data)
+    store = backend.content_store()
+    assert not store.contains(digest) and store.find_missing([digest]) == [digest]
+    assert list(store.iter_digests()) == [] and store.stats() == (0, 0)
+    committed, complete = store.upload_status("killed", digest)
+    assert not complete
+    # Whole parts survive the kill (what was only buffered in the child is lost).
+    part = store.part_size_for(digest)
+    assert committed % part == 0 and committed >= (2 * MiB - part) // part * part
+    writer = store.open_write("killed", digest)
+    assert writer.committed_size == committed
+    writer.append(data[committed:])
+    writer.commit()
+    assert get(backend.content_store(), digest) == data
+    assert no_uploads_left(store)
+
+
+def test_resume_in_a_new_store_instance_reads_the_stored_parts_back_once(backend: ObjectBackend) -> None:
+    data = payload(2 * MiB + 9, seed=41)
+    digest = digest_of(data)
+    first = backend.content_store()
+    writer = first.open_write("restart", digest)
+    writer.append(data[: MiB + 5])
+    writer.close()
+    committed = writer.committed_size
+    del first, writer
+
+    second = backend.content_store()  # a restart: nothing in memory
+    writer = second.open_write("restart", digest)
+    assert writer.committed_size == committed == second.upload_status("restart", digest).committed_size
+    writer.append(data[committed:])
+    writer.commit()
+    # Only the parts this instance did not receive had to be read back (all of the blob, once).
+    assert second.hashed_bytes == (len(data) if committed else 0)
+    assert get(second, digest) == data
+
+
+def test_resume_in_the_same_instance_hashes_nothing_again(blob_store: ContentAddressedStore) -> None:
+    data = payload(2 * MiB + 9, seed=42)
+    digest = digest_of(data)
+    writer = blob_store.open_write("same", digest)
+    writer.append(data[: MiB + 5])
+    writer.close()
+    writer = blob_store.open_write("same", digest)
+    writer.append(data[writer.committed_size :])
+    writer.commit()
+    assert blob_store.hashed_bytes == 0
+    assert blob_store.contains(digest)
+
+
+def test_wrong_bytes_in_a_multipart_upload_are_discarded(blob_store: ContentAddressedStore) -> None:
+    data = payload(3 * MiB, seed=43)
+    claimed = Digest(hash_bytes(b"not these bytes"), len(data))
+    writer = blob_store.open_write("liar-big", claimed)
+    writer.append(data[:MiB])
+    writer.close()
+    writer = blob_store.open_write("liar-big", claimed)
+    writer.append(data[writer.committed_size :])
+    with pytest.raises(DigestMismatch):
+        writer.commit()
+    assert not blob_store.contains(claimed)
+    assert blob_store.upload_status("liar-big", claimed) == (0, False)
+    assert no_uploads_left(blob_store)
+    assert list(blob_store.objects.list_objects("")) == []
+
+
+# -- verification on read ------------------------------------------------------------
+
+
+def test_reading_a_verified_blob_hashes_nothing(backend: ObjectBackend) -> None:
+    store = backend.content_store()
+    data = payload(3 * MiB, seed=44)
+    digest = put(store, data)
+    backend.settle_blob(digest)
+    store.verify(digest)
+    before = store.hashed_bytes
+    assert get(store, digest, offset=MiB, limit=1) == data[MiB : MiB + 1]
+    store.verify(digest)
+    assert store.hashed_bytes == before, "a 1-byte read of a verified blob must not hash the blob"
+    # Also after a restart: what was verified stays verified while the bytes are unchanged.
+    fresh = backend.content_store()
+    assert get(fresh, digest, limit=1) == data[:1]
+    assert fresh.hashed_bytes == 0
+
+
+def test_a_changed_blob_is_hashed_again_before_it_is_served(backend: ObjectBackend) -> None:
+    if not backend.rehashes_on_read:
+        pytest.skip("this backend trusts its own checksums")
+    store = backend.content_store()
+    data = payload(100_000, seed=45)
+    digest = put(store, data)
+    backend.settle_blob(digest)
+    store.verify(digest)
+    backend.corrupt_blob(digest)  # immediately: the same clock tick must not hide the change
+    with pytest.raises(DataLoss, match="quarantined"):
+        store.read(digest, limit=1)
+    assert not store.contains(digest)
+
+
+# -- corruption, deletion, stats -----------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 1, 70_000])
+def test_corrupt_blob_is_quarantined(backend: ObjectBackend, size: int) -> None:
+    if not backend.rehashes_on_read:
+        pytest.skip("this backend trusts its own checksums")
+    store = backend.content_store()
+    data = payload(size, seed=15)
+    digest = put(store, data)
+    backend.corrupt_blob(digest)
+    with pytest.raises(DataLoss, match=rf"blob {digest} is corrupt in storage .*quarantined"):
+        store.verify(digest)
+    assert not store.contains(digest)
+    assert store.find_missing([digest]) == [digest]
+    assert store.stats() == (0, 0)
+    with pytest.raises(NotFound):
+        store.verify(digest)
+    with pytest.raises(NotFound):
+        store.read(digest)
+    # It can be uploaded again.
+    put(store, data, upload_id="again")
+    store.verify(digest)
+    assert get(store, digest) == data
+
+
+def test_delete(blob_store: ContentAddressedStore) -> None:
+    digest = put(blob_store, b"to be deleted")
+    keep = put(blob_store, b"to be kept")
+    assert blob_store.delete(digest)
+    assert not blob_store.delete(digest)
+    assert not blob_store.contains(digest)
+    assert not blob_store.delete(MISSING)
+    assert blob_store.contains(keep)
+    assert list(blob_store.iter_digests()) == [keep]
+
+
+def test_stats_and_iter_digests(backend: ObjectBackend) -> None:
+    store = backend.content_store()
+    assert store.stats() == StoreStats(0, 0)
+    sizes = [0, 10, 1000, 123_457]
+    digests = {put(store, payload(n, seed=n), upload_id=f"s{n}") for n in sizes}
+    put(store, payload(1000, seed=1000), upload_id="duplicate")  # stored once
+    assert store.stats() == (len(sizes), sum(sizes))
+    assert set(store.iter_digests()) == digests
+    store.delete(digest_of(payload(10, seed=10)))
+    assert store.stats() == (len(sizes) - 1, sum(sizes) - 10)
+    assert backend.content_store().stats() == store.stats()
+
+
+# -- quotas --------------------------------------------------------------------------
+
+
+def test_max_blob_bytes(backend: ObjectBackend) -> None:
+    store = backend.content_store(max_blob_bytes=10)
+    big = payload(11, seed=16)
+    with pytest.raises(QuotaExceeded, match="at most 10 bytes"):
+        store.open_write("big", digest_of(big))
+    assert not store.contains(digest_of(big))
+    assert store.upload_status("big", digest_of(big)) == (0, False)
+    assert store.stats() == (0, 0)
+    put(store, big[:10])
+
+
+def test_max_store_bytes(backend: ObjectBackend) -> None:
+    store = backend.content_store(max_store_bytes=100)
+    first = put(store, payload(60, seed=17), upload_id="a")
+    too_big = digest_of(payload(50, seed=18))
+    with pytest.raises(QuotaExceeded, match="quota"):
+        store.open_write("b", too_big)
+    assert not store.contains(too_big)
+    assert store.upload_status("b", too_big) == (0, False)
+    put(store, payload(40, seed=19), upload_id="c")
+    assert store.stats() == (2, 100)
+    # A blob that is already stored needs no space.
+    assert store.open_write("d", first).complete
+    store.delete(first)
+    put(store, payload(50, seed=18), upload_id="b")
+
+
+def test_quota_is_rechecked_at_commit(backend: ObjectBackend) -> None:
+    store = backend.content_store(max_store_bytes=100)
+    data_a, data_b = payload(60, seed=20), payload(60, seed=21)
+    a = store.open_write("a", digest_of(data_a))
+    b = store.open_write("b", digest_of(data_b))  # both fit on their own
+    a.append(data_a)
+    b.append(data_b)
+    a.commit()
+    with pytest.raises(QuotaExceeded):
+        b.commit()
+    assert not store.contains(digest_of(data_b))
+    assert store.stats() == (1, 60)
+    # The upload is kept; once space is freed the same writer can publish it.
+    assert b.committed_size == 60 and not b.complete
+    store.delete(digest_of(data_a))
+    b.commit()
+    assert get(store, digest_of(data_b)) == data_b
+
+
+# -- stale uploads -------------------------------------------------------------------
+
+
+def test_sweep_uploads(blob_store: ContentAddressedStore) -> None:
+    data = payload(MiB, seed=22)
+    digest = digest_of(data)
+    some = kept(blob_store, digest, 300_000)
+    assert some > 0
+    for upload_id in ("old-1", "old-2"):
+        writer = blob_store.open_write(upload_id, digest)
+        writer.append(data[:300_000])
+        writer.close()
+    held = blob_store.open_write("held", digest)
+    held.append(data[:300_000])
+
+    assert blob_store.sweep_uploads(3600) == 0
+    assert blob_store.upload_status("old-1", digest) == (some, False)
+
+    assert blob_store.sweep_uploads(0) == 2
+    assert blob_store.upload_status("old-1", digest) == (0, False)
+    assert blob_store.upload_status("old-2", digest) == (0, False)
+    held.append(data[300_000:])
+    held.commit()
+    assert blob_store.sweep_uploads(0) == 0
+    assert get(blob_store, digest) == data
+    assert no_uploads_left(blob_store)
