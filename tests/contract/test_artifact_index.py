@@ -261,6 +261,7 @@ async def test_page_tokens_not_issued_for_the_list_are_refused(storage: Storage)
         artifact_token + "A" * 600,  # huge
         "A" * 100_000,
         _forged([START, "x" * 32, "extra"]),
+        _forged([START, "x" * 32]),  # the old tag, without the query
         _forged(["1000000", "x" * 32]),
         _forged([True, "x" * 32]),
         _forged([2.0**70, "x" * 32]),
@@ -273,6 +274,33 @@ async def test_page_tokens_not_issued_for_the_list_are_refused(storage: Storage)
     for token in [artifact_token, "A" * 100_000, "garbage"]:
         with pytest.raises(InvalidArgument, match="page_token"):
             await storage.jobs.list_page(JobQuery(), token, 1)
+
+
+async def test_a_page_token_of_one_query_is_refused_by_another(storage: Storage) -> None:
+    for i in range(4):
+        key = make_key(kind="awq" if i % 2 else "neuron", batch_size=i)
+        await storage.artifacts.put(make_artifact(key, at=START + i), expect_manifest=None)
+        await storage.jobs.create_if_absent(make_job(key, at=START + i))
+    neuron = ArtifactQuery(kind="neuron")
+    token = (await storage.artifacts.list_page(neuron, "", 1)).next_token
+    assert token
+    for other in [ALL, ArtifactQuery(kind="awq"), ArtifactQuery(kind="neuron", pinned_only=True)]:
+        with pytest.raises(InvalidArgument, match="page_token"):
+            await storage.artifacts.list_page(other, token, 1)
+    assert len((await storage.artifacts.list_page(neuron, token, 1)).items) == 1
+
+    queued = JobQuery(states=(JobState.QUEUED, JobState.LEASED))
+    job_token = (await storage.jobs.list_page(queued, "", 1)).next_token
+    for other_jobs in [
+        JobQuery(),
+        JobQuery(states=(JobState.QUEUED,)),
+        JobQuery(states=queued.states, kind="awq"),
+    ]:
+        with pytest.raises(InvalidArgument, match="page_token"):
+            await storage.jobs.list_page(other_jobs, job_token, 1)
+    # The same filters in another order are the same query.
+    same = JobQuery(states=(JobState.LEASED, JobState.QUEUED, JobState.QUEUED))
+    assert len((await storage.jobs.list_page(same, job_token, 10)).items) == 3
 
 
 async def test_of_model_lists_one_kind_and_model_newest_first(storage: Storage) -> None:
