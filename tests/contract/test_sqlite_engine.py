@@ -85,6 +85,24 @@ def test_the_database_itself_refuses_a_second_active_job(db_path: Path) -> None:
         conn.execute(copy.format(", ".join(columns).replace("state", "'failed'")), (job_id,))
 
 
+async def test_every_call_after_close_is_unavailable(db_path: Path) -> None:
+    storage = open_sqlite(db_path)
+    assert await storage.artifacts.get("0" * 32) is None  # this thread has a read connection now
+    storage.close()
+    storage.close()  # idempotent
+    calls = [
+        storage.artifacts.get("0" * 32),
+        storage.artifacts.list_page(ArtifactQuery(), "", 1),
+        storage.jobs.get("j-" + "0" * 24),
+        storage.workers.workers(START),
+        storage.artifacts.put(make_artifact(), expect_manifest=None),
+        storage.jobs.create_if_absent(make_job()),
+    ]
+    for call in calls:
+        with pytest.raises(Unavailable, match="closed"):
+            await call
+
+
 # --- migrations ----------------------------------------------------------------------------
 
 
