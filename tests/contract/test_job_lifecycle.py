@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
+from typing import Any, cast
 
 import pytest
 
 from prebake.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from prebake.server.job_lifecycle import JobLifecycle, manifest_digest, retry_backoff
-from prebake.server.records import ErrorClass, JobState, Producer, WorkerCapability
+from prebake.server.records import ErrorClass, Job, JobState, Producer, WorkerCapability
+from prebake.server.storage import JobQueue
+from prebake.server.storage.bundle import Storage
 from tests.contract.samples import (
     FILES,
     NEURON,
@@ -587,3 +590,36 @@ async def test_200_concurrent_publishes_of_different_lists_keep_one_whole(
     # Every publish of the winning list succeeded, every other one was refused.
     assert len(published) == 100 and len(refused) == 100
     assert backend.file_rows() == {key.digest: stored.file_count}
+
+
+class GatedJobs:
+    """A job queue whose first `parties` compare-and-sets wait for each other: every
+    decider has read the same revision before any of them writes."""
+
+    def __init__(self, jobs: JobQueue, parties: int) -> None:
+        self._jobs = jobs
+        self._barrier = asyncio.Barrier(parties)
+        self._waiting = parties
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._jobs, name)
+
+    async def compare_and_set(self, job: Job, expect_revision: int) -> Job:
+        if self._waiting:
+            self._waiting -= 1
+            await self._barrier.wait()
+        return await self._jobs.compare_and_set(job, expect_revision)
+
+
+async def test_replicas_expiring_one_lease_at_once_report_it_once(
+    storage: Storage, lifecycle: JobLifecycle, clock: Clock
+) -> None:
+    job, _ = await lifecycle.create_or_join(make_key())
+    assert await lifecycle.lease("w1", [NEURON], lease_seconds=60) is not None
+    gated = cast(JobQueue, GatedJobs(storage.jobs, 3))
+    replicas = [JobLifecycle(storage.artifacts, gated, clock=clock) for _ in range(3)]
+    reports = await asyncio.gather(*[r.expire_leases(now=clock.now + 60) for r in replicas])
+    assert sorted(len(report) for report in reports) == [0, 0, 1]
+    [[expired]] = [report for report in reports if report]
+    assert expired == await lifecycle.jobs.get(job.job_id)
+    assert await sequences(lifecycle, job.job_id) == [1, 2, 3]
