@@ -5,10 +5,12 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
 from prebake.server.errors import InvalidArgument
+from prebake.server.nearest import compatible_candidates, nearest
 from prebake.server.records import Artifact, JobState
 from prebake.server.storage import ArtifactQuery, ConditionFailed, JobQuery, JobWrite
 from prebake.server.storage.bundle import Storage
@@ -348,3 +350,51 @@ async def test_counts(storage: Storage) -> None:
     counts = await storage.artifacts.counts()
     assert (counts.artifacts, counts.pinned_artifacts) == (5, 2)
     assert counts.jobs_by_state == {**{s.value: 0 for s in JobState}, "queued": 1, "cancelled": 1}
+
+
+async def test_nearest_orders_by_differing_fields_then_newest(storage: Storage) -> None:
+    wanted = make_key(batch_size=8, sequence_length=8192)
+    at = START
+
+    async def put(**overrides: Any) -> str:
+        nonlocal at
+        at += 1
+        key = make_key(**overrides)
+        await storage.artifacts.put(make_artifact(key, at=at), expect_manifest=None)
+        return key.digest
+
+    one_off_old = await put(batch_size=4)
+    two_off = await put(batch_size=4, sequence_length=4096)
+    three_off = await put(batch_size=4, precision="fp16", options=())
+    one_off_new = await put(toolchain="neuronx-cc 3.x")
+    await put(model="another/model")  # other model: never near
+    await put(kind="awq")  # other kind: never near
+    await put(batch_size=8, sequence_length=8192)  # the key itself is excluded
+
+    near = await nearest(storage.artifacts, wanted)
+    assert [a.artifact_id for a in near] == [one_off_new, one_off_old, two_off, three_off]
+    assert [a.artifact_id for a in await nearest(storage.artifacts, wanted, limit=2)] == [
+        one_off_new,
+        one_off_old,
+    ]
+    assert all(a.files == () for a in near)
+    # instance_type is not compared (compile_target stands for it).
+    assert await nearest(storage.artifacts, make_key(model="nobody")) == []
+
+
+async def test_compatible_candidates_differ_only_in_longer_sequence_and_allowed_target(
+    storage: Storage,
+) -> None:
+    wanted = make_key(sequence_length=4096)
+    longer = make_key(sequence_length=8192)
+    longest = make_key(sequence_length=16384)
+    other_target = make_key(sequence_length=8192, compile_target="trn1")
+    shorter = make_key(sequence_length=2048)
+    other_batch = make_key(sequence_length=8192, batch_size=1)
+    for i, key in enumerate([longest, longer, other_target, shorter, other_batch]):
+        await storage.artifacts.put(make_artifact(key, at=START + i), expect_manifest=None)
+    found = await compatible_candidates(storage.artifacts, wanted, ["inf2"])
+    assert [a.artifact_id for a in found] == [longer.digest, longest.digest]
+    both = await compatible_candidates(storage.artifacts, wanted, ["inf2", "trn1"])
+    assert {a.artifact_id for a in both} == {longer.digest, longest.digest, other_target.digest}
+    assert await compatible_candidates(storage.artifacts, wanted, []) == []
