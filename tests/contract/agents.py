@@ -19,7 +19,7 @@ from contextlib import contextmanager, suppress
 from multiprocessing.connection import Connection
 from typing import Any
 
-from prebake.server.errors import FailedPrecondition
+from prebake.core.errors import FailedPrecondition
 from prebake.server.job_lifecycle import JobLifecycle
 from prebake.server.records import ErrorClass
 from prebake.server.storage.bundle import Storage

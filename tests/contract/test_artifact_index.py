@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from prebake.server.errors import InvalidArgument
+from prebake.core.errors import InvalidArgument
 from prebake.server.nearest import compatible_candidates, nearest
 from prebake.server.records import Artifact, JobState
 from prebake.server.storage import ArtifactQuery, ConditionFailed, JobQuery, JobWrite

@@ -9,7 +9,7 @@ from typing import Any, cast
 
 import pytest
 
-from prebake.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from prebake.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from prebake.server.job_lifecycle import JobLifecycle, manifest_digest, retry_backoff
 from prebake.server.records import ErrorClass, Job, JobState, Producer, WorkerCapability
 from prebake.server.storage import JobQueue

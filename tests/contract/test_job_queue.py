@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from prebake.server.errors import InvalidArgument
+from prebake.core.errors import InvalidArgument
 from prebake.server.records import ErrorClass, Job, JobState, WorkerCapability
 from prebake.server.storage import ConditionFailed, JobQuery
 from prebake.server.storage.bundle import Storage

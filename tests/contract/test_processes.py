@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from prebake.server.errors import FailedPrecondition
+from prebake.core.errors import FailedPrecondition
 from prebake.server.job_lifecycle import JobLifecycle, manifest_digest, retry_backoff
 from prebake.server.records import Artifact, Job, JobState
 from prebake.server.storage import ArtifactQuery, JobQuery

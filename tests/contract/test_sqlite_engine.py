@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from sqlite_utils import Database as SqliteUtilsDatabase
 
-from prebake.server.errors import FailedPrecondition, Unavailable
+from prebake.core.errors import FailedPrecondition, Unavailable
 from prebake.server.job_lifecycle import JobLifecycle
 from prebake.server.records import JobState, WorkerRecord
 from prebake.server.storage import ArtifactQuery
