@@ -47,6 +47,8 @@ MAX_RACES = 64
 LEASE_SCAN = 32
 EXPIRY_BATCH = 500
 _EXPIRED = "lease expired"
+# A decision of `JobLifecycle._change`: the new job, or None to leave it as it is.
+_Decide = Callable[[Job, float], Job | None]
 
 
 def new_job_id() -> str:
@@ -115,12 +117,17 @@ class JobLifecycle:
 
     # --- the compare-and-set loop ----------------------------------------------------
 
-    async def _change(self, job_id: str, decide: Callable[[Job, float], Job | None]) -> Job:
+    async def _change(self, job_id: str, decide: _Decide) -> Job:
         """Apply `decide(current, now)` to the job until its compare-and-set wins.
 
         `decide` returns the new job, or None to leave the job as it is (returned
         unchanged); it raises to refuse.
         """
+        job, _ = await self._decide(job_id, decide)
+        return job
+
+    async def _decide(self, job_id: str, decide: _Decide) -> tuple[Job, bool]:
+        """`_change`, and whether the job was changed by this call (False: left as it is)."""
         for _ in range(MAX_RACES):
             current = await self.jobs.get(job_id)
             if current is None:
@@ -128,9 +135,9 @@ class JobLifecycle:
             now = self._clock()
             new = decide(current, now)
             if new is None:
-                return current
+                return current, False
             try:
-                return await self.jobs.compare_and_set(new, current.revision)
+                return await self.jobs.compare_and_set(new, current.revision), True
             except ConditionFailed:
                 continue
         raise Busy(f"job {job_id} is being changed concurrently; retry")
@@ -512,12 +519,13 @@ class JobLifecycle:
         at = self._clock() if now is None else now
         changed: list[Job] = []
         for job in await self.jobs.expired_leases(at, EXPIRY_BATCH):
-            updated = await self._change(job.job_id, self._expiry(job.fencing_token, at))
-            if updated.state is not JobState.LEASED and updated.error.startswith(_EXPIRED):
+            updated, was_changed = await self._decide(job.job_id, self._expiry(job.fencing_token, at))
+            # Not a job another replica expired meanwhile: only the ones this call changed.
+            if was_changed:
                 changed.append(updated)
         return changed
 
-    def _expiry(self, token: int, at: float) -> Callable[[Job, float], Job | None]:
+    def _expiry(self, token: int, at: float) -> _Decide:
         def decide(current: Job, _now: float) -> Job | None:
             expires = current.lease_expires_at
             if current.state is not JobState.LEASED or current.fencing_token != token:

@@ -3,7 +3,8 @@
 A token names the position after the last item of a page (its sort key), never an
 offset: the next page costs the same however deep it is, and items inserted meanwhile
 shift nothing. The text is URL-safe base64 of a small JSON array tagged with the list it
-belongs to, so a token of one list is refused by another; callers treat it as opaque.
+belongs to and the query's filters, so a token of one list or query is refused by
+another; callers treat it as opaque.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from prebake.core.digests import hash_bytes
 from prebake.server.errors import InvalidArgument
 
 T = TypeVar("T")
@@ -26,6 +28,12 @@ class Page(Generic[T]):
 
     items: list[T]
     next_token: str = ""
+
+
+def list_tag(name: str, filters: list[str | bool | list[str]]) -> str:
+    """The tag of list `name` under one query: a token's position is only meaningful
+    among the rows the same filters select, so another query's token must not fit."""
+    return f"{name}:{hash_bytes(json.dumps(filters, separators=(',', ':')).encode())[:12]}"
 
 
 def encode(tag: str, position: list[str | float | int]) -> str:

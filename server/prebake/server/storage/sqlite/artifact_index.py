@@ -132,7 +132,8 @@ class SqliteArtifactIndex:
     async def list_page(self, query: ArtifactQuery, page_token: str, limit: int) -> Page[Artifact]:
         if limit < 1:
             raise InvalidArgument(f"limit must be positive, got {limit}")
-        after = page_tokens.decode(TOKEN_TAG, page_token, (float, str))
+        tag = page_tokens.list_tag(TOKEN_TAG, [query.kind, query.model, query.pinned_only])
+        after = page_tokens.decode(tag, page_token, (float, str))
         where: list[str] = ["1"]
         params: list[Any] = []
         if query.kind:
@@ -157,7 +158,7 @@ class SqliteArtifactIndex:
         token = ""
         if len(found) > limit:
             last = items[-1]
-            token = page_tokens.encode(TOKEN_TAG, [last.created_at, last.artifact_id])
+            token = page_tokens.encode(tag, [last.created_at, last.artifact_id])
         return Page(items, token)
 
     async def of_model(self, kind: str, model: str, limit: int) -> list[Artifact]:

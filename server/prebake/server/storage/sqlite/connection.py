@@ -113,10 +113,12 @@ class Database:
         self._write_conn.row_factory = _dict_row
 
     def _reader(self) -> sqlite3.Connection:
+        # Checked first: `close` closes every thread's connection, which would then fail
+        # with sqlite3's own error.
+        if self._closed:
+            raise Unavailable("the registry is closed (the server is shutting down)")
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            if self._closed:
-                raise Unavailable("the registry is closed (the server is shutting down)")
             conn = _connect(self.path, self._busy_timeout_ms)
             conn.row_factory = _dict_row
             conn.execute("PRAGMA query_only = ON")

@@ -140,12 +140,14 @@ class SqliteJobQueue:
     async def list_page(self, query: JobQuery, page_token: str, limit: int) -> Page[Job]:
         if limit < 1:
             raise InvalidArgument(f"limit must be positive, got {limit}")
-        after = page_tokens.decode(TOKEN_TAG, page_token, (float, str))
+        states = sorted({JobState(state).value for state in query.states})
+        tag = page_tokens.list_tag(TOKEN_TAG, [states, query.kind])
+        after = page_tokens.decode(tag, page_token, (float, str))
         where: list[str] = ["1"]
         params: list[Any] = []
-        if query.states:
-            where.append(f"state IN ({', '.join('?' for _ in query.states)})")
-            params.extend(JobState(state).value for state in query.states)
+        if states:
+            where.append(f"state IN ({', '.join('?' for _ in states)})")
+            params.extend(states)
         if query.kind:
             where.append("kind = ?")
             params.append(query.kind)
@@ -159,7 +161,7 @@ class SqliteJobQueue:
         items = found[:limit]
         token = ""
         if len(found) > limit:
-            token = page_tokens.encode(TOKEN_TAG, [items[-1].created_at, items[-1].job_id])
+            token = page_tokens.encode(tag, [items[-1].created_at, items[-1].job_id])
         return Page(items, token)
 
     async def leasable(self, capabilities: Sequence[WorkerCapability], now: float, limit: int) -> list[Job]:

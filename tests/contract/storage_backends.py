@@ -1,0 +1,68 @@
+"""The storage backends every contract suite runs against.
+
+`BACKENDS` is the parameter list of the suites: a name and a factory that, given the
+requesting test, returns a `Backend` over a fresh, empty engine. Adding a backend is
+one entry here (and its `Backend` class); the suites themselves know no engine.
+
+A `Backend` is a picklable description of where the engine is, so that child processes
+(`tests.contract.agents`) open their own `Storage` on the same engine, plus the few
+engine-specific inspections the suites need to check what no seam method reveals
+(orphan rows left behind by a torn write).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import pytest
+
+from prebake.server.storage.bundle import Storage
+from prebake.server.storage.sqlite import open_sqlite
+
+
+class Backend(Protocol):
+    """One engine under test. Instances must be picklable (they travel to child processes)."""
+
+    @property
+    def name(self) -> str: ...
+
+    def open(self) -> Storage:
+        """A new `Storage` on this engine (callable in any process, any number of times)."""
+        ...
+
+    def file_rows(self) -> dict[str, int]:
+        """Stored file records per artifact id, read from the engine itself, bypassing
+        the seams: ids without an artifact row show up here too (orphans)."""
+        ...
+
+
+@dataclass(frozen=True)
+class SqliteBackend:
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return "sqlite"
+
+    def open(self) -> Storage:
+        return open_sqlite(self.path)
+
+    def file_rows(self) -> dict[str, int]:
+        with closing(sqlite3.connect(self.path)) as conn:
+            found = conn.execute("SELECT artifact_id, COUNT(*) FROM artifact_files GROUP BY artifact_id")
+            return {str(artifact_id): int(n) for artifact_id, n in found}
+
+
+def _sqlite(request: pytest.FixtureRequest) -> Backend:
+    tmp_path: Path = request.getfixturevalue("tmp_path")
+    return SqliteBackend(tmp_path / "registry" / "registry.sqlite3")
+
+
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest], Backend]] = {
+    "sqlite": _sqlite,
+}

@@ -1,0 +1,400 @@
+"""Contract of `ArtifactIndex`, the same for every backend in `BACKENDS`."""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from prebake.core.errors import InvalidArgument
+from prebake.server.nearest import compatible_candidates, nearest
+from prebake.server.records import Artifact, JobState
+from prebake.server.storage import ArtifactQuery, ConditionFailed, JobQuery, JobWrite
+from prebake.server.storage.bundle import Storage
+from prebake.server.storage.page_tokens import encode
+from tests.contract.samples import FILES, PRODUCER, START, blob, entry, make_artifact, make_job, make_key
+from tests.contract.storage_backends import Backend
+
+ALL = ArtifactQuery()
+
+
+def without_files(artifact: Artifact) -> Artifact:
+    return replace(artifact, files=())
+
+
+async def test_put_then_get_round_trips(storage: Storage) -> None:
+    key = make_key(options=(("optlevel", "3"), ("fast-math", "on")), ignored_fields=("x",))
+    artifact = make_artifact(key)
+    await storage.artifacts.put(artifact, expect_manifest=None)
+    stored = await storage.artifacts.get(key.digest)
+    assert stored == artifact
+    assert stored.key == key and stored.producer == PRODUCER
+    assert [f.path for f in stored.files] == sorted(f.path for f in FILES)
+    assert await storage.artifacts.get("0" * 32) is None
+
+
+async def test_a_producer_without_log_round_trips(storage: Storage) -> None:
+    artifact = replace(make_artifact(), producer=replace(PRODUCER, log=None, note=""))
+    await storage.artifacts.put(artifact, expect_manifest=None)
+    assert await storage.artifacts.get(artifact.artifact_id) == artifact
+
+
+async def test_a_second_instance_on_the_engine_sees_every_write(backend: Backend, storage: Storage) -> None:
+    artifact = make_artifact()
+    await storage.artifacts.put(artifact, expect_manifest=None)
+    other = backend.open()
+    try:
+        assert await other.artifacts.get(artifact.artifact_id) == artifact
+        await other.artifacts.set_pinned(artifact.artifact_id, True)
+    finally:
+        other.close()
+    stored = await storage.artifacts.get(artifact.artifact_id)
+    assert stored is not None and stored.pinned
+
+
+async def test_conditional_create_refuses_an_existing_id(storage: Storage, backend: Backend) -> None:
+    first = make_artifact()
+    await storage.artifacts.put(first, expect_manifest=None)
+    other = make_artifact(files=(entry("other.bin"),), at=START + 1)
+    with pytest.raises(ConditionFailed):
+        await storage.artifacts.put(other, expect_manifest=None)
+    assert await storage.artifacts.get(first.artifact_id) == first
+    assert backend.file_rows() == {first.artifact_id: len(FILES)}
+
+
+async def test_conditional_replace_needs_the_stored_manifest(storage: Storage, backend: Backend) -> None:
+    first = make_artifact()
+    new = make_artifact(files=(entry("model.neff", "v2", size=5000),), at=START + 10)
+    with pytest.raises(ConditionFailed):  # nothing to replace
+        await storage.artifacts.put(new, expect_manifest=first.manifest_digest)
+    assert await storage.artifacts.get(first.artifact_id) is None
+    await storage.artifacts.put(first, expect_manifest=None)
+    with pytest.raises(ConditionFailed):
+        await storage.artifacts.put(new, expect_manifest=new.manifest_digest)
+    assert await storage.artifacts.get(first.artifact_id) == first
+
+    await storage.artifacts.put(new, expect_manifest=first.manifest_digest)
+    assert await storage.artifacts.get(first.artifact_id) == new
+    # The old file list is gone whole: no file of the first manifest is left behind.
+    assert backend.file_rows() == {new.artifact_id: 1}
+    assert not await storage.artifacts.is_referenced(FILES[0].digest)
+
+
+async def test_repeated_paths_are_invalid_and_store_nothing(storage: Storage, backend: Backend) -> None:
+    job, _ = await storage.jobs.create_if_absent(make_job())
+    files = (entry("a.bin"), entry("b.bin"), entry("b.bin", "other"))
+    artifact = replace(make_artifact(job.key), files=files, file_count=3)
+    done = replace(job, state=JobState.SUCCEEDED, artifact_id=job.key.digest, finished_at=START)
+    with pytest.raises(InvalidArgument, match=r"repeated: b\.bin"):
+        await storage.artifacts.put(artifact, expect_manifest=None, complete=JobWrite(done, job.revision))
+    assert await storage.artifacts.get(artifact.artifact_id) is None
+    assert backend.file_rows() == {}
+    assert await storage.jobs.get(job.job_id) == job
+    assert [e.sequence for e in await storage.jobs.events(job.job_id)] == [1]
+    # The engine is usable afterwards.
+    await storage.artifacts.put(make_artifact(job.key), expect_manifest=None)
+
+
+async def test_put_with_a_job_write_is_one_atomic_step(storage: Storage, backend: Backend) -> None:
+    job, _ = await storage.jobs.create_if_absent(make_job())
+    artifact = make_artifact(job.key)
+    done = replace(job, state=JobState.SUCCEEDED, artifact_id=artifact.artifact_id, finished_at=START + 1)
+
+    # A stale job revision fails the whole write: no artifact, no files, no job change.
+    with pytest.raises(ConditionFailed):
+        await storage.artifacts.put(artifact, expect_manifest=None, complete=JobWrite(done, job.revision + 1))
+    assert await storage.artifacts.get(artifact.artifact_id) is None
+    assert backend.file_rows() == {}
+    assert await storage.jobs.get(job.job_id) == job
+
+    # A failed artifact condition fails it too, the job write included.
+    await storage.artifacts.put(artifact, expect_manifest=None)
+    with pytest.raises(ConditionFailed):
+        await storage.artifacts.put(artifact, expect_manifest=None, complete=JobWrite(done, job.revision))
+    assert await storage.jobs.get(job.job_id) == job
+
+    replaced = make_artifact(job.key, files=(entry("v2.bin"),), at=START + 2)
+    await storage.artifacts.put(
+        replaced, expect_manifest=artifact.manifest_digest, complete=JobWrite(done, job.revision)
+    )
+    stored_job = await storage.jobs.get(job.job_id)
+    assert stored_job == replace(done, revision=2)
+    assert await storage.artifacts.get(artifact.artifact_id) == replaced
+    assert [(e.sequence, e.job) for e in await storage.jobs.events(job.job_id)][-1] == (2, stored_job)
+    assert await storage.jobs.active(job.key.digest) is None
+
+
+async def test_delete_is_conditional_on_manifest_and_pin(storage: Storage, backend: Backend) -> None:
+    artifact = make_artifact()
+    await storage.artifacts.put(artifact, expect_manifest=None)
+    for manifest, pinned in [("0" * 32, False), (artifact.manifest_digest, True)]:
+        with pytest.raises(ConditionFailed):
+            await storage.artifacts.delete(
+                artifact.artifact_id, expect_manifest=manifest, expect_pinned=pinned
+            )
+    assert await storage.artifacts.get(artifact.artifact_id) == artifact
+
+    await storage.artifacts.delete(
+        artifact.artifact_id, expect_manifest=artifact.manifest_digest, expect_pinned=False
+    )
+    assert await storage.artifacts.get(artifact.artifact_id) is None
+    assert backend.file_rows() == {}
+    with pytest.raises(ConditionFailed):  # gone
+        await storage.artifacts.delete(
+            artifact.artifact_id, expect_manifest=artifact.manifest_digest, expect_pinned=False
+        )
+
+
+async def test_set_pinned(storage: Storage) -> None:
+    assert await storage.artifacts.set_pinned("f" * 32, True) is None
+    artifact = make_artifact()
+    await storage.artifacts.put(artifact, expect_manifest=None)
+    pinned = await storage.artifacts.set_pinned(artifact.artifact_id, True)
+    assert pinned == replace(artifact, pinned=True)
+    assert await storage.artifacts.get(artifact.artifact_id) == pinned
+    assert await storage.artifacts.set_pinned(artifact.artifact_id, False) == artifact
+
+
+async def test_record_hits_adds_counts_and_never_moves_access_time_back(storage: Storage) -> None:
+    a, b = make_artifact(make_key(batch_size=1)), make_artifact(make_key(batch_size=2))
+    for artifact in (a, b):
+        await storage.artifacts.put(artifact, expect_manifest=None)
+    await storage.artifacts.record_hits({a.artifact_id: (3, START + 10), b.artifact_id: (1, START + 5)})
+    await storage.artifacts.record_hits({a.artifact_id: (2, START + 1), "0" * 32: (9, START)})
+    await storage.artifacts.record_hits({})
+    stored_a, stored_b = (
+        await storage.artifacts.get(a.artifact_id),
+        await storage.artifacts.get(b.artifact_id),
+    )
+    assert stored_a == replace(a, hit_count=5, last_accessed_at=START + 10)
+    assert stored_b == replace(b, hit_count=1, last_accessed_at=START + 5)
+    assert await storage.artifacts.get("0" * 32) is None
+
+
+async def _publish_five(storage: Storage) -> list[Artifact]:
+    artifacts = []
+    for i in range(5):
+        key = make_key(kind="awq" if i % 2 else "neuron", model=f"m{i % 3}", batch_size=i)
+        artifact = make_artifact(key, at=START + i, pinned=i in (1, 4))
+        await storage.artifacts.put(artifact, expect_manifest=None)
+        artifacts.append(artifact)
+    return artifacts
+
+
+async def test_list_page_filters_newest_first_without_files(storage: Storage) -> None:
+    artifacts = await _publish_five(storage)
+
+    async def ids(query: ArtifactQuery = ALL, limit: int = 100) -> list[str]:
+        page = await storage.artifacts.list_page(query, "", limit)
+        assert all(a.files == () and a.file_count == len(FILES) for a in page.items)
+        return [a.artifact_id for a in page.items]
+
+    newest_first = [a.artifact_id for a in reversed(artifacts)]
+    assert await ids() == newest_first
+    assert await ids(ArtifactQuery(kind="awq")) == [artifacts[3].artifact_id, artifacts[1].artifact_id]
+    assert await ids(ArtifactQuery(model="m1")) == [artifacts[4].artifact_id, artifacts[1].artifact_id]
+    assert await ids(ArtifactQuery(kind="neuron", model="m1")) == [artifacts[4].artifact_id]
+    assert await ids(ArtifactQuery(pinned_only=True)) == [artifacts[4].artifact_id, artifacts[1].artifact_id]
+    assert await ids(ArtifactQuery(model="nobody")) == []
+    page = await storage.artifacts.list_page(ArtifactQuery(), "", 100)
+    assert page.next_token == ""
+    assert page.items == [without_files(a) for a in reversed(artifacts)]
+    for limit in (0, -1):
+        with pytest.raises(InvalidArgument):
+            await storage.artifacts.list_page(ArtifactQuery(), "", limit)
+
+
+async def test_list_pages_are_keyset_and_deterministic(storage: Storage) -> None:
+    # Ties on created_at break on id; seven artifacts, three of them created at once.
+    keys = [make_key(batch_size=i) for i in range(7)]
+    for i, key in enumerate(keys):
+        await storage.artifacts.put(make_artifact(key, at=START + min(i, 3)), expect_manifest=None)
+    expected = [k.digest for k in keys[6:2:-1]]
+    expected = sorted(expected)  # the four created at START + 3
+    expected += [keys[2].digest, keys[1].digest, keys[0].digest]
+
+    async def walk(limit: int) -> tuple[list[str], list[str]]:
+        seen: list[str] = []
+        tokens: list[str] = []
+        token = ""
+        while True:
+            page = await storage.artifacts.list_page(ArtifactQuery(), token, limit)
+            seen += [a.artifact_id for a in page.items]
+            if not page.next_token:
+                return seen, tokens
+            token = page.next_token
+            tokens.append(token)
+
+    for limit in (1, 2, 3, 7, 8):
+        seen, tokens = await walk(limit)
+        assert seen == expected
+        assert (await walk(limit))[1] == tokens  # the same pages, the same tokens
+
+    # A page token names a position, not an offset: an artifact inserted before the
+    # position shifts nothing on the next page.
+    first = await storage.artifacts.list_page(ArtifactQuery(), "", 2)
+    await storage.artifacts.put(make_artifact(make_key(batch_size=99), at=START + 50), expect_manifest=None)
+    second = await storage.artifacts.list_page(ArtifactQuery(), first.next_token, 2)
+    assert [a.artifact_id for a in second.items] == expected[2:4]
+
+
+def _forged(position: list[object], tag: str = "artifacts") -> str:
+    text = json.dumps([tag, *position])
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+async def test_page_tokens_not_issued_for_the_list_are_refused(storage: Storage) -> None:
+    for i in range(3):
+        await storage.artifacts.put(make_artifact(make_key(batch_size=i), at=START + i), expect_manifest=None)
+        await storage.jobs.create_if_absent(make_job(make_key(batch_size=i), at=START + i))
+    artifact_token = (await storage.artifacts.list_page(ArtifactQuery(), "", 1)).next_token
+    job_token = (await storage.jobs.list_page(JobQuery(), "", 1)).next_token
+    assert artifact_token and job_token
+
+    refused = [
+        "not a token",
+        "!!!!",
+        base64.urlsafe_b64encode(b"\xff\xfe").decode(),
+        base64.urlsafe_b64encode(b"{}").decode(),
+        job_token,  # another list's
+        artifact_token + "A" * 600,  # huge
+        "A" * 100_000,
+        _forged([START, "x" * 32, "extra"]),
+        _forged([START, "x" * 32]),  # the old tag, without the query
+        _forged(["1000000", "x" * 32]),
+        _forged([True, "x" * 32]),
+        _forged([2.0**70, "x" * 32]),
+        _forged([START, 5]),
+        encode("artifacts", [float("nan"), "x"]),
+    ]
+    for token in refused:
+        with pytest.raises(InvalidArgument, match="page_token"):
+            await storage.artifacts.list_page(ArtifactQuery(), token, 1)
+    for token in [artifact_token, "A" * 100_000, "garbage"]:
+        with pytest.raises(InvalidArgument, match="page_token"):
+            await storage.jobs.list_page(JobQuery(), token, 1)
+
+
+async def test_a_page_token_of_one_query_is_refused_by_another(storage: Storage) -> None:
+    for i in range(4):
+        key = make_key(kind="awq" if i % 2 else "neuron", batch_size=i)
+        await storage.artifacts.put(make_artifact(key, at=START + i), expect_manifest=None)
+        await storage.jobs.create_if_absent(make_job(key, at=START + i))
+    neuron = ArtifactQuery(kind="neuron")
+    token = (await storage.artifacts.list_page(neuron, "", 1)).next_token
+    assert token
+    for other in [ALL, ArtifactQuery(kind="awq"), ArtifactQuery(kind="neuron", pinned_only=True)]:
+        with pytest.raises(InvalidArgument, match="page_token"):
+            await storage.artifacts.list_page(other, token, 1)
+    assert len((await storage.artifacts.list_page(neuron, token, 1)).items) == 1
+
+    queued = JobQuery(states=(JobState.QUEUED, JobState.LEASED))
+    job_token = (await storage.jobs.list_page(queued, "", 1)).next_token
+    for other_jobs in [
+        JobQuery(),
+        JobQuery(states=(JobState.QUEUED,)),
+        JobQuery(states=queued.states, kind="awq"),
+    ]:
+        with pytest.raises(InvalidArgument, match="page_token"):
+            await storage.jobs.list_page(other_jobs, job_token, 1)
+    # The same filters in another order are the same query.
+    same = JobQuery(states=(JobState.LEASED, JobState.QUEUED, JobState.QUEUED))
+    assert len((await storage.jobs.list_page(same, job_token, 10)).items) == 3
+
+
+async def test_of_model_lists_one_kind_and_model_newest_first(storage: Storage) -> None:
+    artifacts = await _publish_five(storage)
+    found = await storage.artifacts.of_model("neuron", "m1", 10)
+    assert found == [without_files(artifacts[4])]
+    found = await storage.artifacts.of_model("awq", "m1", 10)
+    assert found == [without_files(artifacts[1])]
+    many = [make_artifact(make_key(batch_size=10 + i), at=START + 10 + i) for i in range(3)]
+    for artifact in many:
+        await storage.artifacts.put(artifact, expect_manifest=None)
+    newest = await storage.artifacts.of_model("neuron", "meta-llama/Meta-Llama-3-8B", 2)
+    assert newest == [without_files(a) for a in many[:0:-1]]
+    assert await storage.artifacts.of_model("neuron", "nobody", 10) == []
+
+
+async def test_is_referenced_sees_files_producer_logs_and_job_logs(storage: Storage) -> None:
+    log, job_log = blob("producer-log"), blob("job-log", 77)
+    artifact = make_artifact(producer=replace(PRODUCER, log=log))
+    await storage.artifacts.put(artifact, expect_manifest=None)
+    job, _ = await storage.jobs.create_if_absent(make_job(make_key(batch_size=3)))
+    await storage.jobs.compare_and_set(replace(job, log=job_log), job.revision)
+
+    for digest in (FILES[0].digest, log, job_log):
+        assert await storage.artifacts.is_referenced(digest)
+    assert not await storage.artifacts.is_referenced(blob("nobody"))
+    # Same hash, other size: another blob.
+    assert not await storage.artifacts.is_referenced(replace(FILES[0].digest, size=1))
+    await storage.artifacts.delete(
+        artifact.artifact_id, expect_manifest=artifact.manifest_digest, expect_pinned=False
+    )
+    assert not await storage.artifacts.is_referenced(FILES[0].digest)
+    assert not await storage.artifacts.is_referenced(log)
+    assert await storage.artifacts.is_referenced(job_log)
+
+
+async def test_counts(storage: Storage) -> None:
+    empty = await storage.artifacts.counts()
+    assert (empty.artifacts, empty.pinned_artifacts) == (0, 0)
+    assert empty.jobs_by_state == {s.value: 0 for s in JobState}
+    await _publish_five(storage)
+    await storage.jobs.create_if_absent(make_job(make_key(batch_size=10)))
+    other, _ = await storage.jobs.create_if_absent(make_job(make_key(batch_size=11)))
+    await storage.jobs.compare_and_set(replace(other, state=JobState.CANCELLED, finished_at=START), 1)
+    counts = await storage.artifacts.counts()
+    assert (counts.artifacts, counts.pinned_artifacts) == (5, 2)
+    assert counts.jobs_by_state == {**{s.value: 0 for s in JobState}, "queued": 1, "cancelled": 1}
+
+
+async def test_nearest_orders_by_differing_fields_then_newest(storage: Storage) -> None:
+    wanted = make_key(batch_size=8, sequence_length=8192)
+    at = START
+
+    async def put(**overrides: Any) -> str:
+        nonlocal at
+        at += 1
+        key = make_key(**overrides)
+        await storage.artifacts.put(make_artifact(key, at=at), expect_manifest=None)
+        return key.digest
+
+    one_off_old = await put(batch_size=4)
+    two_off = await put(batch_size=4, sequence_length=4096)
+    three_off = await put(batch_size=4, precision="fp16", options=())
+    one_off_new = await put(toolchain="neuronx-cc 3.x")
+    await put(model="another/model")  # other model: never near
+    await put(kind="awq")  # other kind: never near
+    await put(batch_size=8, sequence_length=8192)  # the key itself is excluded
+
+    near = await nearest(storage.artifacts, wanted)
+    assert [a.artifact_id for a in near] == [one_off_new, one_off_old, two_off, three_off]
+    assert [a.artifact_id for a in await nearest(storage.artifacts, wanted, limit=2)] == [
+        one_off_new,
+        one_off_old,
+    ]
+    assert all(a.files == () for a in near)
+    # instance_type is not compared (compile_target stands for it).
+    assert await nearest(storage.artifacts, make_key(model="nobody")) == []
+
+
+async def test_compatible_candidates_differ_only_in_longer_sequence_and_allowed_target(
+    storage: Storage,
+) -> None:
+    wanted = make_key(sequence_length=4096)
+    longer = make_key(sequence_length=8192)
+    longest = make_key(sequence_length=16384)
+    other_target = make_key(sequence_length=8192, compile_target="trn1")
+    shorter = make_key(sequence_length=2048)
+    other_batch = make_key(sequence_length=8192, batch_size=1)
+    for i, key in enumerate([longest, longer, other_target, shorter, other_batch]):
+        await storage.artifacts.put(make_artifact(key, at=START + i), expect_manifest=None)
+    found = await compatible_candidates(storage.artifacts, wanted, ["inf2"])
+    assert [a.artifact_id for a in found] == [longer.digest, longest.digest]
+    both = await compatible_candidates(storage.artifacts, wanted, ["inf2", "trn1"])
+    assert {a.artifact_id for a in both} == {longer.digest, longest.digest, other_target.digest}
+    assert await compatible_candidates(storage.artifacts, wanted, []) == []
