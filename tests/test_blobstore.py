@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from prebake.core.digests import hash_bytes
+from prebake.core.errors import DataLoss, OutOfRange, UploadDigestMismatch
 from prebake.server.blobs import ContentAddressedStore, LocalObjectStore
 from prebake.server.blobs.local_stamps import StampedVerification
-from prebake.server.errors import DataLoss, DigestMismatch, OutOfRange
 from prebake.server.records import Digest
 from tests.contract.blob_backends import _settle_local
 
@@ -129,7 +129,7 @@ def test_a_damaged_assembled_upload_fails_its_commit(tmp_path: Path) -> None:
     staged.write_bytes(b"Z" * 100)
     writer = store.open_write("bad", digest)
     assert writer.committed_size == 100
-    with pytest.raises(DigestMismatch):
+    with pytest.raises(UploadDigestMismatch):
         writer.commit()
     assert _files(root) == []
 

@@ -13,7 +13,6 @@ import pytest
 from prebake.client import errors as client_errors
 from prebake.core import errors
 from prebake.core.rpc_errors import BY_STATUS, INTERNAL_MESSAGE, from_rpc_error, to_status
-from prebake.server import errors as server_errors
 from prebake.server.app import background_server
 from prebake.server.status import domain_error
 from prebake.server.storage.sqlite import connection as sqlite_connection
@@ -92,11 +91,9 @@ def test_unexpected_exceptions_become_internal_without_their_message() -> None:
     assert message == INTERNAL_MESSAGE and "secret" not in message and "Traceback" not in message
 
 
-def test_client_and_server_names_are_the_core_classes() -> None:
-    assert client_errors.InvalidArgument is server_errors.InvalidArgument is errors.InvalidArgument
+def test_client_names_are_the_core_classes() -> None:
+    assert client_errors.InvalidArgument is errors.InvalidArgument
     assert client_errors.from_rpc_error is from_rpc_error
-    # The server's old name for an upload that does not match its claimed digest.
-    assert server_errors.DigestMismatch is errors.UploadDigestMismatch
 
 
 def test_sqlite_lock_errors_are_unavailable_other_sqlite_errors_internal() -> None:

@@ -18,6 +18,16 @@ from typing import Any
 import pytest
 
 from prebake.core.digests import hash_bytes
+from prebake.core.errors import (
+    Busy,
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    QuotaExceeded,
+    UploadDigestMismatch,
+)
 from prebake.server.blobs import (
     BlobReader,
     BlobStore,
@@ -25,16 +35,6 @@ from prebake.server.blobs import (
     ContentAddressedStore,
     StoreStats,
     UploadStatus,
-)
-from prebake.server.errors import (
-    Busy,
-    DataLoss,
-    DigestMismatch,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    OutOfRange,
-    QuotaExceeded,
 )
 from prebake.server.records import Digest
 from tests.contract.blob_backends import CONTENT_BACKENDS, ObjectBackend
@@ -192,7 +192,7 @@ def test_wrong_hash_stores_nothing(blob_store: ContentAddressedStore) -> None:
     claimed = Digest(hash_bytes(b"something else entirely"), len(data))
     writer = blob_store.open_write("liar", claimed)
     writer.append(data)
-    with pytest.raises(DigestMismatch, match="nothing was stored"):
+    with pytest.raises(UploadDigestMismatch, match="nothing was stored"):
         writer.commit()
     assert not blob_store.contains(claimed)
     assert blob_store.find_missing([claimed]) == [claimed]
@@ -207,7 +207,7 @@ def test_more_bytes_than_declared(blob_store: ContentAddressedStore, pieces: lis
     data = payload(sum(pieces), seed=4)
     digest = digest_of(data[:10])
     writer = blob_store.open_write("too-long", digest)
-    with pytest.raises(DigestMismatch, match="more than its declared size 10"):
+    with pytest.raises(UploadDigestMismatch, match="more than its declared size 10"):
         pos = 0
         for n in pieces:
             writer.append(data[pos : pos + n])
@@ -225,7 +225,7 @@ def test_commit_of_incomplete_upload_keeps_it(blob_store: ContentAddressedStore)
     writer.append(data[:600])
     with pytest.raises(InvalidArgument, match="incomplete: 600 of 1000 bytes") as exc:
         writer.commit()
-    assert not isinstance(exc.value, DigestMismatch)
+    assert not isinstance(exc.value, UploadDigestMismatch)
     assert not blob_store.contains(digest)
     writer.append(data[600:])
     writer.commit()
@@ -579,7 +579,7 @@ def test_wrong_bytes_in_a_multipart_upload_are_discarded(blob_store: ContentAddr
     writer.close()
     writer = blob_store.open_write("liar-big", claimed)
     writer.append(data[writer.committed_size :])
-    with pytest.raises(DigestMismatch):
+    with pytest.raises(UploadDigestMismatch):
         writer.commit()
     assert not blob_store.contains(claimed)
     assert blob_store.upload_status("liar-big", claimed) == (0, False)

@@ -11,7 +11,7 @@ compare-and-set (`ConditionFailed`), re-reads and decides again, a bounded numbe
 times.
 
 Thread safety: one `JobLifecycle` may serve any number of concurrent coroutines of one
-event loop. Errors: domain errors of `prebake.server.errors`; a change that keeps
+event loop. Errors: domain errors of `prebake.core.errors`; a change that keeps
 losing races raises `Busy` (ABORTED, retryable).
 """
 
@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from prebake.core.digests import hash_bytes
-from prebake.server.errors import AlreadyExists, Busy, FailedPrecondition, InvalidArgument, NotFound
+from prebake.core.errors import AlreadyExists, Busy, FailedPrecondition, InvalidArgument, NotFound
 from prebake.server.records import (
     Artifact,
     Digest,

@@ -30,7 +30,7 @@ Contract common to every method:
   it was last found good (see `local_stamps`), an object store with its own checksums is trusted.
   A blob found corrupt is quarantined (reported missing from then on, so it can be uploaded again)
   and `DataLoss` is raised; its bytes are never served.
-* **Errors** are the domain exceptions of `prebake.server.errors` (the gRPC layer maps them to
+* **Errors** are the domain exceptions of `prebake.core.errors` (the gRPC layer maps them to
   status codes); failures of the backing storage propagate as `OSError` and leave the store as
   described above.
 """
@@ -41,7 +41,7 @@ import re
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple, Protocol, runtime_checkable
 
-from prebake.server.errors import InvalidArgument
+from prebake.core.errors import InvalidArgument
 from prebake.server.records import Digest
 
 MAX_UPLOAD_ID_LENGTH = 128
@@ -124,7 +124,7 @@ class BlobWriter(Protocol):
     def append(self, data: bytes) -> None:
         """Add the next bytes of the content (buffered up to a part, then stored as one).
 
-        Raises `DigestMismatch` if the upload would exceed `digest.size` (the partial
+        Raises `UploadDigestMismatch` if the upload would exceed `digest.size` (the partial
         upload is discarded and the writer ends), `FailedPrecondition` on a complete or
         ended writer, `QuotaExceeded` if the backing storage is full (nothing of `data`
         is kept, the writer stays usable). On failure `committed_size` does not grow.
@@ -137,7 +137,7 @@ class BlobWriter(Protocol):
         Hashes what this writer has not hashed while receiving it (after a resume in another
         process, the stored parts are read back once). Raises `InvalidArgument` if fewer than
         `digest.size` bytes were appended (the partial upload is kept, the writer stays open);
-        `DigestMismatch` if the bytes hash to something else (the partial upload is deleted,
+        `UploadDigestMismatch` if the bytes hash to something else (the partial upload is deleted,
         nothing is stored, the writer ends); `QuotaExceeded` if publishing would exceed the
         store's quota (the upload is kept for a later retry). Succeeds if another upload
         published the same blob first. A no-op on a complete writer.

@@ -35,6 +35,16 @@ from dataclasses import dataclass
 import xxhash
 
 from prebake.core.digests import hash_bytes, new_hasher
+from prebake.core.errors import (
+    Busy,
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    QuotaExceeded,
+    UploadDigestMismatch,
+)
 from prebake.server.blobs.blob_store import StoreStats, UploadStatus, validate_upload_id
 from prebake.server.blobs.objects import (
     InvalidPart,
@@ -48,16 +58,6 @@ from prebake.server.blobs.objects import (
     PreconditionFailed,
     StorageFull,
     UploadHandle,
-)
-from prebake.server.errors import (
-    Busy,
-    DataLoss,
-    DigestMismatch,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    OutOfRange,
-    QuotaExceeded,
 )
 from prebake.server.records import Digest
 
@@ -608,7 +608,7 @@ class BlobUpload:
         end = before + len(data)
         if end > self._digest.size:
             self.abort()
-            raise DigestMismatch(
+            raise UploadDigestMismatch(
                 f"upload of {self._digest} sent {end} bytes, more than its declared size "
                 f"{self._digest.size}; the partial upload was discarded"
             )
@@ -673,8 +673,8 @@ class BlobUpload:
         store.objects.delete(staged.key)  # left if the blob was published by another upload first
         return self._finish()
 
-    def _mismatch(self, actual: str) -> DigestMismatch:
-        return DigestMismatch(
+    def _mismatch(self, actual: str) -> UploadDigestMismatch:
+        return UploadDigestMismatch(
             f"uploaded bytes hash to {actual} but the digest says {self._digest.hash}; nothing was stored"
         )
 

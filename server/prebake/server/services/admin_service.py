@@ -6,8 +6,8 @@ from typing import Any
 
 import grpc
 
+from prebake.core.errors import InvalidArgument
 from prebake.server import convert
-from prebake.server.errors import InvalidArgument
 from prebake.server.records import JobState
 from prebake.server.services import pagination
 from prebake.server.services.registry_service import check_artifact_id

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from prebake.core.errors import FailedPrecondition
 from prebake.server import convert
-from prebake.server.errors import FailedPrecondition
 from prebake.server.records import Digest, FileEntry, Producer
 from prebake.server.state import ServerState
 from prebake.v1 import registry_pb2

@@ -9,9 +9,9 @@ from typing import Any
 
 import grpc
 
+from prebake.core.errors import InvalidArgument
 from prebake.server import convert
 from prebake.server.blobs import BlobWriter
-from prebake.server.errors import InvalidArgument
 from prebake.server.state import ServerState
 from prebake.server.status import streaming, unary
 from prebake.v1 import blobs_pb2, blobs_pb2_grpc

@@ -6,7 +6,7 @@ from typing import Any
 
 import grpc
 
-from prebake.server.errors import InvalidArgument
+from prebake.core.errors import InvalidArgument
 from prebake.server.state import ServerState
 from prebake.server.status import unary
 from prebake.v1 import catalog_pb2, catalog_pb2_grpc

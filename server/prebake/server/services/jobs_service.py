@@ -10,8 +10,8 @@ from typing import Any
 
 import grpc
 
+from prebake.core.errors import InvalidArgument, NotFound
 from prebake.server import convert
-from prebake.server.errors import InvalidArgument, NotFound
 from prebake.server.records import Job
 from prebake.server.services import pagination
 from prebake.server.state import ServerState

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prebake.server.errors import InvalidArgument
+from prebake.core.errors import InvalidArgument
 
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000

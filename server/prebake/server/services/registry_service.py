@@ -7,8 +7,8 @@ from typing import Any
 
 import grpc
 
+from prebake.core.errors import InvalidArgument, NotFound
 from prebake.server import compat, convert, nearest
-from prebake.server.errors import InvalidArgument, NotFound
 from prebake.server.key_normalization import DEFAULT_TOOLCHAINS, diff_keys, normalize_key
 from prebake.server.records import ErrorClass, Job, JobState, NormalizedKey
 from prebake.server.services.blob_checks import require_present, verified_manifest

@@ -8,8 +8,8 @@ from typing import Any
 import grpc
 
 from prebake.core import names
+from prebake.core.errors import InvalidArgument, NotFound
 from prebake.server import convert
-from prebake.server.errors import InvalidArgument, NotFound
 from prebake.server.records import ErrorClass, Job, JobState, WorkerCapability
 from prebake.server.services.blob_checks import require_present, verified_manifest
 from prebake.server.services.jobs_service import check_job_id

@@ -18,7 +18,7 @@ Contract shared by every method of every backend:
 * **Atomic.** A method that raises has changed nothing. A conditional write whose
   condition does not hold raises `ConditionFailed` and changes nothing; the caller
   re-reads and decides again.
-* **Errors.** Domain errors from `prebake.server.errors`; an engine that is busy or
+* **Errors.** Domain errors from `prebake.core.errors`; an engine that is busy or
   unreachable raises `Unavailable` (retryable), never an engine-specific exception.
 * **Consistency.** A write is visible to every later read of any process or replica on
   the same engine (read-your-writes across replicas; DynamoDB reads are strongly

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prebake.server.errors import Busy
+from prebake.core.errors import Busy
 
 
 class ConditionFailed(Busy):

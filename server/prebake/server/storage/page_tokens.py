@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from prebake.core.digests import hash_bytes
-from prebake.server.errors import InvalidArgument
+from prebake.core.errors import InvalidArgument
 
 T = TypeVar("T")
 MAX_TOKEN_CHARS = 512

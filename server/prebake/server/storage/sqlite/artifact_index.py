@@ -7,7 +7,7 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-from prebake.server.errors import InvalidArgument
+from prebake.core.errors import InvalidArgument
 from prebake.server.records import Artifact, Digest, FileEntry, JobState, RegistryCounts
 from prebake.server.storage import page_tokens
 from prebake.server.storage.artifact_index import ArtifactQuery, JobWrite

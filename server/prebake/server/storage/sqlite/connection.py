@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from sqlite_utils import Database as SqliteUtilsDatabase
 
-from prebake.server.errors import FailedPrecondition, Unavailable
+from prebake.core.errors import FailedPrecondition, Unavailable
 from prebake.server.storage.sqlite.schema import migrate
 
 T = TypeVar("T")

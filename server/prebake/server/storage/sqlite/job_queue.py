@@ -7,7 +7,7 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
-from prebake.server.errors import InvalidArgument
+from prebake.core.errors import InvalidArgument
 from prebake.server.records import Job, JobEvent, JobState, WorkerCapability
 from prebake.server.storage import page_tokens
 from prebake.server.storage.conditions import ConditionFailed

@@ -18,7 +18,7 @@ from typing import Any
 
 from sqlite_utils import Database
 
-from prebake.server.errors import FailedPrecondition
+from prebake.core.errors import FailedPrecondition
 
 MigrationStep = str | Callable[[Database], None]
 Migration = tuple[int, str, MigrationStep]
