@@ -74,6 +74,24 @@ def _path(entry: FileEntry) -> str:
     return entry.path
 
 
+def _new_artifact(
+    key: NormalizedKey, ordered: tuple[FileEntry, ...], producer: Producer, now: float, *, pinned: bool
+) -> Artifact:
+    """The artifact for `key` made of `ordered` (sorted by path), created now."""
+    return Artifact(
+        artifact_id=key.digest,
+        key=key,
+        files=ordered,
+        file_count=len(ordered),
+        total_size=sum(f.digest.size for f in ordered),
+        producer=producer,
+        created_at=now,
+        last_accessed_at=now,
+        pinned=pinned,
+        manifest_digest=manifest_digest(ordered),
+    )
+
+
 def _not_leased(job: Job, fencing_token: int) -> FailedPrecondition:
     # The current token is not named: a caller that lost its lease must not learn the
     # token that would let it act for the new holder.
@@ -175,17 +193,8 @@ class JobLifecycle:
                     f"(manifest {existing.manifest_digest}); pass replace to overwrite"
                 )
             now = self._clock()
-            artifact = Artifact(
-                artifact_id=key.digest,
-                key=key,
-                files=ordered,
-                file_count=len(ordered),
-                total_size=sum(f.digest.size for f in ordered),
-                producer=producer,
-                created_at=now,
-                last_accessed_at=now,
-                pinned=existing is not None and existing.pinned,
-                manifest_digest=manifest,
+            artifact = _new_artifact(
+                key, ordered, producer, now, pinned=existing is not None and existing.pinned
             )
             active = await self.jobs.active(key.digest)
             write = None if active is None else JobWrite(_succeeded(active, key.digest, now), active.revision)
@@ -453,18 +462,7 @@ class JobLifecycle:
                         _succeeded(job, existing.artifact_id, now, producer.log), job.revision
                     )
                     return existing, [done]
-                artifact = Artifact(
-                    artifact_id=job.key.digest,
-                    key=job.key,
-                    files=ordered,
-                    file_count=len(ordered),
-                    total_size=sum(f.digest.size for f in ordered),
-                    producer=producer,
-                    created_at=now,
-                    last_accessed_at=now,
-                    pinned=False,
-                    manifest_digest=manifest_digest(ordered),
-                )
+                artifact = _new_artifact(job.key, ordered, producer, now, pinned=False)
                 done = _succeeded(job, artifact.artifact_id, now, producer.log)
                 await self.artifacts.put(
                     artifact, expect_manifest=None, complete=JobWrite(done, job.revision)
