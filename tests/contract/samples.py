@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from prebake.core.digests import hash_bytes
-from prebake.server.job_lifecycle import manifest_digest, new_job_id
+from prebake.server.job_lifecycle import new_artifact, new_job_id
 from prebake.server.records import (
     Artifact,
     Digest,
@@ -90,20 +90,7 @@ def make_artifact(
     pinned: bool = False,
 ) -> Artifact:
     """An artifact as the lifecycle would build it (files sorted by path)."""
-    key = key or make_key()
-    ordered = tuple(sorted(files, key=by_path))
-    return Artifact(
-        artifact_id=key.digest,
-        key=key,
-        files=ordered,
-        file_count=len(ordered),
-        total_size=sum(f.digest.size for f in ordered),
-        producer=producer,
-        created_at=at,
-        last_accessed_at=at,
-        pinned=pinned,
-        manifest_digest=manifest_digest(ordered),
-    )
+    return new_artifact(key or make_key(), tuple(sorted(files, key=by_path)), producer, at, pinned=pinned)
 
 
 def make_job(key: NormalizedKey | None = None, at: float = START, **overrides: Any) -> Job:

@@ -74,10 +74,10 @@ def _path(entry: FileEntry) -> str:
     return entry.path
 
 
-def _new_artifact(
+def new_artifact(
     key: NormalizedKey, ordered: tuple[FileEntry, ...], producer: Producer, now: float, *, pinned: bool
 ) -> Artifact:
-    """The artifact for `key` made of `ordered` (sorted by path), created now."""
+    """The artifact for `key` made of `ordered` (sorted by path), created at `now`."""
     return Artifact(
         artifact_id=key.digest,
         key=key,
@@ -193,7 +193,7 @@ class JobLifecycle:
                     f"(manifest {existing.manifest_digest}); pass replace to overwrite"
                 )
             now = self._clock()
-            artifact = _new_artifact(
+            artifact = new_artifact(
                 key, ordered, producer, now, pinned=existing is not None and existing.pinned
             )
             active = await self.jobs.active(key.digest)
@@ -206,14 +206,11 @@ class JobLifecycle:
                 )
             except ConditionFailed:
                 continue
-            completed = [] if write is None else [await self._stored(write.job)]
+            completed = [] if write is None else [write.stored()]
             # A job created between our read and the write must not stay in flight.
             completed += await self._complete_active(key.digest, key.digest)
             return artifact, True, completed
         raise Busy(f"artifact {key.digest} is being published concurrently; retry")
-
-    async def _stored(self, job: Job) -> Job:
-        return await self.jobs.get(job.job_id) or job
 
     async def _complete_active(self, key_digest: str, artifact_id: str) -> list[Job]:
         """Succeed the key's active job, if any, with `artifact_id`."""
@@ -462,14 +459,12 @@ class JobLifecycle:
                         _succeeded(job, existing.artifact_id, now, producer.log), job.revision
                     )
                     return existing, [done]
-                artifact = _new_artifact(job.key, ordered, producer, now, pinned=False)
-                done = _succeeded(job, artifact.artifact_id, now, producer.log)
-                await self.artifacts.put(
-                    artifact, expect_manifest=None, complete=JobWrite(done, job.revision)
-                )
+                artifact = new_artifact(job.key, ordered, producer, now, pinned=False)
+                write = JobWrite(_succeeded(job, artifact.artifact_id, now, producer.log), job.revision)
+                await self.artifacts.put(artifact, expect_manifest=None, complete=write)
             except ConditionFailed:
                 continue
-            return artifact, [await self._stored(done)]
+            return artifact, [write.stored()]
         raise Busy(f"job {job_id} is being changed concurrently; retry")
 
     async def fail_leased(

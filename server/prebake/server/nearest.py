@@ -51,11 +51,7 @@ async def nearest(index: ArtifactIndex, key: NormalizedKey, limit: int = 5) -> l
     """
     found = await index.of_model(key.kind, key.model, SCAN_LIMIT)
     others = [a for a in found if a.artifact_id != key.digest]
-    # `found` is newest first; a stable sort on (distance) keeps that order in ties,
-    # and sorting by id first makes ties of equal age deterministic too.
-    others.sort(key=lambda a: a.artifact_id)
-    others.sort(key=lambda a: -a.created_at)
-    others.sort(key=lambda a: distance(a.key, key))
+    others.sort(key=lambda a: (distance(a.key, key), -a.created_at, a.artifact_id))
     return others[:limit]
 
 

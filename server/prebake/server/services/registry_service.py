@@ -102,19 +102,20 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         with_files = await index.get(match.artifact.artifact_id)
         return None if with_files is None else compat.Match(with_files, match.policy, match.reason)
 
-    async def _unserved(self, key: NormalizedKey, job: Job) -> str:
-        """Why no live worker can take `job` ("" if one can, or during start-up grace).
+    async def _unserved(self, key: NormalizedKey, job: Job) -> tuple[str, Job]:
+        """Why no live worker can take `job` ("" if one can, or during start-up grace),
+        and the job as it is now.
 
         The reason also becomes the job's message, so watchers and `prebake jobs` see it.
         """
         s = self.s
         if s.in_worker_grace:
-            return ""
+            return "", job
         reason = WorkerLiveness.unserved_reason(await s.liveness.live(), key)
         if reason and job.state == JobState.QUEUED and job.message != reason:
-            await s.lifecycle.set_message(job.job_id, reason)
+            job = await s.lifecycle.set_message(job.job_id, reason)
             s.hub.notify([job.job_id])
-        return reason
+        return reason, job
 
     @unary
     async def Lookup(self, request: registry_pb2.LookupRequest, context: Ctx) -> registry_pb2.LookupResponse:
@@ -143,8 +144,8 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         active = await jobs.active(key.digest)
         if active is not None:
             response.status = registry_pb2.LOOKUP_STATUS_COMPILING
-            response.unserved_reason = await self._unserved(key, active)
-            response.job.CopyFrom(convert.job(await jobs.get(active.job_id) or active))
+            response.unserved_reason, active = await self._unserved(key, active)
+            response.job.CopyFrom(convert.job(active))
             return response
         last = await jobs.last_finished(key.digest)
         if (
@@ -168,8 +169,8 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
             s.hub.notify([job.job_id])
             s.work.fire()
         response.status = registry_pb2.LOOKUP_STATUS_MISS if created else registry_pb2.LOOKUP_STATUS_COMPILING
-        response.unserved_reason = await self._unserved(key, job)
-        response.job.CopyFrom(convert.job(await jobs.get(job.job_id) or job))
+        response.unserved_reason, job = await self._unserved(key, job)
+        response.job.CopyFrom(convert.job(job))
         response.job_created = created
         return response
 

@@ -8,7 +8,7 @@ artifacts are "nearest" are decided above this interface (`prebake.server.job_li
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from prebake.server.records import Artifact, Digest, Job, RegistryCounts
@@ -25,6 +25,10 @@ class JobWrite:
 
     job: Job
     expect_revision: int
+
+    def stored(self) -> Job:
+        """`job` as the write stores it (its revision bumped), once the write succeeded."""
+        return replace(self.job, revision=self.expect_revision + 1)
 
 
 @dataclass(frozen=True)
