@@ -10,6 +10,7 @@ import pytest
 
 from prebake.client import ArtifactKey, Client
 from prebake.server.app import BackgroundServer, background_server
+from tests.aws_emulator import Emulator, running_emulator
 
 LLAMA3_8B_INF2 = ArtifactKey(
     kind="neuron",
@@ -59,3 +60,37 @@ def data_files(data_dir: Path) -> list[str]:
     """Files under a server's blob directory (blobs + partial uploads), for no-side-effect checks."""
     cas = data_dir / "cas"
     return sorted(os.path.relpath(p, cas) for p in cas.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="session")
+def moto_threaded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
+    """moto's threaded server: bulk transfers, many clients. Not for race tests (see aws_emulator)."""
+    with running_emulator(serial=False, log_dir=tmp_path_factory.mktemp("moto")) as emulator:
+        yield emulator
+
+
+@pytest.fixture(scope="session")
+def moto_serial(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
+    """moto serving one request at a time, so its conditional writes are atomic: race tests."""
+    with running_emulator(serial=True, log_dir=tmp_path_factory.mktemp("moto")) as emulator:
+        yield emulator
+
+
+@pytest.fixture
+def aws_serial(moto_serial: Emulator, monkeypatch: pytest.MonkeyPatch) -> Emulator:
+    """boto3 in this test (and the processes it starts) pointed at the serial emulator."""
+    for name, value in moto_serial.env.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    return moto_serial
+
+
+@pytest.fixture
+def aws_threaded(moto_threaded: Emulator, monkeypatch: pytest.MonkeyPatch) -> Emulator:
+    """boto3 in this test (and the processes it starts) pointed at the threaded emulator."""
+    for name, value in moto_threaded.env.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    return moto_threaded
