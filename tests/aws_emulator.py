@@ -123,8 +123,11 @@ def main() -> None:
     parser.add_argument("--serial", action="store_true", help="serve one request at a time (race tests)")
     parser.add_argument("--port", type=int, default=0, help="0: any free port (printed)")
     args = parser.parse_args()
-    from moto.moto_server.threaded_moto_server import MotoRequestHandler
-    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+    from moto.moto_server.werkzeug_app import (
+        DomainDispatcherApplication,
+        MotoRequestHandler,
+        create_backend_app,
+    )
     from werkzeug.serving import make_server
 
     app = DomainDispatcherApplication(create_backend_app)
