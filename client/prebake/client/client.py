@@ -80,6 +80,8 @@ KeyLike = ArtifactKey | key_pb2.ArtifactKey
 DigestLike = blobs_pb2.Digest | tuple[str, int]
 # The contract's limit on digests per FindMissingBlobs request.
 _FIND_MISSING_BATCH = 10_000
+# A presigned URL that expires within this many seconds is not worth trying.
+URL_MARGIN_SECONDS = 5.0
 # Compatibility policies by the names the client and CLI use.
 POLICIES = {
     "longer_sequence": registry_pb2.COMPATIBILITY_POLICY_LONGER_SEQUENCE,
@@ -162,6 +164,10 @@ class Client:
     channel (thread-safe) and no other mutable state. Close it (or use it as a context
     manager) when done; calls on a closed client fail.
 
+    `direct_download` asks for presigned URLs with manifests, where the server's store
+    makes them (S3): files are then read straight from the store, verified as ever, and
+    whatever the URL cannot deliver is read through the server.
+
     `timeout` is the deadline of each unary call, in seconds. `retries` bounds the
     retries after an UNAVAILABLE answer. Streams carry no deadline; a stream that
     delivers nothing for `idle_timeout` seconds is cancelled and resumed from where it
@@ -176,8 +182,12 @@ class Client:
         *,
         idle_timeout: float = 30.0,
         watch_idle_timeout: float = 60.0,
+        direct_download: bool = True,
     ) -> None:
         self.target = target
+        # Ask for presigned URLs in manifests, so big files come straight from S3 (verified
+        # as ever, with the server as the fallback). Off: every byte through the server.
+        self.direct_download = direct_download
         self.timeout = timeout
         self.policy = RetryPolicy(retries=retries)
         self.idle_timeout = idle_timeout
@@ -244,12 +254,15 @@ class Client:
             force=force,
             model_source=model_source,
             allow=[POLICIES[name] for name in allow],
+            direct_download=self.direct_download,
         )
         return self._call(lambda t: self._conn.stubs.registry.Lookup(request, timeout=t), timeout)
 
     def get_artifact(self, artifact_id: str) -> registry_pb2.Artifact:
         """One artifact's manifest, with its files. Raises NotFound for an unknown id."""
-        request = registry_pb2.GetArtifactRequest(artifact_id=artifact_id)
+        request = registry_pb2.GetArtifactRequest(
+            artifact_id=artifact_id, direct_download=self.direct_download
+        )
         return self._call(lambda t: self._conn.stubs.registry.GetArtifact(request, timeout=t))
 
     def publish_artifact(
@@ -354,13 +367,15 @@ class Client:
         return upload_blob(self._conn, source, as_digest(digest), self._transfer, progress)
 
     def download_blob(
-        self, digest: DigestLike, path: Path | str, progress: Progress | None = None
+        self, digest: DigestLike, path: Path | str, progress: Progress | None = None, url: str = ""
     ) -> DownloadResult:
         """Download a blob into `path`, verified, resuming from what `path` already holds.
 
-        Raises DownloadDigestMismatch (after deleting `path`) if the bytes do not verify.
+        `url`, a presigned GET from a manifest (`ArtifactFile.download_url`), is read first;
+        what it cannot deliver comes through the server. Raises DownloadDigestMismatch
+        (after deleting `path`) if the bytes do not verify.
         """
-        return download_blob(self._conn, as_digest(digest), Path(path), self._transfer, progress)
+        return download_blob(self._conn, as_digest(digest), Path(path), self._transfer, progress, url=url)
 
     # Jobs ----------------------------------------------------------------------------
 
@@ -635,8 +650,18 @@ class Client:
         elif not artifact.files and artifact.file_count:
             artifact = self.get_artifact(artifact.artifact_id)  # a listing entry: no files
         return fetch_artifact(
-            artifact, Path(dest), self.download_blob, progress, overwrite, host_cache=host_cache
+            artifact, Path(dest), self._download_file, progress, overwrite, host_cache=host_cache
         )
+
+    def _download_file(
+        self, entry: registry_pb2.ArtifactFile, path: Path, progress: Progress | None
+    ) -> DownloadResult:
+        """One file of a manifest: from its presigned URL while that is valid, else the server."""
+        url = entry.download_url
+        # A URL about to expire would only cost a refused request before the fallback.
+        if url and entry.download_url_expires_at.ToNanoseconds() < (time.time() + URL_MARGIN_SECONDS) * 1e9:
+            url = ""
+        return self.download_blob(entry.digest, path, progress, url=url)
 
     def publish(
         self,

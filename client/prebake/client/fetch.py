@@ -32,7 +32,7 @@ from prebake.client.durable import fsync_dir
 from prebake.client.errors import DestinationExists, UnsafeManifest
 from prebake.client.transfer import DownloadResult, Progress
 from prebake.core.manifest_paths import UnsafePath, safe_join, validate_manifest_paths
-from prebake.v1 import blobs_pb2, registry_pb2
+from prebake.v1 import registry_pb2
 
 if TYPE_CHECKING:  # only its methods are called here; avoids a load-time import
     from prebake.client.hostcache import HostCache
@@ -45,7 +45,8 @@ except ImportError:  # pragma: no cover - Windows: fetches of one dest are not s
 MARKER = ".prebake.json"
 MARKER_FORMAT = 1
 
-Downloader = Callable[[blobs_pb2.Digest, Path, Progress | None], DownloadResult]
+# Downloads one file of a manifest (its digest, and its presigned `download_url` if any).
+Downloader = Callable[[registry_pb2.ArtifactFile, Path, Progress | None], DownloadResult]
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ class FetchResult:
     seconds: float
     # Bytes placed from a host-local cache (`HostCache`) instead of being downloaded.
     bytes_from_cache: int = 0
+    # Of `bytes_downloaded`, the bytes read straight from the object store (presigned URLs).
+    bytes_direct: int = 0
 
 
 def temp_dir_for(dest: Path, artifact_id: str) -> Path:
@@ -160,7 +163,9 @@ def fetch_artifact(
     check_manifest(artifact)
     marker = marker_for(artifact)
 
-    def result(downloaded: int, resumed: int, present: bool, from_cache: int = 0) -> FetchResult:
+    def result(
+        downloaded: int, resumed: int, present: bool, from_cache: int = 0, direct: int = 0
+    ) -> FetchResult:
         return FetchResult(
             artifact_id=artifact.artifact_id,
             dest=dest,
@@ -171,6 +176,7 @@ def fetch_artifact(
             already_present=present,
             seconds=time.monotonic() - started,
             bytes_from_cache=from_cache,
+            bytes_direct=direct,
         )
 
     if holds_artifact(dest, marker):
@@ -183,13 +189,13 @@ def fetch_artifact(
             # Another fetch placed it while we waited for the lock.
             shutil.rmtree(tmp, ignore_errors=True)
             return result(0, 0, present=True)
-        downloaded, resumed, from_cache = _download_all(artifact, tmp, download, progress, host_cache)
+        downloaded, resumed, from_cache, direct = _download_all(artifact, tmp, download, progress, host_cache)
         _prune(tmp, {f.path for f in artifact.files})
         marker_path = tmp / MARKER
         marker_path.write_text(json.dumps(marker, indent=1, sort_keys=True) + "\n")
         _fsync_tree(tmp, [f.path for f in artifact.files] + [MARKER])
         present = _place(tmp, dest, marker, overwrite, artifact.artifact_id)
-    return result(downloaded, resumed, present=present, from_cache=from_cache)
+    return result(downloaded, resumed, present=present, from_cache=from_cache, direct=direct)
 
 
 def _refuse_unless_free(dest: Path, artifact_id: str, overwrite: bool) -> None:
@@ -215,11 +221,12 @@ def _download_all(
     download: Downloader,
     progress: Progress | None,
     host_cache: HostCache | None = None,
-) -> tuple[int, int, int]:
-    """Download (or place from `host_cache`) every file; returns (downloaded, resumed, from cache)."""
+) -> tuple[int, int, int, int]:
+    """Download (or place from `host_cache`) every file; returns (downloaded, resumed, from cache,
+    direct)."""
     total = sum(f.digest.size_bytes for f in artifact.files)
     done = 0
-    downloaded = resumed = from_cache = 0
+    downloaded = resumed = from_cache = direct = 0
     # Identical files within one artifact are fetched once and copied locally.
     placed: dict[tuple[str, int], Path] = {}
     targets = []
@@ -247,15 +254,16 @@ def _download_all(
                 if progress is not None:
                     progress(base + file_done, total)
 
-            outcome = download(entry.digest, target, report)
+            outcome = download(entry, target, report)
             downloaded += outcome.bytes_downloaded
             resumed += outcome.bytes_resumed
+            direct += outcome.bytes_direct
         placed.setdefault(identity, target)
         _set_executable(target, entry.executable)
         done += entry.digest.size_bytes
     if progress is not None:
         progress(total, total)
-    return downloaded, resumed, from_cache
+    return downloaded, resumed, from_cache, direct
 
 
 def _unshare(target: Path) -> None:

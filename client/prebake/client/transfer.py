@@ -14,10 +14,12 @@ later attempt resumes. Upload progress is reported from a gRPC worker thread.
 from __future__ import annotations
 
 import functools
+import http.client
 import io
 import os
 import socket
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -82,6 +84,8 @@ class DownloadResult:
     bytes_downloaded: int
     # Bytes already in the partial file from an earlier, interrupted attempt.
     bytes_resumed: int
+    # Of `bytes_downloaded`, the bytes read from a presigned URL rather than the server.
+    bytes_direct: int = 0
 
 
 def upload_id_for(digest: blobs_pb2.Digest) -> str:
@@ -243,12 +247,17 @@ def download_blob(
     path: Path,
     settings: TransferSettings,
     progress: Progress | None = None,
+    *,
+    url: str = "",
 ) -> DownloadResult:
     """Download blob `digest` into `path`, resuming from whatever `path` already holds.
 
-    Verifies size and xxh3-128 while streaming; the file is fsynced before returning. On
-    a mismatch the file is deleted; if the mismatch may come from stale resumed bytes
-    the blob is fetched once more from zero, otherwise `DownloadDigestMismatch` is raised.
+    With `url` (a presigned GET from the server's object store) the bytes come from there
+    first; whatever it cannot deliver (unreachable, expired, cut off) is read through the
+    server from the byte reached. Either way size and xxh3-128 are verified while
+    streaming; the file is fsynced before returning. On a mismatch the file is deleted;
+    if the mismatch may come from stale resumed bytes the blob is fetched once more from
+    zero (through the server), otherwise `DownloadDigestMismatch` is raised.
     """
     downloaded = 0
     for from_scratch in (False, True):
@@ -257,14 +266,28 @@ def download_blob(
             path.unlink(missing_ok=True)
             existing = 0
         hasher = digests.seed_hasher(path, existing) if existing else digests.new_hasher()
+        direct = 0
         try:
             with open(path, "ab") as out:
+                start = existing
+                # A second round (bad bytes somewhere) reads everything through the server.
+                if url and not from_scratch:
+                    start = _fetch_direct(
+                        url=url,
+                        digest=digest,
+                        out=out,
+                        hasher=hasher,
+                        offset=existing,
+                        settings=settings,
+                        progress=progress,
+                    )
+                    direct = start - existing
                 end = _stream_into(
                     conn=conn,
                     digest=digest,
                     out=out,
                     hasher=hasher,
-                    offset=existing,
+                    offset=start,
                     settings=settings,
                     progress=progress,
                 )
@@ -275,14 +298,64 @@ def download_blob(
             path.unlink(missing_ok=True)
             raise
         if hasher.hexdigest() == digest.hash:
-            return DownloadResult(bytes_downloaded=downloaded, bytes_resumed=existing)
+            return DownloadResult(bytes_downloaded=downloaded, bytes_resumed=existing, bytes_direct=direct)
         path.unlink(missing_ok=True)
-        if existing == 0:
+        if existing == 0 and direct == 0:
             break
     raise DownloadDigestMismatch(
         f"blob {digest.hash} ({digest.size_bytes} bytes) failed xxh3 verification after download; "
         "the file was deleted"
     )
+
+
+def _fetch_direct(
+    *,
+    url: str,
+    digest: blobs_pb2.Digest,
+    out: BinaryIO,
+    hasher: xxhash.xxh3_128,
+    offset: int,
+    settings: TransferSettings,
+    progress: Progress | None,
+) -> int:
+    """Append what the presigned `url` delivers from `offset`; returns the size reached.
+
+    Never raises for the URL's sake: any failure (connection refused, an expired or
+    refused signature, a response that ignores the range, a body longer than the blob, a
+    stall longer than the idle timeout) ends the direct part, and the caller reads the
+    rest through the server. Bytes that arrive but do not verify are caught by the
+    caller's hash, which then reads the whole blob through the server.
+    """
+    size = digest.size_bytes
+    if offset >= size:
+        return offset
+    request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-{size - 1}"})
+    try:
+        with urllib.request.urlopen(request, timeout=settings.idle_seconds) as response:
+            ranged = response.status == 206 and str(response.headers.get("Content-Range", "")).startswith(
+                f"bytes {offset}-"
+            )
+            if not (ranged or (response.status == 200 and offset == 0)):
+                return offset
+            buffer = bytearray(CHUNK)
+            view = memoryview(buffer)
+            while offset < size:
+                n = response.readinto(view)
+                if not n:
+                    break
+                if offset + n > size:
+                    raise DownloadDigestMismatch(
+                        f"the object store sent more than {size} bytes for {digest.hash}"
+                    )
+                out.write(view[:n])
+                hasher.update(view[:n])
+                offset += n
+                if progress is not None:
+                    progress(offset, size)
+    except (OSError, http.client.HTTPException, ValueError):
+        # URLError/HTTPError are OSErrors; the URL itself is never repeated: it is a credential.
+        pass
+    return offset
 
 
 def _stream_into(

@@ -139,6 +139,8 @@ class ArtifactFile(_message.Message):
     PATH_FIELD_NUMBER: _builtins.int
     DIGEST_FIELD_NUMBER: _builtins.int
     EXECUTABLE_FIELD_NUMBER: _builtins.int
+    DOWNLOAD_URL_FIELD_NUMBER: _builtins.int
+    DOWNLOAD_URL_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     path: _builtins.str
     """Path relative to the artifact's root, with `/` separators: no leading `/`, no `.`
     or `..` components, no empty components, no backslashes or NUL; each component
@@ -146,9 +148,21 @@ class ArtifactFile(_message.Message):
     """
     executable: _builtins.bool
     """Whether the file is to be placed with its executable bits set."""
+    download_url: _builtins.str
+    """A presigned HTTPS GET of the file's blob straight from the object store (S3), so
+    that big files bypass the server. Set only in answers to requests that asked for
+    `direct_download`, and only by servers whose blob store can presign; empty
+    otherwise. Valid until `download_url_expires_at`; a `Range` header resumes. The
+    bytes are verified against `digest` exactly as for `Blobs.Read`; when the URL
+    fails (unreachable, expired, refused), read the blob through `Blobs.Read`.
+    """
     @_builtins.property
     def digest(self) -> _blobs_pb2.Digest:
         """The file's content."""
+
+    @_builtins.property
+    def download_url_expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When `download_url` stops working."""
 
     def __init__(
         self,
@@ -156,10 +170,12 @@ class ArtifactFile(_message.Message):
         path: _builtins.str = ...,
         digest: _blobs_pb2.Digest | None = ...,
         executable: _builtins.bool = ...,
+        download_url: _builtins.str = ...,
+        download_url_expires_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "download_url_expires_at", b"download_url_expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "executable", b"executable", "path", b"path"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "download_url", b"download_url", "download_url_expires_at", b"download_url_expires_at", "executable", b"executable", "path", b"path"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -376,6 +392,7 @@ class LookupRequest(_message.Message):
     FORCE_FIELD_NUMBER: _builtins.int
     MODEL_SOURCE_FIELD_NUMBER: _builtins.int
     ALLOW_FIELD_NUMBER: _builtins.int
+    DIRECT_DOWNLOAD_FIELD_NUMBER: _builtins.int
     on_miss: Global___OnMiss.ValueType
     """What to do on a miss. Unset means enqueue a compile job."""
     force: _builtins.bool
@@ -383,6 +400,10 @@ class LookupRequest(_message.Message):
     model_source: _builtins.str
     """For a job created by this lookup: where workers load the weights from (a local
     directory on the workers, or an `s3://` prefix). At most 1,024 characters.
+    """
+    direct_download: _builtins.bool
+    """For a HIT: include presigned `download_url`s in the artifact's files, where the
+    server's blob store can make them (see `ArtifactFile.download_url`).
     """
     @_builtins.property
     def key(self) -> _key_pb2.ArtifactKey:
@@ -402,10 +423,11 @@ class LookupRequest(_message.Message):
         force: _builtins.bool = ...,
         model_source: _builtins.str = ...,
         allow: _abc.Iterable[Global___CompatibilityPolicy.ValueType] | None = ...,
+        direct_download: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "force", b"force", "key", b"key", "model_source", b"model_source", "on_miss", b"on_miss"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "direct_download", b"direct_download", "force", b"force", "key", b"key", "model_source", b"model_source", "on_miss", b"on_miss"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -501,16 +523,22 @@ class GetArtifactRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ARTIFACT_ID_FIELD_NUMBER: _builtins.int
+    DIRECT_DOWNLOAD_FIELD_NUMBER: _builtins.int
     artifact_id: _builtins.str
     """The artifact's id (its key digest)."""
+    direct_download: _builtins.bool
+    """Include presigned `download_url`s in the files, where the server's blob store can
+    make them (see `ArtifactFile.download_url`).
+    """
     def __init__(
         self,
         *,
         artifact_id: _builtins.str = ...,
+        direct_download: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_id", b"artifact_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_id", b"artifact_id", "direct_download", b"direct_download"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

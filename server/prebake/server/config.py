@@ -27,6 +27,10 @@ class ServerConfig:
     max_blob_bytes: int = 64 << 30
     # Total blob bytes the store may hold; 0 means no limit.
     max_store_bytes: int = 0
+    # How long the presigned download URLs of a hit stay valid, with a blob store that can
+    # make them (S3) and a client that asks for them; 0 turns them off (every download then
+    # streams through the server).
+    presign_seconds: int = 900
     # How long a deterministic compile failure answers FAILED before a lookup retries.
     negative_cache_seconds: float = 3600.0
     # Attempts a job gets before a transient failure becomes final.

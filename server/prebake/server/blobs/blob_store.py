@@ -176,6 +176,12 @@ class BlobStore(Protocol):
         """The digests not stored, in the order given, each at most once."""
         ...
 
+    def download_url(self, digest: Digest, expires_seconds: int) -> str | None:
+        """A URL that reads the blob straight from the backend for `expires_seconds`, or None if
+        the backend cannot make one (then reads go through `read`). No request to the backend;
+        it does not check that the blob is stored."""
+        ...
+
     def verify(self, digest: Digest) -> None:
         """Check that the stored bytes still match `digest`, as far as the backend needs to.
 

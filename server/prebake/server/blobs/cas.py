@@ -56,6 +56,7 @@ from prebake.server.blobs.objects import (
     ObjectStore,
     PartInfo,
     PreconditionFailed,
+    Presigns,
     StorageFull,
     UploadHandle,
 )
@@ -317,6 +318,14 @@ class ContentAddressedStore:
             except InvalidRange:
                 self._quarantine_if_short(digest, offset)
         return _CheckedReader(inner, offset, end, lambda at: self._quarantine_if_short(digest, at))
+
+    def download_url(self, digest: Digest, expires_seconds: int) -> str | None:
+        """A URL that reads the published blob straight from the backend, or None if it cannot
+        presign (local disk). Only ever for a blob's content address, which holds verified bytes
+        only; the reader verifies them again. Costs no request to the backend."""
+        if not isinstance(self.objects, Presigns) or expires_seconds <= 0:
+            return None
+        return self.objects.presign_get(blob_key(digest), expires_seconds)
 
     # -- writing ---------------------------------------------------------------------
 

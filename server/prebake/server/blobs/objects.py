@@ -166,6 +166,22 @@ class TrustedChecksums:
 
 
 @runtime_checkable
+class Presigns(Protocol):
+    """An object store that can hand out URLs its objects are read from directly (S3 presigned GETs).
+
+    Optional: a backend without it (local disk) streams every read through the server.
+    """
+
+    def presign_get(self, key: str, expires_seconds: int) -> str:
+        """A URL that GETs `key` (a `Range` header selects bytes) until `expires_seconds` from now.
+
+        Computed locally, without a request to the store: it does not prove the object exists.
+        Thread safe. S3: generate_presigned_url("get_object").
+        """
+        ...
+
+
+@runtime_checkable
 class ObjectStore(Protocol):
     """A flat namespace of immutable-once-written objects with ranged reads and multipart uploads.
 

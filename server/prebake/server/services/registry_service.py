@@ -6,11 +6,12 @@ import time
 from typing import Any
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from prebake.core.errors import InvalidArgument, NotFound
 from prebake.server import compat, convert, nearest
 from prebake.server.key_normalization import DEFAULT_TOOLCHAINS, diff_keys, normalize_key
-from prebake.server.records import ErrorClass, Job, JobState, NormalizedKey
+from prebake.server.records import Artifact, Digest, ErrorClass, Job, JobState, NormalizedKey
 from prebake.server.services.blob_checks import require_present, verified_manifest
 from prebake.server.state import ServerState
 from prebake.server.status import unary
@@ -102,6 +103,25 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         with_files = await index.get(match.artifact.artifact_id)
         return None if with_files is None else compat.Match(with_files, match.policy, match.reason)
 
+    def _manifest(self, found: Artifact, direct_download: bool) -> registry_pb2.Artifact:
+        """The artifact as sent, with presigned download URLs when asked for and possible."""
+        sent = convert.artifact(found)
+        seconds = self.s.config.presign_seconds
+        if not direct_download or seconds <= 0:
+            return sent
+        expires = Timestamp()
+        expires.FromNanoseconds(int((time.time() + seconds) * 1e9))
+        urls: dict[Digest, str | None] = {}
+        for entry, file in zip(sent.files, found.files, strict=True):
+            if file.digest not in urls:
+                urls[file.digest] = self.s.blobs.download_url(file.digest, seconds)
+            url = urls[file.digest]
+            if url is None:
+                return sent  # this store cannot presign; nothing to add
+            entry.download_url = url
+            entry.download_url_expires_at.CopyFrom(expires)
+        return sent
+
     async def _unserved(self, key: NormalizedKey, job: Job) -> tuple[str, Job]:
         """Why no live worker can take `job` ("" if one can, or during start-up grace),
         and the job as it is now.
@@ -131,7 +151,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
             return registry_pb2.LookupResponse(
                 status=registry_pb2.LOOKUP_STATUS_HIT,
                 key=resolved,
-                artifact=convert.artifact(match.artifact),
+                artifact=self._manifest(match.artifact, request.direct_download),
                 match_reason=match.reason,
                 matched_policy=match.policy,
                 toolchain_source=toolchain_source,
@@ -181,7 +201,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         found = await self.s.storage.artifacts.get(check_artifact_id(request.artifact_id))
         if found is None:
             raise NotFound(f"no artifact {request.artifact_id}")
-        return convert.artifact(found)
+        return self._manifest(found, request.direct_download)
 
     @unary
     async def PublishArtifact(
