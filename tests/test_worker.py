@@ -7,7 +7,6 @@ the inductor backend and an AVX2 instance type (this host's CPU is AVX2-only).
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
 import signal
@@ -16,10 +15,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import pytest
 
@@ -31,9 +30,8 @@ from prebake.compiler.worker import Worker, WorkerConfig
 from prebake.server.app import BackgroundServer, background_server
 from prebake.server.config import ServerConfig
 from prebake.v1 import jobs_pb2, registry_pb2
+from tests.processes import PREBAKE, WorkerProcess, alive, listening, wait_until
 
-T = TypeVar("T")
-PREBAKE = [sys.executable, "-m", "prebake.client.cli"]
 KEY = ArtifactKey(
     kind="inductor",
     model="tiny/llama",
@@ -76,89 +74,6 @@ def client(server: BackgroundServer) -> Iterator[Client]:
         yield c
 
 
-def wait_until(check: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:
-    """Poll `check` until it returns something truthy; fail the test after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
-
-
-def children_of(pid: int) -> list[int]:
-    """Live processes whose parent is `pid` (from /proc)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        # Fields after the command name (which may hold spaces): state, ppid, ...
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            found.append(int(entry))
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-class WorkerProcess:
-    """One `prebake worker` subprocess; its log (stderr) goes to a file."""
-
-    def __init__(self, address: str, tmp_path: Path, name: str, *args: str, work_dir: Path | None = None):
-        self.worker_id = f"test-{name}"
-        self.log_path = tmp_path / f"worker-{name}.log"
-        self.work_dir = work_dir or tmp_path / f"work-{name}"
-        command = [
-            *PREBAKE, "--server", address, "worker", "--kind", "inductor",
-            "--work-dir", str(self.work_dir), "--worker-id", self.worker_id, *args,
-        ]  # fmt: skip
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        def ready() -> bool:
-            assert self.proc.poll() is None, f"worker exited early:\n{self.log()}"
-            return "leasing from" in self.log()
-
-        wait_until(ready, timeout, "the worker to start leasing")
-
-    def compile_processes(self) -> list[int]:
-        """The backend child (a process group leader) of this worker."""
-        return children_of(self.proc.pid)
-
-    def kill_host(self) -> list[int]:
-        """SIGKILL the worker and its compile, as when the whole machine is lost."""
-        children = self.compile_processes()
-        os.kill(self.proc.pid, signal.SIGKILL)
-        for child in children:  # each child leads its own process group
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(child, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-        return children
-
-    def stop(self, timeout: float = 30.0) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=timeout)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.kill_host()
-
-
 @pytest.fixture
 def workers() -> Iterator[list[WorkerProcess]]:
     """Collects the test's workers and makes sure none outlives it."""
@@ -192,16 +107,6 @@ def enqueue(client: Client, model_dir: Path, key: ArtifactKey = KEY) -> str:
     response = client.lookup(key, model_source=str(model_dir))
     assert response.status == registry_pb2.LOOKUP_STATUS_MISS, response
     return response.job.job_id
-
-
-def listening(address: str, proc: subprocess.Popen[bytes]) -> bool:
-    assert proc.poll() is None, "the server exited"
-    host, port = address.rsplit(":", 1)
-    try:
-        socket.create_connection((host, int(port)), timeout=0.5).close()
-    except OSError:
-        return False
-    return True
 
 
 def eager_logits(model_dir: Path, input_ids: Any) -> Any:
