@@ -63,6 +63,14 @@ def data_files(data_dir: Path) -> list[str]:
 
 
 @pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama checkpoint (hidden 64, 2 layers): compiles in seconds."""
+    from prebake.compiler.tiny_llama import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("model") / "tiny-llama", hidden_size=64, num_layers=2)
+
+
+@pytest.fixture(scope="session")
 def moto_threaded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
     """moto's threaded server: bulk transfers, many clients. Not for race tests (see aws_emulator)."""
     with running_emulator(serial=False, log_dir=tmp_path_factory.mktemp("moto")) as emulator:

@@ -55,11 +55,9 @@ pytestmark = pytest.mark.slow
 # Fixtures and helpers ---------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from prebake.compiler.tiny_llama import build_tiny_llama
-
-    return build_tiny_llama(tmp_path_factory.mktemp("model") / "tiny-llama", hidden_size=64, num_layers=2)
+@pytest.fixture
+def model_dir(tiny_model: Path) -> Path:
+    return tiny_model
 
 
 @pytest.fixture
