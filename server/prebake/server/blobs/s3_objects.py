@@ -4,8 +4,9 @@ Each method is the S3 call its docstring in `objects.ObjectStore` names, under t
 prefix; only what S3 does not do itself is written here. Nothing is kept in memory, so any number
 of instances, processes and hosts may share a location, and a new instance is a restart.
 
-Integrity: every upload carries a CRC32 that S3 checks before it stores the bytes, and full reads
-are checked by botocore against the stored checksum, so reads are trusted (`TrustedChecksums`).
+Integrity: every upload (put, part, copy) carries a CRC32 that S3 checks before it stores the
+bytes, so reads are trusted (`TrustedChecksums`); botocore also checks whole reads of single-part
+objects against it (its default `response_checksum_validation`).
 
 Endpoint, region and credentials come only from boto3's standard sources (`AWS_ENDPOINT_URL_S3`,
 `AWS_REGION`, `AWS_PROFILE`, instance roles...). Errors are mapped in one place, `translate_error`.
@@ -13,7 +14,9 @@ Endpoint, region and credentials come only from boto3's standard sources (`AWS_E
 Where moto (the test emulator) differs from S3, S3's behaviour is kept and moto's worked around,
 each at its place: it ignores `CopySourceIfMatch` and part order on completion (checked here too)
 and answers 500 instead of NoSuchUpload for a part of an ended upload (asked again here). It
-accepts the checksums without checking them, so S3's own check is not exercised by the tests.
+accepts the checksums without checking them and lists no part checksums, so S3's own check and
+the checksums sent back on completion are not exercised by the tests; and it reports one fixed
+`Initiated` time (2010) for every upload, so only the parts' times tell a fresh upload there.
 """
 
 from __future__ import annotations
@@ -380,7 +383,12 @@ class S3ObjectStore:
                 )
         except StorageUnavailable:
             # moto answers 500, not NoSuchUpload, for an upload that ended: NoSuchUpload if so.
-            self._listed_parts(upload, max_parts=1)
+            try:
+                self._listed_parts(upload, max_parts=1)
+            except NoSuchUpload:
+                raise NoSuchUpload(
+                    f"cannot store part {number} of {upload.key}: the multipart upload no longer exists"
+                ) from None
             raise
         return PartInfo(number=number, size=len(data), etag=resp["ETag"], modified=time.time())
 
