@@ -1,8 +1,10 @@
 """Backends of the two blob-storage contract suites (`test_object_store.py`, `test_content_store.py`).
 
-A backend joins both suites by adding one `ObjectBackend` factory to `OBJECT_BACKENDS` (the S3
-backend of the next issue goes here). Everything a child process needs is picklable (module-level
-functions and `functools.partial`), since the race and crash tests run real processes.
+A backend joins both suites by adding one `ObjectBackend` factory to `OBJECT_BACKENDS`. A factory
+takes the requesting test's `pytest.FixtureRequest` and asks it for what it needs (`tmp_path`, an
+emulator), so the suites themselves know no engine. Everything a child process needs is picklable
+(module-level functions and `functools.partial`), since the race and crash tests run real
+processes; the S3 backend's children find the emulator through the environment they inherit.
 """
 
 from __future__ import annotations
@@ -13,14 +15,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import boto3
 import pytest
 
+from prebake.core.s3_urls import S3Location
 from prebake.server.blobs import ContentAddressedStore, LocalObjectStore, ObjectStore
 from prebake.server.blobs.cas import blob_key
 from prebake.server.blobs.objects import TrustedChecksums
+from prebake.server.blobs.s3_objects import S3ObjectStore
 from prebake.server.records import Digest
+from tests.aws_emulator import Emulator
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3.type_defs import ObjectIdentifierTypeDef
 
 KiB = 1 << 10
 
@@ -115,8 +124,8 @@ def _content_store(
     return ContentAddressedStore(make(), part_size=part_size, **limits)
 
 
-def local_backend(tmp_path: Path, part_size: int = 8 << 20) -> ObjectBackend:
-    root = tmp_path / "store"
+def local_backend(request: pytest.FixtureRequest, part_size: int = 8 << 20) -> ObjectBackend:
+    root: Path = request.getfixturevalue("tmp_path") / "store"
     return ObjectBackend(
         name="local",
         make=functools.partial(LocalObjectStore, root),
@@ -128,12 +137,12 @@ def local_backend(tmp_path: Path, part_size: int = 8 << 20) -> ObjectBackend:
     )
 
 
-def local_small_parts_backend(tmp_path: Path) -> ObjectBackend:
-    return local_backend(tmp_path, part_size=64 * KiB)
+def local_small_parts_backend(request: pytest.FixtureRequest) -> ObjectBackend:
+    return local_backend(request, part_size=64 * KiB)
 
 
-def min_part_backend(tmp_path: Path) -> ObjectBackend:
-    root = tmp_path / "store"
+def min_part_backend(request: pytest.FixtureRequest) -> ObjectBackend:
+    root: Path = request.getfixturevalue("tmp_path") / "store"
     return ObjectBackend(
         name="min-part",
         make=functools.partial(MinPartLocalObjectStore, root),
@@ -142,9 +151,58 @@ def min_part_backend(tmp_path: Path) -> ObjectBackend:
     )
 
 
+# The S3 store lives under this prefix of its bucket, so that the prefix is exercised and anything
+# the store leaves outside it is visible.
+S3_PREFIX = "store/"
+
+
+def _s3_scratch(emulator: Emulator, bucket: str) -> list[str]:
+    """Unfinished multipart uploads anywhere in the bucket, and objects outside the store's prefix."""
+    s3 = boto3.client("s3", endpoint_url=emulator.endpoint)
+    uploads = [
+        f"upload {u['Key']}"
+        for page in s3.get_paginator("list_multipart_uploads").paginate(Bucket=bucket)
+        for u in page.get("Uploads", [])
+    ]
+    strays = [
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        for o in page.get("Contents", [])
+        if not o["Key"].startswith(S3_PREFIX)
+    ]
+    return sorted(uploads + strays)
+
+
+def _remove_bucket(emulator: Emulator, bucket: str) -> None:
+    """Empty and delete a test bucket: the emulator serves the whole session, in memory."""
+    s3 = boto3.client("s3", endpoint_url=emulator.endpoint)
+    for page in s3.get_paginator("list_multipart_uploads").paginate(Bucket=bucket):
+        for u in page.get("Uploads", []):
+            s3.abort_multipart_upload(Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
+    for listing in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        if listing.get("Contents"):
+            keys: list[ObjectIdentifierTypeDef] = [{"Key": o["Key"]} for o in listing["Contents"]]
+            s3.delete_objects(Bucket=bucket, Delete={"Objects": keys})
+    s3.delete_bucket(Bucket=bucket)
+
+
+def s3_backend(request: pytest.FixtureRequest) -> ObjectBackend:
+    """A fresh bucket on the serial emulator (the suites race real processes on it)."""
+    emulator: Emulator = request.getfixturevalue("aws_serial")
+    bucket = emulator.create_bucket()
+    return ObjectBackend(
+        name="s3",
+        make=functools.partial(S3ObjectStore, S3Location(bucket, S3_PREFIX)),
+        scratch=functools.partial(_s3_scratch, emulator, bucket),
+        part_size=S3ObjectStore.min_part_size,
+        cleanup=functools.partial(_remove_bucket, emulator, bucket),
+    )
+
+
 OBJECT_BACKENDS: list[Any] = [
     pytest.param(local_backend, id="local"),
     pytest.param(min_part_backend, id="min-part"),
+    pytest.param(s3_backend, id="s3"),
 ]
 # The content store also runs over local disk with small parts, so that multipart paths are taken
 # by small test blobs.

@@ -10,7 +10,6 @@ import multiprocessing
 import random
 import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,8 +29,8 @@ SPAWN = multiprocessing.get_context("spawn")
 
 
 @pytest.fixture(params=OBJECT_BACKENDS)
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ObjectBackend]:
-    b: ObjectBackend = request.param(tmp_path)
+def backend(request: pytest.FixtureRequest) -> Iterator[ObjectBackend]:
+    b: ObjectBackend = request.param(request)
     yield b
     b.cleanup()
 

@@ -1,7 +1,8 @@
 """Blob storage in two layers: a narrow object store per backend, one content-addressed store above.
 
 `objects.ObjectStore` (put, ranged get, head, delete, list, move, multipart uploads) is what a
-backend implements: `local_objects.LocalObjectStore` today. `cas.ContentAddressedStore` is the
+backend implements: `local_objects.LocalObjectStore`, and `s3_objects.S3ObjectStore` (imported from
+its module only: it needs the `aws` extra, boto3). `cas.ContentAddressedStore` is the
 one `blob_store.BlobStore` over any of them: upload sessions, resume, hashing, verification,
 quotas.
 """

@@ -24,8 +24,9 @@ Contract common to every method of every backend:
   effect (S3 has offered this read-after-write consistency since 2020). `list_objects` is weakly
   consistent with writes made while it runs.
 * **Failure.** Absent keys and uploads raise `NoSuchObject` / `NoSuchUpload`; lack of space raises
-  `StorageFull`; other storage failures raise `OSError` (an S3 backend maps botocore's errors onto
-  these) and leave the state as described above.
+  `StorageFull`; storage that cannot be reached or refuses for now raises `StorageUnavailable`; other
+  storage failures raise `OSError` (an S3 backend maps botocore's errors onto these) and leave the
+  state as described above.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
+
+from prebake.core.errors import Unavailable
 
 MAX_KEY_LENGTH = 1024
 _SEGMENT_RE = re.compile(r"[A-Za-z0-9._-]+")
@@ -66,6 +69,16 @@ class PreconditionFailed(ObjectStoreError):
 
 class StorageFull(ObjectStoreError, OSError):
     """The backing storage has no room for the bytes (local: ENOSPC / EDQUOT)."""
+
+
+class StorageUnavailable(ObjectStoreError, Unavailable, OSError):
+    """The storage cannot be reached or refuses for now (S3: connection errors, throttling, 5xx,
+    denied access, a missing bucket); trying again later may succeed.
+
+    An `OSError`, as the contract requires of storage failures, and an `Unavailable`, so that it
+    reaches the content store's callers and gRPC clients as UNAVAILABLE (retryable) with its message,
+    which names the store and what to check, never a secret.
+    """
 
 
 def validate_key(key: str) -> str:
