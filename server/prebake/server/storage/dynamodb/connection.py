@@ -21,7 +21,7 @@ CONNECT_TIMEOUT_SECONDS = 3.0
 READ_TIMEOUT_SECONDS = 20.0
 # Attempts per call, the first included ("standard" mode: exponential backoff with
 # jitter on throttling, 5xx and connection errors).
-MAX_ATTEMPTS = 4
+MAX_ATTEMPTS = 3
 
 
 def client_config(max_pool_connections: int) -> Config:

@@ -17,8 +17,10 @@ a model's compiled files, usually tens). A larger list is refused with
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
+import typing
 import zlib
 from decimal import Decimal
 from typing import Any
@@ -124,49 +126,18 @@ def not_after(at: float) -> str:
 # --- keys and files ------------------------------------------------------------------
 
 
+def _tuples(value: Any) -> Any:
+    """JSON arrays back to the tuples the records hold (nested: options are pairs)."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
 def key_json(key: NormalizedKey) -> str:
-    return to_json(
-        {
-            "schema_version": key.schema_version,
-            "kind": key.kind,
-            "model": key.model,
-            "model_revision": key.model_revision,
-            "instance_type": key.instance_type,
-            "compile_target": key.compile_target,
-            "sequence_length": key.sequence_length,
-            "batch_size": key.batch_size,
-            "tensor_parallel_degree": key.tensor_parallel_degree,
-            "precision": key.precision,
-            "toolchain": key.toolchain,
-            "options": [list(pair) for pair in key.options],
-            "relevant_fields": list(key.relevant_fields),
-            "ignored_fields": list(key.ignored_fields),
-            "canonical": key.canonical,
-            "digest": key.digest,
-        }
-    )
+    """Every field of the key, by its dataclass field name (a new field is stored too)."""
+    return to_json({f.name: getattr(key, f.name) for f in dataclasses.fields(NormalizedKey)})
 
 
 def key_from_json(text: str) -> NormalizedKey:
-    data = json.loads(text)
-    return NormalizedKey(
-        schema_version=int(data["schema_version"]),
-        kind=data["kind"],
-        model=data["model"],
-        model_revision=data["model_revision"],
-        instance_type=data["instance_type"],
-        compile_target=data["compile_target"],
-        sequence_length=int(data["sequence_length"]),
-        batch_size=int(data["batch_size"]),
-        tensor_parallel_degree=int(data["tensor_parallel_degree"]),
-        precision=data["precision"],
-        toolchain=data["toolchain"],
-        options=tuple((str(k), str(v)) for k, v in data["options"]),
-        relevant_fields=tuple(str(f) for f in data["relevant_fields"]),
-        ignored_fields=tuple(str(f) for f in data["ignored_fields"]),
-        canonical=data["canonical"],
-        digest=data["digest"],
-    )
+    return NormalizedKey(**{name: _tuples(value) for name, value in json.loads(text).items()})
 
 
 def encode_files(files: tuple[FileEntry, ...]) -> bytes:
@@ -283,62 +254,37 @@ def queued_partition(kind: str, toolchain: str) -> str:
     return f"{kind}#{toolchain}"
 
 
+# Job fields stored beside its JSON rather than in it.
+_JOB_OUTSIDE_JSON = frozenset({"key", "revision"})
+_JOB_TYPES = typing.get_type_hints(Job)
+
+
 def job_fields_json(job: Job) -> str:
-    """Every field of `job` but its key and revision (stored beside it)."""
-    log = job.log
-    return to_json(
-        {
-            "job_id": job.job_id,
-            "state": job.state.value,
-            "created_at": job.created_at,
-            "updated_at": job.updated_at,
-            "attempts": job.attempts,
-            "max_attempts": job.max_attempts,
-            "progress": job.progress,
-            "message": job.message,
-            "error": job.error,
-            "error_class": job.error_class.value,
-            "log": None if log is None else [log.hash, log.size],
-            "artifact_id": job.artifact_id,
-            "worker": job.worker,
-            "lease_expires_at": job.lease_expires_at,
-            "fencing_token": job.fencing_token,
-            "not_before": job.not_before,
-            "model_source": job.model_source,
-            "finished_at": job.finished_at,
-        }
-    )
+    """Every field of `job` but its key and revision (stored beside it), by field name."""
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(Job):
+        if f.name not in _JOB_OUTSIDE_JSON:
+            value = getattr(job, f.name)
+            fields[f.name] = [value.hash, value.size] if isinstance(value, Digest) else value
+    return to_json(fields)
 
 
-def _float_or_none(value: Any) -> float | None:
-    return None if value is None else float(value)
+def _job_field(name: str, value: Any) -> Any:
+    kind = _JOB_TYPES[name]
+    if value is None:
+        return None
+    if kind is JobState or kind is ErrorClass:
+        return kind(value)
+    if name == "log":
+        return Digest(str(value[0]), int(value[1]))
+    if kind in (float, float | None):
+        return float(value)  # JSON may have written 3.0 as 3
+    return value
 
 
 def job_from_json(text: str, key: NormalizedKey, revision: int) -> Job:
-    data = json.loads(text)
-    log = data["log"]
-    return Job(
-        job_id=data["job_id"],
-        key=key,
-        state=JobState(data["state"]),
-        created_at=float(data["created_at"]),
-        updated_at=float(data["updated_at"]),
-        attempts=int(data["attempts"]),
-        max_attempts=int(data["max_attempts"]),
-        progress=float(data["progress"]),
-        message=data["message"],
-        error=data["error"],
-        error_class=ErrorClass(data["error_class"]),
-        log=None if log is None else Digest(log[0], int(log[1])),
-        artifact_id=data["artifact_id"],
-        worker=data["worker"],
-        lease_expires_at=_float_or_none(data["lease_expires_at"]),
-        fencing_token=int(data["fencing_token"]),
-        not_before=float(data["not_before"]),
-        model_source=data["model_source"],
-        finished_at=_float_or_none(data["finished_at"]),
-        revision=revision,
-    )
+    fields = {name: _job_field(name, value) for name, value in json.loads(text).items()}
+    return Job(key=key, revision=revision, **fields)
 
 
 def _job_copy(job: Job, pk: str, sk: str) -> Item:
