@@ -92,6 +92,7 @@ class DynamoJobQueue:
         self._engine = engine
         self._table = engine.names.jobs
         self._where = f"table {self._table}"
+        self._with_refs = f"tables {self._table} and {engine.names.blob_refs}"
         self._seen = _Seen(SEEN_JOBS)
 
     # --- the writes ------------------------------------------------------------------
@@ -154,7 +155,7 @@ class DynamoJobQueue:
             writes.append(
                 _put(self._engine.names.blob_refs, items.ref_item(new.log, items.job_holder(new.job_id)))
             )
-        where = f"tables {jobs} and {self._engine.names.blob_refs}" if new.log else self._where
+        where = self._with_refs if new.log else self._where
         for _ in range(CREATE_ATTEMPTS):
             try:
                 await self._engine.run(where, lambda: self._engine.transact(writes))
@@ -170,7 +171,8 @@ class DynamoJobQueue:
     async def compare_and_set(self, job: Job, expect_revision: int) -> Job:
         old = await self.stored_at(job.job_id, expect_revision)
         new, writes = self.change_items(old, job)
-        await self._engine.run(self._where, lambda: self._engine.transact(writes))
+        where = self._with_refs if new.log is not None and new.log != old.log else self._where
+        await self._engine.run(where, lambda: self._engine.transact(writes))
         return self.remember(new)
 
     # --- the reads -------------------------------------------------------------------
@@ -217,7 +219,7 @@ class DynamoJobQueue:
             "KeyConditionExpression": "#pk = :pk AND #sk > :after",
             "ExpressionAttributeValues": {
                 ":pk": s(items.job_pk(job_id)),
-                ":after": s(items.event_sk(max(after_sequence, -1))),
+                ":after": s(items.event_sk(max(after_sequence, 0))),
             },
             "ConsistentRead": True,
         }
