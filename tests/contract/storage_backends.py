@@ -17,12 +17,16 @@ from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+import boto3
 import pytest
 
 from prebake.server.storage.bundle import Storage
+from prebake.server.storage.dynamodb import TableNames, create_tables, open_dynamodb
+from prebake.server.storage.dynamodb.items import decode_files
 from prebake.server.storage.sqlite import open_sqlite
+from tests.aws_emulator import REGION, Emulator
 
 
 class Backend(Protocol):
@@ -63,6 +67,52 @@ def _sqlite(request: pytest.FixtureRequest) -> Backend:
     return SqliteBackend(tmp_path / "registry" / "registry.sqlite3")
 
 
+@dataclass(frozen=True)
+class DynamoBackend:
+    """Tables of a fresh prefix on the serial emulator (its conditional writes are atomic)."""
+
+    emulator: Emulator
+    prefix: str
+
+    @property
+    def name(self) -> str:
+        return "dynamodb"
+
+    def open(self) -> Storage:
+        # Child processes may have started before any AWS fixture: point them at the emulator.
+        self.emulator.apply()
+        return open_dynamodb(self.prefix)
+
+    def _client(self) -> Any:
+        return boto3.client("dynamodb", endpoint_url=self.emulator.endpoint, region_name=REGION)
+
+    def file_rows(self) -> dict[str, int]:
+        rows: dict[str, int] = {}
+        client = self._client()
+        pages = client.get_paginator("scan").paginate(
+            TableName=TableNames(self.prefix).artifacts, ConsistentRead=True
+        )
+        for page in pages:
+            for item in page["Items"]:
+                rows[item["artifact_id"]["S"]] = len(decode_files(item["files"]["B"]))
+        return rows
+
+    def drop(self) -> None:
+        client = self._client()
+        names = TableNames(self.prefix)
+        for name in (names.artifacts, names.blob_refs, names.jobs, names.workers):
+            client.delete_table(TableName=name)
+
+
+def _dynamodb(request: pytest.FixtureRequest) -> Backend:
+    emulator: Emulator = request.getfixturevalue("aws_serial")
+    backend = DynamoBackend(emulator, emulator.unique_name("prebake-test"))
+    create_tables(backend.prefix)
+    request.addfinalizer(backend.drop)
+    return backend
+
+
 BACKENDS: dict[str, Callable[[pytest.FixtureRequest], Backend]] = {
+    "dynamodb": _dynamodb,
     "sqlite": _sqlite,
 }

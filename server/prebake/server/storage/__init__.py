@@ -8,7 +8,7 @@ written once above them in `prebake.server.job_lifecycle`, and lookups, nearest
 artifacts and compatibility choices in storage-free modules. A backend is one module
 (or package) implementing all three over one engine, because complete-and-publish must
 be one atomic write across the index and the queue: SQLite (`storage.sqlite`, the
-embedded default) and, next, DynamoDB (conditional writes and transactions).
+embedded default) and DynamoDB (`storage.dynamodb`: conditional writes and transactions).
 
 Contract shared by every method of every backend:
 

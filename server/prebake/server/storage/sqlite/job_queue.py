@@ -13,6 +13,7 @@ from prebake.server.storage import page_tokens
 from prebake.server.storage.conditions import ConditionFailed
 from prebake.server.storage.job_queue import JobQuery
 from prebake.server.storage.page_tokens import Page
+from prebake.server.storage.record_json import to_json
 from prebake.server.storage.sqlite import rows
 from prebake.server.storage.sqlite.connection import Database
 from prebake.server.storage.sqlite.schema import ACTIVE_STATES_SQL, KEY_COLUMNS
@@ -27,7 +28,7 @@ def _append_event(c: sqlite3.Connection, row: dict[str, Any]) -> None:
     snapshot = {name: value for name, value in row.items() if name not in _SNAPSHOT_EXCLUDES}
     c.execute(
         "INSERT INTO job_events (job_id, sequence, at, snapshot) VALUES (?, ?, ?, ?)",
-        (row["job_id"], row["revision"], row["updated_at"], rows.to_json(snapshot)),
+        (row["job_id"], row["revision"], row["updated_at"], to_json(snapshot)),
     )
 
 

@@ -18,9 +18,13 @@ from prebake.server.records import (
     Job,
     JobState,
     NormalizedKey,
-    Producer,
-    WorkerCapability,
     WorkerRecord,
+)
+from prebake.server.storage.record_json import (
+    capabilities_from_json,
+    producer_from_json,
+    producer_json,
+    to_json,
 )
 from prebake.server.storage.sqlite.schema import KEY_COLUMNS
 
@@ -46,10 +50,6 @@ MUTABLE_JOB_COLUMNS = (
     "updated_at",
     "finished_at",
 )
-
-
-def to_json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 def key_row(key: NormalizedKey) -> Row:
@@ -101,31 +101,6 @@ def digest_or_none(hash_: str | None, size: int | None) -> Digest | None:
 
 def log_columns(log: Digest | None) -> Row:
     return {"log_hash": None if log is None else log.hash, "log_size": None if log is None else log.size}
-
-
-def producer_json(producer: Producer) -> str:
-    log = producer.log
-    return to_json(
-        {
-            "worker": producer.worker,
-            "toolchain_versions": [list(pair) for pair in producer.toolchain_versions],
-            "compile_seconds": producer.compile_seconds,
-            "log": None if log is None else [log.hash, log.size],
-            "note": producer.note,
-        }
-    )
-
-
-def producer_from_json(text: str) -> Producer:
-    data = json.loads(text)
-    log = data["log"]
-    return Producer(
-        worker=data["worker"],
-        toolchain_versions=tuple((str(k), str(v)) for k, v in data["toolchain_versions"]),
-        compile_seconds=float(data["compile_seconds"]),
-        log=None if log is None else Digest(log[0], log[1]),
-        note=data["note"],
-    )
 
 
 def file_from_row(row: Mapping[str, Any]) -> FileEntry:
@@ -225,17 +200,10 @@ def job_from_row(row: Mapping[str, Any]) -> Job:
     )
 
 
-def capabilities_json(capabilities: tuple[WorkerCapability, ...]) -> str:
-    return to_json([[c.kind, c.toolchain, list(c.compile_targets)] for c in capabilities])
-
-
 def worker_from_row(row: Mapping[str, Any]) -> WorkerRecord:
     return WorkerRecord(
         worker_id=row["worker_id"],
-        capabilities=tuple(
-            WorkerCapability(str(kind), str(toolchain), tuple(str(t) for t in targets))
-            for kind, toolchain, targets in json.loads(row["capabilities"])
-        ),
+        capabilities=capabilities_from_json(row["capabilities"]),
         last_seen=row["last_seen"],
         expires_at=row["expires_at"],
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 
 from prebake.server.records import WorkerRecord
+from prebake.server.storage.record_json import capabilities_json
 from prebake.server.storage.sqlite import rows
 from prebake.server.storage.sqlite.connection import Database
 
@@ -23,7 +24,7 @@ class SqliteWorkerDirectory:
                 "last_seen = excluded.last_seen, expires_at = excluded.expires_at",
                 (
                     record.worker_id,
-                    rows.capabilities_json(record.capabilities),
+                    capabilities_json(record.capabilities),
                     record.last_seen,
                     record.expires_at,
                 ),
