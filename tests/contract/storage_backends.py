@@ -21,6 +21,8 @@ from typing import Protocol
 
 import pytest
 
+from prebake.server.backends import archived
+from prebake.server.blobs import LocalObjectStore
 from prebake.server.storage.bundle import Storage
 from prebake.server.storage.sqlite import open_sqlite
 
@@ -58,11 +60,32 @@ class SqliteBackend:
             return {str(artifact_id): int(n) for artifact_id, n in found}
 
 
+@dataclass(frozen=True)
+class ArchivedSqliteBackend(SqliteBackend):
+    """SQLite behind the manifest archive (`storage.archived_index`), as every server runs it:
+    the decorator must keep the index's whole contract."""
+
+    objects: Path
+
+    @property
+    def name(self) -> str:
+        return "sqlite+archive"
+
+    def open(self) -> Storage:
+        return archived(open_sqlite(self.path), LocalObjectStore(self.objects))
+
+
 def _sqlite(request: pytest.FixtureRequest) -> Backend:
     tmp_path: Path = request.getfixturevalue("tmp_path")
     return SqliteBackend(tmp_path / "registry" / "registry.sqlite3")
 
 
+def _archived_sqlite(request: pytest.FixtureRequest) -> Backend:
+    tmp_path: Path = request.getfixturevalue("tmp_path")
+    return ArchivedSqliteBackend(tmp_path / "registry" / "registry.sqlite3", tmp_path / "objects")
+
+
 BACKENDS: dict[str, Callable[[pytest.FixtureRequest], Backend]] = {
     "sqlite": _sqlite,
+    "sqlite+archive": _archived_sqlite,
 }
