@@ -11,6 +11,7 @@ import pytest
 from prebake.client import ArtifactKey, Client
 from prebake.server.app import BackgroundServer, background_server
 from tests.aws_emulator import Emulator, running_emulator
+from tests.plugin_cli import PrebakeCli
 
 LLAMA3_8B_INF2 = ArtifactKey(
     kind="neuron",
@@ -27,6 +28,12 @@ LLAMA3_8B_INF2 = ArtifactKey(
 def server(tmp_path: Path) -> Iterator[BackgroundServer]:
     with background_server(tmp_path / "data") as srv:
         yield srv
+
+
+@pytest.fixture
+def prebake(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> PrebakeCli:
+    """The `prebake` command line in this process, with this tree's plugin commands."""
+    return PrebakeCli(monkeypatch, capsys)
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ import grpc
 import pytest
 
 from prebake.client import ArtifactKey, cli, errors, exitcodes
-from prebake.client.cli import build_parser, main
+from prebake.client.cli import PLUGIN_COMMANDS, build_parser, main
 from prebake.core.command_plugins import ENTRY_POINT_GROUP, CommandFailed, CommandRegistrar
 from prebake.v1 import key_pb2
 
@@ -201,10 +201,18 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
-def test_serve_and_worker_are_the_entry_points_the_package_declares() -> None:
+def test_the_plugin_commands_are_the_entry_points_the_package_declares() -> None:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     declared = pyproject["project"]["entry-points"][ENTRY_POINT_GROUP]
-    assert declared == {"serve": "prebake.server.cli:register", "worker": "prebake.compiler.cli:register"}
+    assert declared == {
+        "serve": "prebake.server.cli:register",
+        "worker": "prebake.compiler.cli:register",
+        "init-aws": "prebake.server.ops_cli:register_init_aws",
+        "reindex": "prebake.server.ops_cli:register_reindex",
+        "migrate": "prebake.server.ops_cli:register_migrate",
+    }
+    # The client knows each one, to say what to install where it is missing.
+    assert set(PLUGIN_COMMANDS) == set(declared)
     installed = {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
     assert installed == declared, "the installed metadata is stale: pip install -e ."
     for value in declared.values():

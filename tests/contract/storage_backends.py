@@ -22,6 +22,8 @@ from typing import Any, Protocol
 import boto3
 import pytest
 
+from prebake.server.backends import archived
+from prebake.server.blobs import LocalObjectStore
 from prebake.server.storage.bundle import Storage
 from prebake.server.storage.dynamodb import TableNames, create_tables, open_dynamodb
 from prebake.server.storage.dynamodb.items import decode_files
@@ -60,6 +62,21 @@ class SqliteBackend:
         with closing(sqlite3.connect(self.path)) as conn:
             found = conn.execute("SELECT artifact_id, COUNT(*) FROM artifact_files GROUP BY artifact_id")
             return {str(artifact_id): int(n) for artifact_id, n in found}
+
+
+@dataclass(frozen=True)
+class ArchivedSqliteBackend(SqliteBackend):
+    """SQLite behind the manifest archive (`storage.archived_index`), as every server runs it:
+    the decorator must keep the index's whole contract."""
+
+    objects: Path
+
+    @property
+    def name(self) -> str:
+        return "sqlite+archive"
+
+    def open(self) -> Storage:
+        return archived(open_sqlite(self.path), LocalObjectStore(self.objects))
 
 
 def _sqlite(request: pytest.FixtureRequest) -> Backend:
@@ -112,7 +129,13 @@ def _dynamodb(request: pytest.FixtureRequest) -> Backend:
     return backend
 
 
+def _archived_sqlite(request: pytest.FixtureRequest) -> Backend:
+    tmp_path: Path = request.getfixturevalue("tmp_path")
+    return ArchivedSqliteBackend(tmp_path / "registry" / "registry.sqlite3", tmp_path / "objects")
+
+
 BACKENDS: dict[str, Callable[[pytest.FixtureRequest], Backend]] = {
     "dynamodb": _dynamodb,
     "sqlite": _sqlite,
+    "sqlite+archive": _archived_sqlite,
 }

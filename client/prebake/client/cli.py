@@ -70,6 +70,21 @@ PLUGIN_COMMANDS = {
         "the compiler and a backend",
         "pip install 'prebake[inductor]' (or 'prebake[awq]')",
     ),
+    "init-aws": PluginCommand(
+        "create the DynamoDB tables and check the S3 bucket",
+        "the server and AWS extras",
+        "pip install 'prebake[server,aws]'",
+    ),
+    "reindex": PluginCommand(
+        "rebuild the registry from the manifests in the blob store",
+        "the server extra",
+        "pip install 'prebake[server]'",
+    ),
+    "migrate": PluginCommand(
+        "copy a local installation into S3 + DynamoDB",
+        "the server extra",
+        "pip install 'prebake[server]'",
+    ),
 }
 
 

@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # re-exported at run time
 from grpc_reflection.v1alpha import reflection
 
-from prebake.server.blobs import ContentAddressedStore, LocalObjectStore
+from prebake.server.backends import describe, keeps_local_state, open_backends
 from prebake.server.config import ServerConfig
 from prebake.server.data_dir_lock import DataDirLock
 from prebake.server.exclusive_bind import NO_PORT_SHARING, bind_exclusively
@@ -37,7 +37,6 @@ from prebake.server.services.jobs_service import JobsService
 from prebake.server.services.registry_service import RegistryService
 from prebake.server.services.workers_service import WorkersService
 from prebake.server.state import ServerState
-from prebake.server.storage.sqlite import open_sqlite
 from prebake.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -80,16 +79,15 @@ SERVICE_NAMES = (
 
 
 def open_state(config: ServerConfig) -> ServerState:
-    """Open (creating if needed) the data directory's registry and blob store."""
-    data_dir = config.data_dir
-    data_dir.mkdir(parents=True, exist_ok=True)
-    storage = open_sqlite(data_dir / "registry.sqlite3")
-    blobs = ContentAddressedStore(
-        LocalObjectStore(data_dir / "cas"),
-        max_blob_bytes=config.max_blob_bytes,
-        max_store_bytes=config.max_store_bytes,
-    )
-    swept = blobs.sweep_uploads(config.stale_upload_seconds)
+    """Open the configured registry and blob store (local ones created if needed; see
+    `prebake.server.backends`). Raises what opening them raises: `FailedPrecondition` for a
+    missing bucket, tables or AWS extra, `Unavailable` for an unreachable S3 or DynamoDB."""
+    storage, blobs = open_backends(config)
+    try:
+        swept = blobs.sweep_uploads(config.stale_upload_seconds)
+    except BaseException:
+        storage.close()
+        raise
     if swept:
         log.info("removed %d stale partial uploads", swept)
     return ServerState(
@@ -160,12 +158,15 @@ class RunningServer:
 
 
 async def start(config: ServerConfig) -> RunningServer:
-    """Lock the data directory, open the state, bind `config.listen` (port 0 picks a free
-    port) and start serving.
+    """Lock the data directory (if the registry or the blobs live there), open the state,
+    bind `config.listen` (port 0 picks a free port) and start serving.
 
     Raises DataDirInUse if another server holds the data directory, CannotListen if the
-    address is taken (both name the other server where they can).
+    address is taken (both name the other server where they can), and what `open_state`
+    raises. With a remote registry and store nothing is locked: replicas are stateless.
     """
+    if not keeps_local_state(config):
+        return await _start_locked(config)
     data_dir_lock = DataDirLock.acquire(config.data_dir, config.listen)
     try:
         running = await _start_locked(config)
@@ -208,11 +209,7 @@ async def _start_locked(config: ServerConfig) -> RunningServer:
 
 async def _serve(config: ServerConfig) -> None:
     running = await start(config)
-    print(
-        f"prebake serving on {running.address} (data dir {config.data_dir.resolve()})",
-        file=sys.stderr,
-        flush=True,
-    )
+    print(f"prebake serving on {running.address} ({describe(config)})", file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

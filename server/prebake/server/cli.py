@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from prebake.core.cli_values import count, size
 from prebake.core.command_plugins import CommandFailed, CommandRegistrar
+from prebake.core.errors import PrebakeError
 from prebake.server.config import DEFAULT_DATA_DIR, DEFAULT_LISTEN, ServerConfig, load_server_config
-
-INSTALL_HINT = "prebake serve needs the server extra: pip install 'prebake[server]'"
 
 
 def register(commands: CommandRegistrar) -> None:
@@ -28,18 +28,22 @@ def register(commands: CommandRegistrar) -> None:
         summary="run a prebake server",
         description=(
             "Run the server in this process until SIGINT/SIGTERM: registry and blobs under the\n"
-            "data directory, and an in-process compile worker for every backend whose toolchain\n"
-            "is installed here (see --workers). Settings: flags > PREBAKE_* environment\n"
-            "variables > --config file.\n"
+            "data directory (or in DynamoDB and S3: --registry, --store), and an in-process\n"
+            "compile worker for every backend whose toolchain is installed here (see --workers).\n"
+            "Settings: flags > PREBAKE_* environment variables > --config file.\n"
             "\n"
-            "One server per address and per data directory: a port or a data directory another\n"
-            "server holds is refused at start-up, naming that server (exit 1)."
+            "One server per address, and per data directory while the registry or the blobs\n"
+            "live there: a port or a data directory another server holds is refused at\n"
+            "start-up, naming that server (exit 1). With both in AWS a server keeps no state\n"
+            "and any number of replicas may serve one bucket and table set. A missing bucket\n"
+            "or table is refused at start-up with what to run (prebake init-aws)."
         ),
         examples="""
         prebake serve
         prebake serve --listen 0.0.0.0:50051 --data-dir /var/lib/prebake --max-store-bytes 500G
         prebake serve --workers 0          # compile only on separate `prebake worker` hosts
         PREBAKE_DATA_DIR=/srv/prebake prebake serve --config prebake.toml
+        prebake serve --store s3://my-bucket/prebake --registry dynamodb://prebake-prod --create-tables
         """,
         connects=False,
     )
@@ -50,6 +54,12 @@ def register(commands: CommandRegistrar) -> None:
         help=f"where the registry and blobs live (default {os.path.join('.', DEFAULT_DATA_DIR)})",
     )
     p.add_argument("--config", metavar="FILE", help="TOML file with a [server] table (env PREBAKE_CONFIG)")
+    add_backend_flags(p)
+    p.add_argument(
+        "--create-tables",
+        action="store_true",
+        help="create the --registry's DynamoDB tables first if missing (as prebake init-aws)",
+    )
     p.add_argument("--max-blob-bytes", type=size, metavar="N", help="largest blob accepted (default 64G)")
     p.add_argument(
         "--max-store-bytes", type=size, metavar="N", help="total blob bytes allowed (default: no limit)"
@@ -62,33 +72,73 @@ def register(commands: CommandRegistrar) -> None:
     )
 
 
+def add_backend_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """--store and --registry (with `prefix`, e.g. --to-store), ServerConfig's `store` and `registry`."""
+    p.add_argument(
+        f"--{prefix}store",
+        metavar="URL",
+        help="blobs: s3://BUCKET/PREFIX (default: local disk under the data dir; env PREBAKE_STORE)",
+    )
+    p.add_argument(
+        f"--{prefix}registry",
+        metavar="URL",
+        help="registry: dynamodb://TABLE_PREFIX (default: SQLite under the data dir; env PREBAKE_REGISTRY)",
+    )
+
+
+def missing_server_extra(exc: ModuleNotFoundError, command: str) -> CommandFailed:
+    """What to say when importing the server for `command` failed; re-raises `exc` if the
+    missing module is prebake's own (a broken install, not a missing extra)."""
+    if (exc.name or "").partition(".")[0] == "prebake":
+        raise exc
+    return CommandFailed(
+        f"prebake {command} needs the server extra: pip install 'prebake[server]' (missing module {exc.name})"
+    )
+
+
 def serve(args: argparse.Namespace) -> int:
-    """Run the server until signalled; CommandFailed for bad settings or a taken port/data dir."""
+    """Run the server until signalled; CommandFailed for bad settings, a taken port or data
+    dir, or backends that cannot be opened (missing bucket or tables, AWS extra, ...)."""
     config = _config(args)
     try:
         from prebake.server.app import serve as serve_forever
         from prebake.server.data_dir_lock import DataDirInUse
         from prebake.server.exclusive_bind import CannotListen
     except ModuleNotFoundError as exc:
-        if (exc.name or "").partition(".")[0] == "prebake":
-            raise  # a broken install of prebake itself, not a missing extra
-        raise CommandFailed(f"{INSTALL_HINT} (missing module {exc.name})") from exc
+        raise missing_server_extra(exc, "serve") from exc
     try:
+        if args.create_tables:
+            if not config.registry:
+                raise CommandFailed(
+                    "--create-tables needs a dynamodb:// --registry (SQLite creates itself)", bad_input=True
+                )
+            from prebake.server.backends import create_tables
+
+            for table, outcome in create_tables(config):
+                print(f"table {table}: {outcome}", file=sys.stderr, flush=True)
         serve_forever(config)
-    except (DataDirInUse, CannotListen) as exc:
+    except (DataDirInUse, CannotListen, PrebakeError) as exc:
         raise CommandFailed(str(exc)) from exc
     return 0
 
 
-def _config(args: argparse.Namespace) -> ServerConfig:
-    flags = {
-        "listen": args.listen,
-        "data_dir": args.data_dir,
-        "max_blob_bytes": args.max_blob_bytes,
-        "max_store_bytes": args.max_store_bytes,
-        "embedded_workers": args.workers,
-    }
+def config_from(args: argparse.Namespace, **flags: object) -> ServerConfig:
+    """The ServerConfig of `flags` (None: not given), the environment and --config; bad
+    settings are CommandFailed (usage)."""
     try:
         return load_server_config(flags, os.environ, Path(args.config) if args.config else None)
     except ValueError as exc:
         raise CommandFailed(str(exc), bad_input=True) from exc
+
+
+def _config(args: argparse.Namespace) -> ServerConfig:
+    return config_from(
+        args,
+        listen=args.listen,
+        data_dir=args.data_dir,
+        store=args.store,
+        registry=args.registry,
+        max_blob_bytes=args.max_blob_bytes,
+        max_store_bytes=args.max_store_bytes,
+        embedded_workers=args.workers,
+    )

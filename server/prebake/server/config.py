@@ -7,11 +7,15 @@ environment variables > a TOML file (`--config`, or `PREBAKE_CONFIG`) > defaults
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from prebake.core.errors import InvalidArgument
+from prebake.core.s3_urls import S3Location, parse_s3_url
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_DATA_DIR = Path("./prebake-data")
@@ -23,6 +27,15 @@ class ServerConfig:
 
     listen: str = DEFAULT_LISTEN
     data_dir: Path = DEFAULT_DATA_DIR
+    # Where blobs and the manifest archive live: "" = local disk under data_dir (cas/), or
+    # "s3://BUCKET/PREFIX". Endpoint, region and credentials: boto3's standard sources.
+    store: str = ""
+    # Where the registry (artifacts, jobs, workers) lives: "" = SQLite under data_dir
+    # (registry.sqlite3), or "dynamodb://TABLE_PREFIX" (tables TABLE_PREFIX-artifacts, ...;
+    # `prebake init-aws` creates them). With both remote the server keeps no state of its
+    # own and any number of replicas may run; data_dir then only holds scratch space for
+    # embedded workers.
+    registry: str = ""
     # A single blob larger than this is refused with RESOURCE_EXHAUSTED.
     max_blob_bytes: int = 64 << 30
     # Total blob bytes the store may hold; 0 means no limit.
@@ -63,6 +76,10 @@ class ServerConfig:
 
 
 _ENV_PREFIX = "PREBAKE_"
+DYNAMODB_SCHEME = "dynamodb://"
+# DynamoDB table names are 3-255 characters of A-Z a-z 0-9 _ . -; the registry's are
+# PREFIX-SUFFIX and the longest suffix is "-blob-refs" (10 characters).
+_TABLE_PREFIX_RE = re.compile(r"[A-Za-z0-9_.-]{1,245}")
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -116,7 +133,10 @@ def load_server_config(
     config = ServerConfig(**merged)
     from prebake.server.key_normalization import DEFAULT_TOOLCHAINS
 
-    parse_default_toolchains(config.default_toolchains, DEFAULT_TOOLCHAINS)  # refuse it now, readably
+    # Refused now, readably, rather than when the server opens them.
+    parse_default_toolchains(config.default_toolchains, DEFAULT_TOOLCHAINS)
+    parse_store(config.store)
+    parse_registry(config.registry)
     return config
 
 
@@ -132,3 +152,28 @@ def parse_default_toolchains(text: str, known_kinds: Mapping[str, str]) -> dict[
             )
         result[kind.strip()] = toolchain.strip()
     return result
+
+
+def parse_store(text: str) -> S3Location | None:
+    """The S3 location of `store`, or None for local disk (""); ValueError if neither."""
+    if not text.strip():
+        return None
+    try:
+        return parse_s3_url(text, "store")
+    except InvalidArgument as exc:
+        raise ValueError(f"{exc}; leave store empty for local disk under data_dir") from None
+
+
+def parse_registry(text: str) -> str | None:
+    """The DynamoDB table prefix of `registry`, or None for SQLite (""); ValueError if neither."""
+    raw = text.strip()
+    if not raw:
+        return None
+    prefix = raw.removeprefix(DYNAMODB_SCHEME)
+    if prefix == raw or not _TABLE_PREFIX_RE.fullmatch(prefix):
+        raise ValueError(
+            f"registry {raw!r}: expected {DYNAMODB_SCHEME}TABLE_PREFIX with TABLE_PREFIX 1-245 "
+            "letters, digits, '_', '-' or '.' (e.g. dynamodb://prebake-prod), or empty for SQLite "
+            "under data_dir"
+        )
+    return prefix

@@ -12,6 +12,7 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from prebake.core import names
+from prebake.core.digests import hash_bytes
 from prebake.core.errors import InvalidArgument
 from prebake.core.key_fields import KEY_FIELDS
 from prebake.core.manifest_paths import validate_manifest_paths
@@ -61,6 +62,15 @@ def timestamp(seconds: float | None) -> Timestamp | None:
     return ts
 
 
+def seconds(ts: Timestamp) -> float:
+    """The time of a Timestamp that `timestamp` made: `timestamp(seconds(ts)) == ts`.
+
+    (A float has ~240 ns of resolution at today's dates, far coarser than the nanoseconds
+    `timestamp` truncates to, so the nearest float to the nanoseconds maps back exactly.)
+    """
+    return ts.ToNanoseconds() / 1e9
+
+
 def key_request(msg: key_pb2.ArtifactKey) -> KeyRequest:
     """The key as stated on the wire; every field of the contract is copied (see KEY_FIELDS)."""
     values: dict[str, Any] = {name: getattr(msg, name) for name in KEY_FIELDS}
@@ -86,6 +96,32 @@ def resolved_key(key: NormalizedKey) -> key_pb2.ResolvedKey:
         compile_target=key.compile_target,
         relevant_fields=list(key.relevant_fields),
         ignored_fields=list(key.ignored_fields),
+    )
+
+
+def normalized_key(msg: key_pb2.ResolvedKey) -> NormalizedKey:
+    """A key as the server resolved it (`resolved_key`), back as a record, as stated.
+
+    Not normalised again: the canonical text and digest are kept, so an artifact restored
+    from its archived manifest keeps its id whatever today's normalisation rules say.
+    `InvalidArgument` for an unknown kind or a digest that is not the canonical text's.
+    """
+    kind = kind_name(msg.key.kind)
+    if not kind:
+        raise InvalidArgument(f"key {msg.digest}: unknown kind {msg.key.kind}")
+    if hash_bytes(msg.canonical.encode()) != msg.digest:
+        raise InvalidArgument(f"key {msg.digest}: the digest is not the canonical text's")
+    values: dict[str, Any] = {name: getattr(msg.key, name) for name in KEY_FIELDS}
+    values["kind"] = kind
+    values["options"] = tuple(sorted(msg.key.options.items()))
+    return NormalizedKey(
+        schema_version=msg.schema_version,
+        compile_target=msg.compile_target,
+        relevant_fields=tuple(msg.relevant_fields),
+        ignored_fields=tuple(msg.ignored_fields),
+        canonical=msg.canonical,
+        digest=msg.digest,
+        **values,
     )
 
 
