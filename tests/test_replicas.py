@@ -260,7 +260,9 @@ def test_a_killed_worker_loses_its_job_to_a_worker_on_another_replica(
                 late = registry_pb2.Producer(worker=first.worker_id)
                 on_a.complete_job(job_id, zombie_token, artifact.files, late)
         with Client(b, timeout=30.0) as on_b:
-            assert on_b.lookup(key, on_miss="report").status == registry_pb2.LOOKUP_STATUS_HIT
+            hit = on_b.lookup(key, on_miss="report", model_source=str(tiny_model))
+            assert hit.status == registry_pb2.LOOKUP_STATUS_HIT, hit
+            assert hit.artifact.artifact_id == job.artifact_id
             assert on_b.get_artifact(job.artifact_id).producer.worker == second.worker_id
 
 

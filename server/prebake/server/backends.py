@@ -27,6 +27,7 @@ from prebake.server.blobs import ContentAddressedStore, LocalObjectStore, Object
 from prebake.server.config import DYNAMODB_SCHEME, ServerConfig, parse_registry, parse_store
 from prebake.server.storage.archived_index import ArchivedArtifactIndex
 from prebake.server.storage.bundle import Storage
+from prebake.server.storage.hit_cache import CachedArtifactIndex
 
 AWS_HINT = "pip install 'prebake[aws]'"
 REGISTRY_FILE = "registry.sqlite3"
@@ -111,8 +112,12 @@ def archived(storage: Storage, objects: ObjectStore) -> Storage:
 
 
 def open_storage(config: ServerConfig, objects: ObjectStore) -> Storage:
-    """The registry a server uses: the configured engine, archiving manifests in `objects`."""
-    return archived(open_registry(config), objects)
+    """The registry a server uses: the configured engine, archiving manifests in `objects`, and
+    with a shared (DynamoDB) registry the replica's hit cache in front (`hit_cache_seconds`)."""
+    storage = archived(open_registry(config), objects)
+    if parse_registry(config.registry) is None or config.hit_cache_seconds <= 0:
+        return storage  # SQLite: a hit is one local point read; nothing to save
+    return replace(storage, artifacts=CachedArtifactIndex(storage.artifacts, config.hit_cache_seconds))
 
 
 def open_backends(config: ServerConfig) -> tuple[Storage, ContentAddressedStore]:

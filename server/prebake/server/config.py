@@ -44,6 +44,10 @@ class ServerConfig:
     # make them (S3) and a client that asks for them; 0 turns them off (every download then
     # streams through the server).
     presign_seconds: int = 900
+    # With a shared registry (DynamoDB), how long a replica answers a repeated hit from
+    # memory: deletes, replaces and pins made through other replicas show within this time
+    # (this replica's own at once; a publish anywhere is a hit everywhere at once). 0: off.
+    hit_cache_seconds: float = 5.0
     # How long a deterministic compile failure answers FAILED before a lookup retries.
     negative_cache_seconds: float = 3600.0
     # Attempts a job gets before a transient failure becomes final.
