@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from prebake.core.s3_urls import S3Location
-from prebake.server.config import DEFAULT_LISTEN, ServerConfig, load_server_config, parse_registry, parse_store
+from prebake.server.config import (
+    DEFAULT_LISTEN,
+    ServerConfig,
+    load_server_config,
+    parse_registry,
+    parse_store,
+)
 from tests.plugin_cli import PrebakeCli
 
 

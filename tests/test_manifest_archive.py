@@ -215,7 +215,7 @@ def test_an_archive_that_cannot_be_written_publishes_nothing(tmp_path: Path) -> 
     storage = open_sqlite(tmp_path / "registry.sqlite3")
     try:
         index = ArchivedArtifactIndex(storage.artifacts, _BrokenObjects(tmp_path / "cas"))
-        with pytest.raises(Unavailable, match="could not archive the manifest.*nothing was published"):
+        with pytest.raises(Unavailable, match=r"could not archive the manifest.*nothing was published"):
             run(index.put(make_artifact(), expect_manifest=None))
         assert run(storage.artifacts.get(make_artifact().artifact_id)) is None
     finally:

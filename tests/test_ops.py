@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from prebake.client import Client
+from prebake.client import ArtifactKey, Client
 from prebake.core.errors import FailedPrecondition
 from prebake.server import backends
 from prebake.server.app import background_server
@@ -27,7 +27,7 @@ from tests.plugin_cli import PrebakeCli
 Snapshot = dict[str, tuple[object, ...]]
 
 
-def key(n: int) -> object:
+def key(n: int) -> ArtifactKey:
     return dataclasses.replace(LLAMA3_8B_INF2, sequence_length=1024 * (n + 1))
 
 
@@ -199,7 +199,9 @@ def test_a_missing_aws_extra_is_reported_with_what_to_install(monkeypatch: pytes
         (backends.open_registry, "prebake.server.storage.dynamodb"),
     ):
         present = importlib.util.find_spec(module) is not None
-        expected = "needs the AWS extra: pip install 'prebake[aws]'" if present else "is not part of this prebake"
+        expected = (
+            "needs the AWS extra: pip install 'prebake[aws]'" if present else "is not part of this prebake"
+        )
         with pytest.raises(FailedPrecondition, match=expected.replace("[", r"\[").replace("]", r"\]")):
             open_it(config)
 
@@ -209,7 +211,9 @@ def test_local_backends_keep_state_in_the_data_dir_unless_both_are_remote() -> N
     assert backends.keeps_local_state(local)
     assert backends.keeps_local_state(dataclasses.replace(local, store="s3://bucket/p"))
     assert backends.keeps_local_state(dataclasses.replace(local, registry="dynamodb://t"))
-    assert not backends.keeps_local_state(dataclasses.replace(local, store="s3://bucket/p", registry="dynamodb://t"))
+    assert not backends.keeps_local_state(
+        dataclasses.replace(local, store="s3://bucket/p", registry="dynamodb://t")
+    )
 
 
 @pytest.mark.parametrize("command", ["init-aws", "reindex", "migrate"])
