@@ -48,6 +48,7 @@ from prebake.client.fetch import FetchResult, fetch_artifact
 from prebake.client.hostcache import HostCache
 from prebake.client.model_revision import revision_of
 from prebake.client.publish import LocalFile, scan_directory
+from prebake.client.s3_model_revision import s3_revision_of
 from prebake.client.transfer import (
     DownloadResult,
     Progress,
@@ -64,6 +65,7 @@ from prebake.core.names import (
     kind_to_proto,
     lookup_status_name,
 )
+from prebake.core.s3_urls import is_s3_url
 from prebake.v1 import (
     admin_pb2,
     blobs_pb2,
@@ -126,19 +128,28 @@ def _paginate(page: Callable[[int, str], tuple[Sequence[T], str]], limit: int | 
 
 
 def _with_source_revision(key: key_pb2.ArtifactKey, model_source: str) -> key_pb2.ArtifactKey:
-    """The key, with the revision a local model source directory implies if it has none.
+    """The key, with the revision its model source implies if it has none.
 
     New weights must never hit an artifact compiled from old ones, so a key looked up
-    with a local checkpoint directory and no revision gets the digest of the checkpoint's
-    files (`revision_of`; hashing runs at disk speed). An `s3://` source implies nothing.
-    Raises InvalidArgument if the directory cannot be read.
+    with a model source and no revision gets the source's revision: for a local checkpoint
+    directory the digest of its files (`revision_of`; hashing runs at disk speed), for an
+    `s3://` prefix the digest of its listing (`s3_revision_of`: sizes and ETags, nothing
+    downloaded; needs boto3, else the error says to install prebake[aws] or pass
+    `--revision`). Other schemes imply nothing (the worker refuses them).
+    Raises InvalidArgument if a local directory cannot be read, and what `s3_revision_of`
+    raises for an S3 source.
     """
-    if key.model_revision or not model_source or "://" in model_source:
+    if key.model_revision or not model_source:
         return key
-    try:
-        revision = revision_of(Path(model_source))
-    except (OSError, ValueError) as exc:
-        raise InvalidArgument(f"model_source {model_source}: {exc}") from None
+    if is_s3_url(model_source):
+        revision = s3_revision_of(model_source)
+    elif "://" in model_source:
+        return key
+    else:
+        try:
+            revision = revision_of(Path(model_source))
+        except (OSError, ValueError) as exc:
+            raise InvalidArgument(f"model_source {model_source}: {exc}") from None
     resolved = key_pb2.ArtifactKey()
     resolved.CopyFrom(key)
     resolved.model_revision = revision

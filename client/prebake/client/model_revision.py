@@ -11,24 +11,30 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from prebake.core.digests import hash_bytes, hash_file
 
 # Part of the hashed document: a change of the recipe must change every revision, never
 # silently collide with revisions computed the old way.
 REVISION_SCHEME = "prebake-model-revision-v1"
+# Every Hugging Face checkpoint has one at its root; a source without it is not a checkpoint.
+CONFIG_FILE = "config.json"
 
 
-def _is_hidden(rel: Path) -> bool:
-    return any(part.startswith(".") for part in rel.parts)
+def is_checkpoint_path(rel: PurePath) -> bool:
+    """Whether a file at `rel` (relative to the checkpoint's root) is part of the checkpoint.
+
+    Hidden files are not: any path component starting with "." (`.git/`, `.cache/` left by
+    `huggingface_hub`, editor files). The one rule for local directories and S3 prefixes.
+    """
+    return not any(part.startswith(".") for part in rel.parts)
 
 
 def checkpoint_files(root: Path) -> list[Path]:
     """Every regular, non-hidden file under `root`, relative to it, sorted by posix path.
 
-    Hidden means any path component starts with "." (`.git/`, `.cache/` left by
-    `huggingface_hub`, editor files): these are not part of the model. Symlinks to files
+    Hidden files (`is_checkpoint_path`) are not part of the model. Symlinks to files
     are followed (a Hugging Face cache snapshot is all symlinks to blobs, and what counts is
     the content); symlinked directories are not descended into, so a link cycle cannot loop.
     """
@@ -36,11 +42,11 @@ def checkpoint_files(root: Path) -> list[Path]:
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         base = Path(dirpath)
         # Prune hidden directories in place so os.walk does not descend into them.
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        dirnames[:] = [d for d in dirnames if is_checkpoint_path(PurePath(d))]
         for name in filenames:
             path = base / name
             rel = path.relative_to(root)
-            if not _is_hidden(rel) and path.is_file():
+            if is_checkpoint_path(rel) and path.is_file():
                 found.append(rel)
     return sorted(found, key=lambda p: p.as_posix())
 

@@ -2,6 +2,8 @@
 
 Layout under the configured work directory: `worker-<pid>-<n>/` (one per live worker,
 holding one `<job>-<token>/` directory per running job) beside `worker-<pid>-<n>.lock`.
+`model-cache/` beside them holds the S3 model sources the workers downloaded (model_cache.py);
+sweeping leaves it alone.
 
 Contract:
 * A live worker holds an exclusive flock on its `.lock` file; the kernel drops it when

@@ -51,11 +51,11 @@ from prebake.client.errors import (
     PrebakeError,
     Unavailable,
 )
-from prebake.compiler.backend import EXIT_DETERMINISTIC, EXIT_OK, CompileRequest
+from prebake.compiler.backend import EXIT_DETERMINISTIC, EXIT_OK, CompileError, CompileRequest
 from prebake.compiler.heartbeat import Heartbeat, heartbeat_interval
 from prebake.compiler.job_run import JobRun, Lease, LeaseGone, Outcome
 from prebake.compiler.lease_poll import LeasePoller
-from prebake.compiler.model_source import resolve_model_source
+from prebake.compiler.model_source import DownloadCache, checked_source, resolve_model_source
 from prebake.compiler.outage import Outage, backoff, call_under_lease
 from prebake.compiler.probe import (
     BackendStatus,
@@ -69,6 +69,7 @@ from prebake.compiler.reports import MAX_ERROR_CHARS, failure_report
 from prebake.compiler.supervise import key_fields, run_compile
 from prebake.compiler.work_dir import default_work_dir, worker_dir
 from prebake.core.names import kind_name, kind_names
+from prebake.core.s3_urls import is_s3_url
 from prebake.v1 import blobs_pb2, jobs_pb2, workers_pb2
 
 # Callers of `prebake worker` import these from here (with Worker and WorkerConfig).
@@ -122,7 +123,10 @@ class Worker:
       a zombie never publishes because the server checks the fencing token.
     * Failures are classified by the backend's exit status: 3 is deterministic (never
       retried by the server), anything else transient. A job without a usable model source
-      fails deterministically, before anything is compiled.
+      fails deterministically, before anything is compiled (one whose S3 source cannot be
+      read right now, transiently). An s3:// source is downloaded before the compile, into
+      `work_dir/model-cache/<revision>/`, shared by the workers of one work dir and kept
+      across jobs, so a revision is downloaded once.
     * The worker's files live in a private, flock-protected directory under `work_dir`,
       removed after each job and on exit; directories of dead workers are swept at start.
 
@@ -274,12 +278,12 @@ class Worker:
                 run, "job has no model_source; pass --model-source on lookup/ensure", True, None
             )
         try:
-            source = resolve_model_source(job.model_source)
+            source = self._local_source(job, job_dir)
         except ValueError as exc:
             return self._fail(run, f"unusable model source: {exc}", True, None)
-        except NotImplementedError as exc:
-            # Another worker (a newer one) may be able to read it: worth another attempt.
-            return self._fail(run, f"this worker cannot read the model source: {exc}", False, None)
+        except CompileError as exc:
+            what = "unusable model source" if exc.deterministic else "cannot read the model source"
+            return self._fail(run, f"{what}: {exc}", exc.deterministic, None)
 
         out_dir = job_dir / "out"
         out_dir.mkdir()
@@ -319,6 +323,20 @@ class Worker:
             return Outcome.SUCCEEDED
         report = failure_report(kind_name(job.key.key.kind), returncode, job_dir)
         return self._fail(run, report, returncode == EXIT_DETERMINISTIC, log_digest)
+
+    def _local_source(self, job: jobs_pb2.Job, job_dir: Path) -> Path:
+        """The local checkpoint the compile reads.
+
+        An s3:// source is checked against the key's revision (one listing) and downloaded
+        here, into the cache every worker on this work dir shares (staging in the job
+        directory, so a killed worker's half download goes with it), because the compile
+        child may have no boto3. A local directory is only resolved: the backend checks
+        its revision (`checked_source`), so that it is hashed once.
+        """
+        if is_s3_url(job.model_source):
+            cache = DownloadCache.in_work_dir(self.config.work_dir, job_dir)
+            return checked_source(job.model_source, job.key.key.model_revision, cache)
+        return resolve_model_source(job.model_source)
 
     # Ending a job without an artifact -------------------------------------------------
 
