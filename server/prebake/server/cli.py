@@ -51,7 +51,10 @@ def register(commands: CommandRegistrar) -> None:
     p.add_argument(
         "--data-dir",
         metavar="DIR",
-        help=f"where the registry and blobs live (default {os.path.join('.', DEFAULT_DATA_DIR)})",
+        help=(
+            "where a local registry and blobs live, and embedded workers' scratch space "
+            f"(default {os.path.join('.', DEFAULT_DATA_DIR)})"
+        ),
     )
     p.add_argument("--config", metavar="FILE", help="TOML file with a [server] table (env PREBAKE_CONFIG)")
     add_backend_flags(p)
@@ -73,16 +76,21 @@ def register(commands: CommandRegistrar) -> None:
 
 
 def add_backend_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
-    """--store and --registry (with `prefix`, e.g. --to-store), ServerConfig's `store` and `registry`."""
+    """--store and --registry, ServerConfig's `store` and `registry`; with `prefix` (e.g.
+    "to-": --to-store) flags of another configuration, which no environment variable sets."""
+
+    def env(name: str) -> str:
+        return "" if prefix else f"; env PREBAKE_{name}"
+
     p.add_argument(
         f"--{prefix}store",
         metavar="URL",
-        help="blobs: s3://BUCKET/PREFIX (default: local disk under the data dir; env PREBAKE_STORE)",
+        help=f"blobs: s3://BUCKET/PREFIX (default: local disk under the data dir{env('STORE')})",
     )
     p.add_argument(
         f"--{prefix}registry",
         metavar="URL",
-        help="registry: dynamodb://TABLE_PREFIX (default: SQLite under the data dir; env PREBAKE_REGISTRY)",
+        help=f"registry: dynamodb://TABLE_PREFIX (default: SQLite under the data dir{env('REGISTRY')})",
     )
 
 
