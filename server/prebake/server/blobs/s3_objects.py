@@ -102,7 +102,7 @@ def translate_error(exc: Exception, location: S3Location, endpoint: str, action:
         if code == "NoSuchBucket":
             return StorageUnavailable(
                 f"cannot {action}: the bucket of {where} does not exist at {endpoint}; "
-                "check the store URL, or create the bucket (prebake init-aws)"
+                "check the store URL, or create the bucket (e.g. aws s3 mb), then run prebake init-aws"
             )
         if code in _NOT_FOUND or status == 404:
             return NoSuchObject(f"cannot {action}: no such object")
@@ -473,7 +473,7 @@ class S3ObjectStore:
             if status == 404:
                 raise FailedPrecondition(
                     f"bucket {self._bucket!r} does not exist at {self.endpoint}; create it "
-                    f"(prebake init-aws) or fix the store URL {self.location}"
+                    f"(e.g. aws s3 mb s3://{self._bucket}) or fix the store URL {self.location}"
                 ) from None
             if status == 403:
                 raise denied from None
