@@ -96,7 +96,7 @@ def test_an_unreachable_endpoint_is_unavailable_with_a_clear_message(
 
 def test_a_missing_bucket(aws_serial: Emulator) -> None:
     store = S3ObjectStore(S3Location(aws_serial.unique_name("never-created"), "x/"))
-    with pytest.raises(FailedPrecondition, match=r"does not exist.*prebake init-aws"):
+    with pytest.raises(FailedPrecondition, match=r"does not exist.*aws s3 mb"):
         store.check_bucket()
     with pytest.raises(StorageUnavailable, match="does not exist"):
         store.put("k", b"data")
