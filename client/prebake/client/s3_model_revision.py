@@ -205,6 +205,15 @@ def _check_layout(location: S3Location, objects: list[SourceObject]) -> None:
                 )
 
 
+def changed_since_listed(location: S3Location, action: str, what: str) -> FailedPrecondition:
+    """An object of the checkpoint at `location` changed or vanished between listing and
+    reading (S3 said `what`): the listing's revision no longer names what S3 holds."""
+    return FailedPrecondition(
+        f"cannot {action} model source {location}: an object changed or was deleted after it was "
+        f"listed ({what}); the checkpoint is being rewritten: look the key up again once it is complete"
+    )
+
+
 def s3_error(
     exc: ClientError | BotoCoreError, location: S3Location, endpoint: str, action: str
 ) -> PrebakeError:
@@ -241,10 +250,7 @@ def s3_error(
                 f"arn:aws:s3:::{location.bucket}/{location.prefix}*"
             )
         if code in ("PreconditionFailed", "NoSuchKey") or status in (404, 412):
-            return FailedPrecondition(
-                f"cannot {action} {where}: the object changed or was deleted after it was listed "
-                f"({what}); the checkpoint is being rewritten: look the key up again once it is complete"
-            )
+            return changed_since_listed(location, action, what)
         if code in _WRONG_REGION or status == 301:
             return InvalidArgument(
                 f"cannot {action} {where}: the bucket is in another region ({what}); "

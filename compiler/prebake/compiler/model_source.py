@@ -98,7 +98,7 @@ def checked_source(source: Path | str, revision: str, cache: DownloadCache | Non
     if is_s3_url(text):
         if cache is None:
             raise CompileError(
-                f"model source {text}: s3:// sources are read by a worker, into its cache", True
+                f"model source {text}: s3:// sources are read by workers, into their download cache", True
             )
         try:
             from prebake.compiler.s3_model_source import checked_s3_source

@@ -30,13 +30,14 @@ from typing import TYPE_CHECKING, Any
 
 import boto3.s3.transfer
 from botocore.exceptions import BotoCoreError, ClientError
-from s3transfer.exceptions import RetriesExceededError
+from s3transfer.exceptions import RetriesExceededError, S3DownloadFailedError
 from s3transfer.futures import TransferFuture
 from s3transfer.subscribers import BaseSubscriber
 
 from prebake.client.s3_model_revision import (
     S3Checkpoint,
     SourceObject,
+    changed_since_listed,
     list_checkpoint,
     s3_client,
     s3_error,
@@ -110,8 +111,14 @@ def fetch(checkpoint: S3Checkpoint, cache: DownloadCache, s3: S3Client) -> Path:
 
 
 def _download(checkpoint: S3Checkpoint, into: Path, s3: S3Client) -> None:
-    """Every object of `checkpoint` into `into`, its sizes checked. Raises CompileError."""
-    config = boto3.s3.transfer.TransferConfig(max_concurrency=MAX_CONCURRENCY)
+    """Every object of `checkpoint` into `into`, its sizes checked. Raises CompileError.
+
+    Every GET carries `If-Match` with the listed ETag, so the bytes are those the revision
+    names or the download fails (412). s3transfer sends If-Match with the ETag it is given
+    only on its ranged path, so every non-empty object takes that path (threshold 1 byte);
+    empty objects need no GET at all (S3 refuses a range on them).
+    """
+    config = boto3.s3.transfer.TransferConfig(multipart_threshold=1, max_concurrency=MAX_CONCURRENCY)
     location = checkpoint.location
     pending = []
     try:
@@ -119,19 +126,19 @@ def _download(checkpoint: S3Checkpoint, into: Path, s3: S3Client) -> None:
             for obj in checkpoint.objects:
                 dest = into / obj.path
                 dest.parent.mkdir(parents=True, exist_ok=True)
+                if obj.size == 0:
+                    dest.touch()
+                    continue
                 future = manager.download(
-                    location.bucket,
-                    checkpoint.key(obj),
-                    str(dest),
-                    # The listed bytes or a 412: a revision names exactly what is compiled.
-                    extra_args={"IfMatch": f'"{obj.etag}"'},
-                    subscribers=[_Listed(obj)],
+                    location.bucket, checkpoint.key(obj), str(dest), subscribers=[_Listed(obj)]
                 )
-                pending.append((obj, future))
-            for _, future in pending:
+                pending.append(future)
+            for future in pending:
                 future.result()
     except (ClientError, BotoCoreError) as exc:
         raise compile_error(s3_error(exc, location, s3.meta.endpoint_url, "download")) from None
+    except S3DownloadFailedError:  # s3transfer's word for a GET refused by If-Match
+        raise compile_error(changed_since_listed(location, "download", "PreconditionFailed")) from None
     except RetriesExceededError as exc:
         failure = type(exc.last_exception).__name__
         raise CompileError(
@@ -139,7 +146,7 @@ def _download(checkpoint: S3Checkpoint, into: Path, s3: S3Client) -> None:
             "the download will be retried",
             False,
         ) from None
-    for obj, _ in pending:
+    for obj in checkpoint.objects:
         size = (into / obj.path).stat().st_size
         if size != obj.size:
             raise CompileError(
@@ -150,7 +157,8 @@ def _download(checkpoint: S3Checkpoint, into: Path, s3: S3Client) -> None:
 
 
 class _Listed(BaseSubscriber):
-    """Tells the transfer the object's size and ETag from the listing, sparing a HeadObject."""
+    """Gives the transfer the object's size and ETag from the listing: no HeadObject, and
+    If-Match with the listed ETag on every GET."""
 
     def __init__(self, obj: SourceObject) -> None:
         self.obj = obj
