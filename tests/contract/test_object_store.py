@@ -356,7 +356,7 @@ def _put_forever(make: Callable[[], ObjectStore], key: str, done: Any) -> None:
 
 
 def test_killed_put_leaves_no_partial_object(backend: ObjectBackend) -> None:
-    done = SPAWN.Value("i", 0)
+    done = SPAWN.Value("i", 0, lock=False)  # no lock a SIGKILLed child could die holding
     proc = SPAWN.Process(target=_put_forever, args=(backend.make, "crash/object", done))
     proc.start()
     try:
@@ -382,7 +382,9 @@ def _upload_parts_forever(make: Callable[[], ObjectStore], key: str, size: int, 
 
 def test_killed_multipart_upload_resumes_in_a_new_store(backend: ObjectBackend) -> None:
     size = part_size(backend.make())
-    stored = SPAWN.Value("i", 0)
+    # No lock: the child is SIGKILLed at any moment, and a lock it held then would never be
+    # released, hanging every later read here. One process writes one aligned int.
+    stored = SPAWN.Value("i", 0, lock=False)
     proc = SPAWN.Process(target=_upload_parts_forever, args=(backend.make, "uploads/killed", size, stored))
     proc.start()
     try:
