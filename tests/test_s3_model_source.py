@@ -260,6 +260,8 @@ def test_what_only_the_sources_owner_can_fix_is_deterministic(
         f"s3://{bucket}/nothing-here": "holds no checkpoint files; check the bucket and the prefix",
         upload(bucket, "weights-only/", {"model.safetensors": b""}): "has no config.json",
         upload(bucket, "odd/", {"config.json": b"{}", "a//b": b""}): "'odd/a//b' cannot be a checkpoint file",
+        upload(bucket, "dot/", {"config.json": b"{}", "./config.json": b""}): "'dot/./config.json' cannot be",
+        upload(bucket, "up/", {"config.json": b"{}", "a/../b": b""}): "'up/a/../b' cannot be a checkpoint",
         upload(
             bucket, "both/", {"config.json": b"{}", "a": b"", "a/b": b""}
         ): "'a' is both a file and a folder",
@@ -303,6 +305,17 @@ def test_an_unreachable_endpoint_is_transient(url: str, work: Path, monkeypatch:
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # boto3's own retries, from its standard settings
     error = compile_error(url, work)
     assert "cannot reach S3 at http://127.0.0.1:" in str(error) and "AWS_ENDPOINT_URL_S3" in str(error)
+    assert not error.deterministic
+    with pytest.raises(Unavailable, match="or pass --revision"):
+        s3_revision_of(url)
+
+
+def test_an_unusable_aws_configuration_is_transient_and_named(
+    url: str, work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_PROFILE", "no-such-profile")
+    error = compile_error(url, work)
+    assert "cannot set up an S3 client (ProfileNotFound); check AWS_PROFILE" in str(error)
     assert not error.deterministic
     with pytest.raises(Unavailable, match="or pass --revision"):
         s3_revision_of(url)

@@ -105,11 +105,19 @@ def s3_client() -> S3Client:
     """A boto3 S3 client configured from boto3's standard sources only (environment,
     AWS_PROFILE, instance role; `AWS_ENDPOINT_URL_S3` for other endpoints).
 
-    Raises ImportError if boto3 is not installed (the `prebake[aws]` extra).
+    Raises ImportError if boto3 is not installed (the `prebake[aws]` extra), `Unavailable`
+    if boto3's configuration is unusable (a missing AWS_PROFILE, say).
     """
     import boto3
+    from botocore.exceptions import BotoCoreError
 
-    return boto3.client("s3")
+    try:
+        return boto3.client("s3")
+    except BotoCoreError as exc:
+        raise Unavailable(
+            f"cannot set up an S3 client ({type(exc).__name__}); check AWS_PROFILE and the AWS "
+            "configuration files of this host"
+        ) from None
 
 
 def list_checkpoint(location: S3Location, s3: S3Client | None = None) -> S3Checkpoint:
@@ -118,7 +126,7 @@ def list_checkpoint(location: S3Location, s3: S3Client | None = None) -> S3Check
     Raises, with a message that names the location and what to change (never a credential):
     `InvalidArgument` if the bucket does not exist, the prefix holds no checkpoint files or
     no config.json, more than MAX_CHECKPOINT_OBJECTS objects, or a key that cannot be a
-    file (an empty path segment, a NUL, a name that is both a file and a folder);
+    file (an empty, '.' or '..' path segment, a NUL, a name both a file and a folder);
     `PermissionDenied` if the credentials may not list it; `Unavailable` if S3 cannot be
     reached, throttles, fails (5xx) or no credentials are configured here. ImportError if
     boto3 is missing and no client is given.
@@ -157,14 +165,12 @@ def s3_revision_of(url: str) -> str:
     """
     location = parse_s3_url(url, "model source")
     try:
-        s3 = s3_client()
+        return list_checkpoint(location, s3_client()).revision
     except ImportError:
         raise InvalidArgument(
             f"model source {location}: computing the revision of an s3:// model source needs boto3; "
             "install prebake[aws], or pass --revision"
         ) from None
-    try:
-        return list_checkpoint(location, s3).revision
     except PrebakeError as exc:
         raise type(exc)(f"{exc} (or pass --revision to name the model revision yourself)") from None
 
@@ -174,13 +180,15 @@ def _source_object(location: S3Location, key: str, size: int, etag: str) -> Sour
     path = key[len(location.prefix) :]
     if not path or path.endswith("/"):
         return None
-    if not is_checkpoint_path(PurePosixPath(path)):
-        return None  # hidden; "." and ".." segments are hidden too
-    if "" in path.split("/") or "\0" in path:
+    # Before the hidden rule: PurePosixPath drops "" and "." segments, and a local file
+    # name has none of these.
+    if any(segment in ("", ".", "..") for segment in path.split("/")) or "\0" in path:
         raise InvalidArgument(
             f"model source {location}: object key {key!r} cannot be a checkpoint file "
-            "(an empty path segment or a NUL character); rename it"
+            "(an empty, '.' or '..' path segment, or a NUL character); rename it"
         )
+    if not is_checkpoint_path(PurePosixPath(path)):
+        return None
     return SourceObject(path, size, etag.strip('"'))
 
 

@@ -42,7 +42,7 @@ from prebake.client.s3_model_revision import (
     s3_client,
     s3_error,
 )
-from prebake.compiler.backend import CompileError, is_environmental
+from prebake.compiler.backend import CompileError
 from prebake.compiler.model_cache import DownloadCache, cached, install, write_marker
 from prebake.compiler.model_source import CONTENT_REVISION_RE, revision_mismatch
 from prebake.core.errors import PrebakeError, Unavailable
@@ -66,8 +66,8 @@ def checked_s3_source(url: str, revision: str, cache: DownloadCache, s3: S3Clien
     """The local copy of the checkpoint at `url`, whose revision must be `revision` if that
     is a content digest (32 hex digits; other revisions, such as commit hashes, are not
     checked). Raises CompileError (see the module docstring)."""
-    client = s3 if s3 is not None else s3_client()
     try:
+        client = s3 if s3 is not None else s3_client()
         checkpoint = list_checkpoint(parse_s3_url(url, "model source"), client)
     except PrebakeError as exc:
         raise compile_error(exc) from None
@@ -93,9 +93,9 @@ def fetch(checkpoint: S3Checkpoint, cache: DownloadCache, s3: S3Client) -> Path:
         write_marker(staged, checkpoint)
         entry = install(cache, staged, revision)
     except OSError as exc:
+        # This worker's disk, not the source: another worker (or a later attempt) may do.
         raise CompileError(
-            f"cannot store model source {checkpoint.location} under {cache.root}: {exc}",
-            not is_environmental(exc),
+            f"cannot store model source {checkpoint.location} under {cache.root}: {exc}", False
         ) from None
     finally:
         shutil.rmtree(staged, ignore_errors=True)
