@@ -20,8 +20,10 @@ demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
 ## test: the full test suite against real servers on loopback (also checks stub drift)
+# One pytest process per core (at most 4: each compile test holds a torch model in memory);
+# every process starts its own servers and moto emulators on free ports.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses=4
 
 ## lint: ruff check, ruff format --check, mypy, and the generated-stub drift check
 lint: $(STAMP)

@@ -275,7 +275,8 @@ class Completer:
 def test_prewarm_reports_hit_compiled_cancelled_and_invalid(client: Client, tmp_path: Path) -> None:
     matrix = {
         "kind": "neuron",
-        "models": [{"model": LLAMA, "model_source": "s3://bucket/llama"}],
+        # With a revision given, the client need not list the S3 prefix (no AWS here).
+        "models": [{"model": LLAMA, "model_source": "s3://bucket/llama", "revision": "r7"}],
         "instance_types": ["ml.inf2.48xlarge", "ml.trn1.32xlarge"],
         "shapes": [{"sequence_length": 8192, "batch_size": 8}],
         "tensor_parallel_degrees": [24, 32],
@@ -292,7 +293,8 @@ def test_prewarm_reports_hit_compiled_cancelled_and_invalid(client: Client, tmp_
     }
     entries = parse_matrix(matrix)
     assert len(entries) == 5
-    publish_for(client, tmp_path, LLAMA3_8B_INF2)  # inf2 tp 24: already there
+    # inf2 tp 24 at the matrix's revision: already there
+    publish_for(client, tmp_path, dataclasses.replace(LLAMA3_8B_INF2, model_revision="r7"))
 
     def act(job: jobs_pb2.Job) -> None:
         if job.key.key.instance_type.endswith("trn1.32xlarge") and job.key.key.tensor_parallel_degree == 32:
