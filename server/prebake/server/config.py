@@ -7,7 +7,6 @@ environment variables > a TOML file (`--config`, or `PREBAKE_CONFIG`) > defaults
 from __future__ import annotations
 
 import os
-import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -16,6 +15,8 @@ from typing import Any
 
 from prebake.core.errors import InvalidArgument
 from prebake.core.s3_urls import S3Location, parse_s3_url
+from prebake.server.registry_url import SCHEME as DYNAMODB_SCHEME
+from prebake.server.registry_url import validate_table_prefix
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_DATA_DIR = Path("./prebake-data")
@@ -80,10 +81,6 @@ class ServerConfig:
 
 
 _ENV_PREFIX = "PREBAKE_"
-DYNAMODB_SCHEME = "dynamodb://"
-# DynamoDB table names are 3-255 characters of A-Z a-z 0-9 _ . -; the registry's are
-# PREFIX-SUFFIX and the longest suffix is "-blob-refs" (10 characters).
-_TABLE_PREFIX_RE = re.compile(r"[A-Za-z0-9_.-]{1,245}")
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -174,10 +171,12 @@ def parse_registry(text: str) -> str | None:
     if not raw:
         return None
     prefix = raw.removeprefix(DYNAMODB_SCHEME)
-    if prefix == raw or not _TABLE_PREFIX_RE.fullmatch(prefix):
+    try:
+        if prefix == raw:
+            raise InvalidArgument(f"it does not start with {DYNAMODB_SCHEME}")
+        return validate_table_prefix(prefix)
+    except InvalidArgument as exc:
         raise ValueError(
-            f"registry {raw!r}: expected {DYNAMODB_SCHEME}TABLE_PREFIX with TABLE_PREFIX 1-245 "
-            "letters, digits, '_', '-' or '.' (e.g. dynamodb://prebake-prod), or empty for SQLite "
+            f"registry {raw!r}: expected {DYNAMODB_SCHEME}TABLE_PREFIX ({exc}), or empty for SQLite "
             "under data_dir"
-        )
-    return prefix
+        ) from None
