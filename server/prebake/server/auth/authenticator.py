@@ -123,6 +123,11 @@ class Authenticator:
         raise Unauthenticated(BROKEN_FILE if snapshot.error else NO_CREDENTIALS)
 
 
-def _normalise_subject(subject: str) -> str:
-    """A subject for comparison, spaces around its RDNs dropped ("CN=a, O=b" == "CN=a,O=b")."""
-    return ",".join(part.strip() for part in subject.split(","))
+def _normalise_subject(subject: str) -> tuple[str, ...]:
+    """A subject for comparison: its attributes, stripped and in a fixed order.
+
+    TLS reports subjects in RFC 4514 order (the last RDN first: "O=org,CN=name"), people
+    write them either way ("CN=name, O=org"); both name the same certificate here. The
+    client CA vouches for the whole subject, so order carries no authority.
+    """
+    return tuple(sorted(part.strip() for part in subject.split(",") if part.strip()))

@@ -9,8 +9,8 @@ Format (UTF-8, one entry per line; blank lines and lines starting with `#` are i
 * `roles`: one or more of reader, worker, publisher, admin.
 * exactly one of `sha256` (the SHA-256, hex, of the bearer token; the token itself is
   never stored) or `cert_subject` (a client certificate's subject as TLS reports it,
-  e.g. "CN=worker-1,O=prebake"; honoured only by a server that verifies client
-  certificates, `--tls-client-ca`).
+  e.g. "CN=worker-1,O=prebake", attributes in any order; honoured only by a server that
+  verifies client certificates, `--tls-client-ca`).
 * `created`: when the entry was added (ISO 8601, UTC), for people.
 
 Tokens are `secrets.token_urlsafe(32)` (256 random bits) behind a `pbk_` prefix that
