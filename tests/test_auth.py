@@ -358,3 +358,35 @@ def test_client_cli_sends_the_token(
         monkeypatch.delenv("PREBAKE_TOKEN")
         monkeypatch.setenv("PREBAKE_TOKEN_FILE", str(token_file))
         assert prebake("--server", server.address, "stats").code == 0
+
+
+# Configuration -------------------------------------------------------------------------------
+
+
+def test_security_settings_from_flags_environment_and_checks(tmp_path: Path) -> None:
+    from prebake.server.config import load_server_config
+
+    config = load_server_config(
+        {}, {"PREBAKE_AUTH_FILE": "/etc/prebake/tokens", "PREBAKE_READER_MAY_ENQUEUE": "false"}
+    )
+    assert config.auth_file == "/etc/prebake/tokens" and config.reader_may_enqueue is False
+    assert load_server_config({"insecure_allow_anonymous": True}, {}).insecure_allow_anonymous is True
+    assert ServerConfig().reader_may_enqueue is True and not ServerConfig().auth_file
+    with pytest.raises(ValueError, match="reader_may_enqueue"):
+        load_server_config({}, {"PREBAKE_READER_MAY_ENQUEUE": "perhaps"})
+    with pytest.raises(ValueError, match="tls_cert and tls_key go together"):
+        load_server_config({"tls_cert": "server.pem"}, {})
+    with pytest.raises(ValueError, match="needs TLS"):
+        load_server_config({"tls_client_ca": "ca.pem"}, {})
+    missing = ServerConfig(
+        listen="127.0.0.1:0",
+        data_dir=tmp_path / "d",
+        tls_cert=str(tmp_path / "no.pem"),
+        tls_key=str(tmp_path / "k"),
+    )
+    server = BackgroundServer(missing)
+    try:
+        with pytest.raises(ServerFailedPrecondition, match=r"no\.pem"):
+            server.start()
+    finally:
+        server.stop()
