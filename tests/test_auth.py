@@ -336,6 +336,9 @@ def test_token_command(prebake: PrebakeCli, tmp_path: Path) -> None:
     missing = prebake("token", "revoke", str(path), "ci")
     assert missing.code == 2 and "no entry named 'ci'" in missing.err
 
+    nowhere = prebake("token", "add", str(tmp_path / "no-dir" / "t"), "--role", "reader", "--name", "x")
+    assert nowhere.code == 1 and "cannot write token file" in nowhere.err
+
     path.write_text(path.read_text() + "garbage\n")
     broken = prebake("token", "list", str(path))
     assert broken.code == 1 and f"{path}:2" in broken.err

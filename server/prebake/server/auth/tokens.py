@@ -208,7 +208,12 @@ def _rewrite(path: Path, lines: list[str]) -> None:
         comments = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip().startswith("#")]
     body = "".join(f"{line}\n" for line in (*comments, *lines))
     directory = path.parent if str(path.parent) else Path(".")
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise TokenFileError(
+            f"cannot write token file {path}: {exc.strerror or type(exc).__name__}"
+        ) from None
     try:
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as out:
