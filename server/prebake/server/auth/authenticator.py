@@ -48,8 +48,10 @@ BROKEN_FILE = "the server's token file is unusable right now; ask its operator t
 
 @dataclass(frozen=True)
 class _Snapshot:
+    """One reading of the token file: its entries with their principals, made once."""
+
     identity: tuple[int, int, int, int] | None
-    entries: tuple[TokenEntry, ...]
+    entries: tuple[tuple[TokenEntry, Principal], ...]
     error: str
 
 
@@ -88,7 +90,7 @@ class Authenticator:
         if identity is not None and identity == self._snapshot.identity:
             return
         try:
-            entries = tuple(read_entries(self.path))
+            entries = tuple((e, _principal(e)) for e in read_entries(self.path))
         except TokenFileError as exc:
             if str(exc) != self._snapshot.error:
                 log.error("token file refused, no token from it is accepted until it is fixed: %s", exc)
@@ -109,17 +111,17 @@ class Authenticator:
             for stored, minted in self._minted:
                 if hmac.compare_digest(stored, presented):
                     found = minted
-            for entry in snapshot.entries:
+            for entry, principal in snapshot.entries:
                 if entry.sha256 and hmac.compare_digest(entry.sha256, presented):
-                    found = _principal(entry)
+                    found = principal
             if found is not None:
                 return found
             raise Unauthenticated(BROKEN_FILE if snapshot.error else BAD_TOKEN)
         if self.trust_certificates:
             subjects = {_normalise_subject(s) for s in cert_subjects}
-            for entry in snapshot.entries:
+            for entry, principal in snapshot.entries:
                 if entry.cert_subject and _normalise_subject(entry.cert_subject) in subjects:
-                    return _principal(entry)
+                    return principal
         raise Unauthenticated(BROKEN_FILE if snapshot.error else NO_CREDENTIALS)
 
 
