@@ -170,8 +170,10 @@ async def start(config: ServerConfig) -> RunningServer:
     bind `config.listen` (port 0 picks a free port) and start serving.
 
     Raises DataDirInUse if another server holds the data directory, CannotListen if the
-    address is taken (both name the other server where they can), and what `open_state`
-    raises. With a remote registry and store nothing is locked: replicas are stateless.
+    address is taken (both name the other server where they can), FailedPrecondition for
+    an unusable token or certificate file or an unauthenticated non-loopback address
+    (see `prebake.server.auth.server_security`), and what `open_state` raises. With a
+    remote registry and store nothing is locked: replicas are stateless.
     """
     if not keeps_local_state(config):
         return await _start_locked(config)
@@ -207,7 +209,9 @@ async def _start_locked(config: ServerConfig) -> RunningServer:
     host, _, _ = config.listen.rpartition(":")
     try:
         port = bind_exclusively(server, config.listen, security.credentials)
-        local_target = security.add_local_port(server, f"{host}:{port}")
+        local_target = f"{host}:{port}"
+        if config.embedded_workers > 0:
+            local_target = security.add_local_port(server, local_target)
     except (OSError, RuntimeError):
         state.storage.close()
         security.close()
@@ -218,7 +222,8 @@ async def _start_locked(config: ServerConfig) -> RunningServer:
     running = RunningServer(server, state, f"{host}:{port}", health_servicer)
     running.security = security
     running.local_target = local_target
-    running.embedded_token = security.mint_embedded_token()
+    if config.embedded_workers > 0:
+        running.embedded_token = security.mint_embedded_token()
     running.start_background_tasks()
     return running
 
