@@ -83,6 +83,8 @@ def worker(args: argparse.Namespace, client: Client) -> int:
         max_jobs=args.max_jobs,
         drain_seconds=args.drain_seconds,
         rpc_timeout=args.timeout,
+        # The --token / --ca-bundle / --client-cert of the command line, as the client read them.
+        credentials=client.credentials,
     )
     try:
         compile_worker = Worker(config, client=client)

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prebake.client.client import Client
+from prebake.client.credentials import Credentials
 from prebake.client.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -102,6 +103,9 @@ class WorkerConfig:
     rpc_timeout: float = 30.0
     # The interpreter that runs the backend (one with the toolchain installed).
     python: str = sys.executable
+    # Token and TLS material for the server (a token with the worker role, or a client
+    # certificate the server's token file names); none for a server without auth.
+    credentials: Credentials = field(default_factory=Credentials)
 
 
 class Worker:
@@ -152,9 +156,11 @@ class Worker:
             raise WorkerSetupError(f"cannot probe the compile backends: {exc}") from exc
         self.backends = select_backends(probed, config.kinds)
         self.capabilities = [b.capability() for b in self.backends]
-        self._client = client or Client(config.server, timeout=config.rpc_timeout)
+        self._client = client or Client(
+            config.server, timeout=config.rpc_timeout, credentials=config.credentials
+        )
         self._owns_client = client is None
-        self._poller = LeasePoller(config.server, config.rpc_timeout)
+        self._poller = LeasePoller(config.server, config.rpc_timeout, config.credentials)
         self._outage = Outage(config.server)
         self._stopping = threading.Event()
         self._abandon = threading.Event()

@@ -79,6 +79,25 @@ class ServerConfig:
     # is installed here (0: none, compile on separate `prebake worker` hosts only).
     embedded_workers: int = 1
 
+    # --- Authentication, roles and TLS (prebake.server.auth) ---
+    # Token file that turns authentication on (JSON lines of hashed tokens and client
+    # certificate subjects with their roles; `prebake token add` writes it): every rpc but
+    # health and reflection then needs a token or certificate it names. Re-read when it
+    # changes. "" = off, allowed only on a loopback address (see insecure_allow_anonymous).
+    auth_file: str = ""
+    # Serve without authentication on a non-loopback address (with a loud warning), for a
+    # network trusted completely: anyone who reaches the port can replace artifacts.
+    insecure_allow_anonymous: bool = False
+    # Whether a miss looked up by a caller holding only the reader role enqueues a compile;
+    # off, it answers the miss without a job and says why (publishers and admins still may).
+    reader_may_enqueue: bool = True
+    # TLS: the server's certificate chain and its private key (PEM files); both or neither.
+    tls_cert: str = ""
+    tls_key: str = ""
+    # Mutual TLS: a PEM bundle of CAs; every client must present a certificate one of them
+    # signed (needs tls_cert). A certificate's subject may stand for a token-file entry.
+    tls_client_ca: str = ""
+
 
 _ENV_PREFIX = "PREBAKE_"
 
@@ -88,6 +107,8 @@ def _coerce(name: str, value: Any) -> Any:
     try:
         if kind in ("Path", Path):
             return Path(value)
+        if kind in ("bool", bool):
+            return _boolean(value)
         if kind in ("int", int):
             return int(value)
         if kind in ("float", float):
@@ -95,6 +116,19 @@ def _coerce(name: str, value: Any) -> Any:
         return str(value)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"configuration {name}={value!r}: expected {kind}") from exc
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise ValueError(f"{value!r} is not a boolean")
 
 
 def load_server_config(
@@ -138,7 +172,16 @@ def load_server_config(
     parse_default_toolchains(config.default_toolchains, DEFAULT_TOOLCHAINS)
     parse_store(config.store)
     parse_registry(config.registry)
+    check_tls(config)
     return config
+
+
+def check_tls(config: ServerConfig) -> None:
+    """ValueError unless the TLS settings make sense together (files are read at start-up)."""
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ValueError("tls_cert and tls_key go together: give both (PEM files) or neither")
+    if config.tls_client_ca and not config.tls_cert:
+        raise ValueError("tls_client_ca (mutual TLS) needs TLS: give tls_cert and tls_key too")
 
 
 def parse_default_toolchains(text: str, known_kinds: Mapping[str, str]) -> dict[str, str]:

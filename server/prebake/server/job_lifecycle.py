@@ -168,12 +168,14 @@ class JobLifecycle:
         files: Sequence[FileEntry],
         producer: Producer,
         replace_existing: bool = False,
+        force: bool = False,
     ) -> tuple[Artifact, bool, list[Job]]:
         """Store the manifest as the artifact for `key`; return (artifact, created, completed jobs).
 
         Publishing the same file list again changes nothing and returns created=False.
         A different file list raises `AlreadyExists` unless `replace_existing`, which
-        swaps the files in (keeping the pin, resetting hits and times). The key's
+        swaps the files in (keeping the pin, resetting hits and times); a pinned
+        artifact is replaced only with `force` (else `FailedPrecondition`). The key's
         active job succeeds with the artifact in the same atomic write, also on an
         idempotent re-publish (so a job that raced an earlier publish does not stay in
         flight). The caller has checked that every blob is present. A repeated path
@@ -187,6 +189,11 @@ class JobLifecycle:
             existing = await self.artifacts.get(key.digest)
             if existing is not None and existing.manifest_digest == manifest:
                 return existing, False, await self._complete_active(key.digest, existing.artifact_id)
+            if existing is not None and replace_existing and existing.pinned and not force:
+                raise FailedPrecondition(
+                    f"artifact {existing.artifact_id} is pinned: deploy hosts rely on it staying as it is; "
+                    "pass force with replace to replace it anyway, or unpin it first"
+                )
             if existing is not None and not replace_existing:
                 raise AlreadyExists(
                     f"artifact {key.digest} for this key already exists with a different file list "
