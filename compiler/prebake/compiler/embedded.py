@@ -36,7 +36,11 @@ def _local_target(address: str) -> str:
 
 
 def run_embedded_workers(
-    address: str, stop: threading.Event, work_dir: Path, per_kind: int = 1
+    address: str,
+    stop: threading.Event,
+    work_dir: Path,
+    per_kind: int = 1,
+    model_roots: tuple[Path, ...] | None = None,
 ) -> list[threading.Thread]:
     """Start `per_kind` daemon worker threads per kind whose toolchain is installed here.
 
@@ -45,7 +49,9 @@ def run_embedded_workers(
     `address`. Setting `stop` stops them without a drain (a running compile is killed
     and released); join the returned threads (bounded) before stopping the server so
     that the release reaches it. Never raises for a missing toolchain or a failed probe:
-    the server then runs without workers, and says so.
+    the server then runs without workers, and says so. `model_roots`: the local
+    directories the workers may read model sources from (the server's policy, re-checked
+    before reading; see `WorkerConfig.model_roots`).
     """
     if per_kind <= 0:
         return []
@@ -74,6 +80,7 @@ def run_embedded_workers(
                 kinds=(status.kind,),
                 worker_id=f"{default_worker_id()}/embedded-{status.kind}-{i + 1}",
                 drain_seconds=0.0,
+                model_roots=model_roots,
             )
             workers.append(Worker(config, backends={status.kind: status}))
         log.info("embedded workers: serving %s with %d worker(s)", status.describe(), per_kind)

@@ -56,6 +56,7 @@ from prebake.compiler.heartbeat import Heartbeat, heartbeat_interval
 from prebake.compiler.job_run import JobRun, Lease, LeaseGone, Outcome
 from prebake.compiler.lease_poll import LeasePoller
 from prebake.compiler.model_source import DownloadCache, checked_source, resolve_model_source
+from prebake.core.source_roots import lexical_path, lexically_within, really_within
 from prebake.compiler.outage import Outage, backoff, call_under_lease
 from prebake.compiler.probe import (
     BackendStatus,
@@ -102,6 +103,10 @@ class WorkerConfig:
     rpc_timeout: float = 30.0
     # The interpreter that runs the backend (one with the toolchain installed).
     python: str = sys.executable
+    # Local directories this worker may read model sources from (symbolic links resolved),
+    # re-checked before reading; None: whatever the job says (the server is the policy
+    # point, see prebake.server.model_sources). Embedded workers get the server's roots.
+    model_roots: tuple[Path, ...] | None = None
 
 
 class Worker:
@@ -336,6 +341,13 @@ class Worker:
         if is_s3_url(job.model_source):
             cache = DownloadCache.in_work_dir(self.config.work_dir, job_dir)
             return checked_source(job.model_source, job.key.key.model_revision, cache)
+        roots = self.config.model_roots
+        if roots is not None:
+            path = lexical_path(job.model_source)
+            allowed = [str(r) for r in roots]
+            if path is None or not lexically_within(path, allowed) or not really_within(path, allowed):
+                # As the server says it: nothing about what exists outside the roots.
+                raise ValueError(f"{job.model_source!r} is not under this worker's model source roots")
         return resolve_model_source(job.model_source)
 
     # Ending a job without an artifact -------------------------------------------------

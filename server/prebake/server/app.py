@@ -227,6 +227,7 @@ async def _serve(config: ServerConfig) -> None:
             workers_stop,
             config.data_dir / "work",
             per_kind=config.embedded_workers,
+            model_roots=running.state.model_sources.worker_roots(),
         )
     await stop.wait()
     print("prebake shutting down", file=sys.stderr, flush=True)
