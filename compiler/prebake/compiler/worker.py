@@ -56,7 +56,6 @@ from prebake.compiler.heartbeat import Heartbeat, heartbeat_interval
 from prebake.compiler.job_run import JobRun, Lease, LeaseGone, Outcome
 from prebake.compiler.lease_poll import LeasePoller
 from prebake.compiler.model_source import DownloadCache, checked_source, resolve_model_source
-from prebake.core.source_roots import lexical_path, lexically_within, really_within
 from prebake.compiler.outage import Outage, backoff, call_under_lease
 from prebake.compiler.probe import (
     BackendStatus,
@@ -71,6 +70,7 @@ from prebake.compiler.supervise import key_fields, run_compile
 from prebake.compiler.work_dir import default_work_dir, worker_dir
 from prebake.core.names import kind_name, kind_names
 from prebake.core.s3_urls import is_s3_url
+from prebake.core.source_roots import lexical_path, lexically_within, really_within
 from prebake.v1 import blobs_pb2, jobs_pb2, workers_pb2
 
 # Callers of `prebake worker` import these from here (with Worker and WorkerConfig).
