@@ -13,7 +13,6 @@ Stdlib and `prebake.core` only: the thin client imports this module.
 from __future__ import annotations
 
 import re
-import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -46,8 +45,8 @@ def check_path(path: str) -> None:
     bad = first_invisible(path)
     if bad is not None:
         raise UnsafePath(
-            f"path {shown} contains U+{ord(bad):04X} ({unicodedata.name(bad, 'a control character')}); "
-            "control, format (bidirectional, zero-width) and separator characters are not allowed"
+            f"path {shown} contains {bad!r}; control, format (bidirectional, zero-width) and "
+            "separator characters are not allowed"
         )
     if "\\" in path:
         raise UnsafePath(f"path {shown} contains a backslash; manifest paths use '/' as separator")
