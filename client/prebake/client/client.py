@@ -162,7 +162,8 @@ def _absolute_source(model_source: str) -> str:
     would be relative to its working directory, not the caller's); URLs unchanged."""
     if not model_source.strip() or "://" in model_source:
         return model_source
-    return os.path.abspath(os.path.expanduser(model_source))
+    # Joined, not normalised: the server judges the path as written (a `..` is refused there).
+    return os.path.join(os.getcwd(), os.path.expanduser(model_source))
 
 
 def _key_proto(key: KeyLike) -> key_pb2.ArtifactKey:
