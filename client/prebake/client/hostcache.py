@@ -309,10 +309,13 @@ def _locked(path: Path) -> Iterator[bool]:
         try:
             # Never through a link planted at the name (O_NOFOLLOW), nor creating its target.
             fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
-        except OSError as exc:
+        except OSError:
             if not os.path.islink(path):
                 raise
-            raise FileExistsError(f"{path} is a symbolic link, not a lock file; remove it") from exc
+            # Planted: removed (lock files are removed on release anyway), never followed.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             held = os.fstat(fd)
