@@ -49,6 +49,13 @@ class RegistryStub:
       range or unknown (instance type, precision), a precision the kind cannot produce,
       a tensor-parallel degree that does not fit the instance. The message says which
       field and what would be valid. Do not retry as is.
+      Also: a `model_source` the server's policy does not allow (outside its model
+      source roots and s3:// prefixes, missing, or escaping through `..` or a symbolic
+      link: one message for all, so nothing is learnt about paths outside the set).
+    * `FAILED_PRECONDITION`: `model_source` names another source than the one the key's
+      active job reads (the message names the job, and its source if the policy allows
+      it). Look up without a `model_source` (or with the job's) to join it, or retry once
+      the job has finished.
     * `UNAVAILABLE`: transient. Retry with backoff; lookups are idempotent apart from
       creating at most one job.
     """
@@ -95,6 +102,13 @@ class RegistryAsyncStub(RegistryStub):
       range or unknown (instance type, precision), a precision the kind cannot produce,
       a tensor-parallel degree that does not fit the instance. The message says which
       field and what would be valid. Do not retry as is.
+      Also: a `model_source` the server's policy does not allow (outside its model
+      source roots and s3:// prefixes, missing, or escaping through `..` or a symbolic
+      link: one message for all, so nothing is learnt about paths outside the set).
+    * `FAILED_PRECONDITION`: `model_source` names another source than the one the key's
+      active job reads (the message names the job, and its source if the policy allows
+      it). Look up without a `model_source` (or with the job's) to join it, or retry once
+      the job has finished.
     * `UNAVAILABLE`: transient. Retry with backoff; lookups are idempotent apart from
       creating at most one job.
     """
@@ -144,6 +158,13 @@ class RegistryServicer(metaclass=_abc_1.ABCMeta):
           range or unknown (instance type, precision), a precision the kind cannot produce,
           a tensor-parallel degree that does not fit the instance. The message says which
           field and what would be valid. Do not retry as is.
+          Also: a `model_source` the server's policy does not allow (outside its model
+          source roots and s3:// prefixes, missing, or escaping through `..` or a symbolic
+          link: one message for all, so nothing is learnt about paths outside the set).
+        * `FAILED_PRECONDITION`: `model_source` names another source than the one the key's
+          active job reads (the message names the job, and its source if the policy allows
+          it). Look up without a `model_source` (or with the job's) to join it, or retry once
+          the job has finished.
         * `UNAVAILABLE`: transient. Retry with backoff; lookups are idempotent apart from
           creating at most one job.
         """
