@@ -5,15 +5,19 @@ text recorded safe to display. Real servers on loopback; no compiles."""
 from __future__ import annotations
 
 import os
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from prebake.client import ArtifactKey, Client, errors
 from prebake.compiler.worker import Worker, WorkerConfig
+from prebake.core.text_safety import INVISIBLE_CATEGORIES, displayable, first_invisible
 from prebake.server.app import BackgroundServer, background_server
 from prebake.server.config import load_server_config
 from prebake.server.model_sources import ModelSources
@@ -232,3 +236,24 @@ def test_settings_from_flags_environment_and_toml(tmp_path: Path) -> None:
     for bad in ({"model_source_roots": "/a/../b"}, {"model_source_map": "m"}, {"model_source_map": "m=rel"}):
         with pytest.raises(ValueError, match="model_source"):
             load_server_config(bad, {})
+
+
+def test_the_default_allows_the_data_directorys_models_and_nothing_else(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (data / "models" / "llama").mkdir(parents=True)
+    (tmp_path / "home" / "llama").mkdir(parents=True)
+    with background_server(data) as srv, Client(srv.address) as c:
+        made = c.lookup(KEY, model_source=str(data / "models" / "llama"))
+        assert made.job.model_source == str(data / "models" / "llama")
+        assert "not a model source this server allows" in refusal(c, str(tmp_path / "home" / "llama"))
+        assert "not a model source this server allows" in refusal(c, str(data / "registry.sqlite3"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(), limit=st.integers(min_value=0, max_value=300))
+def test_displayable_text_is_bounded_and_has_nothing_invisible(text: str, limit: int) -> None:
+    shown = displayable(text, limit)
+    assert len(shown) <= limit
+    assert all(c in "\n\t" or unicodedata.category(c) not in INVISIBLE_CATEGORIES for c in shown)
+    if len(text) <= limit and first_invisible(text) is None:
+        assert shown == text, "plain text is kept as it is"
