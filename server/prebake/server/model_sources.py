@@ -126,7 +126,7 @@ class ModelSources:
     def visible(self, source: str) -> bool:
         """Whether `source` may be shown to any caller: inside the allowed set (or mapped),
         judged lexically. A job recorded under an older policy may hold another path."""
-        if source in self.mapped.values():
+        if _canonical(source) in self.mapped.values():
             return True
         if is_s3_url(source):
             try:
