@@ -12,6 +12,7 @@ says the call is safe to repeat; nothing else is retried implicitly.
 from __future__ import annotations
 
 import getpass
+import os
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -157,6 +158,15 @@ def _with_source_revision(key: key_pb2.ArtifactKey, model_source: str) -> key_pb
     return resolved
 
 
+def _absolute_source(model_source: str) -> str:
+    """A local model source as an absolute path (the server refuses relative ones: they
+    would be relative to its working directory, not the caller's); URLs unchanged."""
+    if not model_source.strip() or "://" in model_source:
+        return model_source
+    # Joined, not normalised: the server judges the path as written (a `..` is refused there).
+    return os.path.join(os.getcwd(), os.path.expanduser(model_source))
+
+
 def _key_proto(key: KeyLike) -> key_pb2.ArtifactKey:
     return key.to_proto() if isinstance(key, ArtifactKey) else key
 
@@ -276,7 +286,7 @@ class Client:
             key=key,
             on_miss=modes[on_miss],
             force=force,
-            model_source=model_source,
+            model_source=_absolute_source(model_source),
             allow=[POLICIES[name] for name in allow],
             direct_download=self.direct_download,
         )

@@ -43,7 +43,9 @@ def run_embedded_workers(
     stop: threading.Event,
     work_dir: Path,
     per_kind: int = 1,
+    *,
     token: str | None = None,
+    model_roots: tuple[Path, ...] | None = None,
 ) -> list[threading.Thread]:
     """Start `per_kind` daemon worker threads per kind whose toolchain is installed here.
 
@@ -54,6 +56,9 @@ def run_embedded_workers(
     that the release reaches it. Never raises for a missing toolchain or a failed probe:
     the server then runs without workers, and says so. `token` is the one the server
     minted for them when it authenticates (`address` may be its private `unix:` socket).
+    `model_roots`: the local
+    directories the workers may read model sources from (the server's policy, re-checked
+    before reading; see `WorkerConfig.model_roots`).
     """
     if per_kind <= 0:
         return []
@@ -83,6 +88,7 @@ def run_embedded_workers(
                 worker_id=f"{default_worker_id()}/embedded-{status.kind}-{i + 1}",
                 drain_seconds=0.0,
                 credentials=Credentials(token=token),
+                model_roots=model_roots,
             )
             workers.append(Worker(config, backends={status.kind: status}))
         log.info("embedded workers: serving %s with %d worker(s)", status.describe(), per_kind)

@@ -398,8 +398,12 @@ class LookupRequest(_message.Message):
     force: _builtins.bool
     """Ignore a cached deterministic failure and enqueue a new job."""
     model_source: _builtins.str
-    """For a job created by this lookup: where workers load the weights from (a local
-    directory on the workers, or an `s3://` prefix). At most 1,024 characters.
+    """For a job created by this lookup: where workers load the weights from (an absolute
+    local directory on the server's host and its workers, or an `s3://` prefix). Must lie
+    inside the server's allowed set (`model_source_roots`) or be the model's configured
+    source; empty means the model's configured source (`model_source_map`), if any.
+    Joining an active job with another source is refused (see `Lookup`). At most 1,024
+    characters.
     """
     direct_download: _builtins.bool
     """For a HIT: include presigned `download_url`s in the artifact's files, where the

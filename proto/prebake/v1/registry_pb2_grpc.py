@@ -78,6 +78,13 @@ class RegistryServicer:
         range or unknown (instance type, precision), a precision the kind cannot produce,
         a tensor-parallel degree that does not fit the instance. The message says which
         field and what would be valid. Do not retry as is.
+        Also: a `model_source` the server's policy does not allow (outside its model
+        source roots and s3:// prefixes, missing, or escaping through `..` or a symbolic
+        link: one message for all, so nothing is learnt about paths outside the set).
+        * `FAILED_PRECONDITION`: `model_source` names another source than the one the key's
+        active job reads (the message names the job, and its source if the policy allows
+        it). Look up without a `model_source` (or with the job's) to join it, or retry once
+        the job has finished.
         * `UNAUTHENTICATED`: the server requires a token (or client certificate) and got
         none, or one it does not accept. Do not retry with the same credentials.
         * `PERMISSION_DENIED`: the caller lacks the reader role. Do not retry.

@@ -249,6 +249,7 @@ async def _serve(config: ServerConfig) -> None:
             config.data_dir / "work",
             per_kind=config.embedded_workers,
             token=running.embedded_token,
+            model_roots=running.state.model_sources.worker_roots(),
         )
     await stop.wait()
     print("prebake shutting down", file=sys.stderr, flush=True)

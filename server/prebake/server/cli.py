@@ -48,6 +48,7 @@ def register(commands: CommandRegistrar) -> None:
         prebake serve
         prebake serve --listen 0.0.0.0:50051 --data-dir /var/lib/prebake --max-store-bytes 500G
         prebake serve --workers 0          # compile only on separate `prebake worker` hosts
+        prebake serve --model-source-root /srv/models --model-source-root s3://my-bucket/models
         PREBAKE_DATA_DIR=/srv/prebake prebake serve --config prebake.toml
         prebake serve --store s3://my-bucket/prebake --registry dynamodb://prebake-prod --create-tables
         prebake serve --listen 0.0.0.0:50051 --auth-file /etc/prebake/tokens --tls-cert s.pem --tls-key s.key
@@ -79,6 +80,24 @@ def register(commands: CommandRegistrar) -> None:
         type=count,
         metavar="N",
         help="in-process compile workers per installed backend (default 1; 0 = none)",
+    )
+    p.add_argument(
+        "--model-source-root",
+        action="append",
+        metavar="DIR|s3://PREFIX",
+        help=(
+            "a directory or s3:// prefix a lookup's --model-source may point inside; repeatable "
+            "(default: DATA_DIR/models; env PREBAKE_MODEL_SOURCE_ROOTS, comma-separated)"
+        ),
+    )
+    p.add_argument(
+        "--model-source-for",
+        action="append",
+        metavar="MODEL=SOURCE",
+        help=(
+            "the source of MODEL's jobs when a lookup names none (a directory or s3:// prefix, "
+            "allowed as is); repeatable (env PREBAKE_MODEL_SOURCE_MAP, comma-separated)"
+        ),
     )
     _add_security_flags(p)
 
@@ -186,4 +205,11 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
+        model_source_roots=_joined(args.model_source_root),
+        model_source_map=_joined(args.model_source_for),
     )
+
+
+def _joined(values: list[str] | None) -> str | None:
+    """A repeatable flag as its comma-separated setting (None: not given)."""
+    return None if values is None else ",".join(values)

@@ -97,6 +97,14 @@ class ServerConfig:
     # Mutual TLS: a PEM bundle of CAs; every client must present a certificate one of them
     # signed (needs tls_cert). A certificate's subject may stand for a token-file entry.
     tls_client_ca: str = ""
+    # --- Model source policy (issue 9, part 3) ---
+    # Where a lookup's model_source may point: local checkpoint directories under these
+    # directories (symbolic links must not lead out) and s3:// prefixes, comma-separated
+    # (a TOML list also works). Empty: DATA_DIR/models only.
+    model_source_roots: str = ""
+    # The source of each model's jobs when a lookup names none, "MODEL=SOURCE,..." (a TOML
+    # table also works): an absolute directory or an s3:// prefix, allowed as is.
+    model_source_map: str = ""
 
 
 _ENV_PREFIX = "PREBAKE_"
@@ -113,6 +121,10 @@ def _coerce(name: str, value: Any) -> Any:
             return int(value)
         if kind in ("float", float):
             return float(value)
+        if isinstance(value, list):  # TOML: a list for a comma-separated setting
+            return ",".join(str(item) for item in value)
+        if isinstance(value, dict):  # TOML: a table for a "KEY=VALUE,..." setting
+            return ",".join(f"{k}={v}" for k, v in value.items())
         return str(value)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"configuration {name}={value!r}: expected {kind}") from exc
@@ -173,6 +185,9 @@ def load_server_config(
     parse_store(config.store)
     parse_registry(config.registry)
     check_tls(config)
+    from prebake.server.model_sources import ModelSources
+
+    ModelSources.from_config(config.model_source_roots, config.model_source_map, config.data_dir)
     return config
 
 

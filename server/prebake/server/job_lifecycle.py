@@ -25,6 +25,7 @@ from dataclasses import replace
 
 from prebake.core.digests import hash_bytes
 from prebake.core.errors import AlreadyExists, Busy, FailedPrecondition, InvalidArgument, NotFound
+from prebake.core.text_safety import displayable
 from prebake.server.records import (
     Artifact,
     Digest,
@@ -47,6 +48,12 @@ MAX_RACES = 64
 LEASE_SCAN = 32
 EXPIRY_BATCH = 500
 _EXPIRED = "lease expired"
+# A failure's text comes from the compile (attacker-influenced: a model's config, a
+# toolchain's output) and is shown to every deployer of the key for the negative-cache
+# period: it is recorded displayable (no terminal escapes or invisible characters) and
+# at most this long. Progress messages likewise, shorter.
+MAX_RECORDED_ERROR = 4096
+MAX_RECORDED_MESSAGE = 1024
 # A decision of `JobLifecycle._change`: the new job, or None to leave it as it is.
 _Decide = Callable[[Job, float], Job | None]
 
@@ -322,7 +329,7 @@ class JobLifecycle:
             return replace(
                 job,
                 state=JobState.CANCELLED,
-                error=reason or "cancelled",
+                error=displayable(reason, MAX_RECORDED_ERROR) or "cancelled",
                 error_class=ErrorClass.NONE,
                 message="cancelled",
                 lease_expires_at=None,
@@ -336,7 +343,7 @@ class JobLifecycle:
         """The active `job` after a failed attempt: terminal, or queued after a backoff."""
         failed = replace(
             job,
-            error=error,
+            error=displayable(error, MAX_RECORDED_ERROR),
             error_class=error_class,
             lease_expires_at=None,
             log=job.log if log is None else log,
@@ -433,7 +440,11 @@ class JobLifecycle:
             if job.state is not JobState.LEASED or job.fencing_token != fencing_token:
                 raise _not_leased(job, fencing_token)
             return replace(
-                job, progress=progress, message=message, lease_expires_at=now + lease_seconds, updated_at=now
+                job,
+                progress=progress,
+                message=displayable(message, MAX_RECORDED_MESSAGE),
+                lease_expires_at=now + lease_seconds,
+                updated_at=now,
             )
 
         return await self._change(job_id, decide)
@@ -504,7 +515,9 @@ class JobLifecycle:
                 attempts=max(0, job.attempts - 1),
                 lease_expires_at=None,
                 progress=0.0,
-                message=f"released by {job.worker}" + (f": {reason}" if reason else ""),
+                message=displayable(
+                    f"released by {job.worker}" + (f": {reason}" if reason else ""), MAX_RECORDED_MESSAGE
+                ),
                 updated_at=now,
             )
 
