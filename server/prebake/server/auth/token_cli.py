@@ -13,8 +13,10 @@ imports only the standard library and core (and the standard-library `tokens` mo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from prebake.core.command_plugins import CommandFailed, CommandRegistrar
@@ -45,8 +47,23 @@ def register(commands: CommandRegistrar) -> None:
         """,
         connects=False,
     )
-    sub = p.add_subparsers(dest="token_command", metavar="SUBCOMMAND", required=True)
-    add = sub.add_parser("add", help="add an entry and print its token", description="Add an entry.")
+    tokens = commands.nested(p.add_subparsers(dest="token_command", metavar="SUBCOMMAND", required=True))
+    add = tokens.add_command(
+        "add",
+        token_add,
+        summary="add an entry and print its token",
+        description=(
+            "Append an entry to FILE (created with mode 0600 if missing) and print its new\n"
+            "token once, alone on stdout; only the token's SHA-256 is stored. With\n"
+            "--cert-subject the entry names a client certificate instead (mutual TLS) and no\n"
+            "token is printed. A name already in the file is refused."
+        ),
+        examples="""
+        prebake token add /etc/prebake/tokens --role reader --name deploy-fleet > deploy.token
+        prebake token add /etc/prebake/tokens --role worker --name gpu-1 --cert-subject CN=gpu-1
+        """,
+        connects=False,
+    )
     add.add_argument("file", metavar="FILE", help="the token file (created if missing)")
     add.add_argument(
         "--role", dest="roles", action="append", required=True, choices=ROLE_NAMES, help="a role; repeatable"
@@ -58,32 +75,67 @@ def register(commands: CommandRegistrar) -> None:
         metavar="SUBJECT",
         help="authenticate a client certificate with this subject (e.g. CN=worker-1) instead of a token",
     )
-    revoke = sub.add_parser("revoke", help="remove an entry", description="Remove an entry.")
+    revoke = tokens.add_command(
+        "revoke",
+        token_revoke,
+        summary="remove an entry",
+        description="Remove the entry NAME from FILE; a running server refuses it from its next rpc.",
+        examples="prebake token revoke /etc/prebake/tokens ci",
+        connects=False,
+    )
     revoke.add_argument("file", metavar="FILE", help="the token file")
     revoke.add_argument("name", metavar="NAME", help="the entry to remove")
-    listing = sub.add_parser("list", help="list the entries", description="List the entries.")
+    listing = tokens.add_command(
+        "list",
+        token_list,
+        summary="list the entries",
+        description="List the entries of FILE: names, roles, creation times and kinds (never hashes).",
+        examples="prebake token list /etc/prebake/tokens --json",
+        connects=False,
+    )
     listing.add_argument("file", metavar="FILE", help="the token file")
     listing.add_argument("--json", action="store_true", help="print one JSON object to stdout")
 
 
 def token(args: argparse.Namespace) -> int:
-    """Run `prebake token SUBCOMMAND`; CommandFailed (exit 2 for bad input) when it cannot."""
+    """`prebake token` alone: argparse requires a subcommand, so this is never reached."""
+    raise CommandFailed("prebake token: name a subcommand (add, revoke or list)", bad_input=True)
+
+
+def token_add(args: argparse.Namespace) -> int:
+    """`prebake token add`; CommandFailed (exit 2 for bad input) when it cannot."""
     path = Path(args.file)
+    with _failures():
+        new = add_entry(path, args.name, args.roles, cert_subject=args.cert_subject)
+    what = f"certificate {args.cert_subject}" if new is None else "a new token (printed once)"
+    print(f"added {args.name!r} ({', '.join(args.roles)}) to {path}: {what}", file=sys.stderr)
+    if new is not None:
+        print(new, flush=True)
+    return 0
+
+
+def token_revoke(args: argparse.Namespace) -> int:
+    """`prebake token revoke`; CommandFailed (exit 2 for bad input) when it cannot."""
+    path = Path(args.file)
+    with _failures():
+        gone = revoke_entry(path, args.name)
+    print(f"revoked {gone.name!r} ({', '.join(gone.roles)}) in {path}", file=sys.stderr)
+    return 0
+
+
+def token_list(args: argparse.Namespace) -> int:
+    """`prebake token list`; CommandFailed when the file cannot be read."""
+    with _failures():
+        _list(Path(args.file), args.json)
+    return 0
+
+
+@contextlib.contextmanager
+def _failures() -> Iterator[None]:
     try:
-        if args.token_command == "add":
-            new = add_entry(path, args.name, args.roles, cert_subject=args.cert_subject)
-            what = f"certificate {args.cert_subject}" if new is None else "a new token (printed once)"
-            print(f"added {args.name!r} ({', '.join(args.roles)}) to {path}: {what}", file=sys.stderr)
-            if new is not None:
-                print(new, flush=True)
-        elif args.token_command == "revoke":
-            gone = revoke_entry(path, args.name)
-            print(f"revoked {gone.name!r} ({', '.join(gone.roles)}) in {path}", file=sys.stderr)
-        else:
-            _list(path, args.json)
+        yield
     except PrebakeError as exc:
         raise CommandFailed(str(exc), bad_input=exc.code == "INVALID_ARGUMENT") from exc
-    return 0
 
 
 def _list(path: Path, as_json: bool) -> None:
