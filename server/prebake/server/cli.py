@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from prebake.core.cli_values import count, size
+from prebake.core.cli_values import count, seconds, size
 from prebake.core.command_plugins import CommandFailed, CommandRegistrar
 from prebake.core.errors import PrebakeError
 from prebake.server.config import DEFAULT_DATA_DIR, DEFAULT_LISTEN, ServerConfig, load_server_config
@@ -66,6 +66,18 @@ def register(commands: CommandRegistrar) -> None:
     p.add_argument("--max-blob-bytes", type=size, metavar="N", help="largest blob accepted (default 64G)")
     p.add_argument(
         "--max-store-bytes", type=size, metavar="N", help="total blob bytes allowed (default: no limit)"
+    )
+    p.add_argument(
+        "--gc-interval",
+        type=seconds,
+        metavar="SECONDS",
+        help="how often the garbage collector runs (default 300; 0 = never, `prebake gc` still works)",
+    )
+    p.add_argument(
+        "--unreferenced-blob-grace",
+        type=seconds,
+        metavar="SECONDS",
+        help="how long an uploaded blob no artifact uses is kept for its publish (default 3600)",
     )
     p.add_argument(
         "--workers",
@@ -149,4 +161,6 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         max_blob_bytes=args.max_blob_bytes,
         max_store_bytes=args.max_store_bytes,
         embedded_workers=args.workers,
+        gc_interval_seconds=args.gc_interval,
+        unreferenced_blob_grace_seconds=args.unreferenced_blob_grace,
     )

@@ -267,6 +267,11 @@ class BlobStore(Protocol):
         """(number of blobs, their total bytes). Cheap; each backend documents its freshness."""
         ...
 
+    def rescan(self) -> StoreStats:
+        """Recount what `stats` and `usage` report from the storage itself (one listing), picking
+        up other processes' changes; return the new `stats`."""
+        ...
+
     def iter_digests(self) -> Iterator[Digest]:
         """Every stored blob, once each, in no particular order.
 
