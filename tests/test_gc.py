@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,9 +25,11 @@ from prebake.client import ArtifactKey, Client
 from prebake.core.digests import hash_bytes
 from prebake.core.errors import QuotaExceeded
 from prebake.server.app import BackgroundServer, background_server
+from prebake.server.config import load_server_config
 from prebake.v1 import admin_pb2, admin_pb2_grpc, blobs_pb2, blobs_pb2_grpc, registry_pb2
 from tests.conftest import LLAMA3_8B_INF2, data_files, make_artifact_dir
 from tests.plugin_cli import PrebakeCli
+from tests.processes import ServerProcess, wait_until
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -270,3 +273,77 @@ def test_the_background_collector_runs(tmp_path: Path) -> None:
             time.sleep(0.05)
         assert client.find_missing_blobs([digest_of(orphan)]) == [digest_of(orphan)]
         assert server.running is not None and server.running.state.collector.runs >= 1
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"eviction_low_water": "0.9", "eviction_high_water": "0.5"}, "eviction_low_water"),
+        ({"eviction_high_water": "1.5"}, "eviction_high_water"),
+        ({"unreferenced_blob_grace_seconds": "-1"}, "unreferenced_blob_grace_seconds"),
+        ({"gc_interval_seconds": "-5"}, "gc_interval_seconds"),
+    ],
+)
+def test_inconsistent_gc_settings_are_refused_at_start_up(settings: dict[str, str], named: str) -> None:
+    with pytest.raises(ValueError, match=named):
+        load_server_config(settings, environ={})
+    assert load_server_config({"gc_interval_seconds": "0"}, environ={}).gc_interval_seconds == 0
+
+
+@pytest.mark.slow
+def test_after_a_sigkill_partial_and_orphaned_uploads_are_collected(
+    tmp_path: Path, prebake: PrebakeCli
+) -> None:
+    data_dir = tmp_path / "data"
+    common = ["--data-dir", str(data_dir), "--max-store-bytes", str(64 * MiB), "--gc-interval", "0"]
+    stalled = payload(20 * MiB, seed=9)
+    orphan = payload(64 * KiB, seed=10)
+    release = threading.Event()
+
+    def stream() -> Iterator[blobs_pb2.WriteRequest]:
+        for offset in range(0, 9 * MiB, 3 * MiB):  # past the 8 MiB part: one part is stored
+            yield blobs_pb2.WriteRequest(
+                upload_id="cut",
+                digest=digest_of(stalled),
+                offset=offset,
+                data=stalled[offset : offset + 3 * MiB],
+            )
+        release.wait(60)
+
+    first = ServerProcess(tmp_path, "first", common).wait_ready()
+    try:
+        with grpc.insecure_channel(first.address) as channel:
+            stubs = Stubs(channel)
+            assert write(stubs, orphan, "orphan").complete
+            cut = stubs.blobs.Write.future(stream())
+            status = blobs_pb2.QueryWriteStatusRequest(upload_id="cut", digest=digest_of(stalled))
+            wait_until(
+                lambda: stubs.blobs.QueryWriteStatus(status).committed_size == 8 * MiB, 60, "a stored part"
+            )
+            first.kill()  # mid-upload
+            release.set()
+            with pytest.raises(grpc.RpcError):
+                cut.result(timeout=30)
+    finally:
+        release.set()
+        first.kill()
+
+    # Restarted once the grace and the stale-upload age have passed: the cut upload is removed at
+    # start-up, the unpublished blob by `prebake gc`; nothing of either is left.
+    env = {"PREBAKE_STALE_UPLOAD_SECONDS": "0"}
+    second = ServerProcess(tmp_path, "second", [*common, "--unreferenced-blob-grace", "0"], env).wait_ready()
+    try:
+        ran = prebake("gc", "--json", "--server", second.address)
+        assert ran.code == 0, ran.err
+        report = json.loads(ran.out)
+        assert report["orphaned_blobs"] == {"count": 1, "bytes": 64 * KiB}
+        assert report["usage"] == {
+            "blob_bytes": 0,
+            "upload_bytes": 0,
+            "reserved_bytes": 0,
+            "used_bytes": 0,
+            "max_store_bytes": 64 * MiB,
+        }
+        assert not any(p.startswith((".multipart", "uploads/", "blobs/")) for p in data_files(data_dir))
+    finally:
+        second.stop()

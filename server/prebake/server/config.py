@@ -91,7 +91,7 @@ class ServerConfig:
     eviction_high_water: float = 0.9
     # ...until they take at most this fraction (0 <= low <= high <= 1).
     eviction_low_water: float = 0.8
-    # An artifact looked up, fetched or published within this long is never evicted: its
+    # An artifact hit by a lookup or published within this long is never evicted: its
     # download may still be running (presigned downloads bypass the server).
     eviction_protect_seconds: float = 600.0
     # How often the background garbage collector runs (stale uploads, expired unreferenced

@@ -15,7 +15,7 @@ collector every `gc_interval_seconds`) does, in order:
 4. **Eviction**, only with a quota: while blobs and uploads take more than
    `eviction_high_water` of `max_store_bytes`, unpinned artifacts are deleted least recently
    used first (`ArtifactIndex.least_recently_used`), down to `eviction_low_water`. Never one
-   that is pinned, accessed (looked up, fetched, published) within `eviction_protect_seconds`
+   that is pinned, accessed (a lookup hit, or its publish) within `eviction_protect_seconds`
    (its download may still be running: presigned downloads bypass the server), or one of whose
    blobs this replica is streaming right now (`InUse`). An evicted artifact goes exactly as
    `DeleteArtifact` removes it: registry row first, then the blobs no other artifact uses.
@@ -62,6 +62,10 @@ log = logging.getLogger("prebake.server.gc")
 EVICTION_SCAN = 1000
 # Blobs found present by FindMissingBlobs remembered at most (oldest forgotten first).
 MAX_WANTED = 100_000
+# A blob found referenced is not checked again for this long (one registry query per blob
+# per run would be most of a collection's cost on DynamoDB); an orphan left by a replace is
+# collected this much later at most.
+REFERENCED_RECHECK_SECONDS = 3600.0
 NOTHING = Collected(0, 0)
 NO_USAGE = StoreUsage(0, 0, 0, 0)
 
@@ -158,6 +162,8 @@ class GarbageCollector:
         self.s = state
         self._clock = clock
         self._one_at_a_time = asyncio.Lock()
+        # Blobs found referenced, not asked about again before the time given (see _collect_orphans).
+        self._referenced_until: dict[Digest, float] = {}
         self.runs = 0
         self.last_report: GcReport | None = None
 
@@ -185,8 +191,10 @@ class GarbageCollector:
 
     async def _collect_orphans(self, dry_run: bool) -> Collected:
         s = self.s
-        cutoff = self._clock() - s.config.unreferenced_blob_grace_seconds
+        now = self._clock()
+        cutoff = now - s.config.unreferenced_blob_grace_seconds
         s.in_use.forget_wanted_before(cutoff)
+        self._referenced_until = {d: t for d, t in self._referenced_until.items() if t > now}
         stored = await s.run_blocking(lambda: list(s.blobs.list_blobs()))
         index = s.storage.artifacts
         removed = NOTHING
@@ -194,7 +202,12 @@ class GarbageCollector:
             digest = blob.digest
             if blob.stored_at > cutoff or self._in_use(digest, cutoff):
                 continue
+            if self._referenced_until.get(digest, 0.0) > now:
+                continue
             if await index.is_referenced(digest):
+                # Stays referenced until its artifact goes, and DeleteArtifact and eviction
+                # delete the blobs they free themselves: no need to ask again every run.
+                self._referenced_until[digest] = now + REFERENCED_RECHECK_SECONDS
                 continue
             if dry_run:
                 removed += Collected(1, digest.size)

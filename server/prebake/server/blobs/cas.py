@@ -441,13 +441,13 @@ class ContentAddressedStore:
             )
         session = (upload_id, digest)
         with self._lock:
-            counted = self._uploads.get(session_key(upload_id, digest), 0)
-            self._check_room_locked(digest, digest.size - counted)
             if session in self._held:
                 raise Busy(
                     f"upload {upload_id!r} of blob {digest} is being written by another request right now; "
                     "retry later after QueryWriteStatus"
                 )
+            counted = self._uploads.get(session_key(upload_id, digest), 0)
+            self._check_room_locked(digest, digest.size - counted)
             self._held.add(session)
             self._reserve_locked(session, digest.size - counted)
             remembered = self._hashed.pop(session, None)
