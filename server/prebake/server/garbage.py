@@ -223,10 +223,12 @@ class GarbageCollector:
     def _in_use(self, digest: Digest, cutoff: float) -> bool:
         return self.s.in_use.is_reading(digest) or self.s.in_use.wanted_since(digest, cutoff)
 
+    def _recent(self, artifact: Artifact) -> bool:
+        return self._clock() - artifact.last_accessed_at < self.s.config.eviction_protect_seconds
+
     def _protected(self, artifact: Artifact) -> bool:
         """Accessed too recently, or one of its blobs is being read (files needed)."""
-        recent = self._clock() - artifact.last_accessed_at < self.s.config.eviction_protect_seconds
-        return recent or any(self.s.in_use.is_reading(d) for d in _blobs_of(artifact))
+        return self._recent(artifact) or any(self.s.in_use.is_reading(d) for d in _blobs_of(artifact))
 
     async def _evict(self, report: GcReport, dry_run: bool) -> None:
         s, c = self.s, self.s.config
@@ -235,11 +237,16 @@ class GarbageCollector:
             return
         target = c.eviction_low_water * quota
         # In a dry run nothing is freed: count down what would be.
-        used = s.blobs.usage().used_bytes - (report.orphaned_blobs.bytes if dry_run else 0)
+        used = s.blobs.usage().used_bytes
+        if dry_run:
+            used -= report.orphaned_blobs.bytes + report.stale_uploads.bytes
         counted: set[Digest] = set()
         for candidate in await s.storage.artifacts.least_recently_used(EVICTION_SCAN):
             if used <= target:
                 return
+            if self._recent(candidate):  # decided without reading its files
+                report.kept_in_use += 1
+                continue
             artifact = await s.storage.artifacts.get(candidate.artifact_id)
             if artifact is None or artifact.pinned:
                 continue
