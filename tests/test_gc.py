@@ -27,6 +27,7 @@ from prebake.core.errors import QuotaExceeded
 from prebake.server.app import BackgroundServer, background_server
 from prebake.server.config import load_server_config
 from prebake.v1 import admin_pb2, admin_pb2_grpc, blobs_pb2, blobs_pb2_grpc, registry_pb2
+from tests.aws_emulator import Emulator
 from tests.conftest import LLAMA3_8B_INF2, data_files, make_artifact_dir
 from tests.plugin_cli import PrebakeCli
 from tests.processes import ServerProcess, wait_until
@@ -347,3 +348,36 @@ def test_after_a_sigkill_partial_and_orphaned_uploads_are_collected(
         assert not any(p.startswith((".multipart", "uploads/", "blobs/")) for p in data_files(data_dir))
     finally:
         second.stop()
+
+
+def test_on_s3_and_dynamodb_collection_and_eviction_work_alike(
+    aws_serial: Emulator, tmp_path: Path, prebake: PrebakeCli
+) -> None:
+    store, registry = f"s3://{aws_serial.create_bucket()}/p", f"dynamodb://{aws_serial.unique_name('gc')}"
+    ran = prebake("init-aws", "--store", store, "--registry", registry)
+    assert ran.code == 0, ran.err
+    settings = {
+        "store": store,
+        "registry": registry,
+        "max_store_bytes": 200 * KiB,
+        "eviction_high_water": 0.4,
+        "eviction_low_water": 0.3,
+        "eviction_protect_seconds": 0.0,
+        "unreferenced_blob_grace_seconds": 0.0,
+    }
+    with serving(tmp_path / "data", **settings) as (_, client, stubs):
+        a, b, c = (publish(client, tmp_path, n, 30 * KiB) for n in (1, 2, 3))
+        client.pin_artifact(a)
+        assert write(stubs, payload(10 * KiB, seed=11), "orphan").complete
+        with pytest.raises(grpc.RpcError) as refused:
+            write(stubs, payload(150 * KiB, seed=12), "too-much")
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+        # 100 KiB used: the orphan goes (90 KiB, still above 80), then b, the least recently
+        # used unpinned artifact (60 KiB, the low-water mark).
+        report = stubs.gc()
+        assert (report.orphaned_blobs, report.orphaned_bytes) == (1, 10 * KiB)
+        assert list(report.evicted_artifact_ids) == [b]
+        assert report.usage.blob_bytes == 60 * KiB
+        assert listed(client) == {a, c}
+        assert client.fetch(c, tmp_path / "dest").artifact_id == c
