@@ -77,7 +77,7 @@ def register(commands: CommandRegistrar) -> None:
         "--unreferenced-blob-grace",
         type=seconds,
         metavar="SECONDS",
-        help="how long an uploaded blob no artifact uses is kept for its publish (default 3600)",
+        help="how long an uploaded blob no artifact uses is kept for its publish (default 21600: 6 h)",
     )
     p.add_argument(
         "--workers",

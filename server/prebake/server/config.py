@@ -80,9 +80,10 @@ class ServerConfig:
 
     # --- quota, eviction and garbage collection (`prebake.server.garbage`) ---
     # Blobs no artifact or job references (uploaded, never published; left by a replace) are
-    # removed this long after they were stored: the time an uploader has to publish. Until
-    # then they count against max_store_bytes, like unfinished uploads do.
-    unreferenced_blob_grace_seconds: float = 3600.0
+    # removed this long after they were stored: the time an uploader has to publish (the
+    # whole upload of a large artifact counts). Until then they count against
+    # max_store_bytes, like unfinished uploads do.
+    unreferenced_blob_grace_seconds: float = 6 * 3600.0
     # Quarantined blobs (bytes found corrupt, moved aside for inspection) are removed this
     # long after they were quarantined.
     quarantine_grace_seconds: float = 7 * 24 * 3600.0
