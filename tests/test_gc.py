@@ -9,6 +9,7 @@ and keeps serving reads; the background collector runs on its own.
 from __future__ import annotations
 
 import json
+import os
 import random
 import threading
 import time
@@ -381,3 +382,31 @@ def test_on_s3_and_dynamodb_collection_and_eviction_work_alike(
         assert report.usage.blob_bytes == 60 * KiB
         assert listed(client) == {a, c}
         assert client.fetch(c, tmp_path / "dest").artifact_id == c
+
+
+def age(data_dir: Path, digest: blobs_pb2.Digest, seconds: float) -> None:
+    """Make a local blob look stored `seconds` ago (the collector reads the object's last write)."""
+    path = data_dir / "cas" / "blobs" / digest.hash[:2] / f"{digest.hash}-{digest.size_bytes}"
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+def test_a_blob_a_client_was_told_is_present_is_kept_for_its_publish(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    with serving(data_dir, unreferenced_blob_grace_seconds=3600.0) as (_, client, stubs):
+        expired, promised = payload(3 * KiB, seed=13), payload(4 * KiB, seed=14)
+        for data in (expired, promised):
+            assert write(stubs, data, "old").complete
+            age(data_dir, digest_of(data), 7200)
+        # A publisher asks what to upload: `promised` is present, so it will not send it again.
+        assert client.find_missing_blobs([digest_of(promised)]) == []
+        report = stubs.gc()
+        assert (report.orphaned_blobs, report.orphaned_bytes) == (1, 3 * KiB)
+        assert client.find_missing_blobs([digest_of(expired)]) == [digest_of(expired)]
+        # ...and its publish finds it.
+        directory = tmp_path / "promised"
+        directory.mkdir()
+        (directory / "weights.bin").write_bytes(promised)
+        published = client.publish(directory, key(7)).artifact.artifact_id
+        assert listed(client) == {published}
+        assert stubs.gc().orphaned_blobs == 0

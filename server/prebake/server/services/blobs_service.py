@@ -83,6 +83,7 @@ class BlobsService(blobs_pb2_grpc.BlobsServicer):
                         s.blobs.open_write, upload_id, convert.digest_from_proto(req.digest)
                     )
                     if writer.complete:
+                        s.in_use.wanted([writer.digest])  # as FindMissingBlobs: about to be published
                         return blobs_pb2.WriteResponse(committed_size=writer.digest.size, complete=True)
                 else:
                     self._check_consistent(req, upload_id, writer)
