@@ -460,6 +460,8 @@ def test_concurrent_writers_of_one_blob_all_succeed(blob_store: ContentAddressed
     assert blob_store.stats() == (1, len(data))
     assert list(blob_store.iter_digests()) == [digest]
     assert no_uploads_left(blob_store)
+    # The losers' uploads and reservations no longer count against the quota.
+    assert blob_store.usage() == (len(data), 0, 0, 0)
 
 
 def _write_in_child(

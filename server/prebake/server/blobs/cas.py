@@ -801,7 +801,10 @@ class BlobUpload:
         except (NoSuchObject, PreconditionFailed):
             if not store.contains(digest):
                 raise self._lost() from None
-        store.objects.delete(staged.key)  # left if the blob was published by another upload first
+        # Left if the blob was published by another upload first: no longer this upload's bytes.
+        if store.objects.delete(staged.key):
+            with store._lock:
+                store._add_upload_locked(staged.key, -staged.size)
         return self._finish()
 
     def _mismatch(self, actual: str) -> UploadDigestMismatch:
