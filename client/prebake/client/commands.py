@@ -20,6 +20,7 @@ from google.protobuf.json_format import MessageToDict
 from prebake.client import exitcodes, importing, render
 from prebake.client.artifact_key import ArtifactKey
 from prebake.client.client import Client
+from prebake.client.credentials import from_settings
 from prebake.client.errors import (
     AlreadyExists,
     CompileFailed,
@@ -66,7 +67,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         if not args.needs_client:
             return int(args.handler(args))
-        with Client(args.server, timeout=args.timeout) as client:
+        credentials = from_settings(
+            os.environ,
+            token=args.token,
+            token_file=args.token_file,
+            ca_bundle=args.ca_bundle,
+            client_cert=args.client_cert,
+            client_key=args.client_key,
+        )
+        with Client(args.server, timeout=args.timeout, credentials=credentials) as client:
             return int(args.handler(args, client))
     except Unavailable as exc:
         target = exc.target or args.server
@@ -322,7 +331,12 @@ def publish(args: argparse.Namespace, client: Client) -> int:
     try:
         with _transfer_display(args, "upload") as display:
             response = client.publish(
-                Path(args.directory), key, producer_note=args.note, replace=args.replace, progress=display
+                Path(args.directory),
+                key,
+                producer_note=args.note,
+                replace=args.replace,
+                progress=display,
+                force=args.force,
             )
     except AlreadyExists as exc:
         _error(f"{exc}\n  pass --replace to replace it")

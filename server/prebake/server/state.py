@@ -22,6 +22,7 @@ from prebake.server.instance_catalog import InstanceCatalog
 from prebake.server.job_lifecycle import JobLifecycle
 from prebake.server.key_normalization import DEFAULT_TOOLCHAINS
 from prebake.server.model_catalog import ModelCatalog
+from prebake.server.model_sources import ModelSources
 from prebake.server.storage import ArtifactIndex
 from prebake.server.storage.bundle import Storage
 from prebake.server.worker_liveness import WorkerLiveness
@@ -81,6 +82,8 @@ class ServerState:
     # The kinds whose default toolchain the configuration names (others are resolved
     # from live workers, then from DEFAULT_TOOLCHAINS).
     configured_toolchains: dict[str, str] = field(init=False)
+    # What a job may read (see `prebake.server.model_sources`).
+    model_sources: ModelSources = field(init=False)
     # Held from "every blob is present" to the registry write that references them by
     # publishes, and from "no artifact references it" to the blob delete by deletes, so
     # a delete never removes a blob a concurrent publish of this replica relies on.
@@ -98,6 +101,9 @@ class ServerState:
         self.liveness = WorkerLiveness(self.storage.workers, self.config.worker_ttl_seconds)
         self.configured_toolchains = parse_default_toolchains(
             self.config.default_toolchains, DEFAULT_TOOLCHAINS
+        )
+        self.model_sources = ModelSources.from_config(
+            self.config.model_source_roots, self.config.model_source_map, self.config.data_dir
         )
 
     @property
