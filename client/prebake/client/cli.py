@@ -723,6 +723,26 @@ def _add_stats(sub: _Commands) -> None:
     _add_json(p)
 
 
+def _add_gc(sub: _Commands) -> None:
+    p = sub.add_command(
+        "gc",
+        commands.gc,
+        summary="collect garbage on the server now (or --dry-run: show what would go)",
+        description="Remove unfinished uploads and temporary files left stale, blobs no artifact uses once\n"
+        "their grace has passed (time for an uploader to publish), and quarantined blobs past\n"
+        "theirs; with a quota (max_store_bytes), evict unpinned artifacts least recently used\n"
+        "first while the store is above its high-water mark. Pinned artifacts, and artifacts\n"
+        "being downloaded or used lately, are never evicted. The server also does this every\n"
+        "gc_interval_seconds. Needs the admin role where authentication is on.",
+        examples="""
+        prebake gc --dry-run
+        prebake gc --json
+        """,
+    )
+    p.add_argument("--dry-run", action="store_true", help="remove nothing; report what would be removed")
+    _add_json(p)
+
+
 # The client's own commands, by name, in `prebake --help` order (after the plugins').
 CLIENT_COMMANDS: dict[str, Callable[[_Commands], None]] = {
     "lookup": _add_lookup,
@@ -739,6 +759,7 @@ CLIENT_COMMANDS: dict[str, Callable[[_Commands], None]] = {
     "catalog": _add_catalog,
     "workers": _add_workers,
     "stats": _add_stats,
+    "gc": _add_gc,
 }
 
 

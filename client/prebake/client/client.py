@@ -649,6 +649,15 @@ class Client:
         """Counters and sizes: artifacts, blobs, hit rate, queue depth."""
         return self._call(lambda t: self._conn.stubs.admin.GetStats(admin_pb2.GetStatsRequest(), timeout=t))
 
+    def collect_garbage(self, dry_run: bool = False) -> admin_pb2.CollectGarbageResponse:
+        """Collect garbage on the server now (stale uploads, expired unreferenced and quarantined
+        blobs, eviction above the high-water mark); with `dry_run`, only report what would go.
+
+        Retried on UNAVAILABLE: a collection is idempotent (a retry removes what is left).
+        """
+        request = admin_pb2.CollectGarbageRequest(dry_run=dry_run)
+        return self._call(lambda t: self._conn.stubs.admin.CollectGarbage(request, timeout=t))
+
     # Catalog -------------------------------------------------------------------------
 
     def list_models(self, family: str = "", quantization_only: bool = False) -> list[catalog_pb2.ModelInfo]:

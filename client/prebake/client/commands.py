@@ -35,7 +35,13 @@ from prebake.client.hostcache import HostCache
 from prebake.client.matrix import MatrixError, load_matrix
 from prebake.client.prewarm import OK_OUTCOMES, PrewarmRow, summarize
 from prebake.client.prewarm import prewarm as prewarm_keys
-from prebake.client.progress import JobProgress, PrewarmDisplay, TransferProgress, human_bytes
+from prebake.client.progress import (
+    JobProgress,
+    PrewarmDisplay,
+    TransferProgress,
+    human_bytes,
+    is_interactive,
+)
 from prebake.core.command_plugins import CommandFailed
 from prebake.v1 import jobs_pb2, registry_pb2
 
@@ -440,6 +446,15 @@ def workers(args: argparse.Namespace, client: Client) -> int:
 def stats(args: argparse.Namespace, client: Client) -> int:
     result = client.get_stats()
     _emit(args, render.stats_text(result), render.stats_json(result))
+    return exitcodes.OK
+
+
+def gc(args: argparse.Namespace, client: Client) -> int:
+    if not args.json and is_interactive(sys.stderr):
+        what = "finding" if args.dry_run else "collecting"
+        print(f"{what} garbage on {client.target} ...", file=sys.stderr, flush=True)
+    report = client.collect_garbage(dry_run=args.dry_run)
+    _emit(args, render.gc_text(report), render.gc_json(report))
     return exitcodes.OK
 
 

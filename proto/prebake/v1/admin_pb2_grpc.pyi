@@ -74,6 +74,25 @@ class AdminStub:
     Errors:
     * `UNAVAILABLE`: transient. Retry with backoff.
     """
+    CollectGarbage: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CollectGarbageRequest, _admin_pb2.CollectGarbageResponse]
+    """Collects garbage once, now: unfinished uploads untouched for the server's
+    `stale_upload_seconds` and leftover temporary files; quarantined blobs past
+    `quarantine_grace_seconds`; blobs no artifact or job references, stored more than
+    `unreferenced_blob_grace_seconds` ago; and, when the store holds more than its
+    high-water mark of `max_store_bytes`, unpinned artifacts least recently used first
+    (never one accessed within `eviction_protect_seconds` or being downloaded) down to
+    its low-water mark. An evicted artifact is removed as `DeleteArtifact` removes it.
+    With `dry_run` nothing is removed and the response says what would be. The server
+    also runs this every `gc_interval_seconds`; one collection runs at a time per server
+    (a second request waits for the first).
+
+    Errors:
+    * `UNAVAILABLE`: the registry or the blob store cannot be reached. Retry with
+      backoff; what was removed before the failure stays removed, and a retry
+      continues from there.
+    * `DEADLINE_EXCEEDED`: the collection outlived the call's deadline; it goes on to
+      the end on the server. Retry later (with a longer deadline) to see the rest.
+    """
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -119,6 +138,25 @@ class AdminAsyncStub(AdminStub):
 
     Errors:
     * `UNAVAILABLE`: transient. Retry with backoff.
+    """
+    CollectGarbage: _aio.UnaryUnaryMultiCallable[_admin_pb2.CollectGarbageRequest, _admin_pb2.CollectGarbageResponse]  # type: ignore[assignment]
+    """Collects garbage once, now: unfinished uploads untouched for the server's
+    `stale_upload_seconds` and leftover temporary files; quarantined blobs past
+    `quarantine_grace_seconds`; blobs no artifact or job references, stored more than
+    `unreferenced_blob_grace_seconds` ago; and, when the store holds more than its
+    high-water mark of `max_store_bytes`, unpinned artifacts least recently used first
+    (never one accessed within `eviction_protect_seconds` or being downloaded) down to
+    its low-water mark. An evicted artifact is removed as `DeleteArtifact` removes it.
+    With `dry_run` nothing is removed and the response says what would be. The server
+    also runs this every `gc_interval_seconds`; one collection runs at a time per server
+    (a second request waits for the first).
+
+    Errors:
+    * `UNAVAILABLE`: the registry or the blob store cannot be reached. Retry with
+      backoff; what was removed before the failure stays removed, and a retry
+      continues from there.
+    * `DEADLINE_EXCEEDED`: the collection outlived the call's deadline; it goes on to
+      the end on the server. Retry later (with a longer deadline) to see the rest.
     """
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
@@ -186,6 +224,31 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
 
         Errors:
         * `UNAVAILABLE`: transient. Retry with backoff.
+        """
+
+    @_abc_1.abstractmethod
+    def CollectGarbage(
+        self,
+        request: _admin_pb2.CollectGarbageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.CollectGarbageResponse, _abc.Awaitable[_admin_pb2.CollectGarbageResponse]]:
+        """Collects garbage once, now: unfinished uploads untouched for the server's
+        `stale_upload_seconds` and leftover temporary files; quarantined blobs past
+        `quarantine_grace_seconds`; blobs no artifact or job references, stored more than
+        `unreferenced_blob_grace_seconds` ago; and, when the store holds more than its
+        high-water mark of `max_store_bytes`, unpinned artifacts least recently used first
+        (never one accessed within `eviction_protect_seconds` or being downloaded) down to
+        its low-water mark. An evicted artifact is removed as `DeleteArtifact` removes it.
+        With `dry_run` nothing is removed and the response says what would be. The server
+        also runs this every `gc_interval_seconds`; one collection runs at a time per server
+        (a second request waits for the first).
+
+        Errors:
+        * `UNAVAILABLE`: the registry or the blob store cannot be reached. Retry with
+          backoff; what was removed before the failure stays removed, and a retry
+          continues from there.
+        * `DEADLINE_EXCEEDED`: the collection outlived the call's deadline; it goes on to
+          the end on the server. Retry later (with a longer deadline) to see the rest.
         """
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

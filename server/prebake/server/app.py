@@ -143,12 +143,26 @@ class RunningServer:
                 s.hub.notify(j.job_id for j in expired)
                 s.work.fire()
 
+    async def _collect_garbage_periodically(self) -> None:
+        collector = self.state.collector
+        while True:
+            await asyncio.sleep(self.state.config.gc_interval_seconds)
+            try:
+                report = await collector.collect()
+            except Exception:
+                log.exception("garbage collection failed; retrying later")
+                continue
+            if report.removed_anything:
+                log.info("%s", report.summary())
+
     def start_background_tasks(self) -> None:
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._flush_periodically()),
             loop.create_task(self._expire_leases_periodically()),
         ]
+        if self.state.config.gc_interval_seconds > 0:
+            self._tasks.append(loop.create_task(self._collect_garbage_periodically()))
 
     async def stop(self, grace: float | None = None) -> None:
         for task in self._tasks:

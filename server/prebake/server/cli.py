@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from prebake.core.cli_values import count, size
+from prebake.core.cli_values import count, seconds, size
 from prebake.core.command_plugins import CommandFailed, CommandRegistrar
 from prebake.core.errors import PrebakeError
 from prebake.server.config import DEFAULT_DATA_DIR, DEFAULT_LISTEN, ServerConfig, load_server_config
@@ -74,6 +74,18 @@ def register(commands: CommandRegistrar) -> None:
     p.add_argument("--max-blob-bytes", type=size, metavar="N", help="largest blob accepted (default 64G)")
     p.add_argument(
         "--max-store-bytes", type=size, metavar="N", help="total blob bytes allowed (default: no limit)"
+    )
+    p.add_argument(
+        "--gc-interval",
+        type=seconds,
+        metavar="SECONDS",
+        help="how often the garbage collector runs (default 300; 0 = never, `prebake gc` still works)",
+    )
+    p.add_argument(
+        "--unreferenced-blob-grace",
+        type=seconds,
+        metavar="SECONDS",
+        help="how long an uploaded blob no artifact uses is kept for its publish (default 21600: 6 h)",
     )
     p.add_argument(
         "--workers",
@@ -207,6 +219,8 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         tls_client_ca=args.tls_client_ca,
         model_source_roots=_joined(args.model_source_root),
         model_source_map=_joined(args.model_source_for),
+        gc_interval_seconds=args.gc_interval,
+        unreferenced_blob_grace_seconds=args.unreferenced_blob_grace,
     )
 
 

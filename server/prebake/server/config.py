@@ -57,7 +57,7 @@ class ServerConfig:
     lease_seconds: float = 60.0
     # A transiently failed job waits base * 2**attempts seconds (at most 300) before a retry.
     retry_backoff_seconds: float = 5.0
-    # Partial uploads untouched for this long are removed at start-up.
+    # Partial uploads untouched for this long are removed at start-up and by the garbage collector.
     stale_upload_seconds: float = 24 * 3600.0
     # How often lazily-recorded artifact access times are written to the registry.
     access_flush_seconds: float = 5.0
@@ -105,6 +105,27 @@ class ServerConfig:
     # The source of each model's jobs when a lookup names none, "MODEL=SOURCE,..." (a TOML
     # table also works): an absolute directory or an s3:// prefix, allowed as is.
     model_source_map: str = ""
+
+    # --- quota, eviction and garbage collection (`prebake.server.garbage`) ---
+    # Blobs no artifact or job references (uploaded, never published; left by a replace) are
+    # removed this long after they were stored: the time an uploader has to publish (the
+    # whole upload of a large artifact counts). Until then they count against
+    # max_store_bytes, like unfinished uploads do.
+    unreferenced_blob_grace_seconds: float = 6 * 3600.0
+    # Quarantined blobs (bytes found corrupt, moved aside for inspection) are removed this
+    # long after they were quarantined.
+    quarantine_grace_seconds: float = 7 * 24 * 3600.0
+    # With max_store_bytes set: once blobs and unfinished uploads take more than this
+    # fraction of it, the collector evicts unpinned artifacts, least recently used first...
+    eviction_high_water: float = 0.9
+    # ...until they take at most this fraction (0 <= low <= high <= 1).
+    eviction_low_water: float = 0.8
+    # An artifact hit by a lookup or published within this long is never evicted: its
+    # download may still be running (presigned downloads bypass the server).
+    eviction_protect_seconds: float = 600.0
+    # How often the background garbage collector runs (stale uploads, expired unreferenced
+    # and quarantined blobs, eviction); 0 turns it off (`prebake gc` still works).
+    gc_interval_seconds: float = 300.0
 
 
 _ENV_PREFIX = "PREBAKE_"
@@ -188,6 +209,7 @@ def load_server_config(
     from prebake.server.model_sources import ModelSources
 
     ModelSources.from_config(config.model_source_roots, config.model_source_map, config.data_dir)
+    check_gc_settings(config)
     return config
 
 
@@ -197,6 +219,24 @@ def check_tls(config: ServerConfig) -> None:
         raise ValueError("tls_cert and tls_key go together: give both (PEM files) or neither")
     if config.tls_client_ca and not config.tls_cert:
         raise ValueError("tls_client_ca (mutual TLS) needs TLS: give tls_cert and tls_key too")
+
+
+def check_gc_settings(config: ServerConfig) -> None:
+    """ValueError naming the setting if the garbage-collection settings are inconsistent."""
+    for name in (
+        "unreferenced_blob_grace_seconds",
+        "quarantine_grace_seconds",
+        "eviction_protect_seconds",
+        "gc_interval_seconds",
+    ):
+        if getattr(config, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(config, name)}")
+    low, high = config.eviction_low_water, config.eviction_high_water
+    if not 0 <= low <= high <= 1:
+        raise ValueError(
+            f"eviction_low_water ({low}) and eviction_high_water ({high}) must satisfy "
+            "0 <= low <= high <= 1 (fractions of max_store_bytes)"
+        )
 
 
 def parse_default_toolchains(text: str, known_kinds: Mapping[str, str]) -> dict[str, str]:

@@ -17,6 +17,7 @@ from typing import TypeVar
 from prebake.server.blobs import BlobStore
 from prebake.server.config import ServerConfig, parse_default_toolchains
 from prebake.server.events import JobEventHub, Pulse
+from prebake.server.garbage import GarbageCollector, InUse
 from prebake.server.instance_catalog import InstanceCatalog
 from prebake.server.job_lifecycle import JobLifecycle
 from prebake.server.key_normalization import DEFAULT_TOOLCHAINS
@@ -87,8 +88,12 @@ class ServerState:
     # publishes, and from "no artifact references it" to the blob delete by deletes, so
     # a delete never removes a blob a concurrent publish of this replica relies on.
     blob_refs: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Blobs this replica is streaming or told a client are present (garbage collection keeps them).
+    in_use: InUse = field(default_factory=InUse)
+    collector: GarbageCollector = field(init=False)
 
     def __post_init__(self) -> None:
+        self.collector = GarbageCollector(self)
         self.tracker = AccessTracker(self.storage.artifacts)
         self.lifecycle = JobLifecycle(
             self.storage.artifacts, self.storage.jobs, backoff_base=self.config.retry_backoff_seconds

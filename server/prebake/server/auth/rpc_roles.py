@@ -67,6 +67,8 @@ RPC_ROLES: dict[str, frozenset[Role]] = {
             "GetStats": frozenset({R}),
             "DeleteArtifact": _ADMIN_ONLY,
             "PinArtifact": _ADMIN_ONLY,
+            # Removes (even a dry run lists the whole store): an operator's call.
+            "CollectGarbage": _ADMIN_ONLY,
         },
     ),
     **_service(
