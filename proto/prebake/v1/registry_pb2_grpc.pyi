@@ -42,7 +42,9 @@ class RegistryStub:
     Lookup: _grpc.UnaryUnaryMultiCallable[_registry_pb2.LookupRequest, _registry_pb2.LookupResponse]
     """Resolves a key and answers HIT, MISS, COMPILING or FAILED. On a miss with
     `ON_MISS_ENQUEUE` exactly one compile job exists for the key afterwards, however
-    many callers miss at once (single flight, enforced by the database).
+    many callers miss at once (single flight, enforced by the database). An artifact
+    signed by a revoked key (`revoked_signers`) never hits: the key misses (`error`
+    names the revoked key id) and the job it enqueues replaces that artifact.
 
     Errors:
     * `INVALID_ARGUMENT`: the key is invalid: a required field missing, a value out of
@@ -58,6 +60,10 @@ class RegistryStub:
     Errors:
     * `INVALID_ARGUMENT`: malformed artifact id (not 32 hex digits). Do not retry.
     * `NOT_FOUND`: no such artifact. Do not retry.
+    * `FAILED_PRECONDITION`: the artifact is signed by a key the server revoked
+      (`revoked_signers`); the message names the key id. It is not served until it is
+      replaced by an artifact signed with a current key (a lookup enqueues that rebuild).
+      Do not retry as is.
     * `UNAVAILABLE`: transient. Retry with backoff.
     """
     PublishArtifact: _grpc.UnaryUnaryMultiCallable[_registry_pb2.PublishArtifactRequest, _registry_pb2.PublishArtifactResponse]
@@ -75,6 +81,12 @@ class RegistryStub:
       Upload them and retry.
     * `ALREADY_EXISTS`: an artifact with a different file list exists for the key and
       `replace` is not set. Do not retry unless replacing is intended.
+    * `INVALID_ARGUMENT` also: a `signature` that is malformed or does not verify for
+      this key and file list (with its `public_key`, or with the server's signer set).
+      Nothing is published. Do not retry as is.
+    * `PERMISSION_DENIED`: the server requires signatures (`require_signatures`) and
+      the request has none, or the signer is revoked or not in the server's signer set
+      (`signer_keys`). Nothing is published. Do not retry as is.
     * `DATA_LOSS`: a named blob is stored but its bytes no longer match; it is
       quarantined. Upload it again and retry.
     * `UNAVAILABLE`: transient. Retry with backoff; publishing is idempotent.
@@ -88,7 +100,9 @@ class RegistryAsyncStub(RegistryStub):
     Lookup: _aio.UnaryUnaryMultiCallable[_registry_pb2.LookupRequest, _registry_pb2.LookupResponse]  # type: ignore[assignment]
     """Resolves a key and answers HIT, MISS, COMPILING or FAILED. On a miss with
     `ON_MISS_ENQUEUE` exactly one compile job exists for the key afterwards, however
-    many callers miss at once (single flight, enforced by the database).
+    many callers miss at once (single flight, enforced by the database). An artifact
+    signed by a revoked key (`revoked_signers`) never hits: the key misses (`error`
+    names the revoked key id) and the job it enqueues replaces that artifact.
 
     Errors:
     * `INVALID_ARGUMENT`: the key is invalid: a required field missing, a value out of
@@ -104,6 +118,10 @@ class RegistryAsyncStub(RegistryStub):
     Errors:
     * `INVALID_ARGUMENT`: malformed artifact id (not 32 hex digits). Do not retry.
     * `NOT_FOUND`: no such artifact. Do not retry.
+    * `FAILED_PRECONDITION`: the artifact is signed by a key the server revoked
+      (`revoked_signers`); the message names the key id. It is not served until it is
+      replaced by an artifact signed with a current key (a lookup enqueues that rebuild).
+      Do not retry as is.
     * `UNAVAILABLE`: transient. Retry with backoff.
     """
     PublishArtifact: _aio.UnaryUnaryMultiCallable[_registry_pb2.PublishArtifactRequest, _registry_pb2.PublishArtifactResponse]  # type: ignore[assignment]
@@ -121,6 +139,12 @@ class RegistryAsyncStub(RegistryStub):
       Upload them and retry.
     * `ALREADY_EXISTS`: an artifact with a different file list exists for the key and
       `replace` is not set. Do not retry unless replacing is intended.
+    * `INVALID_ARGUMENT` also: a `signature` that is malformed or does not verify for
+      this key and file list (with its `public_key`, or with the server's signer set).
+      Nothing is published. Do not retry as is.
+    * `PERMISSION_DENIED`: the server requires signatures (`require_signatures`) and
+      the request has none, or the signer is revoked or not in the server's signer set
+      (`signer_keys`). Nothing is published. Do not retry as is.
     * `DATA_LOSS`: a named blob is stored but its bytes no longer match; it is
       quarantined. Upload it again and retry.
     * `UNAVAILABLE`: transient. Retry with backoff; publishing is idempotent.
@@ -137,7 +161,9 @@ class RegistryServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_registry_pb2.LookupResponse, _abc.Awaitable[_registry_pb2.LookupResponse]]:
         """Resolves a key and answers HIT, MISS, COMPILING or FAILED. On a miss with
         `ON_MISS_ENQUEUE` exactly one compile job exists for the key afterwards, however
-        many callers miss at once (single flight, enforced by the database).
+        many callers miss at once (single flight, enforced by the database). An artifact
+        signed by a revoked key (`revoked_signers`) never hits: the key misses (`error`
+        names the revoked key id) and the job it enqueues replaces that artifact.
 
         Errors:
         * `INVALID_ARGUMENT`: the key is invalid: a required field missing, a value out of
@@ -159,6 +185,10 @@ class RegistryServicer(metaclass=_abc_1.ABCMeta):
         Errors:
         * `INVALID_ARGUMENT`: malformed artifact id (not 32 hex digits). Do not retry.
         * `NOT_FOUND`: no such artifact. Do not retry.
+        * `FAILED_PRECONDITION`: the artifact is signed by a key the server revoked
+          (`revoked_signers`); the message names the key id. It is not served until it is
+          replaced by an artifact signed with a current key (a lookup enqueues that rebuild).
+          Do not retry as is.
         * `UNAVAILABLE`: transient. Retry with backoff.
         """
 
@@ -182,6 +212,12 @@ class RegistryServicer(metaclass=_abc_1.ABCMeta):
           Upload them and retry.
         * `ALREADY_EXISTS`: an artifact with a different file list exists for the key and
           `replace` is not set. Do not retry unless replacing is intended.
+        * `INVALID_ARGUMENT` also: a `signature` that is malformed or does not verify for
+          this key and file list (with its `public_key`, or with the server's signer set).
+          Nothing is published. Do not retry as is.
+        * `PERMISSION_DENIED`: the server requires signatures (`require_signatures`) and
+          the request has none, or the signer is revoked or not in the server's signer set
+          (`signer_keys`). Nothing is published. Do not retry as is.
         * `DATA_LOSS`: a named blob is stored but its bytes no longer match; it is
           quarantined. Upload it again and retry.
         * `UNAVAILABLE`: transient. Retry with backoff; publishing is idempotent.

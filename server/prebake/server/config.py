@@ -78,6 +78,19 @@ class ServerConfig:
     # is installed here (0: none, compile on separate `prebake worker` hosts only).
     embedded_workers: int = 1
 
+    # --- signed artifacts (issue 9, signing) ---
+    # Refuse publishes and job completions without a signature (PERMISSION_DENIED).
+    require_signatures: bool = False
+    # Public key files (PEM; comma-separated) of the only signers accepted; empty: any
+    # signer whose signature verifies with the public key it sends.
+    signer_keys: str = ""
+    # Key ids (comma-separated, "ed25519:..."): their artifacts are no longer served (no
+    # lookup hits them, GetArtifact answers FAILED_PRECONDITION) and they publish nothing.
+    revoked_signers: str = ""
+    # Private key file (PEM PKCS#8) the embedded workers sign their artifacts with; empty:
+    # they publish unsigned.
+    signing_key: str = ""
+
 
 _ENV_PREFIX = "PREBAKE_"
 DYNAMODB_SCHEME = "dynamodb://"
@@ -95,9 +108,22 @@ def _coerce(name: str, value: Any) -> Any:
             return int(value)
         if kind in ("float", float):
             return float(value)
+        if kind in ("bool", bool):
+            return _boolean(value)
         return str(value)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"configuration {name}={value!r}: expected {kind}") from exc
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{value!r} is not a boolean (true/false)")
 
 
 def load_server_config(
@@ -141,7 +167,23 @@ def load_server_config(
     parse_default_toolchains(config.default_toolchains, DEFAULT_TOOLCHAINS)
     parse_store(config.store)
     parse_registry(config.registry)
+    check_signing(config)
     return config
+
+
+def check_signing(config: ServerConfig) -> None:
+    """ValueError unless the signing settings can be used (key files readable, ids well-formed)."""
+    from prebake.core.errors import PrebakeError
+    from prebake.server.signatures import signature_policy
+
+    signature_policy(config)
+    if config.signing_key:
+        from prebake.core.signing import SigningKey
+
+        try:
+            SigningKey.load(config.signing_key)
+        except PrebakeError as exc:
+            raise ValueError(f"signing_key: {exc}") from None
 
 
 def parse_default_toolchains(text: str, known_kinds: Mapping[str, str]) -> dict[str, str]:

@@ -21,6 +21,7 @@ from prebake.server.instance_catalog import InstanceCatalog
 from prebake.server.job_lifecycle import JobLifecycle
 from prebake.server.key_normalization import DEFAULT_TOOLCHAINS
 from prebake.server.model_catalog import ModelCatalog
+from prebake.server.signatures import SignaturePolicy, signature_policy
 from prebake.server.storage import ArtifactIndex
 from prebake.server.storage.bundle import Storage
 from prebake.server.worker_liveness import WorkerLiveness
@@ -84,6 +85,8 @@ class ServerState:
     # publishes, and from "no artifact references it" to the blob delete by deletes, so
     # a delete never removes a blob a concurrent publish of this replica relies on.
     blob_refs: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Which signatures publishes need and which signers are revoked (signing settings).
+    signatures: SignaturePolicy = field(init=False)
 
     def __post_init__(self) -> None:
         self.tracker = AccessTracker(self.storage.artifacts)
@@ -94,6 +97,7 @@ class ServerState:
         self.configured_toolchains = parse_default_toolchains(
             self.config.default_toolchains, DEFAULT_TOOLCHAINS
         )
+        self.signatures = signature_policy(self.config)
 
     @property
     def in_worker_grace(self) -> bool:
