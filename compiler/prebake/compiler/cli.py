@@ -65,6 +65,12 @@ def register(commands: CommandRegistrar) -> None:
         help="on SIGINT/SIGTERM, let a running compile finish for up to S seconds (default 60)",
     )
     p.add_argument("--worker-id", metavar="ID", help="name recorded on leased jobs (default: HOST:PID)")
+    p.add_argument(
+        "--signing-key",
+        metavar="FILE",
+        help="sign every artifact this worker completes with this Ed25519 private key "
+        "(PEM; `prebake key generate`)",
+    )
 
 
 def worker(args: argparse.Namespace, client: Client) -> int:
@@ -83,6 +89,7 @@ def worker(args: argparse.Namespace, client: Client) -> int:
         max_jobs=args.max_jobs,
         drain_seconds=args.drain_seconds,
         rpc_timeout=args.timeout,
+        signing_key=Path(args.signing_key) if args.signing_key else None,
     )
     try:
         compile_worker = Worker(config, client=client)

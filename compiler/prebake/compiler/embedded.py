@@ -36,7 +36,12 @@ def _local_target(address: str) -> str:
 
 
 def run_embedded_workers(
-    address: str, stop: threading.Event, work_dir: Path, per_kind: int = 1
+    address: str,
+    stop: threading.Event,
+    work_dir: Path,
+    per_kind: int = 1,
+    *,
+    signing_key: Path | None = None,
 ) -> list[threading.Thread]:
     """Start `per_kind` daemon worker threads per kind whose toolchain is installed here.
 
@@ -45,7 +50,9 @@ def run_embedded_workers(
     `address`. Setting `stop` stops them without a drain (a running compile is killed
     and released); join the returned threads (bounded) before stopping the server so
     that the release reaches it. Never raises for a missing toolchain or a failed probe:
-    the server then runs without workers, and says so.
+    the server then runs without workers, and says so. With `signing_key` (the server's
+    `signing_key` setting, checked when the configuration was loaded) every artifact they
+    complete is signed with it.
     """
     if per_kind <= 0:
         return []
@@ -74,6 +81,7 @@ def run_embedded_workers(
                 kinds=(status.kind,),
                 worker_id=f"{default_worker_id()}/embedded-{status.kind}-{i + 1}",
                 drain_seconds=0.0,
+                signing_key=signing_key,
             )
             workers.append(Worker(config, backends={status.kind: status}))
         log.info("embedded workers: serving %s with %d worker(s)", status.describe(), per_kind)

@@ -70,6 +70,7 @@ from prebake.compiler.supervise import key_fields, run_compile
 from prebake.compiler.work_dir import default_work_dir, worker_dir
 from prebake.core.names import kind_name, kind_names
 from prebake.core.s3_urls import is_s3_url
+from prebake.core.signing import SigningKey
 from prebake.v1 import blobs_pb2, jobs_pb2, workers_pb2
 
 # Callers of `prebake worker` import these from here (with Worker and WorkerConfig).
@@ -102,6 +103,18 @@ class WorkerConfig:
     rpc_timeout: float = 30.0
     # The interpreter that runs the backend (one with the toolchain installed).
     python: str = sys.executable
+    # Private key file (PEM PKCS#8) every completed artifact is signed with; None: unsigned.
+    signing_key: Path | None = None
+
+
+def _load_signing_key(path: Path | None) -> SigningKey | None:
+    """The worker's signing key, loaded at start-up so that a bad key stops it before any lease."""
+    if path is None:
+        return None
+    try:
+        return SigningKey.load(path)
+    except PrebakeError as exc:
+        raise WorkerSetupError(f"--signing-key: {exc}") from None
 
 
 class Worker:
@@ -152,6 +165,7 @@ class Worker:
             raise WorkerSetupError(f"cannot probe the compile backends: {exc}") from exc
         self.backends = select_backends(probed, config.kinds)
         self.capabilities = [b.capability() for b in self.backends]
+        self.signing_key = _load_signing_key(config.signing_key)
         self._client = client or Client(config.server, timeout=config.rpc_timeout)
         self._owns_client = client is None
         self._poller = LeasePoller(config.server, config.rpc_timeout)
@@ -317,6 +331,7 @@ class Worker:
                     worker_id=self.config.worker_id,
                     log_digest=log_digest,
                     compile_seconds=compile_seconds,
+                    signing_key=self.signing_key,
                 )
             except NothingToPublish as exc:
                 return self._fail(run, str(exc), False, log_digest)

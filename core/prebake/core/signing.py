@@ -39,10 +39,11 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from prebake.core.digests import manifest_digest
 from prebake.core.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from prebake.v1 import registry_pb2
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -324,50 +325,12 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
     os.chmod(path, mode)  # the umask may have narrowed or (for 0600) it is already exact
 
 
-class _DigestLike(Protocol):
-    hash: str
-    size_bytes: int
-
-
-class _FileLike(Protocol):
-    """What `files_digest` reads of a file: `prebake.v1.ArtifactFile`'s fields."""
-
-    path: str
-    executable: bool
-
-    @property
-    def digest(self) -> _DigestLike: ...
-
-
-def files_digest(files: Iterable[_FileLike]) -> str:
-    """The manifest digest of a wire file list (`prebake.v1.ArtifactFile`s), in any order."""
+def files_digest(files: Iterable[registry_pb2.ArtifactFile]) -> str:
+    """The manifest digest of a wire file list, in any order."""
     return manifest_digest((f.path, f.digest.hash, f.digest.size_bytes, f.executable) for f in files)
 
 
-class _SignatureLike(Protocol):
-    key_id: str
-    signature: bytes
-    public_key: bytes
-
-
-class _ArtifactLike(Protocol):
-    """What `verify_artifact` reads: `prebake.v1.Artifact`'s fields."""
-
-    artifact_id: str
-
-    @property
-    def key(self) -> Any: ...
-
-    @property
-    def files(self) -> Sequence[_FileLike]: ...
-
-    @property
-    def signature(self) -> _SignatureLike: ...
-
-    def HasField(self, name: str) -> bool: ...  # noqa: N802 (protobuf's name)
-
-
-def signature_of(artifact: _ArtifactLike) -> Signature | None:
+def signature_of(artifact: registry_pb2.Artifact) -> Signature | None:
     """The signature a wire artifact carries, or None when it has none."""
     if not artifact.HasField("signature"):
         return None
@@ -375,7 +338,7 @@ def signature_of(artifact: _ArtifactLike) -> Signature | None:
     return Signature(key_id=sig.key_id, signature=sig.signature, public_key=sig.public_key)
 
 
-def verify_artifact(trust: TrustSet, artifact: _ArtifactLike) -> str:
+def verify_artifact(trust: TrustSet, artifact: registry_pb2.Artifact) -> str:
     """The trusted signer of a fetched manifest, or `UntrustedArtifact`.
 
     Checks the signature over the artifact's id, its key's canonical text and the manifest
@@ -383,6 +346,5 @@ def verify_artifact(trust: TrustSet, artifact: _ArtifactLike) -> str:
     a manifest changed anywhere after signing (another file, digest or executable bit) is
     refused. The artifact must carry its files (`GetArtifact`, or a lookup hit).
     """
-    return trust.verify(
-        artifact.artifact_id, artifact.key.canonical, files_digest(artifact.files), signature_of(artifact)
-    )
+    digest = files_digest(artifact.files)
+    return trust.verify(artifact.artifact_id, artifact.key.canonical, digest, signature_of(artifact))

@@ -227,6 +227,7 @@ async def _serve(config: ServerConfig) -> None:
             workers_stop,
             config.data_dir / "work",
             per_kind=config.embedded_workers,
+            signing_key=Path(config.signing_key) if config.signing_key else None,
         )
     await stop.wait()
     print("prebake shutting down", file=sys.stderr, flush=True)

@@ -73,6 +73,36 @@ def register(commands: CommandRegistrar) -> None:
         metavar="N",
         help="in-process compile workers per installed backend (default 1; 0 = none)",
     )
+    _add_signing_flags(p)
+
+
+def _add_signing_flags(p: argparse.ArgumentParser) -> None:
+    """Signed artifacts: ServerConfig's require_signatures, signer_keys, revoked_signers, signing_key."""
+    p.add_argument(
+        "--require-signatures",
+        action="store_true",
+        default=None,
+        help="refuse unsigned publishes and job completions (env PREBAKE_REQUIRE_SIGNATURES)",
+    )
+    p.add_argument(
+        "--signer-key",
+        dest="signer_keys",
+        action="append",
+        metavar="FILE",
+        help="accept signatures only by this public key (PEM); repeatable (default: any signer)",
+    )
+    p.add_argument(
+        "--revoked-signer",
+        dest="revoked_signers",
+        action="append",
+        metavar="KEY_ID",
+        help="stop serving artifacts signed by this key id (ed25519:...); repeatable",
+    )
+    p.add_argument(
+        "--signing-key",
+        metavar="FILE",
+        help="embedded workers sign their artifacts with this private key (PEM)",
+    )
 
 
 def add_backend_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -149,4 +179,8 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         max_blob_bytes=args.max_blob_bytes,
         max_store_bytes=args.max_store_bytes,
         embedded_workers=args.workers,
+        require_signatures=args.require_signatures,
+        signer_keys=",".join(args.signer_keys) if args.signer_keys else None,
+        revoked_signers=",".join(args.revoked_signers) if args.revoked_signers else None,
+        signing_key=args.signing_key,
     )
