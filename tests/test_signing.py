@@ -35,6 +35,7 @@ from prebake.core.signing import (
     Signature,
     SigningKey,
     TrustSet,
+    check_signed_key,
     files_digest,
     generate_key_files,
     signed_bytes,
@@ -227,6 +228,20 @@ def test_a_manifest_tampered_with_in_the_registry_is_refused(
         client.fetch(served, dest, trust=TrustSet.load([keys["a"].public]))
     assert info.value.signer == keys["a"].key_id
     assert placed_nothing(dest)
+
+
+def test_a_genuinely_signed_artifact_of_another_model_is_refused(
+    server: BackgroundServer, client: Client, keys: dict[str, KeyPair], tmp_path: Path
+) -> None:
+    # A server that answers a lookup with another key's (genuinely signed) artifact: the
+    # signed key names another model than the deployer asked for.
+    artifact = client.get_artifact(publish_dir(client, tmp_path / "src", LLAMA3_8B_INF2, keys["a"]))
+    check_signed_key(artifact, LLAMA3_8B_INF2.model)
+    check_signed_key(artifact, LLAMA3_8B_INF2.model, "")
+    with pytest.raises(UntrustedArtifact, match="signed for model 'meta-llama/Meta-Llama-3-8B'"):
+        check_signed_key(artifact, "evil/model")
+    with pytest.raises(UntrustedArtifact, match="model_revision"):
+        check_signed_key(artifact, LLAMA3_8B_INF2.model, "rev-b")
 
 
 def test_a_blob_replaced_in_the_bucket_is_refused_by_the_clients_digest_check(

@@ -66,7 +66,7 @@ from prebake.core.names import (
     lookup_status_name,
 )
 from prebake.core.s3_urls import is_s3_url
-from prebake.core.signing import Signature, SigningKey, TrustSet, files_digest
+from prebake.core.signing import Signature, SigningKey, TrustSet, check_signed_key, files_digest
 from prebake.v1 import (
     admin_pb2,
     blobs_pb2,
@@ -873,6 +873,10 @@ class Client:
                 ) from None
             self._raise_unless_succeeded(job)
             artifact = self.get_artifact(job.artifact_id or job.key.digest or response.key.digest)
+        if (self.trust if trust is None else trust) is not None:
+            # The signature (checked by fetch) binds the key; it must be the key asked for.
+            requested = _key_proto(key)
+            check_signed_key(artifact, requested.model, requested.model_revision)
         fetched = self.fetch(
             artifact, dest, progress=progress, overwrite=overwrite, host_cache=host_cache, trust=trust
         )

@@ -348,3 +348,25 @@ def verify_artifact(trust: TrustSet, artifact: registry_pb2.Artifact) -> str:
     """
     digest = files_digest(artifact.files)
     return trust.verify(artifact.artifact_id, artifact.key.canonical, digest, signature_of(artifact))
+
+
+def check_signed_key(artifact: registry_pb2.Artifact, model: str, model_revision: str = "") -> None:
+    """`UntrustedArtifact` unless the artifact's key names `model` (and `model_revision`, if given).
+
+    For a deployer that verified the artifact (`verify_artifact`), so its key's canonical text is
+    the signed one: a server that answers a lookup with a genuinely signed artifact of another
+    model is refused too. Compatibility policies never change the model or its revision.
+    """
+    try:
+        signed = json.loads(artifact.key.canonical)
+    except ValueError:
+        signed = None
+    if not isinstance(signed, dict):
+        raise UntrustedArtifact(f"artifact {artifact.artifact_id} has no readable key to check")
+    for field, wanted in (("model", model), ("model_revision", model_revision)):
+        if wanted and field in signed and signed[field] != wanted:
+            raise UntrustedArtifact(
+                f"artifact {artifact.artifact_id} is signed for {field} {str(signed[field])[:256]!r}, "
+                f"not the requested {wanted!r}",
+                signer=artifact.signature.key_id,
+            )
