@@ -85,6 +85,11 @@ PLUGIN_COMMANDS = {
         "the server extra",
         "pip install 'prebake[server]'",
     ),
+    "token": PluginCommand(
+        "add, revoke and list the tokens of a server's token file",
+        "the server extra",
+        "pip install 'prebake[server]'",
+    ),
     "key": PluginCommand(
         "generate a signing key pair for artifacts", "the signing extra", "pip install 'prebake[signing]'"
     ),
@@ -129,7 +134,27 @@ def _client_options(suppress: bool) -> argparse.ArgumentParser:
         default=argparse.SUPPRESS if suppress else DEFAULT_TIMEOUT,
         help=f"deadline of each request (default {DEFAULT_TIMEOUT:g})",
     )
+    _add_credentials(parent, suppress)
     return parent
+
+
+def _add_credentials(parent: argparse.ArgumentParser, suppress: bool) -> None:
+    """--token, --token-file, --ca-bundle, --client-cert, --client-key (env: see `credentials`)."""
+    group = parent.add_argument_group("authentication and TLS")
+    default = argparse.SUPPRESS if suppress else None
+    flags = [
+        ("--token", "TOKEN", "bearer token (env PREBAKE_TOKEN; prefer --token-file: a flag shows in ps)"),
+        ("--token-file", "FILE", "file holding the token (env PREBAKE_TOKEN_FILE)"),
+        (
+            "--ca-bundle",
+            "FILE",
+            "PEM CAs that sign the server's certificate: use TLS (env PREBAKE_CA_BUNDLE)",
+        ),
+        ("--client-cert", "FILE", "PEM client certificate for mutual TLS (env PREBAKE_CLIENT_CERT)"),
+        ("--client-key", "FILE", "PEM key of --client-cert (env PREBAKE_CLIENT_KEY)"),
+    ]
+    for flag, metavar, text in flags:
+        group.add_argument(flag, metavar=metavar, default=default, help=text)
 
 
 def _add_key_options(parser: argparse.ArgumentParser, required: bool, lookup: bool = True) -> None:
@@ -525,6 +550,9 @@ def _add_publish(sub: _Commands) -> None:
     _add_key_options(p, required=True, lookup=False)
     p.add_argument("--note", default="", help="free text recorded as the producer's note")
     p.add_argument("--replace", action="store_true", help="replace an existing artifact with other files")
+    p.add_argument(
+        "--force", action="store_true", help="with --replace: replace even a pinned artifact (admin)"
+    )
     p.add_argument(
         "--signing-key",
         metavar="FILE",

@@ -32,6 +32,7 @@ from prebake.client.channel import (
     stalled,
     status_of,
 )
+from prebake.client.credentials import Credentials
 from prebake.client.errors import (
     CompileFailed,
     DataLoss,
@@ -199,6 +200,11 @@ class Client:
     retries after an UNAVAILABLE answer. Streams carry no deadline; a stream that
     delivers nothing for `idle_timeout` seconds is cancelled and resumed from where it
     was (downloads), or re-opened (job watches, which re-deliver the current state).
+
+    `token` is sent with every rpc (`authorization: Bearer`); `ca_bundle` (PEM file: the
+    CAs that sign the server's certificate) or `client_cert` with `client_key` (PEM files,
+    for mutual TLS) make the channel TLS. `credentials` passes all of them already read
+    (`Credentials.load`), instead. A file that cannot be read raises InvalidArgument.
     """
 
     def __init__(
@@ -210,9 +216,16 @@ class Client:
         idle_timeout: float = 30.0,
         watch_idle_timeout: float = 60.0,
         direct_download: bool = True,
+        token: str | None = None,
+        ca_bundle: str | Path | None = None,
+        client_cert: str | Path | None = None,
+        client_key: str | Path | None = None,
+        credentials: Credentials | None = None,
         trust: TrustSet | None = None,
     ) -> None:
         self.target = target
+        # What the server is shown (see `prebake.client.credentials`): read once, here.
+        self.credentials = credentials or Credentials.load(token, ca_bundle, client_cert, client_key)
         # Every fetch (and ensure) places only artifacts signed by one of these keys, checked
         # here from the manifest received (`prebake.core.signing`); None: no check.
         self.trust = trust
@@ -223,7 +236,7 @@ class Client:
         self.policy = RetryPolicy(retries=retries)
         self.idle_timeout = idle_timeout
         self.watch_idle_timeout = watch_idle_timeout
-        self._conn = Connection(target)
+        self._conn = Connection(target, self.credentials)
         self._transfer = TransferSettings(
             policy=self.policy, unary_timeout=timeout, idle_seconds=idle_timeout, target=target
         )
@@ -302,20 +315,25 @@ class Client:
         files: Sequence[registry_pb2.ArtifactFile],
         producer: registry_pb2.Producer | None = None,
         replace: bool = False,
+        force: bool = False,
         *,
         signature: Signature | None = None,
     ) -> registry_pb2.PublishArtifactResponse:
         """Publish a manifest whose blobs are all uploaded already (see `publish`).
 
-        Raises FailedPrecondition when a blob is missing, AlreadyExists when another file
-        list exists for the key and `replace` is not set; InvalidArgument for a `signature`
-        that does not verify, PermissionDenied for one the server does not accept.
+        Raises FailedPrecondition when a blob is missing or, with `replace` but not
+        `force`, when the existing artifact is pinned; AlreadyExists when another file
+        list exists for the key and `replace` is not set; PermissionDenied for `replace`
+        without the admin role (on a server with authentication). With `signature`:
+        InvalidArgument when it does not verify, PermissionDenied when the server does not
+        accept its signer.
         """
         request = registry_pb2.PublishArtifactRequest(
             key=_key_proto(key),
             files=files,
             producer=producer,
             replace=replace,
+            force=force,
             signature=_signature_message(signature),
         )
         return self._call(lambda t: self._conn.stubs.registry.PublishArtifact(request, timeout=t))
@@ -726,9 +744,12 @@ class Client:
         replace: bool = False,
         progress: Progress | None = None,
         *,
+        force: bool = False,
         signing_key: SigningKey | None = None,
     ) -> registry_pb2.PublishArtifactResponse:
         """Publish the regular files under `directory` as the artifact for `key`.
+
+        `replace` and `force` as for `publish_artifact`.
 
         Hashes every file, uploads only the blobs the server lacks, then publishes;
         nothing is published before every blob is uploaded. If a blob vanishes between
@@ -746,11 +767,11 @@ class Client:
             signature = sign_manifest(signing_key, resolved, manifest)
         self._upload_missing(files, progress)
         try:
-            return self.publish_artifact(key, manifest, producer, replace, signature=signature)
+            return self.publish_artifact(key, manifest, producer, replace, force, signature=signature)
         except (FailedPrecondition, DataLoss):
             # A blob was deleted or quarantined since it was uploaded: upload it again.
             self._upload_missing(files, progress)
-            return self.publish_artifact(key, manifest, producer, replace, signature=signature)
+            return self.publish_artifact(key, manifest, producer, replace, force, signature=signature)
 
     def upload_directory(
         self, directory: Path | str, progress: Progress | None = None

@@ -20,6 +20,7 @@ from google.protobuf.json_format import MessageToDict
 from prebake.client import exitcodes, importing, render
 from prebake.client.artifact_key import ArtifactKey
 from prebake.client.client import Client
+from prebake.client.credentials import from_settings
 from prebake.client.errors import (
     AlreadyExists,
     CompileFailed,
@@ -65,7 +66,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         if not args.needs_client:
             return int(args.handler(args))
-        with Client(args.server, timeout=args.timeout) as client:
+        credentials = from_settings(
+            os.environ,
+            token=args.token,
+            token_file=args.token_file,
+            ca_bundle=args.ca_bundle,
+            client_cert=args.client_cert,
+            client_key=args.client_key,
+        )
+        with Client(args.server, timeout=args.timeout, credentials=credentials) as client:
             return int(args.handler(args, client))
     except Unavailable as exc:
         target = exc.target or args.server
@@ -353,6 +362,7 @@ def publish(args: argparse.Namespace, client: Client) -> int:
                 producer_note=args.note,
                 replace=args.replace,
                 progress=display,
+                force=args.force,
                 signing_key=signing_key_from_args(args),
             )
     except AlreadyExists as exc:

@@ -89,6 +89,8 @@ def worker(args: argparse.Namespace, client: Client) -> int:
         max_jobs=args.max_jobs,
         drain_seconds=args.drain_seconds,
         rpc_timeout=args.timeout,
+        # The --token / --ca-bundle / --client-cert of the command line, as the client read them.
+        credentials=client.credentials,
         signing_key=Path(args.signing_key) if args.signing_key else None,
     )
     try:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from prebake.client.credentials import Credentials
 from prebake.compiler.probe import ProbeError, probe_backends
 from prebake.compiler.worker import Worker, WorkerConfig, default_worker_id
 from prebake.core.names import kind_names
@@ -29,6 +30,8 @@ EMBEDDED_JOIN_SECONDS = 20.0
 
 def _local_target(address: str) -> str:
     """A dialable address for a server listening on `address` (wildcards become loopback)."""
+    if address.startswith("unix:"):
+        return address
     host, _, port = address.rpartition(":")
     if host in ("", "0.0.0.0", "[::]", "::"):
         return f"127.0.0.1:{port}"
@@ -40,6 +43,7 @@ def run_embedded_workers(
     stop: threading.Event,
     work_dir: Path,
     per_kind: int = 1,
+    token: str | None = None,
     *,
     signing_key: Path | None = None,
 ) -> list[threading.Thread]:
@@ -50,9 +54,10 @@ def run_embedded_workers(
     `address`. Setting `stop` stops them without a drain (a running compile is killed
     and released); join the returned threads (bounded) before stopping the server so
     that the release reaches it. Never raises for a missing toolchain or a failed probe:
-    the server then runs without workers, and says so. With `signing_key` (the server's
-    `signing_key` setting, checked when the configuration was loaded) every artifact they
-    complete is signed with it.
+    the server then runs without workers, and says so. `token` is the one the server
+    minted for them when it authenticates (`address` may be its private `unix:` socket).
+    With `signing_key` (the server's `signing_key` setting, checked when the configuration
+    was loaded) every artifact they complete is signed with it.
     """
     if per_kind <= 0:
         return []
@@ -81,6 +86,7 @@ def run_embedded_workers(
                 kinds=(status.kind,),
                 worker_id=f"{default_worker_id()}/embedded-{status.kind}-{i + 1}",
                 drain_seconds=0.0,
+                credentials=Credentials(token=token),
                 signing_key=signing_key,
             )
             workers.append(Worker(config, backends={status.kind: status}))

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prebake.client.client import Client
+from prebake.client.credentials import Credentials
 from prebake.client.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -103,6 +104,9 @@ class WorkerConfig:
     rpc_timeout: float = 30.0
     # The interpreter that runs the backend (one with the toolchain installed).
     python: str = sys.executable
+    # Token and TLS material for the server (a token with the worker role, or a client
+    # certificate the server's token file names); none for a server without auth.
+    credentials: Credentials = field(default_factory=Credentials)
     # Private key file (PEM PKCS#8) every completed artifact is signed with; None: unsigned.
     signing_key: Path | None = None
 
@@ -166,9 +170,11 @@ class Worker:
         self.backends = select_backends(probed, config.kinds)
         self.capabilities = [b.capability() for b in self.backends]
         self.signing_key = _load_signing_key(config.signing_key)
-        self._client = client or Client(config.server, timeout=config.rpc_timeout)
+        self._client = client or Client(
+            config.server, timeout=config.rpc_timeout, credentials=config.credentials
+        )
         self._owns_client = client is None
-        self._poller = LeasePoller(config.server, config.rpc_timeout)
+        self._poller = LeasePoller(config.server, config.rpc_timeout, config.credentials)
         self._outage = Outage(config.server)
         self._stopping = threading.Event()
         self._abandon = threading.Event()

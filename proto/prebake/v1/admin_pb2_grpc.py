@@ -28,6 +28,12 @@ if _version_not_supported:
 
 class AdminStub:
     """Operate the registry.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
     """
 
     def __init__(self, channel):
@@ -60,6 +66,12 @@ class AdminStub:
 
 class AdminServicer:
     """Operate the registry.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
     """
 
     def ListArtifacts(self, request, context):
@@ -144,6 +156,12 @@ def add_AdminServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Admin:
     """Operate the registry.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
     """
 
     @staticmethod

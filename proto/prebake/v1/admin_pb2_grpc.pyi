@@ -28,7 +28,14 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class AdminStub:
-    """Operate the registry."""
+    """Operate the registry.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -70,7 +77,14 @@ class AdminStub:
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
-    """Operate the registry."""
+    """Operate the registry.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListArtifacts: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListArtifactsRequest, _admin_pb2.ListArtifactsResponse]  # type: ignore[assignment]
@@ -108,7 +122,14 @@ class AdminAsyncStub(AdminStub):
     """
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
-    """Operate the registry."""
+    """Operate the registry.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
+    """
 
     @_abc_1.abstractmethod
     def ListArtifacts(

@@ -604,9 +604,17 @@ class PublishArtifactRequest(_message.Message):
     FILES_FIELD_NUMBER: _builtins.int
     PRODUCER_FIELD_NUMBER: _builtins.int
     REPLACE_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
     replace: _builtins.bool
-    """Replace an existing artifact for the key that has a different file list."""
+    """Replace an existing artifact for the key that has a different file list. Needs the
+    admin role on a server with authentication.
+    """
+    force: _builtins.bool
+    """With `replace`: replace the artifact even if it is pinned (deploy hosts rely on a
+    pinned artifact staying as it is). Without it, replacing a pinned artifact is
+    FAILED_PRECONDITION.
+    """
     @_builtins.property
     def key(self) -> _key_pb2.ArtifactKey:
         """The key the files were compiled for."""
@@ -634,11 +642,12 @@ class PublishArtifactRequest(_message.Message):
         files: _abc.Iterable[Global___ArtifactFile] | None = ...,
         producer: Global___Producer | None = ...,
         replace: _builtins.bool = ...,
+        force: _builtins.bool = ...,
         signature: Global___Signature | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "producer", b"producer", "signature", b"signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files", "key", b"key", "producer", b"producer", "replace", b"replace", "signature", b"signature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files", "force", b"force", "key", b"key", "producer", b"producer", "replace", b"replace", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

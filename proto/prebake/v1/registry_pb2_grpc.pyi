@@ -33,7 +33,14 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class RegistryStub:
-    """Look up, read and publish artifact manifests."""
+    """Look up, read and publish artifact manifests.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -51,8 +58,16 @@ class RegistryStub:
       range or unknown (instance type, precision), a precision the kind cannot produce,
       a tensor-parallel degree that does not fit the instance. The message says which
       field and what would be valid. Do not retry as is.
+    * `UNAUTHENTICATED`: the server requires a token (or client certificate) and got
+      none, or one it does not accept. Do not retry with the same credentials.
+    * `PERMISSION_DENIED`: the caller lacks the reader role. Do not retry.
     * `UNAVAILABLE`: transient. Retry with backoff; lookups are idempotent apart from
       creating at most one job.
+
+    On a server whose `reader_may_enqueue` is off, a miss looked up by a caller that
+    holds only the reader role creates no job whatever `on_miss` says: the answer is
+    MISS without `job`, and `error` says that readers may not enqueue there (a publisher
+    or admin may).
     """
     GetArtifact: _grpc.UnaryUnaryMultiCallable[_registry_pb2.GetArtifactRequest, _registry_pb2.Artifact]
     """Returns one artifact's manifest, with its files.
@@ -84,9 +99,14 @@ class RegistryStub:
     * `INVALID_ARGUMENT` also: a `signature` that is malformed or does not verify for
       this key and file list (with its `public_key`, or with the server's signer set).
       Nothing is published. Do not retry as is.
-    * `PERMISSION_DENIED`: the server requires signatures (`require_signatures`) and
-      the request has none, or the signer is revoked or not in the server's signer set
-      (`signer_keys`). Nothing is published. Do not retry as is.
+    * `FAILED_PRECONDITION` also: `replace` of a pinned artifact without `force`. Do not
+      retry unless replacing the pinned artifact is intended (then set `force`).
+    * `UNAUTHENTICATED`: the server requires a token (or client certificate) and got
+      none, or one it does not accept. Do not retry with the same credentials.
+    * `PERMISSION_DENIED`: the caller lacks the publisher role, or sets `replace`
+      without the admin role; or the server requires signatures (`require_signatures`)
+      and the request has none, or the signer is revoked or not in the server's signer
+      set (`signer_keys`). Nothing is published. Do not retry.
     * `DATA_LOSS`: a named blob is stored but its bytes no longer match; it is
       quarantined. Upload it again and retry.
     * `UNAVAILABLE`: transient. Retry with backoff; publishing is idempotent.
@@ -94,7 +114,14 @@ class RegistryStub:
 
 @_typing.type_check_only
 class RegistryAsyncStub(RegistryStub):
-    """Look up, read and publish artifact manifests."""
+    """Look up, read and publish artifact manifests.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Lookup: _aio.UnaryUnaryMultiCallable[_registry_pb2.LookupRequest, _registry_pb2.LookupResponse]  # type: ignore[assignment]
@@ -109,8 +136,16 @@ class RegistryAsyncStub(RegistryStub):
       range or unknown (instance type, precision), a precision the kind cannot produce,
       a tensor-parallel degree that does not fit the instance. The message says which
       field and what would be valid. Do not retry as is.
+    * `UNAUTHENTICATED`: the server requires a token (or client certificate) and got
+      none, or one it does not accept. Do not retry with the same credentials.
+    * `PERMISSION_DENIED`: the caller lacks the reader role. Do not retry.
     * `UNAVAILABLE`: transient. Retry with backoff; lookups are idempotent apart from
       creating at most one job.
+
+    On a server whose `reader_may_enqueue` is off, a miss looked up by a caller that
+    holds only the reader role creates no job whatever `on_miss` says: the answer is
+    MISS without `job`, and `error` says that readers may not enqueue there (a publisher
+    or admin may).
     """
     GetArtifact: _aio.UnaryUnaryMultiCallable[_registry_pb2.GetArtifactRequest, _registry_pb2.Artifact]  # type: ignore[assignment]
     """Returns one artifact's manifest, with its files.
@@ -142,16 +177,28 @@ class RegistryAsyncStub(RegistryStub):
     * `INVALID_ARGUMENT` also: a `signature` that is malformed or does not verify for
       this key and file list (with its `public_key`, or with the server's signer set).
       Nothing is published. Do not retry as is.
-    * `PERMISSION_DENIED`: the server requires signatures (`require_signatures`) and
-      the request has none, or the signer is revoked or not in the server's signer set
-      (`signer_keys`). Nothing is published. Do not retry as is.
+    * `FAILED_PRECONDITION` also: `replace` of a pinned artifact without `force`. Do not
+      retry unless replacing the pinned artifact is intended (then set `force`).
+    * `UNAUTHENTICATED`: the server requires a token (or client certificate) and got
+      none, or one it does not accept. Do not retry with the same credentials.
+    * `PERMISSION_DENIED`: the caller lacks the publisher role, or sets `replace`
+      without the admin role; or the server requires signatures (`require_signatures`)
+      and the request has none, or the signer is revoked or not in the server's signer
+      set (`signer_keys`). Nothing is published. Do not retry.
     * `DATA_LOSS`: a named blob is stored but its bytes no longer match; it is
       quarantined. Upload it again and retry.
     * `UNAVAILABLE`: transient. Retry with backoff; publishing is idempotent.
     """
 
 class RegistryServicer(metaclass=_abc_1.ABCMeta):
-    """Look up, read and publish artifact manifests."""
+    """Look up, read and publish artifact manifests.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
+    """
 
     @_abc_1.abstractmethod
     def Lookup(
@@ -170,8 +217,16 @@ class RegistryServicer(metaclass=_abc_1.ABCMeta):
           range or unknown (instance type, precision), a precision the kind cannot produce,
           a tensor-parallel degree that does not fit the instance. The message says which
           field and what would be valid. Do not retry as is.
+        * `UNAUTHENTICATED`: the server requires a token (or client certificate) and got
+          none, or one it does not accept. Do not retry with the same credentials.
+        * `PERMISSION_DENIED`: the caller lacks the reader role. Do not retry.
         * `UNAVAILABLE`: transient. Retry with backoff; lookups are idempotent apart from
           creating at most one job.
+
+        On a server whose `reader_may_enqueue` is off, a miss looked up by a caller that
+        holds only the reader role creates no job whatever `on_miss` says: the answer is
+        MISS without `job`, and `error` says that readers may not enqueue there (a publisher
+        or admin may).
         """
 
     @_abc_1.abstractmethod
@@ -215,9 +270,14 @@ class RegistryServicer(metaclass=_abc_1.ABCMeta):
         * `INVALID_ARGUMENT` also: a `signature` that is malformed or does not verify for
           this key and file list (with its `public_key`, or with the server's signer set).
           Nothing is published. Do not retry as is.
-        * `PERMISSION_DENIED`: the server requires signatures (`require_signatures`) and
-          the request has none, or the signer is revoked or not in the server's signer set
-          (`signer_keys`). Nothing is published. Do not retry as is.
+        * `FAILED_PRECONDITION` also: `replace` of a pinned artifact without `force`. Do not
+          retry unless replacing the pinned artifact is intended (then set `force`).
+        * `UNAUTHENTICATED`: the server requires a token (or client certificate) and got
+          none, or one it does not accept. Do not retry with the same credentials.
+        * `PERMISSION_DENIED`: the caller lacks the publisher role, or sets `replace`
+          without the admin role; or the server requires signatures (`require_signatures`)
+          and the request has none, or the signer is revoked or not in the server's signer
+          set (`signer_keys`). Nothing is published. Do not retry.
         * `DATA_LOSS`: a named blob is stored but its bytes no longer match; it is
           quarantined. Upload it again and retry.
         * `UNAVAILABLE`: transient. Retry with backoff; publishing is idempotent.

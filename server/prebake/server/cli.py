@@ -36,7 +36,13 @@ def register(commands: CommandRegistrar) -> None:
             "live there: a port or a data directory another server holds is refused at\n"
             "start-up, naming that server (exit 1). With both in AWS a server keeps no state\n"
             "and any number of replicas may serve one bucket and table set. A missing bucket\n"
-            "or table is refused at start-up with what to run (prebake init-aws)."
+            "or table is refused at start-up with what to run (prebake init-aws).\n"
+            "\n"
+            "Authentication: --auth-file FILE (see prebake token --help) makes every rpc but\n"
+            "health and reflection need a token or client certificate with a fitting role.\n"
+            "Without it the server listens only on a loopback address, unless told\n"
+            "--insecure-allow-anonymous. --tls-cert/--tls-key serve TLS; --tls-client-ca\n"
+            "requires and verifies client certificates (mutual TLS)."
         ),
         examples="""
         prebake serve
@@ -44,6 +50,7 @@ def register(commands: CommandRegistrar) -> None:
         prebake serve --workers 0          # compile only on separate `prebake worker` hosts
         PREBAKE_DATA_DIR=/srv/prebake prebake serve --config prebake.toml
         prebake serve --store s3://my-bucket/prebake --registry dynamodb://prebake-prod --create-tables
+        prebake serve --listen 0.0.0.0:50051 --auth-file /etc/prebake/tokens --tls-cert s.pem --tls-key s.key
         """,
         connects=False,
     )
@@ -73,32 +80,58 @@ def register(commands: CommandRegistrar) -> None:
         metavar="N",
         help="in-process compile workers per installed backend (default 1; 0 = none)",
     )
+    _add_security_flags(p)
     _add_signing_flags(p)
+
+
+def _add_security_flags(p: argparse.ArgumentParser) -> None:
+    """Authentication and TLS: ServerConfig's auth_file, insecure_allow_anonymous, tls_*."""
+    group = p.add_argument_group("authentication and TLS")
+    group.add_argument(
+        "--auth-file",
+        metavar="FILE",
+        help="token file that turns authentication on (prebake token add makes it; env PREBAKE_AUTH_FILE)",
+    )
+    group.add_argument(
+        "--insecure-allow-anonymous",
+        action="store_true",
+        default=None,
+        help="serve a non-loopback --listen address without authentication (anyone reaching it "
+        "may replace artifacts; a warning is logged)",
+    )
+    group.add_argument("--tls-cert", metavar="FILE", help="PEM certificate chain: serve TLS (with --tls-key)")
+    group.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
+    group.add_argument(
+        "--tls-client-ca",
+        metavar="FILE",
+        help="PEM CA bundle: mutual TLS, every client needs a certificate one of them signed",
+    )
 
 
 def _add_signing_flags(p: argparse.ArgumentParser) -> None:
     """Signed artifacts: ServerConfig's require_signatures, signer_keys, revoked_signers, signing_key."""
-    p.add_argument(
+    group = p.add_argument_group("signed artifacts")
+    group.add_argument(
         "--require-signatures",
         action="store_true",
         default=None,
         help="refuse unsigned publishes and job completions (env PREBAKE_REQUIRE_SIGNATURES)",
     )
-    p.add_argument(
+    group.add_argument(
         "--signer-key",
         dest="signer_keys",
         action="append",
         metavar="FILE",
         help="accept signatures only by this public key (PEM); repeatable (default: any signer)",
     )
-    p.add_argument(
+    group.add_argument(
         "--revoked-signer",
         dest="revoked_signers",
         action="append",
         metavar="KEY_ID",
         help="stop serving artifacts signed by this key id (ed25519:...); repeatable",
     )
-    p.add_argument(
+    group.add_argument(
         "--signing-key",
         metavar="FILE",
         help="embedded workers sign their artifacts with this private key (PEM)",
@@ -179,6 +212,11 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         max_blob_bytes=args.max_blob_bytes,
         max_store_bytes=args.max_store_bytes,
         embedded_workers=args.workers,
+        auth_file=args.auth_file,
+        insecure_allow_anonymous=args.insecure_allow_anonymous,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
         require_signatures=args.require_signatures,
         signer_keys=",".join(args.signer_keys) if args.signer_keys else None,
         revoked_signers=",".join(args.revoked_signers) if args.revoked_signers else None,

@@ -7,7 +7,6 @@ environment variables > a TOML file (`--config`, or `PREBAKE_CONFIG`) > defaults
 from __future__ import annotations
 
 import os
-import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -16,6 +15,8 @@ from typing import Any
 
 from prebake.core.errors import InvalidArgument
 from prebake.core.s3_urls import S3Location, parse_s3_url
+from prebake.server.registry_url import SCHEME as DYNAMODB_SCHEME
+from prebake.server.registry_url import validate_table_prefix
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_DATA_DIR = Path("./prebake-data")
@@ -78,6 +79,25 @@ class ServerConfig:
     # is installed here (0: none, compile on separate `prebake worker` hosts only).
     embedded_workers: int = 1
 
+    # --- Authentication, roles and TLS (prebake.server.auth) ---
+    # Token file that turns authentication on (JSON lines of hashed tokens and client
+    # certificate subjects with their roles; `prebake token add` writes it): every rpc but
+    # health and reflection then needs a token or certificate it names. Re-read when it
+    # changes. "" = off, allowed only on a loopback address (see insecure_allow_anonymous).
+    auth_file: str = ""
+    # Serve without authentication on a non-loopback address (with a loud warning), for a
+    # network trusted completely: anyone who reaches the port can replace artifacts.
+    insecure_allow_anonymous: bool = False
+    # Whether a miss looked up by a caller holding only the reader role enqueues a compile;
+    # off, it answers the miss without a job and says why (publishers and admins still may).
+    reader_may_enqueue: bool = True
+    # TLS: the server's certificate chain and its private key (PEM files); both or neither.
+    tls_cert: str = ""
+    tls_key: str = ""
+    # Mutual TLS: a PEM bundle of CAs; every client must present a certificate one of them
+    # signed (needs tls_cert). A certificate's subject may stand for a token-file entry.
+    tls_client_ca: str = ""
+
     # --- signed artifacts (issue 9, signing) ---
     # Refuse publishes and job completions without a signature (PERMISSION_DENIED).
     require_signatures: bool = False
@@ -93,10 +113,6 @@ class ServerConfig:
 
 
 _ENV_PREFIX = "PREBAKE_"
-DYNAMODB_SCHEME = "dynamodb://"
-# DynamoDB table names are 3-255 characters of A-Z a-z 0-9 _ . -; the registry's are
-# PREFIX-SUFFIX and the longest suffix is "-blob-refs" (10 characters).
-_TABLE_PREFIX_RE = re.compile(r"[A-Za-z0-9_.-]{1,245}")
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -104,6 +120,8 @@ def _coerce(name: str, value: Any) -> Any:
     try:
         if kind in ("Path", Path):
             return Path(value)
+        if kind in ("bool", bool):
+            return _boolean(value)
         if kind in ("int", int):
             return int(value)
         if kind in ("float", float):
@@ -115,15 +133,17 @@ def _coerce(name: str, value: Any) -> Any:
         raise ValueError(f"configuration {name}={value!r}: expected {kind}") from exc
 
 
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
 def _boolean(value: Any) -> bool:
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"{value!r} is not a boolean (true/false)")
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise ValueError(f"{value!r} is not a boolean")
 
 
 def load_server_config(
@@ -167,8 +187,17 @@ def load_server_config(
     parse_default_toolchains(config.default_toolchains, DEFAULT_TOOLCHAINS)
     parse_store(config.store)
     parse_registry(config.registry)
+    check_tls(config)
     check_signing(config)
     return config
+
+
+def check_tls(config: ServerConfig) -> None:
+    """ValueError unless the TLS settings make sense together (files are read at start-up)."""
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ValueError("tls_cert and tls_key go together: give both (PEM files) or neither")
+    if config.tls_client_ca and not config.tls_cert:
+        raise ValueError("tls_client_ca (mutual TLS) needs TLS: give tls_cert and tls_key too")
 
 
 def check_signing(config: ServerConfig) -> None:
@@ -216,10 +245,12 @@ def parse_registry(text: str) -> str | None:
     if not raw:
         return None
     prefix = raw.removeprefix(DYNAMODB_SCHEME)
-    if prefix == raw or not _TABLE_PREFIX_RE.fullmatch(prefix):
+    try:
+        if prefix == raw:
+            raise InvalidArgument(f"it does not start with {DYNAMODB_SCHEME}")
+        return validate_table_prefix(prefix)
+    except InvalidArgument as exc:
         raise ValueError(
-            f"registry {raw!r}: expected {DYNAMODB_SCHEME}TABLE_PREFIX with TABLE_PREFIX 1-245 "
-            "letters, digits, '_', '-' or '.' (e.g. dynamodb://prebake-prod), or empty for SQLite "
+            f"registry {raw!r}: expected {DYNAMODB_SCHEME}TABLE_PREFIX ({exc}), or empty for SQLite "
             "under data_dir"
-        )
-    return prefix
+        ) from None

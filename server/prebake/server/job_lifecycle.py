@@ -178,6 +178,7 @@ class JobLifecycle:
         files: Sequence[FileEntry],
         producer: Producer,
         replace_existing: bool = False,
+        force: bool = False,
         *,
         signature: Signature | None = None,
         supersede: Supersede = _never,
@@ -186,7 +187,8 @@ class JobLifecycle:
 
         Publishing the same file list again changes nothing and returns created=False.
         A different file list raises `AlreadyExists` unless `replace_existing`, which
-        swaps the files in (keeping the pin, resetting hits and times). The key's
+        swaps the files in (keeping the pin, resetting hits and times); a pinned
+        artifact is replaced only with `force` (else `FailedPrecondition`). The key's
         active job succeeds with the artifact in the same atomic write, also on an
         idempotent re-publish (so a job that raced an earlier publish does not stay in
         flight). The caller has checked that every blob is present (and `signature`, which
@@ -203,6 +205,11 @@ class JobLifecycle:
             stale = existing is not None and supersede(existing)
             if existing is not None and existing.manifest_digest == manifest and not stale:
                 return existing, False, await self._complete_active(key.digest, existing.artifact_id)
+            if existing is not None and replace_existing and existing.pinned and not force and not stale:
+                raise FailedPrecondition(
+                    f"artifact {existing.artifact_id} is pinned: deploy hosts rely on it staying as it is; "
+                    "pass force with replace to replace it anyway, or unpin it first"
+                )
             if existing is not None and not replace_existing and not stale:
                 raise AlreadyExists(
                     f"artifact {key.digest} for this key already exists with a different file list "

@@ -10,6 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from prebake.core.errors import InvalidArgument, NotFound
 from prebake.server import compat, convert, nearest
+from prebake.server.auth.request_rules import ENQUEUE_REFUSED, may_enqueue, require_replace_allowed
 from prebake.server.key_normalization import DEFAULT_TOOLCHAINS, diff_keys, normalize_key
 from prebake.server.records import Artifact, Digest, ErrorClass, Job, JobState, NormalizedKey
 from prebake.server.services.blob_checks import (
@@ -208,6 +209,10 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
             response.status = registry_pb2.LOOKUP_STATUS_MISS
             response.error = "no artifact for this key; no job was created (on_miss=REPORT)"
             return response
+        if not may_enqueue(s.config.reader_may_enqueue):
+            response.status = registry_pb2.LOOKUP_STATUS_MISS
+            response.error = ENQUEUE_REFUSED
+            return response
         job, created = await s.lifecycle.create_or_join(key, model_source, s.config.job_max_attempts)
         if created:
             s.hub.notify([job.job_id])
@@ -232,6 +237,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
     async def PublishArtifact(
         self, request: registry_pb2.PublishArtifactRequest, context: Ctx
     ) -> registry_pb2.PublishArtifactResponse:
+        require_replace_allowed(request.replace)
         key, _ = await self.normalize(request.key)
         s = self.s
         files, producer, digests = await verified_manifest(s, request.files, request.producer)
@@ -239,7 +245,13 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         async with s.blob_refs:
             require_present(s, digests)
             stored, created, completed = await s.lifecycle.publish(
-                key, files, producer, request.replace, signature=signature, supersede=superseded(s)
+                key,
+                files,
+                producer,
+                request.replace,
+                force=request.force,
+                signature=signature,
+                supersede=superseded(s),
             )
         s.hub.notify(j.job_id for j in completed)
         return registry_pb2.PublishArtifactResponse(
