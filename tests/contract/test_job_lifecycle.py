@@ -85,8 +85,13 @@ async def test_replace_swaps_the_files_and_keeps_the_pin(
     await lifecycle.artifacts.record_hits({key.digest: (5, clock.now)})
     clock.advance(10)
     new_files = (entry("model.neff", "v2", size=5000),)
+    # A pinned artifact is replaced only with force; refused, nothing changes.
+    before = await lifecycle.artifacts.get(key.digest)
+    with pytest.raises(FailedPrecondition, match="is pinned"):
+        await lifecycle.publish(key, new_files, Producer(worker="w2"), replace_existing=True)
+    assert await lifecycle.artifacts.get(key.digest) == before
     artifact, created, _ = await lifecycle.publish(
-        key, new_files, Producer(worker="w2"), replace_existing=True
+        key, new_files, Producer(worker="w2"), replace_existing=True, force=True
     )
     assert created
     assert await lifecycle.artifacts.get(key.digest) == artifact
