@@ -775,8 +775,8 @@ class Client:
         upload and publish (FAILED_PRECONDITION or DATA_LOSS), it is uploaded again and
         the publish retried once. Symbolic links and special files are refused. With
         `signing_key` the artifact is signed: the key is resolved first (a lookup that
-        enqueues nothing, so with authentication the token needs the reader role besides
-        publisher), since the signature covers the resolved key.
+        enqueues nothing; the publisher role may look up), since the signature covers
+        the resolved key.
         """
         files = scan_directory(Path(directory))
         producer = registry_pb2.Producer(worker=_producer_identity(), note=producer_note)

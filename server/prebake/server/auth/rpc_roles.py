@@ -32,7 +32,8 @@ RPC_ROLES: dict[str, frozenset[Role]] = {
         "Registry",
         {
             # Deployers look keys up (a miss may enqueue: see request_rules) and read manifests.
-            "Lookup": frozenset({R}),
+            # Publishers too: `prebake publish` resolves the key it signs with a report-only lookup.
+            "Lookup": frozenset({R, P}),
             "GetArtifact": frozenset({R}),
             # Artifacts compiled elsewhere; workers publish through CompleteJob instead.
             "PublishArtifact": frozenset({P}),
