@@ -11,6 +11,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from prebake.core.errors import InvalidArgument, NotFound
 from prebake.server import compat, convert, nearest
 from prebake.server.key_normalization import DEFAULT_TOOLCHAINS, diff_keys, normalize_key
+from prebake.server.rate_limits import RateLimit, caller
 from prebake.server.records import Artifact, Digest, ErrorClass, Job, JobState, NormalizedKey
 from prebake.server.services.blob_checks import require_present, verified_manifest
 from prebake.server.state import ServerState
@@ -44,6 +45,8 @@ def check_model_source(source: str) -> str:
 class RegistryService(registry_pb2_grpc.RegistryServicer):
     def __init__(self, state: ServerState) -> None:
         self.s = state
+        c = state.config
+        self.job_creations = RateLimit("compile jobs created", c.job_create_burst, c.job_create_per_minute)
 
     async def normalize(self, msg: Any) -> tuple[NormalizedKey, str]:
         """The key, and where its toolchain came from (see LookupResponse.toolchain_source)."""
@@ -184,7 +187,12 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
             response.status = registry_pb2.LOOKUP_STATUS_MISS
             response.error = "no artifact for this key; no job was created (on_miss=REPORT)"
             return response
+        # A miss that would enqueue spends one job creation of the caller's; a join gives it back.
+        who = caller(context)
+        self.job_creations.take(who)
         job, created = await s.lifecycle.create_or_join(key, model_source, s.config.job_max_attempts)
+        if not created:
+            self.job_creations.give_back(who)
         if created:
             s.hub.notify([job.job_id])
             s.work.fire()

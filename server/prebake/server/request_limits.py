@@ -1,0 +1,100 @@
+"""Request size limits that hold before any parsing work is done.
+
+gRPC's receive limit is one number for the whole server, and it must admit the largest
+legitimate message (an artifact manifest, a blob chunk). Every other rpc carries a few
+strings, so each method gets its own limit, checked on the raw bytes before protobuf
+parses them: a 14 MB lookup costs a length comparison, not a million map entries.
+
+The services are registered from their descriptors (`add_service`) with a deserializer
+(`parser`) that never raises: bytes over the method's limit, or bytes that are not a
+valid message, become a `RejectedRequest`, which the `unary` and `streaming` decorators
+of `prebake.server.status` turn into INVALID_ARGUMENT before the handler runs. (A raising
+deserializer would be answered by gRPC itself, with a status prebake does not choose.)
+The answer names the method and the limit, never the parser's error text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf.message import Message
+
+from prebake.core.errors import InvalidArgument
+from prebake.server.services.blobs_service import MAX_FIND, MAX_WRITE_CHUNK
+from prebake.server.status import RejectedRequest
+
+# The largest message gRPC accepts at all (manifests of many files, blob chunks).
+MESSAGE_LIMIT = 16 << 20
+# Methods whose requests are legitimately large, and the bytes each may carry. The rest
+# get `ServerConfig.max_request_bytes`.
+LARGE_REQUESTS: Mapping[str, int] = {
+    # A manifest: up to 100,000 files with paths of up to 1 KiB; gRPC's limit bounds it.
+    "prebake.v1.Registry/PublishArtifact": MESSAGE_LIMIT,
+    "prebake.v1.Workers/CompleteJob": MESSAGE_LIMIT,
+    # One chunk of data and its small header (upload id, digest, offset).
+    "prebake.v1.Blobs/Write": MAX_WRITE_CHUNK + (64 << 10),
+    # Digests of about 50 bytes each (hash, size, field tags).
+    "prebake.v1.Blobs/FindMissingBlobs": MAX_FIND * 64,
+}
+
+
+def method_path(method: MethodDescriptor) -> str:
+    """ "package.Service/Method", as gRPC names the method on the wire."""
+    return f"{method.containing_service.full_name}/{method.name}"
+
+
+def parser(method: MethodDescriptor, max_bytes: int) -> Callable[[bytes], Message | RejectedRequest]:
+    """A request deserializer for `method` that refuses more than `max_bytes` unparsed.
+
+    Never raises: refused or undecodable bytes give a `RejectedRequest`. Thread-safe.
+    """
+    message_class = message_factory.GetMessageClass(method.input_type)
+    name = method_path(method)
+
+    def parse(data: bytes) -> Message | RejectedRequest:
+        if len(data) > max_bytes:
+            return RejectedRequest(
+                InvalidArgument(f"{name}: a request message of {len(data)} bytes; at most {max_bytes}")
+            )
+        try:
+            return message_class.FromString(data)
+        except Exception:  # DecodeError, and whatever a hostile encoding provokes: never the handler's
+            return RejectedRequest(
+                InvalidArgument(f"{name}: the request is not a valid {method.input_type.full_name} message")
+            )
+
+    return parse
+
+
+def add_service(
+    server: grpc.aio.Server, servicer: object, service: ServiceDescriptor, default_max_bytes: int
+) -> None:
+    """Register every rpc of `service` on `server`, answered by `servicer`'s method of the
+    same name, with request limits from `LARGE_REQUESTS` or `default_max_bytes`.
+
+    What the generated `add_*Servicer_to_server` does, except for the deserializers.
+    """
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for method in service.methods:
+        limit = LARGE_REQUESTS.get(method_path(method), default_max_bytes)
+        response_class = message_factory.GetMessageClass(method.output_type)
+        options: dict[str, Any] = {
+            "request_deserializer": parser(method, limit),
+            "response_serializer": response_class.SerializeToString,
+        }
+        behaviour = getattr(servicer, method.name)
+        if method.client_streaming and method.server_streaming:
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(behaviour, **options)
+        elif method.client_streaming:
+            handlers[method.name] = grpc.stream_unary_rpc_method_handler(behaviour, **options)
+        elif method.server_streaming:
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(behaviour, **options)
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(behaviour, **options)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    # As the generated code does (grpcio >= 1.63: served without the generic lookup); not in the stubs.
+    server.add_registered_method_handlers(service.full_name, handlers)  # type: ignore[attr-defined]
