@@ -47,7 +47,8 @@ def channel(server: BackgroundServer) -> Iterator[grpc.Channel]:
 
 def raw_call(channel: grpc.Channel, method: str, body: bytes) -> grpc.RpcError | bytes:
     try:
-        return channel.unary_unary(method)(body, timeout=60)  # type: ignore[no-any-return]
+        call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+        return call(body, timeout=60)  # type: ignore[no-any-return]
     except grpc.RpcError as exc:
         return exc
 
