@@ -176,7 +176,8 @@ def report(request: pytest.FixtureRequest) -> None:
         else:
             print(line)
     ran_everything = len(CASES) == 2 * len(METHODS)
-    if ran_everything and settings.default.max_examples >= FUZZ_EXAMPLES:
+    profile = settings.default
+    if ran_everything and profile is not None and profile.max_examples >= FUZZ_EXAMPLES:
         assert total >= FUZZ_MINIMUM, f"the fuzz profile ran only {total} cases"
 
 
@@ -273,28 +274,35 @@ def scalar(field: FieldDescriptor, seed: Seeded, huge: bool) -> st.SearchStrateg
             return small_bytes
         return st.one_of(small_bytes, st.sampled_from([(4 << 20) + 1, 5 << 20]).map(lambda n: b"\0" * n))
     if t == F.TYPE_ENUM:
+        assert field.enum_type is not None
         known = [v.number for v in field.enum_type.values]
         return st.one_of(st.sampled_from(known), st.integers(-(2**31), 2**31 - 1))
     raise AssertionError(f"no strategy for {field.full_name} (type {t})")
 
 
-def is_map(field: FieldDescriptor) -> bool:
-    return field.type == F.TYPE_MESSAGE and field.message_type.GetOptions().map_entry
+def message_type(field: Any) -> Descriptor:
+    found: Descriptor | None = field.message_type
+    assert found is not None, field.full_name
+    return found
+
+
+def is_map(field: Any) -> bool:
+    return field.type == F.TYPE_MESSAGE and bool(message_type(field).GetOptions().map_entry)
 
 
 def value_of(field: FieldDescriptor, seed: Seeded, depth: int, huge: bool) -> st.SearchStrategy[Any]:
     if field.type == F.TYPE_MESSAGE:
-        return plan_of(field.message_type, seed, depth + 1, huge)
+        return plan_of(message_type(field), seed, depth + 1, huge)
     return scalar(field, seed, huge)
 
 
 def field_plan(field: FieldDescriptor, seed: Seeded, depth: int, huge: bool) -> st.SearchStrategy[Any]:
     if is_map(field):
         key_field, value_field = (
-            field.message_type.fields_by_name["key"],
-            field.message_type.fields_by_name["value"],
+            message_type(field).fields_by_name["key"],
+            message_type(field).fields_by_name["value"],
         )
-        small = st.dictionaries(
+        small: st.SearchStrategy[Any] = st.dictionaries(
             scalar(key_field, seed, False), value_of(value_field, seed, depth, False), max_size=6
         )
         if not huge or value_field.type != F.TYPE_STRING:
@@ -304,10 +312,12 @@ def field_plan(field: FieldDescriptor, seed: Seeded, depth: int, huge: bool) -> 
         return st.one_of(small, many)
     if field.is_repeated:
         item = value_of(field, seed, depth, False)
-        small = st.lists(item, max_size=4)
+        small_list: st.SearchStrategy[Any] = st.lists(item, max_size=4)
         if not huge:
-            return small
-        return st.one_of(small, st.tuples(item, st.sampled_from([17, 5_000])).map(lambda p: [p[0]] * p[1]))
+            return small_list
+        return st.one_of(
+            small_list, st.tuples(item, st.sampled_from([17, 5_000])).map(lambda p: [p[0]] * p[1])
+        )
     return value_of(field, seed, depth, huge)
 
 
@@ -327,7 +337,7 @@ def apply(message: Message, plan: dict[str, Any]) -> None:
         field = descriptor.fields_by_name[name]
         target = getattr(message, name)
         if is_map(field):
-            value_field = field.message_type.fields_by_name["value"]
+            value_field = message_type(field).fields_by_name["value"]
             for k, v in value.items():
                 if value_field.type == F.TYPE_MESSAGE:
                     apply(target[k], v)
@@ -405,7 +415,7 @@ def call(seed: Seeded, path: str, bodies: list[bytes]) -> tuple[grpc.StatusCode,
         if method.client_streaming:
             channel.stream_unary(path, None, None)(iter(bodies), timeout=60)
         elif method.server_streaming:
-            responses = channel.unary_stream(path, None, None)(bodies[0], timeout=60)
+            responses: Any = channel.unary_stream(path, None, None)(bodies[0], timeout=60)
             # The first response is enough (a watch of an active job goes on until it ends).
             for _ in responses:
                 responses.cancel()
