@@ -22,6 +22,7 @@ that and prints the count per rpc.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -169,12 +170,10 @@ def report(request: pytest.FixtureRequest) -> None:
     total = sum(CASES.values())
     lines = [f"fuzz: {total} cases against one server, {len(CASES)} rpc x body kinds"]
     lines += [f"  {name}: {count}" for name, count in sorted(CASES.items())]
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    for line in lines:
-        if reporter is not None:
-            reporter.write_line(line)
-        else:
-            print(line)
+    # Shown even though pytest captures output (the count is what `make fuzz` reports).
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+        print("\n" + "\n".join(lines), flush=True)
     ran_everything = len(CASES) == 2 * len(METHODS)
     profile = settings.default
     if ran_everything and profile is not None and profile.max_examples >= FUZZ_EXAMPLES:

@@ -22,7 +22,7 @@ from prebake.core.digests import hash_bytes
 from prebake.server import principal
 from prebake.server.app import BackgroundServer, background_server
 from prebake.server.rate_limits import RateLimit, caller, peer_host
-from prebake.server.request_limits import LARGE_REQUESTS
+from prebake.server.request_limits import LARGE_REQUESTS, REQUEST_LIMIT
 from prebake.server.upload_sessions import UploadSessions
 from prebake.v1 import blobs_pb2, blobs_pb2_grpc, registry_pb2
 from tests.conftest import LLAMA3_8B_INF2, data_files
@@ -80,12 +80,22 @@ def test_a_huge_request_is_refused_unparsed_while_a_concurrent_lookup_is_answere
             f.result()
     assert answers
     for answer in answers:
+        # Refused by gRPC as the message's length arrives, above what any rpc may carry.
         assert isinstance(answer, grpc.RpcError)
-        assert answer.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert (
-            answer.details()
-            == f"prebake.v1.Registry/Lookup: a request message of {len(body)} bytes; at most 65536"
-        )
+        assert answer.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"larger than max ({len(body)} vs. {REQUEST_LIMIT})" in (answer.details() or "")
+
+
+def test_a_request_over_its_methods_limit_is_refused_unparsed(channel: grpc.Channel) -> None:
+    body = huge_lookup(100_000)
+    assert 65536 < len(body) < REQUEST_LIMIT
+    answer = raw_call(channel, LOOKUP, body)
+    assert isinstance(answer, grpc.RpcError)
+    assert answer.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        answer.details()
+        == f"prebake.v1.Registry/Lookup: a request message of {len(body)} bytes; at most 65536"
+    )
 
 
 @pytest.mark.parametrize(
@@ -304,8 +314,13 @@ def test_a_token_bucket_refills_at_its_rate_and_keys_are_independent() -> None:
         limit.take("a")
     limit.take("b")  # another caller has its own bucket
     now[0] = 1.0
-    limit.take("a")  # one refilled
-    limit.give_back("a")
+    limit.check("a")  # one refilled; checking spends nothing
+    limit.take("a")
+    limit.spend("a")  # overdrawn by a concurrent action: the debt is refilled first
+    now[0] = 2.0
+    with pytest.raises(errors.QuotaExceeded, match="retry in 1 s"):
+        limit.check("a")
+    now[0] = 3.0
     limit.take("a")
     assert not RateLimit("off", burst=1, per_minute=0).enabled
 

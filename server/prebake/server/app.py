@@ -30,7 +30,7 @@ from prebake.server.config import ServerConfig
 from prebake.server.data_dir_lock import DataDirLock
 from prebake.server.exclusive_bind import NO_PORT_SHARING, bind_exclusively
 from prebake.server.instance_catalog import InstanceCatalog
-from prebake.server.request_limits import MESSAGE_LIMIT, add_service
+from prebake.server.request_limits import REQUEST_LIMIT, add_service
 from prebake.server.services.admin_service import AdminService
 from prebake.server.services.blobs_service import BlobsService
 from prebake.server.services.catalog_service import CatalogService
@@ -49,9 +49,12 @@ from prebake.v1 import (
 
 log = logging.getLogger("prebake.server")
 
+# Answers may be large (pages of manifests); requests are limited per method, and in all
+# to what a blob chunk needs (request_limits).
+RESPONSE_LIMIT = 16 << 20
 SERVER_OPTIONS = [
-    ("grpc.max_receive_message_length", MESSAGE_LIMIT),
-    ("grpc.max_send_message_length", MESSAGE_LIMIT),
+    ("grpc.max_receive_message_length", REQUEST_LIMIT),
+    ("grpc.max_send_message_length", RESPONSE_LIMIT),
     # Detect dead peers on long streams (downloads, job watches) without app traffic.
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),

@@ -82,8 +82,32 @@ class RateLimit:
 
     def take(self, who: str) -> None:
         """Spend one action of `who`'s bucket; `QuotaExceeded` (nothing spent) if it is empty."""
+        self.check(who)
+        self.spend(who)
+
+    def check(self, who: str) -> None:
+        """`QuotaExceeded` if `who`'s bucket is empty; spends nothing.
+
+        With `spend` once the action turned out to cost something (a lookup that created a
+        job, not one that joined it): concurrent actions checked together may overdraw
+        the bucket by as many as ran at once, and that debt is refilled before the next.
+        """
         if not self.enabled:
             return
+        bucket = self._refilled(who)
+        if bucket.tokens < 1.0:
+            wait = math.ceil((1.0 - bucket.tokens) / self.rate * 10) / 10
+            raise QuotaExceeded(
+                f"rate limit: at most {self.burst} {self.what} at once and {self.rate * 60:g} a minute "
+                f"per caller; retry in {wait:g} s"
+            )
+
+    def spend(self, who: str) -> None:
+        """Spend one action of `who`'s bucket (it may go below empty; see `check`)."""
+        if self.enabled:
+            self._refilled(who).tokens -= 1.0
+
+    def _refilled(self, who: str) -> _Bucket:
         now = self._clock()
         bucket = self._buckets.pop(who, None)
         if bucket is None:
@@ -94,16 +118,4 @@ class RateLimit:
         self._buckets[who] = bucket
         while len(self._buckets) > self._max_callers:
             self._buckets.popitem(last=False)
-        if bucket.tokens < 1.0:
-            wait = math.ceil((1.0 - bucket.tokens) / self.rate * 10) / 10
-            raise QuotaExceeded(
-                f"rate limit: at most {self.burst} {self.what} at once and {self.rate * 60:g} a minute "
-                f"per caller; retry in {wait:g} s"
-            )
-        bucket.tokens -= 1.0
-
-    def give_back(self, who: str) -> None:
-        """Return one action taken by `take` that turned out to cost nothing."""
-        bucket = self._buckets.get(who)
-        if bucket is not None:
-            bucket.tokens = min(float(self.burst), bucket.tokens + 1.0)
+        return bucket

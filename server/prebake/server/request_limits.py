@@ -1,9 +1,10 @@
 """Request size limits that hold before any parsing work is done.
 
-gRPC's receive limit is one number for the whole server, and it must admit the largest
-legitimate message (an artifact manifest, a blob chunk). Every other rpc carries a few
-strings, so each method gets its own limit, checked on the raw bytes before protobuf
-parses them: a 14 MB lookup costs a length comparison, not a million map entries.
+gRPC's receive limit is one number for the whole server (`REQUEST_LIMIT`, what a blob
+chunk needs); gRPC refuses a longer message itself, as its length arrives. Most rpcs
+carry a few strings, so each method also gets its own limit, checked on the raw bytes
+before protobuf parses them: a 1 MB lookup costs a length comparison, not a hundred
+thousand map entries.
 
 The services are registered from their descriptors (`add_service`) with a deserializer
 (`parser`) that never raises: bytes over the method's limit, or bytes that are not a
@@ -27,16 +28,19 @@ from prebake.core.errors import InvalidArgument
 from prebake.server.services.blobs_service import MAX_FIND, MAX_WRITE_CHUNK
 from prebake.server.status import RejectedRequest
 
-# The largest message gRPC accepts at all (manifests of many files, blob chunks).
-MESSAGE_LIMIT = 16 << 20
+# The largest message gRPC accepts at all: one blob chunk and its small header (upload id,
+# digest, offset). Larger messages are refused by gRPC itself (RESOURCE_EXHAUSTED) as
+# their length arrives, before any of their bytes reach Python: a 14 MB request costs the
+# event loop nothing.
+REQUEST_LIMIT = MAX_WRITE_CHUNK + (64 << 10)
 # Methods whose requests are legitimately large, and the bytes each may carry. The rest
 # get `ServerConfig.max_request_bytes`.
 LARGE_REQUESTS: Mapping[str, int] = {
-    # A manifest: up to 100,000 files with paths of up to 1 KiB; gRPC's limit bounds it.
-    "prebake.v1.Registry/PublishArtifact": MESSAGE_LIMIT,
-    "prebake.v1.Workers/CompleteJob": MESSAGE_LIMIT,
-    # One chunk of data and its small header (upload id, digest, offset).
-    "prebake.v1.Blobs/Write": MAX_WRITE_CHUNK + (64 << 10),
+    "prebake.v1.Blobs/Write": REQUEST_LIMIT,
+    # A manifest: about 40,000 files with 60-character paths fit (DynamoDB stores at most
+    # 300 kB of them; see storage/dynamodb/items.py).
+    "prebake.v1.Registry/PublishArtifact": REQUEST_LIMIT,
+    "prebake.v1.Workers/CompleteJob": REQUEST_LIMIT,
     # Digests of about 50 bytes each (hash, size, field tags).
     "prebake.v1.Blobs/FindMissingBlobs": MAX_FIND * 64,
 }

@@ -187,12 +187,13 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
             response.status = registry_pb2.LOOKUP_STATUS_MISS
             response.error = "no artifact for this key; no job was created (on_miss=REPORT)"
             return response
-        # A miss that would enqueue spends one job creation of the caller's; a join gives it back.
+        # A miss that would enqueue needs a job creation left in the caller's bucket, and
+        # spends it if it created the job (a join costs nothing).
         who = caller(context)
-        self.job_creations.take(who)
+        self.job_creations.check(who)
         job, created = await s.lifecycle.create_or_join(key, model_source, s.config.job_max_attempts)
-        if not created:
-            self.job_creations.give_back(who)
+        if created:
+            self.job_creations.spend(who)
         if created:
             s.hub.notify([job.job_id])
             s.work.fire()
