@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +25,7 @@ from prebake.server.app import BackgroundServer, background_server
 from prebake.server.rate_limits import RateLimit, caller, peer_host
 from prebake.server.request_limits import LARGE_REQUESTS, REQUEST_LIMIT
 from prebake.server.upload_sessions import UploadSessions
-from prebake.v1 import blobs_pb2, blobs_pb2_grpc, registry_pb2
+from prebake.v1 import blobs_pb2, blobs_pb2_grpc, jobs_pb2, registry_pb2
 from tests.conftest import LLAMA3_8B_INF2, data_files
 
 LOOKUP = "/prebake.v1.Registry/Lookup"
@@ -336,3 +337,61 @@ def test_upload_sessions_cap_in_total_and_per_caller() -> None:
         ):
             sessions.open("c").__enter__()
     assert sessions.open_count == 0
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "fragment"),
+    [
+        ("max_request_bytes", "100", "at least 1024"),
+        ("job_create_burst", "0", "job_create_burst is 0; at least 1"),
+        ("upload_start_per_minute", "-1", "expected a finite number >= 0"),
+        ("upload_idle_seconds", "nan", "expected a finite number >= 0"),
+        ("max_uploads", "-5", "expected a finite number >= 0"),
+    ],
+)
+def test_limits_that_cannot_work_are_refused_when_the_config_is_built(
+    setting: str, value: str, fragment: str
+) -> None:
+    from prebake.server.config import ServerConfig, load_server_config
+
+    assert load_server_config({}, {}).max_request_bytes == ServerConfig().max_request_bytes
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        load_server_config({setting: value}, {})
+
+
+def test_a_wrong_fencing_token_is_refused_without_naming_the_right_one(client: Client) -> None:
+    from prebake.v1 import key_pb2, workers_pb2
+
+    inductor = dataclasses.replace(
+        LLAMA3_8B_INF2,
+        kind="inductor",
+        instance_type="ml.c6a.4xlarge",
+        sequence_length=32,
+        batch_size=1,
+        tensor_parallel_degree=1,
+        precision="fp32",
+    )
+    client.lookup(inductor)
+    capability = workers_pb2.Capability(
+        kind=key_pb2.ARTIFACT_KIND_INDUCTOR, toolchain="torch-2.13.0", compile_targets=["cpu-avx2"]
+    )
+    leased = client.lease_job("w1", [capability])
+    wrong = leased.fencing_token + 1000
+    attempts = [
+        lambda: client.heartbeat(leased.job.job_id, wrong, 0.5, "working"),
+        lambda: client.fail_job(leased.job.job_id, wrong, "boom", deterministic=True),
+        lambda: client.release_job(leased.job.job_id, wrong),
+    ]
+    for attempt in attempts:
+        with pytest.raises(errors.FailedPrecondition) as refused:
+            attempt()
+        assert re.findall(r"token (\d+)", str(refused.value)) == [str(wrong)]
+    assert client.get_job(leased.job.job_id).state == jobs_pb2.JOB_STATE_LEASED
+
+
+@pytest.mark.parametrize("token", ["9" * 500, "A" * 5000, "WzEsMWU5OTld", "W1swXV0", "%%%"])
+def test_a_huge_or_malformed_page_token_is_invalid_argument(client: Client, token: str) -> None:
+    with pytest.raises(errors.InvalidArgument, match="is not a token this server issued"):
+        client.list_jobs(page_token=token)
+    with pytest.raises(errors.InvalidArgument, match="is not a token this server issued"):
+        client.list_artifacts(page_token=token)

@@ -48,7 +48,11 @@ class RegistryStub:
     * `INVALID_ARGUMENT`: the key is invalid: a required field missing, a value out of
       range or unknown (instance type, precision), a precision the kind cannot produce,
       a tensor-parallel degree that does not fit the instance. The message says which
-      field and what would be valid. Do not retry as is.
+      field and what would be valid. Also a request message larger than 64 KiB (the
+      server's `max_request_bytes`) or not a valid `LookupRequest`. Do not retry as is.
+    * `RESOURCE_EXHAUSTED`: the miss would create a compile job but the caller created
+      its limit of jobs recently (a rate limit per principal, or per host without
+      authentication); nothing was enqueued. Retry after the delay the message states.
     * `UNAVAILABLE`: transient. Retry with backoff; lookups are idempotent apart from
       creating at most one job.
     """
@@ -77,6 +81,8 @@ class RegistryStub:
       `replace` is not set. Do not retry unless replacing is intended.
     * `DATA_LOSS`: a named blob is stored but its bytes no longer match; it is
       quarantined. Upload it again and retry.
+    * `RESOURCE_EXHAUSTED`: the request message is larger than 4 MiB + 64 KiB, the most
+      the server accepts of any message. Do not retry as is.
     * `UNAVAILABLE`: transient. Retry with backoff; publishing is idempotent.
     """
 
@@ -94,7 +100,11 @@ class RegistryAsyncStub(RegistryStub):
     * `INVALID_ARGUMENT`: the key is invalid: a required field missing, a value out of
       range or unknown (instance type, precision), a precision the kind cannot produce,
       a tensor-parallel degree that does not fit the instance. The message says which
-      field and what would be valid. Do not retry as is.
+      field and what would be valid. Also a request message larger than 64 KiB (the
+      server's `max_request_bytes`) or not a valid `LookupRequest`. Do not retry as is.
+    * `RESOURCE_EXHAUSTED`: the miss would create a compile job but the caller created
+      its limit of jobs recently (a rate limit per principal, or per host without
+      authentication); nothing was enqueued. Retry after the delay the message states.
     * `UNAVAILABLE`: transient. Retry with backoff; lookups are idempotent apart from
       creating at most one job.
     """
@@ -123,6 +133,8 @@ class RegistryAsyncStub(RegistryStub):
       `replace` is not set. Do not retry unless replacing is intended.
     * `DATA_LOSS`: a named blob is stored but its bytes no longer match; it is
       quarantined. Upload it again and retry.
+    * `RESOURCE_EXHAUSTED`: the request message is larger than 4 MiB + 64 KiB, the most
+      the server accepts of any message. Do not retry as is.
     * `UNAVAILABLE`: transient. Retry with backoff; publishing is idempotent.
     """
 
@@ -143,7 +155,11 @@ class RegistryServicer(metaclass=_abc_1.ABCMeta):
         * `INVALID_ARGUMENT`: the key is invalid: a required field missing, a value out of
           range or unknown (instance type, precision), a precision the kind cannot produce,
           a tensor-parallel degree that does not fit the instance. The message says which
-          field and what would be valid. Do not retry as is.
+          field and what would be valid. Also a request message larger than 64 KiB (the
+          server's `max_request_bytes`) or not a valid `LookupRequest`. Do not retry as is.
+        * `RESOURCE_EXHAUSTED`: the miss would create a compile job but the caller created
+          its limit of jobs recently (a rate limit per principal, or per host without
+          authentication); nothing was enqueued. Retry after the delay the message states.
         * `UNAVAILABLE`: transient. Retry with backoff; lookups are idempotent apart from
           creating at most one job.
         """
@@ -184,6 +200,8 @@ class RegistryServicer(metaclass=_abc_1.ABCMeta):
           `replace` is not set. Do not retry unless replacing is intended.
         * `DATA_LOSS`: a named blob is stored but its bytes no longer match; it is
           quarantined. Upload it again and retry.
+        * `RESOURCE_EXHAUSTED`: the request message is larger than 4 MiB + 64 KiB, the most
+          the server accepts of any message. Do not retry as is.
         * `UNAVAILABLE`: transient. Retry with backoff; publishing is idempotent.
         """
 
