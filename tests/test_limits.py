@@ -11,7 +11,7 @@ import dataclasses
 import os
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -377,7 +377,7 @@ def test_a_wrong_fencing_token_is_refused_without_naming_the_right_one(client: C
     )
     leased = client.lease_job("w1", [capability])
     wrong = leased.fencing_token + 1000
-    attempts = [
+    attempts: list[Callable[[], object]] = [
         lambda: client.heartbeat(leased.job.job_id, wrong, 0.5, "working"),
         lambda: client.fail_job(leased.job.job_id, wrong, "boom", deterministic=True),
         lambda: client.release_job(leased.job.job_id, wrong),
