@@ -49,6 +49,7 @@ proto: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.cold_warm
+	$(BIN)/python -m bench.limits
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache prebake-data
