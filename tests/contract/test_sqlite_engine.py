@@ -29,7 +29,16 @@ from prebake.server.storage import ArtifactQuery
 from prebake.server.storage.sqlite import SchemaTooNew, open_sqlite, rows, schema
 from prebake.server.storage.sqlite.connection import Database
 from prebake.server.storage.sqlite.job_queue import _SNAPSHOT_EXCLUDES
-from tests.contract.samples import FILES, NEURON, PRODUCER, START, make_artifact, make_job, make_key
+from tests.contract.samples import (
+    FILES,
+    NEURON,
+    PRODUCER,
+    SIGNATURE,
+    START,
+    make_artifact,
+    make_job,
+    make_key,
+)
 
 
 @pytest.fixture
@@ -114,7 +123,7 @@ def _applied(path: Path) -> list[tuple[int, str, float]]:
 def test_migrations_apply_once_and_reopening_is_a_noop(db_path: Path) -> None:
     Database(db_path, START).close()
     first = _applied(db_path)
-    assert [row[0] for row in first] == [v for v, _, _ in schema.MIGRATIONS] == [1, 2]
+    assert [row[0] for row in first] == [v for v, _, _ in schema.MIGRATIONS] == [1, 2, 3]
     assert {row[2] for row in first} == {START}
     Database(db_path, START + 3600).close()
     assert _applied(db_path) == first
@@ -137,7 +146,7 @@ def test_processes_opening_one_fresh_file_at_once_apply_each_migration_once(db_p
     for t in threads:
         t.join(60)
     assert errors == []
-    assert [row[0] for row in _applied(db_path)] == [1, 2]
+    assert [row[0] for row in _applied(db_path)] == [1, 2, 3]
 
 
 def test_later_migrations_apply_in_order_and_only_once(tmp_path: Path) -> None:
@@ -146,15 +155,15 @@ def test_later_migrations_apply_in_order_and_only_once(tmp_path: Path) -> None:
 
     more: list[schema.Migration] = [
         *schema.MIGRATIONS,
-        (3, "notes", add_notes),
-        (4, "seed", "INSERT INTO notes (id, text) VALUES (1, 'hi');"),
+        (4, "notes", add_notes),
+        (5, "seed", "INSERT INTO notes (id, text) VALUES (1, 'hi');"),
     ]
     db = _autocommit_db(tmp_path / "m.db")
     assert schema.migrate(db, 1.0, schema.MIGRATIONS[:1]) == [1]
-    assert schema.migrate(db, 2.0, more) == [2, 3, 4]
+    assert schema.migrate(db, 2.0, more) == [2, 3, 4, 5]
     assert schema.migrate(db, 3.0, more) == []
     assert list(db.query("SELECT text FROM notes")) == [{"text": "hi"}]
-    assert [row["version"] for row in schema.applied_migrations(db)] == [1, 2, 3, 4]
+    assert [row["version"] for row in schema.applied_migrations(db)] == [1, 2, 3, 4, 5]
 
 
 def test_a_failing_migration_leaves_the_previous_version(tmp_path: Path) -> None:
@@ -164,8 +173,8 @@ def test_a_failing_migration_leaves_the_previous_version(tmp_path: Path) -> None
 
     db = _autocommit_db(tmp_path / "m.db")
     with pytest.raises(RuntimeError, match="step failed"):
-        schema.migrate(db, 1.0, [*schema.MIGRATIONS, (3, "broken", broken)])
-    assert schema.current_version(db) == 2
+        schema.migrate(db, 1.0, [*schema.MIGRATIONS, (4, "broken", broken)])
+    assert schema.current_version(db) == 3
     assert "half_done" not in db.table_names()
 
 
@@ -180,7 +189,7 @@ def test_a_database_from_a_newer_prebake_is_refused(db_path: Path) -> None:
     Database(db_path, START).close()
     with raw(db_path) as conn:
         conn.execute("INSERT INTO schema_migrations VALUES (999, 'from the future', 0)")
-    with pytest.raises(SchemaTooNew, match=r"schema version 999.*knows versions up to 2") as info:
+    with pytest.raises(SchemaTooNew, match=r"schema version 999.*knows versions up to 3") as info:
         open_sqlite(db_path)
     assert isinstance(info.value, FailedPrecondition)
     assert str(db_path) in str(info.value)
@@ -211,7 +220,9 @@ async def test_a_version_1_database_gains_job_revisions_and_workers(db_path: Pat
             [job.job_id, sequence, version.updated_at, json.dumps(snapshot)],
         )
     artifact = make_artifact(make_key(batch_size=1))
-    v1.table("artifacts").insert(rows.artifact_row(artifact))
+    v1_row = rows.artifact_row(artifact)
+    del v1_row["signature"]  # added by migration 3
+    v1.table("artifacts").insert(v1_row)
     for f in artifact.files:
         v1.table("artifact_files").insert(
             {
@@ -226,7 +237,7 @@ async def test_a_version_1_database_gains_job_revisions_and_workers(db_path: Pat
 
     storage = open_sqlite(db_path)
     try:
-        assert [row[0] for row in _applied(db_path)] == [1, 2]
+        assert [row[0] for row in _applied(db_path)] == [1, 2, 3]
         stored = await storage.jobs.get(job.job_id)
         assert stored is not None and (stored.revision, stored.state, stored.worker) == (
             3,
@@ -250,6 +261,37 @@ async def test_a_version_1_database_gains_job_revisions_and_workers(db_path: Pat
         record = WorkerRecord("w2", (NEURON,), START + 100, START + 130)
         await storage.workers.put_worker(record)
         assert await storage.workers.workers(START + 100) == [record]
+    finally:
+        storage.close()
+
+
+async def test_a_version_2_database_gains_signatures_and_its_artifacts_read_unsigned(db_path: Path) -> None:
+    db_path.parent.mkdir(parents=True)
+    v2 = _autocommit_db(db_path)
+    assert schema.migrate(v2, START, schema.MIGRATIONS[:2]) == [1, 2]
+    artifact = make_artifact()
+    row = rows.artifact_row(artifact)
+    del row["signature"]
+    v2.table("artifacts").insert(row)
+    v2.table("artifact_files").insert_all(
+        {
+            "artifact_id": artifact.artifact_id,
+            "path": f.path,
+            "hash": f.digest.hash,
+            "size": f.digest.size,
+            "executable": int(f.executable),
+        }
+        for f in artifact.files
+    )
+    v2.conn.close()
+    storage = open_sqlite(db_path)
+    try:
+        assert [row[0] for row in _applied(db_path)] == [1, 2, 3]
+        stored = await storage.artifacts.get(artifact.artifact_id)
+        assert stored == artifact and stored.signature is None
+        signed = replace(make_artifact(make_key(batch_size=2)), signature=SIGNATURE)
+        await storage.artifacts.put(signed, expect_manifest=None)
+        assert await storage.artifacts.get(signed.artifact_id) == signed
     finally:
         storage.close()
 

@@ -85,6 +85,14 @@ PLUGIN_COMMANDS = {
         "the server extra",
         "pip install 'prebake[server]'",
     ),
+    "token": PluginCommand(
+        "add, revoke and list the tokens of a server's token file",
+        "the server extra",
+        "pip install 'prebake[server]'",
+    ),
+    "key": PluginCommand(
+        "generate a signing key pair for artifacts", "the signing extra", "pip install 'prebake[signing]'"
+    ),
 }
 
 
@@ -126,7 +134,27 @@ def _client_options(suppress: bool) -> argparse.ArgumentParser:
         default=argparse.SUPPRESS if suppress else DEFAULT_TIMEOUT,
         help=f"deadline of each request (default {DEFAULT_TIMEOUT:g})",
     )
+    _add_credentials(parent, suppress)
     return parent
+
+
+def _add_credentials(parent: argparse.ArgumentParser, suppress: bool) -> None:
+    """--token, --token-file, --ca-bundle, --client-cert, --client-key (env: see `credentials`)."""
+    group = parent.add_argument_group("authentication and TLS")
+    default = argparse.SUPPRESS if suppress else None
+    flags = [
+        ("--token", "TOKEN", "bearer token (env PREBAKE_TOKEN; prefer --token-file: a flag shows in ps)"),
+        ("--token-file", "FILE", "file holding the token (env PREBAKE_TOKEN_FILE)"),
+        (
+            "--ca-bundle",
+            "FILE",
+            "PEM CAs that sign the server's certificate: use TLS (env PREBAKE_CA_BUNDLE)",
+        ),
+        ("--client-cert", "FILE", "PEM client certificate for mutual TLS (env PREBAKE_CLIENT_CERT)"),
+        ("--client-key", "FILE", "PEM key of --client-cert (env PREBAKE_CLIENT_KEY)"),
+    ]
+    for flag, metavar, text in flags:
+        group.add_argument(flag, metavar=metavar, default=default, help=text)
 
 
 def _add_key_options(parser: argparse.ArgumentParser, required: bool, lookup: bool = True) -> None:
@@ -197,6 +225,18 @@ def _add_host_cache(parser: argparse.ArgumentParser, purpose: str, env_default: 
             action="store_true",
             help="do not use the host cache even if PREBAKE_HOST_CACHE is set",
         )
+
+
+def _add_trust(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trust",
+        action="append",
+        default=[],
+        metavar="KEYFILE",
+        help="place only artifacts signed by this public key (PEM); repeatable, any one suffices "
+        "(key rotation). Default: the files in $PREBAKE_TRUST (a path list). Refused: exit 9, "
+        "nothing placed. Needs pip install 'prebake[signing]'",
+    )
 
 
 def _add_job_filters(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -388,6 +428,7 @@ def _add_fetch(sub: _Commands) -> None:
     p.add_argument("--dest", required=True, metavar="DIR", help="directory to place the artifact in")
     p.add_argument("--overwrite", action="store_true", help="replace whatever --dest holds")
     _add_host_cache(p, "place files this host's blob cache holds from it", env_default=True)
+    _add_trust(p)
     _add_quiet(p)
     _add_json(p)
 
@@ -427,6 +468,7 @@ def _add_ensure(sub: _Commands) -> None:
         "before exiting with code 8 (default 0: exit at once)",
     )
     _add_host_cache(p, "place files this host's blob cache holds from it", env_default=True)
+    _add_trust(p)
     _add_quiet(p)
     _add_json(p)
 
@@ -508,6 +550,14 @@ def _add_publish(sub: _Commands) -> None:
     _add_key_options(p, required=True, lookup=False)
     p.add_argument("--note", default="", help="free text recorded as the producer's note")
     p.add_argument("--replace", action="store_true", help="replace an existing artifact with other files")
+    p.add_argument(
+        "--force", action="store_true", help="with --replace: replace even a pinned artifact (admin)"
+    )
+    p.add_argument(
+        "--signing-key",
+        metavar="FILE",
+        help="sign the artifact with this Ed25519 private key (PEM; `prebake key generate`)",
+    )
     _add_quiet(p)
     _add_json(p)
 
@@ -695,6 +745,26 @@ def _add_stats(sub: _Commands) -> None:
     _add_json(p)
 
 
+def _add_gc(sub: _Commands) -> None:
+    p = sub.add_command(
+        "gc",
+        commands.gc,
+        summary="collect garbage on the server now (or --dry-run: show what would go)",
+        description="Remove unfinished uploads and temporary files left stale, blobs no artifact uses once\n"
+        "their grace has passed (time for an uploader to publish), and quarantined blobs past\n"
+        "theirs; with a quota (max_store_bytes), evict unpinned artifacts least recently used\n"
+        "first while the store is above its high-water mark. Pinned artifacts, and artifacts\n"
+        "being downloaded or used lately, are never evicted. The server also does this every\n"
+        "gc_interval_seconds. Needs the admin role where authentication is on.",
+        examples="""
+        prebake gc --dry-run
+        prebake gc --json
+        """,
+    )
+    p.add_argument("--dry-run", action="store_true", help="remove nothing; report what would be removed")
+    _add_json(p)
+
+
 # The client's own commands, by name, in `prebake --help` order (after the plugins').
 CLIENT_COMMANDS: dict[str, Callable[[_Commands], None]] = {
     "lookup": _add_lookup,
@@ -711,6 +781,7 @@ CLIENT_COMMANDS: dict[str, Callable[[_Commands], None]] = {
     "catalog": _add_catalog,
     "workers": _add_workers,
     "stats": _add_stats,
+    "gc": _add_gc,
 }
 
 

@@ -12,6 +12,7 @@ says the call is safe to repeat; nothing else is retried implicitly.
 from __future__ import annotations
 
 import getpass
+import os
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -32,6 +33,7 @@ from prebake.client.channel import (
     stalled,
     status_of,
 )
+from prebake.client.credentials import Credentials
 from prebake.client.errors import (
     CompileFailed,
     DataLoss,
@@ -66,6 +68,7 @@ from prebake.core.names import (
     lookup_status_name,
 )
 from prebake.core.s3_urls import is_s3_url
+from prebake.core.signing import Signature, SigningKey, TrustSet, check_signed_key, files_digest
 from prebake.v1 import (
     admin_pb2,
     blobs_pb2,
@@ -156,8 +159,32 @@ def _with_source_revision(key: key_pb2.ArtifactKey, model_source: str) -> key_pb
     return resolved
 
 
+def _absolute_source(model_source: str) -> str:
+    """A local model source as an absolute path (the server refuses relative ones: they
+    would be relative to its working directory, not the caller's); URLs unchanged."""
+    if not model_source.strip() or "://" in model_source:
+        return model_source
+    # Joined, not normalised: the server judges the path as written (a `..` is refused there).
+    return os.path.join(os.getcwd(), os.path.expanduser(model_source))
+
+
 def _key_proto(key: KeyLike) -> key_pb2.ArtifactKey:
     return key.to_proto() if isinstance(key, ArtifactKey) else key
+
+
+def sign_manifest(
+    signing_key: SigningKey, key: key_pb2.ResolvedKey, files: Sequence[registry_pb2.ArtifactFile]
+) -> Signature:
+    """`signing_key`'s signature of the artifact `files` make for the resolved `key`."""
+    return signing_key.sign(key.digest, key.canonical, files_digest(files))
+
+
+def _signature_message(signature: Signature | None) -> registry_pb2.Signature | None:
+    if signature is None:
+        return None
+    return registry_pb2.Signature(
+        key_id=signature.key_id, signature=signature.signature, public_key=signature.public_key
+    )
 
 
 def _producer_identity() -> str:
@@ -183,6 +210,11 @@ class Client:
     retries after an UNAVAILABLE answer. Streams carry no deadline; a stream that
     delivers nothing for `idle_timeout` seconds is cancelled and resumed from where it
     was (downloads), or re-opened (job watches, which re-deliver the current state).
+
+    `token` is sent with every rpc (`authorization: Bearer`); `ca_bundle` (PEM file: the
+    CAs that sign the server's certificate) or `client_cert` with `client_key` (PEM files,
+    for mutual TLS) make the channel TLS. `credentials` passes all of them already read
+    (`Credentials.load`), instead. A file that cannot be read raises InvalidArgument.
     """
 
     def __init__(
@@ -194,8 +226,19 @@ class Client:
         idle_timeout: float = 30.0,
         watch_idle_timeout: float = 60.0,
         direct_download: bool = True,
+        token: str | None = None,
+        ca_bundle: str | Path | None = None,
+        client_cert: str | Path | None = None,
+        client_key: str | Path | None = None,
+        credentials: Credentials | None = None,
+        trust: TrustSet | None = None,
     ) -> None:
         self.target = target
+        # What the server is shown (see `prebake.client.credentials`): read once, here.
+        self.credentials = credentials or Credentials.load(token, ca_bundle, client_cert, client_key)
+        # Every fetch (and ensure) places only artifacts signed by one of these keys, checked
+        # here from the manifest received (`prebake.core.signing`); None: no check.
+        self.trust = trust
         # Ask for presigned URLs in manifests, so big files come straight from S3 (verified
         # as ever, with the server as the fallback). Off: every byte through the server.
         self.direct_download = direct_download
@@ -203,7 +246,7 @@ class Client:
         self.policy = RetryPolicy(retries=retries)
         self.idle_timeout = idle_timeout
         self.watch_idle_timeout = watch_idle_timeout
-        self._conn = Connection(target)
+        self._conn = Connection(target, self.credentials)
         self._transfer = TransferSettings(
             policy=self.policy, unary_timeout=timeout, idle_seconds=idle_timeout, target=target
         )
@@ -263,7 +306,7 @@ class Client:
             key=key,
             on_miss=modes[on_miss],
             force=force,
-            model_source=model_source,
+            model_source=_absolute_source(model_source),
             allow=[POLICIES[name] for name in allow],
             direct_download=self.direct_download,
         )
@@ -282,14 +325,26 @@ class Client:
         files: Sequence[registry_pb2.ArtifactFile],
         producer: registry_pb2.Producer | None = None,
         replace: bool = False,
+        force: bool = False,
+        *,
+        signature: Signature | None = None,
     ) -> registry_pb2.PublishArtifactResponse:
         """Publish a manifest whose blobs are all uploaded already (see `publish`).
 
-        Raises FailedPrecondition when a blob is missing, AlreadyExists when another file
-        list exists for the key and `replace` is not set.
+        Raises FailedPrecondition when a blob is missing or, with `replace` but not
+        `force`, when the existing artifact is pinned; AlreadyExists when another file
+        list exists for the key and `replace` is not set; PermissionDenied for `replace`
+        without the admin role (on a server with authentication). With `signature`:
+        InvalidArgument when it does not verify, PermissionDenied when the server does not
+        accept its signer.
         """
         request = registry_pb2.PublishArtifactRequest(
-            key=_key_proto(key), files=files, producer=producer, replace=replace
+            key=_key_proto(key),
+            files=files,
+            producer=producer,
+            replace=replace,
+            force=force,
+            signature=_signature_message(signature),
         )
         return self._call(lambda t: self._conn.stubs.registry.PublishArtifact(request, timeout=t))
 
@@ -544,14 +599,21 @@ class Client:
         fencing_token: int,
         files: Sequence[registry_pb2.ArtifactFile],
         producer: registry_pb2.Producer | None = None,
+        *,
+        signature: Signature | None = None,
     ) -> workers_pb2.CompleteJobResponse:
         """Publish a leased job's output (uploaded beforehand, e.g. by `upload_directory`).
 
         Raises FailedPrecondition when the lease was lost (nothing stored) or a blob is
-        missing (upload and retry); idempotent, so safe to retry.
+        missing (upload and retry); idempotent, so safe to retry. `signature` (see
+        `sign_manifest`) is recorded with the artifact.
         """
         request = workers_pb2.CompleteJobRequest(
-            job_id=job_id, fencing_token=fencing_token, files=files, producer=producer
+            job_id=job_id,
+            fencing_token=fencing_token,
+            files=files,
+            producer=producer,
+            signature=_signature_message(signature),
         )
         return self._call(lambda t: self._conn.stubs.workers.CompleteJob(request, timeout=t))
 
@@ -623,6 +685,15 @@ class Client:
         """Counters and sizes: artifacts, blobs, hit rate, queue depth."""
         return self._call(lambda t: self._conn.stubs.admin.GetStats(admin_pb2.GetStatsRequest(), timeout=t))
 
+    def collect_garbage(self, dry_run: bool = False) -> admin_pb2.CollectGarbageResponse:
+        """Collect garbage on the server now (stale uploads, expired unreferenced and quarantined
+        blobs, eviction above the high-water mark); with `dry_run`, only report what would go.
+
+        Retried on UNAVAILABLE: a collection is idempotent (a retry removes what is left).
+        """
+        request = admin_pb2.CollectGarbageRequest(dry_run=dry_run)
+        return self._call(lambda t: self._conn.stubs.admin.CollectGarbage(request, timeout=t))
+
     # Catalog -------------------------------------------------------------------------
 
     def list_models(self, family: str = "", quantization_only: bool = False) -> list[catalog_pb2.ModelInfo]:
@@ -646,8 +717,12 @@ class Client:
         overwrite: bool = False,
         *,
         host_cache: HostCache | None = None,
+        trust: TrustSet | None = None,
     ) -> FetchResult:
         """Place an artifact (a manifest, or an id) in directory `dest`, verified and atomically.
+
+        With `trust` (default: the client's), an artifact no trusted key signed raises
+        `UntrustedArtifact` before anything is downloaded or placed.
 
         Never leaves a partial `dest`: files go to a temporary directory beside it
         (resumed by the next call after an interruption) and are renamed into place only
@@ -661,7 +736,13 @@ class Client:
         elif not artifact.files and artifact.file_count:
             artifact = self.get_artifact(artifact.artifact_id)  # a listing entry: no files
         return fetch_artifact(
-            artifact, Path(dest), self._download_file, progress, overwrite, host_cache=host_cache
+            artifact,
+            Path(dest),
+            self._download_file,
+            progress,
+            overwrite,
+            host_cache=host_cache,
+            trust=self.trust if trust is None else trust,
         )
 
     def _download_file(
@@ -681,24 +762,36 @@ class Client:
         producer_note: str = "",
         replace: bool = False,
         progress: Progress | None = None,
+        *,
+        force: bool = False,
+        signing_key: SigningKey | None = None,
     ) -> registry_pb2.PublishArtifactResponse:
         """Publish the regular files under `directory` as the artifact for `key`.
+
+        `replace` and `force` as for `publish_artifact`.
 
         Hashes every file, uploads only the blobs the server lacks, then publishes;
         nothing is published before every blob is uploaded. If a blob vanishes between
         upload and publish (FAILED_PRECONDITION or DATA_LOSS), it is uploaded again and
-        the publish retried once. Symbolic links and special files are refused.
+        the publish retried once. Symbolic links and special files are refused. With
+        `signing_key` the artifact is signed: the key is resolved first (a lookup that
+        enqueues nothing, so with authentication the token needs the reader role besides
+        publisher), since the signature covers the resolved key.
         """
         files = scan_directory(Path(directory))
         producer = registry_pb2.Producer(worker=_producer_identity(), note=producer_note)
         manifest = [f.to_proto() for f in files]
+        signature = None
+        if signing_key is not None:
+            resolved = self.lookup(key, on_miss="report").key
+            signature = sign_manifest(signing_key, resolved, manifest)
         self._upload_missing(files, progress)
         try:
-            return self.publish_artifact(key, manifest, producer, replace)
+            return self.publish_artifact(key, manifest, producer, replace, force, signature=signature)
         except (FailedPrecondition, DataLoss):
             # A blob was deleted or quarantined since it was uploaded: upload it again.
             self._upload_missing(files, progress)
-            return self.publish_artifact(key, manifest, producer, replace)
+            return self.publish_artifact(key, manifest, producer, replace, force, signature=signature)
 
     def upload_directory(
         self, directory: Path | str, progress: Progress | None = None
@@ -768,6 +861,7 @@ class Client:
         host_cache: HostCache | None = None,
         allow: Sequence[str] = (),
         worker_grace: float = 0.0,
+        trust: TrustSet | None = None,
     ) -> EnsureResult:
         """Make `dest` hold the artifact for `key`, compiling it first if needed.
 
@@ -780,7 +874,9 @@ class Client:
         the lookup and the wait for a compile (DeadlineExceeded), not the transfer, which
         is bounded by stall detection instead. Raises CompileFailed when the compile
         failed (now or, cached, earlier) and JobCancelled when the job was cancelled.
-        `dest` is placed as by `fetch` (with its `overwrite` and `host_cache`).
+        `dest` is placed as by `fetch` (with its `overwrite`, `host_cache` and `trust`, the
+        client's by default: an artifact no trusted key signed raises `UntrustedArtifact` and
+        nothing is placed).
         """
         started = time.monotonic()
         remaining = self._remaining(started, timeout)
@@ -818,7 +914,13 @@ class Client:
                 ) from None
             self._raise_unless_succeeded(job)
             artifact = self.get_artifact(job.artifact_id or job.key.digest or response.key.digest)
-        fetched = self.fetch(artifact, dest, progress=progress, overwrite=overwrite, host_cache=host_cache)
+        if (self.trust if trust is None else trust) is not None:
+            # The signature (checked by fetch) binds the key; it must be the key asked for.
+            requested = _key_proto(key)
+            check_signed_key(artifact, requested.model, requested.model_revision)
+        fetched = self.fetch(
+            artifact, dest, progress=progress, overwrite=overwrite, host_cache=host_cache, trust=trust
+        )
         return EnsureResult(
             status=status,
             artifact_id=artifact.artifact_id,

@@ -20,24 +20,36 @@ from google.protobuf.json_format import MessageToDict
 from prebake.client import exitcodes, importing, render
 from prebake.client.artifact_key import ArtifactKey
 from prebake.client.client import Client
+from prebake.client.credentials import from_settings
 from prebake.client.errors import (
     AlreadyExists,
     CompileFailed,
     FailedPrecondition,
+    InvalidArgument,
     NoCapableWorker,
     NotFound,
     PrebakeError,
     Unavailable,
+    UntrustedArtifact,
 )
 from prebake.client.hostcache import ENV as HOST_CACHE_ENV
 from prebake.client.hostcache import HostCache
 from prebake.client.matrix import MatrixError, load_matrix
 from prebake.client.prewarm import OK_OUTCOMES, PrewarmRow, summarize
 from prebake.client.prewarm import prewarm as prewarm_keys
-from prebake.client.progress import JobProgress, PrewarmDisplay, TransferProgress, human_bytes
+from prebake.client.progress import (
+    JobProgress,
+    PrewarmDisplay,
+    TransferProgress,
+    human_bytes,
+    is_interactive,
+)
 from prebake.core.command_plugins import CommandFailed
+from prebake.core.signing import SigningKey, SigningUnavailable, TrustSet
 from prebake.v1 import jobs_pb2, registry_pb2
 
+# Public key files whose signatures fetch/ensure accept, when no --trust is given.
+TRUST_ENV = "PREBAKE_TRUST"
 _LOOKUP_EXIT = {
     registry_pb2.LOOKUP_STATUS_HIT: exitcodes.OK,
     registry_pb2.LOOKUP_STATUS_MISS: exitcodes.MISS,
@@ -60,7 +72,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         if not args.needs_client:
             return int(args.handler(args))
-        with Client(args.server, timeout=args.timeout) as client:
+        credentials = from_settings(
+            os.environ,
+            token=args.token,
+            token_file=args.token_file,
+            ca_bundle=args.ca_bundle,
+            client_cert=args.client_cert,
+            client_key=args.client_key,
+        )
+        with Client(args.server, timeout=args.timeout, credentials=credentials) as client:
             return int(args.handler(args, client))
     except Unavailable as exc:
         target = exc.target or args.server
@@ -81,6 +101,9 @@ def run(args: argparse.Namespace) -> int:
     except NoCapableWorker as exc:
         _error(str(exc))
         return exitcodes.NO_WORKER
+    except UntrustedArtifact as exc:
+        _error(f"{exc}; nothing was placed")
+        return exitcodes.UNTRUSTED
     except PrebakeError as exc:
         _error(str(exc))
         return exitcodes.ERROR
@@ -184,6 +207,7 @@ def fetch(args: argparse.Namespace, client: Client) -> int:
             progress=display,
             overwrite=args.overwrite,
             host_cache=host_cache_from_args(args, env_default=True),
+            trust=trust_from_args(args),
         )
     data = {
         "status": "HIT",
@@ -224,6 +248,7 @@ def ensure(args: argparse.Namespace, client: Client) -> int:
             host_cache=host_cache_from_args(args, env_default=True),
             allow=args.allow,
             worker_grace=args.worker_grace,
+            trust=trust_from_args(args),
         )
     text = render.fetch_text(result.fetch)
     if result.job_id:
@@ -239,6 +264,28 @@ def ensure(args: argparse.Namespace, client: Client) -> int:
     }
     _emit(args, text, data)
     return exitcodes.OK
+
+
+def trust_from_args(args: argparse.Namespace) -> TrustSet | None:
+    """The trust set of --trust KEYFILE (repeatable), else of $PREBAKE_TRUST (a path list
+    separated by the platform's path separator); None when neither names a key."""
+    paths = list(args.trust) or [p for p in os.environ.get(TRUST_ENV, "").split(os.pathsep) if p]
+    if not paths:
+        return None
+    try:
+        return TrustSet.load(paths)
+    except (InvalidArgument, SigningUnavailable) as exc:
+        raise CommandFailed(f"--trust: {exc}", bad_input=True) from None
+
+
+def signing_key_from_args(args: argparse.Namespace) -> SigningKey | None:
+    """The key --signing-key FILE names, or None; CommandFailed (usage) if it cannot be used."""
+    if not args.signing_key:
+        return None
+    try:
+        return SigningKey.load(args.signing_key)
+    except (InvalidArgument, SigningUnavailable) as exc:
+        raise CommandFailed(f"--signing-key: {exc}", bad_input=True) from None
 
 
 def host_cache_from_args(args: argparse.Namespace, env_default: bool) -> HostCache | None:
@@ -316,7 +363,13 @@ def publish(args: argparse.Namespace, client: Client) -> int:
     try:
         with _transfer_display(args, "upload") as display:
             response = client.publish(
-                Path(args.directory), key, producer_note=args.note, replace=args.replace, progress=display
+                Path(args.directory),
+                key,
+                producer_note=args.note,
+                replace=args.replace,
+                progress=display,
+                force=args.force,
+                signing_key=signing_key_from_args(args),
             )
     except AlreadyExists as exc:
         _error(f"{exc}\n  pass --replace to replace it")
@@ -426,6 +479,15 @@ def workers(args: argparse.Namespace, client: Client) -> int:
 def stats(args: argparse.Namespace, client: Client) -> int:
     result = client.get_stats()
     _emit(args, render.stats_text(result), render.stats_json(result))
+    return exitcodes.OK
+
+
+def gc(args: argparse.Namespace, client: Client) -> int:
+    if not args.json and is_interactive(sys.stderr):
+        what = "finding" if args.dry_run else "collecting"
+        print(f"{what} garbage on {client.target} ...", file=sys.stderr, flush=True)
+    report = client.collect_garbage(dry_run=args.dry_run)
+    _emit(args, render.gc_text(report), render.gc_json(report))
     return exitcodes.OK
 
 

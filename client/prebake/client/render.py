@@ -54,6 +54,9 @@ def artifact_json(artifact: registry_pb2.Artifact, files: bool = True) -> dict[s
         "file_count": artifact.file_count or len(artifact.files),
         "total_size_bytes": artifact.total_size_bytes,
         "manifest_digest": artifact.manifest_digest,
+        # The key id the producer signed with, as the server recorded it (null: unsigned, or a
+        # listing); `--trust` verifies the signature itself.
+        "signer": artifact.signature.key_id if artifact.HasField("signature") else None,
         "pinned": artifact.pinned,
         "hit_count": artifact.hit_count,
         "created_at": timestamp_json(artifact.created_at),
@@ -153,6 +156,29 @@ def stats_json(stats: admin_pb2.Stats) -> dict[str, Any]:
         "bytes_served": stats.bytes_served,
         "bytes_received": stats.bytes_received,
         "started_at": timestamp_json(stats.started_at),
+    }
+
+
+def gc_json(report: admin_pb2.CollectGarbageResponse) -> dict[str, Any]:
+    usage = report.usage
+    return {
+        "dry_run": report.dry_run,
+        "stale_uploads": {"count": report.stale_uploads, "bytes": report.stale_upload_bytes},
+        "quarantined_blobs": {"count": report.quarantined_blobs, "bytes": report.quarantined_bytes},
+        "orphaned_blobs": {"count": report.orphaned_blobs, "bytes": report.orphaned_bytes},
+        "evicted_artifacts": {
+            "ids": list(report.evicted_artifact_ids),
+            "blobs": report.evicted_blobs,
+            "bytes": report.evicted_bytes,
+        },
+        "kept_in_use": report.kept_in_use,
+        "usage": {
+            "blob_bytes": usage.blob_bytes,
+            "upload_bytes": usage.upload_bytes,
+            "reserved_bytes": usage.reserved_bytes,
+            "used_bytes": usage.blob_bytes + usage.upload_bytes + usage.reserved_bytes,
+            "max_store_bytes": usage.max_store_bytes,
+        },
     }
 
 
@@ -289,6 +315,7 @@ def artifact_text(artifact: registry_pb2.Artifact) -> str:
                     size_summary(artifact.file_count or len(artifact.files), artifact.total_size_bytes),
                 ),
                 ("manifest", artifact.manifest_digest),
+                ("signer", artifact.signature.key_id if artifact.HasField("signature") else "unsigned"),
                 ("pinned", "yes" if artifact.pinned else "no"),
                 ("hits", str(artifact.hit_count)),
                 ("created", short_time(artifact.created_at)),
@@ -435,6 +462,33 @@ def stats_text(stats: admin_pb2.Stats) -> str:
         ],
         indent="",
     )
+
+
+def gc_text(report: admin_pb2.CollectGarbageResponse) -> str:
+    def removed(count: int, size: int) -> str:
+        return f"{count} ({human_bytes(size)})"
+
+    usage = report.usage
+    used = usage.blob_bytes + usage.upload_bytes + usage.reserved_bytes
+    quota = f" of {human_bytes(usage.max_store_bytes)}" if usage.max_store_bytes else " (no quota)"
+    evicted = removed(len(report.evicted_artifact_ids), report.evicted_bytes)
+    if report.evicted_artifact_ids:
+        evicted += ": " + ", ".join(report.evicted_artifact_ids)
+    lines = [
+        "dry run: nothing was removed; this is what would be" if report.dry_run else "",
+        rows(
+            [
+                ("stale uploads", removed(report.stale_uploads, report.stale_upload_bytes)),
+                ("unreferenced blobs", removed(report.orphaned_blobs, report.orphaned_bytes)),
+                ("quarantined blobs", removed(report.quarantined_blobs, report.quarantined_bytes)),
+                ("evicted artifacts", evicted),
+                ("kept (in use)", str(report.kept_in_use) if report.kept_in_use else ""),
+                ("store", f"{human_bytes(used)} used{quota}"),
+            ],
+            indent="",
+        ),
+    ]
+    return "\n".join(line for line in lines if line)
 
 
 def fetch_text(result: FetchResult) -> str:

@@ -33,7 +33,14 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class RegistryStub:
-    """Look up, read and publish artifact manifests."""
+    """Look up, read and publish artifact manifests.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -42,7 +49,9 @@ class RegistryStub:
     Lookup: _grpc.UnaryUnaryMultiCallable[_registry_pb2.LookupRequest, _registry_pb2.LookupResponse]
     """Resolves a key and answers HIT, MISS, COMPILING or FAILED. On a miss with
     `ON_MISS_ENQUEUE` exactly one compile job exists for the key afterwards, however
-    many callers miss at once (single flight, enforced by the database).
+    many callers miss at once (single flight, enforced by the database). An artifact
+    signed by a revoked key (`revoked_signers`) never hits: the key misses (`error`
+    names the revoked key id) and the job it enqueues replaces that artifact.
 
     Errors:
     * `INVALID_ARGUMENT`: the key is invalid: a required field missing, a value out of
@@ -50,11 +59,26 @@ class RegistryStub:
       a tensor-parallel degree that does not fit the instance. The message says which
       field and what would be valid. Also a request message larger than 64 KiB (the
       server's `max_request_bytes`) or not a valid `LookupRequest`. Do not retry as is.
+      Also: a `model_source` the server's policy does not allow (outside its model
+      source roots and s3:// prefixes, missing, or escaping through `..` or a symbolic
+      link: one message for all, so nothing is learnt about paths outside the set).
+    * `FAILED_PRECONDITION`: `model_source` names another source than the one the key's
+      active job reads (the message names the job, and its source if the policy allows
+      it). Look up without a `model_source` (or with the job's) to join it, or retry once
+      the job has finished.
+    * `UNAUTHENTICATED`: the server requires a token (or client certificate) and got
+      none, or one it does not accept. Do not retry with the same credentials.
+    * `PERMISSION_DENIED`: the caller lacks the reader role. Do not retry.
     * `RESOURCE_EXHAUSTED`: the miss would create a compile job but the caller created
       its limit of jobs recently (a rate limit per principal, or per host without
       authentication); nothing was enqueued. Retry after the delay the message states.
     * `UNAVAILABLE`: transient. Retry with backoff; lookups are idempotent apart from
       creating at most one job.
+
+    On a server whose `reader_may_enqueue` is off, a miss looked up by a caller that
+    holds only the reader role creates no job whatever `on_miss` says: the answer is
+    MISS without `job`, and `error` says that readers may not enqueue there (a publisher
+    or admin may).
     """
     GetArtifact: _grpc.UnaryUnaryMultiCallable[_registry_pb2.GetArtifactRequest, _registry_pb2.Artifact]
     """Returns one artifact's manifest, with its files.
@@ -62,6 +86,10 @@ class RegistryStub:
     Errors:
     * `INVALID_ARGUMENT`: malformed artifact id (not 32 hex digits). Do not retry.
     * `NOT_FOUND`: no such artifact. Do not retry.
+    * `FAILED_PRECONDITION`: the artifact is signed by a key the server revoked
+      (`revoked_signers`); the message names the key id. It is not served until it is
+      replaced by an artifact signed with a current key (a lookup enqueues that rebuild).
+      Do not retry as is.
     * `UNAVAILABLE`: transient. Retry with backoff.
     """
     PublishArtifact: _grpc.UnaryUnaryMultiCallable[_registry_pb2.PublishArtifactRequest, _registry_pb2.PublishArtifactResponse]
@@ -79,6 +107,17 @@ class RegistryStub:
       Upload them and retry.
     * `ALREADY_EXISTS`: an artifact with a different file list exists for the key and
       `replace` is not set. Do not retry unless replacing is intended.
+    * `INVALID_ARGUMENT` also: a `signature` that is malformed or does not verify for
+      this key and file list (with its `public_key`, or with the server's signer set).
+      Nothing is published. Do not retry as is.
+    * `FAILED_PRECONDITION` also: `replace` of a pinned artifact without `force`. Do not
+      retry unless replacing the pinned artifact is intended (then set `force`).
+    * `UNAUTHENTICATED`: the server requires a token (or client certificate) and got
+      none, or one it does not accept. Do not retry with the same credentials.
+    * `PERMISSION_DENIED`: the caller lacks the publisher role, or sets `replace`
+      without the admin role; or the server requires signatures (`require_signatures`)
+      and the request has none, or the signer is revoked or not in the server's signer
+      set (`signer_keys`). Nothing is published. Do not retry.
     * `DATA_LOSS`: a named blob is stored but its bytes no longer match; it is
       quarantined. Upload it again and retry.
     * `RESOURCE_EXHAUSTED`: the request message is larger than 4 MiB + 64 KiB, the most
@@ -88,13 +127,22 @@ class RegistryStub:
 
 @_typing.type_check_only
 class RegistryAsyncStub(RegistryStub):
-    """Look up, read and publish artifact manifests."""
+    """Look up, read and publish artifact manifests.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Lookup: _aio.UnaryUnaryMultiCallable[_registry_pb2.LookupRequest, _registry_pb2.LookupResponse]  # type: ignore[assignment]
     """Resolves a key and answers HIT, MISS, COMPILING or FAILED. On a miss with
     `ON_MISS_ENQUEUE` exactly one compile job exists for the key afterwards, however
-    many callers miss at once (single flight, enforced by the database).
+    many callers miss at once (single flight, enforced by the database). An artifact
+    signed by a revoked key (`revoked_signers`) never hits: the key misses (`error`
+    names the revoked key id) and the job it enqueues replaces that artifact.
 
     Errors:
     * `INVALID_ARGUMENT`: the key is invalid: a required field missing, a value out of
@@ -102,11 +150,26 @@ class RegistryAsyncStub(RegistryStub):
       a tensor-parallel degree that does not fit the instance. The message says which
       field and what would be valid. Also a request message larger than 64 KiB (the
       server's `max_request_bytes`) or not a valid `LookupRequest`. Do not retry as is.
+      Also: a `model_source` the server's policy does not allow (outside its model
+      source roots and s3:// prefixes, missing, or escaping through `..` or a symbolic
+      link: one message for all, so nothing is learnt about paths outside the set).
+    * `FAILED_PRECONDITION`: `model_source` names another source than the one the key's
+      active job reads (the message names the job, and its source if the policy allows
+      it). Look up without a `model_source` (or with the job's) to join it, or retry once
+      the job has finished.
+    * `UNAUTHENTICATED`: the server requires a token (or client certificate) and got
+      none, or one it does not accept. Do not retry with the same credentials.
+    * `PERMISSION_DENIED`: the caller lacks the reader role. Do not retry.
     * `RESOURCE_EXHAUSTED`: the miss would create a compile job but the caller created
       its limit of jobs recently (a rate limit per principal, or per host without
       authentication); nothing was enqueued. Retry after the delay the message states.
     * `UNAVAILABLE`: transient. Retry with backoff; lookups are idempotent apart from
       creating at most one job.
+
+    On a server whose `reader_may_enqueue` is off, a miss looked up by a caller that
+    holds only the reader role creates no job whatever `on_miss` says: the answer is
+    MISS without `job`, and `error` says that readers may not enqueue there (a publisher
+    or admin may).
     """
     GetArtifact: _aio.UnaryUnaryMultiCallable[_registry_pb2.GetArtifactRequest, _registry_pb2.Artifact]  # type: ignore[assignment]
     """Returns one artifact's manifest, with its files.
@@ -114,6 +177,10 @@ class RegistryAsyncStub(RegistryStub):
     Errors:
     * `INVALID_ARGUMENT`: malformed artifact id (not 32 hex digits). Do not retry.
     * `NOT_FOUND`: no such artifact. Do not retry.
+    * `FAILED_PRECONDITION`: the artifact is signed by a key the server revoked
+      (`revoked_signers`); the message names the key id. It is not served until it is
+      replaced by an artifact signed with a current key (a lookup enqueues that rebuild).
+      Do not retry as is.
     * `UNAVAILABLE`: transient. Retry with backoff.
     """
     PublishArtifact: _aio.UnaryUnaryMultiCallable[_registry_pb2.PublishArtifactRequest, _registry_pb2.PublishArtifactResponse]  # type: ignore[assignment]
@@ -131,6 +198,17 @@ class RegistryAsyncStub(RegistryStub):
       Upload them and retry.
     * `ALREADY_EXISTS`: an artifact with a different file list exists for the key and
       `replace` is not set. Do not retry unless replacing is intended.
+    * `INVALID_ARGUMENT` also: a `signature` that is malformed or does not verify for
+      this key and file list (with its `public_key`, or with the server's signer set).
+      Nothing is published. Do not retry as is.
+    * `FAILED_PRECONDITION` also: `replace` of a pinned artifact without `force`. Do not
+      retry unless replacing the pinned artifact is intended (then set `force`).
+    * `UNAUTHENTICATED`: the server requires a token (or client certificate) and got
+      none, or one it does not accept. Do not retry with the same credentials.
+    * `PERMISSION_DENIED`: the caller lacks the publisher role, or sets `replace`
+      without the admin role; or the server requires signatures (`require_signatures`)
+      and the request has none, or the signer is revoked or not in the server's signer
+      set (`signer_keys`). Nothing is published. Do not retry.
     * `DATA_LOSS`: a named blob is stored but its bytes no longer match; it is
       quarantined. Upload it again and retry.
     * `RESOURCE_EXHAUSTED`: the request message is larger than 4 MiB + 64 KiB, the most
@@ -139,7 +217,14 @@ class RegistryAsyncStub(RegistryStub):
     """
 
 class RegistryServicer(metaclass=_abc_1.ABCMeta):
-    """Look up, read and publish artifact manifests."""
+    """Look up, read and publish artifact manifests.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
+    """
 
     @_abc_1.abstractmethod
     def Lookup(
@@ -149,7 +234,9 @@ class RegistryServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_registry_pb2.LookupResponse, _abc.Awaitable[_registry_pb2.LookupResponse]]:
         """Resolves a key and answers HIT, MISS, COMPILING or FAILED. On a miss with
         `ON_MISS_ENQUEUE` exactly one compile job exists for the key afterwards, however
-        many callers miss at once (single flight, enforced by the database).
+        many callers miss at once (single flight, enforced by the database). An artifact
+        signed by a revoked key (`revoked_signers`) never hits: the key misses (`error`
+        names the revoked key id) and the job it enqueues replaces that artifact.
 
         Errors:
         * `INVALID_ARGUMENT`: the key is invalid: a required field missing, a value out of
@@ -157,11 +244,26 @@ class RegistryServicer(metaclass=_abc_1.ABCMeta):
           a tensor-parallel degree that does not fit the instance. The message says which
           field and what would be valid. Also a request message larger than 64 KiB (the
           server's `max_request_bytes`) or not a valid `LookupRequest`. Do not retry as is.
+          Also: a `model_source` the server's policy does not allow (outside its model
+          source roots and s3:// prefixes, missing, or escaping through `..` or a symbolic
+          link: one message for all, so nothing is learnt about paths outside the set).
+        * `FAILED_PRECONDITION`: `model_source` names another source than the one the key's
+          active job reads (the message names the job, and its source if the policy allows
+          it). Look up without a `model_source` (or with the job's) to join it, or retry once
+          the job has finished.
+        * `UNAUTHENTICATED`: the server requires a token (or client certificate) and got
+          none, or one it does not accept. Do not retry with the same credentials.
+        * `PERMISSION_DENIED`: the caller lacks the reader role. Do not retry.
         * `RESOURCE_EXHAUSTED`: the miss would create a compile job but the caller created
           its limit of jobs recently (a rate limit per principal, or per host without
           authentication); nothing was enqueued. Retry after the delay the message states.
         * `UNAVAILABLE`: transient. Retry with backoff; lookups are idempotent apart from
           creating at most one job.
+
+        On a server whose `reader_may_enqueue` is off, a miss looked up by a caller that
+        holds only the reader role creates no job whatever `on_miss` says: the answer is
+        MISS without `job`, and `error` says that readers may not enqueue there (a publisher
+        or admin may).
         """
 
     @_abc_1.abstractmethod
@@ -175,6 +277,10 @@ class RegistryServicer(metaclass=_abc_1.ABCMeta):
         Errors:
         * `INVALID_ARGUMENT`: malformed artifact id (not 32 hex digits). Do not retry.
         * `NOT_FOUND`: no such artifact. Do not retry.
+        * `FAILED_PRECONDITION`: the artifact is signed by a key the server revoked
+          (`revoked_signers`); the message names the key id. It is not served until it is
+          replaced by an artifact signed with a current key (a lookup enqueues that rebuild).
+          Do not retry as is.
         * `UNAVAILABLE`: transient. Retry with backoff.
         """
 
@@ -198,6 +304,17 @@ class RegistryServicer(metaclass=_abc_1.ABCMeta):
           Upload them and retry.
         * `ALREADY_EXISTS`: an artifact with a different file list exists for the key and
           `replace` is not set. Do not retry unless replacing is intended.
+        * `INVALID_ARGUMENT` also: a `signature` that is malformed or does not verify for
+          this key and file list (with its `public_key`, or with the server's signer set).
+          Nothing is published. Do not retry as is.
+        * `FAILED_PRECONDITION` also: `replace` of a pinned artifact without `force`. Do not
+          retry unless replacing the pinned artifact is intended (then set `force`).
+        * `UNAUTHENTICATED`: the server requires a token (or client certificate) and got
+          none, or one it does not accept. Do not retry with the same credentials.
+        * `PERMISSION_DENIED`: the caller lacks the publisher role, or sets `replace`
+          without the admin role; or the server requires signatures (`require_signatures`)
+          and the request has none, or the signer is revoked or not in the server's signer
+          set (`signer_keys`). Nothing is published. Do not retry.
         * `DATA_LOSS`: a named blob is stored but its bytes no longer match; it is
           quarantined. Upload it again and retry.
         * `RESOURCE_EXHAUSTED`: the request message is larger than 4 MiB + 64 KiB, the most

@@ -28,6 +28,12 @@ if _version_not_supported:
 
 class WorkersStub:
     """Lease, heartbeat, complete, fail and release compile jobs; list the live workers.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
     """
 
     def __init__(self, channel):
@@ -70,6 +76,12 @@ class WorkersStub:
 
 class WorkersServicer:
     """Lease, heartbeat, complete, fail and release compile jobs; list the live workers.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
     """
 
     def ListWorkers(self, request, context):
@@ -122,6 +134,10 @@ class WorkersServicer:
         * `NOT_FOUND`: no such job.
         * `FAILED_PRECONDITION`: the lease is no longer this worker's (nothing was stored);
         or a named blob is missing (the message lists them: upload and retry).
+        * `INVALID_ARGUMENT` also: a `signature` that is malformed or does not verify for
+        the job's key and this file list. Nothing is stored. Do not retry as is.
+        * `PERMISSION_DENIED`: the server requires signatures and the request has none, or
+        the signer is revoked or not in the server's signer set. Nothing is stored.
         * `DATA_LOSS`: a named blob's stored bytes do not match; upload it again and retry.
         * `UNAVAILABLE`: transient. Retry; completing is idempotent.
         """
@@ -200,6 +216,12 @@ def add_WorkersServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Workers:
     """Lease, heartbeat, complete, fail and release compile jobs; list the live workers.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
     """
 
     @staticmethod

@@ -36,7 +36,14 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class WorkersStub:
-    """Lease, heartbeat, complete, fail and release compile jobs; list the live workers."""
+    """Lease, heartbeat, complete, fail and release compile jobs; list the live workers.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -80,6 +87,10 @@ class WorkersStub:
     * `NOT_FOUND`: no such job.
     * `FAILED_PRECONDITION`: the lease is no longer this worker's (nothing was stored);
       or a named blob is missing (the message lists them: upload and retry).
+    * `INVALID_ARGUMENT` also: a `signature` that is malformed or does not verify for
+      the job's key and this file list. Nothing is stored. Do not retry as is.
+    * `PERMISSION_DENIED`: the server requires signatures and the request has none, or
+      the signer is revoked or not in the server's signer set. Nothing is stored.
     * `DATA_LOSS`: a named blob's stored bytes do not match; upload it again and retry.
     * `UNAVAILABLE`: transient. Retry; completing is idempotent.
     """
@@ -106,7 +117,14 @@ class WorkersStub:
 
 @_typing.type_check_only
 class WorkersAsyncStub(WorkersStub):
-    """Lease, heartbeat, complete, fail and release compile jobs; list the live workers."""
+    """Lease, heartbeat, complete, fail and release compile jobs; list the live workers.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListWorkers: _aio.UnaryUnaryMultiCallable[_workers_pb2.ListWorkersRequest, _workers_pb2.ListWorkersResponse]  # type: ignore[assignment]
@@ -147,6 +165,10 @@ class WorkersAsyncStub(WorkersStub):
     * `NOT_FOUND`: no such job.
     * `FAILED_PRECONDITION`: the lease is no longer this worker's (nothing was stored);
       or a named blob is missing (the message lists them: upload and retry).
+    * `INVALID_ARGUMENT` also: a `signature` that is malformed or does not verify for
+      the job's key and this file list. Nothing is stored. Do not retry as is.
+    * `PERMISSION_DENIED`: the server requires signatures and the request has none, or
+      the signer is revoked or not in the server's signer set. Nothing is stored.
     * `DATA_LOSS`: a named blob's stored bytes do not match; upload it again and retry.
     * `UNAVAILABLE`: transient. Retry; completing is idempotent.
     """
@@ -172,7 +194,14 @@ class WorkersAsyncStub(WorkersStub):
     """
 
 class WorkersServicer(metaclass=_abc_1.ABCMeta):
-    """Lease, heartbeat, complete, fail and release compile jobs; list the live workers."""
+    """Lease, heartbeat, complete, fail and release compile jobs; list the live workers.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
+    """
 
     @_abc_1.abstractmethod
     def ListWorkers(
@@ -235,6 +264,10 @@ class WorkersServicer(metaclass=_abc_1.ABCMeta):
         * `NOT_FOUND`: no such job.
         * `FAILED_PRECONDITION`: the lease is no longer this worker's (nothing was stored);
           or a named blob is missing (the message lists them: upload and retry).
+        * `INVALID_ARGUMENT` also: a `signature` that is malformed or does not verify for
+          the job's key and this file list. Nothing is stored. Do not retry as is.
+        * `PERMISSION_DENIED`: the server requires signatures and the request has none, or
+          the signer is revoked or not in the server's signer set. Nothing is stored.
         * `DATA_LOSS`: a named blob's stored bytes do not match; upload it again and retry.
         * `UNAVAILABLE`: transient. Retry; completing is idempotent.
         """

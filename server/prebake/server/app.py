@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # re-exported at run time
 from grpc_reflection.v1alpha import reflection
 
+from prebake.server.auth.server_security import ServerSecurity
 from prebake.server.backends import describe, keeps_local_state, open_backends
 from prebake.server.config import ServerConfig
 from prebake.server.data_dir_lock import DataDirLock
@@ -109,6 +110,11 @@ class RunningServer:
         self.address = address
         self.health = health
         self._tasks: list[asyncio.Task[None]] = []
+        # How the server's own in-process workers reach it (set by start): the target to
+        # dial and, with authentication on, the token minted for them.
+        self.local_target = address
+        self.embedded_token: str | None = None
+        self.security: ServerSecurity | None = None
 
     async def _flush_periodically(self) -> None:
         while True:
@@ -134,12 +140,26 @@ class RunningServer:
                 s.hub.notify(j.job_id for j in expired)
                 s.work.fire()
 
+    async def _collect_garbage_periodically(self) -> None:
+        collector = self.state.collector
+        while True:
+            await asyncio.sleep(self.state.config.gc_interval_seconds)
+            try:
+                report = await collector.collect()
+            except Exception:
+                log.exception("garbage collection failed; retrying later")
+                continue
+            if report.removed_anything:
+                log.info("%s", report.summary())
+
     def start_background_tasks(self) -> None:
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._flush_periodically()),
             loop.create_task(self._expire_leases_periodically()),
         ]
+        if self.state.config.gc_interval_seconds > 0:
+            self._tasks.append(loop.create_task(self._collect_garbage_periodically()))
 
     async def stop(self, grace: float | None = None) -> None:
         for task in self._tasks:
@@ -150,6 +170,8 @@ class RunningServer:
         await self.state.tracker.flush()
         self.state.executor.shutdown(wait=True)
         self.state.storage.close()
+        if self.security is not None:
+            self.security.close()
         if self.data_dir_lock is not None:
             self.data_dir_lock.release()
 
@@ -159,8 +181,10 @@ async def start(config: ServerConfig) -> RunningServer:
     bind `config.listen` (port 0 picks a free port) and start serving.
 
     Raises DataDirInUse if another server holds the data directory, CannotListen if the
-    address is taken (both name the other server where they can), and what `open_state`
-    raises. With a remote registry and store nothing is locked: replicas are stateless.
+    address is taken (both name the other server where they can), FailedPrecondition for
+    an unusable token or certificate file or an unauthenticated non-loopback address
+    (see `prebake.server.auth.server_security`), and what `open_state` raises. With a
+    remote registry and store nothing is locked: replicas are stateless.
     """
     if not keeps_local_state(config):
         return await _start_locked(config)
@@ -176,8 +200,11 @@ async def start(config: ServerConfig) -> RunningServer:
 
 
 async def _start_locked(config: ServerConfig) -> RunningServer:
+    # Before anything is opened: a bad token or certificate file, or an anonymous
+    # non-loopback address, is refused at once.
+    security = ServerSecurity.from_config(config)
     state = open_state(config)
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=security.interceptors())
     # Registered from the descriptors with per-method request limits (request_limits).
     for servicer, module in (
         (RegistryService(state), registry_pb2),
@@ -197,14 +224,22 @@ async def _start_locked(config: ServerConfig) -> RunningServer:
     )
     host, _, _ = config.listen.rpartition(":")
     try:
-        port = bind_exclusively(server, config.listen)
-    except OSError:
+        port = bind_exclusively(server, config.listen, security.credentials)
+        local_target = f"{host}:{port}"
+        if config.embedded_workers > 0:
+            local_target = security.add_local_port(server, local_target)
+    except (OSError, RuntimeError):
         state.storage.close()
+        security.close()
         raise
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     running = RunningServer(server, state, f"{host}:{port}", health_servicer)
+    running.security = security
+    running.local_target = local_target
+    if config.embedded_workers > 0:
+        running.embedded_token = security.mint_embedded_token()
     running.start_background_tasks()
     return running
 
@@ -225,10 +260,13 @@ async def _serve(config: ServerConfig) -> None:
         # workers' rpcs are answered by this very loop.
         workers = await asyncio.to_thread(
             run_embedded_workers,
-            running.address,
+            running.local_target,
             workers_stop,
             config.data_dir / "work",
             per_kind=config.embedded_workers,
+            token=running.embedded_token,
+            model_roots=running.state.model_sources.worker_roots(),
+            signing_key=Path(config.signing_key) if config.signing_key else None,
         )
     await stop.wait()
     print("prebake shutting down", file=sys.stderr, flush=True)

@@ -17,14 +17,15 @@ losing races raises `Busy` (ABORTED, retryable).
 
 from __future__ import annotations
 
-import json
 import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from prebake.core.digests import hash_bytes
+from prebake.core.digests import manifest_digest as core_manifest_digest
 from prebake.core.errors import AlreadyExists, Busy, FailedPrecondition, InvalidArgument, NotFound
+from prebake.core.signing import Signature
+from prebake.core.text_safety import displayable
 from prebake.server.records import (
     Artifact,
     Digest,
@@ -47,8 +48,21 @@ MAX_RACES = 64
 LEASE_SCAN = 32
 EXPIRY_BATCH = 500
 _EXPIRED = "lease expired"
+# A failure's text comes from the compile (attacker-influenced: a model's config, a
+# toolchain's output) and is shown to every deployer of the key for the negative-cache
+# period: it is recorded displayable (no terminal escapes or invisible characters) and
+# at most this long. Progress messages likewise, shorter.
+MAX_RECORDED_ERROR = 4096
+MAX_RECORDED_MESSAGE = 1024
 # A decision of `JobLifecycle._change`: the new job, or None to leave it as it is.
 _Decide = Callable[[Job, float], Job | None]
+# Whether a stored artifact may be replaced by any new publish of its key (e.g. it is signed
+# by a revoked key and no longer served).
+Supersede = Callable[[Artifact], bool]
+
+
+def _never(_artifact: Artifact) -> bool:
+    return False
 
 
 def new_job_id() -> str:
@@ -62,12 +76,8 @@ def retry_backoff(attempts: int, base: float = BACKOFF_BASE_SECONDS) -> float:
 
 
 def manifest_digest(files: Sequence[FileEntry]) -> str:
-    """xxh3-128 of the canonical file list: `[[path, hash, size, executable], ...]` by path.
-
-    Compact JSON, UTF-8, no whitespace; the order of `files` does not matter.
-    """
-    entries = [[f.path, f.digest.hash, f.digest.size, f.executable] for f in sorted(files, key=_path)]
-    return hash_bytes(json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+    """The manifest digest of `files` (`prebake.core.digests.manifest_digest`); any order."""
+    return core_manifest_digest((f.path, f.digest.hash, f.digest.size, f.executable) for f in files)
 
 
 def _path(entry: FileEntry) -> str:
@@ -75,7 +85,13 @@ def _path(entry: FileEntry) -> str:
 
 
 def new_artifact(
-    key: NormalizedKey, ordered: tuple[FileEntry, ...], producer: Producer, now: float, *, pinned: bool
+    key: NormalizedKey,
+    ordered: tuple[FileEntry, ...],
+    producer: Producer,
+    now: float,
+    *,
+    pinned: bool,
+    signature: Signature | None = None,
 ) -> Artifact:
     """The artifact for `key` made of `ordered` (sorted by path), created at `now`."""
     return Artifact(
@@ -89,6 +105,7 @@ def new_artifact(
         last_accessed_at=now,
         pinned=pinned,
         manifest_digest=manifest_digest(ordered),
+        signature=signature,
     )
 
 
@@ -168,16 +185,23 @@ class JobLifecycle:
         files: Sequence[FileEntry],
         producer: Producer,
         replace_existing: bool = False,
+        force: bool = False,
+        *,
+        signature: Signature | None = None,
+        supersede: Supersede = _never,
     ) -> tuple[Artifact, bool, list[Job]]:
         """Store the manifest as the artifact for `key`; return (artifact, created, completed jobs).
 
         Publishing the same file list again changes nothing and returns created=False.
         A different file list raises `AlreadyExists` unless `replace_existing`, which
-        swaps the files in (keeping the pin, resetting hits and times). The key's
+        swaps the files in (keeping the pin, resetting hits and times); a pinned
+        artifact is replaced only with `force` (else `FailedPrecondition`). The key's
         active job succeeds with the artifact in the same atomic write, also on an
         idempotent re-publish (so a job that raced an earlier publish does not stay in
-        flight). The caller has checked that every blob is present. A repeated path
-        raises `InvalidArgument`.
+        flight). The caller has checked that every blob is present (and `signature`, which
+        is recorded with the new artifact). A repeated path raises `InvalidArgument`. An
+        existing artifact that `supersede` names is replaced by any publish, even of the
+        same file list (its pin is kept).
         """
         if not files:
             raise InvalidArgument("an artifact needs at least one file")
@@ -185,16 +209,27 @@ class JobLifecycle:
         manifest = manifest_digest(ordered)
         for _ in range(MAX_RACES):
             existing = await self.artifacts.get(key.digest)
-            if existing is not None and existing.manifest_digest == manifest:
+            stale = existing is not None and supersede(existing)
+            if existing is not None and existing.manifest_digest == manifest and not stale:
                 return existing, False, await self._complete_active(key.digest, existing.artifact_id)
-            if existing is not None and not replace_existing:
+            if existing is not None and replace_existing and existing.pinned and not force and not stale:
+                raise FailedPrecondition(
+                    f"artifact {existing.artifact_id} is pinned: deploy hosts rely on it staying as it is; "
+                    "pass force with replace to replace it anyway, or unpin it first"
+                )
+            if existing is not None and not replace_existing and not stale:
                 raise AlreadyExists(
                     f"artifact {key.digest} for this key already exists with a different file list "
                     f"(manifest {existing.manifest_digest}); pass replace to overwrite"
                 )
             now = self._clock()
             artifact = new_artifact(
-                key, ordered, producer, now, pinned=existing is not None and existing.pinned
+                key,
+                ordered,
+                producer,
+                now,
+                pinned=existing is not None and existing.pinned,
+                signature=signature,
             )
             active = await self.jobs.active(key.digest)
             write = None if active is None else JobWrite(_succeeded(active, key.digest, now), active.revision)
@@ -315,7 +350,7 @@ class JobLifecycle:
             return replace(
                 job,
                 state=JobState.CANCELLED,
-                error=reason or "cancelled",
+                error=displayable(reason, MAX_RECORDED_ERROR) or "cancelled",
                 error_class=ErrorClass.NONE,
                 message="cancelled",
                 lease_expires_at=None,
@@ -329,7 +364,7 @@ class JobLifecycle:
         """The active `job` after a failed attempt: terminal, or queued after a backoff."""
         failed = replace(
             job,
-            error=error,
+            error=displayable(error, MAX_RECORDED_ERROR),
             error_class=error_class,
             lease_expires_at=None,
             log=job.log if log is None else log,
@@ -426,13 +461,24 @@ class JobLifecycle:
             if job.state is not JobState.LEASED or job.fencing_token != fencing_token:
                 raise _not_leased(job, fencing_token)
             return replace(
-                job, progress=progress, message=message, lease_expires_at=now + lease_seconds, updated_at=now
+                job,
+                progress=progress,
+                message=displayable(message, MAX_RECORDED_MESSAGE),
+                lease_expires_at=now + lease_seconds,
+                updated_at=now,
             )
 
         return await self._change(job_id, decide)
 
     async def complete(
-        self, job_id: str, fencing_token: int, files: Sequence[FileEntry], producer: Producer
+        self,
+        job_id: str,
+        fencing_token: int,
+        files: Sequence[FileEntry],
+        producer: Producer,
+        *,
+        signature: Signature | None = None,
+        supersede: Supersede = _never,
     ) -> tuple[Artifact, list[Job]]:
         """A worker's result: publish `files` as the artifact for the job's key.
 
@@ -440,7 +486,9 @@ class JobLifecycle:
         zombie, gets `FailedPrecondition` and nothing is stored): the artifact is
         created and the job succeeds together. An artifact that an operator published
         for the key meanwhile is kept (`replace` is never implied) and the job succeeds
-        with it. The caller has checked that every blob is present.
+        with it, unless `supersede` names it: then the job's output replaces it (keeping its
+        pin). The caller has checked that every blob is present, and `signature`, which is
+        recorded with the new artifact.
         """
         if not files:
             raise InvalidArgument("an artifact needs at least one file")
@@ -454,14 +502,25 @@ class JobLifecycle:
             now = self._clock()
             existing = await self.artifacts.get(job.key.digest)
             try:
-                if existing is not None:
+                if existing is not None and not supersede(existing):
                     done = await self.jobs.compare_and_set(
                         _succeeded(job, existing.artifact_id, now, producer.log), job.revision
                     )
                     return existing, [done]
-                artifact = new_artifact(job.key, ordered, producer, now, pinned=False)
+                artifact = new_artifact(
+                    job.key,
+                    ordered,
+                    producer,
+                    now,
+                    pinned=existing is not None and existing.pinned,
+                    signature=signature,
+                )
                 write = JobWrite(_succeeded(job, artifact.artifact_id, now, producer.log), job.revision)
-                await self.artifacts.put(artifact, expect_manifest=None, complete=write)
+                await self.artifacts.put(
+                    artifact,
+                    expect_manifest=None if existing is None else existing.manifest_digest,
+                    complete=write,
+                )
             except ConditionFailed:
                 continue
             return artifact, [write.stored()]
@@ -497,7 +556,9 @@ class JobLifecycle:
                 attempts=max(0, job.attempts - 1),
                 lease_expires_at=None,
                 progress=0.0,
-                message=f"released by {job.worker}" + (f": {reason}" if reason else ""),
+                message=displayable(
+                    f"released by {job.worker}" + (f": {reason}" if reason else ""), MAX_RECORDED_MESSAGE
+                ),
                 updated_at=now,
             )
 

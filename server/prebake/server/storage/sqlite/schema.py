@@ -178,10 +178,14 @@ CREATE TABLE workers (
 CREATE INDEX jobs_queued ON jobs(created_at, job_id) WHERE state = 'queued';
 """
 
+# The producer's signature (record_json.signature_json), NULL for an unsigned artifact.
+_ARTIFACT_SIGNATURES_SQL = "ALTER TABLE artifacts ADD COLUMN signature TEXT;"
+
 
 MIGRATIONS: list[Migration] = [
     (1, "artifacts, artifact files, jobs, job events", _initial_schema),
     (2, "job revisions for compare-and-set; worker directory", _JOB_REVISIONS_AND_WORKERS_SQL),
+    (3, "artifact signatures", _ARTIFACT_SIGNATURES_SQL),
 ]
 
 _BOOTSTRAP_SQL = """
