@@ -1,5 +1,6 @@
 """Property-based tests: random and malformed requests for every rpc of every prebake.v1
-service, against one real server on loopback for the whole module.
+service (and of health and reflection), against one real server on loopback for the
+whole module.
 
 Nothing is reset between cases (that is the point: whatever one case leaves behind, the
 next one meets). Two kinds of request body per rpc:
@@ -36,6 +37,8 @@ import pytest
 from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
 from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -57,7 +60,16 @@ pytestmark = pytest.mark.xdist_group("fuzz")
 
 METHODS: dict[str, MethodDescriptor] = {
     f"/{service.full_name}/{method.name}": method
-    for module in (registry_pb2, blobs_pb2, jobs_pb2, admin_pb2, workers_pb2, catalog_pb2)
+    for module in (
+        registry_pb2,
+        blobs_pb2,
+        jobs_pb2,
+        admin_pb2,
+        workers_pb2,
+        catalog_pb2,
+        health_pb2,
+        reflection_pb2,
+    )
     for service in module.DESCRIPTOR.services_by_name.values()
     for method in service.methods
 }
@@ -75,6 +87,9 @@ READ_ONLY = {
     "/prebake.v1.Workers/ListWorkers",
     "/prebake.v1.Catalog/ListModels",
     "/prebake.v1.Catalog/ListInstanceTypes",
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
 }
 # Fenced rpcs: the strategies never draw a token any job holds, so these change nothing either.
 FENCED = {
@@ -84,6 +99,8 @@ FENCED = {
     "/prebake.v1.Workers/ReleaseJob",
 }
 UNCHANGING = READ_ONLY | FENCED
+# Rpcs of a served service that the server does not implement: UNIMPLEMENTED, plainly.
+NOT_SERVED = {"/grpc.health.v1.Health/List"}
 # A leased job's token is its number of leases; no case here leases a job 100 times.
 HELD_TOKENS = range(1, 100)
 # The least the "fuzz" profile must run in all.
@@ -411,7 +428,12 @@ def call(seed: Seeded, path: str, bodies: list[bytes]) -> tuple[grpc.StatusCode,
     method = METHODS[path]
     channel = seed.channel
     try:
-        if method.client_streaming:
+        if method.client_streaming and method.server_streaming:
+            replies: Any = channel.stream_stream(path, None, None)(iter(bodies), timeout=60)
+            for _ in replies:
+                replies.cancel()
+                break
+        elif method.client_streaming:
             channel.stream_unary(path, None, None)(iter(bodies), timeout=60)
         elif method.server_streaming:
             responses: Any = channel.unary_stream(path, None, None)(bodies[0], timeout=60)
@@ -444,6 +466,9 @@ FENCING_TOKEN_RE = re.compile(r"fencing token (-?\d+)")
 
 
 def check(seed: Seeded, path: str, bodies: list[bytes], code: grpc.StatusCode, details: str) -> None:
+    if path in NOT_SERVED:
+        assert (code, details) == (grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+        return
     assert code not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNIMPLEMENTED), (
         f"{path} answered {code.name}: {details!r}"
     )
@@ -481,7 +506,12 @@ def bodies(seed: Seeded, path: str, kind: str) -> st.SearchStrategy[list[bytes]]
 
 
 def test_every_service_of_the_server_is_fuzzed() -> None:
-    assert {path.split("/")[1] for path in METHODS} == set(SERVICE_NAMES)
+    # Every prebake service, and health and reflection, which the server also serves.
+    assert {path.split("/")[1] for path in METHODS} == {
+        *SERVICE_NAMES,
+        "grpc.health.v1.Health",
+        reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"].full_name,
+    }
     assert set(METHODS) >= UNCHANGING
 
 

@@ -21,9 +21,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # re-exported at run time
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from prebake.server.auth.server_security import ServerSecurity
 from prebake.server.backends import describe, keeps_local_state, open_backends
@@ -217,10 +217,16 @@ async def _start_locked(config: ServerConfig) -> RunningServer:
         (service,) = module.DESCRIPTOR.services_by_name.values()
         add_service(server, servicer, service, config.max_request_bytes)
     health_servicer = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+    health_service = health_pb2.DESCRIPTOR.services_by_name["Health"]
+    add_service(server, health_servicer, health_service, config.max_request_bytes, foreign=True)
+    add_service(
         server,
+        reflection.aio.ReflectionServicer(  # type: ignore[attr-defined]  # re-exported at run time
+            (*SERVICE_NAMES, health_service.full_name, reflection.SERVICE_NAME)
+        ),
+        reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
+        config.max_request_bytes,
+        foreign=True,
     )
     host, _, _ = config.listen.rpartition(":")
     try:

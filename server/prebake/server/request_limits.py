@@ -16,6 +16,7 @@ The answer names the method and the limit, never the parser's error text.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -75,12 +76,20 @@ def parser(method: MethodDescriptor, max_bytes: int) -> Callable[[bytes], Messag
 
 
 def add_service(
-    server: grpc.aio.Server, servicer: object, service: ServiceDescriptor, default_max_bytes: int
+    server: grpc.aio.Server,
+    servicer: object,
+    service: ServiceDescriptor,
+    default_max_bytes: int,
+    *,
+    foreign: bool = False,
 ) -> None:
     """Register every rpc of `service` on `server`, answered by `servicer`'s method of the
     same name, with request limits from `LARGE_REQUESTS` or `default_max_bytes`.
 
     What the generated `add_*Servicer_to_server` does, except for the deserializers.
+    `foreign`: the servicer's methods are not wrapped by `prebake.server.status` (health,
+    reflection), so each is guarded here: a refused request is answered INVALID_ARGUMENT
+    before it runs; methods the servicer leaves to its generated base are not served.
     """
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in service.methods:
@@ -91,6 +100,12 @@ def add_service(
             "response_serializer": response_class.SerializeToString,
         }
         behaviour = getattr(servicer, method.name)
+        if foreign:
+            if getattr(type(servicer), method.name).__module__.endswith("_pb2_grpc"):
+                # The generated base's stub (health's List): gRPC answers UNIMPLEMENTED for
+                # an unregistered method, without the stub's exception text.
+                continue
+            behaviour = _guarded(behaviour, method)
         if method.client_streaming and method.server_streaming:
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(behaviour, **options)
         elif method.client_streaming:
@@ -102,3 +117,46 @@ def add_service(
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     # As the generated code does (grpcio >= 1.63: served without the generic lookup); not in the stubs.
     server.add_registered_method_handlers(service.full_name, handlers)  # type: ignore[attr-defined]
+
+
+async def _refuse(request: object, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    if isinstance(request, RejectedRequest):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request.error))
+
+
+def _guarded(behaviour: Any, method: MethodDescriptor) -> Any:
+    """`behaviour` with refused requests answered INVALID_ARGUMENT first, in the same shape
+    (gRPC tells an async generator from a coroutine that writes to its context)."""
+    if method.client_streaming:
+
+        async def accepted(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            async for item in requests:
+                await _refuse(item, context)
+                yield item
+
+        if inspect.isasyncgenfunction(behaviour):
+
+            async def each_of_stream(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                async for response in behaviour(accepted(requests, context), context):
+                    yield response
+
+            return each_of_stream
+
+        async def all_of_stream(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            return await behaviour(accepted(requests, context), context)
+
+        return all_of_stream
+    if inspect.isasyncgenfunction(behaviour):
+
+        async def each(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            await _refuse(request, context)
+            async for response in behaviour(request, context):
+                yield response
+
+        return each
+
+    async def one(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await _refuse(request, context)
+        return await behaviour(request, context)
+
+    return one
