@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: all demo test lint format proto proto-check bench clean
+.PHONY: all demo test fuzz lint format proto proto-check bench clean
 
 all: lint test
 
@@ -22,8 +22,13 @@ demo: $(STAMP)
 ## test: the full test suite against real servers on loopback (also checks stub drift)
 # One pytest process per core (at most 4: each compile test holds a torch model in memory);
 # every process starts its own servers and moto emulators on free ports.
+# --dist loadgroup keeps each xdist_group (the fuzz module's one server) in one process.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto --maxprocesses=4
+	$(BIN)/python -m pytest -q -n auto --maxprocesses=4 --dist loadgroup
+
+## fuzz: the property-based tests with fresh random cases, at least 10,000 in all (counts per rpc printed)
+fuzz: $(STAMP)
+	$(BIN)/python -m pytest -q -n 0 tests/test_fuzz.py --hypothesis-profile=fuzz
 
 ## lint: ruff check, ruff format --check, mypy, and the generated-stub drift check
 lint: $(STAMP)
@@ -44,6 +49,7 @@ proto: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.cold_warm
+	$(BIN)/python -m bench.limits
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache prebake-data

@@ -7,11 +7,25 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from prebake.client import ArtifactKey, Client
 from prebake.server.app import BackgroundServer, background_server
 from tests.aws_emulator import Emulator, running_emulator
 from tests.plugin_cli import PrebakeCli
+
+# Hypothesis profiles (tests/test_fuzz.py): "ci" within `make test`, the same cases every
+# run; "fuzz" (`make fuzz`, --hypothesis-profile=fuzz) with fresh random cases, at least
+# 10,000 in all. No deadlines: speed is measured in bench/, never asserted.
+FUZZ_EXAMPLES = 250
+_SLOW_IS_FINE = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example]
+settings.register_profile(
+    "ci", max_examples=20, deadline=None, database=None, derandomize=True, suppress_health_check=_SLOW_IS_FINE
+)
+settings.register_profile(
+    "fuzz", max_examples=FUZZ_EXAMPLES, deadline=None, database=None, suppress_health_check=_SLOW_IS_FINE
+)
+settings.load_profile("ci")
 
 LLAMA3_8B_INF2 = ArtifactKey(
     kind="neuron",

@@ -117,10 +117,14 @@ class BlobsServicer:
         * `INVALID_ARGUMENT`: missing or malformed digest or upload id; an `offset` that is
         not the upload's committed size; more bytes than `size_bytes`; content whose
         digest does not match (the partial upload is discarded). Do not retry as is.
-        * `ABORTED`: another stream is writing the same upload id right now. Retry later
-        after `QueryWriteStatus`.
+        * `ABORTED`: another stream is writing the same upload id right now; retry later
+        after `QueryWriteStatus`. Or the stream sent nothing for the server's
+        `upload_idle_seconds` (120 s by default): the partial upload was discarded; start
+        it again from offset 0.
         * `RESOURCE_EXHAUSTED`: the blob is larger than the server accepts, or the store's
-        quota would be exceeded. Do not retry until space is freed.
+        quota would be exceeded: do not retry until space is freed. Or too many uploads
+        are in progress (on the server, or of this caller) or were started recently by
+        this caller: retry when one finishes, or after the delay the message states.
         * `UNAVAILABLE`: transient. Retry after `QueryWriteStatus`, from the committed size.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -79,7 +79,8 @@ class RegistryServicer:
         * `INVALID_ARGUMENT`: the key is invalid: a required field missing, a value out of
         range or unknown (instance type, precision), a precision the kind cannot produce,
         a tensor-parallel degree that does not fit the instance. The message says which
-        field and what would be valid. Do not retry as is.
+        field and what would be valid. Also a request message larger than 64 KiB (the
+        server's `max_request_bytes`) or not a valid `LookupRequest`. Do not retry as is.
         Also: a `model_source` the server's policy does not allow (outside its model
         source roots and s3:// prefixes, missing, or escaping through `..` or a symbolic
         link: one message for all, so nothing is learnt about paths outside the set).
@@ -90,6 +91,9 @@ class RegistryServicer:
         * `UNAUTHENTICATED`: the server requires a token (or client certificate) and got
         none, or one it does not accept. Do not retry with the same credentials.
         * `PERMISSION_DENIED`: the caller lacks the reader role. Do not retry.
+        * `RESOURCE_EXHAUSTED`: the miss would create a compile job but the caller created
+        its limit of jobs recently (a rate limit per principal, or per host without
+        authentication); nothing was enqueued. Retry after the delay the message states.
         * `UNAVAILABLE`: transient. Retry with backoff; lookups are idempotent apart from
         creating at most one job.
 
@@ -146,6 +150,8 @@ class RegistryServicer:
         set (`signer_keys`). Nothing is published. Do not retry.
         * `DATA_LOSS`: a named blob is stored but its bytes no longer match; it is
         quarantined. Upload it again and retry.
+        * `RESOURCE_EXHAUSTED`: the request message is larger than 4 MiB + 64 KiB, the most
+        the server accepts of any message. Do not retry as is.
         * `UNAVAILABLE`: transient. Retry with backoff; publishing is idempotent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -57,7 +57,8 @@ class RegistryStub:
     * `INVALID_ARGUMENT`: the key is invalid: a required field missing, a value out of
       range or unknown (instance type, precision), a precision the kind cannot produce,
       a tensor-parallel degree that does not fit the instance. The message says which
-      field and what would be valid. Do not retry as is.
+      field and what would be valid. Also a request message larger than 64 KiB (the
+      server's `max_request_bytes`) or not a valid `LookupRequest`. Do not retry as is.
       Also: a `model_source` the server's policy does not allow (outside its model
       source roots and s3:// prefixes, missing, or escaping through `..` or a symbolic
       link: one message for all, so nothing is learnt about paths outside the set).
@@ -68,6 +69,9 @@ class RegistryStub:
     * `UNAUTHENTICATED`: the server requires a token (or client certificate) and got
       none, or one it does not accept. Do not retry with the same credentials.
     * `PERMISSION_DENIED`: the caller lacks the reader role. Do not retry.
+    * `RESOURCE_EXHAUSTED`: the miss would create a compile job but the caller created
+      its limit of jobs recently (a rate limit per principal, or per host without
+      authentication); nothing was enqueued. Retry after the delay the message states.
     * `UNAVAILABLE`: transient. Retry with backoff; lookups are idempotent apart from
       creating at most one job.
 
@@ -116,6 +120,8 @@ class RegistryStub:
       set (`signer_keys`). Nothing is published. Do not retry.
     * `DATA_LOSS`: a named blob is stored but its bytes no longer match; it is
       quarantined. Upload it again and retry.
+    * `RESOURCE_EXHAUSTED`: the request message is larger than 4 MiB + 64 KiB, the most
+      the server accepts of any message. Do not retry as is.
     * `UNAVAILABLE`: transient. Retry with backoff; publishing is idempotent.
     """
 
@@ -142,7 +148,8 @@ class RegistryAsyncStub(RegistryStub):
     * `INVALID_ARGUMENT`: the key is invalid: a required field missing, a value out of
       range or unknown (instance type, precision), a precision the kind cannot produce,
       a tensor-parallel degree that does not fit the instance. The message says which
-      field and what would be valid. Do not retry as is.
+      field and what would be valid. Also a request message larger than 64 KiB (the
+      server's `max_request_bytes`) or not a valid `LookupRequest`. Do not retry as is.
       Also: a `model_source` the server's policy does not allow (outside its model
       source roots and s3:// prefixes, missing, or escaping through `..` or a symbolic
       link: one message for all, so nothing is learnt about paths outside the set).
@@ -153,6 +160,9 @@ class RegistryAsyncStub(RegistryStub):
     * `UNAUTHENTICATED`: the server requires a token (or client certificate) and got
       none, or one it does not accept. Do not retry with the same credentials.
     * `PERMISSION_DENIED`: the caller lacks the reader role. Do not retry.
+    * `RESOURCE_EXHAUSTED`: the miss would create a compile job but the caller created
+      its limit of jobs recently (a rate limit per principal, or per host without
+      authentication); nothing was enqueued. Retry after the delay the message states.
     * `UNAVAILABLE`: transient. Retry with backoff; lookups are idempotent apart from
       creating at most one job.
 
@@ -201,6 +211,8 @@ class RegistryAsyncStub(RegistryStub):
       set (`signer_keys`). Nothing is published. Do not retry.
     * `DATA_LOSS`: a named blob is stored but its bytes no longer match; it is
       quarantined. Upload it again and retry.
+    * `RESOURCE_EXHAUSTED`: the request message is larger than 4 MiB + 64 KiB, the most
+      the server accepts of any message. Do not retry as is.
     * `UNAVAILABLE`: transient. Retry with backoff; publishing is idempotent.
     """
 
@@ -230,7 +242,8 @@ class RegistryServicer(metaclass=_abc_1.ABCMeta):
         * `INVALID_ARGUMENT`: the key is invalid: a required field missing, a value out of
           range or unknown (instance type, precision), a precision the kind cannot produce,
           a tensor-parallel degree that does not fit the instance. The message says which
-          field and what would be valid. Do not retry as is.
+          field and what would be valid. Also a request message larger than 64 KiB (the
+          server's `max_request_bytes`) or not a valid `LookupRequest`. Do not retry as is.
           Also: a `model_source` the server's policy does not allow (outside its model
           source roots and s3:// prefixes, missing, or escaping through `..` or a symbolic
           link: one message for all, so nothing is learnt about paths outside the set).
@@ -241,6 +254,9 @@ class RegistryServicer(metaclass=_abc_1.ABCMeta):
         * `UNAUTHENTICATED`: the server requires a token (or client certificate) and got
           none, or one it does not accept. Do not retry with the same credentials.
         * `PERMISSION_DENIED`: the caller lacks the reader role. Do not retry.
+        * `RESOURCE_EXHAUSTED`: the miss would create a compile job but the caller created
+          its limit of jobs recently (a rate limit per principal, or per host without
+          authentication); nothing was enqueued. Retry after the delay the message states.
         * `UNAVAILABLE`: transient. Retry with backoff; lookups are idempotent apart from
           creating at most one job.
 
@@ -301,6 +317,8 @@ class RegistryServicer(metaclass=_abc_1.ABCMeta):
           set (`signer_keys`). Nothing is published. Do not retry.
         * `DATA_LOSS`: a named blob is stored but its bytes no longer match; it is
           quarantined. Upload it again and retry.
+        * `RESOURCE_EXHAUSTED`: the request message is larger than 4 MiB + 64 KiB, the most
+          the server accepts of any message. Do not retry as is.
         * `UNAVAILABLE`: transient. Retry with backoff; publishing is idempotent.
         """
 

@@ -21,9 +21,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # re-exported at run time
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from prebake.server.auth.server_security import ServerSecurity
 from prebake.server.backends import describe, keeps_local_state, open_backends
@@ -31,6 +31,7 @@ from prebake.server.config import ServerConfig
 from prebake.server.data_dir_lock import DataDirLock
 from prebake.server.exclusive_bind import NO_PORT_SHARING, bind_exclusively
 from prebake.server.instance_catalog import InstanceCatalog
+from prebake.server.request_limits import REQUEST_LIMIT, add_service
 from prebake.server.services.admin_service import AdminService
 from prebake.server.services.blobs_service import BlobsService
 from prebake.server.services.catalog_service import CatalogService
@@ -40,25 +41,21 @@ from prebake.server.services.workers_service import WorkersService
 from prebake.server.state import ServerState
 from prebake.v1 import (
     admin_pb2,
-    admin_pb2_grpc,
     blobs_pb2,
-    blobs_pb2_grpc,
     catalog_pb2,
-    catalog_pb2_grpc,
     jobs_pb2,
-    jobs_pb2_grpc,
     registry_pb2,
-    registry_pb2_grpc,
     workers_pb2,
-    workers_pb2_grpc,
 )
 
 log = logging.getLogger("prebake.server")
 
-MESSAGE_LIMIT = 16 << 20
+# Answers may be large (pages of manifests); requests are limited per method, and in all
+# to what a blob chunk needs (request_limits).
+RESPONSE_LIMIT = 16 << 20
 SERVER_OPTIONS = [
-    ("grpc.max_receive_message_length", MESSAGE_LIMIT),
-    ("grpc.max_send_message_length", MESSAGE_LIMIT),
+    ("grpc.max_receive_message_length", REQUEST_LIMIT),
+    ("grpc.max_send_message_length", RESPONSE_LIMIT),
     # Detect dead peers on long streams (downloads, job watches) without app traffic.
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
@@ -208,17 +205,28 @@ async def _start_locked(config: ServerConfig) -> RunningServer:
     security = ServerSecurity.from_config(config)
     state = open_state(config)
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=security.interceptors())
-    registry_pb2_grpc.add_RegistryServicer_to_server(RegistryService(state), server)
-    blobs_pb2_grpc.add_BlobsServicer_to_server(BlobsService(state), server)
-    jobs_pb2_grpc.add_JobsServicer_to_server(JobsService(state), server)
-    admin_pb2_grpc.add_AdminServicer_to_server(AdminService(state), server)
-    workers_pb2_grpc.add_WorkersServicer_to_server(WorkersService(state), server)
-    catalog_pb2_grpc.add_CatalogServicer_to_server(CatalogService(state), server)
+    # Registered from the descriptors with per-method request limits (request_limits).
+    for servicer, module in (
+        (RegistryService(state), registry_pb2),
+        (BlobsService(state), blobs_pb2),
+        (JobsService(state), jobs_pb2),
+        (AdminService(state), admin_pb2),
+        (WorkersService(state), workers_pb2),
+        (CatalogService(state), catalog_pb2),
+    ):
+        (service,) = module.DESCRIPTOR.services_by_name.values()
+        add_service(server, servicer, service, config.max_request_bytes)
     health_servicer = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+    health_service = health_pb2.DESCRIPTOR.services_by_name["Health"]
+    add_service(server, health_servicer, health_service, config.max_request_bytes, foreign=True)
+    add_service(
         server,
+        reflection.aio.ReflectionServicer(  # type: ignore[attr-defined]  # re-exported at run time
+            (*SERVICE_NAMES, health_service.full_name, reflection.SERVICE_NAME)
+        ),
+        reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
+        config.max_request_bytes,
+        foreign=True,
     )
     host, _, _ = config.listen.rpartition(":")
     try:

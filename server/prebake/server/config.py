@@ -140,6 +140,27 @@ class ServerConfig:
     # they publish unsigned.
     signing_key: str = ""
 
+    # --- Abuse limits (issue 9: limits that hold before work is done) ---
+    # Largest request message, in bytes, of an rpc that carries no manifest or blob data
+    # (lookups, job and worker calls); a larger one is refused unparsed (INVALID_ARGUMENT).
+    max_request_bytes: int = 64 << 10
+    # Compile jobs one caller (its principal, or its host without authentication) may
+    # create through lookups: this many at once, refilled at job_create_per_minute
+    # (0: no limit); beyond it RESOURCE_EXHAUSTED, saying when to retry.
+    job_create_burst: int = 200
+    job_create_per_minute: float = 600.0
+    # Uploads (Write streams) one caller may start: this many at once, refilled at
+    # upload_start_per_minute (0: no limit).
+    upload_start_burst: int = 2000
+    upload_start_per_minute: float = 12000.0
+    # Uploads in progress at once, on the server and per caller (0: no cap); beyond them
+    # RESOURCE_EXHAUSTED until one finishes.
+    max_uploads: int = 256
+    max_uploads_per_caller: int = 64
+    # An upload whose client sends nothing for this long is ended (ABORTED) and its partial
+    # data discarded, freeing its file (0: never).
+    upload_idle_seconds: float = 120.0
+
 
 _ENV_PREFIX = "PREBAKE_"
 
@@ -224,6 +245,7 @@ def load_server_config(
     ModelSources.from_config(config.model_source_roots, config.model_source_map, config.data_dir)
     check_gc_settings(config)
     check_signing(config)
+    check_limits(config)
     return config
 
 
@@ -266,6 +288,25 @@ def check_signing(config: ServerConfig) -> None:
             SigningKey.load(config.signing_key)
         except PrebakeError as exc:
             raise ValueError(f"signing_key: {exc}") from None
+
+
+def check_limits(config: ServerConfig) -> None:
+    """ValueError for abuse limits that cannot work (see the fields' comments)."""
+    if config.max_request_bytes < 1024:
+        raise ValueError(f"max_request_bytes is {config.max_request_bytes}; at least 1024 (1 KiB)")
+    for name in ("job_create_burst", "upload_start_burst"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} is {getattr(config, name)}; at least 1")
+    for name in (
+        "job_create_per_minute",
+        "upload_start_per_minute",
+        "max_uploads",
+        "max_uploads_per_caller",
+        "upload_idle_seconds",
+    ):
+        value = getattr(config, name)
+        if not value >= 0 or value == float("inf"):
+            raise ValueError(f"{name} is {value}; expected a finite number >= 0 (0: no limit)")
 
 
 def parse_default_toolchains(text: str, known_kinds: Mapping[str, str]) -> dict[str, str]:

@@ -17,7 +17,7 @@ from prebake.core.errors import InvalidArgument
 from prebake.core.key_fields import KEY_FIELDS
 from prebake.core.manifest_paths import validate_manifest_paths
 from prebake.core.signing import Signature
-from prebake.server.key_normalization import KeyRequest
+from prebake.server.key_normalization import KeyRequest, check_option_count
 from prebake.server.records import (
     Artifact,
     Digest,
@@ -73,7 +73,10 @@ def seconds(ts: Timestamp) -> float:
 
 
 def key_request(msg: key_pb2.ArtifactKey) -> KeyRequest:
-    """The key as stated on the wire; every field of the contract is copied (see KEY_FIELDS)."""
+    """The key as stated on the wire; every field of the contract is copied (see KEY_FIELDS).
+
+    `InvalidKey` for too many options, before they are copied."""
+    check_option_count(len(msg.options))
     values: dict[str, Any] = {name: getattr(msg, name) for name in KEY_FIELDS}
     values["kind"] = kind_name(msg.kind)
     values["options"] = dict(msg.options)

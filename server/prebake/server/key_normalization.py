@@ -416,10 +416,16 @@ def _toolchain(raw: str, kind: str) -> str:
     return toolchain
 
 
+def check_option_count(count: int) -> None:
+    """`InvalidKey` for more than MAX_OPTIONS options; cheap, so callers check it before
+    copying a request's options."""
+    if count > MAX_OPTIONS:
+        raise InvalidKey("options", f"{count} options given; the limit is {MAX_OPTIONS}")
+
+
 def _options(raw: Mapping[str, str], kind: str) -> tuple[tuple[str, str], ...]:
     """Sorted (name, value) pairs: names lowercased, values canonicalised, kind defaults filled."""
-    if len(raw) > MAX_OPTIONS:
-        raise InvalidKey("options", f"{len(raw)} options given; the limit is {MAX_OPTIONS}")
+    check_option_count(len(raw))
     options: dict[str, str] = {}
     stated_as: dict[str, str] = {}
     for raw_name, raw_value in raw.items():

@@ -6,6 +6,11 @@ client reverses. One server-only translation comes first: SQLite's "database is 
 (`sqlite3.OperationalError` after the busy timeout) is a transient condition, answered
 UNAVAILABLE so that clients retry it, never INTERNAL. Anything else unexpected is a bug:
 it is logged with its traceback and answered INTERNAL without leaking internals.
+
+A request the deserializer refused (`prebake.server.request_limits`: too many bytes for
+its method, or not a valid message) reaches a handler as a `RejectedRequest`, in place
+of the message or as an item of a request stream; the decorators raise its error before
+the handler sees it, so it is answered INVALID_ARGUMENT like any other bad input.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import functools
 import logging
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -34,6 +40,29 @@ def domain_error(exc: BaseException) -> BaseException:
             "the registry database is busy (another writer holds its lock); retry shortly"
         )
     return exc
+
+
+@dataclass(frozen=True)
+class RejectedRequest:
+    """Stands in for a request message whose bytes were refused; `error` says why."""
+
+    error: errors.InvalidArgument
+
+
+async def _accepted(stream: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for item in stream:
+        if isinstance(item, RejectedRequest):
+            raise item.error
+        yield item
+
+
+def _accepted_request(request: Any) -> Any:
+    """The request, a request stream that raises at a refused item, or the refusal raised."""
+    if isinstance(request, RejectedRequest):
+        raise request.error
+    if hasattr(request, "__aiter__"):
+        return _accepted(request)
+    return request
 
 
 Req = TypeVar("Req")
@@ -59,7 +88,7 @@ def unary(
     @functools.wraps(fn)
     async def wrapper(self: Self, request: Req, context: grpc.aio.ServicerContext[Any, Any]) -> Resp:
         try:
-            return await fn(self, request, context)
+            return await fn(self, _accepted_request(request), context)
         except (errors.PrebakeError, Exception) as exc:
             if isinstance(exc, grpc.aio.AbortError | grpc.aio.UsageError):
                 raise
@@ -79,7 +108,7 @@ def streaming(
         self: Self, request: Req, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Resp]:
         try:
-            async for item in fn(self, request, context):
+            async for item in fn(self, _accepted_request(request), context):
                 yield item
         except (errors.PrebakeError, Exception) as exc:
             if isinstance(exc, grpc.aio.AbortError | grpc.aio.UsageError):

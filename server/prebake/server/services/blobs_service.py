@@ -12,8 +12,10 @@ import grpc
 from prebake.core.errors import InvalidArgument
 from prebake.server import convert
 from prebake.server.blobs import BlobWriter
+from prebake.server.rate_limits import RateLimit, caller
 from prebake.server.state import ServerState
 from prebake.server.status import streaming, unary
+from prebake.server.upload_sessions import UploadIdle, UploadSessions, idle_limited
 from prebake.v1 import blobs_pb2, blobs_pb2_grpc
 
 MAX_FIND = 10_000
@@ -25,6 +27,9 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 class BlobsService(blobs_pb2_grpc.BlobsServicer):
     def __init__(self, state: ServerState) -> None:
         self.s = state
+        c = state.config
+        self.sessions = UploadSessions(c.max_uploads, c.max_uploads_per_caller)
+        self.upload_starts = RateLimit("uploads started", c.upload_start_burst, c.upload_start_per_minute)
 
     @unary
     async def FindMissingBlobs(
@@ -67,12 +72,23 @@ class BlobsService(blobs_pb2_grpc.BlobsServicer):
     async def Write(
         self, request_iterator: AsyncIterator[blobs_pb2.WriteRequest], context: Ctx
     ) -> blobs_pb2.WriteResponse:
+        # Limits first: a session slot and a start per caller, and an idle timeout that
+        # ends a stalled stream (its partial upload is then discarded; see _write).
+        who = caller(context)
+        self.upload_starts.take(who)
+        with self.sessions.open(who):
+            return await self._write(idle_limited(request_iterator, self.s.config.upload_idle_seconds))
+
+    async def _write(
+        self, request_iterator: AsyncIterator[blobs_pb2.WriteRequest]
+    ) -> blobs_pb2.WriteResponse:
         s = self.s
         writer: BlobWriter | None = None
         upload_id = ""
         # The append running on an I/O thread, if any: a cancelled stream must not close
         # the writer under it (see finally).
         appending: asyncio.Future[None] | None = None
+        idle = False
         try:
             async for req in request_iterator:
                 if writer is None:
@@ -111,15 +127,19 @@ class BlobsService(blobs_pb2_grpc.BlobsServicer):
             # minimum part size may keep less than arrived), the size a client continues from.
             await s.run_blocking(writer.close)
             return blobs_pb2.WriteResponse(committed_size=writer.committed_size, complete=False)
+        except UploadIdle:
+            idle = True
+            raise
         finally:
             if appending is not None and not appending.done():
                 # Cancelled mid-append: the thread still writes; let it finish first.
                 with contextlib.suppress(Exception):
                     await appending
             # Keep what the store can of what arrived, so the client can resume; after a
-            # commit, an abort or the close above this is a no-op.
+            # commit, an abort or the close above this is a no-op. A stalled stream's partial
+            # upload is discarded instead: a client that stops sending holds nothing.
             if writer is not None:
-                await s.run_blocking(writer.close)
+                await s.run_blocking(writer.abort if idle else writer.close)
 
     @staticmethod
     def _check_consistent(req: blobs_pb2.WriteRequest, upload_id: str, writer: BlobWriter) -> None:

@@ -12,6 +12,7 @@ from prebake.core.errors import InvalidArgument, NotFound
 from prebake.server import compat, convert, nearest
 from prebake.server.auth.request_rules import ENQUEUE_REFUSED, may_enqueue, require_replace_allowed
 from prebake.server.key_normalization import DEFAULT_TOOLCHAINS, diff_keys, normalize_key
+from prebake.server.rate_limits import RateLimit, caller
 from prebake.server.records import Artifact, Digest, ErrorClass, Job, JobState, NormalizedKey
 from prebake.server.services.blob_checks import (
     checked_signature,
@@ -42,6 +43,8 @@ def check_artifact_id(artifact_id: str) -> str:
 class RegistryService(registry_pb2_grpc.RegistryServicer):
     def __init__(self, state: ServerState) -> None:
         self.s = state
+        c = state.config
+        self.job_creations = RateLimit("compile jobs created", c.job_create_burst, c.job_create_per_minute)
 
     async def normalize(self, msg: Any) -> tuple[NormalizedKey, str]:
         """The key, and where its toolchain came from (see LookupResponse.toolchain_source)."""
@@ -214,10 +217,15 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
             response.status = registry_pb2.LOOKUP_STATUS_MISS
             response.error = ENQUEUE_REFUSED
             return response
+        # A miss that would enqueue needs a job creation left in the caller's bucket, and
+        # spends it if it created the job (a join costs nothing).
+        who = caller(context)
+        self.job_creations.check(who)
         job, created = await s.lifecycle.create_or_join(key, model_source, s.config.job_max_attempts)
         if not created:  # created concurrently by another lookup since `active` above
             self._refuse_other_source(job, model_source, named)
         if created:
+            self.job_creations.spend(who)
             s.hub.notify([job.job_id])
             s.work.fire()
         response.status = registry_pb2.LOOKUP_STATUS_MISS if created else registry_pb2.LOOKUP_STATUS_COMPILING

@@ -10,6 +10,7 @@ import grpc
 from prebake.core import names
 from prebake.core.errors import InvalidArgument, NotFound
 from prebake.server import convert
+from prebake.server.key_normalization import MAX_TOOLCHAIN
 from prebake.server.records import ErrorClass, Job, JobState, WorkerCapability
 from prebake.server.services.blob_checks import (
     checked_signature,
@@ -24,6 +25,10 @@ from prebake.v1 import jobs_pb2, workers_pb2, workers_pb2_grpc
 
 MAX_WAIT = 60.0
 MAX_CAPABILITIES = 16
+# A capability's compile targets are stored with the worker's record (its toolchain is
+# capped as a key's is).
+MAX_COMPILE_TARGETS = 32
+MAX_COMPILE_TARGET = 64
 MAX_WORKER_ID = 256
 MAX_MESSAGE = 1024
 MAX_ERROR = 16_384
@@ -55,6 +60,17 @@ def capabilities(request: workers_pb2.LeaseJobRequest) -> list[WorkerCapability]
             raise InvalidArgument(f"capabilities[{i}] has no kind; use neuron, awq or inductor")
         if not cap.toolchain:
             raise InvalidArgument(f"capabilities[{i}] ({kind}) has no toolchain; jobs are matched on it")
+        if len(cap.toolchain) > MAX_TOOLCHAIN:
+            raise InvalidArgument(
+                f"capabilities[{i}] toolchain is {len(cap.toolchain)} characters; at most {MAX_TOOLCHAIN}"
+            )
+        if len(cap.compile_targets) > MAX_COMPILE_TARGETS or any(
+            len(t) > MAX_COMPILE_TARGET for t in cap.compile_targets
+        ):
+            raise InvalidArgument(
+                f"capabilities[{i}] lists at most {MAX_COMPILE_TARGETS} compile targets of at most "
+                f"{MAX_COMPILE_TARGET} characters each"
+            )
         result.append(WorkerCapability(kind, cap.toolchain, tuple(cap.compile_targets)))
     return result
 

@@ -107,9 +107,12 @@ class ArchivedArtifactIndex:
                 f"no space left to archive the manifest of artifact {artifact.artifact_id}: {exc}"
             ) from exc
         except (OSError, ObjectStoreError) as exc:
+            # The store's own errors name object keys; a plain OSError's text names a server
+            # path, which no client may see: its reason only (the log has the rest).
+            reason = str(exc) if isinstance(exc, ObjectStoreError) else exc.strerror or type(exc).__name__
             raise Unavailable(
                 f"could not archive the manifest of artifact {artifact.artifact_id} in the blob store "
-                f"({exc}); nothing was published, retry"
+                f"({reason}); nothing was published, retry"
             ) from exc
         try:
             await self.inner.put(artifact, expect_manifest=expect_manifest, complete=complete)
