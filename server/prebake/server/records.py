@@ -93,6 +93,10 @@ class Artifact:
     pinned: bool
     manifest_digest: str
     hit_count: int = 0
+    # Why the artifact cannot be served ("" = it can): one of its blobs was found missing or
+    # corrupt (see `prebake.server.integrity`). A lookup does not hit it; a publish of the key
+    # makes a new, available artifact.
+    unavailable: str = ""
 
 
 class JobState(enum.StrEnum):

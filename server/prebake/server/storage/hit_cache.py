@@ -3,7 +3,8 @@
 A hit is immutable apart from its pin, counters and (rarely) a replace or delete, so a replica
 may answer repeated hits from memory instead of a DynamoDB read each. Only present artifacts are
 cached: a miss always reads the engine, so an artifact published through any replica is a hit on
-every replica at once. What another replica changes (delete, replace, pin) is seen here within
+every replica at once. What another replica changes (delete, replace, pin, marking unavailable)
+is seen here within
 `ttl_seconds`; what this replica changes is seen at once (its own writes drop the entry). Hit
 counts and access times in a cached artifact may be up to `ttl_seconds` old.
 """
@@ -96,3 +97,10 @@ class CachedArtifactIndex:
 
     async def counts(self) -> RegistryCounts:
         return await self.inner.counts()
+
+    async def artifacts_using(self, digest: Digest, limit: int) -> list[str]:
+        return await self.inner.artifacts_using(digest, limit)
+
+    async def mark_unavailable(self, artifact_id: str, reason: str, *, expect_manifest: str) -> Artifact | None:
+        self._forget(artifact_id)
+        return await self.inner.mark_unavailable(artifact_id, reason, expect_manifest=expect_manifest)

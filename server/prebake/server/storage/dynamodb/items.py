@@ -196,6 +196,8 @@ def artifact_item(artifact: Artifact, files: bytes, ref_nonce: str) -> Item:
         "hit_count": n(artifact.hit_count),
         "files": b(files),
         "ref_nonce": s(ref_nonce),
+        # Not in the list indexes' projection (their schema is fixed): listings leave it "".
+        "unavailable": s(artifact.unavailable),
     }
 
 
@@ -213,6 +215,7 @@ def artifact_from_item(item: Item) -> Artifact:
         pinned=get_bool(item, "pinned"),
         manifest_digest=get_s(item, "manifest_digest"),
         hit_count=get_int(item, "hit_count"),
+        unavailable=get_s(item, "unavailable") if "unavailable" in item else "",
     )
 
 

@@ -122,6 +122,7 @@ def artifact_row(artifact: Artifact) -> Row:
         "last_accessed_at": artifact.last_accessed_at,
         "pinned": int(artifact.pinned),
         "hit_count": artifact.hit_count,
+        "unavailable": artifact.unavailable,
     }
 
 
@@ -138,6 +139,7 @@ def artifact_from_row(row: Mapping[str, Any], files: tuple[FileEntry, ...] = ())
         pinned=bool(row["pinned"]),
         manifest_digest=row["manifest_digest"],
         hit_count=row["hit_count"],
+        unavailable=row["unavailable"],
     )
 
 
