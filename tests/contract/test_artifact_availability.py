@@ -84,7 +84,9 @@ async def test_mark_unavailable_is_conditional_on_the_manifest(storage: Storage)
 async def test_a_put_stores_the_new_artifacts_availability(storage: Storage) -> None:
     artifact = make_artifact()
     await storage.artifacts.put(artifact, expect_manifest=None)
-    await storage.artifacts.mark_unavailable(artifact.artifact_id, "lost", expect_manifest=artifact.manifest_digest)
+    await storage.artifacts.mark_unavailable(
+        artifact.artifact_id, "lost", expect_manifest=artifact.manifest_digest
+    )
     # Republishing the very same files (the conditional replace of a repair) makes it available.
     fresh = make_artifact(at=START + 5)
     await storage.artifacts.put(fresh, expect_manifest=artifact.manifest_digest)
@@ -110,4 +112,6 @@ async def test_a_reason_is_required(storage: Storage) -> None:
     artifact = make_artifact()
     await storage.artifacts.put(artifact, expect_manifest=None)
     with pytest.raises(ValueError, match="reason"):
-        await storage.artifacts.mark_unavailable(artifact.artifact_id, "", expect_manifest=artifact.manifest_digest)
+        await storage.artifacts.mark_unavailable(
+            artifact.artifact_id, "", expect_manifest=artifact.manifest_digest
+        )

@@ -181,7 +181,9 @@ def test_a_database_from_a_newer_prebake_is_refused(db_path: Path) -> None:
     Database(db_path, START).close()
     with raw(db_path) as conn:
         conn.execute("INSERT INTO schema_migrations VALUES (999, 'from the future', 0)")
-    with pytest.raises(SchemaTooNew, match=rf"schema version 999.*knows versions up to {len(schema.MIGRATIONS)}") as info:
+    with pytest.raises(
+        SchemaTooNew, match=rf"schema version 999.*knows versions up to {len(schema.MIGRATIONS)}"
+    ) as info:
         open_sqlite(db_path)
     assert isinstance(info.value, FailedPrecondition)
     assert str(db_path) in str(info.value)

@@ -188,7 +188,9 @@ class ArchivedArtifactIndex:
     async def record_hits(self, hits: Mapping[str, tuple[int, float]]) -> None:
         await self.inner.record_hits(hits)
 
-    async def mark_unavailable(self, artifact_id: str, reason: str, *, expect_manifest: str) -> Artifact | None:
+    async def mark_unavailable(
+        self, artifact_id: str, reason: str, *, expect_manifest: str
+    ) -> Artifact | None:
         # Not archived: the archive restores what was published; a sweep after `reindex` finds
         # a lost blob again.
         return await self.inner.mark_unavailable(artifact_id, reason, expect_manifest=expect_manifest)

@@ -117,7 +117,9 @@ class ArtifactIndex(Protocol):
         """
         ...
 
-    async def mark_unavailable(self, artifact_id: str, reason: str, *, expect_manifest: str) -> Artifact | None:
+    async def mark_unavailable(
+        self, artifact_id: str, reason: str, *, expect_manifest: str
+    ) -> Artifact | None:
         """Record why the artifact cannot be served (`reason`, non-empty; `Artifact.unavailable`),
         only if it still has the manifest `expect_manifest`.
 

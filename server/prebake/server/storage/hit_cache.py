@@ -101,6 +101,8 @@ class CachedArtifactIndex:
     async def artifacts_using(self, digest: Digest, limit: int) -> list[str]:
         return await self.inner.artifacts_using(digest, limit)
 
-    async def mark_unavailable(self, artifact_id: str, reason: str, *, expect_manifest: str) -> Artifact | None:
+    async def mark_unavailable(
+        self, artifact_id: str, reason: str, *, expect_manifest: str
+    ) -> Artifact | None:
         self._forget(artifact_id)
         return await self.inner.mark_unavailable(artifact_id, reason, expect_manifest=expect_manifest)

@@ -342,7 +342,9 @@ class DynamoArtifactIndex:
 
         return await self._engine.run(f"tables {self._refs}, {self._table}", read)
 
-    async def mark_unavailable(self, artifact_id: str, reason: str, *, expect_manifest: str) -> Artifact | None:
+    async def mark_unavailable(
+        self, artifact_id: str, reason: str, *, expect_manifest: str
+    ) -> Artifact | None:
         if not reason:
             raise ValueError("an unavailable artifact needs a reason")
         params = {

@@ -194,13 +194,16 @@ class SqliteArtifactIndex:
             ).fetchall()
         return [row["artifact_id"] for row in found]
 
-    async def mark_unavailable(self, artifact_id: str, reason: str, *, expect_manifest: str) -> Artifact | None:
+    async def mark_unavailable(
+        self, artifact_id: str, reason: str, *, expect_manifest: str
+    ) -> Artifact | None:
         if not reason:
             raise ValueError("an unavailable artifact needs a reason")
 
         def write(c: sqlite3.Connection) -> Artifact | None:
             row = c.execute(
-                "UPDATE artifacts SET unavailable = ? WHERE artifact_id = ? AND manifest_digest = ? RETURNING *",
+                "UPDATE artifacts SET unavailable = ? "
+                "WHERE artifact_id = ? AND manifest_digest = ? RETURNING *",
                 (reason, artifact_id, expect_manifest),
             ).fetchone()
             return None if row is None else rows.artifact_from_row(row, _files(c, artifact_id))
