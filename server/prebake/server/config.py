@@ -78,6 +78,15 @@ class ServerConfig:
     # is installed here (0: none, compile on separate `prebake worker` hosts only).
     embedded_workers: int = 1
 
+    # --- integrity sweep (issue 9: integrity and self-repair) ---
+    # Every this many seconds the server re-hashes its stored blobs, least recently verified
+    # first, quarantines corrupt ones, marks artifacts naming a lost blob unavailable and
+    # re-enqueues their compiles (as `prebake verify` does); 0 turns the sweep off.
+    integrity_sweep_seconds: float = 24 * 3600.0
+    # Hashing rate of that sweep, in bytes per second (0: unlimited), so that it leaves the
+    # disk and CPU to reads.
+    integrity_sweep_bytes_per_second: int = 32 << 20
+
 
 _ENV_PREFIX = "PREBAKE_"
 DYNAMODB_SCHEME = "dynamodb://"
@@ -141,6 +150,10 @@ def load_server_config(
     parse_default_toolchains(config.default_toolchains, DEFAULT_TOOLCHAINS)
     parse_store(config.store)
     parse_registry(config.registry)
+    if config.integrity_sweep_seconds < 0 or config.integrity_sweep_bytes_per_second < 0:
+        raise ValueError(
+            "integrity_sweep_seconds and integrity_sweep_bytes_per_second must be >= 0 (0: off / unlimited)"
+        )
     return config
 
 

@@ -173,7 +173,9 @@ class JobLifecycle:
 
         Publishing the same file list again changes nothing and returns created=False.
         A different file list raises `AlreadyExists` unless `replace_existing`, which
-        swaps the files in (keeping the pin, resetting hits and times). The key's
+        swaps the files in (keeping the pin, resetting hits and times). An artifact marked
+        unavailable (`Artifact.unavailable`) is replaced by any publish, the same files too,
+        so a republish makes the key available again. The key's
         active job succeeds with the artifact in the same atomic write, also on an
         idempotent re-publish (so a job that raced an earlier publish does not stay in
         flight). The caller has checked that every blob is present. A repeated path
@@ -185,9 +187,11 @@ class JobLifecycle:
         manifest = manifest_digest(ordered)
         for _ in range(MAX_RACES):
             existing = await self.artifacts.get(key.digest)
-            if existing is not None and existing.manifest_digest == manifest:
+            if existing is not None and existing.manifest_digest == manifest and not existing.unavailable:
                 return existing, False, await self._complete_active(key.digest, existing.artifact_id)
-            if existing is not None and not replace_existing:
+            # An unavailable artifact (a blob lost) is replaced by any publish of its key: that
+            # is how a rebuild or a re-upload repairs it.
+            if existing is not None and not replace_existing and not existing.unavailable:
                 raise AlreadyExists(
                     f"artifact {key.digest} for this key already exists with a different file list "
                     f"(manifest {existing.manifest_digest}); pass replace to overwrite"
@@ -440,7 +444,8 @@ class JobLifecycle:
         zombie, gets `FailedPrecondition` and nothing is stored): the artifact is
         created and the job succeeds together. An artifact that an operator published
         for the key meanwhile is kept (`replace` is never implied) and the job succeeds
-        with it. The caller has checked that every blob is present.
+        with it, unless it is marked unavailable: the job is its rebuild and replaces it
+        (keeping its pin). The caller has checked that every blob is present.
         """
         if not files:
             raise InvalidArgument("an artifact needs at least one file")
@@ -454,14 +459,16 @@ class JobLifecycle:
             now = self._clock()
             existing = await self.artifacts.get(job.key.digest)
             try:
-                if existing is not None:
+                if existing is not None and not existing.unavailable:
                     done = await self.jobs.compare_and_set(
                         _succeeded(job, existing.artifact_id, now, producer.log), job.revision
                     )
                     return existing, [done]
-                artifact = new_artifact(job.key, ordered, producer, now, pinned=False)
+                pinned = existing is not None and existing.pinned
+                artifact = new_artifact(job.key, ordered, producer, now, pinned=pinned)
                 write = JobWrite(_succeeded(job, artifact.artifact_id, now, producer.log), job.revision)
-                await self.artifacts.put(artifact, expect_manifest=None, complete=write)
+                expect = None if existing is None else existing.manifest_digest
+                await self.artifacts.put(artifact, expect_manifest=expect, complete=write)
             except ConditionFailed:
                 continue
             return artifact, [write.stored()]

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
-from prebake.core.errors import InvalidArgument
-from prebake.server import convert
+from prebake.core.errors import DataLoss, InvalidArgument, NotFound, PrebakeError
+from prebake.server import convert, integrity
 from prebake.server.blobs import BlobWriter
+from prebake.server.records import Digest
 from prebake.server.state import ServerState
 from prebake.server.status import streaming, unary
 from prebake.v1 import blobs_pb2, blobs_pb2_grpc
@@ -20,6 +22,17 @@ MAX_FIND = 10_000
 MAX_WRITE_CHUNK = 4 << 20
 READ_CHUNK = 1 << 20
 Ctx = grpc.aio.ServicerContext[Any, Any]
+log = logging.getLogger("prebake.server.blobs")
+
+
+async def _lost(state: ServerState, digest: Digest, exc: NotFound | DataLoss) -> None:
+    """A Read found the blob missing or corrupt: mark what names it before answering, so that
+    the caller's next lookup no longer hits it (and follows the rebuild instead)."""
+    problem = integrity.Problem.MISSING if isinstance(exc, NotFound) else integrity.Problem.CORRUPT
+    try:
+        await integrity.blob_lost(state, digest, problem, str(exc))
+    except PrebakeError as repair_error:  # the Read's own error is the answer
+        log.warning("could not mark the artifacts of lost blob %s: %s", digest, repair_error)
 
 
 class BlobsService(blobs_pb2_grpc.BlobsServicer):
@@ -50,12 +63,19 @@ class BlobsService(blobs_pb2_grpc.BlobsServicer):
         s = self.s
         # read() checks the blob before returning (hashing it where the backend cannot vouch for
         # it), so a corrupt blob is never served; off the loop, since that may read the whole blob.
-        chunks = await s.run_blocking(s.blobs.read, digest, request.offset, request.limit, READ_CHUNK)
+        try:
+            chunks = await s.run_blocking(s.blobs.read, digest, request.offset, request.limit, READ_CHUNK)
+        except (NotFound, DataLoss) as exc:
+            await _lost(s, digest, exc)
+            raise
         try:
             # Disk reads go to the I/O pool: a cold read must not stall every other rpc.
             while (chunk := await s.run_blocking(next, chunks, None)) is not None:
                 s.counters.bytes_served += len(chunk)
                 yield blobs_pb2.ReadResponse(data=chunk)
+        except DataLoss as exc:  # the stored blob ended early: quarantined by the store
+            await _lost(s, digest, exc)
+            raise
         finally:
             chunks.close()
 

@@ -85,23 +85,27 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
                 ],
             )
             for a in await nearest.nearest(self.s.storage.artifacts, key, NEAREST)
+            if a.artifact_id != key.digest  # the key's own artifact, unavailable: no "near miss"
         ]
 
     async def _match(self, key: NormalizedKey, request: registry_pb2.LookupRequest) -> compat.Match | None:
         """The exact artifact, else the best one an allowed compatibility policy admits."""
         index = self.s.storage.artifacts
         found = await index.get(key.digest)
-        if found is not None:
+        # An artifact one of whose blobs is lost never hits (see prebake.server.integrity).
+        if found is not None and not found.unavailable:
             return compat.Match(found, "exact", compat.exact_reason(key))
         allowed = [POLICIES[p] for p in request.allow if p in POLICIES]
         if not compat.applies(key, allowed):
             return None
         candidates = await nearest.compatible_candidates(index, key, compat.candidate_targets(key, allowed))
-        match = compat.choose(key, candidates, allowed)
+        match = compat.choose(key, [c for c in candidates if not c.unavailable], allowed)
         if match is None:
             return None
         with_files = await index.get(match.artifact.artifact_id)
-        return None if with_files is None else compat.Match(with_files, match.policy, match.reason)
+        if with_files is None or with_files.unavailable:
+            return None
+        return compat.Match(with_files, match.policy, match.reason)
 
     def _manifest(self, found: Artifact, direct_download: bool) -> registry_pb2.Artifact:
         """The artifact as sent, with presigned download URLs when asked for and possible."""
