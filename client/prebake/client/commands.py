@@ -34,9 +34,9 @@ from prebake.client.hostcache import HostCache
 from prebake.client.matrix import MatrixError, load_matrix
 from prebake.client.prewarm import OK_OUTCOMES, PrewarmRow, summarize
 from prebake.client.prewarm import prewarm as prewarm_keys
-from prebake.client.progress import JobProgress, PrewarmDisplay, TransferProgress, human_bytes
+from prebake.client.progress import JobProgress, PrewarmDisplay, TransferProgress, VerifyProgress, human_bytes
 from prebake.core.command_plugins import CommandFailed
-from prebake.v1 import jobs_pb2, registry_pb2
+from prebake.v1 import admin_pb2, jobs_pb2, registry_pb2
 
 _LOOKUP_EXIT = {
     registry_pb2.LOOKUP_STATUS_HIT: exitcodes.OK,
@@ -427,6 +427,57 @@ def stats(args: argparse.Namespace, client: Client) -> int:
     result = client.get_stats()
     _emit(args, render.stats_text(result), render.stats_json(result))
     return exitcodes.OK
+
+
+_PROBLEMS = {admin_pb2.BLOB_PROBLEM_MISSING: "missing", admin_pb2.BLOB_PROBLEM_CORRUPT: "corrupt"}
+
+
+def verify(args: argparse.Namespace, client: Client) -> int:
+    if args.limit < 0:
+        raise UsageError("--limit must not be negative (0: every blob)")
+    display = None if args.quiet else VerifyProgress()
+    damaged: list[admin_pb2.DamagedBlob] = []
+    last = admin_pb2.VerifyBlobsProgress()
+    try:
+        for progress in client.verify_blobs(args.limit, args.rate, repair=not args.dry_run):
+            last = progress
+            damaged.extend(progress.damaged)
+            if display is not None:
+                display(progress.blobs_checked, progress.blobs_total, progress.bytes_hashed, len(damaged))
+    finally:
+        if display is not None:
+            display.close()
+    lines = []
+    for d in damaged:
+        line = f"{_PROBLEMS.get(d.problem, 'damaged')}  {d.digest.hash}/{d.digest.size_bytes}  {d.detail}"
+        if d.artifact_ids:
+            verb = "would be unavailable" if args.dry_run else "marked unavailable"
+            line += f"\n  artifacts {verb}: {', '.join(d.artifact_ids)}"
+        if d.job_ids:
+            line += f"\n  rebuilding in job(s): {', '.join(d.job_ids)}"
+        lines.append(line)
+    lines.append(
+        f"{last.blobs_checked} of {last.blobs_total} blobs checked, {human_bytes(last.bytes_hashed)} hashed, "
+        f"{len(damaged)} damaged" + (" (dry run: nothing changed)" if args.dry_run and damaged else "")
+    )
+    data = {
+        "blobs_total": last.blobs_total,
+        "blobs_checked": last.blobs_checked,
+        "bytes_hashed": last.bytes_hashed,
+        "repair": not args.dry_run,
+        "damaged": [
+            {
+                "digest": {"hash": d.digest.hash, "size_bytes": d.digest.size_bytes},
+                "problem": _PROBLEMS.get(d.problem, "damaged"),
+                "detail": d.detail,
+                "artifact_ids": list(d.artifact_ids),
+                "job_ids": list(d.job_ids),
+            }
+            for d in damaged
+        ],
+    }
+    _emit(args, "\n".join(lines), data)
+    return exitcodes.ERROR if damaged else exitcodes.OK
 
 
 _SUPPORT = {0: "-", 1: "yes", 2: "no"}
