@@ -136,13 +136,19 @@ async def _rebuild(state: ServerState, artifact: Artifact, reason: str) -> Job |
     return job
 
 
-async def blob_lost(state: ServerState, digest: Digest, problem: Problem, detail: str) -> Damage:
+async def blob_lost(
+    state: ServerState, digest: Digest, problem: Problem, detail: str, *, detected_at: float | None = None
+) -> Damage:
     """Mark every artifact naming `digest` unavailable and enqueue the rebuilds a job can do.
 
-    Called once the blob is known missing or corrupt (a corrupt one already quarantined).
-    Does nothing if the blob is stored again by now (re-uploaded meanwhile: nothing is lost).
-    Artifacts already marked are not marked again, but their rebuild is still ensured.
+    Called once the blob is known missing or corrupt (a corrupt one already quarantined), with
+    `detected_at` no later than the check that found it (default: now). Does nothing if the blob
+    is stored again by now (re-uploaded meanwhile: nothing is lost), and leaves alone artifacts
+    created at or after `detected_at`: they were published after their blobs were found present
+    (a rebuild that raced this repair). Artifacts already marked are not marked again, but their
+    rebuild is still ensured.
     """
+    since = time.time() if detected_at is None else detected_at
     index = state.storage.artifacts
     ids = await index.artifacts_using(digest, MAX_AFFECTED)
     if not ids or await state.run_blocking(state.blobs.contains, digest):
@@ -152,7 +158,7 @@ async def blob_lost(state: ServerState, digest: Digest, problem: Problem, detail
     jobs: list[str] = []
     for artifact_id in ids:
         found = await index.get(artifact_id)
-        if found is None:
+        if found is None or found.created_at >= since:
             continue
         if not found.unavailable:
             if (
@@ -187,12 +193,14 @@ async def referenced_blobs(state: ServerState) -> set[Digest]:
         token = page.next_token
 
 
-async def _damage_of(state: ServerState, result: ScrubResult, repair: bool) -> Damage | None:
+async def _damage_of(
+    state: ServerState, result: ScrubResult, repair: bool, checked_at: float
+) -> Damage | None:
     if result.outcome is ScrubOutcome.GOOD:
         return None
     problem = Problem.MISSING if result.outcome is ScrubOutcome.MISSING else Problem.CORRUPT
     if repair:
-        return await blob_lost(state, result.digest, problem, result.detail)
+        return await blob_lost(state, result.digest, problem, result.detail, detected_at=checked_at)
     # A dry run: who would be affected, nothing changed.
     ids = await state.storage.artifacts.artifacts_using(result.digest, MAX_AFFECTED)
     return Damage(result.digest, problem, result.detail, tuple(ids))
@@ -224,11 +232,12 @@ async def sweep(
         for digest in order:
             seen = await loop.run_in_executor(None, state.blobs.last_verified, digest)
             if seen is None or seen < started:  # else another replica just did it
+                checked_at = time.time()
                 result = await loop.run_in_executor(
                     None, functools.partial(state.blobs.scrub, digest, quarantine=repair, throttle=throttle)
                 )
                 progress.bytes_hashed += result.hashed_bytes
-                damage = await _damage_of(state, result, repair)
+                damage = await _damage_of(state, result, repair, checked_at)
                 if damage is not None:
                     progress.damaged.append(damage)
                     log.warning("integrity sweep: %s", damage.detail)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,12 +26,12 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 log = logging.getLogger("prebake.server.blobs")
 
 
-async def _lost(state: ServerState, digest: Digest, exc: NotFound | DataLoss) -> None:
+async def _lost(state: ServerState, digest: Digest, exc: NotFound | DataLoss, read_at: float) -> None:
     """A Read found the blob missing or corrupt: mark what names it before answering, so that
     the caller's next lookup no longer hits it (and follows the rebuild instead)."""
     problem = integrity.Problem.MISSING if isinstance(exc, NotFound) else integrity.Problem.CORRUPT
     try:
-        await integrity.blob_lost(state, digest, problem, str(exc))
+        await integrity.blob_lost(state, digest, problem, str(exc), detected_at=read_at)
     except PrebakeError as repair_error:  # the Read's own error is the answer
         log.warning("could not mark the artifacts of lost blob %s: %s", digest, repair_error)
 
@@ -63,10 +64,11 @@ class BlobsService(blobs_pb2_grpc.BlobsServicer):
         s = self.s
         # read() checks the blob before returning (hashing it where the backend cannot vouch for
         # it), so a corrupt blob is never served; off the loop, since that may read the whole blob.
+        read_at = time.time()
         try:
             chunks = await s.run_blocking(s.blobs.read, digest, request.offset, request.limit, READ_CHUNK)
         except (NotFound, DataLoss) as exc:
-            await _lost(s, digest, exc)
+            await _lost(s, digest, exc, read_at)
             raise
         try:
             # Disk reads go to the I/O pool: a cold read must not stall every other rpc.
@@ -74,7 +76,7 @@ class BlobsService(blobs_pb2_grpc.BlobsServicer):
                 s.counters.bytes_served += len(chunk)
                 yield blobs_pb2.ReadResponse(data=chunk)
         except DataLoss as exc:  # the stored blob ended early: quarantined by the store
-            await _lost(s, digest, exc)
+            await _lost(s, digest, exc, read_at)
             raise
         finally:
             chunks.close()
