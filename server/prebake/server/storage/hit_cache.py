@@ -118,5 +118,6 @@ class CachedArtifactIndex:
     async def mark_unavailable(
         self, artifact_id: str, reason: str, *, expect_manifest: str
     ) -> Artifact | None:
-        self._forget(artifact_id)
-        return await self.inner.mark_unavailable(artifact_id, reason, expect_manifest=expect_manifest)
+        return await self._write(
+            artifact_id, self.inner.mark_unavailable(artifact_id, reason, expect_manifest=expect_manifest)
+        )
