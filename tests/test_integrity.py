@@ -76,7 +76,8 @@ def delete(server: BackgroundServer, digest: Digest) -> None:
 def rebuild(client: Client, tmp_path: Path, wait: float = 0.0) -> workers_pb2.CompleteJobResponse:
     leased = lease(client, wait=wait)
     assert leased.HasField("job"), "the rebuild was enqueued"
-    return finish(client, tmp_path, leased)  # the same output as the first compile
+    done: workers_pb2.CompleteJobResponse = finish(client, tmp_path, leased)  # the first compile's output
+    return done
 
 
 def verify(prebake: PrebakeCli, address: str, *args: str) -> tuple[int, dict[str, Any]]:
