@@ -30,6 +30,11 @@ Contract common to every method:
   it was last found good (see `local_stamps`), an object store with its own checksums is trusted.
   A blob found corrupt is quarantined (reported missing from then on, so it can be uploaded again)
   and `DataLoss` is raised; its bytes are never served.
+* **Scrubbing** (`scrub`) re-hashes a blob in full whatever the backend vouches for (what read
+  stamps and checksums cannot see: bit rot, an object replaced behind the store's back), and
+  records when it was found good (`last_verified`, `scrub_order`), in the store, for every
+  process. Quarantined blobs stay under `quarantine/` for inspection until `remove_quarantined`
+  or `collect_quarantined` (garbage collection, after a grace) deletes them.
 * **Errors** are the domain exceptions of `prebake.core.errors` (the gRPC layer maps them to
   status codes); failures of the backing storage propagate as `OSError` and leave the store as
   described above.
