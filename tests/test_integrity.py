@@ -24,14 +24,17 @@ from prebake.server.app import BackgroundServer, background_server
 from prebake.server.blobs import ContentAddressedStore, LocalObjectStore
 from prebake.server.blobs.cas import blob_key
 from prebake.server.config import load_server_config
+from prebake.server.integrity import SweepStopped, Throttle
 from prebake.server.records import Digest
 from prebake.server.storage.dynamodb import create_tables
 from prebake.v1 import jobs_pb2, registry_pb2, workers_pb2
 from tests.aws_emulator import Emulator
+from tests.conftest import LLAMA3_8B_INF2, make_artifact_dir
 from tests.contract.blob_backends import _settle_local
 from tests.plugin_cli import PrebakeCli
 from tests.test_workers_protocol import INDUCTOR_KEY, finish, lease
 
+PUBLISHED_KEY = LLAMA3_8B_INF2
 HIT = registry_pb2.LOOKUP_STATUS_HIT
 COMPILING = registry_pb2.LOOKUP_STATUS_COMPILING
 
@@ -220,3 +223,28 @@ def test_sweep_settings_are_checked() -> None:
         load_server_config({"integrity_sweep_seconds": -1}, {})
     config = load_server_config({"integrity_sweep_seconds": 0, "integrity_sweep_bytes_per_second": 0}, {})
     assert config.integrity_sweep_seconds == 0
+
+
+def test_verify_limit_rate_and_bad_arguments(
+    server: BackgroundServer, client: Client, tmp_path: Path, prebake: PrebakeCli
+) -> None:
+    compiled(client, tmp_path)
+    client.publish(make_artifact_dir(tmp_path / "other", {"a.bin": 300, "b.bin": 400}), PUBLISHED_KEY)
+    code, report = verify(prebake, server.address, "--limit", "1", "--rate", "1M")
+    assert code == 0 and report["blobs_total"] == report["blobs_checked"] == 1
+    code, report = verify(prebake, server.address)
+    assert code == 0 and report["blobs_total"] == 3
+    with pytest.raises(errors.InvalidArgument, match="must not be negative"):
+        list(client.verify_blobs(bytes_per_second=-1))
+    assert prebake("--server", server.address, "verify", "--limit", "-1").code == 2
+
+
+def test_a_stopped_throttle_ends_the_hashing() -> None:
+    stop = threading.Event()
+    throttle = Throttle(0, stop)
+    throttle(1 << 20)  # unlimited: returns at once
+    stop.set()
+    with pytest.raises(SweepStopped):
+        throttle(1)
+    with pytest.raises(SweepStopped):
+        Throttle(1, stop)(1 << 30)  # a stop ends a long wait at once
