@@ -47,8 +47,9 @@ def main() -> int:
     warm: list[float] = []
     with tempfile.TemporaryDirectory(prefix="prebake-bench-") as tmp:
         work = Path(tmp)
+        # Under DATA_DIR/models: where the embedded default lets jobs read model sources.
         source = build_tiny_llama(
-            work / "model", hidden_size=args.hidden_size, num_layers=args.layers, seed=0
+            work / "data" / "models" / "model", hidden_size=args.hidden_size, num_layers=args.layers, seed=0
         )
         with served(work / "data", workers=1) as address, Client(address, timeout=60) as client:
             for i in range(args.rounds):

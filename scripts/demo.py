@@ -85,8 +85,13 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="prebake-demo-") as tmp:
         work = Path(tmp)
+        # Under DATA_DIR/models: the only place the embedded default lets a job read a
+        # model source from (see `prebake serve --model-source-root`).
         model_dir = build_tiny_llama(
-            work / "models" / "tiny-llama", hidden_size=args.hidden_size, num_layers=args.layers, seed=0
+            work / "data" / "models" / "tiny-llama",
+            hidden_size=args.hidden_size,
+            num_layers=args.layers,
+            seed=0,
         )
         size = sum(p.stat().st_size for p in model_dir.iterdir())
         print(f"built a tiny Llama (hidden {args.hidden_size}, {args.layers} layers, {size / 2**20:.1f} MiB)")

@@ -25,8 +25,17 @@ LLAMA3_8B_INF2 = ArtifactKey(
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[BackgroundServer]:
-    with background_server(tmp_path / "data") as srv:
+def model_source_roots(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """What lookups to the `server` fixture may name as model sources (its
+    `model_source_roots`): anything under this session's temporary directories, and the
+    made-up bucket `s3://bucket` some tests name with a revision. Override it in a module
+    for other buckets."""
+    return f"{tmp_path_factory.getbasetemp()},s3://bucket"
+
+
+@pytest.fixture
+def server(tmp_path: Path, model_source_roots: str) -> Iterator[BackgroundServer]:
+    with background_server(tmp_path / "data", model_source_roots=model_source_roots) as srv:
         yield srv
 
 

@@ -27,8 +27,10 @@ KEY = ArtifactKey(kind="awq", model="tiny/llama", instance_type="ml.g5.12xlarge"
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[BackgroundServer]:
-    with background_server(tmp_path / "data", lease_seconds=10.0) as srv:
+def server(tmp_path: Path, model_source_roots: str) -> Iterator[BackgroundServer]:
+    with background_server(
+        tmp_path / "data", lease_seconds=10.0, model_source_roots=model_source_roots
+    ) as srv:
         yield srv
 
 

@@ -302,3 +302,23 @@ def test_local_rejects_negative_limits(tmp_path: Path) -> None:
         _local(tmp_path, max_store_bytes=-1)
     with pytest.raises(ValueError):
         _local(tmp_path, part_size=0)
+
+
+def test_collect_uploads_counts_and_removes_stale_temp_files(tmp_path: Path) -> None:
+    store, root = _local(tmp_path)
+    stale = root / ".tmp" / ".interrupted-write.tmp"
+    stale.write_bytes(b"x" * 1234)
+    half_built = root / ".multipart" / ".half-built"
+    half_built.mkdir()
+    (half_built / "part-1").write_bytes(b"y" * 100)
+    fresh = root / ".tmp" / ".running-write.tmp"
+    fresh.write_bytes(b"z" * 10)
+    old = time.time() - 7200
+    for path in (stale, half_built):
+        os.utime(path, (old, old))
+
+    assert store.collect_uploads(3600, dry_run=True) == (2, 1334)
+    assert stale.exists() and half_built.exists()
+    assert store.collect_uploads(3600) == (2, 1334)
+    assert not stale.exists() and not half_built.exists()
+    assert fresh.exists()  # may belong to a write still running in another process

@@ -21,7 +21,7 @@ import pytest
 
 from prebake.client import ArtifactKey, Client
 from prebake.client.cli import main
-from prebake.client.fetch import temp_dir_for
+from prebake.client.fetch import new_temp_dir
 from prebake.client.hostcache import HostCache
 from prebake.client.matrix import MatrixError, PrewarmEntry, load_matrix, parse_matrix
 from prebake.client.prewarm import PrewarmProgress, PrewarmRow, prewarm, summarize
@@ -665,8 +665,7 @@ def test_a_resumed_fetch_never_appends_into_a_cache_file(client: Client, tmp_pat
     assert cached is not None
     # An earlier fetch with the cache was interrupted after linking model.neff.
     dest = tmp_path / "dest"
-    tmp = temp_dir_for(dest, artifact.artifact_id)
-    tmp.mkdir()
+    tmp = new_temp_dir(dest, artifact.artifact_id)
     os.link(cached, tmp / "model.neff")
     client.fetch(artifact, dest)  # now without the cache
     assert tree(dest) == tree(src)

@@ -101,7 +101,12 @@ def fleet(moto_serial: Emulator, tmp_path_factory: pytest.TempPathFactory) -> It
             check=False,
         )
         assert made.returncode == 0, made.stderr
-        env = {"PREBAKE_LEASE_SECONDS": str(LEASE_SECONDS), "PREBAKE_RETRY_BACKOFF_SECONDS": "0.2"}
+        env = {
+            "PREBAKE_LEASE_SECONDS": str(LEASE_SECONDS),
+            "PREBAKE_RETRY_BACKOFF_SECONDS": "0.2",
+            # The session's temporary directories hold the tiny model some tests compile.
+            "PREBAKE_MODEL_SOURCE_ROOTS": str(tmp_path_factory.getbasetemp()),
+        }
         args = ["--store", store, "--registry", registry]
         replicas = [ServerProcess(tmp, name, [*args, "--data-dir", str(tmp / name)], env) for name in "ABC"]
         try:

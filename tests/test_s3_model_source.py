@@ -85,6 +85,12 @@ def bucket(aws_threaded: Emulator) -> str:
 
 
 @pytest.fixture
+def model_source_roots(bucket: str) -> str:
+    """Lookups to the `server` fixture may name sources in this module's bucket."""
+    return f"s3://{bucket}"
+
+
+@pytest.fixture
 def url(bucket: str) -> str:
     return upload(bucket, "llama/", CHECKPOINT)
 
@@ -363,7 +369,10 @@ def test_a_worker_compiles_from_an_s3_source_and_downloads_the_revision_once(
 
     url = upload(bucket, "tiny-llama/", {p.name: p.read_bytes() for p in tiny_model.iterdir() if p.is_file()})
     revision = s3_revision_of(url)
-    with background_server(tmp_path / "data") as server, Client(server.address, timeout=30.0) as client:
+    with (
+        background_server(tmp_path / "data", model_source_roots=f"s3://{bucket}") as server,
+        Client(server.address, timeout=30.0) as client,
+    ):
         worker = WorkerProcess(server.address, tmp_path, "s3", "--max-jobs", "2")
         try:
             result = client.ensure(KEY, tmp_path / "dest", model_source=url, timeout=150.0)

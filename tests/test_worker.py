@@ -61,8 +61,13 @@ def model_dir(tiny_model: Path) -> Path:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[BackgroundServer]:
-    with background_server(tmp_path / "data", lease_seconds=LEASE_SECONDS, retry_backoff_seconds=0.2) as srv:
+def server(tmp_path: Path, model_source_roots: str) -> Iterator[BackgroundServer]:
+    with background_server(
+        tmp_path / "data",
+        lease_seconds=LEASE_SECONDS,
+        retry_backoff_seconds=0.2,
+        model_source_roots=model_source_roots,
+    ) as srv:
         yield srv
 
 
@@ -310,12 +315,9 @@ def test_serve_runs_an_embedded_worker_and_releases_its_job_on_shutdown(
     data_dir = tmp_path / "data"
     serve_log = tmp_path / "serve.log"
     with open(serve_log, "wb") as log:
-        serve = subprocess.Popen(
-            [*PREBAKE, "serve", "--listen", address, "--data-dir", str(data_dir), "--workers", "1"],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-        )
+        command = [*PREBAKE, "serve", "--listen", address, "--data-dir", str(data_dir), "--workers", "1"]
+        command += ["--model-source-root", str(model_dir.parent)]  # the embedded default reads only there
+        serve = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     try:
         wait_until(lambda: listening(address, serve), 30, "the server to listen")
         dest = tmp_path / "dest"

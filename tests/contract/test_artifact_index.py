@@ -398,3 +398,30 @@ async def test_compatible_candidates_differ_only_in_longer_sequence_and_allowed_
     both = await compatible_candidates(storage.artifacts, wanted, ["inf2", "trn1"])
     assert {a.artifact_id for a in both} == {longer.digest, longest.digest, other_target.digest}
     assert await compatible_candidates(storage.artifacts, wanted, []) == []
+
+
+async def test_least_recently_used_lists_unpinned_by_last_access(storage: Storage) -> None:
+    old, middle, new, pinned = (make_artifact(make_key(batch_size=b), at=START + b) for b in (1, 2, 3, 4))
+    for artifact in (new, pinned, old, middle):
+        await storage.artifacts.put(artifact, expect_manifest=None)
+    await storage.artifacts.set_pinned(pinned.artifact_id, True)
+    assert [a.artifact_id for a in await storage.artifacts.least_recently_used(10)] == [
+        old.artifact_id,
+        middle.artifact_id,
+        new.artifact_id,
+    ]
+    # A hit moves an artifact to the end; files are not read.
+    await storage.artifacts.record_hits({old.artifact_id: (1, START + 50)})
+    found = await storage.artifacts.least_recently_used(2)
+    assert [a.artifact_id for a in found] == [middle.artifact_id, new.artifact_id]
+    assert all(a.files == () and not a.pinned for a in found)
+    assert found[0].last_accessed_at == middle.last_accessed_at
+    # Equal access times: by id, so the order is deterministic on every engine.
+    tied = [make_artifact(make_key(batch_size=20 + i), at=START + 100) for i in range(3)]
+    for artifact in tied:
+        await storage.artifacts.put(artifact, expect_manifest=None)
+    await storage.artifacts.record_hits({a.artifact_id: (1, START + 200) for a in (old, middle, new)})
+    assert [a.artifact_id for a in await storage.artifacts.least_recently_used(3)] == sorted(
+        a.artifact_id for a in tied
+    )
+    assert await storage.artifacts.least_recently_used(0) == []

@@ -152,9 +152,9 @@ def test_quarantine_area_lists_removes_and_collects(backend: ObjectBackend) -> N
             store.remove_quarantined(wrong)
     assert store.remove_quarantined(listed[0].key)
     assert not store.remove_quarantined(listed[0].key)
-    # Collection takes only what is older than the grace.
-    assert store.collect_quarantined(older_than_seconds=3600) == []
-    assert store.collect_quarantined(older_than_seconds=0) == [listed[1]]
+    # Collection (garbage collection's hook) takes only what is older than the grace.
+    assert store.collect_quarantined(older_than_seconds=3600) == (0, 0)
+    assert store.collect_quarantined(older_than_seconds=0) == (1, listed[1].size)
     assert store.list_quarantined() == []
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing
 import random
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -31,10 +32,12 @@ from prebake.server.blobs import (
     BlobReader,
     BlobStore,
     BlobWriter,
+    Collected,
     ContentAddressedStore,
     StoreStats,
     UploadStatus,
 )
+from prebake.server.blobs.cas import QUARANTINE_PREFIX
 from prebake.server.records import Digest
 from tests.contract.blob_backends import CONTENT_BACKENDS, ObjectBackend
 
@@ -457,6 +460,8 @@ def test_concurrent_writers_of_one_blob_all_succeed(blob_store: ContentAddressed
     assert blob_store.stats() == (1, len(data))
     assert list(blob_store.iter_digests()) == [digest]
     assert no_uploads_left(blob_store)
+    # The losers' uploads and reservations no longer count against the quota.
+    assert blob_store.usage() == (len(data), 0, 0, 0)
 
 
 def _write_in_child(
@@ -698,7 +703,7 @@ def test_max_store_bytes(backend: ObjectBackend) -> None:
     store = backend.content_store(max_store_bytes=100)
     first = put(store, payload(60, seed=17), upload_id="a")
     too_big = digest_of(payload(50, seed=18))
-    with pytest.raises(QuotaExceeded, match="quota"):
+    with pytest.raises(QuotaExceeded, match="max_store_bytes"):
         store.open_write("b", too_big)
     assert not store.contains(too_big)
     assert store.upload_status("b", too_big) == (0, False)
@@ -712,21 +717,74 @@ def test_max_store_bytes(backend: ObjectBackend) -> None:
 
 def test_quota_is_rechecked_at_commit(backend: ObjectBackend) -> None:
     store = backend.content_store(max_store_bytes=100)
+    other = backend.content_store(max_store_bytes=100)  # another process on the same storage
     data_a, data_b = payload(60, seed=20), payload(60, seed=21)
     a = store.open_write("a", digest_of(data_a))
-    b = store.open_write("b", digest_of(data_b))  # both fit on their own
+    b = other.open_write("b", digest_of(data_b))  # each fits as far as its process knows
     a.append(data_a)
     b.append(data_b)
     a.commit()
+    other.rescan()
     with pytest.raises(QuotaExceeded):
         b.commit()
-    assert not store.contains(digest_of(data_b))
-    assert store.stats() == (1, 60)
+    assert not other.contains(digest_of(data_b))
+    assert other.stats() == (1, 60)
     # The upload is kept; once space is freed the same writer can publish it.
     assert b.committed_size == 60 and not b.complete
     store.delete(digest_of(data_a))
+    other.rescan()
     b.commit()
     assert get(store, digest_of(data_b)) == data_b
+
+
+def test_open_writers_reserve_the_rest_of_their_blob(backend: ObjectBackend) -> None:
+    store = backend.content_store(max_store_bytes=100)
+    data_a, data_b = payload(60, seed=20), payload(60, seed=21)
+    a = store.open_write("a", digest_of(data_a))
+    assert store.usage() == (0, 0, 60, 100)
+    with pytest.raises(QuotaExceeded, match="60 reserved by uploads in progress"):
+        store.open_write("b", digest_of(data_b))
+    a.append(data_a)
+    a.commit()
+    assert store.usage() == (60, 0, 0, 100)
+    assert store.usage().used_bytes == 60
+    # An ended writer reserves nothing any more.
+    c = store.open_write("c", digest_of(payload(40, seed=22)))
+    assert store.usage().reserved_bytes == 40
+    c.abort()
+    assert store.usage() == (60, 0, 0, 100)
+
+
+def test_unfinished_uploads_count_against_the_quota(backend: ObjectBackend) -> None:
+    probe = backend.content_store()
+    u = unit(probe)
+    data = payload(3 * u, seed=23)
+    digest = digest_of(data)
+    writer = probe.open_write("partial", digest)
+    writer.append(data[:u])
+    writer.close()
+    stored = kept(probe, digest, u)
+    assert stored == u and probe.usage() == (0, u, 0, 0)
+
+    # A restart counts what the object store keeps for unfinished uploads.
+    quota = 3 * u + u // 2
+    store = backend.content_store(max_store_bytes=quota)
+    assert store.usage() == (0, u, 0, quota)
+    other = digest_of(payload(3 * u, seed=24))
+    with pytest.raises(QuotaExceeded, match=f"{u} by unfinished uploads"):
+        store.open_write("other", other)
+    # Resuming needs only the rest; while it runs the rest is reserved.
+    writer = store.open_write("partial", digest)
+    assert writer.committed_size == u
+    assert store.usage() == (0, u, 2 * u, quota)
+    small = payload(u // 2 + 1, seed=25)
+    with pytest.raises(QuotaExceeded, match="the blob store is full"):
+        store.open_write("small", digest_of(small))
+    writer.append(data[u:])
+    writer.commit()
+    assert store.usage() == (3 * u, 0, 0, quota)
+    put(store, small[:-1], upload_id="small")
+    assert store.usage().used_bytes == quota
 
 
 # -- stale uploads -------------------------------------------------------------------
@@ -756,3 +814,54 @@ def test_sweep_uploads(blob_store: ContentAddressedStore) -> None:
     assert blob_store.sweep_uploads(0) == 0
     assert get(blob_store, digest) == data
     assert no_uploads_left(blob_store)
+
+
+def test_collect_uploads_frees_what_stale_uploads_count(blob_store: ContentAddressedStore) -> None:
+    u = unit(blob_store)
+    data = payload(2 * u, seed=26)
+    digest = digest_of(data)
+    writer = blob_store.open_write("stale", digest)
+    writer.append(data[:u])
+    writer.close()
+    assert blob_store.usage().upload_bytes == u
+    assert blob_store.collect_uploads(3600) == Collected(0, 0)
+
+    # A dry run reports and changes nothing.
+    assert blob_store.collect_uploads(0, dry_run=True) == Collected(1, u)
+    assert blob_store.upload_status("stale", digest) == (u, False)
+    assert blob_store.usage().upload_bytes == u
+
+    assert blob_store.collect_uploads(0) == Collected(1, u)
+    assert blob_store.upload_status("stale", digest) == (0, False)
+    assert blob_store.usage().upload_bytes == 0
+    assert no_uploads_left(blob_store)
+    assert blob_store.collect_uploads(0) == Collected(0, 0)
+
+
+def test_collect_quarantined_removes_only_what_is_past_the_grace(blob_store: ContentAddressedStore) -> None:
+    kept_digest = put(blob_store, payload(10, seed=27))
+    now_ns = time.time_ns()
+    old = f"{QUARANTINE_PREFIX}{'a' * 32}-5.{now_ns - 7200 * 10**9}"
+    fresh = f"{QUARANTINE_PREFIX}{'b' * 32}-3.{now_ns}"
+    blob_store.objects.put(old, b"12345")
+    blob_store.objects.put(fresh, b"123")
+
+    assert blob_store.collect_quarantined(3600, dry_run=True) == Collected(1, 5)
+    assert blob_store.objects.head(old) is not None
+    assert blob_store.collect_quarantined(3600) == Collected(1, 5)
+    assert blob_store.objects.head(old) is None
+    assert blob_store.objects.head(fresh) is not None
+    assert blob_store.collect_quarantined(0) == Collected(1, 3)
+    # Stored blobs are never touched.
+    assert get(blob_store, kept_digest) == payload(10, seed=27)
+    assert blob_store.stats() == (1, 10)
+
+
+def test_list_blobs_names_every_blob_and_when_it_was_stored(blob_store: ContentAddressedStore) -> None:
+    assert list(blob_store.list_blobs()) == []
+    digests = {put(blob_store, payload(n, seed=n), upload_id=f"u{n}") for n in (0, 7, 300)}
+    found = list(blob_store.list_blobs())
+    assert {b.digest for b in found} == digests and len(found) == 3
+    # Seconds since the epoch, from the object store (S3: LastModified).
+    assert all(abs(b.stored_at - time.time()) < 3600 for b in found)
+    assert set(blob_store.iter_digests()) == digests

@@ -21,6 +21,7 @@ from typing import Protocol, TypeVar
 
 import grpc
 
+from prebake.client.credentials import Credentials
 from prebake.client.errors import from_rpc_error
 from prebake.v1 import (
     admin_pb2_grpc,
@@ -42,8 +43,53 @@ KEEPALIVE_MS = 30_000
 KEEPALIVE_TIMEOUT_MS = 10_000
 
 
-def create_channel(target: str) -> grpc.Channel:
-    """An insecure channel to `target` ("host:port") with prebake's message limits."""
+class _ClientCallDetails(grpc.ClientCallDetails):
+    def __init__(
+        self, details: grpc.ClientCallDetails, metadata: tuple[tuple[str, str | bytes], ...]
+    ) -> None:
+        self.method = details.method
+        self.timeout = details.timeout
+        self.metadata = metadata
+        self.credentials = details.credentials
+        self.wait_for_ready = getattr(details, "wait_for_ready", None)
+        self.compression = getattr(details, "compression", None)
+
+
+# The interceptor bases are generic only in the type stubs (not subscriptable at run time).
+class _MetadataInterceptor(
+    grpc.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
+    grpc.StreamUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.StreamStreamClientInterceptor,  # type: ignore[type-arg]
+):
+    """Adds fixed metadata (the bearer token) to every call of a channel."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._metadata = metadata
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        return _ClientCallDetails(details, (*(details.metadata or ()), *self._metadata))
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):  # type: ignore[no-untyped-def]
+        return continuation(self._details(client_call_details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):  # type: ignore[no-untyped-def]
+        return continuation(self._details(client_call_details), request_iterator)
+
+
+def create_channel(target: str, credentials: Credentials | None = None) -> grpc.Channel:
+    """A channel to `target` ("host:port") with prebake's message limits.
+
+    TLS when `credentials` carry a CA bundle or a client certificate (else plaintext);
+    their token, if any, goes with every call as `authorization: Bearer` metadata.
+    """
+    creds = credentials or Credentials()
     options = [
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -56,7 +102,14 @@ def create_channel(target: str) -> grpc.Channel:
         # replacement channel (see Connection) must really open a new connection.
         ("grpc.use_local_subchannel_pool", 1),
     ]
-    return grpc.insecure_channel(target, options=options)
+    if creds.secure:
+        tls = grpc.ssl_channel_credentials(creds.ca_bundle, creds.client_key, creds.client_cert)
+        channel = grpc.secure_channel(target, tls, options=options)
+    else:
+        channel = grpc.insecure_channel(target, options=options)
+    if creds.metadata:
+        return grpc.intercept_channel(channel, _MetadataInterceptor(creds.metadata))
+    return channel
 
 
 @dataclass(frozen=True)
@@ -72,8 +125,8 @@ class Stubs:
     catalog: catalog_pb2_grpc.CatalogStub
 
     @classmethod
-    def open(cls, target: str) -> Stubs:
-        channel = create_channel(target)
+    def open(cls, target: str, credentials: Credentials | None = None) -> Stubs:
+        channel = create_channel(target, credentials)
         return cls(
             channel=channel,
             registry=registry_pb2_grpc.RegistryStub(channel),
@@ -96,10 +149,11 @@ class Connection:
     still be finishing calls on it. Thread-safe.
     """
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, credentials: Credentials | None = None) -> None:
         self._target = target
+        self._credentials = credentials
         self._lock = threading.Lock()
-        self._stubs = Stubs.open(target)
+        self._stubs = Stubs.open(target, credentials)
         self._retired: list[grpc.Channel] = []
 
     @property
@@ -114,7 +168,7 @@ class Connection:
                 for old in self._retired[:-1]:
                     old.close()
                 self._retired = [*self._retired[-1:], stale.channel]
-                self._stubs = Stubs.open(self._target)
+                self._stubs = Stubs.open(self._target, self._credentials)
 
     def close(self) -> None:
         with self._lock:

@@ -85,6 +85,11 @@ PLUGIN_COMMANDS = {
         "the server extra",
         "pip install 'prebake[server]'",
     ),
+    "token": PluginCommand(
+        "add, revoke and list the tokens of a server's token file",
+        "the server extra",
+        "pip install 'prebake[server]'",
+    ),
 }
 
 
@@ -126,7 +131,27 @@ def _client_options(suppress: bool) -> argparse.ArgumentParser:
         default=argparse.SUPPRESS if suppress else DEFAULT_TIMEOUT,
         help=f"deadline of each request (default {DEFAULT_TIMEOUT:g})",
     )
+    _add_credentials(parent, suppress)
     return parent
+
+
+def _add_credentials(parent: argparse.ArgumentParser, suppress: bool) -> None:
+    """--token, --token-file, --ca-bundle, --client-cert, --client-key (env: see `credentials`)."""
+    group = parent.add_argument_group("authentication and TLS")
+    default = argparse.SUPPRESS if suppress else None
+    flags = [
+        ("--token", "TOKEN", "bearer token (env PREBAKE_TOKEN; prefer --token-file: a flag shows in ps)"),
+        ("--token-file", "FILE", "file holding the token (env PREBAKE_TOKEN_FILE)"),
+        (
+            "--ca-bundle",
+            "FILE",
+            "PEM CAs that sign the server's certificate: use TLS (env PREBAKE_CA_BUNDLE)",
+        ),
+        ("--client-cert", "FILE", "PEM client certificate for mutual TLS (env PREBAKE_CLIENT_CERT)"),
+        ("--client-key", "FILE", "PEM key of --client-cert (env PREBAKE_CLIENT_KEY)"),
+    ]
+    for flag, metavar, text in flags:
+        group.add_argument(flag, metavar=metavar, default=default, help=text)
 
 
 def _add_key_options(parser: argparse.ArgumentParser, required: bool, lookup: bool = True) -> None:
@@ -508,6 +533,9 @@ def _add_publish(sub: _Commands) -> None:
     _add_key_options(p, required=True, lookup=False)
     p.add_argument("--note", default="", help="free text recorded as the producer's note")
     p.add_argument("--replace", action="store_true", help="replace an existing artifact with other files")
+    p.add_argument(
+        "--force", action="store_true", help="with --replace: replace even a pinned artifact (admin)"
+    )
     _add_quiet(p)
     _add_json(p)
 
@@ -695,6 +723,26 @@ def _add_stats(sub: _Commands) -> None:
     _add_json(p)
 
 
+def _add_gc(sub: _Commands) -> None:
+    p = sub.add_command(
+        "gc",
+        commands.gc,
+        summary="collect garbage on the server now (or --dry-run: show what would go)",
+        description="Remove unfinished uploads and temporary files left stale, blobs no artifact uses once\n"
+        "their grace has passed (time for an uploader to publish), and quarantined blobs past\n"
+        "theirs; with a quota (max_store_bytes), evict unpinned artifacts least recently used\n"
+        "first while the store is above its high-water mark. Pinned artifacts, and artifacts\n"
+        "being downloaded or used lately, are never evicted. The server also does this every\n"
+        "gc_interval_seconds. Needs the admin role where authentication is on.",
+        examples="""
+        prebake gc --dry-run
+        prebake gc --json
+        """,
+    )
+    p.add_argument("--dry-run", action="store_true", help="remove nothing; report what would be removed")
+    _add_json(p)
+
+
 def _add_verify(sub: _Commands) -> None:
     p = sub.add_command(
         "verify",
@@ -742,6 +790,7 @@ CLIENT_COMMANDS: dict[str, Callable[[_Commands], None]] = {
     "catalog": _add_catalog,
     "workers": _add_workers,
     "stats": _add_stats,
+    "gc": _add_gc,
     "verify": _add_verify,
 }
 

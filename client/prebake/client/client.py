@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import getpass
+import os
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -33,6 +34,7 @@ from prebake.client.channel import (
     stalled,
     status_of,
 )
+from prebake.client.credentials import Credentials
 from prebake.client.errors import (
     CompileFailed,
     DataLoss,
@@ -158,6 +160,15 @@ def _with_source_revision(key: key_pb2.ArtifactKey, model_source: str) -> key_pb
     return resolved
 
 
+def _absolute_source(model_source: str) -> str:
+    """A local model source as an absolute path (the server refuses relative ones: they
+    would be relative to its working directory, not the caller's); URLs unchanged."""
+    if not model_source.strip() or "://" in model_source:
+        return model_source
+    # Joined, not normalised: the server judges the path as written (a `..` is refused there).
+    return os.path.join(os.getcwd(), os.path.expanduser(model_source))
+
+
 def _key_proto(key: KeyLike) -> key_pb2.ArtifactKey:
     return key.to_proto() if isinstance(key, ArtifactKey) else key
 
@@ -185,6 +196,11 @@ class Client:
     retries after an UNAVAILABLE answer. Streams carry no deadline; a stream that
     delivers nothing for `idle_timeout` seconds is cancelled and resumed from where it
     was (downloads), or re-opened (job watches, which re-deliver the current state).
+
+    `token` is sent with every rpc (`authorization: Bearer`); `ca_bundle` (PEM file: the
+    CAs that sign the server's certificate) or `client_cert` with `client_key` (PEM files,
+    for mutual TLS) make the channel TLS. `credentials` passes all of them already read
+    (`Credentials.load`), instead. A file that cannot be read raises InvalidArgument.
     """
 
     def __init__(
@@ -196,8 +212,15 @@ class Client:
         idle_timeout: float = 30.0,
         watch_idle_timeout: float = 60.0,
         direct_download: bool = True,
+        token: str | None = None,
+        ca_bundle: str | Path | None = None,
+        client_cert: str | Path | None = None,
+        client_key: str | Path | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
         self.target = target
+        # What the server is shown (see `prebake.client.credentials`): read once, here.
+        self.credentials = credentials or Credentials.load(token, ca_bundle, client_cert, client_key)
         # Ask for presigned URLs in manifests, so big files come straight from S3 (verified
         # as ever, with the server as the fallback). Off: every byte through the server.
         self.direct_download = direct_download
@@ -205,7 +228,7 @@ class Client:
         self.policy = RetryPolicy(retries=retries)
         self.idle_timeout = idle_timeout
         self.watch_idle_timeout = watch_idle_timeout
-        self._conn = Connection(target)
+        self._conn = Connection(target, self.credentials)
         self._transfer = TransferSettings(
             policy=self.policy, unary_timeout=timeout, idle_seconds=idle_timeout, target=target
         )
@@ -265,7 +288,7 @@ class Client:
             key=key,
             on_miss=modes[on_miss],
             force=force,
-            model_source=model_source,
+            model_source=_absolute_source(model_source),
             allow=[POLICIES[name] for name in allow],
             direct_download=self.direct_download,
         )
@@ -284,14 +307,17 @@ class Client:
         files: Sequence[registry_pb2.ArtifactFile],
         producer: registry_pb2.Producer | None = None,
         replace: bool = False,
+        force: bool = False,
     ) -> registry_pb2.PublishArtifactResponse:
         """Publish a manifest whose blobs are all uploaded already (see `publish`).
 
-        Raises FailedPrecondition when a blob is missing, AlreadyExists when another file
-        list exists for the key and `replace` is not set.
+        Raises FailedPrecondition when a blob is missing or, with `replace` but not
+        `force`, when the existing artifact is pinned; AlreadyExists when another file
+        list exists for the key and `replace` is not set; PermissionDenied for `replace`
+        without the admin role (on a server with authentication).
         """
         request = registry_pb2.PublishArtifactRequest(
-            key=_key_proto(key), files=files, producer=producer, replace=replace
+            key=_key_proto(key), files=files, producer=producer, replace=replace, force=force
         )
         return self._call(lambda t: self._conn.stubs.registry.PublishArtifact(request, timeout=t))
 
@@ -625,6 +651,15 @@ class Client:
         """Counters and sizes: artifacts, blobs, hit rate, queue depth."""
         return self._call(lambda t: self._conn.stubs.admin.GetStats(admin_pb2.GetStatsRequest(), timeout=t))
 
+    def collect_garbage(self, dry_run: bool = False) -> admin_pb2.CollectGarbageResponse:
+        """Collect garbage on the server now (stale uploads, expired unreferenced and quarantined
+        blobs, eviction above the high-water mark); with `dry_run`, only report what would go.
+
+        Retried on UNAVAILABLE: a collection is idempotent (a retry removes what is left).
+        """
+        request = admin_pb2.CollectGarbageRequest(dry_run=dry_run)
+        return self._call(lambda t: self._conn.stubs.admin.CollectGarbage(request, timeout=t))
+
     def verify_blobs(
         self, limit: int = 0, bytes_per_second: int = 0, repair: bool = True, timeout: float | None = None
     ) -> Iterator[admin_pb2.VerifyBlobsProgress]:
@@ -702,8 +737,12 @@ class Client:
         producer_note: str = "",
         replace: bool = False,
         progress: Progress | None = None,
+        *,
+        force: bool = False,
     ) -> registry_pb2.PublishArtifactResponse:
         """Publish the regular files under `directory` as the artifact for `key`.
+
+        `replace` and `force` as for `publish_artifact`.
 
         Hashes every file, uploads only the blobs the server lacks, then publishes;
         nothing is published before every blob is uploaded. If a blob vanishes between
@@ -715,11 +754,11 @@ class Client:
         manifest = [f.to_proto() for f in files]
         self._upload_missing(files, progress)
         try:
-            return self.publish_artifact(key, manifest, producer, replace)
+            return self.publish_artifact(key, manifest, producer, replace, force)
         except (FailedPrecondition, DataLoss):
             # A blob was deleted or quarantined since it was uploaded: upload it again.
             self._upload_missing(files, progress)
-            return self.publish_artifact(key, manifest, producer, replace)
+            return self.publish_artifact(key, manifest, producer, replace, force)
 
     def upload_directory(
         self, directory: Path | str, progress: Progress | None = None

@@ -20,6 +20,7 @@ from google.protobuf.json_format import MessageToDict
 from prebake.client import exitcodes, importing, render
 from prebake.client.artifact_key import ArtifactKey
 from prebake.client.client import Client
+from prebake.client.credentials import from_settings
 from prebake.client.errors import (
     AlreadyExists,
     CompileFailed,
@@ -34,7 +35,14 @@ from prebake.client.hostcache import HostCache
 from prebake.client.matrix import MatrixError, load_matrix
 from prebake.client.prewarm import OK_OUTCOMES, PrewarmRow, summarize
 from prebake.client.prewarm import prewarm as prewarm_keys
-from prebake.client.progress import JobProgress, PrewarmDisplay, TransferProgress, VerifyProgress, human_bytes
+from prebake.client.progress import (
+    JobProgress,
+    PrewarmDisplay,
+    TransferProgress,
+    VerifyProgress,
+    human_bytes,
+    is_interactive,
+)
 from prebake.core.command_plugins import CommandFailed
 from prebake.v1 import admin_pb2, jobs_pb2, registry_pb2
 
@@ -60,7 +68,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         if not args.needs_client:
             return int(args.handler(args))
-        with Client(args.server, timeout=args.timeout) as client:
+        credentials = from_settings(
+            os.environ,
+            token=args.token,
+            token_file=args.token_file,
+            ca_bundle=args.ca_bundle,
+            client_cert=args.client_cert,
+            client_key=args.client_key,
+        )
+        with Client(args.server, timeout=args.timeout, credentials=credentials) as client:
             return int(args.handler(args, client))
     except Unavailable as exc:
         target = exc.target or args.server
@@ -316,7 +332,12 @@ def publish(args: argparse.Namespace, client: Client) -> int:
     try:
         with _transfer_display(args, "upload") as display:
             response = client.publish(
-                Path(args.directory), key, producer_note=args.note, replace=args.replace, progress=display
+                Path(args.directory),
+                key,
+                producer_note=args.note,
+                replace=args.replace,
+                progress=display,
+                force=args.force,
             )
     except AlreadyExists as exc:
         _error(f"{exc}\n  pass --replace to replace it")
@@ -426,6 +447,15 @@ def workers(args: argparse.Namespace, client: Client) -> int:
 def stats(args: argparse.Namespace, client: Client) -> int:
     result = client.get_stats()
     _emit(args, render.stats_text(result), render.stats_json(result))
+    return exitcodes.OK
+
+
+def gc(args: argparse.Namespace, client: Client) -> int:
+    if not args.json and is_interactive(sys.stderr):
+        what = "finding" if args.dry_run else "collecting"
+        print(f"{what} garbage on {client.target} ...", file=sys.stderr, flush=True)
+    report = client.collect_garbage(dry_run=args.dry_run)
+    _emit(args, render.gc_text(report), render.gc_json(report))
     return exitcodes.OK
 
 

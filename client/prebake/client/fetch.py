@@ -1,8 +1,12 @@
 """Placing an artifact's files in a destination directory: verified, resumable, atomic.
 
-Files are downloaded into a temporary directory beside `dest` whose name depends only on
-`dest` and the artifact, so an interrupted fetch (crash, Ctrl-C, lost connection) resumes
-where it stopped. Only when every file is verified is the directory renamed into place,
+Files are downloaded into a temporary directory beside `dest`, named after `dest` and the
+artifact plus a random part, created atomically (`tempfile.mkdtemp`: mode 0o700, never
+through an existing name). An interrupted fetch (crash, Ctrl-C, lost connection) resumes
+where it stopped in the directory an earlier fetch left, which is taken only if it is a
+real directory (not a symbolic link), owned by this user and writable by no one else:
+a link or a directory planted where a temporary directory will be is never followed,
+written into or removed. Only when every file is verified is the directory renamed into place,
 with a `.prebake.json` marker naming the artifact; a later fetch of the same artifact to
 the same place sees the marker and does nothing. `dest` is therefore either absent, the
 previous content, or the complete new artifact: never a mixture.
@@ -12,15 +16,19 @@ is placed from it (hard-linked or copied, and verified) instead of being downloa
 
 Concurrent fetches of one artifact to one `dest` on a host serialise on a lock on the
 temporary directory (where the platform has `fcntl`); the second finds the work done.
+Choosing that directory is serialised by a brief lock on `dest`'s parent, given up after
+CLAIM_LOCK_SECONDS (someone else holding it only costs a second download, never safety).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
 import stat
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -44,6 +52,11 @@ except ImportError:  # pragma: no cover - Windows: fetches of one dest are not s
 
 MARKER = ".prebake.json"
 MARKER_FORMAT = 1
+TEMP_PREFIX = ".prebake-tmp-"
+# How long choosing a temporary directory waits for the lock on dest's parent.
+CLAIM_LOCK_SECONDS = 5.0
+# Of dest's name, this much goes into the temporary directory's (names have 255 bytes).
+_NAME_CHARS = 96
 
 # Downloads one file of a manifest (its digest, and its presigned `download_url` if any).
 Downloader = Callable[[registry_pb2.ArtifactFile, Path, Progress | None], DownloadResult]
@@ -69,9 +82,38 @@ class FetchResult:
     bytes_direct: int = 0
 
 
-def temp_dir_for(dest: Path, artifact_id: str) -> Path:
-    """Stable per (dest, artifact), so a rerun finds and resumes the partial download."""
-    return dest.parent / f".prebake-tmp-{dest.name}-{artifact_id[:16]}"
+def temp_dir_prefix(dest: Path, artifact_id: str) -> str:
+    """The name every temporary directory of fetches of `artifact_id` to `dest` starts with."""
+    return f"{TEMP_PREFIX}{dest.name[:_NAME_CHARS]}-{artifact_id[:16]}-"
+
+
+def temp_dirs_for(dest: Path, artifact_id: str) -> list[Path]:
+    """The temporary directories of earlier fetches of `artifact_id` to `dest` that a fetch
+    may resume (see `is_own_dir`), by name."""
+    prefix = temp_dir_prefix(dest, artifact_id)
+    try:
+        names = os.listdir(dest.parent)
+    except OSError:
+        return []
+    return sorted(dest.parent / n for n in names if n.startswith(prefix) and is_own_dir(dest.parent / n))
+
+
+def new_temp_dir(dest: Path, artifact_id: str) -> Path:
+    """A fresh temporary directory for a fetch of `artifact_id` to `dest`: an unpredictable
+    name beside `dest`, created atomically with mode 0o700 (never an existing entry)."""
+    return Path(tempfile.mkdtemp(prefix=temp_dir_prefix(dest, artifact_id), dir=dest.parent))
+
+
+def is_own_dir(path: Path) -> bool:
+    """Whether `path` itself (not what a link points to) is a directory owned by this user
+    that no one else may write to: one that no other user can have planted or filled."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    owner = getattr(os, "geteuid", None)
+    owned = owner is None or st.st_uid == owner()
+    return stat.S_ISDIR(st.st_mode) and owned and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
 
 def marker_for(artifact: registry_pb2.Artifact) -> dict[str, Any]:
@@ -183,8 +225,7 @@ def fetch_artifact(
         return result(0, 0, present=True)
     _refuse_unless_free(dest, artifact.artifact_id, overwrite)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir_for(dest, artifact.artifact_id)
-    with _exclusive_dir(tmp):
+    with _claimed_temp_dir(dest, artifact.artifact_id) as tmp:
         if holds_artifact(dest, marker):
             # Another fetch placed it while we waited for the lock.
             shutil.rmtree(tmp, ignore_errors=True)
@@ -317,6 +358,8 @@ def _fsync_tree(tmp: Path, files: list[str]) -> None:
 
 def _place(tmp: Path, dest: Path, marker: dict[str, Any], overwrite: bool, artifact_id: str) -> bool:
     """Rename the verified `tmp` into `dest`; returns True if `dest` already held it."""
+    # Made 0o700 (see new_temp_dir); placed with the mode a directory made here would get.
+    os.chmod(tmp, 0o777 & ~_umask())
     if not os.path.lexists(dest) or _is_empty_dir(dest):
         try:
             os.rename(tmp, dest)
@@ -341,6 +384,13 @@ def _place(tmp: Path, dest: Path, marker: dict[str, Any], overwrite: bool, artif
     return False
 
 
+@functools.cache
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it: set it, and put it back at once
+    os.umask(mask)
+    return mask
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
@@ -348,24 +398,33 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+_OPEN_DIR = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+
+
 @contextlib.contextmanager
-def _exclusive_dir(tmp: Path) -> Iterator[None]:
-    """Create `tmp` if needed and hold an exclusive lock on it for the block."""
-    if fcntl is None:  # pragma: no cover
-        tmp.mkdir(exist_ok=True)
-        yield
-        return
+def _claimed_temp_dir(dest: Path, artifact_id: str) -> Iterator[Path]:
+    """The temporary directory of this fetch, exclusively locked for the block.
+
+    An earlier fetch's directory (`temp_dirs_for`) is resumed, else a new one is made
+    (`new_temp_dir`); the choice is made under the lock on dest's parent, so concurrent
+    fetches choose the same one and then wait for each other on its lock. It is opened
+    without following a link, and used only if, once locked, the name still holds that
+    very directory (the holder before us may have renamed it into place).
+    """
     for _ in range(1000):
+        with _parent_locked(dest.parent):
+            found = temp_dirs_for(dest, artifact_id)
+            tmp = found[0] if found else new_temp_dir(dest, artifact_id)
+            try:
+                fd = os.open(tmp, _OPEN_DIR | getattr(os, "O_NOFOLLOW", 0))
+            except OSError:
+                continue  # gone (or replaced) since it was listed
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
         try:
-            tmp.mkdir(exist_ok=True)
-            fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        except (FileNotFoundError, FileExistsError):
-            continue  # the previous holder renamed it into place between our two calls
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            current = os.stat(tmp)
+            current = os.lstat(tmp)
             held = os.fstat(fd)
-            same = (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino)
+            same = (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino) and is_own_dir(tmp)
         except FileNotFoundError:
             same = False
         if same:
@@ -373,8 +432,30 @@ def _exclusive_dir(tmp: Path) -> Iterator[None]:
         # The holder renamed or removed the directory while we waited: start over.
         os.close(fd)
     else:
-        raise FileExistsError(f"cannot create and lock the temporary directory {tmp}")
+        raise FileExistsError(f"cannot create and lock a temporary directory beside {dest}")
     try:
+        yield tmp
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _parent_locked(parent: Path) -> Iterator[None]:
+    """A lock on `parent` for at most CLAIM_LOCK_SECONDS of waiting, then without it."""
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    fd = os.open(parent, _OPEN_DIR)
+    try:
+        deadline = time.monotonic() + CLAIM_LOCK_SECONDS
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    break  # held for long (by someone else?): choose without it
+                time.sleep(0.005)
         yield
     finally:
         os.close(fd)

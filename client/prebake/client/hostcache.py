@@ -162,6 +162,9 @@ class HostCache:
         if self.path_for(digest) is not None:
             return PutResult(final, 0, 0, already_present=True)
         self._tmp.mkdir(parents=True, exist_ok=True)
+        if self._tmp.is_symlink():
+            # Lock and partial files are created in it: never somewhere a link points.
+            raise FileExistsError(f"{self._tmp} is a symbolic link, not the cache's own directory; remove it")
         final.parent.mkdir(parents=True, exist_ok=True)
         name = f"{digest.hash}-{digest.size_bytes}"
         with _locked(self._tmp / f"{name}.lock") as exclusive:
@@ -170,6 +173,8 @@ class HostCache:
             # Under the lock the partial file is ours to resume; without locking it is
             # private to this call, so concurrent puts never append to one file.
             partial = self._tmp / (f"{name}.partial" if exclusive else f"{name}.{uuid.uuid4().hex}.partial")
+            if os.path.lexists(partial) and not _is_regular_file(partial):
+                partial.unlink()  # a link (or anything else) planted there is not followed
             if partial.exists():
                 # A crash between chmod and rename below leaves a read-only partial.
                 partial.chmod(0o644)
@@ -249,6 +254,14 @@ class HostCache:
         return CacheStats(self.root, blobs, size, partial_files, partial_bytes)
 
 
+def _is_regular_file(path: Path) -> bool:
+    """Whether `path` itself (not a link's target) is a regular file."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def _files(root: Path) -> Iterator[Path]:
     for directory, _dirs, names in os.walk(root):
         for name in names:
@@ -293,11 +306,20 @@ def _locked(path: Path) -> Iterator[bool]:
         yield False
         return
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            # Never through a link planted at the name (O_NOFOLLOW), nor creating its target.
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError:
+            if not os.path.islink(path):
+                raise
+            # Planted: removed (lock files are removed on release anyway), never followed.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             held = os.fstat(fd)
-            current = os.stat(path)
+            current = os.lstat(path)
             if (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino):
                 break
         except FileNotFoundError:

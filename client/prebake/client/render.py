@@ -156,6 +156,29 @@ def stats_json(stats: admin_pb2.Stats) -> dict[str, Any]:
     }
 
 
+def gc_json(report: admin_pb2.CollectGarbageResponse) -> dict[str, Any]:
+    usage = report.usage
+    return {
+        "dry_run": report.dry_run,
+        "stale_uploads": {"count": report.stale_uploads, "bytes": report.stale_upload_bytes},
+        "quarantined_blobs": {"count": report.quarantined_blobs, "bytes": report.quarantined_bytes},
+        "orphaned_blobs": {"count": report.orphaned_blobs, "bytes": report.orphaned_bytes},
+        "evicted_artifacts": {
+            "ids": list(report.evicted_artifact_ids),
+            "blobs": report.evicted_blobs,
+            "bytes": report.evicted_bytes,
+        },
+        "kept_in_use": report.kept_in_use,
+        "usage": {
+            "blob_bytes": usage.blob_bytes,
+            "upload_bytes": usage.upload_bytes,
+            "reserved_bytes": usage.reserved_bytes,
+            "used_bytes": usage.blob_bytes + usage.upload_bytes + usage.reserved_bytes,
+            "max_store_bytes": usage.max_store_bytes,
+        },
+    }
+
+
 # Text --------------------------------------------------------------------------------
 
 
@@ -435,6 +458,33 @@ def stats_text(stats: admin_pb2.Stats) -> str:
         ],
         indent="",
     )
+
+
+def gc_text(report: admin_pb2.CollectGarbageResponse) -> str:
+    def removed(count: int, size: int) -> str:
+        return f"{count} ({human_bytes(size)})"
+
+    usage = report.usage
+    used = usage.blob_bytes + usage.upload_bytes + usage.reserved_bytes
+    quota = f" of {human_bytes(usage.max_store_bytes)}" if usage.max_store_bytes else " (no quota)"
+    evicted = removed(len(report.evicted_artifact_ids), report.evicted_bytes)
+    if report.evicted_artifact_ids:
+        evicted += ": " + ", ".join(report.evicted_artifact_ids)
+    lines = [
+        "dry run: nothing was removed; this is what would be" if report.dry_run else "",
+        rows(
+            [
+                ("stale uploads", removed(report.stale_uploads, report.stale_upload_bytes)),
+                ("unreferenced blobs", removed(report.orphaned_blobs, report.orphaned_bytes)),
+                ("quarantined blobs", removed(report.quarantined_blobs, report.quarantined_bytes)),
+                ("evicted artifacts", evicted),
+                ("kept (in use)", str(report.kept_in_use) if report.kept_in_use else ""),
+                ("store", f"{human_bytes(used)} used{quota}"),
+            ],
+            indent="",
+        ),
+    ]
+    return "\n".join(line for line in lines if line)
 
 
 def fetch_text(result: FetchResult) -> str:

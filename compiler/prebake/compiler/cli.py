@@ -65,6 +65,16 @@ def register(commands: CommandRegistrar) -> None:
         help="on SIGINT/SIGTERM, let a running compile finish for up to S seconds (default 60)",
     )
     p.add_argument("--worker-id", metavar="ID", help="name recorded on leased jobs (default: HOST:PID)")
+    p.add_argument(
+        "--model-source-root",
+        dest="model_roots",
+        action="append",
+        metavar="DIR",
+        help=(
+            "read local model sources only under DIR (symbolic links resolved); repeatable "
+            "(default: what the server's job names; the server checks its own roots)"
+        ),
+    )
 
 
 def worker(args: argparse.Namespace, client: Client) -> int:
@@ -83,6 +93,9 @@ def worker(args: argparse.Namespace, client: Client) -> int:
         max_jobs=args.max_jobs,
         drain_seconds=args.drain_seconds,
         rpc_timeout=args.timeout,
+        # The --token / --ca-bundle / --client-cert of the command line, as the client read them.
+        credentials=client.credentials,
+        model_roots=None if args.model_roots is None else tuple(Path(r).absolute() for r in args.model_roots),
     )
     try:
         compile_worker = Worker(config, client=client)

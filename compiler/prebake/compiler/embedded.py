@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from prebake.client.credentials import Credentials
 from prebake.compiler.probe import ProbeError, probe_backends
 from prebake.compiler.worker import Worker, WorkerConfig, default_worker_id
 from prebake.core.names import kind_names
@@ -29,6 +30,8 @@ EMBEDDED_JOIN_SECONDS = 20.0
 
 def _local_target(address: str) -> str:
     """A dialable address for a server listening on `address` (wildcards become loopback)."""
+    if address.startswith("unix:"):
+        return address
     host, _, port = address.rpartition(":")
     if host in ("", "0.0.0.0", "[::]", "::"):
         return f"127.0.0.1:{port}"
@@ -36,7 +39,13 @@ def _local_target(address: str) -> str:
 
 
 def run_embedded_workers(
-    address: str, stop: threading.Event, work_dir: Path, per_kind: int = 1
+    address: str,
+    stop: threading.Event,
+    work_dir: Path,
+    per_kind: int = 1,
+    *,
+    token: str | None = None,
+    model_roots: tuple[Path, ...] | None = None,
 ) -> list[threading.Thread]:
     """Start `per_kind` daemon worker threads per kind whose toolchain is installed here.
 
@@ -45,7 +54,11 @@ def run_embedded_workers(
     `address`. Setting `stop` stops them without a drain (a running compile is killed
     and released); join the returned threads (bounded) before stopping the server so
     that the release reaches it. Never raises for a missing toolchain or a failed probe:
-    the server then runs without workers, and says so.
+    the server then runs without workers, and says so. `token` is the one the server
+    minted for them when it authenticates (`address` may be its private `unix:` socket).
+    `model_roots`: the local
+    directories the workers may read model sources from (the server's policy, re-checked
+    before reading; see `WorkerConfig.model_roots`).
     """
     if per_kind <= 0:
         return []
@@ -74,6 +87,8 @@ def run_embedded_workers(
                 kinds=(status.kind,),
                 worker_id=f"{default_worker_id()}/embedded-{status.kind}-{i + 1}",
                 drain_seconds=0.0,
+                credentials=Credentials(token=token),
+                model_roots=model_roots,
             )
             workers.append(Worker(config, backends={status.kind: status}))
         log.info("embedded workers: serving %s with %d worker(s)", status.describe(), per_kind)

@@ -17,6 +17,7 @@ import threading
 import grpc
 
 from prebake.client.channel import create_channel, status_of
+from prebake.client.credentials import Credentials
 from prebake.client.errors import from_rpc_error
 from prebake.v1 import workers_pb2, workers_pb2_grpc
 
@@ -27,10 +28,10 @@ class LeasePoller:
     Thread-safe: `lease` runs on the worker's thread, `close` from any thread.
     """
 
-    def __init__(self, target: str, timeout: float) -> None:
+    def __init__(self, target: str, timeout: float, credentials: Credentials | None = None) -> None:
         self._target = target
         self._timeout = timeout
-        self._channel = create_channel(target)
+        self._channel = create_channel(target, credentials)
         self._stub = workers_pb2_grpc.WorkersStub(self._channel)
         self._lock = threading.Lock()
         self._future: grpc.Future[workers_pb2.LeaseJobResponse] | None = None

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prebake.client.client import Client
+from prebake.client.credentials import Credentials
 from prebake.client.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -70,6 +71,7 @@ from prebake.compiler.supervise import key_fields, run_compile
 from prebake.compiler.work_dir import default_work_dir, worker_dir
 from prebake.core.names import kind_name, kind_names
 from prebake.core.s3_urls import is_s3_url
+from prebake.core.source_roots import lexical_path, lexically_within, really_within
 from prebake.v1 import blobs_pb2, jobs_pb2, workers_pb2
 
 # Callers of `prebake worker` import these from here (with Worker and WorkerConfig).
@@ -102,6 +104,13 @@ class WorkerConfig:
     rpc_timeout: float = 30.0
     # The interpreter that runs the backend (one with the toolchain installed).
     python: str = sys.executable
+    # Token and TLS material for the server (a token with the worker role, or a client
+    # certificate the server's token file names); none for a server without auth.
+    credentials: Credentials = field(default_factory=Credentials)
+    # Local directories this worker may read model sources from (symbolic links resolved),
+    # re-checked before reading; None: whatever the job says (the server is the policy
+    # point, see prebake.server.model_sources). Embedded workers get the server's roots.
+    model_roots: tuple[Path, ...] | None = None
 
 
 class Worker:
@@ -152,9 +161,11 @@ class Worker:
             raise WorkerSetupError(f"cannot probe the compile backends: {exc}") from exc
         self.backends = select_backends(probed, config.kinds)
         self.capabilities = [b.capability() for b in self.backends]
-        self._client = client or Client(config.server, timeout=config.rpc_timeout)
+        self._client = client or Client(
+            config.server, timeout=config.rpc_timeout, credentials=config.credentials
+        )
         self._owns_client = client is None
-        self._poller = LeasePoller(config.server, config.rpc_timeout)
+        self._poller = LeasePoller(config.server, config.rpc_timeout, config.credentials)
         self._outage = Outage(config.server)
         self._stopping = threading.Event()
         self._abandon = threading.Event()
@@ -336,6 +347,13 @@ class Worker:
         if is_s3_url(job.model_source):
             cache = DownloadCache.in_work_dir(self.config.work_dir, job_dir)
             return checked_source(job.model_source, job.key.key.model_revision, cache)
+        roots = self.config.model_roots
+        if roots is not None:
+            path = lexical_path(job.model_source)
+            allowed = [str(r) for r in roots]
+            if path is None or not lexically_within(path, allowed) or not really_within(path, allowed):
+                # As the server says it: nothing about what exists outside the roots.
+                raise ValueError(f"{job.model_source!r} is not under this worker's model source roots")
         return resolve_model_source(job.model_source)
 
     # Ending a job without an artifact -------------------------------------------------

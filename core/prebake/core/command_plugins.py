@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 ENTRY_POINT_GROUP = "prebake.commands"
 
@@ -65,6 +65,12 @@ class CommandRegistrar(Protocol):
         `examples` (one command per line, dedented) make up `prebake NAME --help`.
         `connects`: the handler talks to a server (gets --server, --timeout and a Client).
         """
+        ...
+
+    def nested(self, subparsers: Any) -> CommandRegistrar:
+        """A registrar for the subcommands of a command group (`prebake token add`):
+        pass `add_subparsers(...)` of the group's parser; each subcommand then gets its
+        own handler, description and examples like any command."""
         ...
 
 

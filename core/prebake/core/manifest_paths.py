@@ -7,17 +7,17 @@ manifest can never make either side touch a file outside the artifact root.
 
 `UnsafePath` is an `InvalidArgument`: on the server it answers INVALID_ARGUMENT as is;
 the client, which checks manifests it received, re-raises it as `UnsafeManifest`.
-Stdlib and `prebake.core.errors` only: the thin client imports this module.
+Stdlib and `prebake.core` only: the thin client imports this module.
 """
 
 from __future__ import annotations
 
 import re
-import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
 from prebake.core.errors import InvalidArgument
+from prebake.core.text_safety import first_invisible
 
 MAX_FILES = 100_000
 MAX_COMPONENT_BYTES = 255  # NAME_MAX on Linux and most file systems
@@ -34,15 +34,20 @@ def check_path(path: str) -> None:
     """Raise UnsafePath unless `path` is a normalised relative POSIX path inside the root.
 
     Refused: empty paths, absolute paths (and Windows drive paths), backslashes, NUL and
-    other control characters, "", "." and ".." components, a component over 255 UTF-8
-    bytes and a path over 1024 UTF-8 bytes.
+    every other invisible character (`text_safety.INVISIBLE_CATEGORIES`: controls,
+    bidirectional overrides and isolates, zero-width characters, line and paragraph
+    separators), so that a name always displays as what it is; "", "." and ".."
+    components, a component over 255 UTF-8 bytes and a path over 1024 UTF-8 bytes.
     """
     if not isinstance(path, str) or not path:
         raise UnsafePath("a manifest path is empty")
     shown = _show(path)
-    bad = next((c for c in path if unicodedata.category(c) in ("Cc", "Cs")), None)
+    bad = first_invisible(path)
     if bad is not None:
-        raise UnsafePath(f"path {shown} contains {bad!r}; control characters are not allowed")
+        raise UnsafePath(
+            f"path {shown} contains {bad!r}; control, format (bidirectional, zero-width) and "
+            "separator characters are not allowed"
+        )
     if "\\" in path:
         raise UnsafePath(f"path {shown} contains a backslash; manifest paths use '/' as separator")
     if path.startswith("/") or _DRIVE_RE.match(path):

@@ -303,6 +303,134 @@ class Stats(_message.Message):
 Global___Stats: _TypeAlias = Stats  # noqa: Y015
 
 @_typing.final
+class CollectGarbageRequest(_message.Message):
+    """Request for `CollectGarbage`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    dry_run: _builtins.bool
+    """Remove nothing; report what would be removed."""
+    def __init__(
+        self,
+        *,
+        dry_run: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CollectGarbageRequest: _TypeAlias = CollectGarbageRequest  # noqa: Y015
+
+@_typing.final
+class StoreUsage(_message.Message):
+    """What counts against the store's quota."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BLOB_BYTES_FIELD_NUMBER: _builtins.int
+    UPLOAD_BYTES_FIELD_NUMBER: _builtins.int
+    RESERVED_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_STORE_BYTES_FIELD_NUMBER: _builtins.int
+    blob_bytes: _builtins.int
+    """Published blobs, referenced or not."""
+    upload_bytes: _builtins.int
+    """Stored parts of unfinished uploads."""
+    reserved_bytes: _builtins.int
+    """The rest of the blobs that uploads in progress are sending."""
+    max_store_bytes: _builtins.int
+    """The quota; 0 means no limit."""
+    def __init__(
+        self,
+        *,
+        blob_bytes: _builtins.int = ...,
+        upload_bytes: _builtins.int = ...,
+        reserved_bytes: _builtins.int = ...,
+        max_store_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob_bytes", b"blob_bytes", "max_store_bytes", b"max_store_bytes", "reserved_bytes", b"reserved_bytes", "upload_bytes", b"upload_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StoreUsage: _TypeAlias = StoreUsage  # noqa: Y015
+
+@_typing.final
+class CollectGarbageResponse(_message.Message):
+    """Response for `CollectGarbage`: what was (with `dry_run`: would be) removed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    STALE_UPLOADS_FIELD_NUMBER: _builtins.int
+    STALE_UPLOAD_BYTES_FIELD_NUMBER: _builtins.int
+    QUARANTINED_BLOBS_FIELD_NUMBER: _builtins.int
+    QUARANTINED_BYTES_FIELD_NUMBER: _builtins.int
+    ORPHANED_BLOBS_FIELD_NUMBER: _builtins.int
+    ORPHANED_BYTES_FIELD_NUMBER: _builtins.int
+    EVICTED_ARTIFACT_IDS_FIELD_NUMBER: _builtins.int
+    EVICTED_BLOBS_FIELD_NUMBER: _builtins.int
+    EVICTED_BYTES_FIELD_NUMBER: _builtins.int
+    KEPT_IN_USE_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    dry_run: _builtins.bool
+    """Whether this was a dry run."""
+    stale_uploads: _builtins.int
+    """Stale unfinished uploads and temporary files."""
+    stale_upload_bytes: _builtins.int
+    """Bytes they took."""
+    quarantined_blobs: _builtins.int
+    """Quarantined blobs past their grace."""
+    quarantined_bytes: _builtins.int
+    """Bytes they took."""
+    orphaned_blobs: _builtins.int
+    """Blobs no artifact or job references, past their grace."""
+    orphaned_bytes: _builtins.int
+    """Bytes they took."""
+    evicted_blobs: _builtins.int
+    """Blobs the evicted artifacts freed (no other artifact used them)."""
+    evicted_bytes: _builtins.int
+    """Bytes those blobs took (in a dry run an upper bound: blobs shared with a kept
+    artifact would not be freed).
+    """
+    kept_in_use: _builtins.int
+    """Eviction candidates kept because they were in use (accessed lately, being read)."""
+    @_builtins.property
+    def evicted_artifact_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Artifacts evicted, least recently used first."""
+
+    @_builtins.property
+    def usage(self) -> Global___StoreUsage:
+        """The store's usage afterwards (in a dry run: now)."""
+
+    def __init__(
+        self,
+        *,
+        dry_run: _builtins.bool = ...,
+        stale_uploads: _builtins.int = ...,
+        stale_upload_bytes: _builtins.int = ...,
+        quarantined_blobs: _builtins.int = ...,
+        quarantined_bytes: _builtins.int = ...,
+        orphaned_blobs: _builtins.int = ...,
+        orphaned_bytes: _builtins.int = ...,
+        evicted_artifact_ids: _abc.Iterable[_builtins.str] | None = ...,
+        evicted_blobs: _builtins.int = ...,
+        evicted_bytes: _builtins.int = ...,
+        kept_in_use: _builtins.int = ...,
+        usage: Global___StoreUsage | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "evicted_artifact_ids", b"evicted_artifact_ids", "evicted_blobs", b"evicted_blobs", "evicted_bytes", b"evicted_bytes", "kept_in_use", b"kept_in_use", "orphaned_blobs", b"orphaned_blobs", "orphaned_bytes", b"orphaned_bytes", "quarantined_blobs", b"quarantined_blobs", "quarantined_bytes", b"quarantined_bytes", "stale_upload_bytes", b"stale_upload_bytes", "stale_uploads", b"stale_uploads", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CollectGarbageResponse: _TypeAlias = CollectGarbageResponse  # noqa: Y015
+
+@_typing.final
 class VerifyBlobsRequest(_message.Message):
     """Request for `VerifyBlobs`."""
 

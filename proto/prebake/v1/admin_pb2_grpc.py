@@ -28,6 +28,12 @@ if _version_not_supported:
 
 class AdminStub:
     """Operate the registry.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
     """
 
     def __init__(self, channel):
@@ -56,6 +62,11 @@ class AdminStub:
                 request_serializer=prebake_dot_v1_dot_admin__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=prebake_dot_v1_dot_admin__pb2.Stats.FromString,
                 _registered_method=True)
+        self.CollectGarbage = channel.unary_unary(
+                '/prebake.v1.Admin/CollectGarbage',
+                request_serializer=prebake_dot_v1_dot_admin__pb2.CollectGarbageRequest.SerializeToString,
+                response_deserializer=prebake_dot_v1_dot_admin__pb2.CollectGarbageResponse.FromString,
+                _registered_method=True)
         self.VerifyBlobs = channel.unary_stream(
                 '/prebake.v1.Admin/VerifyBlobs',
                 request_serializer=prebake_dot_v1_dot_admin__pb2.VerifyBlobsRequest.SerializeToString,
@@ -65,6 +76,12 @@ class AdminStub:
 
 class AdminServicer:
     """Operate the registry.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
     """
 
     def ListArtifacts(self, request, context):
@@ -111,6 +128,29 @@ class AdminServicer:
 
         Errors:
         * `UNAVAILABLE`: transient. Retry with backoff.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CollectGarbage(self, request, context):
+        """Collects garbage once, now: unfinished uploads untouched for the server's
+        `stale_upload_seconds` and leftover temporary files; quarantined blobs past
+        `quarantine_grace_seconds`; blobs no artifact or job references, stored more than
+        `unreferenced_blob_grace_seconds` ago; and, when the store holds more than its
+        high-water mark of `max_store_bytes`, unpinned artifacts least recently used first
+        (never one accessed within `eviction_protect_seconds` or being downloaded) down to
+        its low-water mark. An evicted artifact is removed as `DeleteArtifact` removes it.
+        With `dry_run` nothing is removed and the response says what would be. The server
+        also runs this every `gc_interval_seconds`; one collection runs at a time per server
+        (a second request waits for the first).
+
+        Errors:
+        * `UNAVAILABLE`: the registry or the blob store cannot be reached. Retry with
+        backoff; what was removed before the failure stays removed, and a retry
+        continues from there.
+        * `DEADLINE_EXCEEDED`: the collection outlived the call's deadline; it goes on to
+        the end on the server. Retry later (with a longer deadline) to see the rest.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -163,6 +203,11 @@ def add_AdminServicer_to_server(servicer, server):
                     request_deserializer=prebake_dot_v1_dot_admin__pb2.GetStatsRequest.FromString,
                     response_serializer=prebake_dot_v1_dot_admin__pb2.Stats.SerializeToString,
             ),
+            'CollectGarbage': grpc.unary_unary_rpc_method_handler(
+                    servicer.CollectGarbage,
+                    request_deserializer=prebake_dot_v1_dot_admin__pb2.CollectGarbageRequest.FromString,
+                    response_serializer=prebake_dot_v1_dot_admin__pb2.CollectGarbageResponse.SerializeToString,
+            ),
             'VerifyBlobs': grpc.unary_stream_rpc_method_handler(
                     servicer.VerifyBlobs,
                     request_deserializer=prebake_dot_v1_dot_admin__pb2.VerifyBlobsRequest.FromString,
@@ -178,6 +223,12 @@ def add_AdminServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Admin:
     """Operate the registry.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
     """
 
     @staticmethod
@@ -278,6 +329,33 @@ class Admin:
             '/prebake.v1.Admin/GetStats',
             prebake_dot_v1_dot_admin__pb2.GetStatsRequest.SerializeToString,
             prebake_dot_v1_dot_admin__pb2.Stats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CollectGarbage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/prebake.v1.Admin/CollectGarbage',
+            prebake_dot_v1_dot_admin__pb2.CollectGarbageRequest.SerializeToString,
+            prebake_dot_v1_dot_admin__pb2.CollectGarbageResponse.FromString,
             options,
             channel_credentials,
             insecure,

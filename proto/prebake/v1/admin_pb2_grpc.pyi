@@ -28,7 +28,14 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class AdminStub:
-    """Operate the registry."""
+    """Operate the registry.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -67,6 +74,25 @@ class AdminStub:
     Errors:
     * `UNAVAILABLE`: transient. Retry with backoff.
     """
+    CollectGarbage: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CollectGarbageRequest, _admin_pb2.CollectGarbageResponse]
+    """Collects garbage once, now: unfinished uploads untouched for the server's
+    `stale_upload_seconds` and leftover temporary files; quarantined blobs past
+    `quarantine_grace_seconds`; blobs no artifact or job references, stored more than
+    `unreferenced_blob_grace_seconds` ago; and, when the store holds more than its
+    high-water mark of `max_store_bytes`, unpinned artifacts least recently used first
+    (never one accessed within `eviction_protect_seconds` or being downloaded) down to
+    its low-water mark. An evicted artifact is removed as `DeleteArtifact` removes it.
+    With `dry_run` nothing is removed and the response says what would be. The server
+    also runs this every `gc_interval_seconds`; one collection runs at a time per server
+    (a second request waits for the first).
+
+    Errors:
+    * `UNAVAILABLE`: the registry or the blob store cannot be reached. Retry with
+      backoff; what was removed before the failure stays removed, and a retry
+      continues from there.
+    * `DEADLINE_EXCEEDED`: the collection outlived the call's deadline; it goes on to
+      the end on the server. Retry later (with a longer deadline) to see the rest.
+    """
     VerifyBlobs: _grpc.UnaryStreamMultiCallable[_admin_pb2.VerifyBlobsRequest, _admin_pb2.VerifyBlobsProgress]
     """Re-hashes stored blobs in full, least recently verified first, and checks that every
     blob an artifact names is stored; streams progress. With `repair`, a corrupt blob is
@@ -90,7 +116,14 @@ class AdminStub:
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
-    """Operate the registry."""
+    """Operate the registry.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListArtifacts: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListArtifactsRequest, _admin_pb2.ListArtifactsResponse]  # type: ignore[assignment]
@@ -126,6 +159,25 @@ class AdminAsyncStub(AdminStub):
     Errors:
     * `UNAVAILABLE`: transient. Retry with backoff.
     """
+    CollectGarbage: _aio.UnaryUnaryMultiCallable[_admin_pb2.CollectGarbageRequest, _admin_pb2.CollectGarbageResponse]  # type: ignore[assignment]
+    """Collects garbage once, now: unfinished uploads untouched for the server's
+    `stale_upload_seconds` and leftover temporary files; quarantined blobs past
+    `quarantine_grace_seconds`; blobs no artifact or job references, stored more than
+    `unreferenced_blob_grace_seconds` ago; and, when the store holds more than its
+    high-water mark of `max_store_bytes`, unpinned artifacts least recently used first
+    (never one accessed within `eviction_protect_seconds` or being downloaded) down to
+    its low-water mark. An evicted artifact is removed as `DeleteArtifact` removes it.
+    With `dry_run` nothing is removed and the response says what would be. The server
+    also runs this every `gc_interval_seconds`; one collection runs at a time per server
+    (a second request waits for the first).
+
+    Errors:
+    * `UNAVAILABLE`: the registry or the blob store cannot be reached. Retry with
+      backoff; what was removed before the failure stays removed, and a retry
+      continues from there.
+    * `DEADLINE_EXCEEDED`: the collection outlived the call's deadline; it goes on to
+      the end on the server. Retry later (with a longer deadline) to see the rest.
+    """
     VerifyBlobs: _aio.UnaryStreamMultiCallable[_admin_pb2.VerifyBlobsRequest, _admin_pb2.VerifyBlobsProgress]  # type: ignore[assignment]
     """Re-hashes stored blobs in full, least recently verified first, and checks that every
     blob an artifact names is stored; streams progress. With `repair`, a corrupt blob is
@@ -148,7 +200,14 @@ class AdminAsyncStub(AdminStub):
     """
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
-    """Operate the registry."""
+    """Operate the registry.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
+    """
 
     @_abc_1.abstractmethod
     def ListArtifacts(
@@ -205,6 +264,31 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
 
         Errors:
         * `UNAVAILABLE`: transient. Retry with backoff.
+        """
+
+    @_abc_1.abstractmethod
+    def CollectGarbage(
+        self,
+        request: _admin_pb2.CollectGarbageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.CollectGarbageResponse, _abc.Awaitable[_admin_pb2.CollectGarbageResponse]]:
+        """Collects garbage once, now: unfinished uploads untouched for the server's
+        `stale_upload_seconds` and leftover temporary files; quarantined blobs past
+        `quarantine_grace_seconds`; blobs no artifact or job references, stored more than
+        `unreferenced_blob_grace_seconds` ago; and, when the store holds more than its
+        high-water mark of `max_store_bytes`, unpinned artifacts least recently used first
+        (never one accessed within `eviction_protect_seconds` or being downloaded) down to
+        its low-water mark. An evicted artifact is removed as `DeleteArtifact` removes it.
+        With `dry_run` nothing is removed and the response says what would be. The server
+        also runs this every `gc_interval_seconds`; one collection runs at a time per server
+        (a second request waits for the first).
+
+        Errors:
+        * `UNAVAILABLE`: the registry or the blob store cannot be reached. Retry with
+          backoff; what was removed before the failure stays removed, and a retry
+          continues from there.
+        * `DEADLINE_EXCEEDED`: the collection outlived the call's deadline; it goes on to
+          the end on the server. Retry later (with a longer deadline) to see the rest.
         """
 
     @_abc_1.abstractmethod

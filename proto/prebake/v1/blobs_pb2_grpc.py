@@ -27,6 +27,12 @@ if _version_not_supported:
 
 class BlobsStub:
     """Upload, download and existence checks for blobs.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
     """
 
     def __init__(self, channel):
@@ -59,6 +65,12 @@ class BlobsStub:
 
 class BlobsServicer:
     """Upload, download and existence checks for blobs.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
     """
 
     def FindMissingBlobs(self, request, context):
@@ -160,6 +172,12 @@ def add_BlobsServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Blobs:
     """Upload, download and existence checks for blobs.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
     """
 
     @staticmethod

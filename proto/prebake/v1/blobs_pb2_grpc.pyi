@@ -33,7 +33,14 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class BlobsStub:
-    """Upload, download and existence checks for blobs."""
+    """Upload, download and existence checks for blobs.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -92,7 +99,14 @@ class BlobsStub:
 
 @_typing.type_check_only
 class BlobsAsyncStub(BlobsStub):
-    """Upload, download and existence checks for blobs."""
+    """Upload, download and existence checks for blobs.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     FindMissingBlobs: _aio.UnaryUnaryMultiCallable[_blobs_pb2.FindMissingBlobsRequest, _blobs_pb2.FindMissingBlobsResponse]  # type: ignore[assignment]
@@ -147,7 +161,14 @@ class BlobsAsyncStub(BlobsStub):
     """
 
 class BlobsServicer(metaclass=_abc_1.ABCMeta):
-    """Upload, download and existence checks for blobs."""
+    """Upload, download and existence checks for blobs.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
+    """
 
     @_abc_1.abstractmethod
     def FindMissingBlobs(

@@ -27,6 +27,12 @@ if _version_not_supported:
 
 class CatalogStub:
     """Read the model and instance catalogs.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
     """
 
     def __init__(self, channel):
@@ -49,6 +55,12 @@ class CatalogStub:
 
 class CatalogServicer:
     """Read the model and instance catalogs.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
     """
 
     def ListModels(self, request, context):
@@ -95,6 +107,12 @@ def add_CatalogServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Catalog:
     """Read the model and instance catalogs.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
     """
 
     @staticmethod

@@ -30,7 +30,14 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class CatalogStub:
-    """Read the model and instance catalogs."""
+    """Read the model and instance catalogs.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -52,7 +59,14 @@ class CatalogStub:
 
 @_typing.type_check_only
 class CatalogAsyncStub(CatalogStub):
-    """Read the model and instance catalogs."""
+    """Read the model and instance catalogs.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListModels: _aio.UnaryUnaryMultiCallable[_catalog_pb2.ListModelsRequest, _catalog_pb2.ListModelsResponse]  # type: ignore[assignment]
@@ -70,7 +84,14 @@ class CatalogAsyncStub(CatalogStub):
     """
 
 class CatalogServicer(metaclass=_abc_1.ABCMeta):
-    """Read the model and instance catalogs."""
+    """Read the model and instance catalogs.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
+    """
 
     @_abc_1.abstractmethod
     def ListModels(

@@ -134,7 +134,9 @@ class Job(_message.Message):
     message: _builtins.str
     """Latest human-readable progress or state message."""
     error: _builtins.str
-    """For FAILED: the error. For CANCELLED: the reason given."""
+    """For FAILED: the error. For CANCELLED: the reason given. Recorded without terminal
+    escapes or invisible characters, at most 4,096 characters (head and tail kept).
+    """
     error_class: Global___ErrorClass.ValueType
     """For FAILED: whether the failure was deterministic or transient."""
     artifact_id: _builtins.str
@@ -143,7 +145,9 @@ class Job(_message.Message):
     """The worker holding the lease, or the last one that did."""
     model_source: _builtins.str
     """Where workers load the model's weights from: a local directory or an `s3://`
-    prefix holding a Hugging Face checkpoint. Empty when the caller gave none.
+    prefix holding a Hugging Face checkpoint, as the server's policy resolved it (the
+    lookup's, or the model's configured source). Every lookup that joins the job joins
+    this source. Empty when there was none.
     """
     @_builtins.property
     def key(self) -> _key_pb2.ResolvedKey:

@@ -398,8 +398,12 @@ class LookupRequest(_message.Message):
     force: _builtins.bool
     """Ignore a cached deterministic failure and enqueue a new job."""
     model_source: _builtins.str
-    """For a job created by this lookup: where workers load the weights from (a local
-    directory on the workers, or an `s3://` prefix). At most 1,024 characters.
+    """For a job created by this lookup: where workers load the weights from (an absolute
+    local directory on the server's host and its workers, or an `s3://` prefix). Must lie
+    inside the server's allowed set (`model_source_roots`) or be the model's configured
+    source; empty means the model's configured source (`model_source_map`), if any.
+    Joining an active job with another source is refused (see `Lookup`). At most 1,024
+    characters.
     """
     direct_download: _builtins.bool
     """For a HIT: include presigned `download_url`s in the artifact's files, where the
@@ -554,8 +558,16 @@ class PublishArtifactRequest(_message.Message):
     FILES_FIELD_NUMBER: _builtins.int
     PRODUCER_FIELD_NUMBER: _builtins.int
     REPLACE_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
     replace: _builtins.bool
-    """Replace an existing artifact for the key that has a different file list."""
+    """Replace an existing artifact for the key that has a different file list. Needs the
+    admin role on a server with authentication.
+    """
+    force: _builtins.bool
+    """With `replace`: replace the artifact even if it is pinned (deploy hosts rely on a
+    pinned artifact staying as it is). Without it, replacing a pinned artifact is
+    FAILED_PRECONDITION.
+    """
     @_builtins.property
     def key(self) -> _key_pb2.ArtifactKey:
         """The key the files were compiled for."""
@@ -575,10 +587,11 @@ class PublishArtifactRequest(_message.Message):
         files: _abc.Iterable[Global___ArtifactFile] | None = ...,
         producer: Global___Producer | None = ...,
         replace: _builtins.bool = ...,
+        force: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "producer", b"producer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files", "key", b"key", "producer", b"producer", "replace", b"replace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files", "force", b"force", "key", b"key", "producer", b"producer", "replace", b"replace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

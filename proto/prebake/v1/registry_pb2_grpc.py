@@ -27,6 +27,12 @@ if _version_not_supported:
 
 class RegistryStub:
     """Look up, read and publish artifact manifests.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
     """
 
     def __init__(self, channel):
@@ -54,6 +60,12 @@ class RegistryStub:
 
 class RegistryServicer:
     """Look up, read and publish artifact manifests.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
     """
 
     def Lookup(self, request, context):
@@ -66,8 +78,23 @@ class RegistryServicer:
         range or unknown (instance type, precision), a precision the kind cannot produce,
         a tensor-parallel degree that does not fit the instance. The message says which
         field and what would be valid. Do not retry as is.
+        Also: a `model_source` the server's policy does not allow (outside its model
+        source roots and s3:// prefixes, missing, or escaping through `..` or a symbolic
+        link: one message for all, so nothing is learnt about paths outside the set).
+        * `FAILED_PRECONDITION`: `model_source` names another source than the one the key's
+        active job reads (the message names the job, and its source if the policy allows
+        it). Look up without a `model_source` (or with the job's) to join it, or retry once
+        the job has finished.
+        * `UNAUTHENTICATED`: the server requires a token (or client certificate) and got
+        none, or one it does not accept. Do not retry with the same credentials.
+        * `PERMISSION_DENIED`: the caller lacks the reader role. Do not retry.
         * `UNAVAILABLE`: transient. Retry with backoff; lookups are idempotent apart from
         creating at most one job.
+
+        On a server whose `reader_may_enqueue` is off, a miss looked up by a caller that
+        holds only the reader role creates no job whatever `on_miss` says: the answer is
+        MISS without `job`, and `error` says that readers may not enqueue there (a publisher
+        or admin may).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -100,6 +127,12 @@ class RegistryServicer:
         Upload them and retry.
         * `ALREADY_EXISTS`: an artifact with a different file list exists for the key and
         `replace` is not set. Do not retry unless replacing is intended.
+        * `FAILED_PRECONDITION` also: `replace` of a pinned artifact without `force`. Do not
+        retry unless replacing the pinned artifact is intended (then set `force`).
+        * `UNAUTHENTICATED`: the server requires a token (or client certificate) and got
+        none, or one it does not accept. Do not retry with the same credentials.
+        * `PERMISSION_DENIED`: the caller lacks the publisher role, or sets `replace`
+        without the admin role. Do not retry.
         * `DATA_LOSS`: a named blob is stored but its bytes no longer match; it is
         quarantined. Upload it again and retry.
         * `UNAVAILABLE`: transient. Retry with backoff; publishing is idempotent.
@@ -136,6 +169,12 @@ def add_RegistryServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Registry:
     """Look up, read and publish artifact manifests.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
     """
 
     @staticmethod

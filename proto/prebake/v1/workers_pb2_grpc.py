@@ -28,6 +28,12 @@ if _version_not_supported:
 
 class WorkersStub:
     """Lease, heartbeat, complete, fail and release compile jobs; list the live workers.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
     """
 
     def __init__(self, channel):
@@ -70,6 +76,12 @@ class WorkersStub:
 
 class WorkersServicer:
     """Lease, heartbeat, complete, fail and release compile jobs; list the live workers.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
     """
 
     def ListWorkers(self, request, context):
@@ -200,6 +212,12 @@ def add_WorkersServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Workers:
     """Lease, heartbeat, complete, fail and release compile jobs; list the live workers.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
     """
 
     @staticmethod

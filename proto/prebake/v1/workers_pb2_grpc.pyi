@@ -36,7 +36,14 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class WorkersStub:
-    """Lease, heartbeat, complete, fail and release compile jobs; list the live workers."""
+    """Lease, heartbeat, complete, fail and release compile jobs; list the live workers.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -106,7 +113,14 @@ class WorkersStub:
 
 @_typing.type_check_only
 class WorkersAsyncStub(WorkersStub):
-    """Lease, heartbeat, complete, fail and release compile jobs; list the live workers."""
+    """Lease, heartbeat, complete, fail and release compile jobs; list the live workers.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListWorkers: _aio.UnaryUnaryMultiCallable[_workers_pb2.ListWorkersRequest, _workers_pb2.ListWorkersResponse]  # type: ignore[assignment]
@@ -172,7 +186,14 @@ class WorkersAsyncStub(WorkersStub):
     """
 
 class WorkersServicer(metaclass=_abc_1.ABCMeta):
-    """Lease, heartbeat, complete, fail and release compile jobs; list the live workers."""
+    """Lease, heartbeat, complete, fail and release compile jobs; list the live workers.
+
+    Authentication (a server started with a token file): every rpc of this service may
+    also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
+    not accept, e.g. revoked; do not retry with the same credentials) and
+    `PERMISSION_DENIED` (the caller's roles do not include one this rpc allows; do not
+    retry). The roles each rpc allows: `RPC_ROLES` in server/prebake/server/auth/rpc_roles.py.
+    """
 
     @_abc_1.abstractmethod
     def ListWorkers(

@@ -26,6 +26,7 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from grpc_reflection.v1alpha import reflection
 
 from prebake.server import integrity
+from prebake.server.auth.server_security import ServerSecurity
 from prebake.server.backends import describe, keeps_local_state, open_backends
 from prebake.server.config import ServerConfig
 from prebake.server.data_dir_lock import DataDirLock
@@ -113,6 +114,11 @@ class RunningServer:
         self.address = address
         self.health = health
         self._tasks: list[asyncio.Task[None]] = []
+        # How the server's own in-process workers reach it (set by start): the target to
+        # dial and, with authentication on, the token minted for them.
+        self.local_target = address
+        self.embedded_token: str | None = None
+        self.security: ServerSecurity | None = None
 
     async def _flush_periodically(self) -> None:
         while True:
@@ -138,6 +144,18 @@ class RunningServer:
                 s.hub.notify(j.job_id for j in expired)
                 s.work.fire()
 
+    async def _collect_garbage_periodically(self) -> None:
+        collector = self.state.collector
+        while True:
+            await asyncio.sleep(self.state.config.gc_interval_seconds)
+            try:
+                report = await collector.collect()
+            except Exception:
+                log.exception("garbage collection failed; retrying later")
+                continue
+            if report.removed_anything:
+                log.info("%s", report.summary())
+
     def start_background_tasks(self) -> None:
         loop = asyncio.get_running_loop()
         self._tasks = [
@@ -146,6 +164,8 @@ class RunningServer:
         ]
         if self.state.config.integrity_sweep_seconds > 0:
             self._tasks.append(loop.create_task(integrity.sweep_periodically(self.state)))
+        if self.state.config.gc_interval_seconds > 0:
+            self._tasks.append(loop.create_task(self._collect_garbage_periodically()))
 
     async def stop(self, grace: float | None = None) -> None:
         for task in self._tasks:
@@ -156,6 +176,8 @@ class RunningServer:
         await self.state.tracker.flush()
         self.state.executor.shutdown(wait=True)
         self.state.storage.close()
+        if self.security is not None:
+            self.security.close()
         if self.data_dir_lock is not None:
             self.data_dir_lock.release()
 
@@ -165,8 +187,10 @@ async def start(config: ServerConfig) -> RunningServer:
     bind `config.listen` (port 0 picks a free port) and start serving.
 
     Raises DataDirInUse if another server holds the data directory, CannotListen if the
-    address is taken (both name the other server where they can), and what `open_state`
-    raises. With a remote registry and store nothing is locked: replicas are stateless.
+    address is taken (both name the other server where they can), FailedPrecondition for
+    an unusable token or certificate file or an unauthenticated non-loopback address
+    (see `prebake.server.auth.server_security`), and what `open_state` raises. With a
+    remote registry and store nothing is locked: replicas are stateless.
     """
     if not keeps_local_state(config):
         return await _start_locked(config)
@@ -182,8 +206,11 @@ async def start(config: ServerConfig) -> RunningServer:
 
 
 async def _start_locked(config: ServerConfig) -> RunningServer:
+    # Before anything is opened: a bad token or certificate file, or an anonymous
+    # non-loopback address, is refused at once.
+    security = ServerSecurity.from_config(config)
     state = open_state(config)
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=security.interceptors())
     registry_pb2_grpc.add_RegistryServicer_to_server(RegistryService(state), server)
     blobs_pb2_grpc.add_BlobsServicer_to_server(BlobsService(state), server)
     jobs_pb2_grpc.add_JobsServicer_to_server(JobsService(state), server)
@@ -198,14 +225,22 @@ async def _start_locked(config: ServerConfig) -> RunningServer:
     )
     host, _, _ = config.listen.rpartition(":")
     try:
-        port = bind_exclusively(server, config.listen)
-    except OSError:
+        port = bind_exclusively(server, config.listen, security.credentials)
+        local_target = f"{host}:{port}"
+        if config.embedded_workers > 0:
+            local_target = security.add_local_port(server, local_target)
+    except (OSError, RuntimeError):
         state.storage.close()
+        security.close()
         raise
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     running = RunningServer(server, state, f"{host}:{port}", health_servicer)
+    running.security = security
+    running.local_target = local_target
+    if config.embedded_workers > 0:
+        running.embedded_token = security.mint_embedded_token()
     running.start_background_tasks()
     return running
 
@@ -226,10 +261,12 @@ async def _serve(config: ServerConfig) -> None:
         # workers' rpcs are answered by this very loop.
         workers = await asyncio.to_thread(
             run_embedded_workers,
-            running.address,
+            running.local_target,
             workers_stop,
             config.data_dir / "work",
             per_kind=config.embedded_workers,
+            token=running.embedded_token,
+            model_roots=running.state.model_sources.worker_roots(),
         )
     await stop.wait()
     print("prebake shutting down", file=sys.stderr, flush=True)

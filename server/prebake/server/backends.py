@@ -24,7 +24,8 @@ from typing import Any
 
 from prebake.core.errors import FailedPrecondition
 from prebake.server.blobs import ContentAddressedStore, LocalObjectStore, ObjectStore
-from prebake.server.config import DYNAMODB_SCHEME, ServerConfig, parse_registry, parse_store
+from prebake.server.config import ServerConfig, parse_registry, parse_store
+from prebake.server.registry_url import SCHEME as DYNAMODB_SCHEME
 from prebake.server.storage.archived_index import ArchivedArtifactIndex
 from prebake.server.storage.bundle import Storage
 from prebake.server.storage.hit_cache import CachedArtifactIndex

@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from prebake.core.cli_values import count, size
+from prebake.core.cli_values import count, seconds, size
 from prebake.core.command_plugins import CommandFailed, CommandRegistrar
 from prebake.core.errors import PrebakeError
 from prebake.server.config import DEFAULT_DATA_DIR, DEFAULT_LISTEN, ServerConfig, load_server_config
@@ -36,14 +36,22 @@ def register(commands: CommandRegistrar) -> None:
             "live there: a port or a data directory another server holds is refused at\n"
             "start-up, naming that server (exit 1). With both in AWS a server keeps no state\n"
             "and any number of replicas may serve one bucket and table set. A missing bucket\n"
-            "or table is refused at start-up with what to run (prebake init-aws)."
+            "or table is refused at start-up with what to run (prebake init-aws).\n"
+            "\n"
+            "Authentication: --auth-file FILE (see prebake token --help) makes every rpc but\n"
+            "health and reflection need a token or client certificate with a fitting role.\n"
+            "Without it the server listens only on a loopback address, unless told\n"
+            "--insecure-allow-anonymous. --tls-cert/--tls-key serve TLS; --tls-client-ca\n"
+            "requires and verifies client certificates (mutual TLS)."
         ),
         examples="""
         prebake serve
         prebake serve --listen 0.0.0.0:50051 --data-dir /var/lib/prebake --max-store-bytes 500G
         prebake serve --workers 0          # compile only on separate `prebake worker` hosts
+        prebake serve --model-source-root /srv/models --model-source-root s3://my-bucket/models
         PREBAKE_DATA_DIR=/srv/prebake prebake serve --config prebake.toml
         prebake serve --store s3://my-bucket/prebake --registry dynamodb://prebake-prod --create-tables
+        prebake serve --listen 0.0.0.0:50051 --auth-file /etc/prebake/tokens --tls-cert s.pem --tls-key s.key
         """,
         connects=False,
     )
@@ -68,6 +76,18 @@ def register(commands: CommandRegistrar) -> None:
         "--max-store-bytes", type=size, metavar="N", help="total blob bytes allowed (default: no limit)"
     )
     p.add_argument(
+        "--gc-interval",
+        type=seconds,
+        metavar="SECONDS",
+        help="how often the garbage collector runs (default 300; 0 = never, `prebake gc` still works)",
+    )
+    p.add_argument(
+        "--unreferenced-blob-grace",
+        type=seconds,
+        metavar="SECONDS",
+        help="how long an uploaded blob no artifact uses is kept for its publish (default 21600: 6 h)",
+    )
+    p.add_argument(
         "--workers",
         type=count,
         metavar="N",
@@ -85,6 +105,49 @@ def register(commands: CommandRegistrar) -> None:
         type=size,
         metavar="N",
         help="bytes per second that sweep hashes at most (default 32M; 0 = unlimited)",
+    )
+    p.add_argument(
+        "--model-source-root",
+        action="append",
+        metavar="DIR|s3://PREFIX",
+        help=(
+            "a directory or s3:// prefix a lookup's --model-source may point inside; repeatable "
+            "(default: DATA_DIR/models; env PREBAKE_MODEL_SOURCE_ROOTS, comma-separated)"
+        ),
+    )
+    p.add_argument(
+        "--model-source-for",
+        action="append",
+        metavar="MODEL=SOURCE",
+        help=(
+            "the source of MODEL's jobs when a lookup names none (a directory or s3:// prefix, "
+            "allowed as is); repeatable (env PREBAKE_MODEL_SOURCE_MAP, comma-separated)"
+        ),
+    )
+    _add_security_flags(p)
+
+
+def _add_security_flags(p: argparse.ArgumentParser) -> None:
+    """Authentication and TLS: ServerConfig's auth_file, insecure_allow_anonymous, tls_*."""
+    group = p.add_argument_group("authentication and TLS")
+    group.add_argument(
+        "--auth-file",
+        metavar="FILE",
+        help="token file that turns authentication on (prebake token add makes it; env PREBAKE_AUTH_FILE)",
+    )
+    group.add_argument(
+        "--insecure-allow-anonymous",
+        action="store_true",
+        default=None,
+        help="serve a non-loopback --listen address without authentication (anyone reaching it "
+        "may replace artifacts; a warning is logged)",
+    )
+    group.add_argument("--tls-cert", metavar="FILE", help="PEM certificate chain: serve TLS (with --tls-key)")
+    group.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
+    group.add_argument(
+        "--tls-client-ca",
+        metavar="FILE",
+        help="PEM CA bundle: mutual TLS, every client needs a certificate one of them signed",
     )
 
 
@@ -164,4 +227,18 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         embedded_workers=args.workers,
         integrity_sweep_seconds=args.integrity_sweep_seconds,
         integrity_sweep_bytes_per_second=args.integrity_sweep_rate,
+        auth_file=args.auth_file,
+        insecure_allow_anonymous=args.insecure_allow_anonymous,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        model_source_roots=_joined(args.model_source_root),
+        model_source_map=_joined(args.model_source_for),
+        gc_interval_seconds=args.gc_interval,
+        unreferenced_blob_grace_seconds=args.unreferenced_blob_grace,
     )
+
+
+def _joined(values: list[str] | None) -> str | None:
+    """A repeatable flag as its comma-separated setting (None: not given)."""
+    return None if values is None else ",".join(values)

@@ -7,7 +7,6 @@ environment variables > a TOML file (`--config`, or `PREBAKE_CONFIG`) > defaults
 from __future__ import annotations
 
 import os
-import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -16,6 +15,8 @@ from typing import Any
 
 from prebake.core.errors import InvalidArgument
 from prebake.core.s3_urls import S3Location, parse_s3_url
+from prebake.server.registry_url import SCHEME as DYNAMODB_SCHEME
+from prebake.server.registry_url import validate_table_prefix
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_DATA_DIR = Path("./prebake-data")
@@ -56,7 +57,7 @@ class ServerConfig:
     lease_seconds: float = 60.0
     # A transiently failed job waits base * 2**attempts seconds (at most 300) before a retry.
     retry_backoff_seconds: float = 5.0
-    # Partial uploads untouched for this long are removed at start-up.
+    # Partial uploads untouched for this long are removed at start-up and by the garbage collector.
     stale_upload_seconds: float = 24 * 3600.0
     # How often lazily-recorded artifact access times are written to the registry.
     access_flush_seconds: float = 5.0
@@ -78,6 +79,54 @@ class ServerConfig:
     # is installed here (0: none, compile on separate `prebake worker` hosts only).
     embedded_workers: int = 1
 
+    # --- Authentication, roles and TLS (prebake.server.auth) ---
+    # Token file that turns authentication on (JSON lines of hashed tokens and client
+    # certificate subjects with their roles; `prebake token add` writes it): every rpc but
+    # health and reflection then needs a token or certificate it names. Re-read when it
+    # changes. "" = off, allowed only on a loopback address (see insecure_allow_anonymous).
+    auth_file: str = ""
+    # Serve without authentication on a non-loopback address (with a loud warning), for a
+    # network trusted completely: anyone who reaches the port can replace artifacts.
+    insecure_allow_anonymous: bool = False
+    # Whether a miss looked up by a caller holding only the reader role enqueues a compile;
+    # off, it answers the miss without a job and says why (publishers and admins still may).
+    reader_may_enqueue: bool = True
+    # TLS: the server's certificate chain and its private key (PEM files); both or neither.
+    tls_cert: str = ""
+    tls_key: str = ""
+    # Mutual TLS: a PEM bundle of CAs; every client must present a certificate one of them
+    # signed (needs tls_cert). A certificate's subject may stand for a token-file entry.
+    tls_client_ca: str = ""
+    # --- Model source policy (issue 9, part 3) ---
+    # Where a lookup's model_source may point: local checkpoint directories under these
+    # directories (symbolic links must not lead out) and s3:// prefixes, comma-separated
+    # (a TOML list also works). Empty: DATA_DIR/models only.
+    model_source_roots: str = ""
+    # The source of each model's jobs when a lookup names none, "MODEL=SOURCE,..." (a TOML
+    # table also works): an absolute directory or an s3:// prefix, allowed as is.
+    model_source_map: str = ""
+
+    # --- quota, eviction and garbage collection (`prebake.server.garbage`) ---
+    # Blobs no artifact or job references (uploaded, never published; left by a replace) are
+    # removed this long after they were stored: the time an uploader has to publish (the
+    # whole upload of a large artifact counts). Until then they count against
+    # max_store_bytes, like unfinished uploads do.
+    unreferenced_blob_grace_seconds: float = 6 * 3600.0
+    # Quarantined blobs (bytes found corrupt, moved aside for inspection) are removed this
+    # long after they were quarantined.
+    quarantine_grace_seconds: float = 7 * 24 * 3600.0
+    # With max_store_bytes set: once blobs and unfinished uploads take more than this
+    # fraction of it, the collector evicts unpinned artifacts, least recently used first...
+    eviction_high_water: float = 0.9
+    # ...until they take at most this fraction (0 <= low <= high <= 1).
+    eviction_low_water: float = 0.8
+    # An artifact hit by a lookup or published within this long is never evicted: its
+    # download may still be running (presigned downloads bypass the server).
+    eviction_protect_seconds: float = 600.0
+    # How often the background garbage collector runs (stale uploads, expired unreferenced
+    # and quarantined blobs, eviction); 0 turns it off (`prebake gc` still works).
+    gc_interval_seconds: float = 300.0
+
     # --- integrity sweep (issue 9: integrity and self-repair) ---
     # Every this many seconds the server re-hashes its stored blobs, least recently verified
     # first, quarantines corrupt ones, marks artifacts naming a lost blob unavailable and
@@ -89,10 +138,6 @@ class ServerConfig:
 
 
 _ENV_PREFIX = "PREBAKE_"
-DYNAMODB_SCHEME = "dynamodb://"
-# DynamoDB table names are 3-255 characters of A-Z a-z 0-9 _ . -; the registry's are
-# PREFIX-SUFFIX and the longest suffix is "-blob-refs" (10 characters).
-_TABLE_PREFIX_RE = re.compile(r"[A-Za-z0-9_.-]{1,245}")
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -100,13 +145,32 @@ def _coerce(name: str, value: Any) -> Any:
     try:
         if kind in ("Path", Path):
             return Path(value)
+        if kind in ("bool", bool):
+            return _boolean(value)
         if kind in ("int", int):
             return int(value)
         if kind in ("float", float):
             return float(value)
+        if isinstance(value, list):  # TOML: a list for a comma-separated setting
+            return ",".join(str(item) for item in value)
+        if isinstance(value, dict):  # TOML: a table for a "KEY=VALUE,..." setting
+            return ",".join(f"{k}={v}" for k, v in value.items())
         return str(value)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"configuration {name}={value!r}: expected {kind}") from exc
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise ValueError(f"{value!r} is not a boolean")
 
 
 def load_server_config(
@@ -154,7 +218,38 @@ def load_server_config(
         raise ValueError(
             "integrity_sweep_seconds and integrity_sweep_bytes_per_second must be >= 0 (0: off / unlimited)"
         )
+    check_tls(config)
+    from prebake.server.model_sources import ModelSources
+
+    ModelSources.from_config(config.model_source_roots, config.model_source_map, config.data_dir)
+    check_gc_settings(config)
     return config
+
+
+def check_tls(config: ServerConfig) -> None:
+    """ValueError unless the TLS settings make sense together (files are read at start-up)."""
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ValueError("tls_cert and tls_key go together: give both (PEM files) or neither")
+    if config.tls_client_ca and not config.tls_cert:
+        raise ValueError("tls_client_ca (mutual TLS) needs TLS: give tls_cert and tls_key too")
+
+
+def check_gc_settings(config: ServerConfig) -> None:
+    """ValueError naming the setting if the garbage-collection settings are inconsistent."""
+    for name in (
+        "unreferenced_blob_grace_seconds",
+        "quarantine_grace_seconds",
+        "eviction_protect_seconds",
+        "gc_interval_seconds",
+    ):
+        if getattr(config, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(config, name)}")
+    low, high = config.eviction_low_water, config.eviction_high_water
+    if not 0 <= low <= high <= 1:
+        raise ValueError(
+            f"eviction_low_water ({low}) and eviction_high_water ({high}) must satisfy "
+            "0 <= low <= high <= 1 (fractions of max_store_bytes)"
+        )
 
 
 def parse_default_toolchains(text: str, known_kinds: Mapping[str, str]) -> dict[str, str]:
@@ -187,10 +282,12 @@ def parse_registry(text: str) -> str | None:
     if not raw:
         return None
     prefix = raw.removeprefix(DYNAMODB_SCHEME)
-    if prefix == raw or not _TABLE_PREFIX_RE.fullmatch(prefix):
+    try:
+        if prefix == raw:
+            raise InvalidArgument(f"it does not start with {DYNAMODB_SCHEME}")
+        return validate_table_prefix(prefix)
+    except InvalidArgument as exc:
         raise ValueError(
-            f"registry {raw!r}: expected {DYNAMODB_SCHEME}TABLE_PREFIX with TABLE_PREFIX 1-245 "
-            "letters, digits, '_', '-' or '.' (e.g. dynamodb://prebake-prod), or empty for SQLite "
+            f"registry {raw!r}: expected {DYNAMODB_SCHEME}TABLE_PREFIX ({exc}), or empty for SQLite "
             "under data_dir"
-        )
-    return prefix
+        ) from None

@@ -42,13 +42,18 @@ class PortOwner:
         return f"pid {self.pid}" + (f" ({self.command})" if self.command else "")
 
 
-def bind_exclusively(server: grpc.aio.Server, address: str) -> int:
-    """`server.add_insecure_port(address)`, raising CannotListen with the owner if taken.
+def bind_exclusively(
+    server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None = None
+) -> int:
+    """`server.add_insecure_port(address)` (`add_secure_port` with TLS `credentials`),
+    raising CannotListen with the owner if taken.
 
     Returns the bound port (the chosen one for port 0). The server must have been built
     with `NO_PORT_SHARING`, else a port in use is silently shared.
     """
     try:
+        if credentials is not None:
+            return server.add_secure_port(address, credentials)
         return server.add_insecure_port(address)
     except RuntimeError as exc:
         _, _, port_text = address.rpartition(":")

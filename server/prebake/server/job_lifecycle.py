@@ -25,6 +25,7 @@ from dataclasses import replace
 
 from prebake.core.digests import hash_bytes
 from prebake.core.errors import AlreadyExists, Busy, FailedPrecondition, InvalidArgument, NotFound
+from prebake.core.text_safety import displayable
 from prebake.server.records import (
     Artifact,
     Digest,
@@ -47,6 +48,12 @@ MAX_RACES = 64
 LEASE_SCAN = 32
 EXPIRY_BATCH = 500
 _EXPIRED = "lease expired"
+# A failure's text comes from the compile (attacker-influenced: a model's config, a
+# toolchain's output) and is shown to every deployer of the key for the negative-cache
+# period: it is recorded displayable (no terminal escapes or invisible characters) and
+# at most this long. Progress messages likewise, shorter.
+MAX_RECORDED_ERROR = 4096
+MAX_RECORDED_MESSAGE = 1024
 # A decision of `JobLifecycle._change`: the new job, or None to leave it as it is.
 _Decide = Callable[[Job, float], Job | None]
 
@@ -168,14 +175,16 @@ class JobLifecycle:
         files: Sequence[FileEntry],
         producer: Producer,
         replace_existing: bool = False,
+        force: bool = False,
     ) -> tuple[Artifact, bool, list[Job]]:
         """Store the manifest as the artifact for `key`; return (artifact, created, completed jobs).
 
         Publishing the same file list again changes nothing and returns created=False.
         A different file list raises `AlreadyExists` unless `replace_existing`, which
-        swaps the files in (keeping the pin, resetting hits and times). An artifact marked
-        unavailable (`Artifact.unavailable`) is replaced by any publish, the same files too,
-        so a republish makes the key available again. The key's
+        swaps the files in (keeping the pin, resetting hits and times); a pinned
+        artifact is replaced only with `force` (else `FailedPrecondition`). An artifact
+        marked unavailable (`Artifact.unavailable`: a blob lost) is replaced by any publish,
+        the same files too, so a republish makes the key available again. The key's
         active job succeeds with the artifact in the same atomic write, also on an
         idempotent re-publish (so a job that raced an earlier publish does not stay in
         flight). The caller has checked that every blob is present. A repeated path
@@ -190,8 +199,14 @@ class JobLifecycle:
             if existing is not None and existing.manifest_digest == manifest and not existing.unavailable:
                 return existing, False, await self._complete_active(key.digest, existing.artifact_id)
             # An unavailable artifact (a blob lost) is replaced by any publish of its key: that
-            # is how a rebuild or a re-upload repairs it.
-            if existing is not None and not replace_existing and not existing.unavailable:
+            # is how a rebuild or a re-upload repairs it (nothing a deploy host relies on is left).
+            broken = existing is not None and bool(existing.unavailable)
+            if existing is not None and replace_existing and existing.pinned and not force and not broken:
+                raise FailedPrecondition(
+                    f"artifact {existing.artifact_id} is pinned: deploy hosts rely on it staying as it is; "
+                    "pass force with replace to replace it anyway, or unpin it first"
+                )
+            if existing is not None and not replace_existing and not broken:
                 raise AlreadyExists(
                     f"artifact {key.digest} for this key already exists with a different file list "
                     f"(manifest {existing.manifest_digest}); pass replace to overwrite"
@@ -319,7 +334,7 @@ class JobLifecycle:
             return replace(
                 job,
                 state=JobState.CANCELLED,
-                error=reason or "cancelled",
+                error=displayable(reason, MAX_RECORDED_ERROR) or "cancelled",
                 error_class=ErrorClass.NONE,
                 message="cancelled",
                 lease_expires_at=None,
@@ -333,7 +348,7 @@ class JobLifecycle:
         """The active `job` after a failed attempt: terminal, or queued after a backoff."""
         failed = replace(
             job,
-            error=error,
+            error=displayable(error, MAX_RECORDED_ERROR),
             error_class=error_class,
             lease_expires_at=None,
             log=job.log if log is None else log,
@@ -430,7 +445,11 @@ class JobLifecycle:
             if job.state is not JobState.LEASED or job.fencing_token != fencing_token:
                 raise _not_leased(job, fencing_token)
             return replace(
-                job, progress=progress, message=message, lease_expires_at=now + lease_seconds, updated_at=now
+                job,
+                progress=progress,
+                message=displayable(message, MAX_RECORDED_MESSAGE),
+                lease_expires_at=now + lease_seconds,
+                updated_at=now,
             )
 
         return await self._change(job_id, decide)
@@ -504,7 +523,9 @@ class JobLifecycle:
                 attempts=max(0, job.attempts - 1),
                 lease_expires_at=None,
                 progress=0.0,
-                message=f"released by {job.worker}" + (f": {reason}" if reason else ""),
+                message=displayable(
+                    f"released by {job.worker}" + (f": {reason}" if reason else ""), MAX_RECORDED_MESSAGE
+                ),
                 updated_at=now,
             )
 

@@ -17,10 +17,12 @@ from typing import TypeVar
 from prebake.server.blobs import BlobStore
 from prebake.server.config import ServerConfig, parse_default_toolchains
 from prebake.server.events import JobEventHub, Pulse
+from prebake.server.garbage import GarbageCollector, InUse
 from prebake.server.instance_catalog import InstanceCatalog
 from prebake.server.job_lifecycle import JobLifecycle
 from prebake.server.key_normalization import DEFAULT_TOOLCHAINS
 from prebake.server.model_catalog import ModelCatalog
+from prebake.server.model_sources import ModelSources
 from prebake.server.storage import ArtifactIndex
 from prebake.server.storage.bundle import Storage
 from prebake.server.worker_liveness import WorkerLiveness
@@ -80,12 +82,18 @@ class ServerState:
     # The kinds whose default toolchain the configuration names (others are resolved
     # from live workers, then from DEFAULT_TOOLCHAINS).
     configured_toolchains: dict[str, str] = field(init=False)
+    # What a job may read (see `prebake.server.model_sources`).
+    model_sources: ModelSources = field(init=False)
     # Held from "every blob is present" to the registry write that references them by
     # publishes, and from "no artifact references it" to the blob delete by deletes, so
     # a delete never removes a blob a concurrent publish of this replica relies on.
     blob_refs: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Blobs this replica is streaming or told a client are present (garbage collection keeps them).
+    in_use: InUse = field(default_factory=InUse)
+    collector: GarbageCollector = field(init=False)
 
     def __post_init__(self) -> None:
+        self.collector = GarbageCollector(self)
         self.tracker = AccessTracker(self.storage.artifacts)
         self.lifecycle = JobLifecycle(
             self.storage.artifacts, self.storage.jobs, backoff_base=self.config.retry_backoff_seconds
@@ -93,6 +101,9 @@ class ServerState:
         self.liveness = WorkerLiveness(self.storage.workers, self.config.worker_ttl_seconds)
         self.configured_toolchains = parse_default_toolchains(
             self.config.default_toolchains, DEFAULT_TOOLCHAINS
+        )
+        self.model_sources = ModelSources.from_config(
+            self.config.model_source_roots, self.config.model_source_map, self.config.data_dir
         )
 
     @property

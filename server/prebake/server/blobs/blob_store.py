@@ -115,6 +115,42 @@ class ScrubResult:
     detail: str = ""
 
 
+class StoreUsage(NamedTuple):
+    """What counts against the store's quota (`max_store_bytes`), and the quota."""
+
+    blob_bytes: int
+    """Published blobs (referenced by an artifact or not)."""
+    upload_bytes: int
+    """Unfinished uploads: the parts (or the assembled object) the store keeps for them."""
+    reserved_bytes: int
+    """The rest of the blobs that open writers of this instance are receiving."""
+    max_store_bytes: int
+    """The quota; 0 means none."""
+
+    @property
+    def used_bytes(self) -> int:
+        return self.blob_bytes + self.upload_bytes + self.reserved_bytes
+
+
+class StoredBlob(NamedTuple):
+    """One published blob and when it was stored (seconds since the epoch)."""
+
+    digest: Digest
+    stored_at: float
+
+
+class Collected(NamedTuple):
+    """What a collection removed (or, in a dry run, would remove)."""
+
+    items: int
+    bytes: int
+
+    def __add__(self, other: object) -> Collected:  # type: ignore[override]
+        if not isinstance(other, Collected):
+            return NotImplemented
+        return Collected(self.items + other.items, self.bytes + other.bytes)
+
+
 @runtime_checkable
 class BlobReader(Iterator[bytes], Protocol):
     """The chunks of one read, in order.
@@ -268,12 +304,26 @@ class BlobStore(Protocol):
         """(number of blobs, their total bytes). Cheap; each backend documents its freshness."""
         ...
 
+    def rescan(self) -> StoreStats:
+        """Recount what `stats` and `usage` report from the storage itself (one listing), picking
+        up other processes' changes; return the new `stats`."""
+        ...
+
     def iter_digests(self) -> Iterator[Digest]:
         """Every stored blob, once each, in no particular order.
 
         Weakly consistent: a blob stored for the whole iteration is yielded; one added or
         removed meanwhile may or may not be.
         """
+        ...
+
+    def list_blobs(self) -> Iterator[StoredBlob]:
+        """`iter_digests`, with when each blob was stored (its object's last write)."""
+        ...
+
+    def usage(self) -> StoreUsage:
+        """Bytes counted against `max_store_bytes`: blobs, unfinished uploads, and what open
+        writers still expect. From in-memory counters, as `stats`."""
         ...
 
     def sweep_uploads(self, older_than_seconds: float) -> int:
@@ -311,6 +361,16 @@ class BlobStore(Protocol):
         `InvalidArgument` for any other key."""
         ...
 
-    def collect_quarantined(self, older_than_seconds: float) -> list[QuarantinedBlob]:
-        """Delete quarantined blobs older than `older_than_seconds`; return what was deleted."""
+    def collect_uploads(self, older_than_seconds: float, *, dry_run: bool = False) -> Collected:
+        """`sweep_uploads`, plus the backend's own temporary files of that age (local disk:
+        interrupted writes); how many and their bytes. With `dry_run`, removes nothing and
+        reports what it would remove. Stored blobs are never touched.
+        """
+        ...
+
+    def collect_quarantined(self, older_than_seconds: float, *, dry_run: bool = False) -> Collected:
+        """Remove quarantined blobs (bytes found corrupt and moved aside, kept for inspection)
+        quarantined at least `older_than_seconds` ago; how many and their bytes. With
+        `dry_run`, removes nothing. Nothing else is touched.
+        """
         ...

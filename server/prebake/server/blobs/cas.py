@@ -49,10 +49,13 @@ from prebake.core.errors import (
     UploadDigestMismatch,
 )
 from prebake.server.blobs.blob_store import (
+    Collected,
     QuarantinedBlob,
     ScrubOutcome,
     ScrubResult,
+    StoredBlob,
     StoreStats,
+    StoreUsage,
     UploadStatus,
     validate_upload_id,
 )
@@ -68,6 +71,7 @@ from prebake.server.blobs.objects import (
     PreconditionFailed,
     Presigns,
     StorageFull,
+    SweepsScratch,
     UploadHandle,
 )
 from prebake.server.records import Digest
@@ -140,12 +144,16 @@ class _Resume:
 class ContentAddressedStore:
     """The `BlobStore`: content-addressed blobs on an `ObjectStore`; see the module docstring.
 
-    `stats()` is served from in-memory counters, initialised by one listing of `blobs/` here and
-    kept up to date by this instance's own publishes, deletes and quarantines; other processes'
-    changes are seen after `rescan()`. The `max_store_bytes` quota is checked against them, so it
-    is exact for one server per store and approximate otherwise. Uploads and quarantined blobs do
-    not count. `part_size` is the upload buffer and part size (raised per blob where the backend's
-    part count would not suffice); the backend's `min_part_size` bounds it from below.
+    `stats()` and `usage()` are served from in-memory counters, initialised by one listing of
+    `blobs/` and `uploads/` here and kept up to date by this instance's own uploads, publishes,
+    deletes and quarantines; other processes' changes are seen after `rescan()`. The
+    `max_store_bytes` quota is checked against them, so it is exact for one server per store and
+    approximate otherwise. What counts (`StoreUsage`): published blobs, the stored parts of
+    unfinished uploads (until `collect_uploads` removes stale ones), and, for each open writer,
+    the rest of its blob (reserved at `open_write`, so that concurrent uploads cannot together
+    overrun the quota half-way). Quarantined blobs do not count. `part_size` is the upload buffer
+    and part size (raised per blob where the backend's part count would not suffice); the
+    backend's `min_part_size` bounds it from below.
     """
 
     def __init__(
@@ -177,6 +185,12 @@ class ContentAddressedStore:
         self._remembered_uploads = remembered_uploads
         self._count = 0
         self._bytes = 0
+        # Bytes stored for unfinished uploads, by session key (parts, or the assembled object).
+        self._uploads: dict[str, int] = {}
+        self._upload_bytes = 0
+        # The rest of each held session's blob, not stored yet.
+        self._reserved: dict[tuple[str, Digest], int] = {}
+        self._reserved_bytes = 0
         self._hashed_bytes = 0
         self.rescan()
 
@@ -209,6 +223,46 @@ class ContentAddressedStore:
         with self._lock:
             return StoreStats(self._count, self._bytes)
 
+    def usage(self) -> StoreUsage:
+        with self._lock:
+            return StoreUsage(self._bytes, self._upload_bytes, self._reserved_bytes, self.max_store_bytes)
+
+    # -- quota accounting (every `_locked` method runs with `_lock` held) -----------------
+
+    def _add_upload_locked(self, key: str, delta: int) -> None:
+        before = self._uploads.get(key, 0)
+        after = max(0, before + delta)
+        self._upload_bytes += after - before
+        if after:
+            self._uploads[key] = after
+        else:
+            self._uploads.pop(key, None)
+
+    def _reserve_locked(self, session: tuple[str, Digest], size: int) -> None:
+        self._reserved_bytes += max(0, size) - self._reserved.pop(session, 0)
+        if size > 0:
+            self._reserved[session] = size
+
+    def _check_room_locked(
+        self, digest: Digest, adding: int, exclude: tuple[str, Digest] | None = None
+    ) -> None:
+        """Raise QuotaExceeded unless `adding` more bytes fit; `exclude`'s own upload and
+        reservation do not count (they become the blob being published)."""
+        if not self.max_store_bytes:
+            return
+        used = self._bytes + self._upload_bytes + self._reserved_bytes
+        if exclude is not None:
+            used -= self._uploads.get(session_key(*exclude), 0) + self._reserved.get(exclude, 0)
+        if used + adding > self.max_store_bytes:
+            raise QuotaExceeded(
+                f"the blob store is full: blob {digest} needs {adding} more bytes, but {used} of its "
+                f"max_store_bytes {self.max_store_bytes} are used ({self._bytes} by blobs, "
+                f"{self._upload_bytes} by unfinished uploads, {self._reserved_bytes} reserved by uploads "
+                "in progress); reads still work. Free space (`prebake gc` removes expired unpublished "
+                "blobs and stale uploads and evicts unpinned artifacts; `prebake rm` deletes "
+                "artifacts) or raise max_store_bytes, then retry"
+            )
+
     @property
     def hashed_bytes(self) -> int:
         """Bytes read back and hashed to verify stored blobs or uploads, since start-up."""
@@ -216,24 +270,40 @@ class ContentAddressedStore:
             return self._hashed_bytes
 
     def rescan(self) -> StoreStats:
-        """Recount blobs and bytes from one listing of `blobs/` and return the result."""
+        """Recount blobs and bytes from one listing of `blobs/`, and unfinished uploads from
+        `uploads/`; return the blobs' count and bytes. Reservations of open writers stay."""
         count = total = 0
         for digest in self.iter_digests():
             count += 1
             # The key's size, not the object's: a wrong-length object is corrupt and is later
             # quarantined under the key's size, which keeps the counters exact.
             total += digest.size
+        uploads: dict[str, int] = {}
+        for upload in self.objects.find_uploads("uploads/"):
+            try:
+                parts = self.objects.list_parts(upload)
+            except NoSuchUpload:
+                continue
+            uploads[upload.key] = uploads.get(upload.key, 0) + sum(p.size for p in parts)
+        for info in self.objects.list_objects("uploads/"):
+            uploads[info.key] = uploads.get(info.key, 0) + info.size
         with self._lock:
             self._count, self._bytes = count, total
+            self._uploads = {k: v for k, v in uploads.items() if v > 0}
+            self._upload_bytes = sum(self._uploads.values())
         return StoreStats(count, total)
 
     def iter_digests(self) -> Iterator[Digest]:
         """Every well-named object under `blobs/` in its right shard."""
+        for stored in self.list_blobs():
+            yield stored.digest
+
+    def list_blobs(self) -> Iterator[StoredBlob]:
         for info in self.objects.list_objects("blobs/"):
             m = _BLOB_KEY_RE.fullmatch(info.key)
             # A misplaced or foreign object is unreachable through blob_key: not a blob of ours.
             if m is not None and m.group(2)[:2] == m.group(1):
-                yield Digest(m.group(2), int(m.group(3)))
+                yield StoredBlob(Digest(m.group(2), int(m.group(3))), info.modified)
 
     # -- verification ----------------------------------------------------------------
 
@@ -296,7 +366,7 @@ class ContentAddressedStore:
         with self._stripe(digest):
             try:
                 self.objects.move(
-                    key, f"quarantine/{digest.hash}-{digest.size}.{time.time_ns()}", if_etag=seen.etag
+                    key, f"{QUARANTINE_PREFIX}{digest.hash}-{digest.size}.{time.time_ns()}", if_etag=seen.etag
                 )
             except NoSuchObject:
                 return _Quarantined.GONE
@@ -407,19 +477,6 @@ class ContentAddressedStore:
             raise InvalidArgument(f"{key[:80]!r} is not the key of a quarantined blob")
         return self.objects.delete(key)
 
-    def collect_quarantined(self, older_than_seconds: float) -> list[QuarantinedBlob]:
-        """Delete the quarantined blobs moved aside at least `older_than_seconds` ago; return them.
-
-        The hook of garbage collection: quarantined bytes are kept for inspection for a grace
-        period, then collected. Thread safe; a blob removed by someone else meanwhile is skipped.
-        """
-        cutoff = time.time() - older_than_seconds
-        return [
-            q
-            for q in self.list_quarantined()
-            if q.quarantined_at <= cutoff and self.remove_quarantined(q.key)
-        ]
-
     # -- reading ---------------------------------------------------------------------
 
     def read(
@@ -452,13 +509,6 @@ class ContentAddressedStore:
         return self.objects.presign_get(blob_key(digest), expires_seconds)
 
     # -- writing ---------------------------------------------------------------------
-
-    def _check_quota_locked(self, digest: Digest) -> None:
-        if self.max_store_bytes and self._bytes + digest.size > self.max_store_bytes:
-            raise QuotaExceeded(
-                f"storing blob {digest} ({digest.size} bytes) would exceed the store's quota: "
-                f"{self._bytes} of {self.max_store_bytes} bytes are used; free space and retry"
-            )
 
     def _resume(self, upload_id: str, digest: Digest) -> _Resume:
         key = session_key(upload_id, digest)
@@ -497,16 +547,21 @@ class ContentAddressedStore:
             )
         session = (upload_id, digest)
         with self._lock:
-            self._check_quota_locked(digest)
             if session in self._held:
                 raise Busy(
                     f"upload {upload_id!r} of blob {digest} is being written by another request right now; "
                     "retry later after QueryWriteStatus"
                 )
+            counted = self._uploads.get(session_key(upload_id, digest), 0)
+            self._check_room_locked(digest, digest.size - counted)
             self._held.add(session)
+            self._reserve_locked(session, digest.size - counted)
             remembered = self._hashed.pop(session, None)
         try:
             resume = self._resume(upload_id, digest)
+            with self._lock:
+                stored = digest.size if resume.staged is not None else resume.stored
+                self._reserve_locked(session, digest.size - stored)
             if self.contains(digest):
                 # Published by another upload meanwhile: what this one kept is of no use.
                 self._discard(resume)
@@ -525,24 +580,30 @@ class ContentAddressedStore:
     def _discard(self, resume: _Resume) -> None:
         if resume.upload is not None:
             self.objects.abort_upload(resume.upload)
+            with self._lock:
+                self._add_upload_locked(resume.upload.key, -sum(p.size for p in resume.parts))
         if resume.staged is not None:
             self.objects.delete(resume.staged.key)
+            with self._lock:
+                self._add_upload_locked(resume.staged.key, -resume.staged.size)
 
     def _release(self, session: tuple[str, Digest], hashed: _Hashed | None = None) -> None:
         with self._lock:
             self._held.discard(session)
+            self._reserve_locked(session, 0)
             if hashed is not None:
                 self._hashed[session] = hashed
                 while len(self._hashed) > self._remembered_uploads:
                     self._hashed.popitem(last=False)
 
-    def _publish(self, digest: Digest, put: Callable[[], None]) -> None:
-        """Run `put` (which makes the verified blob visible) unless the blob is stored, counting it."""
+    def _publish(self, digest: Digest, put: Callable[[], None], session: tuple[str, Digest]) -> None:
+        """Run `put` (which makes the verified blob visible) unless the blob is stored, counting it
+        (and no longer `session`'s upload, whose bytes it becomes)."""
         with self._stripe(digest):
             if self.contains(digest):
                 return
             with self._lock:
-                self._check_quota_locked(digest)
+                self._check_room_locked(digest, digest.size, exclude=session)
                 self._count += 1
                 self._bytes += digest.size
             try:
@@ -552,6 +613,9 @@ class ContentAddressedStore:
                     self._count -= 1
                     self._bytes -= digest.size
                 raise
+            with self._lock:
+                self._add_upload_locked(session_key(*session), -digest.size)
+                self._reserve_locked(session, 0)
 
     def upload_status(self, upload_id: str, digest: Digest) -> UploadStatus:
         validate_upload_id(upload_id)
@@ -582,11 +646,20 @@ class ContentAddressedStore:
             return (m.group(1), Digest(m.group(2), int(m.group(3)))) in self._held
 
     def sweep_uploads(self, older_than_seconds: float) -> int:
+        return self._collect_sessions(older_than_seconds, dry_run=False).items
+
+    def collect_uploads(self, older_than_seconds: float, *, dry_run: bool = False) -> Collected:
+        removed = self._collect_sessions(older_than_seconds, dry_run=dry_run)
+        if isinstance(self.objects, SweepsScratch):
+            removed += Collected(*self.objects.sweep_scratch(older_than_seconds, dry_run=dry_run))
+        return removed
+
+    def _collect_sessions(self, older_than_seconds: float, *, dry_run: bool) -> Collected:
         """Abort multipart uploads, and delete assembled objects, under `uploads/` that nothing
         touched for `older_than_seconds`. Anything else under `uploads/` (left by hand or by
         older versions) goes too: nothing else belongs there."""
         cutoff = time.time() - older_than_seconds
-        removed = 0
+        removed = Collected(0, 0)
         for upload in self.objects.find_uploads("uploads/"):
             if self._is_held(upload.key):
                 continue
@@ -596,11 +669,36 @@ class ContentAddressedStore:
                 continue
             if max([upload.initiated, *(p.modified for p in parts)]) > cutoff:
                 continue
-            self.objects.abort_upload(upload)
-            removed += 1
+            size = sum(p.size for p in parts)
+            if not dry_run:
+                self.objects.abort_upload(upload)
+                with self._lock:
+                    self._add_upload_locked(upload.key, -size)
+            removed += Collected(1, size)
         for info in list(self.objects.list_objects("uploads/")):
-            if info.modified <= cutoff and not self._is_held(info.key) and self.objects.delete(info.key):
-                removed += 1
+            if info.modified > cutoff or self._is_held(info.key):
+                continue
+            if dry_run:
+                removed += Collected(1, info.size)
+            elif self.objects.delete(info.key):
+                with self._lock:
+                    self._add_upload_locked(info.key, -info.size)
+                removed += Collected(1, info.size)
+        return removed
+
+    def collect_quarantined(self, older_than_seconds: float, *, dry_run: bool = False) -> Collected:
+        """Delete objects under `quarantine/` moved there at least `older_than_seconds` ago (the
+        time in the name, `<hash>-<size>.<time_ns>`; else the object's last write). Whatever
+        quarantines a blob (a failed read check, the integrity sweep) moves it there."""
+        cutoff = time.time() - older_than_seconds
+        removed = Collected(0, 0)
+        for info in list(self.objects.list_objects(QUARANTINE_PREFIX)):
+            _, _, stamp = info.key.rpartition(".")
+            at = int(stamp) / 1e9 if stamp.isdigit() else info.modified
+            if at > cutoff:
+                continue
+            if dry_run or self.objects.delete(info.key):
+                removed += Collected(1, info.size)
         return removed
 
 
@@ -733,6 +831,10 @@ class BlobUpload:
         self._parts.append(part)
         self._stored += size
         del self._buffer[:size]
+        session = (self._upload_id, self._digest)
+        with store._lock:
+            store._add_upload_locked(self._upload.key, size)
+            store._reserve_locked(session, store._reserved.get(session, 0) - size)
 
     def append(self, data: bytes) -> None:
         store = self._live_store("append to")
@@ -773,7 +875,7 @@ class BlobUpload:
             if actual != digest.hash:
                 self.abort()
                 raise self._mismatch(actual)
-            store._publish(digest, lambda: _put(store.objects, blob, data))
+            store._publish(digest, lambda: _put(store.objects, blob, data), (self._upload_id, digest))
             return self._finish()
         if self._staged is None:
             assert self._upload is not None
@@ -796,15 +898,20 @@ class BlobUpload:
                     raise self._lost() from None
             if actual != digest.hash:
                 store.objects.delete(staged.key)
+                with store._lock:
+                    store._add_upload_locked(staged.key, -staged.size)
                 self._end(keep_hash=False)
                 raise self._mismatch(actual)
             self._staged_verified = True
         try:
-            store._publish(digest, lambda: _move(store.objects, staged, blob))
+            store._publish(digest, lambda: _move(store.objects, staged, blob), (self._upload_id, digest))
         except (NoSuchObject, PreconditionFailed):
             if not store.contains(digest):
                 raise self._lost() from None
-        store.objects.delete(staged.key)  # left if the blob was published by another upload first
+        # Left if the blob was published by another upload first: no longer this upload's bytes.
+        if store.objects.delete(staged.key):
+            with store._lock:
+                store._add_upload_locked(staged.key, -staged.size)
         return self._finish()
 
     def _mismatch(self, actual: str) -> UploadDigestMismatch:

@@ -102,7 +102,7 @@ class LocalObjectStore:
                 "publishing an object needs an atomic rename between them"
             )
         self.read_verification: ReadVerification = StampedVerification(self.root / ".stamps", self.path)
-        self._sweep_leftovers(leftover_seconds)
+        self.sweep_scratch(leftover_seconds)
 
     def path(self, key: str) -> Path:
         """The file that holds object `key` (whether or not it exists)."""
@@ -390,23 +390,41 @@ class LocalObjectStore:
             return
         self._discard(directory)
 
-    def _sweep_leftovers(self, older_than_seconds: float) -> None:
-        """Remove temporary files and half-built uploads that a killed process left behind.
+    def sweep_scratch(self, older_than_seconds: float, *, dry_run: bool = False) -> tuple[int, int]:
+        """Remove temporary files and half-built uploads that a killed process left behind
+        (see `SweepsScratch`); return (how many, their bytes).
 
         Only old ones: a younger one may belong to a write still running in another process.
         """
         cutoff = time.time() - older_than_seconds
+        count = size = 0
         for directory, pattern in ((self._tmp, "*"), (self._multipart, ".*")):
             for path in directory.glob(pattern):
                 try:
                     if os.lstat(path).st_mtime > cutoff:
                         continue
-                    if path.is_dir() and not path.is_symlink():
-                        shutil.rmtree(path, ignore_errors=True)
-                    else:
-                        path.unlink(missing_ok=True)
+                    is_dir = path.is_dir() and not path.is_symlink()
+                    found = _tree_bytes(path) if is_dir else os.lstat(path).st_size
+                    if not dry_run:
+                        if is_dir:
+                            shutil.rmtree(path, ignore_errors=True)
+                        else:
+                            path.unlink(missing_ok=True)
                 except FileNotFoundError:
                     continue
+                count += 1
+                size += found
+        return count, size
+
+
+def _tree_bytes(directory: Path) -> int:
+    total = 0
+    for path in directory.rglob("*"):
+        with contextlib.suppress(FileNotFoundError):
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+    return total
 
 
 class _FileReader:

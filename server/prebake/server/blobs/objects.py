@@ -195,6 +195,20 @@ class Presigns(Protocol):
 
 
 @runtime_checkable
+class SweepsScratch(Protocol):
+    """An object store that keeps bookkeeping files of its own (local disk: `.tmp/`, half-built
+    uploads), which a killed writer may leave behind. Optional: S3 keeps none (its unfinished
+    multipart uploads are `find_uploads`').
+    """
+
+    def sweep_scratch(self, older_than_seconds: float, *, dry_run: bool = False) -> tuple[int, int]:
+        """Remove (with `dry_run`: only count) leftovers untouched for `older_than_seconds`;
+        return (how many, their bytes). Younger ones may belong to a write still running in
+        another process and are kept. Thread safe."""
+        ...
+
+
+@runtime_checkable
 class ObjectStore(Protocol):
     """A flat namespace of immutable-once-written objects with ranged reads and multipart uploads.
 

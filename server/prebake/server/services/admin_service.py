@@ -10,6 +10,7 @@ import grpc
 
 from prebake.core.errors import InvalidArgument
 from prebake.server import convert, integrity
+from prebake.server.garbage import GcReport
 from prebake.server.records import JobState
 from prebake.server.services import pagination
 from prebake.server.services.registry_service import check_artifact_id
@@ -92,6 +93,12 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             started_at=convert.timestamp(c.started_at),
         )
 
+    @unary
+    async def CollectGarbage(
+        self, request: admin_pb2.CollectGarbageRequest, context: Ctx
+    ) -> admin_pb2.CollectGarbageResponse:
+        return gc_response(await self.s.collector.collect(dry_run=request.dry_run))
+
     @streaming
     async def VerifyBlobs(
         self, request: admin_pb2.VerifyBlobsRequest, context: Ctx
@@ -121,6 +128,29 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                     )
         finally:
             await run.aclose()
+
+
+def gc_response(report: GcReport) -> admin_pb2.CollectGarbageResponse:
+    usage = report.usage
+    return admin_pb2.CollectGarbageResponse(
+        dry_run=report.dry_run,
+        stale_uploads=report.stale_uploads.items,
+        stale_upload_bytes=report.stale_uploads.bytes,
+        quarantined_blobs=report.quarantined_blobs.items,
+        quarantined_bytes=report.quarantined_blobs.bytes,
+        orphaned_blobs=report.orphaned_blobs.items,
+        orphaned_bytes=report.orphaned_blobs.bytes,
+        evicted_artifact_ids=report.evicted_artifact_ids,
+        evicted_blobs=report.evicted_blobs.items,
+        evicted_bytes=report.evicted_blobs.bytes,
+        kept_in_use=report.kept_in_use,
+        usage=admin_pb2.StoreUsage(
+            blob_bytes=usage.blob_bytes,
+            upload_bytes=usage.upload_bytes,
+            reserved_bytes=usage.reserved_bytes,
+            max_store_bytes=usage.max_store_bytes,
+        ),
+    )
 
 
 def _damaged(damage: integrity.Damage) -> admin_pb2.DamagedBlob:

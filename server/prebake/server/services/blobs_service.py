@@ -50,6 +50,8 @@ class BlobsService(blobs_pb2_grpc.BlobsServicer):
         s = self.s
         # Off the loop: one stat (local) or HEAD (object store) per digest.
         missing = await s.run_blocking(s.blobs.find_missing, digests)
+        # The caller may publish the present ones without uploading them: not garbage now.
+        s.in_use.wanted(set(digests).difference(missing))
         return blobs_pb2.FindMissingBlobsResponse(missing=[convert.digest(d) for d in missing])
 
     @streaming
@@ -65,21 +67,23 @@ class BlobsService(blobs_pb2_grpc.BlobsServicer):
         # read() checks the blob before returning (hashing it where the backend cannot vouch for
         # it), so a corrupt blob is never served; off the loop, since that may read the whole blob.
         read_at = time.time()
-        try:
-            chunks = await s.run_blocking(s.blobs.read, digest, request.offset, request.limit, READ_CHUNK)
-        except (NotFound, DataLoss) as exc:
-            await _lost(s, digest, exc, read_at)
-            raise
-        try:
-            # Disk reads go to the I/O pool: a cold read must not stall every other rpc.
-            while (chunk := await s.run_blocking(next, chunks, None)) is not None:
-                s.counters.bytes_served += len(chunk)
-                yield blobs_pb2.ReadResponse(data=chunk)
-        except DataLoss as exc:  # the stored blob ended early: quarantined by the store
-            await _lost(s, digest, exc, read_at)
-            raise
-        finally:
-            chunks.close()
+        # Marked in use from before the check to the last chunk: eviction keeps its artifact.
+        with s.in_use.reading(digest):
+            try:
+                chunks = await s.run_blocking(s.blobs.read, digest, request.offset, request.limit, READ_CHUNK)
+            except (NotFound, DataLoss) as exc:
+                await _lost(s, digest, exc, read_at)
+                raise
+            try:
+                # Disk reads go to the I/O pool: a cold read must not stall every other rpc.
+                while (chunk := await s.run_blocking(next, chunks, None)) is not None:
+                    s.counters.bytes_served += len(chunk)
+                    yield blobs_pb2.ReadResponse(data=chunk)
+            except DataLoss as exc:  # the stored blob ended early: quarantined by the store
+                await _lost(s, digest, exc, read_at)
+                raise
+            finally:
+                chunks.close()
 
     @unary
     async def Write(
@@ -101,6 +105,7 @@ class BlobsService(blobs_pb2_grpc.BlobsServicer):
                         s.blobs.open_write, upload_id, convert.digest_from_proto(req.digest)
                     )
                     if writer.complete:
+                        s.in_use.wanted([writer.digest])  # as FindMissingBlobs: about to be published
                         return blobs_pb2.WriteResponse(committed_size=writer.digest.size, complete=True)
                 else:
                     self._check_consistent(req, upload_id, writer)

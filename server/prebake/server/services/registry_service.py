@@ -10,6 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from prebake.core.errors import InvalidArgument, NotFound
 from prebake.server import compat, convert, nearest
+from prebake.server.auth.request_rules import ENQUEUE_REFUSED, may_enqueue, require_replace_allowed
 from prebake.server.key_normalization import DEFAULT_TOOLCHAINS, diff_keys, normalize_key
 from prebake.server.records import Artifact, Digest, ErrorClass, Job, JobState, NormalizedKey
 from prebake.server.services.blob_checks import require_present, verified_manifest
@@ -18,7 +19,6 @@ from prebake.server.status import unary
 from prebake.server.worker_liveness import WorkerLiveness
 from prebake.v1 import registry_pb2, registry_pb2_grpc
 
-MAX_MODEL_SOURCE = 1024
 POLICIES = {
     registry_pb2.COMPATIBILITY_POLICY_LONGER_SEQUENCE: compat.Policy.LONGER_SEQUENCE,
     registry_pb2.COMPATIBILITY_POLICY_NEURONCORE_V2_FAMILY: compat.Policy.NEURONCORE_V2_FAMILY,
@@ -31,14 +31,6 @@ def check_artifact_id(artifact_id: str) -> str:
     if len(artifact_id) != 32 or any(c not in "0123456789abcdef" for c in artifact_id):
         raise InvalidArgument(f"artifact id {artifact_id!r} is not a key digest (32 lowercase hex digits)")
     return artifact_id
-
-
-def check_model_source(source: str) -> str:
-    if len(source) > MAX_MODEL_SOURCE:
-        raise InvalidArgument(f"model_source is {len(source)} characters; at most {MAX_MODEL_SOURCE}")
-    if any(ord(c) < 32 for c in source):
-        raise InvalidArgument("model_source contains control characters")
-    return source
 
 
 class RegistryService(registry_pb2_grpc.RegistryServicer):
@@ -141,11 +133,20 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
             s.hub.notify([job.job_id])
         return reason, job
 
+    def _refuse_other_source(self, job: Job, model_source: str, named: bool) -> None:
+        """A joiner joins the job's source too: naming another one is FAILED_PRECONDITION
+        (not a silent join). A lookup that names none joins whatever the job reads."""
+        if named:
+            conflict = self.s.model_sources.conflict(job.job_id, job.model_source, model_source)
+            if conflict is not None:
+                raise conflict
+
     @unary
     async def Lookup(self, request: registry_pb2.LookupRequest, context: Ctx) -> registry_pb2.LookupResponse:
         key, toolchain_source = await self.normalize(request.key)
-        model_source = check_model_source(request.model_source)
         s = self.s
+        # Policy, not input: the source a job would read (see `prebake.server.model_sources`).
+        model_source, named = s.model_sources.resolve(key.model, request.model_source)
         s.counters.lookups += 1
         resolved = convert.resolved_key(key)
         match = await self._match(key, request)
@@ -167,6 +168,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         jobs = s.storage.jobs
         active = await jobs.active(key.digest)
         if active is not None:
+            self._refuse_other_source(active, model_source, named)
             response.status = registry_pb2.LOOKUP_STATUS_COMPILING
             response.unserved_reason, active = await self._unserved(key, active)
             response.job.CopyFrom(convert.job(active))
@@ -188,7 +190,13 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
             response.status = registry_pb2.LOOKUP_STATUS_MISS
             response.error = "no artifact for this key; no job was created (on_miss=REPORT)"
             return response
+        if not may_enqueue(s.config.reader_may_enqueue):
+            response.status = registry_pb2.LOOKUP_STATUS_MISS
+            response.error = ENQUEUE_REFUSED
+            return response
         job, created = await s.lifecycle.create_or_join(key, model_source, s.config.job_max_attempts)
+        if not created:  # created concurrently by another lookup since `active` above
+            self._refuse_other_source(job, model_source, named)
         if created:
             s.hub.notify([job.job_id])
             s.work.fire()
@@ -211,12 +219,15 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
     async def PublishArtifact(
         self, request: registry_pb2.PublishArtifactRequest, context: Ctx
     ) -> registry_pb2.PublishArtifactResponse:
+        require_replace_allowed(request.replace)
         key, _ = await self.normalize(request.key)
         s = self.s
         files, producer, digests = await verified_manifest(s, request.files, request.producer)
         async with s.blob_refs:
             require_present(s, digests)
-            stored, created, completed = await s.lifecycle.publish(key, files, producer, request.replace)
+            stored, created, completed = await s.lifecycle.publish(
+                key, files, producer, request.replace, force=request.force
+            )
         s.hub.notify(j.job_id for j in completed)
         return registry_pb2.PublishArtifactResponse(
             artifact=convert.artifact(stored),

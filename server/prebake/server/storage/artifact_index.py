@@ -105,6 +105,16 @@ class ArtifactIndex(Protocol):
         """Whether any artifact's file or producer log, or any job's log, names `digest`."""
         ...
 
+    async def least_recently_used(self, limit: int) -> list[Artifact]:
+        """Up to `limit` unpinned artifacts, least recently accessed first, without files.
+
+        Ordered by `last_accessed_at` ascending, then id: the eviction order
+        (`prebake.server.garbage`). `limit` < 1 returns nothing. A scan of every artifact
+        where the engine has no index for it (DynamoDB): meant for the periodic collector,
+        not for request paths.
+        """
+        ...
+
     async def counts(self) -> RegistryCounts:
         """Artifact totals and jobs per state (every state present, zeros included)."""
         ...

@@ -109,6 +109,9 @@ class CachedArtifactIndex:
     async def is_referenced(self, digest: Digest) -> bool:
         return await self.inner.is_referenced(digest)
 
+    async def least_recently_used(self, limit: int) -> list[Artifact]:
+        return await self.inner.least_recently_used(limit)
+
     async def counts(self) -> RegistryCounts:
         return await self.inner.counts()
 

@@ -10,20 +10,14 @@ from __future__ import annotations
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from prebake.server.registry_url import SCHEME, validate_table_prefix
 from prebake.server.storage.bundle import Storage
 from prebake.server.storage.dynamodb.artifact_index import DynamoArtifactIndex
 from prebake.server.storage.dynamodb.connection import new_client
 from prebake.server.storage.dynamodb.engine import Engine
 from prebake.server.storage.dynamodb.errors import init_hint, translate
 from prebake.server.storage.dynamodb.job_queue import DynamoJobQueue
-from prebake.server.storage.dynamodb.tables import (
-    SCHEME,
-    TABLES,
-    TableNames,
-    check_tables,
-    create_tables,
-    validate_table_prefix,
-)
+from prebake.server.storage.dynamodb.tables import TABLES, TableNames, check_tables, create_tables
 from prebake.server.storage.dynamodb.worker_directory import DynamoWorkerDirectory
 
 __all__ = ["SCHEME", "TABLES", "TableNames", "create_tables", "open_dynamodb", "validate_table_prefix"]

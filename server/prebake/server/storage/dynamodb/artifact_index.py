@@ -40,6 +40,7 @@ from prebake.server.storage.dynamodb import items
 from prebake.server.storage.dynamodb.engine import Engine
 from prebake.server.storage.dynamodb.items import Item, boolean, n, s
 from prebake.server.storage.dynamodb.job_queue import DynamoJobQueue
+from prebake.server.storage.dynamodb.tables import ARTIFACT_LISTED_ATTRIBUTES
 from prebake.server.storage.page_tokens import Page
 
 log = logging.getLogger(__name__)
@@ -360,6 +361,26 @@ class DynamoArtifactIndex:
         except ConditionFailed:
             return None
         return None if found is None else items.artifact_from_item(found)
+
+    async def least_recently_used(self, limit: int) -> list[Artifact]:
+        if limit < 1:
+            return []
+        # No index orders by access time (every hit would rewrite it): one scan of the small
+        # listed attributes, sorted here. For the periodic collector only.
+        params = {
+            "TableName": self._table,
+            "ProjectionExpression": ", ".join(f"#{a}" for a in ("artifact_id", *ARTIFACT_LISTED_ATTRIBUTES)),
+            "FilterExpression": "#pinned = :unpinned",
+            "ExpressionAttributeValues": {":unpinned": boolean(False)},
+            "ConsistentRead": True,
+        }
+
+        def read() -> list[Artifact]:
+            found = [items.artifact_from_item(item) for item in self._engine.scan(params)]
+            found.sort(key=lambda a: (a.last_accessed_at, a.artifact_id))
+            return found[:limit]
+
+        return await self._engine.run(self._where, read)
 
     async def counts(self) -> RegistryCounts:
         # Full scans (COUNT-like, one small attribute each): fine for an operator's status

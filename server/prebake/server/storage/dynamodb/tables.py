@@ -31,24 +31,20 @@ That is fine for thousands of writes per second; sharding those keys is the next
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from prebake.core.errors import FailedPrecondition, InvalidArgument, Unavailable
+from prebake.core.errors import FailedPrecondition, Unavailable
+from prebake.server.registry_url import SCHEME, validate_table_prefix
 from prebake.server.storage.dynamodb.connection import new_client
 from prebake.server.storage.dynamodb.errors import init_hint, translate
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.client import DynamoDBClient
 
-SCHEME = "dynamodb://"
-# DynamoDB table names: 3-255 of letters, digits, '_', '-', '.'; the longest suffix is
-# "-blob-refs" (10 characters).
-_PREFIX_RE = re.compile(r"[A-Za-z0-9_.-]{1,245}")
 # CreateTable on AWS takes seconds to a minute; a table stuck longer is an AWS problem.
 ACTIVE_TIMEOUT_SECONDS = 300.0
 
@@ -133,16 +129,6 @@ JOBS = TableSpec(
 )
 WORKERS = TableSpec("workers", "worker_id")
 TABLES = (ARTIFACTS, BLOB_REFS, JOBS, WORKERS)
-
-
-def validate_table_prefix(prefix: str) -> str:
-    """`prefix` if it makes valid table names, else `InvalidArgument` saying what is allowed."""
-    if not _PREFIX_RE.fullmatch(prefix):
-        raise InvalidArgument(
-            f"DynamoDB table prefix {prefix!r} must be 1-245 letters, digits, '_', '-' or '.' "
-            f"(as in {SCHEME}prebake-prod)"
-        )
-    return prefix
 
 
 @dataclass(frozen=True)

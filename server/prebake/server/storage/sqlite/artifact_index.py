@@ -210,6 +210,16 @@ class SqliteArtifactIndex:
 
         return await self._db.write(write)
 
+    async def least_recently_used(self, limit: int) -> list[Artifact]:
+        if limit < 1:
+            return []
+        with self._db.read() as c:
+            found = c.execute(
+                "SELECT * FROM artifacts WHERE pinned = 0 ORDER BY last_accessed_at, artifact_id LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [rows.artifact_from_row(row) for row in found]
+
     async def counts(self) -> RegistryCounts:
         with self._db.read() as c:
             totals = c.execute(
