@@ -211,6 +211,7 @@ def test_the_plugin_commands_are_the_entry_points_the_package_declares() -> None
         "reindex": "prebake.server.ops_cli:register_reindex",
         "migrate": "prebake.server.ops_cli:register_migrate",
         "token": "prebake.server.auth.token_cli:register",
+        "key": "prebake.core.key_cli:register",
     }
     # The client knows each one, to say what to install where it is missing.
     assert set(PLUGIN_COMMANDS) == set(declared)

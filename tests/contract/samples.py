@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from prebake.core.digests import hash_bytes
+from prebake.core.signing import Signature
 from prebake.server.job_lifecycle import new_artifact, new_job_id
 from prebake.server.records import (
     Artifact,
@@ -74,6 +75,8 @@ PRODUCER = Producer(
     log=blob("log-1", 2048),
     note="compiled on inf2",
 )
+# Storage keeps a signature as given (the services check them): any well-formed bytes do.
+SIGNATURE = Signature(key_id="ed25519:" + "ab" * 16, signature=bytes(range(64)), public_key=bytes(range(32)))
 NEURON = WorkerCapability("neuron", "neuronx-cc 2.x")
 NEURON_AWQ = (NEURON, WorkerCapability("awq", "llmcompressor 0.14"))
 

@@ -15,7 +15,17 @@ from prebake.server.records import Artifact, JobState
 from prebake.server.storage import ArtifactQuery, ConditionFailed, JobQuery, JobWrite
 from prebake.server.storage.bundle import Storage
 from prebake.server.storage.page_tokens import encode
-from tests.contract.samples import FILES, PRODUCER, START, blob, entry, make_artifact, make_job, make_key
+from tests.contract.samples import (
+    FILES,
+    PRODUCER,
+    SIGNATURE,
+    START,
+    blob,
+    entry,
+    make_artifact,
+    make_job,
+    make_key,
+)
 from tests.contract.storage_backends import Backend
 
 ALL = ArtifactQuery()
@@ -40,6 +50,37 @@ async def test_a_producer_without_log_round_trips(storage: Storage) -> None:
     artifact = replace(make_artifact(), producer=replace(PRODUCER, log=None, note=""))
     await storage.artifacts.put(artifact, expect_manifest=None)
     assert await storage.artifacts.get(artifact.artifact_id) == artifact
+
+
+async def test_a_signature_is_kept_with_the_artifact_on_every_write(
+    backend: Backend, storage: Storage
+) -> None:
+    signed = replace(make_artifact(), signature=SIGNATURE)
+    await storage.artifacts.put(signed, expect_manifest=None)
+    assert await storage.artifacts.get(signed.artifact_id) == signed
+    other = backend.open()
+    try:
+        assert await other.artifacts.get(signed.artifact_id) == signed
+    finally:
+        other.close()
+    pinned = await storage.artifacts.set_pinned(signed.artifact_id, True)
+    assert pinned is not None and pinned.signature == SIGNATURE
+    await storage.artifacts.record_hits({signed.artifact_id: (2, START + 5)})
+    stored = await storage.artifacts.get(signed.artifact_id)
+    assert stored is not None and stored.signature == SIGNATURE
+    # Listings carry neither files nor signatures, on every backend.
+    page = await storage.artifacts.list_page(ArtifactQuery(), "", 10)
+    assert [(a.artifact_id, a.signature) for a in page.items] == [(signed.artifact_id, None)]
+    # A replace writes the new artifact's signature (or none) over the old one, even for the
+    # same file list (a re-signed rebuild of a revoked signer's artifact).
+    resigned = replace(
+        signed, pinned=True, signature=replace(SIGNATURE, key_id="ed25519:" + "cd" * 16), created_at=START + 9
+    )
+    await storage.artifacts.put(resigned, expect_manifest=signed.manifest_digest)
+    assert await storage.artifacts.get(signed.artifact_id) == resigned
+    unsigned = replace(make_artifact(files=(entry("other.bin"),), at=START + 10), signature=None)
+    await storage.artifacts.put(unsigned, expect_manifest=resigned.manifest_digest)
+    assert await storage.artifacts.get(signed.artifact_id) == unsigned
 
 
 async def test_a_second_instance_on_the_engine_sees_every_write(backend: Backend, storage: Storage) -> None:

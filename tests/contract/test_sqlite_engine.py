@@ -29,7 +29,16 @@ from prebake.server.storage import ArtifactQuery
 from prebake.server.storage.sqlite import SchemaTooNew, open_sqlite, rows, schema
 from prebake.server.storage.sqlite.connection import Database
 from prebake.server.storage.sqlite.job_queue import _SNAPSHOT_EXCLUDES
-from tests.contract.samples import FILES, NEURON, PRODUCER, START, make_artifact, make_job, make_key
+from tests.contract.samples import (
+    FILES,
+    NEURON,
+    PRODUCER,
+    SIGNATURE,
+    START,
+    make_artifact,
+    make_job,
+    make_key,
+)
 
 
 @pytest.fixture
@@ -214,9 +223,9 @@ async def test_a_version_1_database_gains_job_revisions_and_workers(db_path: Pat
             [job.job_id, sequence, version.updated_at, json.dumps(snapshot)],
         )
     artifact = make_artifact(make_key(batch_size=1))
-    artifact_row = rows.artifact_row(artifact)
-    del artifact_row["unavailable"]  # added by migration 3
-    v1.table("artifacts").insert(artifact_row)
+    v1_row = rows.artifact_row(artifact)
+    del v1_row["signature"], v1_row["unavailable"]  # added by migrations 3 and 4
+    v1.table("artifacts").insert(v1_row)
     for f in artifact.files:
         v1.table("artifact_files").insert(
             {
@@ -255,6 +264,37 @@ async def test_a_version_1_database_gains_job_revisions_and_workers(db_path: Pat
         record = WorkerRecord("w2", (NEURON,), START + 100, START + 130)
         await storage.workers.put_worker(record)
         assert await storage.workers.workers(START + 100) == [record]
+    finally:
+        storage.close()
+
+
+async def test_a_version_2_database_gains_signatures_and_its_artifacts_read_unsigned(db_path: Path) -> None:
+    db_path.parent.mkdir(parents=True)
+    v2 = _autocommit_db(db_path)
+    assert schema.migrate(v2, START, schema.MIGRATIONS[:2]) == [1, 2]
+    artifact = make_artifact()
+    row = rows.artifact_row(artifact)
+    del row["signature"]
+    v2.table("artifacts").insert(row)
+    v2.table("artifact_files").insert_all(
+        {
+            "artifact_id": artifact.artifact_id,
+            "path": f.path,
+            "hash": f.digest.hash,
+            "size": f.digest.size,
+            "executable": int(f.executable),
+        }
+        for f in artifact.files
+    )
+    v2.conn.close()
+    storage = open_sqlite(db_path)
+    try:
+        assert [row[0] for row in _applied(db_path)] == [1, 2, 3]
+        stored = await storage.artifacts.get(artifact.artifact_id)
+        assert stored == artifact and stored.signature is None
+        signed = replace(make_artifact(make_key(batch_size=2)), signature=SIGNATURE)
+        await storage.artifacts.put(signed, expect_manifest=None)
+        assert await storage.artifacts.get(signed.artifact_id) == signed
     finally:
         storage.close()
 

@@ -90,6 +90,9 @@ PLUGIN_COMMANDS = {
         "the server extra",
         "pip install 'prebake[server]'",
     ),
+    "key": PluginCommand(
+        "generate a signing key pair for artifacts", "the signing extra", "pip install 'prebake[signing]'"
+    ),
 }
 
 
@@ -222,6 +225,18 @@ def _add_host_cache(parser: argparse.ArgumentParser, purpose: str, env_default: 
             action="store_true",
             help="do not use the host cache even if PREBAKE_HOST_CACHE is set",
         )
+
+
+def _add_trust(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trust",
+        action="append",
+        default=[],
+        metavar="KEYFILE",
+        help="place only artifacts signed by this public key (PEM); repeatable, any one suffices "
+        "(key rotation). Default: the files in $PREBAKE_TRUST (a path list). Refused: exit 9, "
+        "nothing placed. Needs pip install 'prebake[signing]'",
+    )
 
 
 def _add_job_filters(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -413,6 +428,7 @@ def _add_fetch(sub: _Commands) -> None:
     p.add_argument("--dest", required=True, metavar="DIR", help="directory to place the artifact in")
     p.add_argument("--overwrite", action="store_true", help="replace whatever --dest holds")
     _add_host_cache(p, "place files this host's blob cache holds from it", env_default=True)
+    _add_trust(p)
     _add_quiet(p)
     _add_json(p)
 
@@ -452,6 +468,7 @@ def _add_ensure(sub: _Commands) -> None:
         "before exiting with code 8 (default 0: exit at once)",
     )
     _add_host_cache(p, "place files this host's blob cache holds from it", env_default=True)
+    _add_trust(p)
     _add_quiet(p)
     _add_json(p)
 
@@ -535,6 +552,11 @@ def _add_publish(sub: _Commands) -> None:
     p.add_argument("--replace", action="store_true", help="replace an existing artifact with other files")
     p.add_argument(
         "--force", action="store_true", help="with --replace: replace even a pinned artifact (admin)"
+    )
+    p.add_argument(
+        "--signing-key",
+        metavar="FILE",
+        help="sign the artifact with this Ed25519 private key (PEM; `prebake key generate`)",
     )
     _add_quiet(p)
     _add_json(p)

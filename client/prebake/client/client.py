@@ -70,6 +70,7 @@ from prebake.core.names import (
     lookup_status_name,
 )
 from prebake.core.s3_urls import is_s3_url
+from prebake.core.signing import Signature, SigningKey, TrustSet, check_signed_key, files_digest
 from prebake.v1 import (
     admin_pb2,
     blobs_pb2,
@@ -173,6 +174,21 @@ def _key_proto(key: KeyLike) -> key_pb2.ArtifactKey:
     return key.to_proto() if isinstance(key, ArtifactKey) else key
 
 
+def sign_manifest(
+    signing_key: SigningKey, key: key_pb2.ResolvedKey, files: Sequence[registry_pb2.ArtifactFile]
+) -> Signature:
+    """`signing_key`'s signature of the artifact `files` make for the resolved `key`."""
+    return signing_key.sign(key.digest, key.canonical, files_digest(files))
+
+
+def _signature_message(signature: Signature | None) -> registry_pb2.Signature | None:
+    if signature is None:
+        return None
+    return registry_pb2.Signature(
+        key_id=signature.key_id, signature=signature.signature, public_key=signature.public_key
+    )
+
+
 def _producer_identity() -> str:
     try:
         user = getpass.getuser()
@@ -217,10 +233,14 @@ class Client:
         client_cert: str | Path | None = None,
         client_key: str | Path | None = None,
         credentials: Credentials | None = None,
+        trust: TrustSet | None = None,
     ) -> None:
         self.target = target
         # What the server is shown (see `prebake.client.credentials`): read once, here.
         self.credentials = credentials or Credentials.load(token, ca_bundle, client_cert, client_key)
+        # Every fetch (and ensure) places only artifacts signed by one of these keys, checked
+        # here from the manifest received (`prebake.core.signing`); None: no check.
+        self.trust = trust
         # Ask for presigned URLs in manifests, so big files come straight from S3 (verified
         # as ever, with the server as the fallback). Off: every byte through the server.
         self.direct_download = direct_download
@@ -308,16 +328,25 @@ class Client:
         producer: registry_pb2.Producer | None = None,
         replace: bool = False,
         force: bool = False,
+        *,
+        signature: Signature | None = None,
     ) -> registry_pb2.PublishArtifactResponse:
         """Publish a manifest whose blobs are all uploaded already (see `publish`).
 
         Raises FailedPrecondition when a blob is missing or, with `replace` but not
         `force`, when the existing artifact is pinned; AlreadyExists when another file
         list exists for the key and `replace` is not set; PermissionDenied for `replace`
-        without the admin role (on a server with authentication).
+        without the admin role (on a server with authentication). With `signature`:
+        InvalidArgument when it does not verify, PermissionDenied when the server does not
+        accept its signer.
         """
         request = registry_pb2.PublishArtifactRequest(
-            key=_key_proto(key), files=files, producer=producer, replace=replace, force=force
+            key=_key_proto(key),
+            files=files,
+            producer=producer,
+            replace=replace,
+            force=force,
+            signature=_signature_message(signature),
         )
         return self._call(lambda t: self._conn.stubs.registry.PublishArtifact(request, timeout=t))
 
@@ -572,14 +601,21 @@ class Client:
         fencing_token: int,
         files: Sequence[registry_pb2.ArtifactFile],
         producer: registry_pb2.Producer | None = None,
+        *,
+        signature: Signature | None = None,
     ) -> workers_pb2.CompleteJobResponse:
         """Publish a leased job's output (uploaded beforehand, e.g. by `upload_directory`).
 
         Raises FailedPrecondition when the lease was lost (nothing stored) or a blob is
-        missing (upload and retry); idempotent, so safe to retry.
+        missing (upload and retry); idempotent, so safe to retry. `signature` (see
+        `sign_manifest`) is recorded with the artifact.
         """
         request = workers_pb2.CompleteJobRequest(
-            job_id=job_id, fencing_token=fencing_token, files=files, producer=producer
+            job_id=job_id,
+            fencing_token=fencing_token,
+            files=files,
+            producer=producer,
+            signature=_signature_message(signature),
         )
         return self._call(lambda t: self._conn.stubs.workers.CompleteJob(request, timeout=t))
 
@@ -702,8 +738,12 @@ class Client:
         overwrite: bool = False,
         *,
         host_cache: HostCache | None = None,
+        trust: TrustSet | None = None,
     ) -> FetchResult:
         """Place an artifact (a manifest, or an id) in directory `dest`, verified and atomically.
+
+        With `trust` (default: the client's), an artifact no trusted key signed raises
+        `UntrustedArtifact` before anything is downloaded or placed.
 
         Never leaves a partial `dest`: files go to a temporary directory beside it
         (resumed by the next call after an interruption) and are renamed into place only
@@ -717,7 +757,13 @@ class Client:
         elif not artifact.files and artifact.file_count:
             artifact = self.get_artifact(artifact.artifact_id)  # a listing entry: no files
         return fetch_artifact(
-            artifact, Path(dest), self._download_file, progress, overwrite, host_cache=host_cache
+            artifact,
+            Path(dest),
+            self._download_file,
+            progress,
+            overwrite,
+            host_cache=host_cache,
+            trust=self.trust if trust is None else trust,
         )
 
     def _download_file(
@@ -739,6 +785,7 @@ class Client:
         progress: Progress | None = None,
         *,
         force: bool = False,
+        signing_key: SigningKey | None = None,
     ) -> registry_pb2.PublishArtifactResponse:
         """Publish the regular files under `directory` as the artifact for `key`.
 
@@ -747,18 +794,25 @@ class Client:
         Hashes every file, uploads only the blobs the server lacks, then publishes;
         nothing is published before every blob is uploaded. If a blob vanishes between
         upload and publish (FAILED_PRECONDITION or DATA_LOSS), it is uploaded again and
-        the publish retried once. Symbolic links and special files are refused.
+        the publish retried once. Symbolic links and special files are refused. With
+        `signing_key` the artifact is signed: the key is resolved first (a lookup that
+        enqueues nothing, so with authentication the token needs the reader role besides
+        publisher), since the signature covers the resolved key.
         """
         files = scan_directory(Path(directory))
         producer = registry_pb2.Producer(worker=_producer_identity(), note=producer_note)
         manifest = [f.to_proto() for f in files]
+        signature = None
+        if signing_key is not None:
+            resolved = self.lookup(key, on_miss="report").key
+            signature = sign_manifest(signing_key, resolved, manifest)
         self._upload_missing(files, progress)
         try:
-            return self.publish_artifact(key, manifest, producer, replace, force)
+            return self.publish_artifact(key, manifest, producer, replace, force, signature=signature)
         except (FailedPrecondition, DataLoss):
             # A blob was deleted or quarantined since it was uploaded: upload it again.
             self._upload_missing(files, progress)
-            return self.publish_artifact(key, manifest, producer, replace, force)
+            return self.publish_artifact(key, manifest, producer, replace, force, signature=signature)
 
     def upload_directory(
         self, directory: Path | str, progress: Progress | None = None
@@ -828,6 +882,7 @@ class Client:
         host_cache: HostCache | None = None,
         allow: Sequence[str] = (),
         worker_grace: float = 0.0,
+        trust: TrustSet | None = None,
     ) -> EnsureResult:
         """Make `dest` hold the artifact for `key`, compiling it first if needed.
 
@@ -840,9 +895,11 @@ class Client:
         the lookup and the wait for a compile (DeadlineExceeded), not the transfer, which
         is bounded by stall detection instead. Raises CompileFailed when the compile
         failed (now or, cached, earlier) and JobCancelled when the job was cancelled.
-        `dest` is placed as by `fetch` (with its `overwrite` and `host_cache`). A hit whose
-        blob turns out missing or corrupt on the server is looked up once more: the server
-        marked it unavailable, so that lookup follows (or enqueues) its rebuild.
+        `dest` is placed as by `fetch` (with its `overwrite`, `host_cache` and `trust`, the
+        client's by default: an artifact no trusted key signed raises `UntrustedArtifact` and
+        nothing is placed). A hit whose blob turns out missing or corrupt on the server is
+        looked up once more: the server marked it unavailable, so that lookup follows (or
+        enqueues) its rebuild.
         """
         started = time.monotonic()
         ready = functools.partial(
@@ -855,11 +912,19 @@ class Client:
             worker_grace=worker_grace,
             started=started,
         )
+
+        def place(artifact: registry_pb2.Artifact) -> FetchResult:
+            if (self.trust if trust is None else trust) is not None:
+                # The signature (checked by fetch) binds the key; it must be the key asked for.
+                requested = _key_proto(key)
+                check_signed_key(artifact, requested.model, requested.model_revision)
+            return self.fetch(
+                artifact, dest, progress=progress, overwrite=overwrite, host_cache=host_cache, trust=trust
+            )
+
         status, artifact, job_id = ready()
         try:
-            fetched = self.fetch(
-                artifact, dest, progress=progress, overwrite=overwrite, host_cache=host_cache
-            )
+            fetched = place(artifact)
         except (NotFound, DataLoss) as lost:
             # A blob of the hit was missing or corrupt on the server. Its Read marked the
             # artifact unavailable and enqueued the rebuild where a job can do it, so a second
@@ -870,9 +935,7 @@ class Client:
             status, artifact, job_id = ready()
             if job_id is None:
                 raise lost from None
-            fetched = self.fetch(
-                artifact, dest, progress=progress, overwrite=overwrite, host_cache=host_cache
-            )
+            fetched = place(artifact)
         return EnsureResult(
             status=status,
             artifact_id=artifact.artifact_id,

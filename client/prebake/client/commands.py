@@ -25,10 +25,12 @@ from prebake.client.errors import (
     AlreadyExists,
     CompileFailed,
     FailedPrecondition,
+    InvalidArgument,
     NoCapableWorker,
     NotFound,
     PrebakeError,
     Unavailable,
+    UntrustedArtifact,
 )
 from prebake.client.hostcache import ENV as HOST_CACHE_ENV
 from prebake.client.hostcache import HostCache
@@ -44,8 +46,11 @@ from prebake.client.progress import (
     is_interactive,
 )
 from prebake.core.command_plugins import CommandFailed
+from prebake.core.signing import SigningKey, SigningUnavailable, TrustSet
 from prebake.v1 import admin_pb2, jobs_pb2, registry_pb2
 
+# Public key files whose signatures fetch/ensure accept, when no --trust is given.
+TRUST_ENV = "PREBAKE_TRUST"
 _LOOKUP_EXIT = {
     registry_pb2.LOOKUP_STATUS_HIT: exitcodes.OK,
     registry_pb2.LOOKUP_STATUS_MISS: exitcodes.MISS,
@@ -97,6 +102,9 @@ def run(args: argparse.Namespace) -> int:
     except NoCapableWorker as exc:
         _error(str(exc))
         return exitcodes.NO_WORKER
+    except UntrustedArtifact as exc:
+        _error(f"{exc}; nothing was placed")
+        return exitcodes.UNTRUSTED
     except PrebakeError as exc:
         _error(str(exc))
         return exitcodes.ERROR
@@ -200,6 +208,7 @@ def fetch(args: argparse.Namespace, client: Client) -> int:
             progress=display,
             overwrite=args.overwrite,
             host_cache=host_cache_from_args(args, env_default=True),
+            trust=trust_from_args(args),
         )
     data = {
         "status": "HIT",
@@ -240,6 +249,7 @@ def ensure(args: argparse.Namespace, client: Client) -> int:
             host_cache=host_cache_from_args(args, env_default=True),
             allow=args.allow,
             worker_grace=args.worker_grace,
+            trust=trust_from_args(args),
         )
     text = render.fetch_text(result.fetch)
     if result.job_id:
@@ -255,6 +265,28 @@ def ensure(args: argparse.Namespace, client: Client) -> int:
     }
     _emit(args, text, data)
     return exitcodes.OK
+
+
+def trust_from_args(args: argparse.Namespace) -> TrustSet | None:
+    """The trust set of --trust KEYFILE (repeatable), else of $PREBAKE_TRUST (a path list
+    separated by the platform's path separator); None when neither names a key."""
+    paths = list(args.trust) or [p for p in os.environ.get(TRUST_ENV, "").split(os.pathsep) if p]
+    if not paths:
+        return None
+    try:
+        return TrustSet.load(paths)
+    except (InvalidArgument, SigningUnavailable) as exc:
+        raise CommandFailed(f"--trust: {exc}", bad_input=True) from None
+
+
+def signing_key_from_args(args: argparse.Namespace) -> SigningKey | None:
+    """The key --signing-key FILE names, or None; CommandFailed (usage) if it cannot be used."""
+    if not args.signing_key:
+        return None
+    try:
+        return SigningKey.load(args.signing_key)
+    except (InvalidArgument, SigningUnavailable) as exc:
+        raise CommandFailed(f"--signing-key: {exc}", bad_input=True) from None
 
 
 def host_cache_from_args(args: argparse.Namespace, env_default: bool) -> HostCache | None:
@@ -338,6 +370,7 @@ def publish(args: argparse.Namespace, client: Client) -> int:
                 replace=args.replace,
                 progress=display,
                 force=args.force,
+                signing_key=signing_key_from_args(args),
             )
     except AlreadyExists as exc:
         _error(f"{exc}\n  pass --replace to replace it")

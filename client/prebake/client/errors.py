@@ -6,7 +6,9 @@ catch `grpc.RpcError`. `err.code` names the gRPC status ("NOT_FOUND", ...) and
 `err.retryable` says whether trying again later may help. Besides the status classes
 the contract documents (`proto/prebake/v1`), the client raises a few of its own:
 `DownloadDigestMismatch` (a downloaded file failed verification), `UnsafeManifest`,
-`DestinationExists`, `CompileFailed` and `JobCancelled`.
+`DestinationExists`, `CompileFailed`, `JobCancelled` and, for signed artifacts,
+`UntrustedArtifact` (refused by the trust set; nothing placed) and `SigningUnavailable`
+(the `signing` extra is not installed).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from prebake.core.errors import (
     UnsafeManifest,
 )
 from prebake.core.rpc_errors import from_rpc_error
+from prebake.core.signing import SigningUnavailable, UntrustedArtifact
 
 __all__ = [
     "Aborted",
@@ -56,9 +59,11 @@ __all__ = [
     "PermissionDenied",
     "PrebakeError",
     "QuotaExceeded",
+    "SigningUnavailable",
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
     "UnsafeManifest",
+    "UntrustedArtifact",
     "from_rpc_error",
 ]

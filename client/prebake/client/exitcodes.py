@@ -11,6 +11,7 @@ FAILED = 5  # the key's compile failed (lookup/fetch: its last compile; ensure: 
 NOT_FOUND = 6  # show/rm/pin/jobs show/fetch --artifact: no such artifact or job
 UNAVAILABLE = 7  # the server could not be reached
 NO_WORKER = 8  # ensure: no live worker can compile the key (the job stays queued)
+UNTRUSTED = 9  # fetch/ensure --trust: the artifact is not signed by a trusted key (nothing placed)
 INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
 
 DESCRIPTIONS: dict[int, str] = {
@@ -23,6 +24,7 @@ DESCRIPTIONS: dict[int, str] = {
     NOT_FOUND: "NOT_FOUND: no such artifact or job",
     UNAVAILABLE: "UNAVAILABLE: the server could not be reached",
     NO_WORKER: "NO_WORKER: ensure: no live worker can compile the key",
+    UNTRUSTED: "UNTRUSTED: fetch/ensure --trust: not signed by a trusted key; nothing placed",
 }
 
 

@@ -40,6 +40,7 @@ from prebake.client.durable import fsync_dir
 from prebake.client.errors import DestinationExists, UnsafeManifest
 from prebake.client.transfer import DownloadResult, Progress
 from prebake.core.manifest_paths import UnsafePath, safe_join, validate_manifest_paths
+from prebake.core.signing import TrustSet, verify_artifact
 from prebake.v1 import registry_pb2
 
 if TYPE_CHECKING:  # only its methods are called here; avoids a load-time import
@@ -189,8 +190,13 @@ def fetch_artifact(
     overwrite: bool = False,
     *,
     host_cache: HostCache | None = None,
+    trust: TrustSet | None = None,
 ) -> FetchResult:
     """Place `artifact`'s files (the manifest must include them) in `dest`. See module doc.
+
+    With `trust`, the manifest must be signed by one of its keys (`verify_artifact`, from
+    the files as received): otherwise `UntrustedArtifact` is raised before anything is
+    downloaded or `dest` is touched. Each file is then verified against the signed digest.
 
     With `host_cache`, every file the cache holds is placed from it (verified; see
     `HostCache.place`) and only the others are downloaded.
@@ -203,6 +209,8 @@ def fetch_artifact(
     started = time.monotonic()
     dest = Path(os.path.abspath(dest))
     check_manifest(artifact)
+    if trust is not None:
+        verify_artifact(trust, artifact)
     marker = marker_for(artifact)
 
     def result(

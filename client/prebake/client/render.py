@@ -54,6 +54,9 @@ def artifact_json(artifact: registry_pb2.Artifact, files: bool = True) -> dict[s
         "file_count": artifact.file_count or len(artifact.files),
         "total_size_bytes": artifact.total_size_bytes,
         "manifest_digest": artifact.manifest_digest,
+        # The key id the producer signed with, as the server recorded it (null: unsigned, or a
+        # listing); `--trust` verifies the signature itself.
+        "signer": artifact.signature.key_id if artifact.HasField("signature") else None,
         "pinned": artifact.pinned,
         "hit_count": artifact.hit_count,
         "created_at": timestamp_json(artifact.created_at),
@@ -312,6 +315,7 @@ def artifact_text(artifact: registry_pb2.Artifact) -> str:
                     size_summary(artifact.file_count or len(artifact.files), artifact.total_size_bytes),
                 ),
                 ("manifest", artifact.manifest_digest),
+                ("signer", artifact.signature.key_id if artifact.HasField("signature") else "unsigned"),
                 ("pinned", "yes" if artifact.pinned else "no"),
                 ("hits", str(artifact.hit_count)),
                 ("created", short_time(artifact.created_at)),

@@ -75,6 +75,12 @@ def register(commands: CommandRegistrar) -> None:
             "(default: what the server's job names; the server checks its own roots)"
         ),
     )
+    p.add_argument(
+        "--signing-key",
+        metavar="FILE",
+        help="sign every artifact this worker completes with this Ed25519 private key "
+        "(PEM; `prebake key generate`)",
+    )
 
 
 def worker(args: argparse.Namespace, client: Client) -> int:
@@ -96,6 +102,7 @@ def worker(args: argparse.Namespace, client: Client) -> int:
         # The --token / --ca-bundle / --client-cert of the command line, as the client read them.
         credentials=client.credentials,
         model_roots=None if args.model_roots is None else tuple(Path(r).absolute() for r in args.model_roots),
+        signing_key=Path(args.signing_key) if args.signing_key else None,
     )
     try:
         compile_worker = Worker(config, client=client)

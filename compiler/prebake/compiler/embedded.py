@@ -46,6 +46,7 @@ def run_embedded_workers(
     *,
     token: str | None = None,
     model_roots: tuple[Path, ...] | None = None,
+    signing_key: Path | None = None,
 ) -> list[threading.Thread]:
     """Start `per_kind` daemon worker threads per kind whose toolchain is installed here.
 
@@ -59,6 +60,8 @@ def run_embedded_workers(
     `model_roots`: the local
     directories the workers may read model sources from (the server's policy, re-checked
     before reading; see `WorkerConfig.model_roots`).
+    With `signing_key` (the server's `signing_key` setting, checked when the configuration
+    was loaded) every artifact they complete is signed with it.
     """
     if per_kind <= 0:
         return []
@@ -89,6 +92,7 @@ def run_embedded_workers(
                 drain_seconds=0.0,
                 credentials=Credentials(token=token),
                 model_roots=model_roots,
+                signing_key=signing_key,
             )
             workers.append(Worker(config, backends={status.kind: status}))
         log.info("embedded workers: serving %s with %d worker(s)", status.describe(), per_kind)

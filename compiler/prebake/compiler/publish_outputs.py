@@ -20,12 +20,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from prebake.client.client import Client
+from prebake.client.client import Client, sign_manifest
 from prebake.client.errors import DataLoss, FailedPrecondition, NotFound, PrebakeError
 from prebake.compiler.job_run import JobRun, LeaseGone
 from prebake.compiler.outage import Outage, call_under_lease
 from prebake.compiler.supervise import read_result
 from prebake.core.digests import hash_file
+from prebake.core.signing import SigningKey
 from prebake.v1 import blobs_pb2, registry_pb2, workers_pb2
 
 log = logging.getLogger("prebake.worker")
@@ -62,8 +63,12 @@ def publish(
     worker_id: str,
     log_digest: blobs_pb2.Digest | None,
     compile_seconds: float,
+    signing_key: SigningKey | None = None,
 ) -> registry_pb2.Artifact:
-    """Upload `job_dir/out` and complete the job with it; the published artifact."""
+    """Upload `job_dir/out` and complete the job with it; the published artifact.
+
+    With `signing_key` the completion carries its signature of the job's key and files.
+    """
     job_id, token = run.job_id, run.lease.token
     out_dir = job_dir / "out"
     run.set_message("uploading the artifact")
@@ -77,9 +82,10 @@ def publish(
         log=log_digest,
     )
     run.set_message("publishing")
+    signature = None if signing_key is None else sign_manifest(signing_key, run.lease.job.key, files)
 
     def complete() -> workers_pb2.CompleteJobResponse:
-        return client.complete_job(job_id, token, files, producer)
+        return client.complete_job(job_id, token, files, producer, signature=signature)
 
     try:
         try:

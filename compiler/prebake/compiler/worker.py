@@ -71,6 +71,7 @@ from prebake.compiler.supervise import key_fields, run_compile
 from prebake.compiler.work_dir import default_work_dir, worker_dir
 from prebake.core.names import kind_name, kind_names
 from prebake.core.s3_urls import is_s3_url
+from prebake.core.signing import SigningKey
 from prebake.core.source_roots import lexical_path, lexically_within, really_within
 from prebake.v1 import blobs_pb2, jobs_pb2, workers_pb2
 
@@ -111,6 +112,18 @@ class WorkerConfig:
     # re-checked before reading; None: whatever the job says (the server is the policy
     # point, see prebake.server.model_sources). Embedded workers get the server's roots.
     model_roots: tuple[Path, ...] | None = None
+    # Private key file (PEM PKCS#8) every completed artifact is signed with; None: unsigned.
+    signing_key: Path | None = None
+
+
+def _load_signing_key(path: Path | None) -> SigningKey | None:
+    """The worker's signing key, loaded at start-up so that a bad key stops it before any lease."""
+    if path is None:
+        return None
+    try:
+        return SigningKey.load(path)
+    except PrebakeError as exc:
+        raise WorkerSetupError(f"--signing-key: {exc}") from None
 
 
 class Worker:
@@ -161,6 +174,7 @@ class Worker:
             raise WorkerSetupError(f"cannot probe the compile backends: {exc}") from exc
         self.backends = select_backends(probed, config.kinds)
         self.capabilities = [b.capability() for b in self.backends]
+        self.signing_key = _load_signing_key(config.signing_key)
         self._client = client or Client(
             config.server, timeout=config.rpc_timeout, credentials=config.credentials
         )
@@ -328,6 +342,7 @@ class Worker:
                     worker_id=self.config.worker_id,
                     log_digest=log_digest,
                     compile_seconds=compile_seconds,
+                    signing_key=self.signing_key,
                 )
             except NothingToPublish as exc:
                 return self._fail(run, str(exc), False, log_digest)

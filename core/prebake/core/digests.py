@@ -6,7 +6,9 @@ the server to verify what it stores.
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import xxhash
@@ -21,6 +23,18 @@ def new_hasher() -> xxhash.xxh3_128:
 
 def hash_bytes(data: bytes) -> str:
     return xxhash.xxh3_128_hexdigest(data)
+
+
+def manifest_digest(files: Iterable[tuple[str, str, int, bool]]) -> str:
+    """xxh3-128 of a canonical file list, each file `(path, hash, size, executable)`.
+
+    The text hashed is `[[path, hash, size, executable], ...]` sorted by path, as compact
+    JSON (UTF-8, no whitespace, non-ASCII kept); the order of `files` does not matter. The
+    server stores it as an artifact's `manifest_digest`; a signature covers it
+    (`prebake.core.signing`), and a verifying client recomputes it from the files it got.
+    """
+    entries = [[path, hash_, size, executable] for path, hash_, size, executable in sorted(files)]
+    return hash_bytes(json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
 
 
 def hash_file(path: Path, limit: int | None = None) -> tuple[str, int]:

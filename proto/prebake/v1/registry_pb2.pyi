@@ -244,6 +244,45 @@ class Producer(_message.Message):
 Global___Producer: _TypeAlias = Producer  # noqa: Y015
 
 @_typing.final
+class Signature(_message.Message):
+    """An Ed25519 signature over one artifact, made by the worker or publisher that produced
+    it. What is signed (format 1) is defined once in `prebake.core.signing`: the bytes
+    `prebake artifact signature v1\\n` and the compact, key-sorted JSON
+    `{"artifact_id":...,"key":<ResolvedKey.canonical>,"manifest_digest":...,"v":1}`, where
+    the manifest digest is the xxh3-128 of the canonical file list (see
+    `Artifact.manifest_digest`). A deploying client verifies it against its own trust set
+    from the files it received, never from the server's word.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    """The signer: `ed25519:` and the first 32 hex digits of the SHA-256 of its raw public key."""
+    signature: _builtins.bytes
+    """The 64-byte Ed25519 signature."""
+    public_key: _builtins.bytes
+    """The signer's raw 32-byte public key (its id must match). Optional on requests to a
+    server with a configured signer set; verifiers with a trust set never rely on it.
+    """
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        signature: _builtins.bytes = ...,
+        public_key: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "public_key", b"public_key", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Signature: _TypeAlias = Signature  # noqa: Y015
+
+@_typing.final
 class Artifact(_message.Message):
     """An artifact manifest."""
 
@@ -260,6 +299,7 @@ class Artifact(_message.Message):
     PINNED_FIELD_NUMBER: _builtins.int
     MANIFEST_DIGEST_FIELD_NUMBER: _builtins.int
     HIT_COUNT_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
     artifact_id: _builtins.str
     """The artifact's id: its key's digest."""
     file_count: _builtins.int
@@ -294,6 +334,12 @@ class Artifact(_message.Message):
     def last_accessed_at(self) -> _timestamp_pb2.Timestamp:
         """When a lookup last hit it (updated lazily, within seconds)."""
 
+    @_builtins.property
+    def signature(self) -> Global___Signature:
+        """The producer's signature, when it was published signed. Empty in listings
+        (`ListArtifacts`); use `GetArtifact`.
+        """
+
     def __init__(
         self,
         *,
@@ -308,10 +354,11 @@ class Artifact(_message.Message):
         pinned: _builtins.bool = ...,
         manifest_digest: _builtins.str = ...,
         hit_count: _builtins.int = ...,
+        signature: Global___Signature | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "key", b"key", "last_accessed_at", b"last_accessed_at", "producer", b"producer"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "key", b"key", "last_accessed_at", b"last_accessed_at", "producer", b"producer", "signature", b"signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_id", b"artifact_id", "created_at", b"created_at", "file_count", b"file_count", "files", b"files", "hit_count", b"hit_count", "key", b"key", "last_accessed_at", b"last_accessed_at", "manifest_digest", b"manifest_digest", "pinned", b"pinned", "producer", b"producer", "total_size_bytes", b"total_size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_id", b"artifact_id", "created_at", b"created_at", "file_count", b"file_count", "files", b"files", "hit_count", b"hit_count", "key", b"key", "last_accessed_at", b"last_accessed_at", "manifest_digest", b"manifest_digest", "pinned", b"pinned", "producer", b"producer", "signature", b"signature", "total_size_bytes", b"total_size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -467,7 +514,10 @@ class LookupResponse(_message.Message):
     job_created: _builtins.bool
     """True when this lookup created `job` (as opposed to joining one in flight)."""
     error: _builtins.str
-    """For FAILED: the compile error. For a MISS with no job: why none was created."""
+    """For FAILED: the compile error. For a MISS with no job: why none was created. For a
+    MISS or COMPILING whose key has an artifact that is not served (signed by a revoked
+    key): which artifact and key.
+    """
     toolchain_source: _builtins.str
     """Where the key's toolchain came from when the request named none: `configured
     default`, `newest toolchain of a live worker (<worker id>)` or `built-in default`;
@@ -559,6 +609,7 @@ class PublishArtifactRequest(_message.Message):
     PRODUCER_FIELD_NUMBER: _builtins.int
     REPLACE_FIELD_NUMBER: _builtins.int
     FORCE_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
     replace: _builtins.bool
     """Replace an existing artifact for the key that has a different file list. Needs the
     admin role on a server with authentication.
@@ -580,6 +631,14 @@ class PublishArtifactRequest(_message.Message):
     def producer(self) -> Global___Producer:
         """Who produced it."""
 
+    @_builtins.property
+    def signature(self) -> Global___Signature:
+        """The producer's signature of this artifact (key digest, canonical key and file list;
+        see `Signature`). Recorded with the artifact. Required when the server sets
+        `require_signatures`. A re-publish of an existing file list keeps the existing
+        artifact and its signature.
+        """
+
     def __init__(
         self,
         *,
@@ -588,10 +647,11 @@ class PublishArtifactRequest(_message.Message):
         producer: Global___Producer | None = ...,
         replace: _builtins.bool = ...,
         force: _builtins.bool = ...,
+        signature: Global___Signature | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "producer", b"producer"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "producer", b"producer", "signature", b"signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files", "force", b"force", "key", b"key", "producer", b"producer", "replace", b"replace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files", "force", b"force", "key", b"key", "producer", b"producer", "replace", b"replace", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -71,7 +71,9 @@ class RegistryServicer:
     def Lookup(self, request, context):
         """Resolves a key and answers HIT, MISS, COMPILING or FAILED. On a miss with
         `ON_MISS_ENQUEUE` exactly one compile job exists for the key afterwards, however
-        many callers miss at once (single flight, enforced by the database).
+        many callers miss at once (single flight, enforced by the database). An artifact
+        signed by a revoked key (`revoked_signers`) never hits: the key misses (`error`
+        names the revoked key id) and the job it enqueues replaces that artifact.
 
         Errors:
         * `INVALID_ARGUMENT`: the key is invalid: a required field missing, a value out of
@@ -106,6 +108,10 @@ class RegistryServicer:
         Errors:
         * `INVALID_ARGUMENT`: malformed artifact id (not 32 hex digits). Do not retry.
         * `NOT_FOUND`: no such artifact. Do not retry.
+        * `FAILED_PRECONDITION`: the artifact is signed by a key the server revoked
+        (`revoked_signers`); the message names the key id. It is not served until it is
+        replaced by an artifact signed with a current key (a lookup enqueues that rebuild).
+        Do not retry as is.
         * `UNAVAILABLE`: transient. Retry with backoff.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -127,12 +133,17 @@ class RegistryServicer:
         Upload them and retry.
         * `ALREADY_EXISTS`: an artifact with a different file list exists for the key and
         `replace` is not set. Do not retry unless replacing is intended.
+        * `INVALID_ARGUMENT` also: a `signature` that is malformed or does not verify for
+        this key and file list (with its `public_key`, or with the server's signer set).
+        Nothing is published. Do not retry as is.
         * `FAILED_PRECONDITION` also: `replace` of a pinned artifact without `force`. Do not
         retry unless replacing the pinned artifact is intended (then set `force`).
         * `UNAUTHENTICATED`: the server requires a token (or client certificate) and got
         none, or one it does not accept. Do not retry with the same credentials.
         * `PERMISSION_DENIED`: the caller lacks the publisher role, or sets `replace`
-        without the admin role. Do not retry.
+        without the admin role; or the server requires signatures (`require_signatures`)
+        and the request has none, or the signer is revoked or not in the server's signer
+        set (`signer_keys`). Nothing is published. Do not retry.
         * `DATA_LOSS`: a named blob is stored but its bytes no longer match; it is
         quarantined. Upload it again and retry.
         * `UNAVAILABLE`: transient. Retry with backoff; publishing is idempotent.

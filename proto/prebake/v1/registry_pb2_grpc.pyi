@@ -49,7 +49,9 @@ class RegistryStub:
     Lookup: _grpc.UnaryUnaryMultiCallable[_registry_pb2.LookupRequest, _registry_pb2.LookupResponse]
     """Resolves a key and answers HIT, MISS, COMPILING or FAILED. On a miss with
     `ON_MISS_ENQUEUE` exactly one compile job exists for the key afterwards, however
-    many callers miss at once (single flight, enforced by the database).
+    many callers miss at once (single flight, enforced by the database). An artifact
+    signed by a revoked key (`revoked_signers`) never hits: the key misses (`error`
+    names the revoked key id) and the job it enqueues replaces that artifact.
 
     Errors:
     * `INVALID_ARGUMENT`: the key is invalid: a required field missing, a value out of
@@ -80,6 +82,10 @@ class RegistryStub:
     Errors:
     * `INVALID_ARGUMENT`: malformed artifact id (not 32 hex digits). Do not retry.
     * `NOT_FOUND`: no such artifact. Do not retry.
+    * `FAILED_PRECONDITION`: the artifact is signed by a key the server revoked
+      (`revoked_signers`); the message names the key id. It is not served until it is
+      replaced by an artifact signed with a current key (a lookup enqueues that rebuild).
+      Do not retry as is.
     * `UNAVAILABLE`: transient. Retry with backoff.
     """
     PublishArtifact: _grpc.UnaryUnaryMultiCallable[_registry_pb2.PublishArtifactRequest, _registry_pb2.PublishArtifactResponse]
@@ -97,12 +103,17 @@ class RegistryStub:
       Upload them and retry.
     * `ALREADY_EXISTS`: an artifact with a different file list exists for the key and
       `replace` is not set. Do not retry unless replacing is intended.
+    * `INVALID_ARGUMENT` also: a `signature` that is malformed or does not verify for
+      this key and file list (with its `public_key`, or with the server's signer set).
+      Nothing is published. Do not retry as is.
     * `FAILED_PRECONDITION` also: `replace` of a pinned artifact without `force`. Do not
       retry unless replacing the pinned artifact is intended (then set `force`).
     * `UNAUTHENTICATED`: the server requires a token (or client certificate) and got
       none, or one it does not accept. Do not retry with the same credentials.
     * `PERMISSION_DENIED`: the caller lacks the publisher role, or sets `replace`
-      without the admin role. Do not retry.
+      without the admin role; or the server requires signatures (`require_signatures`)
+      and the request has none, or the signer is revoked or not in the server's signer
+      set (`signer_keys`). Nothing is published. Do not retry.
     * `DATA_LOSS`: a named blob is stored but its bytes no longer match; it is
       quarantined. Upload it again and retry.
     * `UNAVAILABLE`: transient. Retry with backoff; publishing is idempotent.
@@ -123,7 +134,9 @@ class RegistryAsyncStub(RegistryStub):
     Lookup: _aio.UnaryUnaryMultiCallable[_registry_pb2.LookupRequest, _registry_pb2.LookupResponse]  # type: ignore[assignment]
     """Resolves a key and answers HIT, MISS, COMPILING or FAILED. On a miss with
     `ON_MISS_ENQUEUE` exactly one compile job exists for the key afterwards, however
-    many callers miss at once (single flight, enforced by the database).
+    many callers miss at once (single flight, enforced by the database). An artifact
+    signed by a revoked key (`revoked_signers`) never hits: the key misses (`error`
+    names the revoked key id) and the job it enqueues replaces that artifact.
 
     Errors:
     * `INVALID_ARGUMENT`: the key is invalid: a required field missing, a value out of
@@ -154,6 +167,10 @@ class RegistryAsyncStub(RegistryStub):
     Errors:
     * `INVALID_ARGUMENT`: malformed artifact id (not 32 hex digits). Do not retry.
     * `NOT_FOUND`: no such artifact. Do not retry.
+    * `FAILED_PRECONDITION`: the artifact is signed by a key the server revoked
+      (`revoked_signers`); the message names the key id. It is not served until it is
+      replaced by an artifact signed with a current key (a lookup enqueues that rebuild).
+      Do not retry as is.
     * `UNAVAILABLE`: transient. Retry with backoff.
     """
     PublishArtifact: _aio.UnaryUnaryMultiCallable[_registry_pb2.PublishArtifactRequest, _registry_pb2.PublishArtifactResponse]  # type: ignore[assignment]
@@ -171,12 +188,17 @@ class RegistryAsyncStub(RegistryStub):
       Upload them and retry.
     * `ALREADY_EXISTS`: an artifact with a different file list exists for the key and
       `replace` is not set. Do not retry unless replacing is intended.
+    * `INVALID_ARGUMENT` also: a `signature` that is malformed or does not verify for
+      this key and file list (with its `public_key`, or with the server's signer set).
+      Nothing is published. Do not retry as is.
     * `FAILED_PRECONDITION` also: `replace` of a pinned artifact without `force`. Do not
       retry unless replacing the pinned artifact is intended (then set `force`).
     * `UNAUTHENTICATED`: the server requires a token (or client certificate) and got
       none, or one it does not accept. Do not retry with the same credentials.
     * `PERMISSION_DENIED`: the caller lacks the publisher role, or sets `replace`
-      without the admin role. Do not retry.
+      without the admin role; or the server requires signatures (`require_signatures`)
+      and the request has none, or the signer is revoked or not in the server's signer
+      set (`signer_keys`). Nothing is published. Do not retry.
     * `DATA_LOSS`: a named blob is stored but its bytes no longer match; it is
       quarantined. Upload it again and retry.
     * `UNAVAILABLE`: transient. Retry with backoff; publishing is idempotent.
@@ -200,7 +222,9 @@ class RegistryServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_registry_pb2.LookupResponse, _abc.Awaitable[_registry_pb2.LookupResponse]]:
         """Resolves a key and answers HIT, MISS, COMPILING or FAILED. On a miss with
         `ON_MISS_ENQUEUE` exactly one compile job exists for the key afterwards, however
-        many callers miss at once (single flight, enforced by the database).
+        many callers miss at once (single flight, enforced by the database). An artifact
+        signed by a revoked key (`revoked_signers`) never hits: the key misses (`error`
+        names the revoked key id) and the job it enqueues replaces that artifact.
 
         Errors:
         * `INVALID_ARGUMENT`: the key is invalid: a required field missing, a value out of
@@ -237,6 +261,10 @@ class RegistryServicer(metaclass=_abc_1.ABCMeta):
         Errors:
         * `INVALID_ARGUMENT`: malformed artifact id (not 32 hex digits). Do not retry.
         * `NOT_FOUND`: no such artifact. Do not retry.
+        * `FAILED_PRECONDITION`: the artifact is signed by a key the server revoked
+          (`revoked_signers`); the message names the key id. It is not served until it is
+          replaced by an artifact signed with a current key (a lookup enqueues that rebuild).
+          Do not retry as is.
         * `UNAVAILABLE`: transient. Retry with backoff.
         """
 
@@ -260,12 +288,17 @@ class RegistryServicer(metaclass=_abc_1.ABCMeta):
           Upload them and retry.
         * `ALREADY_EXISTS`: an artifact with a different file list exists for the key and
           `replace` is not set. Do not retry unless replacing is intended.
+        * `INVALID_ARGUMENT` also: a `signature` that is malformed or does not verify for
+          this key and file list (with its `public_key`, or with the server's signer set).
+          Nothing is published. Do not retry as is.
         * `FAILED_PRECONDITION` also: `replace` of a pinned artifact without `force`. Do not
           retry unless replacing the pinned artifact is intended (then set `force`).
         * `UNAUTHENTICATED`: the server requires a token (or client certificate) and got
           none, or one it does not accept. Do not retry with the same credentials.
         * `PERMISSION_DENIED`: the caller lacks the publisher role, or sets `replace`
-          without the admin role. Do not retry.
+          without the admin role; or the server requires signatures (`require_signatures`)
+          and the request has none, or the signer is revoked or not in the server's signer
+          set (`signer_keys`). Nothing is published. Do not retry.
         * `DATA_LOSS`: a named blob is stored but its bytes no longer match; it is
           quarantined. Upload it again and retry.
         * `UNAVAILABLE`: transient. Retry with backoff; publishing is idempotent.

@@ -301,6 +301,7 @@ class CompleteJobRequest(_message.Message):
     FENCING_TOKEN_FIELD_NUMBER: _builtins.int
     FILES_FIELD_NUMBER: _builtins.int
     PRODUCER_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The leased job."""
     fencing_token: _builtins.int
@@ -313,6 +314,12 @@ class CompleteJobRequest(_message.Message):
     def producer(self) -> _registry_pb2.Producer:
         """Worker, toolchain versions, compile time and the compile log."""
 
+    @_builtins.property
+    def signature(self) -> _registry_pb2.Signature:
+        """The worker's signature of the artifact (the job's key and this file list; see
+        `Signature`), recorded with it. Required when the server sets `require_signatures`.
+        """
+
     def __init__(
         self,
         *,
@@ -320,10 +327,11 @@ class CompleteJobRequest(_message.Message):
         fencing_token: _builtins.int = ...,
         files: _abc.Iterable[_registry_pb2.ArtifactFile] | None = ...,
         producer: _registry_pb2.Producer | None = ...,
+        signature: _registry_pb2.Signature | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["producer", b"producer"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["producer", b"producer", "signature", b"signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fencing_token", b"fencing_token", "files", b"files", "job_id", b"job_id", "producer", b"producer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fencing_token", b"fencing_token", "files", b"files", "job_id", b"job_id", "producer", b"producer", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

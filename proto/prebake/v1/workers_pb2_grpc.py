@@ -134,6 +134,10 @@ class WorkersServicer:
         * `NOT_FOUND`: no such job.
         * `FAILED_PRECONDITION`: the lease is no longer this worker's (nothing was stored);
         or a named blob is missing (the message lists them: upload and retry).
+        * `INVALID_ARGUMENT` also: a `signature` that is malformed or does not verify for
+        the job's key and this file list. Nothing is stored. Do not retry as is.
+        * `PERMISSION_DENIED`: the server requires signatures and the request has none, or
+        the signer is revoked or not in the server's signer set. Nothing is stored.
         * `DATA_LOSS`: a named blob's stored bytes do not match; upload it again and retry.
         * `UNAVAILABLE`: transient. Retry; completing is idempotent.
         """

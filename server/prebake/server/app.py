@@ -267,6 +267,7 @@ async def _serve(config: ServerConfig) -> None:
             per_kind=config.embedded_workers,
             token=running.embedded_token,
             model_roots=running.state.model_sources.worker_roots(),
+            signing_key=Path(config.signing_key) if config.signing_key else None,
         )
     await stop.wait()
     print("prebake shutting down", file=sys.stderr, flush=True)

@@ -125,6 +125,7 @@ def register(commands: CommandRegistrar) -> None:
         ),
     )
     _add_security_flags(p)
+    _add_signing_flags(p)
 
 
 def _add_security_flags(p: argparse.ArgumentParser) -> None:
@@ -148,6 +149,36 @@ def _add_security_flags(p: argparse.ArgumentParser) -> None:
         "--tls-client-ca",
         metavar="FILE",
         help="PEM CA bundle: mutual TLS, every client needs a certificate one of them signed",
+    )
+
+
+def _add_signing_flags(p: argparse.ArgumentParser) -> None:
+    """Signed artifacts: ServerConfig's require_signatures, signer_keys, revoked_signers, signing_key."""
+    group = p.add_argument_group("signed artifacts")
+    group.add_argument(
+        "--require-signatures",
+        action="store_true",
+        default=None,
+        help="refuse unsigned publishes and job completions (env PREBAKE_REQUIRE_SIGNATURES)",
+    )
+    group.add_argument(
+        "--signer-key",
+        dest="signer_keys",
+        action="append",
+        metavar="FILE",
+        help="accept signatures only by this public key (PEM); repeatable (default: any signer)",
+    )
+    group.add_argument(
+        "--revoked-signer",
+        dest="revoked_signers",
+        action="append",
+        metavar="KEY_ID",
+        help="stop serving artifacts signed by this key id (ed25519:...); repeatable",
+    )
+    group.add_argument(
+        "--signing-key",
+        metavar="FILE",
+        help="embedded workers sign their artifacts with this private key (PEM)",
     )
 
 
@@ -236,6 +267,10 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         model_source_map=_joined(args.model_source_for),
         gc_interval_seconds=args.gc_interval,
         unreferenced_blob_grace_seconds=args.unreferenced_blob_grace,
+        require_signatures=args.require_signatures,
+        signer_keys=",".join(args.signer_keys) if args.signer_keys else None,
+        revoked_signers=",".join(args.revoked_signers) if args.revoked_signers else None,
+        signing_key=args.signing_key,
     )
 
 

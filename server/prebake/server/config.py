@@ -127,6 +127,19 @@ class ServerConfig:
     # and quarantined blobs, eviction); 0 turns it off (`prebake gc` still works).
     gc_interval_seconds: float = 300.0
 
+    # --- signed artifacts (issue 9, signing) ---
+    # Refuse publishes and job completions without a signature (PERMISSION_DENIED).
+    require_signatures: bool = False
+    # Public key files (PEM; comma-separated) of the only signers accepted; empty: any
+    # signer whose signature verifies with the public key it sends.
+    signer_keys: str = ""
+    # Key ids (comma-separated, "ed25519:..."): their artifacts are no longer served (no
+    # lookup hits them, GetArtifact answers FAILED_PRECONDITION) and they publish nothing.
+    revoked_signers: str = ""
+    # Private key file (PEM PKCS#8) the embedded workers sign their artifacts with; empty:
+    # they publish unsigned.
+    signing_key: str = ""
+
     # --- integrity sweep (issue 9: integrity and self-repair) ---
     # Every this many seconds the server re-hashes its stored blobs, least recently verified
     # first, quarantines corrupt ones, marks artifacts naming a lost blob unavailable and
@@ -223,6 +236,7 @@ def load_server_config(
 
     ModelSources.from_config(config.model_source_roots, config.model_source_map, config.data_dir)
     check_gc_settings(config)
+    check_signing(config)
     return config
 
 
@@ -250,6 +264,21 @@ def check_gc_settings(config: ServerConfig) -> None:
             f"eviction_low_water ({low}) and eviction_high_water ({high}) must satisfy "
             "0 <= low <= high <= 1 (fractions of max_store_bytes)"
         )
+
+
+def check_signing(config: ServerConfig) -> None:
+    """ValueError unless the signing settings can be used (key files readable, ids well-formed)."""
+    from prebake.core.errors import PrebakeError
+    from prebake.server.signatures import signature_policy
+
+    signature_policy(config)
+    if config.signing_key:
+        from prebake.core.signing import SigningKey
+
+        try:
+            SigningKey.load(config.signing_key)
+        except PrebakeError as exc:
+            raise ValueError(f"signing_key: {exc}") from None
 
 
 def parse_default_toolchains(text: str, known_kinds: Mapping[str, str]) -> dict[str, str]:

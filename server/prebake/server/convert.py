@@ -16,6 +16,7 @@ from prebake.core.digests import hash_bytes
 from prebake.core.errors import InvalidArgument
 from prebake.core.key_fields import KEY_FIELDS
 from prebake.core.manifest_paths import validate_manifest_paths
+from prebake.core.signing import Signature
 from prebake.server.key_normalization import KeyRequest
 from prebake.server.records import (
     Artifact,
@@ -190,7 +191,21 @@ def artifact(a: Artifact) -> registry_pb2.Artifact:
         pinned=a.pinned,
         manifest_digest=a.manifest_digest,
         hit_count=a.hit_count,
+        signature=signature(a.signature),
     )
+
+
+def signature(sig: Signature | None) -> registry_pb2.Signature | None:
+    if sig is None:
+        return None
+    return registry_pb2.Signature(key_id=sig.key_id, signature=sig.signature, public_key=sig.public_key)
+
+
+def signature_from_proto(msg: registry_pb2.Signature) -> Signature:
+    """The signature as sent, its shape checked (`BadSignature`, an INVALID_ARGUMENT)."""
+    sig = Signature(key_id=msg.key_id, signature=msg.signature, public_key=msg.public_key)
+    sig.check_shape()
+    return sig
 
 
 def job(j: Job) -> jobs_pb2.Job:

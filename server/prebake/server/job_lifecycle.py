@@ -17,14 +17,14 @@ losing races raises `Busy` (ABORTED, retryable).
 
 from __future__ import annotations
 
-import json
 import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from prebake.core.digests import hash_bytes
+from prebake.core.digests import manifest_digest as core_manifest_digest
 from prebake.core.errors import AlreadyExists, Busy, FailedPrecondition, InvalidArgument, NotFound
+from prebake.core.signing import Signature
 from prebake.core.text_safety import displayable
 from prebake.server.records import (
     Artifact,
@@ -56,6 +56,13 @@ MAX_RECORDED_ERROR = 4096
 MAX_RECORDED_MESSAGE = 1024
 # A decision of `JobLifecycle._change`: the new job, or None to leave it as it is.
 _Decide = Callable[[Job, float], Job | None]
+# Whether a stored artifact may be replaced by any new publish of its key (e.g. it is signed
+# by a revoked key and no longer served).
+Supersede = Callable[[Artifact], bool]
+
+
+def _never(_artifact: Artifact) -> bool:
+    return False
 
 
 def new_job_id() -> str:
@@ -69,12 +76,8 @@ def retry_backoff(attempts: int, base: float = BACKOFF_BASE_SECONDS) -> float:
 
 
 def manifest_digest(files: Sequence[FileEntry]) -> str:
-    """xxh3-128 of the canonical file list: `[[path, hash, size, executable], ...]` by path.
-
-    Compact JSON, UTF-8, no whitespace; the order of `files` does not matter.
-    """
-    entries = [[f.path, f.digest.hash, f.digest.size, f.executable] for f in sorted(files, key=_path)]
-    return hash_bytes(json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+    """The manifest digest of `files` (`prebake.core.digests.manifest_digest`); any order."""
+    return core_manifest_digest((f.path, f.digest.hash, f.digest.size, f.executable) for f in files)
 
 
 def _path(entry: FileEntry) -> str:
@@ -82,7 +85,13 @@ def _path(entry: FileEntry) -> str:
 
 
 def new_artifact(
-    key: NormalizedKey, ordered: tuple[FileEntry, ...], producer: Producer, now: float, *, pinned: bool
+    key: NormalizedKey,
+    ordered: tuple[FileEntry, ...],
+    producer: Producer,
+    now: float,
+    *,
+    pinned: bool,
+    signature: Signature | None = None,
 ) -> Artifact:
     """The artifact for `key` made of `ordered` (sorted by path), created at `now`."""
     return Artifact(
@@ -96,6 +105,7 @@ def new_artifact(
         last_accessed_at=now,
         pinned=pinned,
         manifest_digest=manifest_digest(ordered),
+        signature=signature,
     )
 
 
@@ -176,6 +186,9 @@ class JobLifecycle:
         producer: Producer,
         replace_existing: bool = False,
         force: bool = False,
+        *,
+        signature: Signature | None = None,
+        supersede: Supersede = _never,
     ) -> tuple[Artifact, bool, list[Job]]:
         """Store the manifest as the artifact for `key`; return (artifact, created, completed jobs).
 
@@ -187,8 +200,10 @@ class JobLifecycle:
         the same files too, so a republish makes the key available again. The key's
         active job succeeds with the artifact in the same atomic write, also on an
         idempotent re-publish (so a job that raced an earlier publish does not stay in
-        flight). The caller has checked that every blob is present. A repeated path
-        raises `InvalidArgument`.
+        flight). The caller has checked that every blob is present (and `signature`, which
+        is recorded with the new artifact). A repeated path raises `InvalidArgument`. An
+        existing artifact that `supersede` names is replaced by any publish, even of the
+        same file list (its pin is kept).
         """
         if not files:
             raise InvalidArgument("an artifact needs at least one file")
@@ -196,24 +211,29 @@ class JobLifecycle:
         manifest = manifest_digest(ordered)
         for _ in range(MAX_RACES):
             existing = await self.artifacts.get(key.digest)
-            if existing is not None and existing.manifest_digest == manifest and not existing.unavailable:
+            # An unavailable artifact (a blob lost) gives way to any publish of its key too: that
+            # is how a rebuild or a re-upload repairs it.
+            stale = existing is not None and (bool(existing.unavailable) or supersede(existing))
+            if existing is not None and existing.manifest_digest == manifest and not stale:
                 return existing, False, await self._complete_active(key.digest, existing.artifact_id)
-            # An unavailable artifact (a blob lost) is replaced by any publish of its key: that
-            # is how a rebuild or a re-upload repairs it (nothing a deploy host relies on is left).
-            broken = existing is not None and bool(existing.unavailable)
-            if existing is not None and replace_existing and existing.pinned and not force and not broken:
+            if existing is not None and replace_existing and existing.pinned and not force and not stale:
                 raise FailedPrecondition(
                     f"artifact {existing.artifact_id} is pinned: deploy hosts rely on it staying as it is; "
                     "pass force with replace to replace it anyway, or unpin it first"
                 )
-            if existing is not None and not replace_existing and not broken:
+            if existing is not None and not replace_existing and not stale:
                 raise AlreadyExists(
                     f"artifact {key.digest} for this key already exists with a different file list "
                     f"(manifest {existing.manifest_digest}); pass replace to overwrite"
                 )
             now = self._clock()
             artifact = new_artifact(
-                key, ordered, producer, now, pinned=existing is not None and existing.pinned
+                key,
+                ordered,
+                producer,
+                now,
+                pinned=existing is not None and existing.pinned,
+                signature=signature,
             )
             active = await self.jobs.active(key.digest)
             write = None if active is None else JobWrite(_succeeded(active, key.digest, now), active.revision)
@@ -455,7 +475,14 @@ class JobLifecycle:
         return await self._change(job_id, decide)
 
     async def complete(
-        self, job_id: str, fencing_token: int, files: Sequence[FileEntry], producer: Producer
+        self,
+        job_id: str,
+        fencing_token: int,
+        files: Sequence[FileEntry],
+        producer: Producer,
+        *,
+        signature: Signature | None = None,
+        supersede: Supersede = _never,
     ) -> tuple[Artifact, list[Job]]:
         """A worker's result: publish `files` as the artifact for the job's key.
 
@@ -463,8 +490,10 @@ class JobLifecycle:
         zombie, gets `FailedPrecondition` and nothing is stored): the artifact is
         created and the job succeeds together. An artifact that an operator published
         for the key meanwhile is kept (`replace` is never implied) and the job succeeds
-        with it, unless it is marked unavailable: the job is its rebuild and replaces it
-        (keeping its pin). The caller has checked that every blob is present.
+        with it, unless `supersede` names it or it is marked unavailable (a blob lost: the
+        job is its rebuild): then the job's output replaces it (keeping its pin). The caller
+        has checked that every blob is present, and `signature`, which is recorded with the
+        new artifact.
         """
         if not files:
             raise InvalidArgument("an artifact needs at least one file")
@@ -478,16 +507,25 @@ class JobLifecycle:
             now = self._clock()
             existing = await self.artifacts.get(job.key.digest)
             try:
-                if existing is not None and not existing.unavailable:
+                if existing is not None and not existing.unavailable and not supersede(existing):
                     done = await self.jobs.compare_and_set(
                         _succeeded(job, existing.artifact_id, now, producer.log), job.revision
                     )
                     return existing, [done]
-                pinned = existing is not None and existing.pinned
-                artifact = new_artifact(job.key, ordered, producer, now, pinned=pinned)
+                artifact = new_artifact(
+                    job.key,
+                    ordered,
+                    producer,
+                    now,
+                    pinned=existing is not None and existing.pinned,
+                    signature=signature,
+                )
                 write = JobWrite(_succeeded(job, artifact.artifact_id, now, producer.log), job.revision)
-                expect = None if existing is None else existing.manifest_digest
-                await self.artifacts.put(artifact, expect_manifest=expect, complete=write)
+                await self.artifacts.put(
+                    artifact,
+                    expect_manifest=None if existing is None else existing.manifest_digest,
+                    complete=write,
+                )
             except ConditionFailed:
                 continue
             return artifact, [write.stored()]

@@ -9,10 +9,10 @@ registry holds is also an object in the blob store's object store::
 holding UTF-8 JSON ``{"format": 1, "artifact": {...}}``, where ``artifact`` is the API's own
 `prebake.v1.Artifact` message in protobuf's JSON mapping (`json_format`, proto field names):
 the resolved key (digest, canonical text, every field), the files, the producer,
-`created_at`, `pinned` and `manifest_digest` — everything needed to restore the artifact with
-the same id, files and creation time. Counters (`hit_count`, `last_accessed_at`) are not
-archived: a restored artifact starts them afresh. A reader refuses a `format` it does not
-know (written by a newer prebake).
+`created_at`, `pinned`, `manifest_digest` and the producer's `signature` — everything
+needed to restore the artifact with the same id, files, signer and creation time.
+Counters (`hit_count`, `last_accessed_at`) are not archived: a restored artifact starts
+them afresh. A reader refuses a `format` it does not know (written by a newer prebake).
 
 Written and removed by `prebake.server.storage.archived_index` around every index write;
 read back by `prebake reindex`. Pure functions: no I/O here.
@@ -91,6 +91,7 @@ def decode(data: bytes) -> Artifact:
         key = convert.normalized_key(message.key)
         files = tuple(convert.file_entries(message.files))
         producer = convert.producer_from_proto(message.producer)
+        signature = convert.signature_from_proto(message.signature) if message.HasField("signature") else None
     except (json_format.ParseError, InvalidArgument) as exc:
         raise UnreadableManifest(str(exc)) from None
     if message.artifact_id != key.digest:
@@ -111,4 +112,5 @@ def decode(data: bytes) -> Artifact:
         last_accessed_at=created_at,
         pinned=message.pinned,
         manifest_digest=message.manifest_digest,
+        signature=signature,
     )

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 
 from prebake.core.errors import InvalidArgument
+from prebake.core.signing import Signature
 
 _HASH_RE = re.compile(r"^[0-9a-f]{32}$")
 
@@ -93,6 +94,9 @@ class Artifact:
     pinned: bool
     manifest_digest: str
     hit_count: int = 0
+    # The producer's signature (`prebake.core.signing`), checked when it was published;
+    # None for an unsigned artifact. Read with the files: listings carry neither.
+    signature: Signature | None = None
     # Why the artifact cannot be served ("" = it can): one of its blobs was found missing or
     # corrupt (see `prebake.server.integrity`). A lookup does not hit it; a publish of the key
     # makes a new, available artifact.

@@ -23,6 +23,7 @@ from prebake.server.job_lifecycle import JobLifecycle
 from prebake.server.key_normalization import DEFAULT_TOOLCHAINS
 from prebake.server.model_catalog import ModelCatalog
 from prebake.server.model_sources import ModelSources
+from prebake.server.signatures import SignaturePolicy, signature_policy
 from prebake.server.storage import ArtifactIndex
 from prebake.server.storage.bundle import Storage
 from prebake.server.worker_liveness import WorkerLiveness
@@ -91,6 +92,8 @@ class ServerState:
     # Blobs this replica is streaming or told a client are present (garbage collection keeps them).
     in_use: InUse = field(default_factory=InUse)
     collector: GarbageCollector = field(init=False)
+    # Which signatures publishes need and which signers are revoked (signing settings).
+    signatures: SignaturePolicy = field(init=False)
 
     def __post_init__(self) -> None:
         self.collector = GarbageCollector(self)
@@ -105,6 +108,7 @@ class ServerState:
         self.model_sources = ModelSources.from_config(
             self.config.model_source_roots, self.config.model_source_map, self.config.data_dir
         )
+        self.signatures = signature_policy(self.config)
 
     @property
     def in_worker_grace(self) -> bool:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from prebake.core.errors import FailedPrecondition
+from prebake.core.signing import Signature
 from prebake.server import convert
-from prebake.server.records import Digest, FileEntry, Producer
+from prebake.server.job_lifecycle import manifest_digest
+from prebake.server.records import Artifact, Digest, FileEntry, NormalizedKey, Producer
 from prebake.server.state import ServerState
-from prebake.v1 import registry_pb2
+from prebake.v1 import registry_pb2, workers_pb2
 
 
 def require_present(state: ServerState, digests: list[Digest]) -> None:
@@ -53,3 +55,22 @@ async def verified_manifest(
         digests.append(checked.log)
     await verify_blobs(state, digests)
     return entries, checked, digests
+
+
+def checked_signature(
+    state: ServerState,
+    key: NormalizedKey,
+    files: Sequence[FileEntry],
+    request: registry_pb2.PublishArtifactRequest | workers_pb2.CompleteJobRequest,
+) -> Signature | None:
+    """The request's signature of `key` and `files`, checked against the server's policy
+    (`prebake.server.signatures`); None for an unsigned request the policy allows."""
+    signature = convert.signature_from_proto(request.signature) if request.HasField("signature") else None
+    state.signatures.check(key, manifest_digest(files), signature)
+    return signature
+
+
+def superseded(state: ServerState) -> Callable[[Artifact], bool]:
+    """Whether a stored artifact gives way to any new publish of its key (a revoked signer's)."""
+    policy = state.signatures
+    return lambda artifact: policy.revoked_signer(artifact) is not None

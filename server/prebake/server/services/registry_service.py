@@ -13,7 +13,13 @@ from prebake.server import compat, convert, nearest
 from prebake.server.auth.request_rules import ENQUEUE_REFUSED, may_enqueue, require_replace_allowed
 from prebake.server.key_normalization import DEFAULT_TOOLCHAINS, diff_keys, normalize_key
 from prebake.server.records import Artifact, Digest, ErrorClass, Job, JobState, NormalizedKey
-from prebake.server.services.blob_checks import require_present, verified_manifest
+from prebake.server.services.blob_checks import (
+    checked_signature,
+    require_present,
+    superseded,
+    verified_manifest,
+)
+from prebake.server.signatures import revoked_message
 from prebake.server.state import ServerState
 from prebake.server.status import unary
 from prebake.server.worker_liveness import WorkerLiveness
@@ -80,13 +86,21 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
             if a.artifact_id != key.digest  # the key's own artifact, unavailable: no "near miss"
         ]
 
-    async def _match(self, key: NormalizedKey, request: registry_pb2.LookupRequest) -> compat.Match | None:
-        """The exact artifact, else the best one an allowed compatibility policy admits."""
+    async def _match(
+        self, key: NormalizedKey, request: registry_pb2.LookupRequest, refused: list[str]
+    ) -> compat.Match | None:
+        """The exact artifact, else the best one an allowed compatibility policy admits.
+
+        Artifacts signed by a revoked key are not matched; why is appended to `refused`.
+        """
         index = self.s.storage.artifacts
         found = await index.get(key.digest)
         # An artifact one of whose blobs is lost never hits (see prebake.server.integrity).
         if found is not None and not found.unavailable:
-            return compat.Match(found, "exact", compat.exact_reason(key))
+            signer = self.s.signatures.revoked_signer(found)
+            if signer is None:
+                return compat.Match(found, "exact", compat.exact_reason(key))
+            refused.append(revoked_message(found.artifact_id, signer))
         allowed = [POLICIES[p] for p in request.allow if p in POLICIES]
         if not compat.applies(key, allowed):
             return None
@@ -96,6 +110,10 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
             return None
         with_files = await index.get(match.artifact.artifact_id)
         if with_files is None or with_files.unavailable:
+            return None
+        signer = self.s.signatures.revoked_signer(with_files)
+        if signer is not None:
+            refused.append(revoked_message(with_files.artifact_id, signer))
             return None
         return compat.Match(with_files, match.policy, match.reason)
 
@@ -149,7 +167,8 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         model_source, named = s.model_sources.resolve(key.model, request.model_source)
         s.counters.lookups += 1
         resolved = convert.resolved_key(key)
-        match = await self._match(key, request)
+        refused: list[str] = []
+        match = await self._match(key, request, refused)
         if match is not None:
             s.counters.hits += 1
             s.tracker.hit(match.artifact.artifact_id)
@@ -163,7 +182,10 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
             )
         s.counters.misses += 1
         response = registry_pb2.LookupResponse(
-            key=resolved, nearest=await self.nearest(key), toolchain_source=toolchain_source
+            key=resolved,
+            nearest=await self.nearest(key),
+            toolchain_source=toolchain_source,
+            error="; ".join(refused),
         )
         jobs = s.storage.jobs
         active = await jobs.active(key.digest)
@@ -213,6 +235,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         found = await self.s.storage.artifacts.get(check_artifact_id(request.artifact_id))
         if found is None:
             raise NotFound(f"no artifact {request.artifact_id}")
+        self.s.signatures.refuse_revoked(found)
         return self._manifest(found, request.direct_download)
 
     @unary
@@ -223,10 +246,17 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         key, _ = await self.normalize(request.key)
         s = self.s
         files, producer, digests = await verified_manifest(s, request.files, request.producer)
+        signature = checked_signature(s, key, files, request)
         async with s.blob_refs:
             require_present(s, digests)
             stored, created, completed = await s.lifecycle.publish(
-                key, files, producer, request.replace, force=request.force
+                key,
+                files,
+                producer,
+                request.replace,
+                force=request.force,
+                signature=signature,
+                supersede=superseded(s),
             )
         s.hub.notify(j.job_id for j in completed)
         return registry_pb2.PublishArtifactResponse(

@@ -11,7 +11,12 @@ from prebake.core import names
 from prebake.core.errors import InvalidArgument, NotFound
 from prebake.server import convert
 from prebake.server.records import ErrorClass, Job, JobState, WorkerCapability
-from prebake.server.services.blob_checks import require_present, verified_manifest
+from prebake.server.services.blob_checks import (
+    checked_signature,
+    require_present,
+    superseded,
+    verified_manifest,
+)
 from prebake.server.services.jobs_service import check_job_id
 from prebake.server.state import ServerState
 from prebake.server.status import unary
@@ -141,9 +146,18 @@ class WorkersService(workers_pb2_grpc.WorkersServicer):
         job_id = check_job_id(request.job_id)
         s = self.s
         files, producer, digests = await verified_manifest(s, request.files, request.producer)
+        signature = None
+        if request.HasField("signature") or s.signatures.require:
+            # The signature covers the job's key, which never changes once the job exists.
+            job = await s.storage.jobs.get(job_id)
+            if job is None:
+                raise NotFound(f"no job {job_id}")
+            signature = checked_signature(s, job.key, files, request)
         async with s.blob_refs:
             require_present(s, digests)
-            artifact, completed = await s.lifecycle.complete(job_id, request.fencing_token, files, producer)
+            artifact, completed = await s.lifecycle.complete(
+                job_id, request.fencing_token, files, producer, signature=signature, supersede=superseded(s)
+            )
         s.hub.notify(j.job_id for j in completed)
         return workers_pb2.CompleteJobResponse(artifact=convert.artifact(artifact))
 

@@ -1,5 +1,5 @@
-"""Compact JSON of the records every storage backend stores as text: producers and
-worker capabilities.
+"""Compact JSON of the records every storage backend stores as text: producers,
+signatures and worker capabilities.
 
 One encoding for every backend (SQLite columns, DynamoDB attributes), so that a
 registry moved from one engine to another keeps the same text. Floats round-trip
@@ -8,9 +8,11 @@ exactly (JSON numbers are written with `repr`).
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
+from prebake.core.signing import Signature
 from prebake.server.records import Digest, Producer, WorkerCapability
 
 
@@ -40,6 +42,30 @@ def producer_from_json(text: str) -> Producer:
         compile_seconds=float(data["compile_seconds"]),
         log=None if log is None else Digest(log[0], log[1]),
         note=data["note"],
+    )
+
+
+def signature_json(signature: Signature | None) -> str | None:
+    """`{"key_id", "signature", "public_key"}` (bytes in base64), or None when unsigned."""
+    if signature is None:
+        return None
+    return to_json(
+        {
+            "key_id": signature.key_id,
+            "signature": base64.b64encode(signature.signature).decode(),
+            "public_key": base64.b64encode(signature.public_key).decode(),
+        }
+    )
+
+
+def signature_from_json(text: str | None) -> Signature | None:
+    if text is None:
+        return None
+    data = json.loads(text)
+    return Signature(
+        key_id=str(data["key_id"]),
+        signature=base64.b64decode(data["signature"]),
+        public_key=base64.b64decode(data["public_key"]),
     )
 
 

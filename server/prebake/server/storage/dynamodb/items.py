@@ -41,6 +41,8 @@ from prebake.server.storage.record_json import (
     capabilities_json,
     producer_from_json,
     producer_json,
+    signature_from_json,
+    signature_json,
     to_json,
 )
 
@@ -178,6 +180,7 @@ def kind_model(kind: str, model: str) -> str:
 
 def artifact_item(artifact: Artifact, files: bytes, ref_nonce: str) -> Item:
     """The item of `artifact`; `files` from `encode_files`, `ref_nonce` names its blob refs."""
+    signature = signature_json(artifact.signature)
     return {
         "artifact_id": s(artifact.artifact_id),
         "kind": s(artifact.key.kind),
@@ -196,17 +199,20 @@ def artifact_item(artifact: Artifact, files: bytes, ref_nonce: str) -> Item:
         "hit_count": n(artifact.hit_count),
         "files": b(files),
         "ref_nonce": s(ref_nonce),
+        # Not in ARTIFACT_LISTED_ATTRIBUTES: like the files, only on the full item.
+        **({} if signature is None else {"signature": s(signature)}),
         # Not in the list indexes' projection (their schema is fixed): listings leave it "".
         "unavailable": s(artifact.unavailable),
     }
 
 
 def artifact_from_item(item: Item) -> Artifact:
-    """The artifact of an item; without files when the item has none (an index copy)."""
+    """The artifact of an item; without files or signature when the item has none (an index copy)."""
+    full = "files" in item
     return Artifact(
         artifact_id=get_s(item, "artifact_id"),
         key=key_from_json(get_s(item, "key")),
-        files=decode_files(item["files"]["B"]) if "files" in item else (),
+        files=decode_files(item["files"]["B"]) if full else (),
         file_count=get_int(item, "file_count"),
         total_size=get_int(item, "total_size"),
         producer=producer_from_json(get_s(item, "producer")),
@@ -215,6 +221,7 @@ def artifact_from_item(item: Item) -> Artifact:
         pinned=get_bool(item, "pinned"),
         manifest_digest=get_s(item, "manifest_digest"),
         hit_count=get_int(item, "hit_count"),
+        signature=signature_from_json(get_s(item, "signature")) if full and "signature" in item else None,
         unavailable=get_s(item, "unavailable") if "unavailable" in item else "",
     )
 

@@ -24,6 +24,8 @@ from prebake.server.storage.record_json import (
     capabilities_from_json,
     producer_from_json,
     producer_json,
+    signature_from_json,
+    signature_json,
     to_json,
 )
 from prebake.server.storage.sqlite.schema import KEY_COLUMNS
@@ -122,11 +124,13 @@ def artifact_row(artifact: Artifact) -> Row:
         "last_accessed_at": artifact.last_accessed_at,
         "pinned": int(artifact.pinned),
         "hit_count": artifact.hit_count,
+        "signature": signature_json(artifact.signature),
         "unavailable": artifact.unavailable,
     }
 
 
 def artifact_from_row(row: Mapping[str, Any], files: tuple[FileEntry, ...] = ()) -> Artifact:
+    """The artifact of a row; its signature comes with its `files` (listings carry neither)."""
     return Artifact(
         artifact_id=row["artifact_id"],
         key=key_from_row(row, row["artifact_id"]),
@@ -139,6 +143,7 @@ def artifact_from_row(row: Mapping[str, Any], files: tuple[FileEntry, ...] = ())
         pinned=bool(row["pinned"]),
         manifest_digest=row["manifest_digest"],
         hit_count=row["hit_count"],
+        signature=signature_from_json(row["signature"]) if files else None,
         unavailable=row["unavailable"],
     )
 
