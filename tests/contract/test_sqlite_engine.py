@@ -123,7 +123,7 @@ def _applied(path: Path) -> list[tuple[int, str, float]]:
 def test_migrations_apply_once_and_reopening_is_a_noop(db_path: Path) -> None:
     Database(db_path, START).close()
     first = _applied(db_path)
-    assert [row[0] for row in first] == [v for v, _, _ in schema.MIGRATIONS] == [1, 2, 3]
+    assert [row[0] for row in first] == [v for v, _, _ in schema.MIGRATIONS] == [1, 2, 3, 4]
     assert {row[2] for row in first} == {START}
     Database(db_path, START + 3600).close()
     assert _applied(db_path) == first
@@ -182,7 +182,7 @@ def test_a_failing_migration_leaves_the_previous_version(tmp_path: Path) -> None
 def test_migration_versions_must_be_contiguous(tmp_path: Path) -> None:
     db = _autocommit_db(tmp_path / "m.db")
     with pytest.raises(ValueError, match="without gaps"):
-        schema.migrate(db, 1.0, [*schema.MIGRATIONS, (5, "skips", "SELECT 1")])
+        schema.migrate(db, 1.0, [*schema.MIGRATIONS, (len(schema.MIGRATIONS) + 2, "skips", "SELECT 1")])
     assert "schema_migrations" not in db.table_names()
 
 
@@ -274,7 +274,7 @@ async def test_a_version_2_database_gains_signatures_and_its_artifacts_read_unsi
     assert schema.migrate(v2, START, schema.MIGRATIONS[:2]) == [1, 2]
     artifact = make_artifact()
     row = rows.artifact_row(artifact)
-    del row["signature"]
+    del row["signature"], row["unavailable"]  # added by migrations 3 and 4
     v2.table("artifacts").insert(row)
     v2.table("artifact_files").insert_all(
         {
@@ -289,7 +289,7 @@ async def test_a_version_2_database_gains_signatures_and_its_artifacts_read_unsi
     v2.conn.close()
     storage = open_sqlite(db_path)
     try:
-        assert [row[0] for row in _applied(db_path)] == [1, 2, 3]
+        assert [row[0] for row in _applied(db_path)] == [v for v, _, _ in schema.MIGRATIONS]
         stored = await storage.artifacts.get(artifact.artifact_id)
         assert stored == artifact and stored.signature is None
         signed = replace(make_artifact(make_key(batch_size=2)), signature=SIGNATURE)
