@@ -3,7 +3,9 @@ what this replica changes and what anyone publishes shows at once."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
+from typing import Any
 
 from prebake.server.storage.bundle import Storage
 from prebake.server.storage.hit_cache import CachedArtifactIndex
@@ -74,3 +76,37 @@ async def test_the_cache_is_bounded_least_recently_used_first(storage: Storage) 
     last = await cached.get(artifacts[2].artifact_id)
     assert first is not None and first.pinned
     assert last == replace(artifacts[2], pinned=False)
+
+
+class _GatedWrites:
+    """An index whose `mark_unavailable` waits for `gate` before writing (a slow write)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.gate = asyncio.Event()
+        self.waiting = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def mark_unavailable(self, artifact_id: str, reason: str, *, expect_manifest: str) -> Any:
+        self.waiting.set()
+        await self.gate.wait()
+        return await self.inner.mark_unavailable(artifact_id, reason, expect_manifest=expect_manifest)
+
+
+async def test_a_read_overlapping_a_write_is_not_cached(storage: Storage) -> None:
+    gated = _GatedWrites(storage.artifacts)
+    cached = CachedArtifactIndex(gated, TTL, clock=Clock())
+    artifact = make_artifact()
+    await storage.artifacts.put(artifact, expect_manifest=None)
+    write = asyncio.ensure_future(
+        cached.mark_unavailable(artifact.artifact_id, "lost", expect_manifest=artifact.manifest_digest)
+    )
+    await gated.waiting.wait()
+    # Read while the write is in flight: the old item, which must not stay cached.
+    assert await cached.get(artifact.artifact_id) == artifact
+    gated.gate.set()
+    await write
+    got = await cached.get(artifact.artifact_id)
+    assert got is not None and got.unavailable == "lost"

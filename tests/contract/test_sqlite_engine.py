@@ -123,7 +123,7 @@ def _applied(path: Path) -> list[tuple[int, str, float]]:
 def test_migrations_apply_once_and_reopening_is_a_noop(db_path: Path) -> None:
     Database(db_path, START).close()
     first = _applied(db_path)
-    assert [row[0] for row in first] == [v for v, _, _ in schema.MIGRATIONS] == [1, 2, 3]
+    assert [row[0] for row in first] == [v for v, _, _ in schema.MIGRATIONS] == [1, 2, 3, 4]
     assert {row[2] for row in first} == {START}
     Database(db_path, START + 3600).close()
     assert _applied(db_path) == first
@@ -146,24 +146,25 @@ def test_processes_opening_one_fresh_file_at_once_apply_each_migration_once(db_p
     for t in threads:
         t.join(60)
     assert errors == []
-    assert [row[0] for row in _applied(db_path)] == [1, 2, 3]
+    assert [row[0] for row in _applied(db_path)] == [v for v, _, _ in schema.MIGRATIONS]
 
 
 def test_later_migrations_apply_in_order_and_only_once(tmp_path: Path) -> None:
     def add_notes(db: SqliteUtilsDatabase) -> None:
         db.table("notes").create({"id": int, "text": str}, pk="id")
 
+    n = len(schema.MIGRATIONS)
     more: list[schema.Migration] = [
         *schema.MIGRATIONS,
-        (4, "notes", add_notes),
-        (5, "seed", "INSERT INTO notes (id, text) VALUES (1, 'hi');"),
+        (n + 1, "notes", add_notes),
+        (n + 2, "seed", "INSERT INTO notes (id, text) VALUES (1, 'hi');"),
     ]
     db = _autocommit_db(tmp_path / "m.db")
     assert schema.migrate(db, 1.0, schema.MIGRATIONS[:1]) == [1]
-    assert schema.migrate(db, 2.0, more) == [2, 3, 4, 5]
+    assert schema.migrate(db, 2.0, more) == list(range(2, n + 3))
     assert schema.migrate(db, 3.0, more) == []
     assert list(db.query("SELECT text FROM notes")) == [{"text": "hi"}]
-    assert [row["version"] for row in schema.applied_migrations(db)] == [1, 2, 3, 4, 5]
+    assert [row["version"] for row in schema.applied_migrations(db)] == list(range(1, n + 3))
 
 
 def test_a_failing_migration_leaves_the_previous_version(tmp_path: Path) -> None:
@@ -173,15 +174,15 @@ def test_a_failing_migration_leaves_the_previous_version(tmp_path: Path) -> None
 
     db = _autocommit_db(tmp_path / "m.db")
     with pytest.raises(RuntimeError, match="step failed"):
-        schema.migrate(db, 1.0, [*schema.MIGRATIONS, (4, "broken", broken)])
-    assert schema.current_version(db) == 3
+        schema.migrate(db, 1.0, [*schema.MIGRATIONS, (len(schema.MIGRATIONS) + 1, "broken", broken)])
+    assert schema.current_version(db) == len(schema.MIGRATIONS)
     assert "half_done" not in db.table_names()
 
 
 def test_migration_versions_must_be_contiguous(tmp_path: Path) -> None:
     db = _autocommit_db(tmp_path / "m.db")
     with pytest.raises(ValueError, match="without gaps"):
-        schema.migrate(db, 1.0, [*schema.MIGRATIONS, (5, "skips", "SELECT 1")])
+        schema.migrate(db, 1.0, [*schema.MIGRATIONS, (len(schema.MIGRATIONS) + 2, "skips", "SELECT 1")])
     assert "schema_migrations" not in db.table_names()
 
 
@@ -189,7 +190,9 @@ def test_a_database_from_a_newer_prebake_is_refused(db_path: Path) -> None:
     Database(db_path, START).close()
     with raw(db_path) as conn:
         conn.execute("INSERT INTO schema_migrations VALUES (999, 'from the future', 0)")
-    with pytest.raises(SchemaTooNew, match=r"schema version 999.*knows versions up to 3") as info:
+    with pytest.raises(
+        SchemaTooNew, match=rf"schema version 999.*knows versions up to {len(schema.MIGRATIONS)}"
+    ) as info:
         open_sqlite(db_path)
     assert isinstance(info.value, FailedPrecondition)
     assert str(db_path) in str(info.value)
@@ -221,7 +224,7 @@ async def test_a_version_1_database_gains_job_revisions_and_workers(db_path: Pat
         )
     artifact = make_artifact(make_key(batch_size=1))
     v1_row = rows.artifact_row(artifact)
-    del v1_row["signature"]  # added by migration 3
+    del v1_row["signature"], v1_row["unavailable"]  # added by migrations 3 and 4
     v1.table("artifacts").insert(v1_row)
     for f in artifact.files:
         v1.table("artifact_files").insert(
@@ -237,7 +240,7 @@ async def test_a_version_1_database_gains_job_revisions_and_workers(db_path: Pat
 
     storage = open_sqlite(db_path)
     try:
-        assert [row[0] for row in _applied(db_path)] == [1, 2, 3]
+        assert [row[0] for row in _applied(db_path)] == [v for v, _, _ in schema.MIGRATIONS]
         stored = await storage.jobs.get(job.job_id)
         assert stored is not None and (stored.revision, stored.state, stored.worker) == (
             3,
@@ -271,7 +274,7 @@ async def test_a_version_2_database_gains_signatures_and_its_artifacts_read_unsi
     assert schema.migrate(v2, START, schema.MIGRATIONS[:2]) == [1, 2]
     artifact = make_artifact()
     row = rows.artifact_row(artifact)
-    del row["signature"]
+    del row["signature"], row["unavailable"]  # added by migrations 3 and 4
     v2.table("artifacts").insert(row)
     v2.table("artifact_files").insert_all(
         {
@@ -286,7 +289,7 @@ async def test_a_version_2_database_gains_signatures_and_its_artifacts_read_unsi
     v2.conn.close()
     storage = open_sqlite(db_path)
     try:
-        assert [row[0] for row in _applied(db_path)] == [1, 2, 3]
+        assert [row[0] for row in _applied(db_path)] == [v for v, _, _ in schema.MIGRATIONS]
         stored = await storage.artifacts.get(artifact.artifact_id)
         assert stored == artifact and stored.signature is None
         signed = replace(make_artifact(make_key(batch_size=2)), signature=SIGNATURE)

@@ -43,7 +43,7 @@ from typing import Any
 
 from prebake.client import commands, exitcodes
 from prebake.client.client import DEFAULT_TARGET
-from prebake.core.cli_values import positive_int, positive_seconds, seconds
+from prebake.core.cli_values import positive_int, positive_seconds, seconds, size
 from prebake.core.command_plugins import ENTRY_POINT_GROUP, CommandFailed, Register
 from prebake.core.names import job_state_names, kind_names
 
@@ -765,6 +765,37 @@ def _add_gc(sub: _Commands) -> None:
     _add_json(p)
 
 
+def _add_verify(sub: _Commands) -> None:
+    p = sub.add_command(
+        "verify",
+        commands.verify,
+        summary="re-hash the server's blobs and repair what is lost",
+        description="The server re-hashes its stored blobs in full, least recently verified first, and\n"
+        "checks that every blob an artifact names is stored. A corrupt blob is quarantined\n"
+        "(kept aside for inspection); every artifact naming a corrupt or missing blob is marked\n"
+        "unavailable (lookups stop hitting it) and, where a compile job built it, its compile\n"
+        "is enqueued again; publishing the key makes it available again. The server also runs\n"
+        "this sweep periodically (serve --integrity-sweep-seconds). Progress goes to stderr;\n"
+        "the exit status is 1 if any damaged blob was found.",
+        examples="""
+        prebake verify
+        prebake verify --limit 1000 --rate 50M      # the 1000 least recently verified, at 50 MiB/s
+        prebake verify --dry-run --json             # report only, change nothing
+        """,
+    )
+    p.add_argument("--limit", type=int, default=0, metavar="N", help="check at most N blobs (default 0: all)")
+    p.add_argument(
+        "--rate",
+        type=size,
+        default=0,
+        metavar="BYTES",
+        help="hash at most BYTES per second (e.g. 50M; 0: unlimited)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="only report; quarantine and mark nothing")
+    _add_quiet(p)
+    _add_json(p)
+
+
 # The client's own commands, by name, in `prebake --help` order (after the plugins').
 CLIENT_COMMANDS: dict[str, Callable[[_Commands], None]] = {
     "lookup": _add_lookup,
@@ -782,6 +813,7 @@ CLIENT_COMMANDS: dict[str, Callable[[_Commands], None]] = {
     "workers": _add_workers,
     "stats": _add_stats,
     "gc": _add_gc,
+    "verify": _add_verify,
 }
 
 

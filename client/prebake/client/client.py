@@ -11,6 +11,7 @@ says the call is safe to repeat; nothing else is retried implicitly.
 
 from __future__ import annotations
 
+import functools
 import getpass
 import os
 import socket
@@ -42,6 +43,7 @@ from prebake.client.errors import (
     InvalidArgument,
     JobCancelled,
     NoCapableWorker,
+    NotFound,
     PrebakeError,
     Unavailable,
     from_rpc_error,
@@ -694,6 +696,25 @@ class Client:
         request = admin_pb2.CollectGarbageRequest(dry_run=dry_run)
         return self._call(lambda t: self._conn.stubs.admin.CollectGarbage(request, timeout=t))
 
+    def verify_blobs(
+        self, limit: int = 0, bytes_per_second: int = 0, repair: bool = True, timeout: float | None = None
+    ) -> Iterator[admin_pb2.VerifyBlobsProgress]:
+        """Have the server re-hash its blobs (least recently verified first, at most `limit`;
+        0: all) and, with `repair`, quarantine what is corrupt and rebuild what is lost; yields
+        its progress (cumulative counters, damaged blobs as found), the last with `done`.
+
+        Not retried: a run that fails (Unavailable) may be started again, and continues with
+        the blobs least recently verified. `timeout` bounds the whole run (None: no bound).
+        """
+        request = admin_pb2.VerifyBlobsRequest(limit=limit, bytes_per_second=bytes_per_second, repair=repair)
+        call = self._conn.stubs.admin.VerifyBlobs(request, timeout=timeout)
+        try:
+            yield from call
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, target=self.target) from None
+        finally:
+            cancel_call(call)
+
     # Catalog -------------------------------------------------------------------------
 
     def list_models(self, family: str = "", quantization_only: bool = False) -> list[catalog_pb2.ModelInfo]:
@@ -876,9 +897,65 @@ class Client:
         failed (now or, cached, earlier) and JobCancelled when the job was cancelled.
         `dest` is placed as by `fetch` (with its `overwrite`, `host_cache` and `trust`, the
         client's by default: an artifact no trusted key signed raises `UntrustedArtifact` and
-        nothing is placed).
+        nothing is placed). A hit whose blob turns out missing or corrupt on the server is
+        looked up once more: the server marked it unavailable, so that lookup follows (or
+        enqueues) its rebuild.
         """
         started = time.monotonic()
+        ready = functools.partial(
+            self._ensure_artifact,
+            key,
+            model_source,
+            timeout,
+            on_event,
+            allow=allow,
+            worker_grace=worker_grace,
+            started=started,
+        )
+
+        def place(artifact: registry_pb2.Artifact) -> FetchResult:
+            if (self.trust if trust is None else trust) is not None:
+                # The signature (checked by fetch) binds the key; it must be the key asked for.
+                requested = _key_proto(key)
+                check_signed_key(artifact, requested.model, requested.model_revision)
+            return self.fetch(
+                artifact, dest, progress=progress, overwrite=overwrite, host_cache=host_cache, trust=trust
+            )
+
+        status, artifact, job_id = ready()
+        try:
+            fetched = place(artifact)
+        except (NotFound, DataLoss) as lost:
+            # A blob of the hit was missing or corrupt on the server. Its Read marked the
+            # artifact unavailable and enqueued the rebuild where a job can do it, so a second
+            # lookup follows that compile (or enqueues one) instead of failing; if it still hits,
+            # nothing was repaired and the loss is the answer.
+            if job_id is not None:
+                raise
+            status, artifact, job_id = ready()
+            if job_id is None:
+                raise lost from None
+            fetched = place(artifact)
+        return EnsureResult(
+            status=status,
+            artifact_id=artifact.artifact_id,
+            job_id=job_id,
+            fetch=fetched,
+            seconds=time.monotonic() - started,
+        )
+
+    def _ensure_artifact(
+        self,
+        key: KeyLike,
+        model_source: str,
+        timeout: float | None,
+        on_event: Callable[[jobs_pb2.JobEvent], object] | None,
+        *,
+        allow: Sequence[str],
+        worker_grace: float,
+        started: float,
+    ) -> tuple[str, registry_pb2.Artifact, str | None]:
+        """`ensure` up to the fetch: (lookup status, the artifact to fetch, the job followed)."""
         remaining = self._remaining(started, timeout)
         lookup_timeout = self.timeout if remaining is None else min(remaining, self.timeout)
         response = self.lookup(
@@ -914,20 +991,7 @@ class Client:
                 ) from None
             self._raise_unless_succeeded(job)
             artifact = self.get_artifact(job.artifact_id or job.key.digest or response.key.digest)
-        if (self.trust if trust is None else trust) is not None:
-            # The signature (checked by fetch) binds the key; it must be the key asked for.
-            requested = _key_proto(key)
-            check_signed_key(artifact, requested.model, requested.model_revision)
-        fetched = self.fetch(
-            artifact, dest, progress=progress, overwrite=overwrite, host_cache=host_cache, trust=trust
-        )
-        return EnsureResult(
-            status=status,
-            artifact_id=artifact.artifact_id,
-            job_id=job_id,
-            fetch=fetched,
-            seconds=time.monotonic() - started,
-        )
+        return status, artifact, job_id
 
     def _remaining(self, started: float, timeout: float | None) -> float | None:
         if timeout is None:

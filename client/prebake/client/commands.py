@@ -41,12 +41,13 @@ from prebake.client.progress import (
     JobProgress,
     PrewarmDisplay,
     TransferProgress,
+    VerifyProgress,
     human_bytes,
     is_interactive,
 )
 from prebake.core.command_plugins import CommandFailed
 from prebake.core.signing import SigningKey, SigningUnavailable, TrustSet
-from prebake.v1 import jobs_pb2, registry_pb2
+from prebake.v1 import admin_pb2, jobs_pb2, registry_pb2
 
 # Public key files whose signatures fetch/ensure accept, when no --trust is given.
 TRUST_ENV = "PREBAKE_TRUST"
@@ -489,6 +490,57 @@ def gc(args: argparse.Namespace, client: Client) -> int:
     report = client.collect_garbage(dry_run=args.dry_run)
     _emit(args, render.gc_text(report), render.gc_json(report))
     return exitcodes.OK
+
+
+_PROBLEMS = {admin_pb2.BLOB_PROBLEM_MISSING: "missing", admin_pb2.BLOB_PROBLEM_CORRUPT: "corrupt"}
+
+
+def verify(args: argparse.Namespace, client: Client) -> int:
+    if args.limit < 0:
+        raise UsageError("--limit must not be negative (0: every blob)")
+    display = None if args.quiet else VerifyProgress()
+    damaged: list[admin_pb2.DamagedBlob] = []
+    last = admin_pb2.VerifyBlobsProgress()
+    try:
+        for progress in client.verify_blobs(args.limit, args.rate, repair=not args.dry_run):
+            last = progress
+            damaged.extend(progress.damaged)
+            if display is not None:
+                display(progress.blobs_checked, progress.blobs_total, progress.bytes_hashed, len(damaged))
+    finally:
+        if display is not None:
+            display.close()
+    lines = []
+    for d in damaged:
+        line = f"{_PROBLEMS.get(d.problem, 'damaged')}  {d.digest.hash}/{d.digest.size_bytes}  {d.detail}"
+        if d.artifact_ids:
+            verb = "would be unavailable" if args.dry_run else "marked unavailable"
+            line += f"\n  artifacts {verb}: {', '.join(d.artifact_ids)}"
+        if d.job_ids:
+            line += f"\n  rebuilding in job(s): {', '.join(d.job_ids)}"
+        lines.append(line)
+    lines.append(
+        f"{last.blobs_checked} of {last.blobs_total} blobs checked, {human_bytes(last.bytes_hashed)} hashed, "
+        f"{len(damaged)} damaged" + (" (dry run: nothing changed)" if args.dry_run and damaged else "")
+    )
+    data = {
+        "blobs_total": last.blobs_total,
+        "blobs_checked": last.blobs_checked,
+        "bytes_hashed": last.bytes_hashed,
+        "repair": not args.dry_run,
+        "damaged": [
+            {
+                "digest": {"hash": d.digest.hash, "size_bytes": d.digest.size_bytes},
+                "problem": _PROBLEMS.get(d.problem, "damaged"),
+                "detail": d.detail,
+                "artifact_ids": list(d.artifact_ids),
+                "job_ids": list(d.job_ids),
+            }
+            for d in damaged
+        ],
+    }
+    _emit(args, "\n".join(lines), data)
+    return exitcodes.ERROR if damaged else exitcodes.OK
 
 
 _SUPPORT = {0: "-", 1: "yes", 2: "no"}

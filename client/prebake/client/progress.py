@@ -134,6 +134,40 @@ class TransferProgress:
         self.stream.flush()
 
 
+class VerifyProgress:
+    """Draws a `prebake verify` run's progress (blobs checked, bytes hashed, damage found) on
+    `stream` (stderr): redrawn in place on a terminal, a line every `log_seconds` otherwise."""
+
+    def __init__(
+        self, stream: TextIO | None = None, *, interactive: bool | None = None, log_seconds: float = 15.0
+    ) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.interactive = is_interactive(self.stream) if interactive is None else interactive
+        self._interval = 0.1 if self.interactive else log_seconds
+        self._last_draw = 0.0
+        self._text = ""
+
+    def __call__(self, checked: int, total: int, hashed: int, damaged: int) -> None:
+        self._text = f"verify: {checked}/{total} blobs, {human_bytes(hashed)} hashed, {damaged} damaged"
+        now = time.monotonic()
+        if now - self._last_draw >= self._interval:
+            self._last_draw = now
+            self._draw()
+
+    def _draw(self) -> None:
+        if self.interactive:
+            self.stream.write("\r" + self._text[: _width(self.stream) - 1] + "\x1b[K")
+        else:
+            self.stream.write(self._text + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self._text and self.interactive:
+            self._draw()
+            self.stream.write("\n")
+            self.stream.flush()
+
+
 class JobProgress:
     """An `on_event(JobEvent)` callback showing a compile job's state, progress and message."""
 

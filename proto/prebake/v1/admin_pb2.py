@@ -23,11 +23,12 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from prebake.v1 import blobs_pb2 as prebake_dot_v1_dot_blobs__pb2
 from prebake.v1 import key_pb2 as prebake_dot_v1_dot_key__pb2
 from prebake.v1 import registry_pb2 as prebake_dot_v1_dot_registry__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16prebake/v1/admin.proto\x12\nprebake.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14prebake/v1/key.proto\x1a\x19prebake/v1/registry.proto\"\x89\x01\n\x14ListArtifactsRequest\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.prebake.v1.ArtifactKind\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0bpinned_only\x18\x03 \x01(\x08\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"Y\n\x15ListArtifactsResponse\x12\'\n\tartifacts\x18\x01 \x03(\x0b\x32\x14.prebake.v1.Artifact\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\";\n\x15\x44\x65leteArtifactRequest\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"D\n\x16\x44\x65leteArtifactResponse\x12\x15\n\rblobs_deleted\x18\x01 \x01(\x03\x12\x13\n\x0b\x62ytes_freed\x18\x02 \x01(\x03\"9\n\x12PinArtifactRequest\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\x12\x0e\n\x06pinned\x18\x02 \x01(\x08\"\x11\n\x0fGetStatsRequest\"\xfa\x02\n\x05Stats\x12\x11\n\tartifacts\x18\x01 \x01(\x03\x12\x18\n\x10pinned_artifacts\x18\x02 \x01(\x03\x12\r\n\x05\x62lobs\x18\x03 \x01(\x03\x12\x12\n\nblob_bytes\x18\x04 \x01(\x03\x12\x0f\n\x07lookups\x18\x05 \x01(\x03\x12\x0c\n\x04hits\x18\x06 \x01(\x03\x12\x0e\n\x06misses\x18\x07 \x01(\x03\x12\x10\n\x08hit_rate\x18\x08 \x01(\x01\x12\x39\n\rjobs_by_state\x18\t \x03(\x0b\x32\".prebake.v1.Stats.JobsByStateEntry\x12\x13\n\x0bqueue_depth\x18\n \x01(\x03\x12\x14\n\x0c\x62ytes_served\x18\x0b \x01(\x03\x12\x16\n\x0e\x62ytes_received\x18\x0c \x01(\x03\x12.\n\nstarted_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a\x32\n\x10JobsByStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"(\n\x15\x43ollectGarbageRequest\x12\x0f\n\x07\x64ry_run\x18\x01 \x01(\x08\"g\n\nStoreUsage\x12\x12\n\nblob_bytes\x18\x01 \x01(\x03\x12\x14\n\x0cupload_bytes\x18\x02 \x01(\x03\x12\x16\n\x0ereserved_bytes\x18\x03 \x01(\x03\x12\x17\n\x0fmax_store_bytes\x18\x04 \x01(\x03\"\xca\x02\n\x16\x43ollectGarbageResponse\x12\x0f\n\x07\x64ry_run\x18\x01 \x01(\x08\x12\x15\n\rstale_uploads\x18\x02 \x01(\x03\x12\x1a\n\x12stale_upload_bytes\x18\x03 \x01(\x03\x12\x19\n\x11quarantined_blobs\x18\x04 \x01(\x03\x12\x19\n\x11quarantined_bytes\x18\x05 \x01(\x03\x12\x16\n\x0eorphaned_blobs\x18\x06 \x01(\x03\x12\x16\n\x0eorphaned_bytes\x18\x07 \x01(\x03\x12\x1c\n\x14\x65victed_artifact_ids\x18\x08 \x03(\t\x12\x15\n\revicted_blobs\x18\t \x01(\x03\x12\x15\n\revicted_bytes\x18\n \x01(\x03\x12\x13\n\x0bkept_in_use\x18\x0b \x01(\x03\x12%\n\x05usage\x18\x0c \x01(\x0b\x32\x16.prebake.v1.StoreUsage2\x90\x03\n\x05\x41\x64min\x12T\n\rListArtifacts\x12 .prebake.v1.ListArtifactsRequest\x1a!.prebake.v1.ListArtifactsResponse\x12W\n\x0e\x44\x65leteArtifact\x12!.prebake.v1.DeleteArtifactRequest\x1a\".prebake.v1.DeleteArtifactResponse\x12\x43\n\x0bPinArtifact\x12\x1e.prebake.v1.PinArtifactRequest\x1a\x14.prebake.v1.Artifact\x12:\n\x08GetStats\x12\x1b.prebake.v1.GetStatsRequest\x1a\x11.prebake.v1.Stats\x12W\n\x0e\x43ollectGarbage\x12!.prebake.v1.CollectGarbageRequest\x1a\".prebake.v1.CollectGarbageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16prebake/v1/admin.proto\x12\nprebake.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16prebake/v1/blobs.proto\x1a\x14prebake/v1/key.proto\x1a\x19prebake/v1/registry.proto\"\x89\x01\n\x14ListArtifactsRequest\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.prebake.v1.ArtifactKind\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0bpinned_only\x18\x03 \x01(\x08\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"Y\n\x15ListArtifactsResponse\x12\'\n\tartifacts\x18\x01 \x03(\x0b\x32\x14.prebake.v1.Artifact\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\";\n\x15\x44\x65leteArtifactRequest\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"D\n\x16\x44\x65leteArtifactResponse\x12\x15\n\rblobs_deleted\x18\x01 \x01(\x03\x12\x13\n\x0b\x62ytes_freed\x18\x02 \x01(\x03\"9\n\x12PinArtifactRequest\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\x12\x0e\n\x06pinned\x18\x02 \x01(\x08\"\x11\n\x0fGetStatsRequest\"\xfa\x02\n\x05Stats\x12\x11\n\tartifacts\x18\x01 \x01(\x03\x12\x18\n\x10pinned_artifacts\x18\x02 \x01(\x03\x12\r\n\x05\x62lobs\x18\x03 \x01(\x03\x12\x12\n\nblob_bytes\x18\x04 \x01(\x03\x12\x0f\n\x07lookups\x18\x05 \x01(\x03\x12\x0c\n\x04hits\x18\x06 \x01(\x03\x12\x0e\n\x06misses\x18\x07 \x01(\x03\x12\x10\n\x08hit_rate\x18\x08 \x01(\x01\x12\x39\n\rjobs_by_state\x18\t \x03(\x0b\x32\".prebake.v1.Stats.JobsByStateEntry\x12\x13\n\x0bqueue_depth\x18\n \x01(\x03\x12\x14\n\x0c\x62ytes_served\x18\x0b \x01(\x03\x12\x16\n\x0e\x62ytes_received\x18\x0c \x01(\x03\x12.\n\nstarted_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a\x32\n\x10JobsByStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"(\n\x15\x43ollectGarbageRequest\x12\x0f\n\x07\x64ry_run\x18\x01 \x01(\x08\"g\n\nStoreUsage\x12\x12\n\nblob_bytes\x18\x01 \x01(\x03\x12\x14\n\x0cupload_bytes\x18\x02 \x01(\x03\x12\x16\n\x0ereserved_bytes\x18\x03 \x01(\x03\x12\x17\n\x0fmax_store_bytes\x18\x04 \x01(\x03\"\xca\x02\n\x16\x43ollectGarbageResponse\x12\x0f\n\x07\x64ry_run\x18\x01 \x01(\x08\x12\x15\n\rstale_uploads\x18\x02 \x01(\x03\x12\x1a\n\x12stale_upload_bytes\x18\x03 \x01(\x03\x12\x19\n\x11quarantined_blobs\x18\x04 \x01(\x03\x12\x19\n\x11quarantined_bytes\x18\x05 \x01(\x03\x12\x16\n\x0eorphaned_blobs\x18\x06 \x01(\x03\x12\x16\n\x0eorphaned_bytes\x18\x07 \x01(\x03\x12\x1c\n\x14\x65victed_artifact_ids\x18\x08 \x03(\t\x12\x15\n\revicted_blobs\x18\t \x01(\x03\x12\x15\n\revicted_bytes\x18\n \x01(\x03\x12\x13\n\x0bkept_in_use\x18\x0b \x01(\x03\x12%\n\x05usage\x18\x0c \x01(\x0b\x32\x16.prebake.v1.StoreUsage\"M\n\x12VerifyBlobsRequest\x12\r\n\x05limit\x18\x01 \x01(\x03\x12\x18\n\x10\x62ytes_per_second\x18\x02 \x01(\x03\x12\x0e\n\x06repair\x18\x03 \x01(\x08\"\x92\x01\n\x0b\x44\x61magedBlob\x12\"\n\x06\x64igest\x18\x01 \x01(\x0b\x32\x12.prebake.v1.Digest\x12(\n\x07problem\x18\x02 \x01(\x0e\x32\x17.prebake.v1.BlobProblem\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x14\n\x0c\x61rtifact_ids\x18\x04 \x03(\t\x12\x0f\n\x07job_ids\x18\x05 \x03(\t\"\x8f\x01\n\x13VerifyBlobsProgress\x12\x13\n\x0b\x62lobs_total\x18\x01 \x01(\x03\x12\x15\n\rblobs_checked\x18\x02 \x01(\x03\x12\x14\n\x0c\x62ytes_hashed\x18\x03 \x01(\x03\x12(\n\x07\x64\x61maged\x18\x04 \x03(\x0b\x32\x17.prebake.v1.DamagedBlob\x12\x0c\n\x04\x64one\x18\x05 \x01(\x08*_\n\x0b\x42lobProblem\x12\x1c\n\x18\x42LOB_PROBLEM_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42LOB_PROBLEM_MISSING\x10\x01\x12\x18\n\x14\x42LOB_PROBLEM_CORRUPT\x10\x02\x32\xe2\x03\n\x05\x41\x64min\x12T\n\rListArtifacts\x12 .prebake.v1.ListArtifactsRequest\x1a!.prebake.v1.ListArtifactsResponse\x12W\n\x0e\x44\x65leteArtifact\x12!.prebake.v1.DeleteArtifactRequest\x1a\".prebake.v1.DeleteArtifactResponse\x12\x43\n\x0bPinArtifact\x12\x1e.prebake.v1.PinArtifactRequest\x1a\x14.prebake.v1.Artifact\x12:\n\x08GetStats\x12\x1b.prebake.v1.GetStatsRequest\x1a\x11.prebake.v1.Stats\x12W\n\x0e\x43ollectGarbage\x12!.prebake.v1.CollectGarbageRequest\x1a\".prebake.v1.CollectGarbageResponse\x12P\n\x0bVerifyBlobs\x12\x1e.prebake.v1.VerifyBlobsRequest\x1a\x1f.prebake.v1.VerifyBlobsProgress0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,28 +37,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STATS_JOBSBYSTATEENTRY']._loaded_options = None
   _globals['_STATS_JOBSBYSTATEENTRY']._serialized_options = b'8\001'
-  _globals['_LISTARTIFACTSREQUEST']._serialized_start=121
-  _globals['_LISTARTIFACTSREQUEST']._serialized_end=258
-  _globals['_LISTARTIFACTSRESPONSE']._serialized_start=260
-  _globals['_LISTARTIFACTSRESPONSE']._serialized_end=349
-  _globals['_DELETEARTIFACTREQUEST']._serialized_start=351
-  _globals['_DELETEARTIFACTREQUEST']._serialized_end=410
-  _globals['_DELETEARTIFACTRESPONSE']._serialized_start=412
-  _globals['_DELETEARTIFACTRESPONSE']._serialized_end=480
-  _globals['_PINARTIFACTREQUEST']._serialized_start=482
-  _globals['_PINARTIFACTREQUEST']._serialized_end=539
-  _globals['_GETSTATSREQUEST']._serialized_start=541
-  _globals['_GETSTATSREQUEST']._serialized_end=558
-  _globals['_STATS']._serialized_start=561
-  _globals['_STATS']._serialized_end=939
-  _globals['_STATS_JOBSBYSTATEENTRY']._serialized_start=889
-  _globals['_STATS_JOBSBYSTATEENTRY']._serialized_end=939
-  _globals['_COLLECTGARBAGEREQUEST']._serialized_start=941
-  _globals['_COLLECTGARBAGEREQUEST']._serialized_end=981
-  _globals['_STOREUSAGE']._serialized_start=983
-  _globals['_STOREUSAGE']._serialized_end=1086
-  _globals['_COLLECTGARBAGERESPONSE']._serialized_start=1089
-  _globals['_COLLECTGARBAGERESPONSE']._serialized_end=1419
-  _globals['_ADMIN']._serialized_start=1422
-  _globals['_ADMIN']._serialized_end=1822
+  _globals['_BLOBPROBLEM']._serialized_start=1819
+  _globals['_BLOBPROBLEM']._serialized_end=1914
+  _globals['_LISTARTIFACTSREQUEST']._serialized_start=145
+  _globals['_LISTARTIFACTSREQUEST']._serialized_end=282
+  _globals['_LISTARTIFACTSRESPONSE']._serialized_start=284
+  _globals['_LISTARTIFACTSRESPONSE']._serialized_end=373
+  _globals['_DELETEARTIFACTREQUEST']._serialized_start=375
+  _globals['_DELETEARTIFACTREQUEST']._serialized_end=434
+  _globals['_DELETEARTIFACTRESPONSE']._serialized_start=436
+  _globals['_DELETEARTIFACTRESPONSE']._serialized_end=504
+  _globals['_PINARTIFACTREQUEST']._serialized_start=506
+  _globals['_PINARTIFACTREQUEST']._serialized_end=563
+  _globals['_GETSTATSREQUEST']._serialized_start=565
+  _globals['_GETSTATSREQUEST']._serialized_end=582
+  _globals['_STATS']._serialized_start=585
+  _globals['_STATS']._serialized_end=963
+  _globals['_STATS_JOBSBYSTATEENTRY']._serialized_start=913
+  _globals['_STATS_JOBSBYSTATEENTRY']._serialized_end=963
+  _globals['_COLLECTGARBAGEREQUEST']._serialized_start=965
+  _globals['_COLLECTGARBAGEREQUEST']._serialized_end=1005
+  _globals['_STOREUSAGE']._serialized_start=1007
+  _globals['_STOREUSAGE']._serialized_end=1110
+  _globals['_COLLECTGARBAGERESPONSE']._serialized_start=1113
+  _globals['_COLLECTGARBAGERESPONSE']._serialized_end=1443
+  _globals['_VERIFYBLOBSREQUEST']._serialized_start=1445
+  _globals['_VERIFYBLOBSREQUEST']._serialized_end=1522
+  _globals['_DAMAGEDBLOB']._serialized_start=1525
+  _globals['_DAMAGEDBLOB']._serialized_end=1671
+  _globals['_VERIFYBLOBSPROGRESS']._serialized_start=1674
+  _globals['_VERIFYBLOBSPROGRESS']._serialized_end=1817
+  _globals['_ADMIN']._serialized_start=1917
+  _globals['_ADMIN']._serialized_end=2399
 # @@protoc_insertion_point(module_scope)

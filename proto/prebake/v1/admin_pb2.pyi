@@ -8,6 +8,8 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from prebake.v1 import blobs_pb2 as _blobs_pb2
 from prebake.v1 import key_pb2 as _key_pb2
 from prebake.v1 import registry_pb2 as _registry_pb2
 import builtins as _builtins
@@ -20,6 +22,30 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _BlobProblem:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BlobProblemEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BlobProblem.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BLOB_PROBLEM_UNSPECIFIED: _BlobProblem.ValueType  # 0
+    """Not set; never returned."""
+    BLOB_PROBLEM_MISSING: _BlobProblem.ValueType  # 1
+    """Nothing is stored under the blob's digest, though an artifact names it."""
+    BLOB_PROBLEM_CORRUPT: _BlobProblem.ValueType  # 2
+    """The stored bytes have another size or hash than the digest."""
+
+class BlobProblem(_BlobProblem, metaclass=_BlobProblemEnumTypeWrapper):
+    """What is wrong with a blob."""
+
+BLOB_PROBLEM_UNSPECIFIED: BlobProblem.ValueType  # 0
+"""Not set; never returned."""
+BLOB_PROBLEM_MISSING: BlobProblem.ValueType  # 1
+"""Nothing is stored under the blob's digest, though an artifact names it."""
+BLOB_PROBLEM_CORRUPT: BlobProblem.ValueType  # 2
+"""The stored bytes have another size or hash than the digest."""
+Global___BlobProblem: _TypeAlias = BlobProblem  # noqa: Y015
 
 @_typing.final
 class ListArtifactsRequest(_message.Message):
@@ -403,3 +429,119 @@ class CollectGarbageResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CollectGarbageResponse: _TypeAlias = CollectGarbageResponse  # noqa: Y015
+
+@_typing.final
+class VerifyBlobsRequest(_message.Message):
+    """Request for `VerifyBlobs`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    BYTES_PER_SECOND_FIELD_NUMBER: _builtins.int
+    REPAIR_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    """Check at most this many blobs, the least recently verified; 0 means every blob."""
+    bytes_per_second: _builtins.int
+    """Hash at most this many bytes per second; 0 means as fast as the server can."""
+    repair: _builtins.bool
+    """Quarantine, mark unavailable and enqueue rebuilds (see `VerifyBlobs`). False: only
+    report what is damaged and which artifacts it affects; nothing changes.
+    """
+    def __init__(
+        self,
+        *,
+        limit: _builtins.int = ...,
+        bytes_per_second: _builtins.int = ...,
+        repair: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_per_second", b"bytes_per_second", "limit", b"limit", "repair", b"repair"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyBlobsRequest: _TypeAlias = VerifyBlobsRequest  # noqa: Y015
+
+@_typing.final
+class DamagedBlob(_message.Message):
+    """One damaged blob a `VerifyBlobs` run found."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIGEST_FIELD_NUMBER: _builtins.int
+    PROBLEM_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    ARTIFACT_IDS_FIELD_NUMBER: _builtins.int
+    JOB_IDS_FIELD_NUMBER: _builtins.int
+    problem: Global___BlobProblem.ValueType
+    """What is wrong with it."""
+    detail: _builtins.str
+    """What was found, for a person."""
+    @_builtins.property
+    def digest(self) -> _blobs_pb2.Digest:
+        """The blob's digest."""
+
+    @_builtins.property
+    def artifact_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The artifacts naming it: marked unavailable when repairing (when not, those that would be)."""
+
+    @_builtins.property
+    def job_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Compile jobs enqueued or joined to rebuild those artifacts."""
+
+    def __init__(
+        self,
+        *,
+        digest: _blobs_pb2.Digest | None = ...,
+        problem: Global___BlobProblem.ValueType = ...,
+        detail: _builtins.str = ...,
+        artifact_ids: _abc.Iterable[_builtins.str] | None = ...,
+        job_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_ids", b"artifact_ids", "detail", b"detail", "digest", b"digest", "job_ids", b"job_ids", "problem", b"problem"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DamagedBlob: _TypeAlias = DamagedBlob  # noqa: Y015
+
+@_typing.final
+class VerifyBlobsProgress(_message.Message):
+    """Progress of a `VerifyBlobs` run; the counters are cumulative."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BLOBS_TOTAL_FIELD_NUMBER: _builtins.int
+    BLOBS_CHECKED_FIELD_NUMBER: _builtins.int
+    BYTES_HASHED_FIELD_NUMBER: _builtins.int
+    DAMAGED_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    blobs_total: _builtins.int
+    """Blobs this run checks."""
+    blobs_checked: _builtins.int
+    """Blobs checked so far."""
+    bytes_hashed: _builtins.int
+    """Bytes read and hashed so far."""
+    done: _builtins.bool
+    """The run is complete: this is its last message."""
+    @_builtins.property
+    def damaged(self) -> _containers.RepeatedCompositeFieldContainer[Global___DamagedBlob]:
+        """Damaged blobs found since the previous message."""
+
+    def __init__(
+        self,
+        *,
+        blobs_total: _builtins.int = ...,
+        blobs_checked: _builtins.int = ...,
+        bytes_hashed: _builtins.int = ...,
+        damaged: _abc.Iterable[Global___DamagedBlob] | None = ...,
+        done: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blobs_checked", b"blobs_checked", "blobs_total", b"blobs_total", "bytes_hashed", b"bytes_hashed", "damaged", b"damaged", "done", b"done"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyBlobsProgress: _TypeAlias = VerifyBlobsProgress  # noqa: Y015

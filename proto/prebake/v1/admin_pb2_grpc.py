@@ -67,6 +67,11 @@ class AdminStub:
                 request_serializer=prebake_dot_v1_dot_admin__pb2.CollectGarbageRequest.SerializeToString,
                 response_deserializer=prebake_dot_v1_dot_admin__pb2.CollectGarbageResponse.FromString,
                 _registered_method=True)
+        self.VerifyBlobs = channel.unary_stream(
+                '/prebake.v1.Admin/VerifyBlobs',
+                request_serializer=prebake_dot_v1_dot_admin__pb2.VerifyBlobsRequest.SerializeToString,
+                response_deserializer=prebake_dot_v1_dot_admin__pb2.VerifyBlobsProgress.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -151,6 +156,30 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VerifyBlobs(self, request, context):
+        """Re-hashes stored blobs in full, least recently verified first, and checks that every
+        blob an artifact names is stored; streams progress. With `repair`, a corrupt blob is
+        quarantined (moved aside, kept for inspection), every artifact naming a corrupt or
+        missing blob is marked unavailable (lookups no longer hit it) and, where a compile job
+        can rebuild it, its compile is enqueued (single flight: later lookups are COMPILING);
+        a publish of the key makes it available again. The server also runs this sweep
+        periodically (`integrity_sweep_seconds`). Blobs already verified by another sweep after
+        this one started are counted as checked without hashing them again.
+
+        The first message carries `blobs_total`; then one message at least every second and one
+        per damaged blob found; the last has `done` set.
+
+        Errors:
+        * `INVALID_ARGUMENT`: a negative `limit` or `bytes_per_second`. Do not retry.
+        * `UNAVAILABLE`: the registry or the blob store failed. Retry with backoff: what was
+        checked and repaired stays done, and a new run starts with the blobs least recently
+        verified, so it continues where this one stopped.
+        * `CANCELLED`: the client cancelled; hashing stops. Nothing to retry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -178,6 +207,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.CollectGarbage,
                     request_deserializer=prebake_dot_v1_dot_admin__pb2.CollectGarbageRequest.FromString,
                     response_serializer=prebake_dot_v1_dot_admin__pb2.CollectGarbageResponse.SerializeToString,
+            ),
+            'VerifyBlobs': grpc.unary_stream_rpc_method_handler(
+                    servicer.VerifyBlobs,
+                    request_deserializer=prebake_dot_v1_dot_admin__pb2.VerifyBlobsRequest.FromString,
+                    response_serializer=prebake_dot_v1_dot_admin__pb2.VerifyBlobsProgress.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -322,6 +356,33 @@ class Admin:
             '/prebake.v1.Admin/CollectGarbage',
             prebake_dot_v1_dot_admin__pb2.CollectGarbageRequest.SerializeToString,
             prebake_dot_v1_dot_admin__pb2.CollectGarbageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyBlobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/prebake.v1.Admin/VerifyBlobs',
+            prebake_dot_v1_dot_admin__pb2.VerifyBlobsRequest.SerializeToString,
+            prebake_dot_v1_dot_admin__pb2.VerifyBlobsProgress.FromString,
             options,
             channel_credentials,
             insecure,

@@ -93,6 +93,26 @@ class AdminStub:
     * `DEADLINE_EXCEEDED`: the collection outlived the call's deadline; it goes on to
       the end on the server. Retry later (with a longer deadline) to see the rest.
     """
+    VerifyBlobs: _grpc.UnaryStreamMultiCallable[_admin_pb2.VerifyBlobsRequest, _admin_pb2.VerifyBlobsProgress]
+    """Re-hashes stored blobs in full, least recently verified first, and checks that every
+    blob an artifact names is stored; streams progress. With `repair`, a corrupt blob is
+    quarantined (moved aside, kept for inspection), every artifact naming a corrupt or
+    missing blob is marked unavailable (lookups no longer hit it) and, where a compile job
+    can rebuild it, its compile is enqueued (single flight: later lookups are COMPILING);
+    a publish of the key makes it available again. The server also runs this sweep
+    periodically (`integrity_sweep_seconds`). Blobs already verified by another sweep after
+    this one started are counted as checked without hashing them again.
+
+    The first message carries `blobs_total`; then one message at least every second and one
+    per damaged blob found; the last has `done` set.
+
+    Errors:
+    * `INVALID_ARGUMENT`: a negative `limit` or `bytes_per_second`. Do not retry.
+    * `UNAVAILABLE`: the registry or the blob store failed. Retry with backoff: what was
+      checked and repaired stays done, and a new run starts with the blobs least recently
+      verified, so it continues where this one stopped.
+    * `CANCELLED`: the client cancelled; hashing stops. Nothing to retry.
+    """
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -157,6 +177,26 @@ class AdminAsyncStub(AdminStub):
       continues from there.
     * `DEADLINE_EXCEEDED`: the collection outlived the call's deadline; it goes on to
       the end on the server. Retry later (with a longer deadline) to see the rest.
+    """
+    VerifyBlobs: _aio.UnaryStreamMultiCallable[_admin_pb2.VerifyBlobsRequest, _admin_pb2.VerifyBlobsProgress]  # type: ignore[assignment]
+    """Re-hashes stored blobs in full, least recently verified first, and checks that every
+    blob an artifact names is stored; streams progress. With `repair`, a corrupt blob is
+    quarantined (moved aside, kept for inspection), every artifact naming a corrupt or
+    missing blob is marked unavailable (lookups no longer hit it) and, where a compile job
+    can rebuild it, its compile is enqueued (single flight: later lookups are COMPILING);
+    a publish of the key makes it available again. The server also runs this sweep
+    periodically (`integrity_sweep_seconds`). Blobs already verified by another sweep after
+    this one started are counted as checked without hashing them again.
+
+    The first message carries `blobs_total`; then one message at least every second and one
+    per damaged blob found; the last has `done` set.
+
+    Errors:
+    * `INVALID_ARGUMENT`: a negative `limit` or `bytes_per_second`. Do not retry.
+    * `UNAVAILABLE`: the registry or the blob store failed. Retry with backoff: what was
+      checked and repaired stays done, and a new run starts with the blobs least recently
+      verified, so it continues where this one stopped.
+    * `CANCELLED`: the client cancelled; hashing stops. Nothing to retry.
     """
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
@@ -249,6 +289,32 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
           continues from there.
         * `DEADLINE_EXCEEDED`: the collection outlived the call's deadline; it goes on to
           the end on the server. Retry later (with a longer deadline) to see the rest.
+        """
+
+    @_abc_1.abstractmethod
+    def VerifyBlobs(
+        self,
+        request: _admin_pb2.VerifyBlobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_admin_pb2.VerifyBlobsProgress], _abc.AsyncIterator[_admin_pb2.VerifyBlobsProgress]]:
+        """Re-hashes stored blobs in full, least recently verified first, and checks that every
+        blob an artifact names is stored; streams progress. With `repair`, a corrupt blob is
+        quarantined (moved aside, kept for inspection), every artifact naming a corrupt or
+        missing blob is marked unavailable (lookups no longer hit it) and, where a compile job
+        can rebuild it, its compile is enqueued (single flight: later lookups are COMPILING);
+        a publish of the key makes it available again. The server also runs this sweep
+        periodically (`integrity_sweep_seconds`). Blobs already verified by another sweep after
+        this one started are counted as checked without hashing them again.
+
+        The first message carries `blobs_total`; then one message at least every second and one
+        per damaged blob found; the last has `done` set.
+
+        Errors:
+        * `INVALID_ARGUMENT`: a negative `limit` or `bytes_per_second`. Do not retry.
+        * `UNAVAILABLE`: the registry or the blob store failed. Retry with backoff: what was
+          checked and repaired stays done, and a new run starts with the blobs least recently
+          verified, so it continues where this one stopped.
+        * `CANCELLED`: the client cancelled; hashing stops. Nothing to retry.
         """
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # re-exported at run time
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from prebake.server import integrity
 from prebake.server.auth.server_security import ServerSecurity
 from prebake.server.backends import describe, keeps_local_state, open_backends
 from prebake.server.config import ServerConfig
@@ -158,6 +159,8 @@ class RunningServer:
             loop.create_task(self._flush_periodically()),
             loop.create_task(self._expire_leases_periodically()),
         ]
+        if self.state.config.integrity_sweep_seconds > 0:
+            self._tasks.append(loop.create_task(integrity.sweep_periodically(self.state)))
         if self.state.config.gc_interval_seconds > 0:
             self._tasks.append(loop.create_task(self._collect_garbage_periodically()))
 

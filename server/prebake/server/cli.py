@@ -93,6 +93,19 @@ def register(commands: CommandRegistrar) -> None:
         metavar="N",
         help="in-process compile workers per installed backend (default 1; 0 = none)",
     )
+    # Integrity sweep (issue 9).
+    p.add_argument(
+        "--integrity-sweep-seconds",
+        type=float,
+        metavar="S",
+        help="re-hash stored blobs and repair what is lost every S seconds (default 86400; 0 = off)",
+    )
+    p.add_argument(
+        "--integrity-sweep-rate",
+        type=size,
+        metavar="N",
+        help="bytes per second that sweep hashes at most (default 32M; 0 = unlimited)",
+    )
     p.add_argument(
         "--model-source-root",
         action="append",
@@ -243,6 +256,8 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         max_blob_bytes=args.max_blob_bytes,
         max_store_bytes=args.max_store_bytes,
         embedded_workers=args.workers,
+        integrity_sweep_seconds=args.integrity_sweep_seconds,
+        integrity_sweep_bytes_per_second=args.integrity_sweep_rate,
         auth_file=args.auth_file,
         insecure_allow_anonymous=args.insecure_allow_anonymous,
         tls_cert=args.tls_cert,

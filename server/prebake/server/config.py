@@ -160,6 +160,14 @@ class ServerConfig:
     # An upload whose client sends nothing for this long is ended (ABORTED) and its partial
     # data discarded, freeing its file (0: never).
     upload_idle_seconds: float = 120.0
+    # --- integrity sweep (issue 9: integrity and self-repair) ---
+    # Every this many seconds the server re-hashes its stored blobs, least recently verified
+    # first, quarantines corrupt ones, marks artifacts naming a lost blob unavailable and
+    # re-enqueues their compiles (as `prebake verify` does); 0 turns the sweep off.
+    integrity_sweep_seconds: float = 24 * 3600.0
+    # Hashing rate of that sweep, in bytes per second (0: unlimited), so that it leaves the
+    # disk and CPU to reads.
+    integrity_sweep_bytes_per_second: int = 32 << 20
 
 
 _ENV_PREFIX = "PREBAKE_"
@@ -239,6 +247,10 @@ def load_server_config(
     parse_default_toolchains(config.default_toolchains, DEFAULT_TOOLCHAINS)
     parse_store(config.store)
     parse_registry(config.registry)
+    if config.integrity_sweep_seconds < 0 or config.integrity_sweep_bytes_per_second < 0:
+        raise ValueError(
+            "integrity_sweep_seconds and integrity_sweep_bytes_per_second must be >= 0 (0: off / unlimited)"
+        )
     check_tls(config)
     from prebake.server.model_sources import ModelSources
 

@@ -195,7 +195,9 @@ class JobLifecycle:
         Publishing the same file list again changes nothing and returns created=False.
         A different file list raises `AlreadyExists` unless `replace_existing`, which
         swaps the files in (keeping the pin, resetting hits and times); a pinned
-        artifact is replaced only with `force` (else `FailedPrecondition`). The key's
+        artifact is replaced only with `force` (else `FailedPrecondition`). An artifact
+        marked unavailable (`Artifact.unavailable`: a blob lost) is replaced by any publish,
+        the same files too, so a republish makes the key available again. The key's
         active job succeeds with the artifact in the same atomic write, also on an
         idempotent re-publish (so a job that raced an earlier publish does not stay in
         flight). The caller has checked that every blob is present (and `signature`, which
@@ -209,7 +211,9 @@ class JobLifecycle:
         manifest = manifest_digest(ordered)
         for _ in range(MAX_RACES):
             existing = await self.artifacts.get(key.digest)
-            stale = existing is not None and supersede(existing)
+            # An unavailable artifact (a blob lost) gives way to any publish of its key too: that
+            # is how a rebuild or a re-upload repairs it.
+            stale = existing is not None and (bool(existing.unavailable) or supersede(existing))
             if existing is not None and existing.manifest_digest == manifest and not stale:
                 return existing, False, await self._complete_active(key.digest, existing.artifact_id)
             if existing is not None and replace_existing and existing.pinned and not force and not stale:
@@ -486,9 +490,10 @@ class JobLifecycle:
         zombie, gets `FailedPrecondition` and nothing is stored): the artifact is
         created and the job succeeds together. An artifact that an operator published
         for the key meanwhile is kept (`replace` is never implied) and the job succeeds
-        with it, unless `supersede` names it: then the job's output replaces it (keeping its
-        pin). The caller has checked that every blob is present, and `signature`, which is
-        recorded with the new artifact.
+        with it, unless `supersede` names it or it is marked unavailable (a blob lost: the
+        job is its rebuild): then the job's output replaces it (keeping its pin). The caller
+        has checked that every blob is present, and `signature`, which is recorded with the
+        new artifact.
         """
         if not files:
             raise InvalidArgument("an artifact needs at least one file")
@@ -502,7 +507,7 @@ class JobLifecycle:
             now = self._clock()
             existing = await self.artifacts.get(job.key.digest)
             try:
-                if existing is not None and not supersede(existing):
+                if existing is not None and not existing.unavailable and not supersede(existing):
                     done = await self.jobs.compare_and_set(
                         _succeeded(job, existing.artifact_id, now, producer.log), job.revision
                     )

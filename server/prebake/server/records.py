@@ -97,6 +97,10 @@ class Artifact:
     # The producer's signature (`prebake.core.signing`), checked when it was published;
     # None for an unsigned artifact. Read with the files: listings carry neither.
     signature: Signature | None = None
+    # Why the artifact cannot be served ("" = it can): one of its blobs was found missing or
+    # corrupt (see `prebake.server.integrity`). A lookup does not hit it; a publish of the key
+    # makes a new, available artifact.
+    unavailable: str = ""
 
 
 class JobState(enum.StrEnum):

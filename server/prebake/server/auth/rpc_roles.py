@@ -70,6 +70,8 @@ RPC_ROLES: dict[str, frozenset[Role]] = {
             "PinArtifact": _ADMIN_ONLY,
             # Removes (even a dry run lists the whole store): an operator's call.
             "CollectGarbage": _ADMIN_ONLY,
+            # Quarantines, marks artifacts unavailable and enqueues rebuilds; reads every blob.
+            "VerifyBlobs": _ADMIN_ONLY,
         },
     ),
     **_service(

@@ -30,6 +30,11 @@ Contract common to every method:
   it was last found good (see `local_stamps`), an object store with its own checksums is trusted.
   A blob found corrupt is quarantined (reported missing from then on, so it can be uploaded again)
   and `DataLoss` is raised; its bytes are never served.
+* **Scrubbing** (`scrub`) re-hashes a blob in full whatever the backend vouches for (what read
+  stamps and checksums cannot see: bit rot, an object replaced behind the store's back), and
+  records when it was found good (`last_verified`, `scrub_order`), in the store, for every
+  process. Quarantined blobs stay under `quarantine/` for inspection until `remove_quarantined`
+  or `collect_quarantined` (garbage collection, after a grace) deletes them.
 * **Errors** are the domain exceptions of `prebake.core.errors` (the gRPC layer maps them to
   status codes); failures of the backing storage propagate as `OSError` and leave the store as
   described above.
@@ -37,8 +42,10 @@ Contract common to every method:
 
 from __future__ import annotations
 
+import enum
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import NamedTuple, Protocol, runtime_checkable
 
 from prebake.core.errors import InvalidArgument
@@ -76,6 +83,36 @@ class StoreStats(NamedTuple):
 
     blob_count: int
     total_bytes: int
+
+
+@dataclass(frozen=True)
+class QuarantinedBlob:
+    """A blob moved aside because its stored bytes did not match its digest."""
+
+    key: str
+    """Its object key under `quarantine/` (what `remove_quarantined` takes)."""
+    digest: Digest
+    """The digest the bytes were stored under (not theirs: they failed it)."""
+    quarantined_at: float
+    """Seconds since the epoch."""
+    size: int
+    """Bytes actually held."""
+
+
+class ScrubOutcome(enum.Enum):
+    GOOD = "good"
+    CORRUPT = "corrupt"  # wrong size or hash; quarantined (with `quarantine`)
+    MISSING = "missing"  # nothing stored under the blob's content address
+
+
+@dataclass(frozen=True)
+class ScrubResult:
+    """What `ContentAddressedStore.scrub` found about one blob."""
+
+    digest: Digest
+    outcome: ScrubOutcome
+    hashed_bytes: int
+    detail: str = ""
 
 
 class StoreUsage(NamedTuple):
@@ -294,6 +331,34 @@ class BlobStore(Protocol):
         held by an open writer of this instance; return how many were discarded. Stored
         blobs are never touched.
         """
+        ...
+
+    # -- integrity (see `prebake.server.integrity`) ----------------------------------
+
+    def scrub(
+        self, digest: Digest, *, quarantine: bool = True, throttle: Callable[[int], None] | None = None
+    ) -> ScrubResult:
+        """Re-hash the stored blob in full, whatever the backend vouches for, and record when it
+        was found good. A corrupt blob is quarantined (with `quarantine`); see `ScrubOutcome`.
+        `throttle(n)` runs after every n bytes hashed (rate limiting; what it raises propagates)."""
+        ...
+
+    def last_verified(self, digest: Digest) -> float | None:
+        """When `scrub` last found the blob good, in any process or replica; None if never."""
+        ...
+
+    def scrub_order(self, also: Iterable[Digest] = ()) -> list[Digest]:
+        """Stored blobs and `also` (digests that should be stored), least recently verified
+        first; absent digests of `also` first of all."""
+        ...
+
+    def list_quarantined(self) -> list[QuarantinedBlob]:
+        """Every quarantined blob, oldest first."""
+        ...
+
+    def remove_quarantined(self, key: str) -> bool:
+        """Delete one quarantined blob by its `QuarantinedBlob.key`; True if it existed.
+        `InvalidArgument` for any other key."""
         ...
 
     def collect_uploads(self, older_than_seconds: float, *, dry_run: bool = False) -> Collected:

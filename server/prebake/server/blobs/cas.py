@@ -5,7 +5,10 @@ Keys it uses in the object store::
     blobs/<hash[:2]>/<hash>-<size>         published blobs; only ever verified bytes
     uploads/<upload_id>--<hash>-<size>     an upload session: the key of its multipart upload, and
                                            of the assembled object between completion and publishing
-    quarantine/<hash>-<size>.<time_ns>     blobs whose stored bytes were found not to match
+    quarantine/<hash>-<size>.<time_ns>     blobs whose stored bytes were found not to match, kept for
+                                           inspection until `collect_quarantined` removes them
+    verified/<hash>-<size>                 empty; its modification time is when the integrity sweep
+                                           last re-hashed the blob and found it good (`scrub`)
 
 An upload buffers what it receives up to `part_size` bytes and stores each full buffer as the next
 part of the session's multipart upload, feeding the xxh3-128 hash as it goes; `close` stores the
@@ -47,6 +50,9 @@ from prebake.core.errors import (
 )
 from prebake.server.blobs.blob_store import (
     Collected,
+    QuarantinedBlob,
+    ScrubOutcome,
+    ScrubResult,
     StoredBlob,
     StoreStats,
     StoreUsage,
@@ -75,6 +81,9 @@ _HASH_CHUNK = 4 << 20
 _BLOB_KEY_RE = re.compile(r"blobs/([0-9a-f]{2})/([0-9a-f]{32})-(0|[1-9][0-9]*)")
 _SESSION_KEY_RE = re.compile(r"uploads/([A-Za-z0-9._-]{1,128})--([0-9a-f]{32})-(0|[1-9][0-9]*)")
 QUARANTINE_PREFIX = "quarantine/"
+VERIFIED_PREFIX = "verified/"
+_QUARANTINE_KEY_RE = re.compile(r"quarantine/([0-9a-f]{32})-(0|[1-9][0-9]*)\.([0-9]{1,20})")
+_VERIFIED_KEY_RE = re.compile(r"verified/([0-9a-f]{32})-(0|[1-9][0-9]*)")
 # Stripes of per-digest locks: publishing and deleting one blob are serialised in this process
 # (exact counters), without one slow publish (an S3 copy) holding up every other blob.
 _STRIPES = 64
@@ -86,6 +95,10 @@ def blob_key(digest: Digest) -> str:
 
 def session_key(upload_id: str, digest: Digest) -> str:
     return f"uploads/{upload_id}--{digest.hash}-{digest.size}"
+
+
+def verified_key(digest: Digest) -> str:
+    return f"{VERIFIED_PREFIX}{digest.hash}-{digest.size}"
 
 
 def _put(objects: ObjectStore, key: str, data: bytes) -> None:
@@ -294,7 +307,7 @@ class ContentAddressedStore:
 
     # -- verification ----------------------------------------------------------------
 
-    def _hash_object(self, key: str) -> tuple[str, int]:
+    def _hash_object(self, key: str, throttle: Callable[[int], None] | None = None) -> tuple[str, int]:
         hasher = new_hasher()
         size = 0
         reader = self.objects.get(key, 0, None, _HASH_CHUNK)
@@ -302,6 +315,8 @@ class ContentAddressedStore:
             for chunk in reader:
                 hasher.update(chunk)
                 size += len(chunk)
+                if throttle is not None:
+                    throttle(len(chunk))
         finally:
             reader.close()
             with self._lock:
@@ -358,6 +373,7 @@ class ContentAddressedStore:
             except PreconditionFailed:
                 return _Quarantined.REPLACED
             self.objects.read_verification.forget(key)
+            self._forget_verified(digest)
             with self._lock:
                 self._count = max(0, self._count - 1)
                 self._bytes = max(0, self._bytes - digest.size)
@@ -370,6 +386,96 @@ class ContentAddressedStore:
         raise DataLoss(
             f"blob {digest} is corrupt in storage (it ends after {at} bytes); quarantined — upload it again"
         )
+
+    # -- integrity sweep -------------------------------------------------------------
+
+    def _forget_verified(self, digest: Digest) -> None:
+        # Best effort: a stale record of an absent blob is ignored by `scrub_order`.
+        with contextlib.suppress(OSError):
+            self.objects.delete(verified_key(digest))
+
+    def scrub(
+        self, digest: Digest, *, quarantine: bool = True, throttle: Callable[[int], None] | None = None
+    ) -> ScrubResult:
+        """Re-hash the stored blob whatever the backend vouches for (bit rot leaves a file's
+        metadata, and so its read stamp, alone), and record when it was found good.
+
+        CORRUPT (wrong size or hash) quarantines it when `quarantine` (as a read that found it
+        would); MISSING means nothing is stored under its content address. `throttle(n)` is
+        called after each chunk of n bytes hashed (a rate limit; it may raise to stop the scrub,
+        which then propagates). Thread safe; blocking (reads the whole blob).
+        """
+        key = blob_key(digest)
+        hashed = 0
+        # Loops only if a fresh upload replaced the object while it was being checked.
+        for _ in range(3):
+            info = self.objects.head(key)
+            if info is None:
+                return ScrubResult(digest, ScrubOutcome.MISSING, hashed, f"blob {digest} is not stored")
+            if info.size == digest.size:
+                try:
+                    actual, size = self._hash_object(key, throttle)
+                except NoSuchObject:
+                    return ScrubResult(digest, ScrubOutcome.MISSING, hashed, f"blob {digest} is not stored")
+                hashed += size
+                if (actual, size) == (digest.hash, digest.size):
+                    with contextlib.suppress(OSError):
+                        self.objects.put(verified_key(digest), b"")
+                    return ScrubResult(digest, ScrubOutcome.GOOD, hashed)
+                detail = f"blob {digest} is corrupt in storage (read {actual}/{size})"
+            else:
+                detail = f"blob {digest} is corrupt in storage ({info.size} bytes instead of {digest.size})"
+            if not quarantine:
+                return ScrubResult(digest, ScrubOutcome.CORRUPT, hashed, detail)
+            if self._quarantine(digest, info) is not _Quarantined.REPLACED:
+                return ScrubResult(digest, ScrubOutcome.CORRUPT, hashed, detail + "; quarantined")
+        return ScrubResult(digest, ScrubOutcome.GOOD, hashed, "replaced by a fresh upload while checked")
+
+    def last_verified(self, digest: Digest) -> float | None:
+        """When `scrub` last found the blob good (any process or replica), or None."""
+        info = self.objects.head(verified_key(digest))
+        return None if info is None else info.modified
+
+    def scrub_order(self, also: Iterable[Digest] = ()) -> list[Digest]:
+        """Every stored blob and every digest of `also`, least recently verified first.
+
+        A blob never scrubbed counts as verified when it was published (its bytes were hashed
+        then); a digest of `also` that is not stored comes first (it is missing: checking that
+        costs nothing). Two listings (`blobs/`, `verified/`); weakly consistent like them.
+        """
+        when = {digest: 0.0 for digest in also}
+        for info in self.objects.list_objects("blobs/"):
+            m = _BLOB_KEY_RE.fullmatch(info.key)
+            if m is not None and m.group(2)[:2] == m.group(1):
+                when[Digest(m.group(2), int(m.group(3)))] = info.modified
+        for info in self.objects.list_objects(VERIFIED_PREFIX):
+            m = _VERIFIED_KEY_RE.fullmatch(info.key)
+            if m is None:
+                continue
+            digest = Digest(m.group(1), int(m.group(2)))
+            if when.get(digest, 0.0) > 0.0:  # stored (a record of an absent blob is stale)
+                when[digest] = max(when[digest], info.modified)
+        return sorted(when, key=lambda d: (when[d], d))
+
+    def list_quarantined(self) -> list[QuarantinedBlob]:
+        """Every quarantined blob, oldest first. One listing of `quarantine/`."""
+        found: list[QuarantinedBlob] = []
+        for info in self.objects.list_objects(QUARANTINE_PREFIX):
+            m = _QUARANTINE_KEY_RE.fullmatch(info.key)
+            if m is not None:
+                digest = Digest(m.group(1), int(m.group(2)))
+                found.append(QuarantinedBlob(info.key, digest, int(m.group(3)) / 1e9, info.size))
+        return sorted(found, key=lambda q: (q.quarantined_at, q.key))
+
+    def remove_quarantined(self, key: str) -> bool:
+        """Delete one quarantined blob (a `QuarantinedBlob.key`); True if it existed.
+
+        Raises InvalidArgument for a key that is not a quarantined blob's: this never deletes
+        anything else.
+        """
+        if not _QUARANTINE_KEY_RE.fullmatch(key):
+            raise InvalidArgument(f"{key[:80]!r} is not the key of a quarantined blob")
+        return self.objects.delete(key)
 
     # -- reading ---------------------------------------------------------------------
 
@@ -526,6 +632,7 @@ class ContentAddressedStore:
             if not self.objects.delete(key):
                 return False
             self.objects.read_verification.forget(key)
+            self._forget_verified(digest)
             with self._lock:
                 self._count = max(0, self._count - 1)
                 self._bytes = max(0, self._bytes - digest.size)

@@ -12,7 +12,8 @@ case): a file changed within the same clock tick as the one its identity was rea
 its identity, so a stamp is only trusted once the clock has moved on since the file's last change.
 Any change after the stamp was started gets a ctime at or after the stamp's mtime, so it changes
 the identity. What stamps cannot see is bit rot that leaves the file's metadata alone; a stamp is
-an optimisation of reads, not a scrub.
+an optimisation of reads, not a scrub (that is `ContentAddressedStore.scrub`, run by the
+integrity sweep, `prebake.server.integrity`).
 
 Stamps are best-effort: they are written without fsync (a lost or torn stamp only costs one more
 hash), are never required for correctness, and a stale one (its blob deleted) is harmless.

@@ -1,23 +1,31 @@
-"""`prebake.v1.Admin`: list, delete and pin artifacts; statistics."""
+"""`prebake.v1.Admin`: list, delete and pin artifacts; statistics; verify blobs."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
 from prebake.core.errors import InvalidArgument
-from prebake.server import convert
+from prebake.server import convert, integrity
 from prebake.server.garbage import GcReport
 from prebake.server.records import JobState
 from prebake.server.services import pagination
 from prebake.server.services.registry_service import check_artifact_id
 from prebake.server.state import ServerState
-from prebake.server.status import unary
+from prebake.server.status import streaming, unary
 from prebake.server.storage import ArtifactQuery
 from prebake.v1 import admin_pb2, admin_pb2_grpc, registry_pb2
 
 MAX_MODEL_FILTER = 256
+# VerifyBlobs sends progress at least this often (and on every damaged blob).
+VERIFY_PROGRESS_SECONDS = 1.0
+PROBLEMS = {
+    integrity.Problem.MISSING: admin_pb2.BLOB_PROBLEM_MISSING,
+    integrity.Problem.CORRUPT: admin_pb2.BLOB_PROBLEM_CORRUPT,
+}
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
@@ -91,6 +99,36 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     ) -> admin_pb2.CollectGarbageResponse:
         return gc_response(await self.s.collector.collect(dry_run=request.dry_run))
 
+    @streaming
+    async def VerifyBlobs(
+        self, request: admin_pb2.VerifyBlobsRequest, context: Ctx
+    ) -> AsyncIterator[admin_pb2.VerifyBlobsProgress]:
+        if request.limit < 0 or request.bytes_per_second < 0:
+            raise InvalidArgument(
+                f"limit ({request.limit}) and bytes_per_second ({request.bytes_per_second}) must not be "
+                "negative; 0 means every blob / unlimited"
+            )
+        sent_damage = 0
+        sent_at = 0.0
+        run = integrity.sweep(
+            self.s, limit=request.limit, bytes_per_second=request.bytes_per_second, repair=request.repair
+        )
+        try:
+            async for progress in run:
+                fresh = progress.damaged[sent_damage:]
+                now = time.monotonic()
+                if fresh or progress.done or sent_at == 0.0 or now - sent_at >= VERIFY_PROGRESS_SECONDS:
+                    sent_damage, sent_at = len(progress.damaged), now
+                    yield admin_pb2.VerifyBlobsProgress(
+                        blobs_total=progress.blobs_total,
+                        blobs_checked=progress.blobs_checked,
+                        bytes_hashed=progress.bytes_hashed,
+                        damaged=[_damaged(d) for d in fresh],
+                        done=progress.done,
+                    )
+        finally:
+            await run.aclose()
+
 
 def gc_response(report: GcReport) -> admin_pb2.CollectGarbageResponse:
     usage = report.usage
@@ -112,4 +150,14 @@ def gc_response(report: GcReport) -> admin_pb2.CollectGarbageResponse:
             reserved_bytes=usage.reserved_bytes,
             max_store_bytes=usage.max_store_bytes,
         ),
+    )
+
+
+def _damaged(damage: integrity.Damage) -> admin_pb2.DamagedBlob:
+    return admin_pb2.DamagedBlob(
+        digest=convert.digest(damage.digest),
+        problem=PROBLEMS[damage.problem],
+        detail=damage.detail,
+        artifact_ids=damage.artifact_ids,
+        job_ids=damage.job_ids,
     )

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
-from prebake.core.errors import InvalidArgument
-from prebake.server import convert
+from prebake.core.errors import DataLoss, InvalidArgument, NotFound, PrebakeError
+from prebake.server import convert, integrity
 from prebake.server.blobs import BlobWriter
 from prebake.server.rate_limits import RateLimit, caller
+from prebake.server.records import Digest
 from prebake.server.state import ServerState
 from prebake.server.status import streaming, unary
 from prebake.server.upload_sessions import UploadIdle, UploadSessions, idle_limited
@@ -22,6 +25,17 @@ MAX_FIND = 10_000
 MAX_WRITE_CHUNK = 4 << 20
 READ_CHUNK = 1 << 20
 Ctx = grpc.aio.ServicerContext[Any, Any]
+log = logging.getLogger("prebake.server.blobs")
+
+
+async def _lost(state: ServerState, digest: Digest, exc: NotFound | DataLoss, read_at: float) -> None:
+    """A Read found the blob missing or corrupt: mark what names it before answering, so that
+    the caller's next lookup no longer hits it (and follows the rebuild instead)."""
+    problem = integrity.Problem.MISSING if isinstance(exc, NotFound) else integrity.Problem.CORRUPT
+    try:
+        await integrity.blob_lost(state, digest, problem, str(exc), detected_at=read_at)
+    except PrebakeError as repair_error:  # the Read's own error is the answer
+        log.warning("could not mark the artifacts of lost blob %s: %s", digest, repair_error)
 
 
 class BlobsService(blobs_pb2_grpc.BlobsServicer):
@@ -57,14 +71,22 @@ class BlobsService(blobs_pb2_grpc.BlobsServicer):
         s = self.s
         # read() checks the blob before returning (hashing it where the backend cannot vouch for
         # it), so a corrupt blob is never served; off the loop, since that may read the whole blob.
+        read_at = time.time()
         # Marked in use from before the check to the last chunk: eviction keeps its artifact.
         with s.in_use.reading(digest):
-            chunks = await s.run_blocking(s.blobs.read, digest, request.offset, request.limit, READ_CHUNK)
+            try:
+                chunks = await s.run_blocking(s.blobs.read, digest, request.offset, request.limit, READ_CHUNK)
+            except (NotFound, DataLoss) as exc:
+                await _lost(s, digest, exc, read_at)
+                raise
             try:
                 # Disk reads go to the I/O pool: a cold read must not stall every other rpc.
                 while (chunk := await s.run_blocking(next, chunks, None)) is not None:
                     s.counters.bytes_served += len(chunk)
                     yield blobs_pb2.ReadResponse(data=chunk)
+            except DataLoss as exc:  # the stored blob ended early: quarantined by the store
+                await _lost(s, digest, exc, read_at)
+                raise
             finally:
                 chunks.close()
 

@@ -86,6 +86,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
                 ],
             )
             for a in await nearest.nearest(self.s.storage.artifacts, key, NEAREST)
+            if a.artifact_id != key.digest  # the key's own artifact, unavailable: no "near miss"
         ]
 
     async def _match(
@@ -97,7 +98,8 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         """
         index = self.s.storage.artifacts
         found = await index.get(key.digest)
-        if found is not None:
+        # An artifact one of whose blobs is lost never hits (see prebake.server.integrity).
+        if found is not None and not found.unavailable:
             signer = self.s.signatures.revoked_signer(found)
             if signer is None:
                 return compat.Match(found, "exact", compat.exact_reason(key))
@@ -106,11 +108,11 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         if not compat.applies(key, allowed):
             return None
         candidates = await nearest.compatible_candidates(index, key, compat.candidate_targets(key, allowed))
-        match = compat.choose(key, candidates, allowed)
+        match = compat.choose(key, [c for c in candidates if not c.unavailable], allowed)
         if match is None:
             return None
         with_files = await index.get(match.artifact.artifact_id)
-        if with_files is None:
+        if with_files is None or with_files.unavailable:
             return None
         signer = self.s.signatures.revoked_signer(with_files)
         if signer is not None:

@@ -191,6 +191,13 @@ class ArchivedArtifactIndex:
     async def record_hits(self, hits: Mapping[str, tuple[int, float]]) -> None:
         await self.inner.record_hits(hits)
 
+    async def mark_unavailable(
+        self, artifact_id: str, reason: str, *, expect_manifest: str
+    ) -> Artifact | None:
+        # Not archived: the archive restores what was published; a sweep after `reindex` finds
+        # a lost blob again.
+        return await self.inner.mark_unavailable(artifact_id, reason, expect_manifest=expect_manifest)
+
     # -- reads ---------------------------------------------------------------------------
 
     async def get(self, artifact_id: str) -> Artifact | None:
@@ -210,3 +217,6 @@ class ArchivedArtifactIndex:
 
     async def counts(self) -> RegistryCounts:
         return await self.inner.counts()
+
+    async def artifacts_using(self, digest: Digest, limit: int) -> list[str]:
+        return await self.inner.artifacts_using(digest, limit)

@@ -118,3 +118,25 @@ class ArtifactIndex(Protocol):
     async def counts(self) -> RegistryCounts:
         """Artifact totals and jobs per state (every state present, zeros included)."""
         ...
+
+    async def artifacts_using(self, digest: Digest, limit: int) -> list[str]:
+        """Ids of up to `limit` artifacts whose files or producer log name `digest`, sorted.
+
+        What the integrity sweep marks unavailable when that blob is lost. Job logs do not
+        count (no artifact depends on them).
+        """
+        ...
+
+    async def mark_unavailable(
+        self, artifact_id: str, reason: str, *, expect_manifest: str
+    ) -> Artifact | None:
+        """Record why the artifact cannot be served (`reason`, non-empty; `Artifact.unavailable`),
+        only if it still has the manifest `expect_manifest`.
+
+        Returns the artifact as stored now, with its files; None if it is gone or was replaced
+        meanwhile (then nothing changed: a new manifest is judged on its own). A later `put` of
+        the id stores the new artifact's own `unavailable` ("" for a fresh publish), which is how
+        a republish makes the key available again. Not otherwise conditional: marking twice keeps
+        the last reason.
+        """
+        ...

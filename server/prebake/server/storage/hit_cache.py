@@ -3,7 +3,8 @@
 A hit is immutable apart from its pin, counters and (rarely) a replace or delete, so a replica
 may answer repeated hits from memory instead of a DynamoDB read each. Only present artifacts are
 cached: a miss always reads the engine, so an artifact published through any replica is a hit on
-every replica at once. What another replica changes (delete, replace, pin) is seen here within
+every replica at once. What another replica changes (delete, replace, pin, marking unavailable)
+is seen here within
 `ttl_seconds`; what this replica changes is seen at once (its own writes drop the entry). Hit
 counts and access times in a cached artifact may be up to `ttl_seconds` old.
 """
@@ -13,11 +14,14 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TypeVar
 
 from prebake.server.records import Artifact, Digest, RegistryCounts
 from prebake.server.storage.artifact_index import ArtifactIndex, ArtifactQuery, JobWrite
 from prebake.server.storage.page_tokens import Page
+
+T = TypeVar("T")
 
 
 class CachedArtifactIndex:
@@ -68,19 +72,30 @@ class CachedArtifactIndex:
                     self._entries.popitem(last=False)
         return found
 
+    async def _write(self, artifact_id: str, write: Awaitable[T]) -> T:
+        # Forgotten before and after: a read that overlapped the write, even one that began
+        # after the first forget and read the old item, is not cached.
+        self._forget(artifact_id)
+        try:
+            return await write
+        finally:
+            self._forget(artifact_id)
+
     async def put(
         self, artifact: Artifact, *, expect_manifest: str | None, complete: JobWrite | None = None
     ) -> None:
-        self._forget(artifact.artifact_id)
-        await self.inner.put(artifact, expect_manifest=expect_manifest, complete=complete)
+        await self._write(
+            artifact.artifact_id, self.inner.put(artifact, expect_manifest=expect_manifest, complete=complete)
+        )
 
     async def delete(self, artifact_id: str, *, expect_manifest: str, expect_pinned: bool) -> None:
-        self._forget(artifact_id)
-        await self.inner.delete(artifact_id, expect_manifest=expect_manifest, expect_pinned=expect_pinned)
+        await self._write(
+            artifact_id,
+            self.inner.delete(artifact_id, expect_manifest=expect_manifest, expect_pinned=expect_pinned),
+        )
 
     async def set_pinned(self, artifact_id: str, pinned: bool) -> Artifact | None:
-        self._forget(artifact_id)
-        return await self.inner.set_pinned(artifact_id, pinned)
+        return await self._write(artifact_id, self.inner.set_pinned(artifact_id, pinned))
 
     async def record_hits(self, hits: Mapping[str, tuple[int, float]]) -> None:
         await self.inner.record_hits(hits)
@@ -99,3 +114,13 @@ class CachedArtifactIndex:
 
     async def counts(self) -> RegistryCounts:
         return await self.inner.counts()
+
+    async def artifacts_using(self, digest: Digest, limit: int) -> list[str]:
+        return await self.inner.artifacts_using(digest, limit)
+
+    async def mark_unavailable(
+        self, artifact_id: str, reason: str, *, expect_manifest: str
+    ) -> Artifact | None:
+        return await self._write(
+            artifact_id, self.inner.mark_unavailable(artifact_id, reason, expect_manifest=expect_manifest)
+        )

@@ -324,6 +324,44 @@ class DynamoArtifactIndex:
         where = f"tables {self._refs}, {self._table} and {self._engine.names.jobs}"
         return await self._engine.run(where, read)
 
+    async def artifacts_using(self, digest: Digest, limit: int) -> list[str]:
+        params = {
+            "TableName": self._refs,
+            "KeyConditionExpression": "#blob = :blob",
+            "ExpressionAttributeValues": {":blob": s(str(digest))},
+            "ConsistentRead": True,
+        }
+
+        def read() -> list[str]:
+            found: set[str] = set()
+            for ref in self._engine.query(params):
+                holder = items.get_s(ref, "holder")
+                # Only references that still count: of the artifact's current put (its nonce).
+                if holder.startswith("a#") and self._counts(holder, digest):
+                    found.add(holder.split("#", 2)[1])
+            return sorted(found)[: max(0, limit)]
+
+        return await self._engine.run(f"tables {self._refs}, {self._table}", read)
+
+    async def mark_unavailable(
+        self, artifact_id: str, reason: str, *, expect_manifest: str
+    ) -> Artifact | None:
+        if not reason:
+            raise ValueError("an unavailable artifact needs a reason")
+        params = {
+            "TableName": self._table,
+            "Key": self._key(artifact_id),
+            "UpdateExpression": "SET #unavailable = :reason",
+            "ConditionExpression": "attribute_exists(#artifact_id) AND #manifest_digest = :manifest",
+            "ExpressionAttributeValues": {":reason": s(reason), ":manifest": s(expect_manifest)},
+            "ReturnValues": "ALL_NEW",
+        }
+        try:
+            found = await self._engine.run(self._where, lambda: self._engine.update(params))
+        except ConditionFailed:
+            return None
+        return None if found is None else items.artifact_from_item(found)
+
     async def least_recently_used(self, limit: int) -> list[Artifact]:
         if limit < 1:
             return []

@@ -201,6 +201,8 @@ def artifact_item(artifact: Artifact, files: bytes, ref_nonce: str) -> Item:
         "ref_nonce": s(ref_nonce),
         # Not in ARTIFACT_LISTED_ATTRIBUTES: like the files, only on the full item.
         **({} if signature is None else {"signature": s(signature)}),
+        # Not in the list indexes' projection (their schema is fixed): listings leave it "".
+        "unavailable": s(artifact.unavailable),
     }
 
 
@@ -220,6 +222,7 @@ def artifact_from_item(item: Item) -> Artifact:
         manifest_digest=get_s(item, "manifest_digest"),
         hit_count=get_int(item, "hit_count"),
         signature=signature_from_json(get_s(item, "signature")) if full and "signature" in item else None,
+        unavailable=get_s(item, "unavailable") if "unavailable" in item else "",
     )
 
 

@@ -182,6 +182,34 @@ class SqliteArtifactIndex:
             ).fetchone()
         return bool(row["used"])
 
+    async def artifacts_using(self, digest: Digest, limit: int) -> list[str]:
+        with self._db.read() as c:
+            found = c.execute(
+                """
+                SELECT artifact_id FROM artifact_files WHERE hash = :h AND size = :s
+                UNION SELECT artifact_id FROM artifacts WHERE log_hash = :h AND log_size = :s
+                ORDER BY artifact_id LIMIT :n
+                """,
+                {"h": digest.hash, "s": digest.size, "n": max(0, limit)},
+            ).fetchall()
+        return [row["artifact_id"] for row in found]
+
+    async def mark_unavailable(
+        self, artifact_id: str, reason: str, *, expect_manifest: str
+    ) -> Artifact | None:
+        if not reason:
+            raise ValueError("an unavailable artifact needs a reason")
+
+        def write(c: sqlite3.Connection) -> Artifact | None:
+            row = c.execute(
+                "UPDATE artifacts SET unavailable = ? "
+                "WHERE artifact_id = ? AND manifest_digest = ? RETURNING *",
+                (reason, artifact_id, expect_manifest),
+            ).fetchone()
+            return None if row is None else rows.artifact_from_row(row, _files(c, artifact_id))
+
+        return await self._db.write(write)
+
     async def least_recently_used(self, limit: int) -> list[Artifact]:
         if limit < 1:
             return []

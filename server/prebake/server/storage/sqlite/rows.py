@@ -125,6 +125,7 @@ def artifact_row(artifact: Artifact) -> Row:
         "pinned": int(artifact.pinned),
         "hit_count": artifact.hit_count,
         "signature": signature_json(artifact.signature),
+        "unavailable": artifact.unavailable,
     }
 
 
@@ -143,6 +144,7 @@ def artifact_from_row(row: Mapping[str, Any], files: tuple[FileEntry, ...] = ())
         manifest_digest=row["manifest_digest"],
         hit_count=row["hit_count"],
         signature=signature_from_json(row["signature"]) if files else None,
+        unavailable=row["unavailable"],
     )
 
 

@@ -182,10 +182,15 @@ CREATE INDEX jobs_queued ON jobs(created_at, job_id) WHERE state = 'queued';
 _ARTIFACT_SIGNATURES_SQL = "ALTER TABLE artifacts ADD COLUMN signature TEXT;"
 
 
+# Integrity sweep: why an artifact cannot be served ('' = it can); see prebake.server.integrity.
+_ARTIFACT_UNAVAILABLE_SQL = "ALTER TABLE artifacts ADD COLUMN unavailable TEXT NOT NULL DEFAULT ''"
+
+
 MIGRATIONS: list[Migration] = [
     (1, "artifacts, artifact files, jobs, job events", _initial_schema),
     (2, "job revisions for compare-and-set; worker directory", _JOB_REVISIONS_AND_WORKERS_SQL),
     (3, "artifact signatures", _ARTIFACT_SIGNATURES_SQL),
+    (4, "artifacts marked unavailable by the integrity sweep", _ARTIFACT_UNAVAILABLE_SQL),
 ]
 
 _BOOTSTRAP_SQL = """
