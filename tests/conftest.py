@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ from hypothesis import HealthCheck, settings
 
 from prebake.client import ArtifactKey, Client
 from prebake.server.app import BackgroundServer, background_server
+from prebake.v1 import key_pb2, workers_pb2
 from tests.aws_emulator import Emulator, running_emulator
 from tests.plugin_cli import PrebakeCli
 
@@ -35,6 +37,19 @@ LLAMA3_8B_INF2 = ArtifactKey(
     batch_size=8,
     tensor_parallel_degree=24,
     precision="bf16",
+)
+# A key the inductor workers of the worker-protocol tests lease, and their capability.
+INDUCTOR_KEY = dataclasses.replace(
+    LLAMA3_8B_INF2,
+    kind="inductor",
+    instance_type="ml.c6a.4xlarge",
+    sequence_length=32,
+    batch_size=1,
+    tensor_parallel_degree=1,
+    precision="fp32",
+)
+INDUCTOR = workers_pb2.Capability(
+    kind=key_pb2.ARTIFACT_KIND_INDUCTOR, toolchain="torch-2.13.0", compile_targets=["cpu-avx2"]
 )
 
 

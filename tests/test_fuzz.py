@@ -50,11 +50,17 @@ from prebake.v1 import (
     blobs_pb2,
     catalog_pb2,
     jobs_pb2,
-    key_pb2,
     registry_pb2,
     workers_pb2,
 )
-from tests.conftest import FUZZ_EXAMPLES, LLAMA3_8B_INF2, data_files, make_artifact_dir
+from tests.conftest import (
+    FUZZ_EXAMPLES,
+    INDUCTOR,
+    INDUCTOR_KEY,
+    LLAMA3_8B_INF2,
+    data_files,
+    make_artifact_dir,
+)
 
 pytestmark = pytest.mark.xdist_group("fuzz")
 
@@ -106,18 +112,6 @@ HELD_TOKENS = range(1, 100)
 # The least the "fuzz" profile must run in all.
 FUZZ_MINIMUM = 10_000
 CASES: Counter[str] = Counter()
-INDUCTOR_KEY = dataclasses.replace(
-    LLAMA3_8B_INF2,
-    kind="inductor",
-    instance_type="ml.c6a.4xlarge",
-    sequence_length=32,
-    batch_size=1,
-    tensor_parallel_degree=1,
-    precision="fp32",
-)
-INDUCTOR = workers_pb2.Capability(
-    kind=key_pb2.ARTIFACT_KIND_INDUCTOR, toolchain="torch-2.13.0", compile_targets=["cpu-avx2"]
-)
 SOURCE_ROOT = str(Path(next(iter(prebake.server.__path__))).parent.parent)
 
 

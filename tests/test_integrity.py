@@ -29,10 +29,10 @@ from prebake.server.records import Digest
 from prebake.server.storage.dynamodb import create_tables
 from prebake.v1 import jobs_pb2, registry_pb2, workers_pb2
 from tests.aws_emulator import Emulator
-from tests.conftest import LLAMA3_8B_INF2, make_artifact_dir
+from tests.conftest import INDUCTOR_KEY, LLAMA3_8B_INF2, make_artifact_dir
 from tests.contract.blob_backends import _settle_local
 from tests.plugin_cli import PrebakeCli
-from tests.test_workers_protocol import INDUCTOR_KEY, finish, lease
+from tests.test_workers_protocol import finish, lease
 
 PUBLISHED_KEY = LLAMA3_8B_INF2
 HIT = registry_pb2.LOOKUP_STATUS_HIT

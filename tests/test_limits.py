@@ -26,7 +26,7 @@ from prebake.server.rate_limits import RateLimit, caller, peer_host
 from prebake.server.request_limits import LARGE_REQUESTS, REQUEST_LIMIT
 from prebake.server.upload_sessions import UploadSessions
 from prebake.v1 import blobs_pb2, blobs_pb2_grpc, jobs_pb2, registry_pb2
-from tests.conftest import LLAMA3_8B_INF2, data_files
+from tests.conftest import INDUCTOR, INDUCTOR_KEY, LLAMA3_8B_INF2, data_files
 
 LOOKUP = "/prebake.v1.Registry/Lookup"
 
@@ -360,22 +360,8 @@ def test_limits_that_cannot_work_are_refused_when_the_config_is_built(
 
 
 def test_a_wrong_fencing_token_is_refused_without_naming_the_right_one(client: Client) -> None:
-    from prebake.v1 import key_pb2, workers_pb2
-
-    inductor = dataclasses.replace(
-        LLAMA3_8B_INF2,
-        kind="inductor",
-        instance_type="ml.c6a.4xlarge",
-        sequence_length=32,
-        batch_size=1,
-        tensor_parallel_degree=1,
-        precision="fp32",
-    )
-    client.lookup(inductor)
-    capability = workers_pb2.Capability(
-        kind=key_pb2.ARTIFACT_KIND_INDUCTOR, toolchain="torch-2.13.0", compile_targets=["cpu-avx2"]
-    )
-    leased = client.lease_job("w1", [capability])
+    client.lookup(INDUCTOR_KEY)
+    leased = client.lease_job("w1", [INDUCTOR])
     wrong = leased.fencing_token + 1000
     attempts: list[Callable[[], object]] = [
         lambda: client.heartbeat(leased.job.job_id, wrong, 0.5, "working"),

@@ -24,24 +24,12 @@ from prebake.client.credentials import Credentials
 from prebake.compiler.lease_poll import LeasePoller
 from prebake.server.app import background_server
 from prebake.server.auth.tokens import add_entry
-from prebake.v1 import key_pb2, workers_pb2
+from prebake.v1 import workers_pb2
 from tests.auth_fixtures import make_token_file
-from tests.conftest import LLAMA3_8B_INF2
+from tests.conftest import INDUCTOR, INDUCTOR_KEY
 from tests.processes import ServerProcess, wait_until
 
 WORKER_SUBJECT = "CN=worker-1,O=prebake tests"
-INDUCTOR_KEY = dataclasses.replace(
-    LLAMA3_8B_INF2,
-    kind="inductor",
-    instance_type="ml.c6a.4xlarge",
-    sequence_length=32,
-    batch_size=1,
-    tensor_parallel_degree=1,
-    precision="fp32",
-)
-INDUCTOR = workers_pb2.Capability(
-    kind=key_pb2.ARTIFACT_KIND_INDUCTOR, toolchain="torch-2.13.0", compile_targets=["cpu-avx2"]
-)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ tests/test_worker.py.
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -18,20 +17,7 @@ import pytest
 from prebake.client import Client, errors
 from prebake.server.app import BackgroundServer, background_server
 from prebake.v1 import jobs_pb2, key_pb2, registry_pb2, workers_pb2
-from tests.conftest import LLAMA3_8B_INF2, make_artifact_dir
-
-INDUCTOR_KEY = dataclasses.replace(
-    LLAMA3_8B_INF2,
-    kind="inductor",
-    instance_type="ml.c6a.4xlarge",
-    sequence_length=32,
-    batch_size=1,
-    tensor_parallel_degree=1,
-    precision="fp32",
-)
-INDUCTOR = workers_pb2.Capability(
-    kind=key_pb2.ARTIFACT_KIND_INDUCTOR, toolchain="torch-2.13.0", compile_targets=["cpu-avx2"]
-)
+from tests.conftest import INDUCTOR, INDUCTOR_KEY, make_artifact_dir
 
 
 @pytest.fixture
