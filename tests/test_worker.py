@@ -138,7 +138,7 @@ def test_the_client_and_the_worker_process_stay_free_of_toolchains() -> None:
 
 
 def test_a_compile_completes_across_server_restarts_and_the_artifact_loads_and_runs(
-    model_dir: Path, tmp_path: Path, workers: list[WorkerProcess]
+    model_dir: Path, tmp_path: Path, workers: list[WorkerProcess], model_source_roots: str
 ) -> None:
     import torch
 
@@ -149,7 +149,9 @@ def test_a_compile_completes_across_server_restarts_and_the_artifact_loads_and_r
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{s.getsockname()[1]}"
-    config = ServerConfig(listen=address, data_dir=tmp_path / "data", lease_seconds=20.0)
+    config = ServerConfig(
+        listen=address, data_dir=tmp_path / "data", lease_seconds=20.0, model_source_roots=model_source_roots
+    )
 
     srv = BackgroundServer(config).start()
     worker = start_worker(workers, address, tmp_path, "a", "--max-jobs", "1")
