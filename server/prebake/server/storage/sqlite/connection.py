@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -65,6 +66,36 @@ def _is_busy(exc: sqlite3.OperationalError) -> bool:
     return "locked" in text or "busy" in text
 
 
+def _open_and_migrate(path: Path, now: float, busy_timeout_ms: int) -> sqlite3.Connection:
+    """Connect and migrate, retrying for up to the busy timeout while the file is locked.
+
+    Some of SQLite's lock waits do not go through the busy handler: switching a fresh
+    file to WAL, and opening one while another process runs WAL recovery or removes the
+    WAL on close, answer SQLITE_BUSY at once. Several processes starting on one fresh
+    data directory hit exactly these, so the whole open is retried, with a short
+    growing sleep, until the same deadline a locked write would have.
+    """
+    deadline = time.monotonic() + busy_timeout_ms / 1000
+    pause = 0.005
+    while True:
+        conn: sqlite3.Connection | None = None
+        try:
+            conn = _connect(path, busy_timeout_ms)
+            migrate(SqliteUtilsDatabase(conn, execute_plugins=False), now, where=str(path))
+            return conn
+        except sqlite3.OperationalError as exc:
+            if conn is not None:
+                conn.close()
+            if not _is_busy(exc) or time.monotonic() + pause > deadline:
+                raise
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.2)
+
+
 @contextmanager
 def _translated(path: Path) -> Iterator[None]:
     try:
@@ -100,13 +131,10 @@ class Database:
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._closed = False
-        with _translated(path):
-            self._write_conn = _connect(path, busy_timeout_ms)
         try:
             with _translated(path):
-                migrate(SqliteUtilsDatabase(self._write_conn, execute_plugins=False), now, where=str(path))
+                self._write_conn = _open_and_migrate(path, now, busy_timeout_ms)
         except BaseException:
-            self._write_conn.close()
             self._writer.shutdown()
             raise
         # Set after migrating: sqlite-utils expects plain tuple rows.
