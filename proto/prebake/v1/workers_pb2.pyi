@@ -202,7 +202,10 @@ class LeaseJobResponse(_message.Message):
     LEASE_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     LEASE_SECONDS_FIELD_NUMBER: _builtins.int
     fencing_token: _builtins.int
-    """The token to present with every later call about this job."""
+    """The token to present with every later call about this job. Opaque: it grows with
+    every lease of the job (a later lease holds a larger token) and its low 32 bits are
+    random, so it cannot be guessed from another lease's token. Keep it secret.
+    """
     lease_seconds: _builtins.float
     """The lease length the server grants per heartbeat; heartbeat well within it (a third)."""
     @_builtins.property

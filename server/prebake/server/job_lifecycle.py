@@ -109,6 +109,22 @@ def new_artifact(
     )
 
 
+# A fencing token is a lease counter in the high bits and 32 random bits below it: it
+# still grows with every lease (a later lease always holds a larger token), but a
+# worker cannot act for another worker's lease by guessing "mine plus one".
+_RANDOM_BITS = 32
+
+
+def next_fencing_token(previous: int) -> int:
+    """The token of the lease after one holding `previous` (0 for a job never leased)."""
+    return (((previous >> _RANDOM_BITS) + 1) << _RANDOM_BITS) | secrets.randbits(_RANDOM_BITS)
+
+
+def lease_number(fencing_token: int) -> int:
+    """How many leases the job has had when its current lease holds `fencing_token`."""
+    return fencing_token >> _RANDOM_BITS
+
+
 def _not_leased(job: Job, fencing_token: int) -> FailedPrecondition:
     # The current token is not named: a caller that lost its lease must not learn the
     # token that would let it act for the new holder.
@@ -431,7 +447,7 @@ class JobLifecycle:
                     state=JobState.LEASED,
                     worker=worker,
                     attempts=job.attempts + 1,
-                    fencing_token=job.fencing_token + 1,
+                    fencing_token=next_fencing_token(job.fencing_token),
                     lease_expires_at=at + lease_seconds,
                     progress=0.0,
                     message=f"leased by {worker}",
