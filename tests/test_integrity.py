@@ -126,6 +126,7 @@ def test_a_corrupt_blob_is_found_by_verify_quarantined_and_rebuilt(
         # Quarantined, not deleted: the bad bytes are kept for inspection.
         [kept] = store_of(served).list_quarantined()
         assert kept.digest == digest
+        assert "corrupt" in client.get_artifact(artifact.artifact_id).unavailable
         # The artifact no longer hits; the next lookup joins the rebuild.
         after = client.lookup(INDUCTOR_KEY)
         assert after.status == COMPILING and after.job.job_id == job_id
@@ -137,6 +138,7 @@ def test_a_corrupt_blob_is_found_by_verify_quarantined_and_rebuilt(
         assert client.get_job(job_id).state == jobs_pb2.JOB_STATE_SUCCEEDED
         again = client.lookup(INDUCTOR_KEY)
         assert again.status == HIT and again.artifact.manifest_digest == artifact.manifest_digest
+        assert again.artifact.unavailable == ""
         code, report = verify(prebake, served.address)
         assert code == 0 and report["damaged"] == []
 

@@ -58,6 +58,8 @@ def artifact_json(artifact: registry_pb2.Artifact, files: bool = True) -> dict[s
         # listing); `--trust` verifies the signature itself.
         "signer": artifact.signature.key_id if artifact.HasField("signature") else None,
         "pinned": artifact.pinned,
+        # Why it cannot be served (a blob lost); null while it can.
+        "unavailable": artifact.unavailable or None,
         "hit_count": artifact.hit_count,
         "created_at": timestamp_json(artifact.created_at),
         "last_accessed_at": timestamp_json(artifact.last_accessed_at),
@@ -317,6 +319,7 @@ def artifact_text(artifact: registry_pb2.Artifact) -> str:
                 ("manifest", artifact.manifest_digest),
                 ("signer", artifact.signature.key_id if artifact.HasField("signature") else "unsigned"),
                 ("pinned", "yes" if artifact.pinned else "no"),
+                ("unavailable", artifact.unavailable),
                 ("hits", str(artifact.hit_count)),
                 ("created", short_time(artifact.created_at)),
                 ("accessed", short_time(artifact.last_accessed_at)),
@@ -350,13 +353,13 @@ def artifacts_table(artifacts: Sequence[registry_pb2.Artifact]) -> str:
             kind_name(a.key.key.kind),
             a.key.compile_target or a.key.key.instance_type,
             human_bytes(a.total_size_bytes),
-            "pinned" if a.pinned else "",
+            ", ".join(s for s, on in (("pinned", a.pinned), ("unavailable", bool(a.unavailable))) if on),
             short_time(a.created_at),
             a.key.key.model,
         ]
         for a in artifacts
     ]
-    return table(["ARTIFACT", "KIND", "TARGET", "SIZE", "PIN", "CREATED", "MODEL"], body)
+    return table(["ARTIFACT", "KIND", "TARGET", "SIZE", "STATE", "CREATED", "MODEL"], body)
 
 
 def job_text(job: jobs_pb2.Job) -> str:

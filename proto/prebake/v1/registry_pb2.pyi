@@ -300,6 +300,7 @@ class Artifact(_message.Message):
     MANIFEST_DIGEST_FIELD_NUMBER: _builtins.int
     HIT_COUNT_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
+    UNAVAILABLE_FIELD_NUMBER: _builtins.int
     artifact_id: _builtins.str
     """The artifact's id: its key's digest."""
     file_count: _builtins.int
@@ -314,6 +315,11 @@ class Artifact(_message.Message):
     """
     hit_count: _builtins.int
     """How many lookups have hit it."""
+    unavailable: _builtins.str
+    """Empty while the artifact can be served. Otherwise why it cannot: one of its blobs was
+    found corrupt or missing (by `VerifyBlobs`, the background sweep or a failing `Read`).
+    Lookups stop hitting it; a rebuild or any publish of its key replaces it.
+    """
     @_builtins.property
     def key(self) -> _key_pb2.ResolvedKey:
         """The key it was compiled for."""
@@ -355,10 +361,11 @@ class Artifact(_message.Message):
         manifest_digest: _builtins.str = ...,
         hit_count: _builtins.int = ...,
         signature: Global___Signature | None = ...,
+        unavailable: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "key", b"key", "last_accessed_at", b"last_accessed_at", "producer", b"producer", "signature", b"signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_id", b"artifact_id", "created_at", b"created_at", "file_count", b"file_count", "files", b"files", "hit_count", b"hit_count", "key", b"key", "last_accessed_at", b"last_accessed_at", "manifest_digest", b"manifest_digest", "pinned", b"pinned", "producer", b"producer", "signature", b"signature", "total_size_bytes", b"total_size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_id", b"artifact_id", "created_at", b"created_at", "file_count", b"file_count", "files", b"files", "hit_count", b"hit_count", "key", b"key", "last_accessed_at", b"last_accessed_at", "manifest_digest", b"manifest_digest", "pinned", b"pinned", "producer", b"producer", "signature", b"signature", "total_size_bytes", b"total_size_bytes", "unavailable", b"unavailable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

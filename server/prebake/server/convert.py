@@ -195,6 +195,7 @@ def artifact(a: Artifact) -> registry_pb2.Artifact:
         manifest_digest=a.manifest_digest,
         hit_count=a.hit_count,
         signature=signature(a.signature),
+        unavailable=a.unavailable,
     )
 
 
