@@ -9,6 +9,7 @@ from the manifest it fetched, so neither a tampered registry nor a replaced blob
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import stat
@@ -178,6 +179,48 @@ def test_a_signed_publish_is_recorded_and_ensure_trust_places_it(
     )
     assert ran.code == 0, ran.err
     assert tree(dest) == tree(source)
+
+
+def test_an_imported_set_is_signed_with_the_signing_key(
+    server: BackgroundServer, client: Client, keys: dict[str, KeyPair], tmp_path: Path, prebake: PrebakeCli
+) -> None:
+    make_artifact_dir(tmp_path / "set" / "a", {"model.neff": 3000})
+    make_artifact_dir(tmp_path / "set" / "b", {"model.neff": 4000})
+    fields = {
+        "kind": "neuron",
+        "model": LLAMA3_8B_INF2.model,
+        "instance_type": LLAMA3_8B_INF2.instance_type,
+        "sequence_length": LLAMA3_8B_INF2.sequence_length,
+        "tensor_parallel_degree": LLAMA3_8B_INF2.tensor_parallel_degree,
+        "precision": "bf16",
+    }
+    entries = [
+        {"path": "a", **fields, "batch_size": LLAMA3_8B_INF2.batch_size},
+        {"path": "b", **fields, "batch_size": OTHER.batch_size},
+    ]
+    set_file = tmp_path / "set" / "set.json"
+    set_file.write_text(json.dumps(entries))
+    missing = str(tmp_path / "nope")
+    bad = prebake("--server", server.address, "import", str(set_file), "--signing-key", missing)
+    assert bad.code == 2 and "--signing-key" in bad.err
+    assert client.lookup(LLAMA3_8B_INF2, on_miss="report").status != registry_pb2.LOOKUP_STATUS_HIT
+
+    ran = prebake(
+        "--server", server.address, "import", str(set_file), "--signing-key", str(keys["a"].private), "--json"
+    )
+    assert ran.code == 0, ran.err
+    imported = json.loads(ran.out)["imported"]
+    assert [r["created"] for r in imported] == [True, True]
+    trust = TrustSet.load([keys["a"].public])
+    for entry in imported:
+        artifact = client.get_artifact(entry["artifact_id"])
+        assert verify_artifact(trust, artifact) == keys["a"].key_id
+    dest = tmp_path / "dest"
+    trusted = str(keys["a"].public)
+    address = server.address
+    placed = prebake("--server", address, "ensure", *OTHER_ARGS, "--dest", str(dest), "--trust", trusted)
+    assert placed.code == 0, placed.err
+    assert tree(dest) == tree(tmp_path / "set" / "b")
 
 
 def test_unsigned_and_wrongly_signed_artifacts_are_refused_and_nothing_is_placed(

@@ -553,13 +553,17 @@ def _add_publish(sub: _Commands) -> None:
     p.add_argument(
         "--force", action="store_true", help="with --replace: replace even a pinned artifact (admin)"
     )
+    _add_signing_key(p, "sign the artifact")
+    _add_quiet(p)
+    _add_json(p)
+
+
+def _add_signing_key(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument(
         "--signing-key",
         metavar="FILE",
-        help="sign the artifact with this Ed25519 private key (PEM; `prebake key generate`)",
+        help=f"{what} with this Ed25519 private key (PEM; `prebake key generate`)",
     )
-    _add_quiet(p)
-    _add_json(p)
 
 
 def _add_jobs(sub: _Commands) -> None:
@@ -696,6 +700,7 @@ def _add_import(sub: _Commands) -> None:
         """,
     )
     p.add_argument("file", metavar="FILE", help="the set file (JSON or YAML)")
+    _add_signing_key(p, "sign every artifact")
     _add_json(p)
 
 

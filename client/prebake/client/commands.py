@@ -574,6 +574,7 @@ def catalog(args: argparse.Namespace, client: Client) -> int:
 
 
 def import_set(args: argparse.Namespace, client: Client) -> int:
+    signing_key = signing_key_from_args(args)
     try:
         entries = importing.load_set(Path(args.file))
     except MatrixError as exc:
@@ -589,7 +590,7 @@ def import_set(args: argparse.Namespace, client: Client) -> int:
         else:
             print(f"{'published' if result.created else 'already there'}  {result.artifact_id}  {where}")
 
-    results = importing.import_set(client, entries, report)
+    results = importing.import_set(client, entries, report, signing_key=signing_key)
     failed = sum(1 for r in results if r.error)
     data = {
         "imported": [

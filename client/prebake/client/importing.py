@@ -28,6 +28,7 @@ from prebake.client.artifact_key import ArtifactKey
 from prebake.client.client import Client
 from prebake.client.errors import PrebakeError
 from prebake.client.matrix import MatrixError, decode, parse_matrix
+from prebake.core.signing import SigningKey
 
 
 @dataclass(frozen=True)
@@ -71,13 +72,22 @@ def load_set(path: Path) -> list[ImportEntry]:
 
 
 def import_set(
-    client: Client, entries: list[ImportEntry], on_result: Callable[[ImportResult], object] | None = None
+    client: Client,
+    entries: list[ImportEntry],
+    on_result: Callable[[ImportResult], object] | None = None,
+    signing_key: SigningKey | None = None,
 ) -> list[ImportResult]:
-    """Publish every entry; a failing entry is recorded with its error and the rest go on."""
+    """Publish every entry; a failing entry is recorded with its error and the rest go on.
+
+    With `signing_key` every entry is signed with it, as `prebake publish --signing-key`
+    signs one artifact.
+    """
     results = []
     for entry in entries:
         try:
-            response = client.publish(entry.directory, entry.key, producer_note=entry.note)
+            response = client.publish(
+                entry.directory, entry.key, producer_note=entry.note, signing_key=signing_key
+            )
             result = ImportResult(entry, response.artifact.artifact_id, response.created)
         except (PrebakeError, OSError, ValueError) as exc:
             result = ImportResult(entry, error=str(exc))
