@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import random
 from dataclasses import replace
 from typing import Any
 
@@ -11,7 +12,7 @@ import pytest
 
 from prebake.core.errors import InvalidArgument
 from prebake.server.nearest import compatible_candidates, nearest
-from prebake.server.records import Artifact, JobState
+from prebake.server.records import Artifact, Job, JobState
 from prebake.server.storage import ArtifactQuery, ConditionFailed, JobQuery, JobWrite
 from prebake.server.storage.bundle import Storage
 from prebake.server.storage.page_tokens import encode
@@ -391,6 +392,65 @@ async def test_counts(storage: Storage) -> None:
     counts = await storage.artifacts.counts()
     assert (counts.artifacts, counts.pinned_artifacts) == (5, 2)
     assert counts.jobs_by_state == {**{s.value: 0 for s in JobState}, "queued": 1, "cancelled": 1}
+
+
+async def test_counts_follow_every_kind_of_change(storage: Storage) -> None:
+    # Random publishes, replaces, pins, unpins and deletes, and job creations and state
+    # changes; after each, the counts equal what a recount of the model says.
+    rng = random.Random(7)
+    keys = [make_key(batch_size=i) for i in range(6)]
+    stored: dict[str, Artifact] = {}
+    jobs: dict[str, Job] = {}
+    for step in range(80):
+        key = rng.choice(keys)
+        current = stored.get(key.digest)
+        action = rng.choice(["publish", "pin", "delete", "job", "advance"])
+        if action == "publish":
+            pinned = current.pinned if current else rng.random() < 0.5
+            files = FILES[: rng.randint(1, len(FILES))]
+            fresh = make_artifact(key, files=files, at=START + step, pinned=pinned)
+            expect = current.manifest_digest if current else None
+            if current is None or current.manifest_digest != fresh.manifest_digest:
+                await storage.artifacts.put(fresh, expect_manifest=expect)
+                stored[key.digest] = fresh
+        elif action == "pin" and current is not None:
+            updated = await storage.artifacts.set_pinned(key.digest, not current.pinned)
+            assert updated is not None
+            stored[key.digest] = replace(current, pinned=updated.pinned)
+        elif action == "delete" and current is not None:
+            await storage.artifacts.delete(
+                key.digest, expect_manifest=current.manifest_digest, expect_pinned=current.pinned
+            )
+            del stored[key.digest]
+        elif action == "job":
+            job, created = await storage.jobs.create_if_absent(make_job(key, at=START + step))
+            if created:
+                jobs[job.job_id] = job
+        elif action == "advance" and jobs:
+            job = jobs[rng.choice(sorted(jobs))]
+            following = {
+                JobState.QUEUED: [JobState.LEASED, JobState.CANCELLED],
+                JobState.LEASED: [JobState.QUEUED, JobState.SUCCEEDED, JobState.FAILED],
+            }.get(job.state)
+            if following:
+                state = rng.choice(following)
+                done = (
+                    START + step
+                    if state in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+                    else None
+                )
+                jobs[job.job_id] = await storage.jobs.compare_and_set(
+                    replace(job, state=state, finished_at=done), job.revision
+                )
+        counts = await storage.artifacts.counts()
+        expected_states = {s.value: 0 for s in JobState}
+        for job in jobs.values():
+            expected_states[job.state.value] += 1
+        assert (counts.artifacts, counts.pinned_artifacts) == (
+            len(stored),
+            sum(a.pinned for a in stored.values()),
+        ), f"after step {step} ({action})"
+        assert counts.jobs_by_state == expected_states, f"after step {step} ({action})"
 
 
 async def test_nearest_orders_by_differing_fields_then_newest(storage: Storage) -> None:

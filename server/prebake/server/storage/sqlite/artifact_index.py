@@ -221,13 +221,10 @@ class SqliteArtifactIndex:
         return [rows.artifact_from_row(row) for row in found]
 
     async def counts(self) -> RegistryCounts:
+        # Kept by triggers (schema migration 5): a read of a few rows, not a COUNT.
         with self._db.read() as c:
-            totals = c.execute(
-                "SELECT COUNT(*) AS artifacts, COALESCE(SUM(pinned), 0) AS pinned FROM artifacts"
-            ).fetchone()
-            states = c.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state").fetchall()
-        by_state = {state.value: 0 for state in JobState}
-        by_state.update({row["state"]: row["n"] for row in states})
+            kept = {row["name"]: row["n"] for row in c.execute("SELECT name, n FROM registry_counts")}
+        by_state = {state.value: kept.get(f"jobs:{state.value}", 0) for state in JobState}
         return RegistryCounts(
-            artifacts=totals["artifacts"], pinned_artifacts=totals["pinned"], jobs_by_state=by_state
+            artifacts=kept.get("artifacts", 0), pinned_artifacts=kept.get("pinned", 0), jobs_by_state=by_state
         )

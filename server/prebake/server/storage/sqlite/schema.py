@@ -186,11 +186,49 @@ _ARTIFACT_SIGNATURES_SQL = "ALTER TABLE artifacts ADD COLUMN signature TEXT;"
 _ARTIFACT_UNAVAILABLE_SQL = "ALTER TABLE artifacts ADD COLUMN unavailable TEXT NOT NULL DEFAULT ''"
 
 
+# GetStats in O(1): counts kept by triggers in the same transaction as every change, so
+# they can never drift from the rows (a full COUNT took 340 ms at 1M artifacts). Jobs are
+# never deleted; an artifact's replace is a DELETE and an INSERT, each counted.
+_REGISTRY_COUNTS_SQL = """
+CREATE TABLE registry_counts (name TEXT PRIMARY KEY, n INTEGER NOT NULL) STRICT;
+INSERT INTO registry_counts SELECT 'artifacts', COUNT(*) FROM artifacts;
+INSERT INTO registry_counts SELECT 'pinned', COUNT(*) FROM artifacts WHERE pinned != 0;
+INSERT INTO registry_counts SELECT 'jobs:' || state, COUNT(*) FROM jobs GROUP BY state;
+CREATE TRIGGER artifacts_counted_in AFTER INSERT ON artifacts BEGIN
+    UPDATE registry_counts SET n = n + 1 WHERE name = 'artifacts';
+    UPDATE registry_counts SET n = n + 1 WHERE name = 'pinned' AND NEW.pinned != 0;
+END;
+CREATE TRIGGER artifacts_counted_out AFTER DELETE ON artifacts BEGIN
+    UPDATE registry_counts SET n = n - 1 WHERE name = 'artifacts';
+    UPDATE registry_counts SET n = n - 1 WHERE name = 'pinned' AND OLD.pinned != 0;
+END;
+CREATE TRIGGER artifacts_pin_counted AFTER UPDATE OF pinned ON artifacts
+WHEN (OLD.pinned != 0) != (NEW.pinned != 0) BEGIN
+    UPDATE registry_counts SET n = n + CASE WHEN NEW.pinned != 0 THEN 1 ELSE -1 END
+    WHERE name = 'pinned';
+END;
+CREATE TRIGGER jobs_counted_in AFTER INSERT ON jobs BEGIN
+    INSERT INTO registry_counts (name, n) VALUES ('jobs:' || NEW.state, 1)
+    ON CONFLICT (name) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER jobs_counted_out AFTER DELETE ON jobs BEGIN
+    UPDATE registry_counts SET n = n - 1 WHERE name = 'jobs:' || OLD.state;
+END;
+CREATE TRIGGER jobs_state_counted AFTER UPDATE OF state ON jobs
+WHEN OLD.state != NEW.state BEGIN
+    UPDATE registry_counts SET n = n - 1 WHERE name = 'jobs:' || OLD.state;
+    INSERT INTO registry_counts (name, n) VALUES ('jobs:' || NEW.state, 1)
+    ON CONFLICT (name) DO UPDATE SET n = n + 1;
+END;
+"""
+
+
 MIGRATIONS: list[Migration] = [
     (1, "artifacts, artifact files, jobs, job events", _initial_schema),
     (2, "job revisions for compare-and-set; worker directory", _JOB_REVISIONS_AND_WORKERS_SQL),
     (3, "artifact signatures", _ARTIFACT_SIGNATURES_SQL),
     (4, "artifacts marked unavailable by the integrity sweep", _ARTIFACT_UNAVAILABLE_SQL),
+    (5, "registry counts kept by triggers", _REGISTRY_COUNTS_SQL),
 ]
 
 _BOOTSTRAP_SQL = """
