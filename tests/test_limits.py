@@ -11,6 +11,7 @@ import dataclasses
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -266,11 +267,11 @@ def test_the_open_upload_cap_refuses_more_until_one_finishes(tmp_path: Path) -> 
 
         stalled = [StalledUpload(stub, first(f"held-{i}")) for i in range(2)]
         try:
-            # The stalled streams are admitted in their own time: probe until the cap shows.
-            for _ in range(500):
-                refused = probe()
-                if isinstance(refused, grpc.RpcError):
-                    break
+            # The stalled streams are admitted in their own time: probe until the cap shows
+            # (by a deadline, not a count: on a loaded machine 500 probes may all be early).
+            deadline = time.monotonic() + 30
+            while not isinstance(refused := probe(), grpc.RpcError) and time.monotonic() < deadline:
+                time.sleep(0.01)
             assert isinstance(refused, grpc.RpcError)
             assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "2 of your uploads are in progress, the limit per caller" in (refused.details() or "")

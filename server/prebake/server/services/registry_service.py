@@ -12,6 +12,7 @@ from prebake.core.errors import InvalidArgument, NotFound
 from prebake.server import compat, convert, nearest
 from prebake.server.auth.request_rules import ENQUEUE_REFUSED, may_enqueue, require_replace_allowed
 from prebake.server.key_normalization import DEFAULT_TOOLCHAINS, diff_keys, normalize_key
+from prebake.server.nearest_memo import MISS_FRESH_SECONDS, NearestMemo
 from prebake.server.rate_limits import RateLimit, caller
 from prebake.server.records import Artifact, Digest, ErrorClass, Job, JobState, NormalizedKey
 from prebake.server.services.blob_checks import (
@@ -45,6 +46,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         self.s = state
         c = state.config
         self.job_creations = RateLimit("compile jobs created", c.job_create_burst, c.job_create_per_minute)
+        self.near: NearestMemo[list[registry_pb2.NearMiss]] = NearestMemo()
 
     async def normalize(self, msg: Any) -> tuple[NormalizedKey, str]:
         """The key, and where its toolchain came from (see LookupResponse.toolchain_source)."""
@@ -184,16 +186,18 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
                 toolchain_source=toolchain_source,
             )
         s.counters.misses += 1
-        response = registry_pb2.LookupResponse(
-            key=resolved,
-            nearest=await self.nearest(key),
-            toolchain_source=toolchain_source,
-            error="; ".join(refused),
-        )
         jobs = s.storage.jobs
         active = await jobs.active(key.digest)
         if active is not None:
             self._refuse_other_source(active, model_source, named)
+        # Joiners of an in-flight job share the near-miss list computed as it began (by
+        # the lookup that created it); a stampede of plain misses shares one computation.
+        since = active.created_at if active is not None else time.time()
+        near = await self.near.get(key.digest, lambda: self.nearest(key), since - MISS_FRESH_SECONDS)
+        response = registry_pb2.LookupResponse(
+            key=resolved, nearest=near, toolchain_source=toolchain_source, error="; ".join(refused)
+        )
+        if active is not None:
             response.status = registry_pb2.LOOKUP_STATUS_COMPILING
             response.unserved_reason, active = await self._unserved(key, active)
             response.job.CopyFrom(convert.job(active))
