@@ -122,13 +122,26 @@ def listening(address: str, proc: subprocess.Popen[bytes]) -> bool:
 
 
 class ServerProcess:
-    """One `prebake serve` subprocess on a free loopback port (no embedded workers by default)."""
+    """One `prebake serve` subprocess on a free loopback port (no embedded workers by default).
 
-    def __init__(self, tmp_path: Path, name: str, args: Sequence[str], env: dict[str, str] | None = None):
+    `address` reuses a port (a restart where clients already point); `program` runs another
+    entry point with the `prebake` command line (e.g. `tests.crash_points`).
+    """
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        name: str,
+        args: Sequence[str],
+        env: dict[str, str] | None = None,
+        *,
+        address: str | None = None,
+        program: Sequence[str] = PREBAKE,
+    ):
         self.name = name
-        self.address = f"127.0.0.1:{free_port()}"
+        self.address = address or f"127.0.0.1:{free_port()}"
         self.log_path = tmp_path / f"serve-{name}.log"
-        command = [*PREBAKE, "serve", "--listen", self.address, "--workers", "0", *args]
+        command = [*program, "serve", "--listen", self.address, "--workers", "0", *args]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env={**os.environ, **(env or {})}

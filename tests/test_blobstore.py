@@ -322,3 +322,43 @@ def test_collect_uploads_counts_and_removes_stale_temp_files(tmp_path: Path) -> 
     assert store.collect_uploads(3600) == (2, 1334)
     assert not stale.exists() and not half_built.exists()
     assert fresh.exists()  # may belong to a write still running in another process
+
+
+class _Killed(BaseException):
+    """Stands for a SIGKILL at a point: nothing after it runs (no handler catches it)."""
+
+
+def test_parts_left_beside_an_assembled_upload_by_a_crash_are_removed_by_its_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Local disk assembles the parts into the session's object, then removes the parts: a
+    # crash in between leaves both. (tests/test_crash_consistency.py kills a real server there.)
+    data = payload(5 * 1024 + 300, seed=7)
+    digest = digest_of(data)
+    store, root = _local(tmp_path, part_size=1024)
+
+    def crash(self: LocalObjectStore, directory: Path) -> None:
+        raise _Killed
+
+    writer = store.open_write("up-1", digest)
+    writer.append(data)
+    with monkeypatch.context() as patch:
+        patch.setattr(LocalObjectStore, "_discard", crash)
+        with pytest.raises(_Killed):
+            writer.commit()
+    session = f"uploads/up-1--{digest.hash}-{digest.size}"
+    assert [u.key for u in store.objects.find_uploads("uploads/")] == [session]
+    assert store.objects.head(session) is not None  # assembled, and its parts still there
+
+    restarted = ContentAddressedStore(LocalObjectStore(root), part_size=1024)
+    assert restarted.upload_status("up-1", digest) == (digest.size, False)
+    resumed = restarted.open_write("up-1", digest)
+    assert resumed.committed_size == digest.size
+    # The assembled object is what the resume finishes; the parts it was made of are no use.
+    assert restarted.objects.find_uploads("uploads/") == []
+    assert restarted.usage().upload_bytes == digest.size
+    resumed.commit()
+    assert get(restarted, digest) == data
+    assert _files(root) == [blob_path(root, digest).relative_to(root).as_posix()]
+    assert not [p for p in (root / ".multipart").iterdir() if not p.name.startswith(".")]
+    assert restarted.usage().upload_bytes == 0

@@ -135,6 +135,9 @@ class _Resume:
     upload: UploadHandle | None = None
     parts: tuple[PartInfo, ...] = ()
     staged: ObjectInfo | None = None  # assembled, not yet verified and published
+    # Multipart uploads of a session that is assembled already, and their stored bytes: a crash
+    # between assembling the object and removing its parts (local disk) leaves both.
+    leftovers: tuple[tuple[UploadHandle, int], ...] = ()
 
     @property
     def stored(self) -> int:
@@ -513,15 +516,18 @@ class ContentAddressedStore:
     def _resume(self, upload_id: str, digest: Digest) -> _Resume:
         key = session_key(upload_id, digest)
         staged = self.objects.head(key)
-        if staged is not None and staged.size == digest.size:
-            return _Resume(staged=staged)
+        assembled = staged is not None and staged.size == digest.size
         best = _Resume()
+        leftovers: list[tuple[UploadHandle, int]] = []
         for upload in self.objects.find_uploads(key):
             if upload.key != key:
                 continue  # a longer key with this one as prefix
             try:
                 listed = self.objects.list_parts(upload)
             except NoSuchUpload:
+                continue
+            if assembled:
+                leftovers.append((upload, sum(p.size for p in listed)))
                 continue
             parts: list[PartInfo] = []
             for part in listed:
@@ -534,6 +540,8 @@ class ContentAddressedStore:
             # Several uploads of one session (two processes started at once): keep the longest.
             if candidate.stored <= digest.size and (best.upload is None or candidate.stored > best.stored):
                 best = candidate
+        if assembled:
+            return _Resume(staged=staged, leftovers=tuple(leftovers))
         return best
 
     def open_write(self, upload_id: str, digest: Digest) -> BlobUpload:
@@ -559,6 +567,7 @@ class ContentAddressedStore:
             remembered = self._hashed.pop(session, None)
         try:
             resume = self._resume(upload_id, digest)
+            self._abort_leftovers(resume)
             with self._lock:
                 stored = digest.size if resume.staged is not None else resume.stored
                 self._reserve_locked(session, digest.size - stored)
@@ -576,6 +585,14 @@ class ContentAddressedStore:
             self._release(session)
             raise
         return BlobUpload(self, upload_id, digest, resume, hasher)
+
+    def _abort_leftovers(self, resume: _Resume) -> None:
+        """Remove the parts a crash left beside an assembled session (its resume finishes the
+        assembled object; nothing else would remove them before they go stale)."""
+        for upload, size in resume.leftovers:
+            self.objects.abort_upload(upload)
+            with self._lock:
+                self._add_upload_locked(upload.key, -size)
 
     def _discard(self, resume: _Resume) -> None:
         if resume.upload is not None:
