@@ -306,7 +306,8 @@ class BlobStore(Protocol):
 
     def rescan(self) -> StoreStats:
         """Recount what `stats` and `usage` report from the storage itself (one listing), picking
-        up other processes' changes; return the new `stats`."""
+        up other processes' changes; return the new `stats`. Writes of this store made while it
+        runs still count."""
         ...
 
     def iter_digests(self) -> Iterator[Digest]:

@@ -33,7 +33,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import xxhash
 
@@ -85,8 +85,15 @@ VERIFIED_PREFIX = "verified/"
 _QUARANTINE_KEY_RE = re.compile(r"quarantine/([0-9a-f]{32})-(0|[1-9][0-9]*)\.([0-9]{1,20})")
 _VERIFIED_KEY_RE = re.compile(r"verified/([0-9a-f]{32})-(0|[1-9][0-9]*)")
 # Stripes of per-digest locks: publishing and deleting one blob are serialised in this process
-# (exact counters), without one slow publish (an S3 copy) holding up every other blob.
+# (exact counters), without one slow publish (an S3 copy) holding up every other blob. A stripe
+# holds whole shards (the first two hex digits of the hash), so that `rescan` can recount a shard
+# while nothing of this store writes to it.
 _STRIPES = 64
+_SHARDS = 256
+
+
+def _shard(digest: Digest) -> int:
+    return int(digest.hash[:2], 16)
 
 
 def blob_key(digest: Digest) -> str:
@@ -129,6 +136,14 @@ class _Hashed:
 
 
 @dataclass
+class _Recount:
+    """What this store changed while one `rescan` ran: blob shards, and upload session keys."""
+
+    shards: set[int] = field(default_factory=set)
+    uploads: set[str] = field(default_factory=set)
+
+
+@dataclass
 class _Resume:
     """Where an upload session stands in the object store."""
 
@@ -149,7 +164,8 @@ class ContentAddressedStore:
 
     `stats()` and `usage()` are served from in-memory counters, initialised by one listing of
     `blobs/` and `uploads/` here and kept up to date by this instance's own uploads, publishes,
-    deletes and quarantines; other processes' changes are seen after `rescan()`. The
+    deletes and quarantines; other processes' changes are seen after `rescan()`, which may run
+    while this instance writes (its own writes meanwhile are never lost from the counters). The
     `max_store_bytes` quota is checked against them, so it is exact for one server per store and
     approximate otherwise. What counts (`StoreUsage`): published blobs, the stored parts of
     unfinished uploads (until `collect_uploads` removes stale ones), and, for each open writer,
@@ -186,8 +202,13 @@ class ContentAddressedStore:
         # read the stored parts back. Bounded: forgetting one only costs that read.
         self._hashed: OrderedDict[tuple[str, Digest], _Hashed] = OrderedDict()
         self._remembered_uploads = remembered_uploads
+        # Published blobs, per shard (so that `rescan` can recount one shard) and in all.
+        self._shard_counts = [0] * _SHARDS
+        self._shard_bytes = [0] * _SHARDS
         self._count = 0
         self._bytes = 0
+        # One per `rescan` running: what this store changes meanwhile.
+        self._recounts: list[_Recount] = []
         # Bytes stored for unfinished uploads, by session key (parts, or the assembled object).
         self._uploads: dict[str, int] = {}
         self._upload_bytes = 0
@@ -198,7 +219,7 @@ class ContentAddressedStore:
         self.rescan()
 
     def _stripe(self, digest: Digest) -> threading.Lock:
-        return self._stripes[int(digest.hash[:8], 16) % _STRIPES]
+        return self._stripes[_shard(digest) % _STRIPES]
 
     def part_size_for(self, digest: Digest) -> int:
         """The part size of `digest`'s uploads: big enough that its parts fit the backend's part count,
@@ -232,7 +253,33 @@ class ContentAddressedStore:
 
     # -- quota accounting (every `_locked` method runs with `_lock` held) -----------------
 
+    def _set_shard_locked(self, shard: int, count: int, size: int) -> None:
+        self._count += count - self._shard_counts[shard]
+        self._bytes += size - self._shard_bytes[shard]
+        self._shard_counts[shard], self._shard_bytes[shard] = count, size
+
+    def _count_blob_locked(self, digest: Digest, sign: int) -> None:
+        """Count a blob in (+1) or out (-1); its caller holds the blob's stripe."""
+        shard = _shard(digest)
+        count = max(0, self._shard_counts[shard] + sign)
+        size = max(0, self._shard_bytes[shard] + sign * digest.size)
+        self._set_shard_locked(shard, count, size)
+        self._touched_locked(digest)
+
+    def _touched_locked(self, digest: Digest) -> None:
+        """This store changed what is stored under `blobs/` for `digest` (called after the change,
+        with the blob's stripe held): a running `rescan` recounts its shard."""
+        for recount in self._recounts:
+            recount.shards.add(_shard(digest))
+
+    def _touch_upload_locked(self, key: str) -> None:
+        """This store changes (or will change) the upload session `key`: a running `rescan` keeps
+        this store's own count of it rather than what its listing found."""
+        for recount in self._recounts:
+            recount.uploads.add(key)
+
     def _add_upload_locked(self, key: str, delta: int) -> None:
+        self._touch_upload_locked(key)
         before = self._uploads.get(key, 0)
         after = max(0, before + delta)
         self._upload_bytes += after - before
@@ -274,13 +321,62 @@ class ContentAddressedStore:
 
     def rescan(self) -> StoreStats:
         """Recount blobs and bytes from one listing of `blobs/`, and unfinished uploads from
-        `uploads/`; return the blobs' count and bytes. Reservations of open writers stay."""
-        count = total = 0
-        for digest in self.iter_digests():
-            count += 1
+        `uploads/`; return the blobs' count and bytes. Reservations of open writers stay.
+
+        This store may write while the listings run, and a listing may or may not show such a
+        write, so neither overwrites what this store counted itself: a blob shard it wrote
+        meanwhile is listed again while its stripe is held (no write of this store to it in
+        flight), and an upload session it wrote (or holds open) keeps this store's own count.
+        """
+        recount = _Recount()
+        with self._lock:
+            self._recounts.append(recount)
+            recount.uploads.update(session_key(*session) for session in self._held)
+        try:
+            listed = self._count_shards(self.list_blobs())
+            uploads = self._list_uploads()
+            self._install_shard_counts(listed, recount)
+            with self._lock:
+                kept = {key: n for key, n in self._uploads.items() if key in recount.uploads}
+                found = {key: n for key, n in uploads.items() if key not in recount.uploads and n > 0}
+                self._uploads = {**found, **kept}
+                self._upload_bytes = sum(self._uploads.values())
+                return StoreStats(self._count, self._bytes)
+        finally:
+            with self._lock:
+                self._recounts.remove(recount)
+
+    def _install_shard_counts(self, listed: list[tuple[int, int]], recount: _Recount) -> None:
+        """Take each shard's (count, bytes) from `listed`, unless this store wrote to the shard
+        while `recount` ran: such a shard is listed again with its stripe held, when no write of
+        this store to it is in flight, so that the listing and the counters agree."""
+        for index, stripe in enumerate(self._stripes):
+            with stripe:
+                for shard in range(index, _SHARDS, _STRIPES):
+                    with self._lock:
+                        written = shard in recount.shards
+                        if not written:
+                            self._set_shard_locked(shard, *listed[shard])
+                    if written:
+                        again = self._count_shards(self._blobs_under(f"blobs/{shard:02x}/"))
+                        with self._lock:
+                            self._set_shard_locked(shard, *again[shard])
+
+    @staticmethod
+    def _count_shards(blobs: Iterable[StoredBlob]) -> list[tuple[int, int]]:
+        """(count, bytes) of `blobs` per shard."""
+        counts = [0] * _SHARDS
+        sizes = [0] * _SHARDS
+        for stored in blobs:
+            shard = _shard(stored.digest)
+            counts[shard] += 1
             # The key's size, not the object's: a wrong-length object is corrupt and is later
             # quarantined under the key's size, which keeps the counters exact.
-            total += digest.size
+            sizes[shard] += stored.digest.size
+        return list(zip(counts, sizes, strict=True))
+
+    def _list_uploads(self) -> dict[str, int]:
+        """Bytes stored under `uploads/` (parts of multipart uploads, assembled objects), by key."""
         uploads: dict[str, int] = {}
         for upload in self.objects.find_uploads("uploads/"):
             try:
@@ -290,11 +386,7 @@ class ContentAddressedStore:
             uploads[upload.key] = uploads.get(upload.key, 0) + sum(p.size for p in parts)
         for info in self.objects.list_objects("uploads/"):
             uploads[info.key] = uploads.get(info.key, 0) + info.size
-        with self._lock:
-            self._count, self._bytes = count, total
-            self._uploads = {k: v for k, v in uploads.items() if v > 0}
-            self._upload_bytes = sum(self._uploads.values())
-        return StoreStats(count, total)
+        return uploads
 
     def iter_digests(self) -> Iterator[Digest]:
         """Every well-named object under `blobs/` in its right shard."""
@@ -302,7 +394,10 @@ class ContentAddressedStore:
             yield stored.digest
 
     def list_blobs(self) -> Iterator[StoredBlob]:
-        for info in self.objects.list_objects("blobs/"):
+        return self._blobs_under("blobs/")
+
+    def _blobs_under(self, prefix: str) -> Iterator[StoredBlob]:
+        for info in self.objects.list_objects(prefix):
             m = _BLOB_KEY_RE.fullmatch(info.key)
             # A misplaced or foreign object is unreachable through blob_key: not a blob of ours.
             if m is not None and m.group(2)[:2] == m.group(1):
@@ -378,8 +473,7 @@ class ContentAddressedStore:
             self.objects.read_verification.forget(key)
             self._forget_verified(digest)
             with self._lock:
-                self._count = max(0, self._count - 1)
-                self._bytes = max(0, self._bytes - digest.size)
+                self._count_blob_locked(digest, -1)
         return _Quarantined.MOVED
 
     def _quarantine_if_short(self, digest: Digest, at: int) -> None:
@@ -563,6 +657,7 @@ class ContentAddressedStore:
             counted = self._uploads.get(session_key(upload_id, digest), 0)
             self._check_room_locked(digest, digest.size - counted)
             self._held.add(session)
+            self._touch_upload_locked(session_key(upload_id, digest))
             self._reserve_locked(session, digest.size - counted)
             remembered = self._hashed.pop(session, None)
         try:
@@ -621,16 +716,15 @@ class ContentAddressedStore:
                 return
             with self._lock:
                 self._check_room_locked(digest, digest.size, exclude=session)
-                self._count += 1
-                self._bytes += digest.size
+                self._count_blob_locked(digest, +1)
             try:
                 put()
             except BaseException:
                 with self._lock:
-                    self._count -= 1
-                    self._bytes -= digest.size
+                    self._count_blob_locked(digest, -1)
                 raise
             with self._lock:
+                self._touched_locked(digest)  # counted before the put, which a rescan may have missed
                 self._add_upload_locked(session_key(*session), -digest.size)
                 self._reserve_locked(session, 0)
 
@@ -651,8 +745,7 @@ class ContentAddressedStore:
             self.objects.read_verification.forget(key)
             self._forget_verified(digest)
             with self._lock:
-                self._count = max(0, self._count - 1)
-                self._bytes = max(0, self._bytes - digest.size)
+                self._count_blob_locked(digest, -1)
         return True
 
     def _is_held(self, key: str) -> bool:
@@ -688,6 +781,8 @@ class ContentAddressedStore:
                 continue
             size = sum(p.size for p in parts)
             if not dry_run:
+                with self._lock:
+                    self._touch_upload_locked(upload.key)
                 self.objects.abort_upload(upload)
                 with self._lock:
                     self._add_upload_locked(upload.key, -size)
@@ -697,7 +792,10 @@ class ContentAddressedStore:
                 continue
             if dry_run:
                 removed += Collected(1, info.size)
-            elif self.objects.delete(info.key):
+                continue
+            with self._lock:
+                self._touch_upload_locked(info.key)
+            if self.objects.delete(info.key):
                 with self._lock:
                     self._add_upload_locked(info.key, -info.size)
                 removed += Collected(1, info.size)
