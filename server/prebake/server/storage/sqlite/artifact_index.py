@@ -26,7 +26,7 @@ _VOLATILE_SQL = (
     "SELECT manifest_digest, created_at, pinned, hit_count, last_accessed_at, unavailable "
     "FROM artifacts WHERE artifact_id = ?"
 )
-# Decoded artifacts kept to answer repeated gets with a one-row read of `_VOLATILE`.
+# Decoded artifacts kept to answer repeated gets with a one-row read (`_VOLATILE_SQL`).
 RECENT_ARTIFACTS = 4096
 
 
@@ -75,9 +75,9 @@ class SqliteArtifactIndex:
     def __init__(self, db: Database) -> None:
         self._db = db
         # Artifacts recently read, by id. A get of one of them reads only its volatile
-        # columns (`_VOLATILE_SQL`) (a hit's cost is dominated by decoding rows otherwise); since those are
-        # read from the shared file every time, a change made by another process is seen
-        # at once, as without the memo.
+        # columns (`_VOLATILE_SQL`; decoding whole rows dominated a hit's cost); since those
+        # are read from the shared file every time, a change made by another process is
+        # seen at once, as without the memo.
         self._recent: OrderedDict[str, Artifact] = OrderedDict()
         self._recent_lock = threading.Lock()
 
