@@ -43,9 +43,9 @@ def main() -> int:
     if len(sys.argv) != 2 or not sys.argv[1].isdigit() or CONFIG_ENV not in os.environ:
         print("prebake.server.serving_process is started by `prebake serve --processes N`", file=sys.stderr)
         return 2
-    from prebake.server.app import setup_logging
+    from prebake.server.app import setup_process
 
-    setup_logging()
+    setup_process()
     asyncio.run(_run(int(sys.argv[1])))
     return 0
 

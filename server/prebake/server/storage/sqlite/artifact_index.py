@@ -190,23 +190,27 @@ class SqliteArtifactIndex:
             f"SELECT * FROM artifacts WHERE {' AND '.join(where)} "
             "ORDER BY created_at DESC, artifact_id LIMIT ?"
         )
-        with self._db.read() as c:
+        def read(c: sqlite3.Connection) -> tuple[list[Artifact], bool]:
             found = c.execute(sql, (*params, limit + 1)).fetchall()
-        items = [rows.artifact_from_row(row) for row in found[:limit]]
+            return [rows.artifact_from_row(row) for row in found[:limit]], len(found) > limit
+
+        items, more = await self._db.read_off_loop(read)
         token = ""
-        if len(found) > limit:
+        if more:
             last = items[-1]
             token = page_tokens.encode(tag, [last.created_at, last.artifact_id])
         return Page(items, token)
 
     async def of_model(self, kind: str, model: str, limit: int) -> list[Artifact]:
-        with self._db.read() as c:
+        def read(c: sqlite3.Connection) -> list[Artifact]:
             found = c.execute(
                 "SELECT * FROM artifacts WHERE kind = ? AND model = ? "
                 "ORDER BY created_at DESC, artifact_id LIMIT ?",
                 (kind, model, limit),
             ).fetchall()
-        return [rows.artifact_from_row(row) for row in found]
+            return [rows.artifact_from_row(row) for row in found]
+
+        return await self._db.read_off_loop(read)
 
     async def is_referenced(self, digest: Digest) -> bool:
         with self._db.read() as c:
@@ -251,12 +255,14 @@ class SqliteArtifactIndex:
     async def least_recently_used(self, limit: int) -> list[Artifact]:
         if limit < 1:
             return []
-        with self._db.read() as c:
+        def read(c: sqlite3.Connection) -> list[Artifact]:
             found = c.execute(
                 "SELECT * FROM artifacts WHERE pinned = 0 ORDER BY last_accessed_at, artifact_id LIMIT ?",
                 (limit,),
             ).fetchall()
-        return [rows.artifact_from_row(row) for row in found]
+            return [rows.artifact_from_row(row) for row in found]
+
+        return await self._db.read_off_loop(read)
 
     async def counts(self) -> RegistryCounts:
         # Kept by triggers (schema migration 5): a read of a few rows, not a COUNT.

@@ -167,6 +167,17 @@ class Database:
                 if conn.in_transaction:
                     conn.execute("COMMIT")
 
+    async def read_off_loop(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """`fn` in a `read` on a thread of the default executor (its own connection), for
+        reads of many rows: the query (SQLite releases the GIL while it steps) and the
+        decoding in `fn` run beside the event loop instead of stopping every other rpc."""
+
+        def run() -> T:
+            with self.read() as c:
+                return fn(c)
+
+        return await asyncio.to_thread(run)
+
     def read_one(self, sql: str, params: tuple[Any, ...]) -> Row | None:
         """The first row of one query, run on its own: a single statement reads one
         consistent snapshot without an explicit transaction (two statements fewer than
