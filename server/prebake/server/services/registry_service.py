@@ -294,8 +294,10 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
                 supersede=superseded(s),
             )
         s.hub.notify(j.job_id for j in completed)
-        return registry_pb2.PublishArtifactResponse(
-            artifact=convert.artifact(stored),
-            created=created,
-            completed_job_ids=[j.job_id for j in completed],
+        return await s.run_blocking(
+            lambda: registry_pb2.PublishArtifactResponse(
+                artifact=convert.artifact(stored),
+                created=created,
+                completed_job_ids=[j.job_id for j in completed],
+            )
         )
