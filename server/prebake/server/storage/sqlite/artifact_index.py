@@ -190,6 +190,7 @@ class SqliteArtifactIndex:
             f"SELECT * FROM artifacts WHERE {' AND '.join(where)} "
             "ORDER BY created_at DESC, artifact_id LIMIT ?"
         )
+
         def read(c: sqlite3.Connection) -> tuple[list[Artifact], bool]:
             found = c.execute(sql, (*params, limit + 1)).fetchall()
             return [rows.artifact_from_row(row) for row in found[:limit]], len(found) > limit
@@ -255,6 +256,7 @@ class SqliteArtifactIndex:
     async def least_recently_used(self, limit: int) -> list[Artifact]:
         if limit < 1:
             return []
+
         def read(c: sqlite3.Connection) -> list[Artifact]:
             found = c.execute(
                 "SELECT * FROM artifacts WHERE pinned = 0 ORDER BY last_accessed_at, artifact_id LIMIT ?",
