@@ -530,6 +530,42 @@ async def test_nearest_orders_by_differing_fields_then_newest(storage: Storage) 
     assert await nearest(storage.artifacts, make_key(model="nobody")) == []
 
 
+async def test_nearest_ranks_as_rank_nearest_ranks_the_newest_of_the_model(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A backend may rank in its engine (SQLite does, in SQL): the result must be exactly the
+    # reference ranking over of_model, ties and the scan limit included.
+    import prebake.server.nearest as nearest_module
+
+    scan_limit = 25
+    monkeypatch.setattr(nearest_module, "SCAN_LIMIT", scan_limit)
+    rng = random.Random(7)
+    choices: dict[str, list[Any]] = {
+        "model_revision": ["rev-a", "rev-b"],
+        "compile_target": ["inf2", "trn1"],
+        "sequence_length": [2048, 8192],
+        "batch_size": [1, 8],
+        "tensor_parallel_degree": [8, 24],
+        "precision": ["bf16", "fp16"],
+        "toolchain": ["neuronx-cc 2.x", "neuronx-cc 3.x"],
+        "options": [(), (("optlevel", "2"),), (("optlevel", "3"),)],
+    }
+    stored = set()
+    for i in range(60):
+        key = make_key(**{name: rng.choice(values) for name, values in choices.items()})
+        if key.digest in stored:
+            continue
+        stored.add(key.digest)
+        # Every third artifact shares a creation time with another: ties go to the smaller id.
+        await storage.artifacts.put(make_artifact(key, at=START + i - i % 3), expect_manifest=None)
+    for _ in range(10):
+        wanted = make_key(**{name: rng.choice(values) for name, values in choices.items()})
+        candidates = await storage.artifacts.of_model(wanted.kind, wanted.model, scan_limit)
+        for limit in (1, 5, 100):
+            expected = nearest_module.rank_nearest(candidates, wanted, limit)
+            assert await storage.artifacts.nearest(wanted, limit) == expected
+
+
 async def test_compatible_candidates_differ_only_in_longer_sequence_and_allowed_target(
     storage: Storage,
 ) -> None:

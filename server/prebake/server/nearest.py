@@ -1,8 +1,10 @@
 """Artifacts near a key, computed above the artifact index (no SQL, any backend).
 
 Used for miss explanations ("compiled for batch_size 4, you asked 8") and as the
-candidates of compatibility policies (`prebake.server.compat`). Both read the newest
-`SCAN_LIMIT` artifacts of the key's kind and model and rank them in code.
+candidates of compatibility policies (`prebake.server.compat`). Both consider the newest
+`SCAN_LIMIT` artifacts of the key's kind and model; compatibility ranks them here, and the
+ranking of near misses (`rank_nearest`) is pushed down to the index, which may do it
+without decoding every candidate (SQLite ranks in SQL).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from prebake.server.storage import ArtifactIndex
 SCAN_LIMIT = 2000
 
 # Fields whose difference counts towards the distance, as NormalizedKey attributes.
-_DISTANCE_FIELDS = (
+DISTANCE_FIELDS = (
     "model_revision",
     "compile_target",
     "sequence_length",
@@ -39,7 +41,7 @@ _SAME_FOR_COMPAT = (
 
 
 def distance(a: NormalizedKey, b: NormalizedKey) -> int:
-    return sum(getattr(a, name) != getattr(b, name) for name in _DISTANCE_FIELDS)
+    return sum(getattr(a, name) != getattr(b, name) for name in DISTANCE_FIELDS)
 
 
 async def nearest(index: ArtifactIndex, key: NormalizedKey, limit: int = 5) -> list[Artifact]:
@@ -47,10 +49,16 @@ async def nearest(index: ArtifactIndex, key: NormalizedKey, limit: int = 5) -> l
 
     Distance is the number of differing fields among model_revision, compile_target,
     sequence_length, batch_size, tensor_parallel_degree, precision, toolchain and
-    options; ties go to the newest, then the smaller id.
+    options; ties go to the newest, then the smaller id. Pushed down to the index (it runs
+    on every miss; SQLite ranks in SQL, see `ArtifactIndex.nearest`), which ranks the
+    model's newest SCAN_LIMIT artifacts as `rank_nearest` does.
     """
-    found = await index.of_model(key.kind, key.model, SCAN_LIMIT)
-    others = [a for a in found if a.artifact_id != key.digest]
+    return await index.nearest(key, limit)
+
+
+def rank_nearest(candidates: Sequence[Artifact], key: NormalizedKey, limit: int) -> list[Artifact]:
+    """The ranking of `nearest` over `candidates` (a backend without a faster way uses it)."""
+    others = [a for a in candidates if a.artifact_id != key.digest]
     others.sort(key=lambda a: (distance(a.key, key), -a.created_at, a.artifact_id))
     return others[:limit]
 

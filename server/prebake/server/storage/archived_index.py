@@ -45,7 +45,7 @@ from prebake.server.blobs.objects import (
     StorageFull,
 )
 from prebake.server.manifest_archive import artifact_prefix, encode, manifest_key, parse_manifest_key
-from prebake.server.records import Artifact, Digest, RegistryCounts
+from prebake.server.records import Artifact, Digest, NormalizedKey, RegistryCounts
 from prebake.server.storage.artifact_index import ArtifactIndex, ArtifactQuery, JobWrite
 from prebake.server.storage.page_tokens import Page
 
@@ -208,6 +208,9 @@ class ArchivedArtifactIndex:
 
     async def of_model(self, kind: str, model: str, limit: int) -> list[Artifact]:
         return await self.inner.of_model(kind, model, limit)
+
+    async def nearest(self, key: NormalizedKey, limit: int) -> list[Artifact]:
+        return await self.inner.nearest(key, limit)
 
     async def is_referenced(self, digest: Digest) -> bool:
         return await self.inner.is_referenced(digest)

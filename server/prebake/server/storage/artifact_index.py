@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from prebake.server.records import Artifact, Digest, Job, RegistryCounts
+from prebake.server.records import Artifact, Digest, Job, NormalizedKey, RegistryCounts
 from prebake.server.storage.page_tokens import Page
 
 
@@ -98,6 +98,16 @@ class ArtifactIndex(Protocol):
         """Up to `limit` artifacts of one kind and model, newest first, without files.
 
         The candidates of nearest-artifact explanations and compatibility policies.
+        """
+        ...
+
+    async def nearest(self, key: NormalizedKey, limit: int) -> list[Artifact]:
+        """Up to `limit` artifacts of the key's kind and model but not the key's own, closest
+        to `key` first, without files: among the model's newest `nearest.SCAN_LIMIT`, ranked
+        exactly as `prebake.server.nearest.rank_nearest` ranks them.
+
+        A query of `of_model` pushed down because every miss runs it: a backend may rank
+        without decoding every candidate (SQLite does, in SQL); else it ranks `of_model`.
         """
         ...
 

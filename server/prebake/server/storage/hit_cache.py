@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TypeVar
 
-from prebake.server.records import Artifact, Digest, RegistryCounts
+from prebake.server.records import Artifact, Digest, NormalizedKey, RegistryCounts
 from prebake.server.storage.artifact_index import ArtifactIndex, ArtifactQuery, JobWrite
 from prebake.server.storage.page_tokens import Page
 
@@ -105,6 +105,9 @@ class CachedArtifactIndex:
 
     async def of_model(self, kind: str, model: str, limit: int) -> list[Artifact]:
         return await self.inner.of_model(kind, model, limit)
+
+    async def nearest(self, key: NormalizedKey, limit: int) -> list[Artifact]:
+        return await self.inner.nearest(key, limit)
 
     async def is_referenced(self, digest: Digest) -> bool:
         return await self.inner.is_referenced(digest)

@@ -32,7 +32,8 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from prebake.core.errors import InvalidArgument, PrebakeError
-from prebake.server.records import Artifact, Digest, JobState, RegistryCounts
+from prebake.server import nearest as near
+from prebake.server.records import Artifact, Digest, JobState, NormalizedKey, RegistryCounts
 from prebake.server.storage import page_tokens
 from prebake.server.storage.artifact_index import ArtifactQuery, JobWrite
 from prebake.server.storage.conditions import ConditionFailed
@@ -296,6 +297,9 @@ class DynamoArtifactIndex:
             return found
 
         return await self._engine.run(self._where, read)
+
+    async def nearest(self, key: NormalizedKey, limit: int) -> list[Artifact]:
+        return near.rank_nearest(await self.of_model(key.kind, key.model, near.SCAN_LIMIT), key, limit)
 
     def _counts(self, holder: str, digest: Digest) -> bool:
         """Whether the reference `holder` of `digest` still counts (see the module doc)."""

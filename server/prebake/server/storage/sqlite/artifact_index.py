@@ -10,7 +10,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from prebake.core.errors import InvalidArgument
-from prebake.server.records import Artifact, Digest, FileEntry, JobState, RegistryCounts
+from prebake.server import nearest as near
+from prebake.server.records import Artifact, Digest, FileEntry, JobState, NormalizedKey, RegistryCounts
 from prebake.server.storage import page_tokens
 from prebake.server.storage.artifact_index import ArtifactQuery, JobWrite
 from prebake.server.storage.conditions import ConditionFailed
@@ -26,6 +27,8 @@ _VOLATILE_SQL = (
     "SELECT manifest_digest, created_at, pinned, hit_count, last_accessed_at, unavailable "
     "FROM artifacts WHERE artifact_id = ?"
 )
+# The column of a NormalizedKey field where the names differ (see rows.key_row).
+_KEY_COLUMN = {"options": "key_options"}
 # Decoded artifacts kept to answer repeated gets with a one-row read (`_VOLATILE_SQL`).
 RECENT_ARTIFACTS = 4096
 
@@ -210,6 +213,25 @@ class SqliteArtifactIndex:
                 (kind, model, limit),
             ).fetchall()
             return [rows.artifact_from_row(row) for row in found]
+
+        return await self._db.read_off_loop(read)
+
+    async def nearest(self, key: NormalizedKey, limit: int) -> list[Artifact]:
+        # rank_nearest in SQL: the distance is the number of differing key columns, summed
+        # by SQLite over the model's newest SCAN_LIMIT rows; only the winners are decoded.
+        wanted = rows.key_row(key)
+        columns = [_KEY_COLUMN.get(name, name) for name in near.DISTANCE_FIELDS]
+        distance = " + ".join(f"({column} IS NOT ?)" for column in columns)
+        sql = (
+            f"SELECT *, {distance} AS distance FROM ("
+            "SELECT * FROM artifacts WHERE kind = ? AND model = ? "
+            "ORDER BY created_at DESC, artifact_id LIMIT ?"
+            ") WHERE artifact_id != ? ORDER BY distance, created_at DESC, artifact_id LIMIT ?"
+        )
+        params = (*(wanted[c] for c in columns), key.kind, key.model, near.SCAN_LIMIT, key.digest, limit)
+
+        def read(c: sqlite3.Connection) -> list[Artifact]:
+            return [rows.artifact_from_row(row) for row in c.execute(sql, params).fetchall()]
 
         return await self._db.read_off_loop(read)
 
