@@ -186,8 +186,10 @@ class SqliteArtifactIndex:
         if query.pinned_only:
             where.append("pinned = 1")
         if after is not None:
-            # Newest first, then by id: the rows after (created_at, id) in that order.
-            where.append("(created_at < ? OR (created_at = ? AND artifact_id > ?))")
+            # Newest first, then by id: the rows after (created_at, id) in that order. The
+            # leading `created_at <= ?` is a range the (created_at DESC, artifact_id) index
+            # starts from, so a deep page costs what the first one does.
+            where.append("created_at <= ? AND (created_at < ? OR artifact_id > ?)")
             params.extend([after[0], after[0], after[1]])
         sql = (
             f"SELECT * FROM artifacts WHERE {' AND '.join(where)} "
