@@ -85,28 +85,47 @@ def served(
         yield server.address
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of `pid` and its live descendants (several server processes)."""
+def _descendants(pid: int) -> list[int]:
     children: dict[int, list[int]] = {}
-    stats: dict[int, list[str]] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            text = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = text[text.rindex(")") + 2 :].split()
-        stats[int(entry)] = fields
-        children.setdefault(int(fields[1]), []).append(int(entry))
-    total = 0.0
-    todo = [pid]
+        if entry.isdigit():
+            try:
+                text = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            children.setdefault(int(text[text.rindex(")") + 2 :].split()[1]), []).append(int(entry))
+    out, todo = [], [pid]
     while todo:
         p = todo.pop()
-        if p in stats:
-            # Fields after the command: state is 0, utime 11, stime 12.
-            total += (int(stats[p][11]) + int(stats[p][12])) / _TICKS
+        out.append(p)
         todo.extend(children.get(p, []))
+    return out
+
+
+def tree_rss_mib(pid: int) -> float:
+    """Resident memory of `pid` and its live descendants, in MiB."""
+    total = 0
+    for p in _descendants(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of `pid` and its live descendants (several server processes)."""
+    total = 0.0
+    for p in _descendants(pid):
+        try:
+            text = Path(f"/proc/{p}/stat").read_text()
+        except OSError:
+            continue
+        # Fields after the command: state is 0, utime 11, stime 12.
+        fields = text[text.rindex(")") + 2 :].split()
+        total += (int(fields[11]) + int(fields[12])) / _TICKS
     return total
 
 

@@ -51,17 +51,26 @@ def _ms(fn: Callable[[int], object], i: int) -> float:
     return (time.perf_counter() - started) * 1e3
 
 
+# Each latency row gets at most this many seconds in all (beyond a first few pairs per
+# round), so that a slow subject (a miss at 1M) bounds its own sample instead of the run's time.
+ROW_SECONDS = 20.0
+MIN_PAIRS = 3
+
+
 def alternate(
     row: Row, subject: Callable[[int], object], baseline: Callable[[int], object], rounds: int, calls: int
 ) -> Row:
-    """Call subject(i) and baseline(i) alternately `calls` times a round; add each round's medians (ms)."""
+    """Call subject(i) and baseline(i) alternately up to `calls` times a round (fewer once the
+    round has used its share of `ROW_SECONDS`, never fewer than `MIN_PAIRS`); add each
+    round's medians (ms)."""
     subject(-1)
     baseline(-1)  # warm both paths
     i = 0
     for r in range(rounds):
         a: list[float] = []
         b: list[float] = []
-        for _ in range(calls):
+        deadline = time.perf_counter() + ROW_SECONDS / rounds
+        while len(a) < calls and (len(a) < MIN_PAIRS or time.perf_counter() < deadline):
             # Who goes first alternates by round, so neither always follows the other.
             if r % 2:
                 b.append(_ms(baseline, i))
@@ -71,6 +80,7 @@ def alternate(
                 b.append(_ms(baseline, i))
             i += 1
         row.add(statistics.median(a), statistics.median(b))
+    row.extra["pairs"] = i
     return row
 
 

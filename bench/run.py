@@ -20,6 +20,7 @@ Rows (`--only` takes row names or their prefixes):
   publish-cp, publish-bare,   publish vs cp + sync and vs a bare grpc.aio upload; bytes of the
   publish-reads               source read per byte published vs the bare upload's
   fetch-{1,32}-{nginx,bare}   fetch to tmpfs, 1 and 32 files, vs nginx and vs a bare grpc.aio stream
+  fetch-memory                server peak RSS while 4 clients fetch the large blob at once vs idle
   cold-warm                   cold deploy (compile) over warm deploy (hit), `bench.cold_warm`
 
 Usage: python -m bench.run [--quick] [--only ROW]... [--json PATH] [--artifacts N] [--blob-mib N]
@@ -74,6 +75,8 @@ TARGETS = [
     Target("keep: start-up 1M vs 1k", "startup", "<=", 1.5),
     Target("keep: hit p50 1M vs 1k", "hit-scale", "<=", 1.25),
     Target("keep: cold deploy over warm", "cold-warm", ">=", 10.0),
+    # The issue saw +13 MiB over an idle ~130 MiB; 1.25x leaves room for noise, not for a buffered blob.
+    Target("keep: server RSS while 4 clients fetch vs idle", "fetch-memory", "<=", 1.25),
 ]
 
 
@@ -194,13 +197,23 @@ def main() -> int:
                 huge=wanted("block-huge"),
             )
             record([row for row in measured if wanted(row.name)])
-        transfer_names = ("ttfb", "resume", "publish-cp", "publish-bare", "publish-reads", "fetch-")
+        transfer_names = (
+            "ttfb",
+            "resume",
+            "publish-cp",
+            "publish-bare",
+            "publish-reads",
+            "fetch-1",
+            "fetch-32",
+            "fetch-memory",
+        )
         if wanted(*transfer_names):
             transfers = Transfers(small_server, small_client, work / "transfers", args.blob_mib << 20)
             try:
                 step(("ttfb", "resume"), lambda: transfers.ttfb(r))
                 step(("publish-cp", "publish-bare", "publish-reads"), lambda: transfers.publish(r))
-                step(("fetch-",), lambda: transfers.fetch(r))
+                step(("fetch-1", "fetch-32"), lambda: transfers.fetch(r))
+                step(("fetch-memory",), lambda: transfers.memory(max(2, r // 2)))
             finally:
                 transfers.close()
         stack.close()

@@ -10,13 +10,15 @@
   the server's own reads likewise from its /proc/PID/io;
 - fetch to tmpfs (/dev/shm): `Client.fetch` of an artifact of 1 file, and of one of 32
   files of the same total, vs nginx serving the same files (read in 1 MiB, fsynced; the 32
-  files over 4 connections at once), and vs the bare grpc stream of the same files (one at a time).
+  files over 4 connections at once), and vs the bare grpc stream of the same files (one at a time);
+- the server's peak resident memory while 4 clients fetch the large file at once, vs idle.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -24,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench.baselines import BareServer, Nginx, cp_and_sync, nginx_binary
-from bench.common import ServerProcess
+from bench.common import ServerProcess, tree_rss_mib
 from bench.report import Row
 from prebake.client import ArtifactKey, Client
 from prebake.core.digests import hash_file
@@ -231,3 +233,35 @@ class Transfers:
             if nginx is not None:
                 nginx.close()
         return rows
+
+    def memory(self, rounds: int, clients: int = 4) -> Row:
+        """Peak server RSS while `clients` clients fetch the large artifact at once, vs before."""
+        row = Row(
+            "fetch-memory",
+            f"server RSS while {clients} clients fetch {self.size / MIB:.0f} MiB each",
+            "server RSS idle",
+            "MiB",
+        )
+        for r in range(rounds):
+            idle = tree_rss_mib(self.server.proc.pid)
+            peak = idle
+            with ThreadPoolExecutor(clients) as pool:
+                futures = [
+                    pool.submit(self._fetch_with_own_client, self.shm / f"mem-{r}-{c}")
+                    for c in range(clients)
+                ]
+                while not all(f.done() for f in futures):
+                    peak = max(peak, tree_rss_mib(self.server.proc.pid))
+                    time.sleep(0.02)
+                for f in futures:
+                    f.result()
+            for p in self.shm.iterdir():
+                shutil.rmtree(p)
+            row.add(peak, idle)
+        growth = statistics.median(s - b for s, b in zip(row.subject, row.base, strict=True))
+        row.note = f"peak minus idle: {growth:.0f} MiB"
+        return row
+
+    def _fetch_with_own_client(self, dest: Path) -> None:
+        with Client(self.server.address) as client:
+            client.fetch(self.one_id, dest)
