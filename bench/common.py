@@ -85,7 +85,8 @@ def served(
         yield server.address
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
+    """`pid` and its live descendants."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -105,7 +106,7 @@ def _descendants(pid: int) -> list[int]:
 def tree_rss_mib(pid: int) -> float:
     """Resident memory of `pid` and its live descendants, in MiB."""
     total = 0
-    for p in _descendants(pid):
+    for p in descendants(pid):
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
@@ -118,7 +119,7 @@ def tree_rss_mib(pid: int) -> float:
 def tree_cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of `pid` and its live descendants (several server processes)."""
     total = 0.0
-    for p in _descendants(pid):
+    for p in descendants(pid):
         try:
             text = Path(f"/proc/{p}/stat").read_text()
         except OSError:

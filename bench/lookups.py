@@ -53,7 +53,7 @@ def _ms(fn: Callable[[int], object], i: int) -> float:
 
 # Each latency row gets at most this many seconds in all (beyond a first few pairs per
 # round), so that a slow subject (a miss at 1M) bounds its own sample instead of the run's time.
-ROW_SECONDS = 20.0
+ROW_SECONDS = 15.0
 MIN_PAIRS = 3
 
 

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench.baselines import BareServer, Nginx, cp_and_sync, nginx_binary
-from bench.common import ServerProcess, tree_rss_mib
+from bench.common import ServerProcess, descendants, tree_rss_mib
 from bench.report import Row
 from prebake.client import ArtifactKey, Client
 from prebake.core.digests import hash_file
@@ -54,8 +54,16 @@ def _seconds(fn: Callable[..., object], *args: object) -> float:
 
 
 def _rchar(pid: int | None = None) -> int:
-    text = Path(f"/proc/{pid or 'self'}/io").read_text()
-    return next(int(line.split()[1]) for line in text.splitlines() if line.startswith("rchar:"))
+    """Bytes passed through read(2) by this process, or by `pid` and its descendants (a server
+    of several processes): page-cache reads included, which is what "read the source N times" means."""
+    total = 0
+    for p in [None] if pid is None else descendants(pid):
+        try:
+            text = Path(f"/proc/{p or 'self'}/io").read_text()
+        except OSError:
+            continue
+        total += next(int(line.split()[1]) for line in text.splitlines() if line.startswith("rchar:"))
+    return total
 
 
 def _fill(path: Path, size: int) -> None:
