@@ -34,8 +34,7 @@ import boto3
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.common import served
-from bench.run import KEY, per_call_us
+from bench.common import KEY, per_call_us, served
 from prebake.client import Client
 from tests.aws_emulator import Emulator, running_emulator
 

@@ -28,8 +28,7 @@ from pathlib import Path
 
 import grpc
 
-from bench.common import served
-from bench.run import KEY
+from bench.common import KEY, served
 from prebake.client import Client
 from prebake.core.digests import hash_bytes
 from prebake.v1 import blobs_pb2, blobs_pb2_grpc, registry_pb2
@@ -84,7 +83,9 @@ def p(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) >= 2 else values[0]
 
 
-def stalled_uploads(address: str, n: int, release: threading.Event) -> Iterator[grpc.Future]:
+def stalled_uploads(
+    address: str, n: int, release: threading.Event
+) -> Iterator[grpc.Future[blobs_pb2.WriteResponse]]:
     channel = grpc.insecure_channel(address)
     stub = blobs_pb2_grpc.BlobsStub(channel)
     for i in range(n):

@@ -6,7 +6,7 @@ import dataclasses
 import sqlite3
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from prebake.core.errors import InvalidArgument
@@ -21,6 +21,7 @@ from prebake.server.storage.sqlite.connection import Database
 from prebake.server.storage.sqlite.job_queue import cas_job
 
 TOKEN_TAG = "artifacts"
+_INSERT_FILE = "INSERT INTO artifact_files (artifact_id, path, hash, size, executable) VALUES (?, ?, ?, ?, ?)"
 # The columns of an artifact that change without a new manifest; the rest of a row and its
 # files are fixed for as long as (manifest_digest, created_at) is (a replace writes a new row).
 _VOLATILE_SQL = (
@@ -58,7 +59,7 @@ def _insert(c: sqlite3.Connection, artifact: Artifact) -> None:
     c.execute(f"INSERT INTO artifacts ({', '.join(row)}) VALUES ({', '.join(':' + k for k in row)})", row)
     try:
         c.executemany(
-            "INSERT INTO artifact_files (artifact_id, path, hash, size, executable) VALUES (?, ?, ?, ?, ?)",
+            _INSERT_FILE,
             [
                 (artifact.artifact_id, f.path, f.digest.hash, f.digest.size, int(f.executable))
                 for f in artifact.files
@@ -130,6 +131,35 @@ class SqliteArtifactIndex:
             _insert(c, artifact)
             if complete is not None:
                 cas_job(c, complete.job, complete.expect_revision)
+
+        await self._db.write(write)
+
+    async def put_new_many(self, artifacts: Sequence[Artifact]) -> None:
+        """Store many new artifacts (rows and files) in one write transaction: bulk loading of
+        large registries (benchmarks, tests of scale): one statement per table, not a transaction each.
+
+        Not part of `ArtifactIndex`: no manifest archive is written (`prebake reindex` would not
+        restore these) and the only condition is that no id exists yet; if one does, or a file
+        path repeats within an artifact, `sqlite3.IntegrityError` is raised and nothing is stored.
+        The counts `counts` reports are kept as for `put` (the same triggers).
+        """
+
+        def write(c: sqlite3.Connection) -> None:
+            if not artifacts:
+                return
+            columns = list(rows.artifact_row(artifacts[0]))
+            c.executemany(
+                f"INSERT INTO artifacts ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                (tuple(rows.artifact_row(a).values()) for a in artifacts),
+            )
+            c.executemany(
+                _INSERT_FILE,
+                (
+                    (a.artifact_id, f.path, f.digest.hash, f.digest.size, int(f.executable))
+                    for a in artifacts
+                    for f in a.files
+                ),
+            )
 
         await self._db.write(write)
 
