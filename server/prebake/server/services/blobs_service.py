@@ -51,13 +51,20 @@ class BlobsService(blobs_pb2_grpc.BlobsServicer):
     ) -> blobs_pb2.FindMissingBlobsResponse:
         if len(request.digests) > MAX_FIND:
             raise InvalidArgument(f"{len(request.digests)} digests in one request; at most {MAX_FIND}")
-        digests = [convert.digest_from_proto(d, f"digests[{i}]") for i, d in enumerate(request.digests)]
         s = self.s
-        # Off the loop: one stat (local) or HEAD (object store) per digest.
-        missing = await s.run_blocking(s.blobs.find_missing, digests)
+
+        def find() -> tuple[list[Digest], list[Digest]]:
+            # Off the loop, conversions included (up to 10,000 digests): one stat (local) or
+            # HEAD (object store) per digest.
+            digests = [convert.digest_from_proto(d, f"digests[{i}]") for i, d in enumerate(request.digests)]
+            return digests, s.blobs.find_missing(digests)
+
+        digests, missing = await s.run_blocking(find)
         # The caller may publish the present ones without uploading them: not garbage now.
         s.in_use.wanted(set(digests).difference(missing))
-        return blobs_pb2.FindMissingBlobsResponse(missing=[convert.digest(d) for d in missing])
+        return await s.run_blocking(
+            lambda: blobs_pb2.FindMissingBlobsResponse(missing=[convert.digest(d) for d in missing])
+        )
 
     @streaming
     async def Read(
