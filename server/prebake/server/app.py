@@ -25,12 +25,23 @@ from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # re-exported at run time
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from prebake.core.errors import FailedPrecondition
 from prebake.server import integrity
 from prebake.server.auth.server_security import ServerSecurity
 from prebake.server.backends import describe, keeps_local_state, open_backends
+from prebake.server.blob_http import BlobHttpServer
+from prebake.server.blobs.blob_urls import BlobUrlSigner, load_or_create_secret
+from prebake.server.blobs.cas import ContentAddressedStore
+from prebake.server.blobs.local_objects import LocalObjectStore
 from prebake.server.config import ServerConfig
 from prebake.server.data_dir_lock import DataDirLock
-from prebake.server.exclusive_bind import NO_PORT_SHARING, PORT_SHARING, bind_exclusively, bind_shared
+from prebake.server.exclusive_bind import (
+    NO_PORT_SHARING,
+    PORT_SHARING,
+    CannotListen,
+    bind_exclusively,
+    bind_shared,
+)
 from prebake.server.instance_catalog import InstanceCatalog
 from prebake.server.request_limits import REQUEST_LIMIT, add_service
 from prebake.server.services.admin_service import AdminService
@@ -78,16 +89,48 @@ SERVICE_NAMES = (
 )
 
 
+def _serve_blob_urls(
+    config: ServerConfig, blobs: ContentAddressedStore, primary: bool
+) -> BlobHttpServer | None:
+    """With `blob_http_listen`: sign download URLs for the local store, and (the primary)
+    serve them. A serving process is given the primary's bound address and only signs."""
+    if not config.blob_http_listen:
+        return None
+    if not isinstance(blobs.objects, LocalObjectStore):
+        raise FailedPrecondition("blob_http_listen needs blobs on local disk")
+    host, _, port = config.blob_http_listen.rpartition(":")
+    endpoint = None
+    address = config.blob_http_listen
+    if primary:
+        try:
+            endpoint = BlobHttpServer(host, int(port), blobs.objects)
+        except OSError as exc:
+            raise CannotListen(f"cannot serve blob downloads on {config.blob_http_listen}: {exc}") from exc
+        address = endpoint.address
+    signer = BlobUrlSigner(load_or_create_secret(config.data_dir), f"http://{address}")
+    blobs.urls = signer
+    if endpoint is not None:
+        endpoint.start(signer)
+    return endpoint
+
+
 def open_state(config: ServerConfig, primary: bool = True) -> ServerState:
     """Open the configured registry and blob store (local ones created if needed; see
     `prebake.server.backends`); the primary also removes stale partial uploads. Raises what
     opening them raises: `FailedPrecondition` for a missing bucket, tables or AWS extra,
     `Unavailable` for an unreachable S3 or DynamoDB."""
     storage, blobs = open_backends(config)
+    try:
+        blob_http = _serve_blob_urls(config, blobs, primary)
+    except BaseException:
+        storage.close()
+        raise
     if primary:
         try:
             swept = blobs.sweep_uploads(config.stale_upload_seconds)
         except BaseException:
+            if blob_http is not None:
+                blob_http.stop()
             storage.close()
             raise
         if swept:
@@ -98,6 +141,7 @@ def open_state(config: ServerConfig, primary: bool = True) -> ServerState:
         blobs=blobs,
         catalog=InstanceCatalog.load_default(),
         executor=ThreadPoolExecutor(config.io_threads, thread_name_prefix="prebake-io"),
+        blob_http=blob_http,
     )
 
 
@@ -177,6 +221,8 @@ class RunningServer:
         await self.server.stop(self.state.config.shutdown_grace_seconds if grace is None else grace)
         await self.state.tracker.flush()
         self.state.executor.shutdown(wait=True)
+        if self.state.blob_http is not None:
+            self.state.blob_http.stop()
         self.state.storage.close()
         if self.security is not None:
             self.security.close()
@@ -255,6 +301,8 @@ async def _start_locked(config: ServerConfig, primary: bool = True) -> RunningSe
         if config.embedded_workers > 0:
             local_target = security.add_local_port(server, local_target, private=shared)
     except (OSError, RuntimeError):
+        if state.blob_http is not None:
+            state.blob_http.stop()
         state.storage.close()
         security.close()
         raise
@@ -273,6 +321,12 @@ async def _start_locked(config: ServerConfig, primary: bool = True) -> RunningSe
 async def _serve(config: ServerConfig) -> None:
     running = await start(config)
     print(f"prebake serving on {running.address} ({describe(config)})", file=sys.stderr, flush=True)
+    if running.state.blob_http is not None:
+        print(
+            f"prebake serving blob downloads on http://{running.state.blob_http.address}",
+            file=sys.stderr,
+            flush=True,
+        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -297,7 +351,9 @@ async def _serve(config: ServerConfig) -> None:
     processes: ServingProcesses | None = None
     supervisor: asyncio.Task[None] | None = None
     if config.processes > 1:
-        processes = ServingProcesses(config, running.address)
+        blob_http = running.state.blob_http
+        shared = replace(config, blob_http_listen=blob_http.address) if blob_http is not None else config
+        processes = ServingProcesses(shared, running.address)
         try:
             await processes.start()
         except ServingProcessFailed:

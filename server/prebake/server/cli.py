@@ -102,6 +102,14 @@ def register(commands: CommandRegistrar) -> None:
             "env PREBAKE_PROCESSES)"
         ),
     )
+    p.add_argument(
+        "--blob-http-listen",
+        metavar="HOST:PORT",
+        help=(
+            "serve blob downloads over HTTP from signed URLs handed out with manifests, so "
+            "fetches bypass gRPC streaming (local store, no TLS; env PREBAKE_BLOB_HTTP_LISTEN)"
+        ),
+    )
     # Integrity sweep (issue 9).
     p.add_argument(
         "--integrity-sweep-seconds",
@@ -267,6 +275,7 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         max_store_bytes=args.max_store_bytes,
         embedded_workers=args.workers,
         processes=args.processes,
+        blob_http_listen=args.blob_http_listen,
         integrity_sweep_seconds=args.integrity_sweep_seconds,
         integrity_sweep_bytes_per_second=args.integrity_sweep_rate,
         auth_file=args.auth_file,

@@ -80,6 +80,11 @@ class ServerConfig:
     # connections over N cores. GetStats counters since start-up and rate limits are then
     # per process; compiles, GC and sweeps stay with the first process.
     processes: int = 1
+    # With blobs on local disk: serve blob downloads over plain HTTP on HOST:PORT (port 0: a
+    # free one) from signed URLs valid for presign_seconds, handed out with manifests like
+    # S3's presigned GETs (prebake.server.blob_http): fetches then bypass gRPC streaming.
+    # "" = off. Not with TLS (the bytes would travel unencrypted) or an S3 store.
+    blob_http_listen: str = ""
     # `prebake serve` runs this many in-process compile workers per backend whose toolchain
     # is installed here (0: none, compile on separate `prebake worker` hosts only).
     embedded_workers: int = 1
@@ -263,6 +268,11 @@ def load_server_config(
     check_gc_settings(config)
     check_signing(config)
     check_limits(config)
+    if config.blob_http_listen and (config.tls_cert or parse_store(config.store) is not None):
+        raise ValueError(
+            "blob_http_listen serves blobs on local disk over plain HTTP: not with tls_cert "
+            "(downloads would leave TLS) nor with an s3:// store (S3 presigns its own URLs)"
+        )
     if config.processes < 1:
         raise ValueError(f"processes must be at least 1, got {config.processes}")
     return config

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from prebake.server.blob_http import BlobHttpServer
 from prebake.server.blobs import BlobStore
 from prebake.server.config import ServerConfig, parse_default_toolchains
 from prebake.server.events import JobEventHub, Pulse
@@ -77,6 +78,8 @@ class ServerState:
     # Fired whenever a job may have become leasable (created, requeued, released).
     work: Pulse = field(default_factory=Pulse)
     counters: Counters = field(default_factory=Counters)
+    # The blob download endpoint this process serves (`prebake.server.blob_http`), if any.
+    blob_http: BlobHttpServer | None = None
     tracker: AccessTracker = field(init=False)
     lifecycle: JobLifecycle = field(init=False)
     liveness: WorkerLiveness = field(init=False)

@@ -197,6 +197,9 @@ class ContentAddressedStore:
         # Guards the counters, `_held` and `_hashed`.
         self._lock = threading.Lock()
         self._stripes = [threading.Lock() for _ in range(_STRIPES)]
+        # Who signs download URLs for a backend that cannot presign its own (local disk
+        # behind `prebake.server.blob_http`); set once at start-up, before any read.
+        self.urls: Presigns | None = None
         self._held: set[tuple[str, Digest]] = set()
         # Running hashes of uploads whose writer closed, so that a resume in this process need not
         # read the stored parts back. Bounded: forgetting one only costs that read.
@@ -598,12 +601,13 @@ class ContentAddressedStore:
         return _CheckedReader(inner, offset, end, lambda at: self._quarantine_if_short(digest, at))
 
     def download_url(self, digest: Digest, expires_seconds: int) -> str | None:
-        """A URL that reads the published blob straight from the backend, or None if it cannot
-        presign (local disk). Only ever for a blob's content address, which holds verified bytes
+        """A URL that reads the published blob straight from the backend (or `urls`), or None
+        if neither can presign. Only ever for a blob's content address, which holds verified bytes
         only; the reader verifies them again. Costs no request to the backend."""
-        if not isinstance(self.objects, Presigns) or expires_seconds <= 0:
+        presigns = self.urls or (self.objects if isinstance(self.objects, Presigns) else None)
+        if presigns is None or expires_seconds <= 0:
             return None
-        return self.objects.presign_get(blob_key(digest), expires_seconds)
+        return presigns.presign_get(blob_key(digest), expires_seconds)
 
     # -- writing ---------------------------------------------------------------------
 
