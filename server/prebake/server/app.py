@@ -25,7 +25,8 @@ from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # re-exported at run time
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from prebake.server import integrity
+from prebake.core.logs import setup_logging
+from prebake.server import integrity, metrics
 from prebake.server.auth.server_security import ServerSecurity
 from prebake.server.backends import describe, keeps_local_state, open_backends
 from prebake.server.config import ServerConfig
@@ -33,6 +34,7 @@ from prebake.server.data_dir_lock import DataDirLock
 from prebake.server.exclusive_bind import NO_PORT_SHARING, bind_exclusively
 from prebake.server.instance_catalog import InstanceCatalog
 from prebake.server.request_limits import REQUEST_LIMIT, add_service
+from prebake.server.rpc_observer import RpcObserver
 from prebake.server.services.admin_service import AdminService
 from prebake.server.services.blobs_service import BlobsService
 from prebake.server.services.catalog_service import CatalogService
@@ -138,6 +140,7 @@ class RunningServer:
                 continue
             if expired:
                 log.info("requeued or failed %d job(s) whose worker stopped heartbeating", len(expired))
+                s.metrics.jobs_finished(expired)
                 s.hub.notify(j.job_id for j in expired)
                 s.work.fire()
 
@@ -158,6 +161,7 @@ class RunningServer:
         self._tasks = [
             loop.create_task(self._flush_periodically()),
             loop.create_task(self._expire_leases_periodically()),
+            loop.create_task(metrics.refresh_periodically(self.state)),
         ]
         if self.state.config.integrity_sweep_seconds > 0:
             self._tasks.append(loop.create_task(integrity.sweep_periodically(self.state)))
@@ -207,7 +211,10 @@ async def _start_locked(config: ServerConfig) -> RunningServer:
     # non-loopback address, is refused at once.
     security = ServerSecurity.from_config(config)
     state = open_state(config)
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=security.interceptors())
+    # The observer first: it sees every rpc once, authentication refusals included.
+    server = grpc.aio.server(
+        options=SERVER_OPTIONS, interceptors=[RpcObserver(state.metrics), *security.interceptors()]
+    )
     # Registered from the descriptors with per-method request limits (request_limits).
     for servicer, module in (
         (RegistryService(state), registry_pb2),
@@ -289,7 +296,7 @@ async def _serve(config: ServerConfig) -> None:
 def serve(config: ServerConfig) -> None:
     """Run the server until SIGINT or SIGTERM. Raises DataDirInUse or CannotListen (both
     OSError) if another server has the data directory or the address."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(config.log_format, config.log_level)
     asyncio.run(_serve(config))
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from prebake.core.cli_values import count, seconds, size
 from prebake.core.command_plugins import CommandFailed, CommandRegistrar
 from prebake.core.errors import PrebakeError
+from prebake.core.logs import add_log_flags
 from prebake.server.config import DEFAULT_DATA_DIR, DEFAULT_LISTEN, ServerConfig, load_server_config
 
 
@@ -124,6 +125,7 @@ def register(commands: CommandRegistrar) -> None:
             "allowed as is); repeatable (env PREBAKE_MODEL_SOURCE_MAP, comma-separated)"
         ),
     )
+    add_log_flags(p)
     _add_security_flags(p)
     _add_signing_flags(p)
 
@@ -256,6 +258,8 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         max_blob_bytes=args.max_blob_bytes,
         max_store_bytes=args.max_store_bytes,
         embedded_workers=args.workers,
+        log_format=args.log_format,
+        log_level=args.log_level,
         integrity_sweep_seconds=args.integrity_sweep_seconds,
         integrity_sweep_bytes_per_second=args.integrity_sweep_rate,
         auth_file=args.auth_file,
