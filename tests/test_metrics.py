@@ -82,14 +82,19 @@ def test_a_scripted_session_shows_in_the_metrics(
 
         worker = WorkerProcess(server.address, tmp_path, "m", "--max-jobs", "1")
         try:
-            leased = wait_until(
-                lambda: client.get_job(created.job.job_id).state == jobs_pb2.JOB_STATE_LEASED, 60, "a lease"
+            # Compiling (leased, progress reported): the compile goes on for seconds more.
+            wait_until(
+                lambda: (
+                    (j := client.get_job(created.job.job_id)).state == jobs_pb2.JOB_STATE_LEASED
+                    and j.progress > 0
+                ),
+                90,
+                "the compile to start",
             )
-            assert leased
             during = scrape(server)
-            if client.get_job(created.job.job_id).state == jobs_pb2.JOB_STATE_LEASED:
-                assert value(during, "prebake_leases_active") == 1
-                assert value(during, "prebake_queue_depth", kind="inductor", compile_target=target) == 0
+            assert value(during, "prebake_leases_active") == 1
+            assert value(during, "prebake_jobs", state="leased") == 1
+            assert value(during, "prebake_queue_depth", kind="inductor", compile_target=target) == 0
             assert total(during, "prebake_workers_live", kind="inductor", compile_target=target) == 1
             job = client.wait_for_job(created.job.job_id, timeout=COMPILE_TIMEOUT)
             assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job

@@ -94,6 +94,8 @@ def setup_logging(log_format: str = "text", log_level: str = "info", stream: Tex
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     root.addHandler(handler)
     root.setLevel(log_level.upper())
+    # Python's warnings too, so that a JSON log stays one object per line.
+    logging.captureWarnings(True)
 
 
 def add_log_flags(p: argparse.ArgumentParser) -> None:

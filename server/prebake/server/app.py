@@ -13,7 +13,6 @@ import contextlib
 import inspect
 import logging
 import signal
-import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -262,7 +261,7 @@ async def _start_locked(config: ServerConfig) -> RunningServer:
 
 async def _serve(config: ServerConfig) -> None:
     running = await start(config)
-    print(f"prebake serving on {running.address} ({describe(config)})", file=sys.stderr, flush=True)
+    log.info("prebake serving on %s (%s)", running.address, describe(config))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -285,7 +284,7 @@ async def _serve(config: ServerConfig) -> None:
             signing_key=Path(config.signing_key) if config.signing_key else None,
         )
     await stop.wait()
-    print("prebake shutting down", file=sys.stderr, flush=True)
+    log.info("prebake shutting down")
     if workers:
         # Before the server stops, so that a compile in progress is released, not lost.
         workers_stop.set()
