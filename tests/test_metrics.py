@@ -171,3 +171,59 @@ def test_lifetime_totals_survive_a_restart_and_counters_since_start_up_do_not(tm
         # Hits per artifact: the first run's, persisted; this run's hit is in the next batch.
         [artifact] = client.iter_artifacts()
         assert artifact.hit_count == 3
+
+
+# Run in a fresh interpreter: multiprocess mode is process-wide state of prometheus_client.
+_MULTIPROCESS_SCRIPT = """
+import subprocess, sys
+from pathlib import Path
+from prometheus_client.parser import text_string_to_metric_families
+from prebake.server import metrics
+
+directory, data_dir = Path(sys.argv[1]), Path(sys.argv[2])
+metrics.enable_multiprocess(directory)
+# Another server process (started after the switch, so it inherits it) counts 3 hits, 1 rpc.
+child = (
+    "from prebake.server.metrics import ServerMetrics; m = ServerMetrics();"
+    "[m.lookup('hit', 'exact') for _ in range(3)]; m.rpc('prebake.v1.Registry/Lookup', 'OK', 0.001)"
+)
+subprocess.run([sys.executable, "-c", child], check=True)
+
+from prebake.server.app import background_server
+with background_server(data_dir) as srv:
+    state = srv.running.state
+    state.metrics.lookup("hit", "exact")
+    state.metrics.lookup("miss", "enqueued")
+    body, _ = srv.call(metrics.scrape, state)
+samples = {
+    (s.name, tuple(sorted(s.labels.items()))): s.value
+    for family in text_string_to_metric_families(body.decode())
+    for s in family.samples
+}
+print(samples[("prebake_lookups_total", (("reason", "exact"), ("result", "hit")))])
+print(samples[("prebake_lookups_total", (("reason", "enqueued"), ("result", "miss")))])
+lookup_ok = (("code", "OK"), ("method", "prebake.v1.Registry/Lookup"))
+print(samples[("prebake_rpc_duration_seconds_count", lookup_ok)])
+print(sum(1 for name, _ in samples if name == "prebake_artifacts"))
+"""
+
+
+def test_multiprocess_mode_sums_every_server_process(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _MULTIPROCESS_SCRIPT, str(tmp_path / "prom"), str(tmp_path / "data")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    hits, misses, lookup_rpcs, artifact_gauges = done.stdout.split()
+    # 3 hits from the other process + 1 here; the rpc of the other process counted too.
+    assert (float(hits), float(misses), float(lookup_rpcs)) == (4.0, 1.0, 1.0)
+    # The storage gauges appear once, not once per process.
+    assert int(artifact_gauges) == 1

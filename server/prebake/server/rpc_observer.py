@@ -52,7 +52,9 @@ def request_id_of(metadata: Any) -> str:
 
 def _code_of(context: Ctx, exc: BaseException | None) -> str:
     """The status the rpc ends with: what the handler set or aborted with, else from `exc`."""
-    if isinstance(exc, asyncio.CancelledError):
+    # A stream closed or cancelled under us: its call is over, and the context must not be
+    # touched any more (grpc's aio context may already be freed).
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
         return "CANCELLED"
     code = context.code()
     if isinstance(code, grpc.StatusCode):
@@ -94,17 +96,18 @@ def _observed(
     attribute, make = kinds[(handler.request_streaming, handler.response_streaming)]
     behaviour = getattr(handler, attribute)
 
-    def begin(context: Ctx) -> tuple[str, Any, float]:
+    def begin(context: Ctx) -> tuple[str, Any, float, str]:
         rid = request_id_of(context.invocation_metadata())
         context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
-        return rid, request_ids.bind(rid), time.perf_counter()
+        # Read while the call is surely alive (see _code_of); only when it will be logged.
+        peer = context.peer() if log.isEnabledFor(level) else ""
+        return rid, request_ids.bind(rid), time.perf_counter(), peer
 
-    def end(context: Ctx, rid: str, started: float, exc: BaseException | None) -> None:
+    def end(context: Ctx, peer: str, started: float, exc: BaseException | None) -> None:
         seconds = time.perf_counter() - started
         code = _code_of(context, exc)
         metrics.rpc(method, code, seconds)
         if log.isEnabledFor(level):
-            peer = context.peer()
             log.log(
                 level,
                 "rpc %s %s %.2f ms from %s",
@@ -125,7 +128,7 @@ def _observed(
     if inspect.isasyncgenfunction(behaviour):
 
         async def stream(request: Any, context: Ctx) -> AsyncIterator[Any]:
-            rid, token, started = begin(context)
+            _rid, token, started, peer = begin(context)
             failure: BaseException | None = None
             try:
                 async for item in behaviour(request, context):
@@ -134,7 +137,7 @@ def _observed(
                 failure = exc
                 raise
             finally:
-                end(context, rid, started, failure)
+                end(context, peer, started, failure)
                 # A generator closed from another context cannot reset the variable; the
                 # rpc's task (and its binding) ends with the stream anyway.
                 with contextlib.suppress(ValueError):
@@ -144,7 +147,7 @@ def _observed(
     else:
 
         async def call(request: Any, context: Ctx) -> Any:
-            rid, token, started = begin(context)
+            _rid, token, started, peer = begin(context)
             failure: BaseException | None = None
             try:
                 return await behaviour(request, context)
@@ -152,7 +155,7 @@ def _observed(
                 failure = exc
                 raise
             finally:
-                end(context, rid, started, failure)
+                end(context, peer, started, failure)
                 request_ids.unbind(token)
 
         wrapped = call
