@@ -77,18 +77,34 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]  # generic only in the stubs
+    """Writes to whatever `sys.stderr` is when a record is emitted (not when it was set up),
+    so that a replaced stderr (a test's capture, a daemon's redirection) is followed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: TextIO) -> None:
+        pass
+
+
 def setup_logging(log_format: str = "text", log_level: str = "info", stream: TextIO | None = None) -> None:
-    """Route the root logger to `stream` (stderr) in `log_format` at `log_level`.
+    """Route the root logger to `stream` (default: the current `sys.stderr`) in `log_format` at `log_level`.
 
     Replaces the handlers a previous call installed (not other ones); ValueError for an
     unknown format or level (`check_log_settings`).
     """
     check_log_settings(log_format, log_level)
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, "_prebake", False):
-            root.removeHandler(handler)
-    handler = logging.StreamHandler(stream or sys.stderr)
+    for old in list(root.handlers):
+        if getattr(old, "_prebake", False):
+            root.removeHandler(old)
+    handler: logging.Handler = _StderrHandler() if stream is None else logging.StreamHandler(stream)
     handler._prebake = True  # type: ignore[attr-defined]  # marks the handlers this function owns
     handler.addFilter(RequestIdFilter())
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))

@@ -62,7 +62,7 @@ def _code_of(context: Ctx, exc: BaseException | None) -> str:
     if exc is None:
         return "OK"
     # An exception no decorator mapped: gRPC answers it UNKNOWN.
-    return "UNKNOWN" if not isinstance(exc, grpc.aio.AbortError) else "ABORTED"
+    return "UNKNOWN"
 
 
 class RpcObserver(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # generic only in the stubs
