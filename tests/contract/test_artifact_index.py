@@ -97,6 +97,53 @@ async def test_a_second_instance_on_the_engine_sees_every_write(backend: Backend
     assert stored is not None and stored.pinned
 
 
+async def test_repeated_gets_follow_every_change_made_elsewhere(backend: Backend, storage: Storage) -> None:
+    # A backend may keep what it read to answer repeated gets cheaply (SQLite does); every
+    # change another instance makes must still show on the very next get.
+    artifact = make_artifact()
+    await storage.artifacts.put(artifact, expect_manifest=None)
+    other = backend.open()
+
+    async def same_as_a_fresh_read() -> Artifact | None:
+        fresh = backend.open()
+        try:
+            expected = await fresh.artifacts.get(artifact.artifact_id)
+        finally:
+            fresh.close()
+        for _ in range(2):  # the first get may fill a memo, the second answers from it
+            assert await storage.artifacts.get(artifact.artifact_id) == expected
+        return expected
+
+    try:
+        assert await same_as_a_fresh_read() == artifact
+        await other.artifacts.set_pinned(artifact.artifact_id, True)
+        assert (await same_as_a_fresh_read()) == replace(artifact, pinned=True)
+        await other.artifacts.record_hits({artifact.artifact_id: (3, START + 50)})
+        hit = await same_as_a_fresh_read()
+        assert hit is not None and hit.hit_count == 3 and hit.last_accessed_at == START + 50
+        await other.artifacts.mark_unavailable(
+            artifact.artifact_id, "blob lost", expect_manifest=artifact.manifest_digest
+        )
+        lost = await same_as_a_fresh_read()
+        assert lost is not None and lost.unavailable == "blob lost"
+        # A replace with the very same files (so the same manifest digest) by another producer.
+        again = replace(make_artifact(at=START + 100), producer=replace(PRODUCER, worker="another-worker"))
+        assert again.manifest_digest == artifact.manifest_digest
+        await other.artifacts.put(again, expect_manifest=artifact.manifest_digest)
+        assert await same_as_a_fresh_read() == again
+        changed = make_artifact(files=(entry("other.bin", "different"),), at=START + 200)
+        await other.artifacts.put(changed, expect_manifest=again.manifest_digest)
+        assert await same_as_a_fresh_read() == changed
+        await other.artifacts.delete(
+            artifact.artifact_id, expect_manifest=changed.manifest_digest, expect_pinned=False
+        )
+        assert await same_as_a_fresh_read() is None
+        await other.artifacts.put(artifact, expect_manifest=None)
+        assert await same_as_a_fresh_read() == artifact
+    finally:
+        other.close()
+
+
 async def test_conditional_create_refuses_an_existing_id(storage: Storage, backend: Backend) -> None:
     first = make_artifact()
     await storage.artifacts.put(first, expect_manifest=None)

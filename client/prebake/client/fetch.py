@@ -29,9 +29,11 @@ import os
 import shutil
 import stat
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -264,6 +266,15 @@ def _refuse_unless_free(dest: Path, artifact_id: str, overwrite: bool) -> None:
     )
 
 
+# Files of one artifact downloaded at once: each is its own stream (a Neuron artifact is
+# many files), so the transfer is not bound by one stream's per-chunk turn-around.
+PARALLEL_FILES = 4
+
+
+class _Stopped(Exception):
+    """Raised in a download thread's progress callback once another download failed."""
+
+
 def _download_all(
     artifact: registry_pb2.Artifact,
     tmp: Path,
@@ -272,47 +283,79 @@ def _download_all(
     host_cache: HostCache | None = None,
 ) -> tuple[int, int, int, int]:
     """Download (or place from `host_cache`) every file; returns (downloaded, resumed, from cache,
-    direct)."""
+    direct). Up to PARALLEL_FILES files download at once; the first failure stops the others
+    and is raised."""
     total = sum(f.digest.size_bytes for f in artifact.files)
-    done = 0
-    downloaded = resumed = from_cache = direct = 0
-    # Identical files within one artifact are fetched once and copied locally.
-    placed: dict[tuple[str, int], Path] = {}
+    from_cache = 0
     targets = []
     for entry in artifact.files:
         try:
             targets.append(safe_join(tmp, entry.path))
         except UnsafePath as exc:
             raise UnsafeManifest(f"artifact {artifact.artifact_id}: {exc}") from None
+    # Identical files within one artifact are fetched once and copied locally afterwards.
+    first: dict[tuple[str, int], Path] = {}
+    copies: list[tuple[Path, Path]] = []
+    todo: list[tuple[registry_pb2.ArtifactFile, Path]] = []
     for entry, target in zip(artifact.files, targets, strict=True):
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.is_symlink() or target.is_dir():
             _remove(target)
         identity = (entry.digest.hash, entry.digest.size_bytes)
-        if identity in placed and not target.exists():
-            shutil.copyfile(placed[identity], target)
+        if identity in first and not target.exists():
+            copies.append((first[identity], target))
         elif host_cache is not None and host_cache.place(entry.digest, target, executable=entry.executable):
             from_cache += entry.digest.size_bytes
-            if progress is not None:
-                progress(done + entry.digest.size_bytes, total)
         else:
             _unshare(target)
-            base = done
+            todo.append((entry, target))
+        first.setdefault(identity, target)
+    done = {id(target): 0 for _, target in todo}
+    lock = threading.Lock()
+    stop = threading.Event()
 
-            def report(file_done: int, _file_total: int, base: int = base) -> None:
+    def one(entry: registry_pb2.ArtifactFile, target: Path) -> DownloadResult:
+        def report(file_done: int, _file_total: int) -> None:
+            if stop.is_set():
+                raise _Stopped
+            with lock:  # reported under the lock, so that the total reported never goes back
+                done[id(target)] = file_done
                 if progress is not None:
-                    progress(base + file_done, total)
+                    progress(from_cache + sum(done.values()), total)
 
-            outcome = download(entry, target, report)
-            downloaded += outcome.bytes_downloaded
-            resumed += outcome.bytes_resumed
-            direct += outcome.bytes_direct
-        placed.setdefault(identity, target)
+        return download(entry, target, report)
+
+    if progress is not None and from_cache:
+        progress(from_cache, total)
+    outcomes: list[DownloadResult] = []
+    if len(todo) <= 1:
+        outcomes = [one(entry, target) for entry, target in todo]
+    else:
+        with ThreadPoolExecutor(min(PARALLEL_FILES, len(todo)), thread_name_prefix="prebake-fetch") as pool:
+            futures = [pool.submit(one, entry, target) for entry, target in todo]
+            try:
+                for future in as_completed(futures):
+                    outcomes.append(future.result())
+            except BaseException:
+                # Ctrl-C or the first failed file (raised): the other downloads stop at their
+                # next chunk, and what they received so far is kept for the next attempt.
+                stop.set()
+                for future in futures:
+                    future.cancel()
+                wait(futures)
+                raise
+    for source, target in copies:
+        shutil.copyfile(source, target)
+    for entry, target in zip(artifact.files, targets, strict=True):
         _set_executable(target, entry.executable)
-        done += entry.digest.size_bytes
     if progress is not None:
         progress(total, total)
-    return downloaded, resumed, from_cache, direct
+    return (
+        sum(o.bytes_downloaded for o in outcomes),
+        sum(o.bytes_resumed for o in outcomes),
+        from_cache,
+        sum(o.bytes_direct for o in outcomes),
+    )
 
 
 def _unshare(target: Path) -> None:

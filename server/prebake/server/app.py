@@ -12,7 +12,10 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import shutil
 import signal
+import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +33,7 @@ from prebake.server.auth.server_security import ServerSecurity
 from prebake.server.backends import describe, keeps_local_state, open_backends
 from prebake.server.config import ServerConfig
 from prebake.server.data_dir_lock import DataDirLock
-from prebake.server.exclusive_bind import NO_PORT_SHARING, bind_exclusively
+from prebake.server.exclusive_bind import NO_PORT_SHARING, PORT_SHARING, bind_exclusively, bind_shared
 from prebake.server.instance_catalog import InstanceCatalog
 from prebake.server.request_limits import REQUEST_LIMIT, add_service
 from prebake.server.rpc_observer import RpcObserver
@@ -40,6 +43,7 @@ from prebake.server.services.catalog_service import CatalogService
 from prebake.server.services.jobs_service import JobsService
 from prebake.server.services.registry_service import RegistryService
 from prebake.server.services.workers_service import WorkersService
+from prebake.server.serving_processes import ServingProcesses, ServingProcessFailed
 from prebake.server.state import ServerState
 from prebake.v1 import (
     admin_pb2,
@@ -78,18 +82,20 @@ SERVICE_NAMES = (
 )
 
 
-def open_state(config: ServerConfig) -> ServerState:
+def open_state(config: ServerConfig, primary: bool = True) -> ServerState:
     """Open the configured registry and blob store (local ones created if needed; see
-    `prebake.server.backends`). Raises what opening them raises: `FailedPrecondition` for a
-    missing bucket, tables or AWS extra, `Unavailable` for an unreachable S3 or DynamoDB."""
+    `prebake.server.backends`); the primary also removes stale partial uploads. Raises what
+    opening them raises: `FailedPrecondition` for a missing bucket, tables or AWS extra,
+    `Unavailable` for an unreachable S3 or DynamoDB."""
     storage, blobs = open_backends(config)
-    try:
-        swept = blobs.sweep_uploads(config.stale_upload_seconds)
-    except BaseException:
-        storage.close()
-        raise
-    if swept:
-        log.info("removed %d stale partial uploads", swept)
+    if primary:
+        try:
+            swept = blobs.sweep_uploads(config.stale_upload_seconds)
+        except BaseException:
+            storage.close()
+            raise
+        if swept:
+            log.info("removed %d stale partial uploads", swept)
     return ServerState(
         config=config,
         storage=storage,
@@ -155,13 +161,16 @@ class RunningServer:
             if report.removed_anything:
                 log.info("%s", report.summary())
 
-    def start_background_tasks(self) -> None:
+    def start_background_tasks(self, primary: bool = True) -> None:
+        """Flushing access times, in every process; the once-only duties (leases, sweeps,
+        GC) in the primary only (see `prebake.server.serving_processes`)."""
         loop = asyncio.get_running_loop()
-        self._tasks = [
-            loop.create_task(self._flush_periodically()),
-            loop.create_task(self._expire_leases_periodically()),
-            loop.create_task(metrics.refresh_periodically(self.state)),
-        ]
+        self._tasks = [loop.create_task(self._flush_periodically())]
+        if not primary:
+            return
+        self._tasks.append(loop.create_task(self._expire_leases_periodically()))
+        # The storage gauges of the metrics: read by the primary, which serves the scrapes.
+        self._tasks.append(loop.create_task(metrics.refresh_periodically(self.state)))
         if self.state.config.integrity_sweep_seconds > 0:
             self._tasks.append(loop.create_task(integrity.sweep_periodically(self.state)))
         if self.state.config.gc_interval_seconds > 0:
@@ -205,14 +214,24 @@ async def start(config: ServerConfig) -> RunningServer:
     return running
 
 
-async def _start_locked(config: ServerConfig) -> RunningServer:
+async def start_serving_process(config: ServerConfig) -> RunningServer:
+    """Start one serving process of a primary (see `prebake.server.serving_processes`): no
+    lock (the primary holds it), the primary's port shared, no once-only duties."""
+    return await _start_locked(config, primary=False)
+
+
+async def _start_locked(config: ServerConfig, primary: bool = True) -> RunningServer:
     # Before anything is opened: a bad token or certificate file, or an anonymous
     # non-loopback address, is refused at once.
     security = ServerSecurity.from_config(config)
-    state = open_state(config)
+    state = open_state(config, primary)
+    shared = config.processes > 1 or not primary
+    options = (
+        [*(o for o in SERVER_OPTIONS if o != NO_PORT_SHARING), PORT_SHARING] if shared else SERVER_OPTIONS
+    )
     # The observer first: it sees every rpc once, authentication refusals included.
     server = grpc.aio.server(
-        options=SERVER_OPTIONS, interceptors=[RpcObserver(state.metrics), *security.interceptors()]
+        options=options, interceptors=[RpcObserver(state.metrics), *security.interceptors()]
     )
     # Registered from the descriptors with per-method request limits (request_limits).
     for servicer, module in (
@@ -239,10 +258,12 @@ async def _start_locked(config: ServerConfig) -> RunningServer:
     )
     host, _, _ = config.listen.rpartition(":")
     try:
-        port = bind_exclusively(server, config.listen, security.credentials)
+        # A serving process joins the port its primary bound (and checked) already.
+        bind = bind_shared if primary and shared else bind_exclusively
+        port = bind(server, config.listen, security.credentials)
         local_target = f"{host}:{port}"
         if config.embedded_workers > 0:
-            local_target = security.add_local_port(server, local_target)
+            local_target = security.add_local_port(server, local_target, private=shared)
     except (OSError, RuntimeError):
         state.storage.close()
         security.close()
@@ -255,7 +276,7 @@ async def _start_locked(config: ServerConfig) -> RunningServer:
     running.local_target = local_target
     if config.embedded_workers > 0:
         running.embedded_token = security.mint_embedded_token()
-    running.start_background_tasks()
+    running.start_background_tasks(primary)
     return running
 
 
@@ -283,8 +304,24 @@ async def _serve(config: ServerConfig) -> None:
             model_roots=running.state.model_sources.worker_roots(),
             signing_key=Path(config.signing_key) if config.signing_key else None,
         )
+    processes: ServingProcesses | None = None
+    supervisor: asyncio.Task[None] | None = None
+    if config.processes > 1:
+        processes = ServingProcesses(config, running.address)
+        try:
+            await processes.start()
+        except ServingProcessFailed:
+            await asyncio.to_thread(processes.stop)
+            await running.stop()
+            raise
+        supervisor = loop.create_task(processes.supervise())
+        log.info("prebake serving with %d processes on one port", config.processes)
     await stop.wait()
     log.info("prebake shutting down")
+    if processes is not None:
+        if supervisor is not None:
+            supervisor.cancel()
+        await asyncio.to_thread(processes.stop)
     if workers:
         # Before the server stops, so that a compile in progress is released, not lost.
         workers_stop.set()
@@ -292,11 +329,34 @@ async def _serve(config: ServerConfig) -> None:
     await running.stop()
 
 
+# How long a thread may hold the GIL while another waits (Python's default is 5 ms). Large
+# reads decode beside the loop (`Database.read_off_loop`); with the default, every rpc the
+# loop answers meanwhile would wait up to 5 ms per turn for the GIL.
+SWITCH_INTERVAL_SECONDS = 0.0005
+
+
+def setup_process(config: ServerConfig) -> None:
+    """What `prebake serve` and each serving process set up once: logging, GIL hand-over."""
+    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
+    setup_logging(config.log_format, config.log_level)
+
+
 def serve(config: ServerConfig) -> None:
     """Run the server until SIGINT or SIGTERM. Raises DataDirInUse or CannotListen (both
-    OSError) if another server has the data directory or the address."""
-    setup_logging(config.log_format, config.log_level)
-    asyncio.run(_serve(config))
+    OSError) if another server has the data directory or the address, ServingProcessFailed
+    if a serving process (`processes` > 1) does not start."""
+    setup_process(config)
+    if config.processes <= 1:
+        asyncio.run(_serve(config))
+        return
+    # Every serving process (started later, inheriting the environment) counts its metrics
+    # in files of one fresh directory, which any process's exposition sums.
+    directory = Path(tempfile.mkdtemp(prefix="prebake-metrics-"))
+    metrics.enable_multiprocess(directory)
+    try:
+        asyncio.run(_serve(config))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 class BackgroundServer:

@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from prebake.core.cli_values import count, seconds, size
+from prebake.core.cli_values import count, positive_int, seconds, size
 from prebake.core.command_plugins import CommandFailed, CommandRegistrar
 from prebake.core.errors import PrebakeError
 from prebake.core.logs import add_log_flags
@@ -93,6 +93,15 @@ def register(commands: CommandRegistrar) -> None:
         type=count,
         metavar="N",
         help="in-process compile workers per installed backend (default 1; 0 = none)",
+    )
+    p.add_argument(
+        "--processes",
+        type=positive_int,
+        metavar="N",
+        help=(
+            "server processes sharing the listen port, to use N cores for rpcs (default 1; "
+            "env PREBAKE_PROCESSES)"
+        ),
     )
     # Integrity sweep (issue 9).
     p.add_argument(
@@ -221,6 +230,7 @@ def serve(args: argparse.Namespace) -> int:
         from prebake.server.app import serve as serve_forever
         from prebake.server.data_dir_lock import DataDirInUse
         from prebake.server.exclusive_bind import CannotListen
+        from prebake.server.serving_processes import ServingProcessFailed
     except ModuleNotFoundError as exc:
         raise missing_server_extra(exc, "serve") from exc
     try:
@@ -234,7 +244,7 @@ def serve(args: argparse.Namespace) -> int:
             for table, outcome in create_tables(config):
                 print(f"table {table}: {outcome}", file=sys.stderr, flush=True)
         serve_forever(config)
-    except (DataDirInUse, CannotListen, PrebakeError) as exc:
+    except (DataDirInUse, CannotListen, ServingProcessFailed, PrebakeError) as exc:
         raise CommandFailed(str(exc)) from exc
     return 0
 
@@ -260,6 +270,7 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         embedded_workers=args.workers,
         log_format=args.log_format,
         log_level=args.log_level,
+        processes=args.processes,
         integrity_sweep_seconds=args.integrity_sweep_seconds,
         integrity_sweep_bytes_per_second=args.integrity_sweep_rate,
         auth_file=args.auth_file,

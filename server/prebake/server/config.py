@@ -76,6 +76,11 @@ class ServerConfig:
     shutdown_grace_seconds: float = 10.0
     # Thread pool for blocking work (hashing, fsync) off the event loop.
     io_threads: int = 4
+    # Server processes answering rpcs on the listen port (SO_REUSEPORT; see
+    # prebake.server.serving_processes): one Python process uses one core, so N > 1 spreads
+    # connections over N cores. GetStats counters since start-up and rate limits are then
+    # per process; compiles, GC and sweeps stay with the first process.
+    processes: int = 1
     # `prebake serve` runs this many in-process compile workers per backend whose toolchain
     # is installed here (0: none, compile on separate `prebake worker` hosts only).
     embedded_workers: int = 1
@@ -266,6 +271,8 @@ def load_server_config(
     check_gc_settings(config)
     check_signing(config)
     check_limits(config)
+    if config.processes < 1:
+        raise ValueError(f"processes must be at least 1, got {config.processes}")
     return config
 
 

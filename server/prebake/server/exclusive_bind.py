@@ -17,8 +17,10 @@ from pathlib import Path
 
 import grpc
 
-# A channel argument for grpc.aio.server(options=...).
+# Channel arguments for grpc.aio.server(options=...): one server per port, or a group of
+# serving processes of one server (`prebake.server.serving_processes`).
 NO_PORT_SHARING = ("grpc.so_reuseport", 0)
+PORT_SHARING = ("grpc.so_reuseport", 1)
 
 _LISTEN_STATE = "0A"  # TCP_LISTEN in /proc/net/tcp's `st` column
 _PROC = Path("/proc")
@@ -65,6 +67,24 @@ def bind_exclusively(
             f"cannot listen on {address}: port {port_text} is in use by {who}; "
             "stop that server or choose another --listen address"
         ) from exc
+
+
+def bind_shared(
+    server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None = None
+) -> int:
+    """`bind_exclusively` for a server built with `PORT_SHARING`, whose serving processes
+    will bind the same port: a port on which anything listens already is refused (with its
+    owner) before binding, since a SO_REUSEPORT bind would otherwise join that listener."""
+    _, _, port_text = address.rpartition(":")
+    if port_text.isdigit() and int(port_text) != 0:
+        owners = listening_owners(int(port_text))
+        if owners:
+            who = "; ".join(owner.describe() for owner in owners)
+            raise CannotListen(
+                f"cannot listen on {address}: port {port_text} is in use by {who}; "
+                "stop that server or choose another --listen address"
+            )
+    return bind_exclusively(server, address, credentials)
 
 
 def listening_owners(port: int, proc: Path = _PROC) -> list[PortOwner]:

@@ -65,9 +65,11 @@ class ServerSecurity:
             return None
         return self.authenticator.mint(EMBEDDED_PRINCIPAL, {Role.WORKER})
 
-    def add_local_port(self, server: grpc.aio.Server, address: str) -> str:
-        """The target in-process clients dial (see the module docstring)."""
-        if self.credentials is None:
+    def add_local_port(self, server: grpc.aio.Server, address: str, private: bool = False) -> str:
+        """The target in-process clients dial (see the module docstring). `private`: a
+        socket of this process's own even without TLS (when serving processes share the
+        TCP port, only this process knows the embedded workers' minted token)."""
+        if self.credentials is None and not (private and self.authenticator is not None):
             return address
         self._local_dir = Path(tempfile.mkdtemp(prefix="prebake-"))
         target = f"unix:{self._local_dir / 'embedded.sock'}"

@@ -35,8 +35,12 @@ async def verify_blobs(state: ServerState, digests: list[Digest]) -> None:
     this coroutine waits.
     """
     require_present(state, digests)
-    for digest in digests:
-        await state.run_blocking(state.blobs.verify, digest)
+
+    def verify_all() -> None:  # one hop off the loop, not one per blob
+        for digest in digests:
+            state.blobs.verify(digest)
+
+    await state.run_blocking(verify_all)
 
 
 async def verified_manifest(
@@ -48,7 +52,8 @@ async def verified_manifest(
     caller must `require_present(state, digests)` again right before its registry write,
     with no await in between (see verify_blobs).
     """
-    entries = convert.file_entries(files)
+    # A manifest may name tens of thousands of files: converted beside the event loop.
+    entries = await state.run_blocking(convert.file_entries, files)
     checked = convert.producer_from_proto(producer)
     digests = convert.unique_digests(entries)
     if checked.log is not None:

@@ -13,6 +13,7 @@ from prebake.core.errors import InvalidArgument, NotFound
 from prebake.server import compat, convert, nearest
 from prebake.server.auth.request_rules import ENQUEUE_REFUSED, may_enqueue, require_replace_allowed
 from prebake.server.key_normalization import DEFAULT_TOOLCHAINS, diff_keys, normalize_key
+from prebake.server.lookup_memo import Bounded, KnownKey, ManifestMessages
 from prebake.server.nearest_memo import MISS_FRESH_SECONDS, NearestMemo
 from prebake.server.rate_limits import RateLimit, caller
 from prebake.server.records import Artifact, Digest, ErrorClass, Job, JobState, NormalizedKey
@@ -26,7 +27,7 @@ from prebake.server.signatures import revoked_message
 from prebake.server.state import ServerState
 from prebake.server.status import unary
 from prebake.server.worker_liveness import WorkerLiveness
-from prebake.v1 import registry_pb2, registry_pb2_grpc
+from prebake.v1 import key_pb2, registry_pb2, registry_pb2_grpc
 
 POLICIES = {
     registry_pb2.COMPATIBILITY_POLICY_LONGER_SEQUENCE: compat.Policy.LONGER_SEQUENCE,
@@ -48,10 +49,27 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         c = state.config
         self.job_creations = RateLimit("compile jobs created", c.job_create_burst, c.job_create_per_minute)
         self.near: NearestMemo[list[registry_pb2.NearMiss]] = NearestMemo()
+        self.keys: Bounded[bytes, KnownKey] = Bounded()
+        self.manifests = ManifestMessages()
 
     async def normalize(self, msg: Any) -> tuple[NormalizedKey, str]:
         """The key, and where its toolchain came from (see LookupResponse.toolchain_source)."""
+        known = await self.known_key(msg)
+        return known.key, known.toolchain_source
+
+    async def known_key(self, msg: key_pb2.ArtifactKey) -> KnownKey:
+        """`normalize`, answered from the memo when the same key message was seen and what
+        it depended on is unchanged (see `prebake.server.lookup_memo`)."""
+        raw = msg.SerializeToString()
+        known = self.keys.get(raw)
+        if known is not None:
+            if known.live_toolchain is None:
+                return known
+            kind, target, offered = known.live_toolchain
+            if WorkerLiveness.newest_toolchain(await self.s.liveness.live(), kind, target) == offered:
+                return known
         request = convert.key_request(msg)
+        live_toolchain: tuple[str, str, tuple[str, str] | None] | None = None
         if request.toolchain:
             key = normalize_key(request, self.s.catalog, DEFAULT_TOOLCHAINS)
             source = "requested"
@@ -63,10 +81,12 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
             sources: list[str] = []
 
             def resolve(kind: str, compile_target: str) -> str:
+                nonlocal live_toolchain
                 if kind in configured:
                     sources.append("configured default")
                     return configured[kind]
                 newest = WorkerLiveness.newest_toolchain(live, kind, compile_target)
+                live_toolchain = (kind, compile_target, newest)
                 if newest is not None:
                     sources.append(f"newest toolchain of a live worker ({newest[1]})")
                     return newest[0]
@@ -76,7 +96,9 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
             key = normalize_key(request, self.s.catalog, resolve)
             source = sources[0] if sources else "built-in default"
         self.s.models.check(key.model, key.kind)
-        return key, source
+        known = KnownKey(key, source, convert.resolved_key(key), live_toolchain)
+        self.keys.put(raw, known)
+        return known
 
     async def nearest(self, key: NormalizedKey) -> list[registry_pb2.NearMiss]:
         return [
@@ -125,7 +147,8 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
 
     def _manifest(self, found: Artifact, direct_download: bool) -> registry_pb2.Artifact:
         """The artifact as sent, with presigned download URLs when asked for and possible."""
-        sent = convert.artifact(found)
+        sent = registry_pb2.Artifact()
+        self.manifests.fill(sent, found)
         seconds = self.s.config.presign_seconds
         if not direct_download or seconds <= 0:
             return sent
@@ -167,13 +190,13 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
 
     @unary
     async def Lookup(self, request: registry_pb2.LookupRequest, context: Ctx) -> registry_pb2.LookupResponse:
-        key, toolchain_source = await self.normalize(request.key)
+        known = await self.known_key(request.key)
+        key, toolchain_source, resolved = known.key, known.toolchain_source, known.resolved
         s = self.s
         # Policy, not input: the source a job would read (see `prebake.server.model_sources`).
         model_source, named = s.model_sources.resolve(key.model, request.model_source)
         s.counters.lookups += 1
         s.tracker.lookup()
-        resolved = convert.resolved_key(key)
         refused: list[str] = []
         match = await self._match(key, request, refused)
         if match is not None:
@@ -281,8 +304,10 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
                 supersede=superseded(s),
             )
         s.hub.notify(j.job_id for j in completed)
-        return registry_pb2.PublishArtifactResponse(
-            artifact=convert.artifact(stored),
-            created=created,
-            completed_job_ids=[j.job_id for j in completed],
+        return await s.run_blocking(
+            lambda: registry_pb2.PublishArtifactResponse(
+                artifact=convert.artifact(stored),
+                created=created,
+                completed_job_ids=[j.job_id for j in completed],
+            )
         )

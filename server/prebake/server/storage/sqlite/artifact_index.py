@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
-from collections import Counter
+import threading
+from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +20,14 @@ from prebake.server.storage.sqlite.connection import Database
 from prebake.server.storage.sqlite.job_queue import cas_job
 
 TOKEN_TAG = "artifacts"
+# The columns of an artifact that change without a new manifest; the rest of a row and its
+# files are fixed for as long as (manifest_digest, created_at) is (a replace writes a new row).
+_VOLATILE_SQL = (
+    "SELECT manifest_digest, created_at, pinned, hit_count, last_accessed_at, unavailable "
+    "FROM artifacts WHERE artifact_id = ?"
+)
+# Decoded artifacts kept to answer repeated gets with a one-row read (`_VOLATILE_SQL`).
+RECENT_ARTIFACTS = 4096
 
 
 def _artifact_row(c: sqlite3.Connection, artifact_id: str) -> dict[str, Any] | None:
@@ -64,14 +74,42 @@ class SqliteArtifactIndex:
 
     def __init__(self, db: Database) -> None:
         self._db = db
+        # Artifacts recently read, by id. A get of one of them reads only its volatile
+        # columns (`_VOLATILE_SQL`; decoding whole rows dominated a hit's cost); since those
+        # are read from the shared file every time, a change made by another process is
+        # seen at once, as without the memo.
+        self._recent: OrderedDict[str, Artifact] = OrderedDict()
+        self._recent_lock = threading.Lock()
 
     async def get(self, artifact_id: str) -> Artifact | None:
+        with self._recent_lock:
+            known = self._recent.get(artifact_id)
+        if known is not None:
+            now = self._db.read_one(_VOLATILE_SQL, (artifact_id,))
+            if now is None:
+                with self._recent_lock:
+                    self._recent.pop(artifact_id, None)
+                return None
+            if now["manifest_digest"] == known.manifest_digest and now["created_at"] == known.created_at:
+                return dataclasses.replace(
+                    known,
+                    pinned=bool(now["pinned"]),
+                    hit_count=now["hit_count"],
+                    last_accessed_at=now["last_accessed_at"],
+                    unavailable=now["unavailable"],
+                )
         with self._db.read() as c:
             row = _artifact_row(c, artifact_id)
             if row is None:
                 return None
             files = _files(c, artifact_id)
-        return rows.artifact_from_row(row, files)
+        found = rows.artifact_from_row(row, files)
+        with self._recent_lock:
+            self._recent[artifact_id] = found
+            self._recent.move_to_end(artifact_id)
+            if len(self._recent) > RECENT_ARTIFACTS:
+                self._recent.popitem(last=False)
+        return found
 
     async def put(
         self, artifact: Artifact, *, expect_manifest: str | None, complete: JobWrite | None = None
@@ -164,23 +202,28 @@ class SqliteArtifactIndex:
             f"SELECT * FROM artifacts WHERE {' AND '.join(where)} "
             "ORDER BY created_at DESC, artifact_id LIMIT ?"
         )
-        with self._db.read() as c:
+
+        def read(c: sqlite3.Connection) -> tuple[list[Artifact], bool]:
             found = c.execute(sql, (*params, limit + 1)).fetchall()
-        items = [rows.artifact_from_row(row) for row in found[:limit]]
+            return [rows.artifact_from_row(row) for row in found[:limit]], len(found) > limit
+
+        items, more = await self._db.read_off_loop(read)
         token = ""
-        if len(found) > limit:
+        if more:
             last = items[-1]
             token = page_tokens.encode(tag, [last.created_at, last.artifact_id])
         return Page(items, token)
 
     async def of_model(self, kind: str, model: str, limit: int) -> list[Artifact]:
-        with self._db.read() as c:
+        def read(c: sqlite3.Connection) -> list[Artifact]:
             found = c.execute(
                 "SELECT * FROM artifacts WHERE kind = ? AND model = ? "
                 "ORDER BY created_at DESC, artifact_id LIMIT ?",
                 (kind, model, limit),
             ).fetchall()
-        return [rows.artifact_from_row(row) for row in found]
+            return [rows.artifact_from_row(row) for row in found]
+
+        return await self._db.read_off_loop(read)
 
     async def is_referenced(self, digest: Digest) -> bool:
         with self._db.read() as c:
@@ -225,12 +268,15 @@ class SqliteArtifactIndex:
     async def least_recently_used(self, limit: int) -> list[Artifact]:
         if limit < 1:
             return []
-        with self._db.read() as c:
+
+        def read(c: sqlite3.Connection) -> list[Artifact]:
             found = c.execute(
                 "SELECT * FROM artifacts WHERE pinned = 0 ORDER BY last_accessed_at, artifact_id LIMIT ?",
                 (limit,),
             ).fetchall()
-        return [rows.artifact_from_row(row) for row in found]
+            return [rows.artifact_from_row(row) for row in found]
+
+        return await self._db.read_off_loop(read)
 
     async def counts(self) -> RegistryCounts:
         # Kept by triggers (schema migration 5): a read of a few rows, not a COUNT.

@@ -167,6 +167,28 @@ class Database:
                 if conn.in_transaction:
                     conn.execute("COMMIT")
 
+    async def read_off_loop(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """`fn` in a `read` on a thread of the default executor (its own connection), for
+        reads of many rows: the query (SQLite releases the GIL while it steps) and the
+        decoding in `fn` run beside the event loop instead of stopping every other rpc."""
+
+        def run() -> T:
+            with self.read() as c:
+                return fn(c)
+
+        return await asyncio.to_thread(run)
+
+    def read_one(self, sql: str, params: tuple[Any, ...]) -> Row | None:
+        """The first row of one query, run on its own: a single statement reads one
+        consistent snapshot without an explicit transaction (two statements fewer than
+        `read`, which matters on the hit path)."""
+        conn = self._reader()
+        with _translated(self.path):
+            # fetchall, not fetchone: the statement runs to its end, so no read snapshot
+            # stays open behind an unfinished cursor.
+            found: list[Row] = conn.execute(sql, params).fetchall()
+        return found[0] if found else None
+
     def _run_write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         conn = self._write_conn
         with _translated(self.path):

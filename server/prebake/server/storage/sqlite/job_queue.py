@@ -77,6 +77,12 @@ class SqliteJobQueue:
             found = c.execute(sql, params).fetchall()
         return [rows.job_from_row(row) for row in found]
 
+    async def _many_off_loop(self, sql: str, params: Sequence[Any]) -> list[Job]:
+        """`_many` for pages of up to a thousand jobs: see `Database.read_off_loop`."""
+        return await self._db.read_off_loop(
+            lambda c: [rows.job_from_row(row) for row in c.execute(sql, params).fetchall()]
+        )
+
     async def get(self, job_id: str) -> Job | None:
         return self._one("SELECT * FROM jobs WHERE job_id = ?", (job_id,))
 
@@ -155,7 +161,7 @@ class SqliteJobQueue:
         if after is not None:
             where.append("(created_at < ? OR (created_at = ? AND job_id > ?))")
             params.extend([after[0], after[0], after[1]])
-        found = self._many(
+        found = await self._many_off_loop(
             f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY created_at DESC, job_id LIMIT ?",
             (*params, limit + 1),
         )
