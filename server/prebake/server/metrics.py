@@ -43,15 +43,16 @@ recent ratio is derived from the counters, e.g.
 ``sum(rate(prebake_lookups_total{result="hit"}[5m])) / sum(rate(prebake_lookups_total[5m]))``.
 
 Several server processes (``prebake serve --processes N``): the counters and histograms
-are prometheus_client metrics, so its multiprocess mode covers them. Call
-`enable_multiprocess(directory)` in the parent, with a fresh directory per server,
-before any `ServerMetrics` exists (it sets ``PROMETHEUS_MULTIPROC_DIR``, which processes
-started afterwards inherit); every process then writes its values to files there, and
-`exposition` in any process renders the sum over all of them (`MultiProcessCollector`)
-plus one copy of the storage gauges, which are the same for every process because they
-come from the shared store. There are no in-process gauges, so a process that exits needs
-no clean-up (its counters stay in the sums, as Prometheus expects of counters). Without
-the variable each process counts in memory, and `exposition` shows that process only.
+are prometheus_client metrics, so its multiprocess mode covers them. `prebake serve` with
+N > 1 calls `enable_multiprocess(directory)` with a fresh temporary directory (removed at
+exit) before any `ServerMetrics` exists; it sets ``PROMETHEUS_MULTIPROC_DIR``, which the
+serving processes started afterwards inherit. Every process then writes its values to
+files there, and `exposition` in any process renders the sum over all of them
+(`MultiProcessCollector`) plus one copy of the storage gauges, which are the same for
+every process because they come from the shared store (the primary refreshes them). There
+are no in-process gauges, so a process that exits needs no clean-up (its counters stay in
+the sums, as Prometheus expects of counters). Without the variable each process counts in
+memory, and `exposition` shows that process only.
 """
 
 from __future__ import annotations
