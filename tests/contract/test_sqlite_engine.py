@@ -123,7 +123,7 @@ def _applied(path: Path) -> list[tuple[int, str, float]]:
 def test_migrations_apply_once_and_reopening_is_a_noop(db_path: Path) -> None:
     Database(db_path, START).close()
     first = _applied(db_path)
-    assert [row[0] for row in first] == [v for v, _, _ in schema.MIGRATIONS] == [1, 2, 3, 4, 5]
+    assert [row[0] for row in first] == [v for v, _, _ in schema.MIGRATIONS] == [1, 2, 3, 4, 5, 6]
     assert {row[2] for row in first} == {START}
     Database(db_path, START + 3600).close()
     assert _applied(db_path) == first
@@ -212,7 +212,7 @@ async def test_a_version_1_database_gains_job_revisions_and_workers(db_path: Pat
     ]
     for sequence, version in enumerate(history, start=1):
         row = rows.job_row(version)
-        del row["revision"]
+        del row["revision"], row["request_id"]  # added by migrations 2 and 6
         if sequence == 1:
             v1.table("jobs").insert(row)
         else:
@@ -258,6 +258,9 @@ async def test_a_version_1_database_gains_job_revisions_and_workers(db_path: Pat
         # Migration 5 seeds the kept counts from the rows already there.
         counts = await storage.artifacts.counts()
         assert (counts.artifacts, counts.pinned_artifacts) == (1, 0)
+        # Migration 6: lifetime totals start at zero; old jobs have no request id.
+        assert (counts.lifetime_lookups, counts.lifetime_hits) == (0, 0)
+        assert stored.request_id == ""
         assert counts.jobs_by_state == {**{s.value: 0 for s in JobState}, "queued": 1}
 
         # The lifecycle carries on where the old registry stopped: events continue at 4.

@@ -23,6 +23,8 @@ import grpc
 
 from prebake.client.credentials import Credentials
 from prebake.client.errors import from_rpc_error
+from prebake.core import request_ids
+from prebake.core.request_ids import REQUEST_ID_HEADER
 from prebake.v1 import (
     admin_pb2_grpc,
     blobs_pb2_grpc,
@@ -62,13 +64,21 @@ class _MetadataInterceptor(
     grpc.StreamUnaryClientInterceptor,  # type: ignore[type-arg]
     grpc.StreamStreamClientInterceptor,  # type: ignore[type-arg]
 ):
-    """Adds fixed metadata (the bearer token) to every call of a channel."""
+    """Adds fixed metadata (the bearer token) and the request id to every call of a channel.
+
+    The request id (`x-request-id`) is the current `prebake.core.request_ids` scope's, or a
+    fresh one for a call outside any scope; a call that already carries one keeps it.
+    """
 
     def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
         self._metadata = metadata
 
     def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
-        return _ClientCallDetails(details, (*(details.metadata or ()), *self._metadata))
+        given = tuple(details.metadata or ())
+        if any(key == REQUEST_ID_HEADER for key, _ in given):
+            return _ClientCallDetails(details, (*given, *self._metadata))
+        rid = request_ids.current() or request_ids.new_request_id()
+        return _ClientCallDetails(details, (*given, *self._metadata, (REQUEST_ID_HEADER, rid)))
 
     def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
         return continuation(self._details(client_call_details), request)
@@ -87,7 +97,8 @@ def create_channel(target: str, credentials: Credentials | None = None) -> grpc.
     """A channel to `target` ("host:port") with prebake's message limits.
 
     TLS when `credentials` carry a CA bundle or a client certificate (else plaintext);
-    their token, if any, goes with every call as `authorization: Bearer` metadata.
+    their token, if any, goes with every call as `authorization: Bearer` metadata, and
+    every call carries an `x-request-id` (see `_MetadataInterceptor`).
     """
     creds = credentials or Credentials()
     options = [
@@ -107,9 +118,7 @@ def create_channel(target: str, credentials: Credentials | None = None) -> grpc.
         channel = grpc.secure_channel(target, tls, options=options)
     else:
         channel = grpc.insecure_channel(target, options=options)
-    if creds.metadata:
-        return grpc.intercept_channel(channel, _MetadataInterceptor(creds.metadata))
-    return channel
+    return grpc.intercept_channel(channel, _MetadataInterceptor(creds.metadata))
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, TypeVar
+from typing import Literal, ParamSpec, TypeVar
 
 import grpc
 
@@ -69,6 +69,7 @@ from prebake.core.names import (
     kind_to_proto,
     lookup_status_name,
 )
+from prebake.core.request_ids import request_scope
 from prebake.core.s3_urls import is_s3_url
 from prebake.core.signing import Signature, SigningKey, TrustSet, check_signed_key, files_digest
 from prebake.v1 import (
@@ -197,6 +198,22 @@ def _producer_identity() -> str:
     return f"publish:{user}@{socket.gethostname()}"
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def one_operation(fn: Callable[P, R]) -> Callable[P, R]:
+    """Run a method as one client operation: its rpcs share one `x-request-id` (the caller's
+    `request_scope` if one is open, else a fresh id; see `prebake.core.request_ids`)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with request_scope():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 class Client:
     """A synchronous client for one prebake server.
 
@@ -217,6 +234,11 @@ class Client:
     CAs that sign the server's certificate) or `client_cert` with `client_key` (PEM files,
     for mutual TLS) make the channel TLS. `credentials` passes all of them already read
     (`Credentials.load`), instead. A file that cannot be read raises InvalidArgument.
+
+    Every rpc carries an `x-request-id`: one per operation (a fetch, an ensure, a publish,
+    one unary call with its retries), or the id of an enclosing
+    `prebake.core.request_ids.request_scope(...)` the caller opened; the server logs it and
+    records it on the job a lookup creates.
     """
 
     def __init__(
@@ -270,6 +292,7 @@ class Client:
     def __repr__(self) -> str:
         return f"Client(target={self.target!r}, timeout={self.timeout})"
 
+    @one_operation
     def _call(self, fn: Callable[[float], T], timeout: float | None = None) -> T:
         """Run a unary rpc with a deadline, retrying UNAVAILABLE per the policy."""
         deadline = self.timeout if timeout is None else timeout
@@ -422,6 +445,7 @@ class Client:
         request = blobs_pb2.QueryWriteStatusRequest(upload_id=upload_id or upload_id_for(proto), digest=proto)
         return self._call(lambda t: self._conn.stubs.blobs.QueryWriteStatus(request, timeout=t))
 
+    @one_operation
     def upload_blob(
         self, path_or_bytes: Path | str | bytes, digest: DigestLike, progress: Progress | None = None
     ) -> UploadResult:
@@ -434,6 +458,7 @@ class Client:
         source = path_or_bytes if isinstance(path_or_bytes, bytes) else Path(path_or_bytes)
         return upload_blob(self._conn, source, as_digest(digest), self._transfer, progress)
 
+    @one_operation
     def download_blob(
         self, digest: DigestLike, path: Path | str, progress: Progress | None = None, url: str = ""
     ) -> DownloadResult:
@@ -538,6 +563,7 @@ class Client:
             time.sleep(self.policy.backoff(failures))
             failures += 1
 
+    @one_operation
     def wait_for_job(
         self,
         job_id: str,
@@ -730,6 +756,7 @@ class Client:
 
     # High-level operations -----------------------------------------------------------
 
+    @one_operation
     def fetch(
         self,
         artifact: registry_pb2.Artifact | str,
@@ -776,6 +803,7 @@ class Client:
             url = ""
         return self.download_blob(entry.digest, path, progress, url=url)
 
+    @one_operation
     def publish(
         self,
         directory: Path | str,
@@ -814,6 +842,7 @@ class Client:
             self._upload_missing(files, progress)
             return self.publish_artifact(key, manifest, producer, replace, force, signature=signature)
 
+    @one_operation
     def upload_directory(
         self, directory: Path | str, progress: Progress | None = None
     ) -> list[registry_pb2.ArtifactFile]:
@@ -869,6 +898,7 @@ class Client:
                 break
         return response
 
+    @one_operation
     def ensure(  # noqa: PLR0917 (the documented signature takes these positionally)
         self,
         key: KeyLike,

@@ -8,12 +8,12 @@ time; the worker module (and, in its child processes, the toolchains) when the c
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prebake.core.cli_values import count, seconds
 from prebake.core.command_plugins import CommandFailed, CommandRegistrar
+from prebake.core.logs import add_log_flags, log_settings, setup_logging
 from prebake.core.names import kind_names
 
 if TYPE_CHECKING:
@@ -81,6 +81,7 @@ def register(commands: CommandRegistrar) -> None:
         help="sign every artifact this worker completes with this Ed25519 private key "
         "(PEM; `prebake key generate`)",
     )
+    add_log_flags(p)
 
 
 def worker(args: argparse.Namespace, client: Client) -> int:
@@ -90,7 +91,10 @@ def worker(args: argparse.Namespace, client: Client) -> int:
     from prebake.compiler.work_dir import default_work_dir
     from prebake.compiler.worker import Worker, WorkerConfig, default_worker_id
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        setup_logging(*log_settings(args.log_format, args.log_level))
+    except ValueError as exc:  # a bad PREBAKE_LOG_FORMAT / PREBAKE_LOG_LEVEL
+        raise CommandFailed(str(exc), bad_input=True) from exc
     config = WorkerConfig(
         server=args.server,
         work_dir=Path(args.work_dir) if args.work_dir else default_work_dir(),

@@ -13,6 +13,7 @@ Contract:
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 
@@ -47,7 +48,14 @@ class Heartbeat:
         self._interval = interval
         self._outage = outage
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{run.job_id}", daemon=True)
+        # In a copy of the starter's context: heartbeats (and their log lines) carry the job's
+        # request id (`prebake.core.request_ids`).
+        self._thread = threading.Thread(
+            target=contextvars.copy_context().run,
+            args=(self._loop,),
+            name=f"heartbeat-{run.job_id}",
+            daemon=True,
+        )
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()

@@ -19,6 +19,7 @@ Contract:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -141,8 +142,12 @@ def run_compile(
             start_new_session=True,
         )
     assert proc.stdout is not None
+    # In a copy of this context: its progress lines carry the job's request id.
     reader = threading.Thread(
-        target=_pump_stdout, args=(proc.stdout, run, log_path), name=f"stdout-{run.job_id}", daemon=True
+        target=contextvars.copy_context().run,
+        args=(_pump_stdout, proc.stdout, run, log_path),
+        name=f"stdout-{run.job_id}",
+        daemon=True,
     )
     reader.start()
     try:

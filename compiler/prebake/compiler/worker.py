@@ -70,6 +70,7 @@ from prebake.compiler.reports import MAX_ERROR_CHARS, failure_report
 from prebake.compiler.supervise import key_fields, run_compile
 from prebake.compiler.work_dir import default_work_dir, worker_dir
 from prebake.core.names import kind_name, kind_names
+from prebake.core.request_ids import request_scope
 from prebake.core.s3_urls import is_s3_url
 from prebake.core.signing import SigningKey
 from prebake.core.source_roots import lexical_path, lexically_within, really_within
@@ -254,7 +255,15 @@ class Worker:
     # One job --------------------------------------------------------------------------
 
     def _process(self, lease: Lease, job_dir: Path) -> Outcome:
-        """Run one leased job in `job_dir` (created here, removed after) to its outcome."""
+        """Run one leased job in `job_dir` (created here, removed after) to its outcome.
+
+        Inside the job's request scope: every log line and rpc for the job carries the
+        request id of the lookup that created it (a fresh one for a job without one).
+        """
+        with request_scope(lease.job.request_id or None):
+            return self._process_in_scope(lease, job_dir)
+
+    def _process_in_scope(self, lease: Lease, job_dir: Path) -> Outcome:
         job = lease.job
         log.info(
             "job %s: leased (%s, attempt %d/%d)",

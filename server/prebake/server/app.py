@@ -12,8 +12,10 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +28,8 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from prebake.core.errors import FailedPrecondition
-from prebake.server import integrity
+from prebake.core.logs import setup_logging
+from prebake.server import integrity, metrics
 from prebake.server.auth.server_security import ServerSecurity
 from prebake.server.backends import describe, keeps_local_state, open_backends
 from prebake.server.blob_http import BlobHttpServer
@@ -44,6 +47,7 @@ from prebake.server.exclusive_bind import (
 )
 from prebake.server.instance_catalog import InstanceCatalog
 from prebake.server.request_limits import REQUEST_LIMIT, add_service
+from prebake.server.rpc_observer import RpcObserver
 from prebake.server.services.admin_service import AdminService
 from prebake.server.services.blobs_service import BlobsService
 from prebake.server.services.catalog_service import CatalogService
@@ -185,6 +189,7 @@ class RunningServer:
                 continue
             if expired:
                 log.info("requeued or failed %d job(s) whose worker stopped heartbeating", len(expired))
+                s.metrics.jobs_finished(expired)
                 s.hub.notify(j.job_id for j in expired)
                 s.work.fire()
 
@@ -208,6 +213,8 @@ class RunningServer:
         if not primary:
             return
         self._tasks.append(loop.create_task(self._expire_leases_periodically()))
+        # The storage gauges of the metrics: read by the primary, which serves the scrapes.
+        self._tasks.append(loop.create_task(metrics.refresh_periodically(self.state)))
         if self.state.config.integrity_sweep_seconds > 0:
             self._tasks.append(loop.create_task(integrity.sweep_periodically(self.state)))
         if self.state.config.gc_interval_seconds > 0:
@@ -268,7 +275,10 @@ async def _start_locked(config: ServerConfig, primary: bool = True) -> RunningSe
     options = (
         [*(o for o in SERVER_OPTIONS if o != NO_PORT_SHARING), PORT_SHARING] if shared else SERVER_OPTIONS
     )
-    server = grpc.aio.server(options=options, interceptors=security.interceptors())
+    # The observer first: it sees every rpc once, authentication refusals included.
+    server = grpc.aio.server(
+        options=options, interceptors=[RpcObserver(state.metrics), *security.interceptors()]
+    )
     # Registered from the descriptors with per-method request limits (request_limits).
     for servicer, module in (
         (RegistryService(state), registry_pb2),
@@ -320,13 +330,9 @@ async def _start_locked(config: ServerConfig, primary: bool = True) -> RunningSe
 
 async def _serve(config: ServerConfig) -> None:
     running = await start(config)
-    print(f"prebake serving on {running.address} ({describe(config)})", file=sys.stderr, flush=True)
+    log.info("prebake serving on %s (%s)", running.address, describe(config))
     if running.state.blob_http is not None:
-        print(
-            f"prebake serving blob downloads on http://{running.state.blob_http.address}",
-            file=sys.stderr,
-            flush=True,
-        )
+        log.info("prebake serving blob downloads on http://%s", running.state.blob_http.address)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -361,9 +367,9 @@ async def _serve(config: ServerConfig) -> None:
             await running.stop()
             raise
         supervisor = loop.create_task(processes.supervise())
-        print(f"prebake serving with {config.processes} processes on one port", file=sys.stderr, flush=True)
+        log.info("prebake serving with %d processes on one port", config.processes)
     await stop.wait()
-    print("prebake shutting down", file=sys.stderr, flush=True)
+    log.info("prebake shutting down")
     if processes is not None:
         if supervisor is not None:
             supervisor.cancel()
@@ -381,22 +387,28 @@ async def _serve(config: ServerConfig) -> None:
 SWITCH_INTERVAL_SECONDS = 0.0005
 
 
-def setup_process() -> None:
+def setup_process(config: ServerConfig) -> None:
     """What `prebake serve` and each serving process set up once: logging, GIL hand-over."""
     sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
-    setup_logging()
-
-
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(config.log_format, config.log_level)
 
 
 def serve(config: ServerConfig) -> None:
     """Run the server until SIGINT or SIGTERM. Raises DataDirInUse or CannotListen (both
     OSError) if another server has the data directory or the address, ServingProcessFailed
     if a serving process (`processes` > 1) does not start."""
-    setup_process()
-    asyncio.run(_serve(config))
+    setup_process(config)
+    if config.processes <= 1:
+        asyncio.run(_serve(config))
+        return
+    # Every serving process (started later, inheriting the environment) counts its metrics
+    # in files of one fresh directory, which any process's exposition sums.
+    directory = Path(tempfile.mkdtemp(prefix="prebake-metrics-"))
+    metrics.enable_multiprocess(directory)
+    try:
+        asyncio.run(_serve(config))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 class BackgroundServer:

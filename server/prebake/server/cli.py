@@ -17,6 +17,7 @@ from pathlib import Path
 from prebake.core.cli_values import count, positive_int, seconds, size
 from prebake.core.command_plugins import CommandFailed, CommandRegistrar
 from prebake.core.errors import PrebakeError
+from prebake.core.logs import add_log_flags
 from prebake.server.config import DEFAULT_DATA_DIR, DEFAULT_LISTEN, ServerConfig, load_server_config
 
 
@@ -141,6 +142,7 @@ def register(commands: CommandRegistrar) -> None:
             "allowed as is); repeatable (env PREBAKE_MODEL_SOURCE_MAP, comma-separated)"
         ),
     )
+    add_log_flags(p)
     _add_security_flags(p)
     _add_signing_flags(p)
 
@@ -274,6 +276,8 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         max_blob_bytes=args.max_blob_bytes,
         max_store_bytes=args.max_store_bytes,
         embedded_workers=args.workers,
+        log_format=args.log_format,
+        log_level=args.log_level,
         processes=args.processes,
         blob_http_listen=args.blob_http_listen,
         integrity_sweep_seconds=args.integrity_sweep_seconds,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from prebake.core.errors import InvalidArgument
+from prebake.core.logs import check_log_settings
 from prebake.core.s3_urls import S3Location, parse_s3_url
 from prebake.server.registry_url import SCHEME as DYNAMODB_SCHEME
 from prebake.server.registry_url import validate_table_prefix
@@ -88,6 +89,12 @@ class ServerConfig:
     # `prebake serve` runs this many in-process compile workers per backend whose toolchain
     # is installed here (0: none, compile on separate `prebake worker` hosts only).
     embedded_workers: int = 1
+    # Log lines on stderr: "text" (for people) or "json" (one JSON object per line, for log
+    # shippers); see `prebake.core.logs`. Every rpc logs one line (method, status code,
+    # duration, peer, request id) at info level, health checks at debug level.
+    log_format: str = "text"
+    # The least severe level logged: debug, info, warning or error.
+    log_level: str = "info"
 
     # --- Authentication, roles and TLS (prebake.server.auth) ---
     # Token file that turns authentication on (JSON lines of hashed tokens and client
@@ -262,6 +269,7 @@ def load_server_config(
             "integrity_sweep_seconds and integrity_sweep_bytes_per_second must be >= 0 (0: off / unlimited)"
         )
     check_tls(config)
+    check_log_settings(config.log_format, config.log_level)
     from prebake.server.model_sources import ModelSources
 
     ModelSources.from_config(config.model_source_roots, config.model_source_map, config.data_dir)

@@ -231,6 +231,7 @@ def job(j: Job) -> jobs_pb2.Job:
         lease_expires_at=timestamp(j.lease_expires_at),
         model_source=j.model_source,
         finished_at=timestamp(j.finished_at),
+        request_id=j.request_id,
     )
 
 

@@ -324,11 +324,12 @@ class JobLifecycle:
         model_source: str = "",
         max_attempts: int = 3,
         message: str = "waiting for a worker",
+        request_id: str = "",
     ) -> tuple[Job, bool]:
         """Return (the active job for the key, whether this call created it).
 
         Single flight is the queue's `create_if_absent`. A joiner gets the existing job
-        unchanged (its model_source and max_attempts win).
+        unchanged (its model_source, max_attempts and request_id win).
         """
         if max_attempts < 1:
             raise InvalidArgument(f"max_attempts must be at least 1, got {max_attempts}")
@@ -342,6 +343,7 @@ class JobLifecycle:
             max_attempts=max_attempts,
             message=message,
             model_source=model_source,
+            request_id=request_id,
         )
         return await self.jobs.create_if_absent(job)
 

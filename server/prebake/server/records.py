@@ -144,6 +144,9 @@ class Job:
     not_before: float = 0.0
     model_source: str = ""
     finished_at: float | None = None
+    # The `x-request-id` of the rpc (a lookup) that created the job ("" if none); workers log
+    # their lines for the job with it (see `prebake.core.request_ids`). Never changes.
+    request_id: str = ""
     # Bumped by every stored change; the job queue's compare-and-set condition, and the
     # sequence number of the job event that change appended (creation is revision 1).
     revision: int = 0
@@ -195,3 +198,7 @@ class RegistryCounts:
     artifacts: int
     pinned_artifacts: int
     jobs_by_state: dict[str, int] = field(default_factory=dict)
+    # Lookups and hits since the registry was created (`ArtifactIndex.record_lookups`), for a
+    # hit ratio that survives restarts; they may lose the last unflushed batch in a crash.
+    lifetime_lookups: int = 0
+    lifetime_hits: int = 0

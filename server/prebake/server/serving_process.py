@@ -45,7 +45,7 @@ def main() -> int:
         return 2
     from prebake.server.app import setup_process
 
-    setup_process()
+    setup_process(config_from_text(os.environ[CONFIG_ENV]))
     asyncio.run(_run(int(sys.argv[1])))
     return 0
 

@@ -22,6 +22,7 @@ from prebake.server.garbage import GarbageCollector, InUse
 from prebake.server.instance_catalog import InstanceCatalog
 from prebake.server.job_lifecycle import JobLifecycle
 from prebake.server.key_normalization import DEFAULT_TOOLCHAINS
+from prebake.server.metrics import ServerMetrics
 from prebake.server.model_catalog import ModelCatalog
 from prebake.server.model_sources import ModelSources
 from prebake.server.signatures import SignaturePolicy, signature_policy
@@ -45,25 +46,44 @@ class Counters:
 
 
 class AccessTracker:
-    """Collects artifact hits in memory and writes them to the index in batches.
+    """Collects artifact hits and lookup totals in memory and writes them to the index in batches.
 
     A hit must not cost a database write on the lookup path; losing the last few
-    seconds of access times in a crash only makes eviction slightly less precise.
+    seconds of access times (and of lifetime totals) in a crash only makes eviction
+    slightly less precise and the lifetime hit ratio slightly older.
     """
 
     def __init__(self, index: ArtifactIndex, clock: Callable[[], float] = time.time) -> None:
         self._index = index
         self._clock = clock
         self._pending: dict[str, tuple[int, float]] = {}
+        # Lookups and hits not yet added to the lifetime totals (`record_lookups`).
+        self.pending_lookups = 0
+        self.pending_hits = 0
+
+    def lookup(self) -> None:
+        """Count one lookup (a hit is counted by `hit` as well)."""
+        self.pending_lookups += 1
 
     def hit(self, artifact_id: str) -> None:
         count, _ = self._pending.get(artifact_id, (0, 0.0))
         self._pending[artifact_id] = (count + 1, self._clock())
+        self.pending_hits += 1
 
     async def flush(self) -> None:
         if self._pending:
             pending, self._pending = self._pending, {}
             await self._index.record_hits(pending)
+        if self.pending_lookups or self.pending_hits:
+            lookups, hits = self.pending_lookups, self.pending_hits
+            self.pending_lookups = self.pending_hits = 0
+            try:
+                await self._index.record_lookups(lookups, hits)
+            except BaseException:
+                # Kept for the next flush: totals are counters, a retry only delays them.
+                self.pending_lookups += lookups
+                self.pending_hits += hits
+                raise
 
 
 @dataclass
@@ -78,6 +98,8 @@ class ServerState:
     # Fired whenever a job may have become leasable (created, requeued, released).
     work: Pulse = field(default_factory=Pulse)
     counters: Counters = field(default_factory=Counters)
+    # Prometheus metrics (`prebake.server.metrics`); its storage gauges read this state.
+    metrics: ServerMetrics = field(default_factory=ServerMetrics)
     # The blob download endpoint this process serves (`prebake.server.blob_http`), if any.
     blob_http: BlobHttpServer | None = None
     tracker: AccessTracker = field(init=False)
@@ -112,6 +134,7 @@ class ServerState:
             self.config.model_source_roots, self.config.model_source_map, self.config.data_dir
         )
         self.signatures = signature_policy(self.config)
+        self.metrics.bind(self)
 
     @property
     def in_worker_grace(self) -> bool:

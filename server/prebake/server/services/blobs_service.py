@@ -90,6 +90,7 @@ class BlobsService(blobs_pb2_grpc.BlobsServicer):
                 # Disk reads go to the I/O pool: a cold read must not stall every other rpc.
                 while (chunk := await s.run_blocking(next, chunks, None)) is not None:
                     s.counters.bytes_served += len(chunk)
+                    s.metrics.blob_read_bytes.inc(len(chunk))
                     yield blobs_pb2.ReadResponse(data=chunk)
             except DataLoss as exc:  # the stored blob ended early: quarantined by the store
                 await _lost(s, digest, exc, read_at)
@@ -143,6 +144,7 @@ class BlobsService(blobs_pb2_grpc.BlobsServicer):
                     )
                 if req.data:
                     s.counters.bytes_received += len(req.data)
+                    s.metrics.blob_written_bytes.inc(len(req.data))
                     appending = asyncio.ensure_future(s.run_blocking(writer.append, req.data))
                     await asyncio.shield(appending)
                 if req.finish_write:

@@ -90,5 +90,6 @@ class JobsService(jobs_pb2_grpc.JobsServicer):
         if len(request.reason) > MAX_REASON:
             raise InvalidArgument(f"reason is {len(request.reason)} characters; at most {MAX_REASON}")
         job = await self.s.lifecycle.cancel(check_job_id(request.job_id), request.reason)
+        self.s.metrics.jobs_finished([job])
         self.s.hub.notify([job.job_id])
         return convert.job(job)

@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from prebake.core import request_ids
 from prebake.core.errors import InvalidArgument, NotFound
 from prebake.server import compat, convert, nearest
 from prebake.server.auth.request_rules import ENQUEUE_REFUSED, may_enqueue, require_replace_allowed
@@ -195,11 +196,13 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         # Policy, not input: the source a job would read (see `prebake.server.model_sources`).
         model_source, named = s.model_sources.resolve(key.model, request.model_source)
         s.counters.lookups += 1
+        s.tracker.lookup()
         refused: list[str] = []
         match = await self._match(key, request, refused)
         if match is not None:
             s.counters.hits += 1
             s.tracker.hit(match.artifact.artifact_id)
+            s.metrics.lookup("hit", match.policy)
             return registry_pb2.LookupResponse(
                 status=registry_pb2.LOOKUP_STATUS_HIT,
                 key=resolved,
@@ -222,6 +225,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         )
         if active is not None:
             response.status = registry_pb2.LOOKUP_STATUS_COMPILING
+            s.metrics.lookup("compiling", "joined")
             response.unserved_reason, active = await self._unserved(key, active)
             response.job.CopyFrom(convert.job(active))
             return response
@@ -235,22 +239,27 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
             and time.time() - last.finished_at < s.config.negative_cache_seconds
         ):
             response.status = registry_pb2.LOOKUP_STATUS_FAILED
+            s.metrics.lookup("failed", "negative_cache")
             response.job.CopyFrom(convert.job(last))
             response.error = last.error
             return response
         if request.on_miss == registry_pb2.ON_MISS_REPORT:
             response.status = registry_pb2.LOOKUP_STATUS_MISS
+            s.metrics.lookup("miss", "report_only")
             response.error = "no artifact for this key; no job was created (on_miss=REPORT)"
             return response
         if not may_enqueue(s.config.reader_may_enqueue):
             response.status = registry_pb2.LOOKUP_STATUS_MISS
+            s.metrics.lookup("miss", "enqueue_refused")
             response.error = ENQUEUE_REFUSED
             return response
         # A miss that would enqueue needs a job creation left in the caller's bucket, and
         # spends it if it created the job (a join costs nothing).
         who = caller(context)
         self.job_creations.check(who)
-        job, created = await s.lifecycle.create_or_join(key, model_source, s.config.job_max_attempts)
+        job, created = await s.lifecycle.create_or_join(
+            key, model_source, s.config.job_max_attempts, request_id=request_ids.current() or ""
+        )
         if not created:  # created concurrently by another lookup since `active` above
             self._refuse_other_source(job, model_source, named)
         if created:
@@ -258,6 +267,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
             s.hub.notify([job.job_id])
             s.work.fire()
         response.status = registry_pb2.LOOKUP_STATUS_MISS if created else registry_pb2.LOOKUP_STATUS_COMPILING
+        s.metrics.lookup(*(("miss", "enqueued") if created else ("compiling", "joined")))
         response.unserved_reason, job = await self._unserved(key, job)
         response.job.CopyFrom(convert.job(job))
         response.job_created = created

@@ -174,6 +174,7 @@ class WorkersService(workers_pb2_grpc.WorkersServicer):
             artifact, completed = await s.lifecycle.complete(
                 job_id, request.fencing_token, files, producer, signature=signature, supersede=superseded(s)
             )
+        s.metrics.jobs_finished(completed)
         s.hub.notify(j.job_id for j in completed)
         return workers_pb2.CompleteJobResponse(artifact=convert.artifact(artifact))
 
@@ -191,6 +192,7 @@ class WorkersService(workers_pb2_grpc.WorkersServicer):
         job = await self.s.lifecycle.fail_leased(
             job_id, request.fencing_token, request.error, error_class, log
         )
+        self.s.metrics.jobs_finished([job])
         self.s.hub.notify([job_id])
         if job.state == JobState.QUEUED:
             self.s.work.fire()

@@ -191,6 +191,9 @@ class ArchivedArtifactIndex:
     async def record_hits(self, hits: Mapping[str, tuple[int, float]]) -> None:
         await self.inner.record_hits(hits)
 
+    async def record_lookups(self, lookups: int, hits: int) -> None:
+        await self.inner.record_lookups(lookups, hits)
+
     async def mark_unavailable(
         self, artifact_id: str, reason: str, *, expect_manifest: str
     ) -> Artifact | None:

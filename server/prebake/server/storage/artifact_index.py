@@ -86,6 +86,13 @@ class ArtifactIndex(Protocol):
         """
         ...
 
+    async def record_lookups(self, lookups: int, hits: int) -> None:
+        """Add to the lifetime lookup and hit totals that `counts` reports.
+
+        Called with batches (never once per lookup); not conditional, like `record_hits`.
+        """
+        ...
+
     async def list_page(self, query: ArtifactQuery, page_token: str, limit: int) -> Page[Artifact]:
         """Artifacts newest first (created_at descending, then id), without files.
 
@@ -126,7 +133,8 @@ class ArtifactIndex(Protocol):
         ...
 
     async def counts(self) -> RegistryCounts:
-        """Artifact totals and jobs per state (every state present, zeros included)."""
+        """Artifact totals, jobs per state (every state present, zeros included) and the
+        lifetime lookup and hit totals."""
         ...
 
     async def artifacts_using(self, digest: Digest, limit: int) -> list[str]:

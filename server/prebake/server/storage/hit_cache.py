@@ -100,6 +100,9 @@ class CachedArtifactIndex:
     async def record_hits(self, hits: Mapping[str, tuple[int, float]]) -> None:
         await self.inner.record_hits(hits)
 
+    async def record_lookups(self, lookups: int, hits: int) -> None:
+        await self.inner.record_lookups(lookups, hits)
+
     async def list_page(self, query: ArtifactQuery, page_token: str, limit: int) -> Page[Artifact]:
         return await self.inner.list_page(query, page_token, limit)
 

@@ -74,3 +74,10 @@ class JobQueue(Protocol):
     async def expired_leases(self, now: float, limit: int) -> list[Job]:
         """Leased jobs whose lease expired at or before `now`, soonest-expired first."""
         ...
+
+    async def queued_counts(self) -> dict[tuple[str, str], int]:
+        """Queued jobs counted by (kind, compile target); only pairs with queued jobs.
+
+        Reads the queued jobs only (an index), for metrics scraped every few seconds.
+        """
+        ...

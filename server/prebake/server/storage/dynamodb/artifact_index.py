@@ -231,6 +231,18 @@ class DynamoArtifactIndex:
             ]
         )
 
+    async def record_lookups(self, lookups: int, hits: int) -> None:
+        if not lookups and not hits:
+            return
+        # One atomic ADD per batch on one item of the jobs table (created by the first ADD).
+        params = {
+            "TableName": self._engine.names.jobs,
+            "Key": items.COUNTERS_KEY,
+            "UpdateExpression": "ADD #lookups :lookups, #hits :hits",
+            "ExpressionAttributeValues": {":lookups": n(lookups), ":hits": n(hits)},
+        }
+        await self._engine.run(f"table {self._engine.names.jobs}", lambda: self._engine.update(params))
+
     async def list_page(self, query: ArtifactQuery, page_token: str, limit: int) -> Page[Artifact]:
         if limit < 1:
             raise InvalidArgument(f"limit must be positive, got {limit}")
@@ -406,6 +418,13 @@ class DynamoArtifactIndex:
             by_state = {state.value: 0 for state in JobState}
             for item in self._engine.scan(jobs):
                 by_state[items.get_s(item, "state")] += 1
-            return RegistryCounts(artifacts=total, pinned_artifacts=pinned, jobs_by_state=by_state)
+            totals = self._engine.get(self._engine.names.jobs, items.COUNTERS_KEY) or {}
+            return RegistryCounts(
+                artifacts=total,
+                pinned_artifacts=pinned,
+                jobs_by_state=by_state,
+                lifetime_lookups=items.get_int(totals, "lookups") if "lookups" in totals else 0,
+                lifetime_hits=items.get_int(totals, "hits") if "hits" in totals else 0,
+            )
 
         return await self._engine.run(f"tables {self._table} and {self._engine.names.jobs}", read)

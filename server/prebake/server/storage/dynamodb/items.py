@@ -341,6 +341,11 @@ def job_from_item(item: Item) -> Job:
     return job_from_json(get_s(item, "job"), key_from_json(get_s(item, "key")), get_int(item, "revision"))
 
 
+# The item of the jobs table that holds the lifetime lookup and hit totals (no job has
+# this pk; scans of jobs filter on sk = "job", and it carries no index attributes).
+COUNTERS_KEY: Item = {"pk": s("counters"), "sk": s("lifetime")}
+
+
 def event_item(job: Job) -> Item:
     """The event the change to `job` (as stored, revision bumped) appends."""
     return {

@@ -333,6 +333,20 @@ class DynamoJobQueue:
         found = await self._engine.run(self._where, lambda: _first(self._jobs(params), expired, limit))
         return [self.remember(job) for job in found]
 
+    async def queued_counts(self) -> dict[tuple[str, str], int]:
+        # The sparse `queued` index holds queued jobs only: a scan of it reads no other job.
+        params = {"TableName": self._table, "IndexName": "queued", "ProjectionExpression": "#key"}
+
+        def read() -> dict[tuple[str, str], int]:
+            counted: dict[tuple[str, str], int] = {}
+            for item in self._engine.scan(params):
+                key = items.key_from_json(items.get_s(item, "key"))
+                pair = (key.kind, key.compile_target)
+                counted[pair] = counted.get(pair, 0) + 1
+            return counted
+
+        return await self._engine.run(self._where, read)
+
 
 def _first(jobs: Iterator[Job], keep: Any, count: int) -> list[Job]:
     """The first `count` of `jobs` that `keep` keeps (reading no further)."""

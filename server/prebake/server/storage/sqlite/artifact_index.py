@@ -200,6 +200,18 @@ class SqliteArtifactIndex:
 
         await self._db.write(write)
 
+    async def record_lookups(self, lookups: int, hits: int) -> None:
+        if not lookups and not hits:
+            return
+
+        def write(c: sqlite3.Connection) -> None:
+            c.executemany(
+                "UPDATE registry_counts SET n = n + ? WHERE name = ?",
+                [(lookups, "lifetime_lookups"), (hits, "lifetime_hits")],
+            )
+
+        await self._db.write(write)
+
     async def list_page(self, query: ArtifactQuery, page_token: str, limit: int) -> Page[Artifact]:
         if limit < 1:
             raise InvalidArgument(f"limit must be positive, got {limit}")
@@ -326,5 +338,9 @@ class SqliteArtifactIndex:
             kept = {row["name"]: row["n"] for row in c.execute("SELECT name, n FROM registry_counts")}
         by_state = {state.value: kept.get(f"jobs:{state.value}", 0) for state in JobState}
         return RegistryCounts(
-            artifacts=kept.get("artifacts", 0), pinned_artifacts=kept.get("pinned", 0), jobs_by_state=by_state
+            artifacts=kept.get("artifacts", 0),
+            pinned_artifacts=kept.get("pinned", 0),
+            jobs_by_state=by_state,
+            lifetime_lookups=kept.get("lifetime_lookups", 0),
+            lifetime_hits=kept.get("lifetime_hits", 0),
         )

@@ -19,9 +19,9 @@ from prebake.server.storage.sqlite.connection import Database
 from prebake.server.storage.sqlite.schema import ACTIVE_STATES_SQL, KEY_COLUMNS
 
 TOKEN_TAG = "jobs"
-# Columns an event's snapshot leaves out: a job's key never changes, so they are read
-# back from `jobs`.
-_SNAPSHOT_EXCLUDES = frozenset({"key_digest", *KEY_COLUMNS})
+# Columns an event's snapshot leaves out: a job's key and request id never change, so
+# they are read back from `jobs`.
+_SNAPSHOT_EXCLUDES = frozenset({"key_digest", "request_id", *KEY_COLUMNS})
 
 
 def _append_event(c: sqlite3.Connection, row: dict[str, Any]) -> None:
@@ -187,3 +187,11 @@ class SqliteJobQueue:
             "ORDER BY lease_expires_at, job_id LIMIT ?",
             (now, limit),
         )
+
+    async def queued_counts(self) -> dict[tuple[str, str], int]:
+        with self._db.read() as c:
+            found = c.execute(
+                "SELECT kind, compile_target, COUNT(*) AS n FROM jobs WHERE state = 'queued' "
+                "GROUP BY kind, compile_target"
+            ).fetchall()
+        return {(row["kind"], row["compile_target"]): row["n"] for row in found}

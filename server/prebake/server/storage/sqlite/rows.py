@@ -155,6 +155,7 @@ def job_row(job: Job) -> Row:
         **key_row(job.key),
         **mutable_job_columns(job),
         "created_at": job.created_at,
+        "request_id": job.request_id,
         "revision": job.revision,
     }
 
@@ -203,6 +204,7 @@ def job_from_row(row: Mapping[str, Any]) -> Job:
         not_before=row["not_before"],
         model_source=row["model_source"],
         finished_at=row["finished_at"],
+        request_id=row["request_id"],
         revision=row["revision"],
     )
 

@@ -223,12 +223,25 @@ END;
 """
 
 
+# Lifetime totals (`ArtifactIndex.record_lookups`, batched like hit counts) beside the
+# trigger-kept counts, and the x-request-id of the lookup that created each job.
+_LOOKUP_TOTALS_AND_REQUEST_IDS_SQL = """
+INSERT INTO registry_counts (name, n) VALUES ('lifetime_lookups', 0), ('lifetime_hits', 0);
+ALTER TABLE jobs ADD COLUMN request_id TEXT NOT NULL DEFAULT '';
+"""
+
+
 MIGRATIONS: list[Migration] = [
     (1, "artifacts, artifact files, jobs, job events", _initial_schema),
     (2, "job revisions for compare-and-set; worker directory", _JOB_REVISIONS_AND_WORKERS_SQL),
     (3, "artifact signatures", _ARTIFACT_SIGNATURES_SQL),
     (4, "artifacts marked unavailable by the integrity sweep", _ARTIFACT_UNAVAILABLE_SQL),
     (5, "registry counts kept by triggers", _REGISTRY_COUNTS_SQL),
+    (
+        6,
+        "lifetime lookup and hit totals; the request id that created a job",
+        _LOOKUP_TOTALS_AND_REQUEST_IDS_SQL,
+    ),
 ]
 
 _BOOTSTRAP_SQL = """
