@@ -25,12 +25,15 @@ from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # re-exported at run time
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from prebake.core.errors import PrebakeError
 from prebake.server import integrity
 from prebake.server.auth.server_security import ServerSecurity
 from prebake.server.backends import describe, keeps_local_state, open_backends
 from prebake.server.config import ServerConfig
 from prebake.server.data_dir_lock import DataDirLock
 from prebake.server.exclusive_bind import NO_PORT_SHARING, bind_exclusively
+from prebake.server.hit_history import HitHistory
+from prebake.server.http_endpoint import MetricsEndpoint, check_metrics_listen
 from prebake.server.instance_catalog import InstanceCatalog
 from prebake.server.request_limits import REQUEST_LIMIT, add_service
 from prebake.server.services.admin_service import AdminService
@@ -116,6 +119,13 @@ class RunningServer:
         self.local_target = address
         self.embedded_token: str | None = None
         self.security: ServerSecurity | None = None
+        # The metrics port (metrics_listen), serving from its own thread; None when off.
+        self.metrics: MetricsEndpoint | None = None
+
+    @property
+    def metrics_address(self) -> str:
+        """The bound HOST:PORT of the metrics port and status page ("" when off)."""
+        return self.metrics.address if self.metrics is not None else ""
 
     async def _flush_periodically(self) -> None:
         while True:
@@ -163,10 +173,16 @@ class RunningServer:
             self._tasks.append(loop.create_task(integrity.sweep_periodically(self.state)))
         if self.state.config.gc_interval_seconds > 0:
             self._tasks.append(loop.create_task(self._collect_garbage_periodically()))
+        if self.metrics is not None:
+            history = self.metrics.history.run(self.state.counters, self.state.config.status_sample_seconds)
+            self._tasks.append(loop.create_task(history))
 
     async def stop(self, grace: float | None = None) -> None:
         for task in self._tasks:
             task.cancel()
+        if self.metrics is not None:
+            # First: its requests read the state that is closed below.
+            await asyncio.to_thread(self.metrics.stop)
         # Load balancers and health probes see NOT_SERVING while in-flight rpcs finish.
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.state.config.shutdown_grace_seconds if grace is None else grace)
@@ -206,6 +222,7 @@ async def _start_locked(config: ServerConfig) -> RunningServer:
     # Before anything is opened: a bad token or certificate file, or an anonymous
     # non-loopback address, is refused at once.
     security = ServerSecurity.from_config(config)
+    check_metrics_listen(config, security.authenticator is not None)
     state = open_state(config)
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=security.interceptors())
     # Registered from the descriptors with per-method request limits (request_limits).
@@ -232,12 +249,17 @@ async def _start_locked(config: ServerConfig) -> RunningServer:
         foreign=True,
     )
     host, _, _ = config.listen.rpartition(":")
+    metrics: MetricsEndpoint | None = None
     try:
         port = bind_exclusively(server, config.listen, security.credentials)
         local_target = f"{host}:{port}"
         if config.embedded_workers > 0:
             local_target = security.add_local_port(server, local_target)
-    except (OSError, RuntimeError):
+        if config.metrics_listen:
+            metrics = MetricsEndpoint.bind(
+                config, state, HitHistory(), asyncio.get_running_loop(), security.authenticator
+            )
+    except (OSError, RuntimeError, PrebakeError):
         state.storage.close()
         security.close()
         raise
@@ -247,6 +269,9 @@ async def _start_locked(config: ServerConfig) -> RunningServer:
     running = RunningServer(server, state, f"{host}:{port}", health_servicer)
     running.security = security
     running.local_target = local_target
+    running.metrics = metrics
+    if metrics is not None:
+        metrics.start()
     if config.embedded_workers > 0:
         running.embedded_token = security.mint_embedded_token()
     running.start_background_tasks()
@@ -256,6 +281,9 @@ async def _start_locked(config: ServerConfig) -> RunningServer:
 async def _serve(config: ServerConfig) -> None:
     running = await start(config)
     print(f"prebake serving on {running.address} ({describe(config)})", file=sys.stderr, flush=True)
+    if running.metrics is not None:
+        where = f"{running.metrics.scheme}://{running.metrics_address}"
+        print(f"prebake status page on {where}/, metrics on {where}/metrics", file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -303,6 +331,8 @@ class BackgroundServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.address = ""
+        # The metrics port and status page's HOST:PORT after `start()` ("" when off).
+        self.metrics_address = ""
         self.running: RunningServer | None = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="prebake-server", daemon=True)
@@ -311,6 +341,7 @@ class BackgroundServer:
         self._thread.start()
         self.running = asyncio.run_coroutine_threadsafe(start(self.config), self._loop).result()
         self.address = self.running.address
+        self.metrics_address = self.running.metrics_address
         return self
 
     def call(self, fn: object, *args: object) -> object:

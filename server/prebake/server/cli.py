@@ -52,6 +52,7 @@ def register(commands: CommandRegistrar) -> None:
         PREBAKE_DATA_DIR=/srv/prebake prebake serve --config prebake.toml
         prebake serve --store s3://my-bucket/prebake --registry dynamodb://prebake-prod --create-tables
         prebake serve --listen 0.0.0.0:50051 --auth-file /etc/prebake/tokens --tls-cert s.pem --tls-key s.key
+        prebake serve --metrics-listen 127.0.0.1:9100   # http://127.0.0.1:9100/ status, /metrics
         """,
         connects=False,
     )
@@ -122,6 +123,14 @@ def register(commands: CommandRegistrar) -> None:
         help=(
             "the source of MODEL's jobs when a lookup names none (a directory or s3:// prefix, "
             "allowed as is); repeatable (env PREBAKE_MODEL_SOURCE_MAP, comma-separated)"
+        ),
+    )
+    p.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help=(
+            "serve Prometheus metrics (/metrics) and a status page (/) over HTTP here; port 0 = a "
+            "free port (default: off; env PREBAKE_METRICS_LISTEN). Non-loopback needs --auth-file"
         ),
     )
     _add_security_flags(p)
@@ -255,6 +264,7 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         registry=args.registry,
         max_blob_bytes=args.max_blob_bytes,
         max_store_bytes=args.max_store_bytes,
+        metrics_listen=args.metrics_listen,
         embedded_workers=args.workers,
         integrity_sweep_seconds=args.integrity_sweep_seconds,
         integrity_sweep_bytes_per_second=args.integrity_sweep_rate,
