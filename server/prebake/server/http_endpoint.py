@@ -123,6 +123,10 @@ class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     endpoint: MetricsEndpoint
 
+    def handle_error(self, request: object, client_address: object) -> None:
+        # A connection that broke off or failed its TLS handshake; nothing was answered.
+        log.debug("metrics port connection from %s failed", client_address, exc_info=True)
+
     def server_bind(self) -> None:
         # HTTPServer's own server_bind asks DNS for the host's full name; nothing here needs it.
         socketserver.TCPServer.server_bind(self)

@@ -207,14 +207,17 @@ def _capabilities(worker: WorkerRecord) -> str:
     )
 
 
-def _workers_section(workers: Sequence[WorkerRecord], now: float) -> str:
-    rows = (
+def _worker_row(w: WorkerRecord, now: float) -> str:
+    liveness = "live" if w.live(now) else "expired"
+    return (
         f'<tr class="worker" data-worker-id="{_e(w.worker_id)}"><td>{_e(w.worker_id)}</td>'
         f'<td class="liveness {liveness}">{liveness}</td><td>{_capabilities(w)}</td>'
         f"<td>{_when(w.last_seen, now)}</td><td>{_when(w.expires_at, now)}</td></tr>"
-        for w in workers
-        for liveness in ("live" if w.live(now) else "expired",)
     )
+
+
+def _workers_section(workers: Sequence[WorkerRecord], now: float) -> str:
+    rows = (_worker_row(w, now) for w in workers)
     return '<h2 id="workers">Workers</h2>' + _table(
         ["worker", "liveness", "capabilities", "last heard", "live until"], rows, "workers", "no workers yet"
     )
