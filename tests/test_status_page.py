@@ -31,9 +31,9 @@ from typing import Any
 import pytest
 
 from prebake.client import ArtifactKey, Client
-from prebake.client.progress import human_bytes
 from prebake.core.digests import hash_bytes
 from prebake.core.errors import FailedPrecondition
+from prebake.core.units import human_bytes
 from prebake.server.app import BackgroundServer, background_server
 from prebake.server.config import ServerConfig, load_server_config
 from prebake.server.hit_history import HitHistory, Sample
@@ -357,7 +357,8 @@ def compiling_server(tmp_path: Path, model_source_roots: str) -> Iterator[Backgr
         metrics_listen="127.0.0.1:0",
         model_source_roots=model_source_roots,
         max_store_bytes=QUOTA,
-        status_sample_seconds=0.2,
+        # 360 samples: a history of 6 min, longer than any compile here, so the miss stays in it.
+        status_sample_seconds=1.0,
     ) as srv:
         assert srv.running is not None
         stop = threading.Event()

@@ -14,8 +14,8 @@ import html
 import urllib.parse
 from collections.abc import Iterable, Sequence
 
-from prebake.client.progress import human_bytes
 from prebake.core import names
+from prebake.core.units import human_bytes
 from prebake.server.hit_history import Interval
 from prebake.server.records import Artifact, Job, JobEvent, JobState, NormalizedKey, WorkerRecord
 from prebake.server.status_data import JobDetail, Overview, OverviewQuery
