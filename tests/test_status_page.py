@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import html
 import html.parser
 import logging
 import os
@@ -34,13 +35,14 @@ from prebake.client import ArtifactKey, Client
 from prebake.core.digests import hash_bytes
 from prebake.core.errors import FailedPrecondition
 from prebake.core.units import human_bytes
+from prebake.server import status_data
 from prebake.server.app import BackgroundServer, background_server
 from prebake.server.config import ServerConfig, load_server_config
 from prebake.server.hit_history import HitHistory, Sample
 from prebake.server.status_data import JOB_PAGE
 from prebake.v1 import blobs_pb2, registry_pb2
 from tests.auth_fixtures import make_token_file
-from tests.conftest import INDUCTOR, INDUCTOR_KEY
+from tests.conftest import INDUCTOR, INDUCTOR_KEY, make_artifact_dir
 from tests.plugin_cli import PrebakeCli
 from tests.processes import ServerProcess, wait_until
 
@@ -119,6 +121,12 @@ class Parsed(html.parser.HTMLParser):
         return "".join(self.chunks)
 
 
+def next_link(page: str, link_id: str) -> str:
+    """The href of the link with id `link_id` ("" if the page has none)."""
+    found = re.search(f'<a id="{link_id}" href="([^"]*)"', page)
+    return html.unescape(found.group(1)) if found else ""
+
+
 def parse(page: str) -> Parsed:
     parsed = Parsed()
     parsed.feed(page)
@@ -177,12 +185,44 @@ def test_jobs_page_through_keyset_tokens_and_a_token_of_one_list_is_refused_by_a
     first = get(status_server.metrics_address, "/")
     shown = [v for k, v in parse(first.body).attributes if k == "data-job-id"]
     assert shown == job_ids[::-1][:JOB_PAGE]  # newest first
-    older = next(v for k, v in parse(first.body).attributes if k == "href" and v and "jobs_page=" in v)
+    older = next_link(first.body, "jobs-next")
+    assert older, "more jobs than a page: a link to older ones"
     second = get(status_server.metrics_address, older)
     assert [v for k, v in parse(second.body).attributes if k == "data-job-id"] == job_ids[::-1][JOB_PAGE:]
     token = urllib.parse.parse_qs(urllib.parse.urlsplit(older).query)["jobs_page"][0]
     reply = get(status_server.metrics_address, f"/?artifacts_page={token}")
     assert reply.status == 400 and "not a token this server issued" in reply.body
+
+
+def test_artifacts_filtered_by_instance_type_page_through_every_match_once(
+    status_server: BackgroundServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    page_size = 5  # small pages, so that a few artifacts make several
+    monkeypatch.setattr(status_data, "ARTIFACT_PAGE", page_size)
+    # More matches than a page holds, interleaved with artifacts the filter skips.
+    files = make_artifact_dir(tmp_path / "files", {"model.pt2": 64})
+    wanted: set[str] = set()
+    with Client(status_server.address) as client:
+        for i in range(page_size + 3):
+            for instance in ("ml.c6a.4xlarge", "ml.c7i.4xlarge"):
+                key = dataclasses.replace(INDUCTOR_KEY, instance_type=instance, sequence_length=8 * (i + 1))
+                published = client.publish(files, key)
+                if instance == "ml.c6a.4xlarge":
+                    wanted.add(published.artifact.artifact_id)
+    seen: list[str] = []
+    path = "/?" + urllib.parse.urlencode({"kind": "inductor", "instance_type": "ML.C6A.4xlarge"})
+    pages = 0
+    while path:
+        reply = get(status_server.metrics_address, path)
+        assert reply.status == 200, reply
+        attributes = parse(reply.body).attributes
+        seen += [v for k, v in attributes if k == "data-artifact-id" and v]
+        path = next_link(reply.body, "artifacts-next")
+        pages += 1
+    assert pages >= 2 and sorted(seen) == sorted(wanted) and len(seen) == len(wanted)
+    by_target = parse(get(status_server.metrics_address, "/?instance_type=cpu-avx512").body).attributes
+    shown = {v for k, v in by_target if k == "data-artifact-id"}
+    assert len(shown) >= page_size and not shown & wanted
 
 
 HOSTILE_WORKER = '<img src=x onerror="alert(1)">'
