@@ -286,3 +286,25 @@ def test_serve_with_mutual_tls_and_auth_runs_its_embedded_workers(
             )
     finally:
         assert server.stop() == 0, server.log()
+
+
+def test_the_metrics_port_serves_https_with_the_same_certificates(
+    certs: Certificates, tmp_path: Path
+) -> None:
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    with background_server(
+        tmp_path / "data", metrics_listen="127.0.0.1:0", **tls_settings(certs, mutual=True)
+    ) as srv:
+        url = f"https://{srv.metrics_address}/metrics"
+        trusted = ssl.create_default_context(cafile=str(certs.ca))
+        trusted.load_cert_chain(str(certs.client.cert), str(certs.client.key))
+        with urllib.request.urlopen(url, context=trusted, timeout=10) as response:
+            assert response.status == 200
+        without_certificate = ssl.create_default_context(cafile=str(certs.ca))
+        with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
+            urllib.request.urlopen(url, context=without_certificate, timeout=10).read()
+        with pytest.raises((urllib.error.URLError, ConnectionError)):
+            urllib.request.urlopen(f"http://{srv.metrics_address}/metrics", timeout=10).read()

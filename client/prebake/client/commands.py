@@ -42,11 +42,11 @@ from prebake.client.progress import (
     PrewarmDisplay,
     TransferProgress,
     VerifyProgress,
-    human_bytes,
     is_interactive,
 )
 from prebake.core.command_plugins import CommandFailed
 from prebake.core.signing import SigningKey, SigningUnavailable, TrustSet
+from prebake.core.units import human_bytes
 from prebake.v1 import admin_pb2, jobs_pb2, registry_pb2
 
 # Public key files whose signatures fetch/ensure accept, when no --trust is given.

@@ -15,22 +15,11 @@ import time
 from typing import TYPE_CHECKING, TextIO
 
 from prebake.core.names import TERMINAL_JOB_STATES, job_state_name
+from prebake.core.units import human_bytes
 from prebake.v1 import jobs_pb2
 
 if TYPE_CHECKING:
     from prebake.client.prewarm import PrewarmProgress
-
-_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
-
-
-def human_bytes(n: float) -> str:
-    """1536 -> "1.5 KiB"."""
-    value = float(n)
-    for unit in _UNITS:
-        if abs(value) < 1024 or unit == _UNITS[-1]:
-            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def human_seconds(seconds: float) -> str:

@@ -16,8 +16,9 @@ from google.protobuf import timestamp_pb2
 from prebake.client.artifact_key import ArtifactKey
 from prebake.client.fetch import FetchResult
 from prebake.client.prewarm import PrewarmRow
-from prebake.client.progress import human_bytes, human_seconds
+from prebake.client.progress import human_seconds
 from prebake.core.names import error_class_name, job_state_name, kind_name, lookup_status_name
+from prebake.core.units import human_bytes
 from prebake.v1 import admin_pb2, blobs_pb2, jobs_pb2, key_pb2, registry_pb2, workers_pb2
 
 # JSON --------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # re-exported at run time
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from prebake.core.errors import FailedPrecondition
+from prebake.core.errors import FailedPrecondition, PrebakeError
 from prebake.core.logs import setup_logging
 from prebake.server import integrity, metrics
 from prebake.server.auth.server_security import ServerSecurity
@@ -45,6 +45,8 @@ from prebake.server.exclusive_bind import (
     bind_exclusively,
     bind_shared,
 )
+from prebake.server.hit_history import HitHistory
+from prebake.server.http_endpoint import MetricsEndpoint, check_metrics_listen
 from prebake.server.instance_catalog import InstanceCatalog
 from prebake.server.request_limits import REQUEST_LIMIT, add_service
 from prebake.server.rpc_observer import RpcObserver
@@ -167,6 +169,13 @@ class RunningServer:
         self.local_target = address
         self.embedded_token: str | None = None
         self.security: ServerSecurity | None = None
+        # The metrics port (metrics_listen), serving from its own thread; None when off.
+        self.metrics: MetricsEndpoint | None = None
+
+    @property
+    def metrics_address(self) -> str:
+        """The bound HOST:PORT of the metrics port and status page ("" when off)."""
+        return self.metrics.address if self.metrics is not None else ""
 
     async def _flush_periodically(self) -> None:
         while True:
@@ -219,10 +228,16 @@ class RunningServer:
             self._tasks.append(loop.create_task(integrity.sweep_periodically(self.state)))
         if self.state.config.gc_interval_seconds > 0:
             self._tasks.append(loop.create_task(self._collect_garbage_periodically()))
+        if self.metrics is not None:
+            history = self.metrics.history.run(self.state.counters, self.state.config.status_sample_seconds)
+            self._tasks.append(loop.create_task(history))
 
     async def stop(self, grace: float | None = None) -> None:
         for task in self._tasks:
             task.cancel()
+        if self.metrics is not None:
+            # First: its requests read the state that is closed below.
+            await asyncio.to_thread(self.metrics.stop)
         # Load balancers and health probes see NOT_SERVING while in-flight rpcs finish.
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.state.config.shutdown_grace_seconds if grace is None else grace)
@@ -270,6 +285,7 @@ async def _start_locked(config: ServerConfig, primary: bool = True) -> RunningSe
     # Before anything is opened: a bad token or certificate file, or an anonymous
     # non-loopback address, is refused at once.
     security = ServerSecurity.from_config(config)
+    check_metrics_listen(config, security.authenticator is not None)
     state = open_state(config, primary)
     shared = config.processes > 1 or not primary
     options = (
@@ -303,6 +319,7 @@ async def _start_locked(config: ServerConfig, primary: bool = True) -> RunningSe
         foreign=True,
     )
     host, _, _ = config.listen.rpartition(":")
+    endpoint: MetricsEndpoint | None = None
     try:
         # A serving process joins the port its primary bound (and checked) already.
         bind = bind_shared if primary and shared else bind_exclusively
@@ -310,7 +327,11 @@ async def _start_locked(config: ServerConfig, primary: bool = True) -> RunningSe
         local_target = f"{host}:{port}"
         if config.embedded_workers > 0:
             local_target = security.add_local_port(server, local_target, private=shared)
-    except (OSError, RuntimeError):
+        if config.metrics_listen and primary:
+            endpoint = MetricsEndpoint.bind(
+                config, state, HitHistory(), asyncio.get_running_loop(), security.authenticator
+            )
+    except (OSError, RuntimeError, PrebakeError):
         if state.blob_http is not None:
             state.blob_http.stop()
         state.storage.close()
@@ -322,6 +343,9 @@ async def _start_locked(config: ServerConfig, primary: bool = True) -> RunningSe
     running = RunningServer(server, state, f"{host}:{port}", health_servicer)
     running.security = security
     running.local_target = local_target
+    running.metrics = endpoint
+    if endpoint is not None:
+        endpoint.start()
     if config.embedded_workers > 0:
         running.embedded_token = security.mint_embedded_token()
     running.start_background_tasks(primary)
@@ -333,6 +357,9 @@ async def _serve(config: ServerConfig) -> None:
     log.info("prebake serving on %s (%s)", running.address, describe(config))
     if running.state.blob_http is not None:
         log.info("prebake serving blob downloads on http://%s", running.state.blob_http.address)
+    if running.metrics is not None:
+        where = f"{running.metrics.scheme}://{running.metrics_address}"
+        log.info("prebake status page on %s/, metrics on %s/metrics", where, where)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -421,6 +448,8 @@ class BackgroundServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.address = ""
+        # The metrics port and status page's HOST:PORT after `start()` ("" when off).
+        self.metrics_address = ""
         self.running: RunningServer | None = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="prebake-server", daemon=True)
@@ -429,6 +458,7 @@ class BackgroundServer:
         self._thread.start()
         self.running = asyncio.run_coroutine_threadsafe(start(self.config), self._loop).result()
         self.address = self.running.address
+        self.metrics_address = self.running.metrics_address
         return self
 
     def call(self, fn: object, *args: object) -> object:

@@ -53,6 +53,7 @@ def register(commands: CommandRegistrar) -> None:
         PREBAKE_DATA_DIR=/srv/prebake prebake serve --config prebake.toml
         prebake serve --store s3://my-bucket/prebake --registry dynamodb://prebake-prod --create-tables
         prebake serve --listen 0.0.0.0:50051 --auth-file /etc/prebake/tokens --tls-cert s.pem --tls-key s.key
+        prebake serve --metrics-listen 127.0.0.1:9100   # http://127.0.0.1:9100/ status, /metrics
         """,
         connects=False,
     )
@@ -143,6 +144,14 @@ def register(commands: CommandRegistrar) -> None:
         ),
     )
     add_log_flags(p)
+    p.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help=(
+            "serve Prometheus metrics (/metrics) and a status page (/) over HTTP here; port 0 = a "
+            "free port (default: off; env PREBAKE_METRICS_LISTEN). Non-loopback needs --auth-file"
+        ),
+    )
     _add_security_flags(p)
     _add_signing_flags(p)
 
@@ -275,6 +284,7 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         registry=args.registry,
         max_blob_bytes=args.max_blob_bytes,
         max_store_bytes=args.max_store_bytes,
+        metrics_listen=args.metrics_listen,
         embedded_workers=args.workers,
         log_format=args.log_format,
         log_level=args.log_level,

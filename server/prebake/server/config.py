@@ -96,6 +96,18 @@ class ServerConfig:
     # The least severe level logged: debug, info, warning or error.
     log_level: str = "info"
 
+    # --- Metrics and status page (prebake.server.http_endpoint) ---
+    # HOST:PORT of an HTTP listener serving Prometheus metrics (/metrics) and a status page
+    # (/: artifacts, jobs with their logs, workers, hit ratio, store usage); "" = off, port 0
+    # picks a free port. It shows artifact names and job logs, so the gRPC rule applies: a
+    # non-loopback address needs auth_file (then a token with the reader role, sent as
+    # "Authorization: Bearer TOKEN" or as the password of HTTP basic authentication) or
+    # insecure_allow_anonymous. With tls_cert/tls_key it serves HTTPS.
+    metrics_listen: str = ""
+    # How often the status page samples the lookup and hit counters for its hit-ratio
+    # history (the last 360 samples are kept in memory).
+    status_sample_seconds: float = 10.0
+
     # --- Authentication, roles and TLS (prebake.server.auth) ---
     # Token file that turns authentication on (JSON lines of hashed tokens and client
     # certificate subjects with their roles; `prebake token add` writes it): every rpc but
@@ -270,6 +282,7 @@ def load_server_config(
         )
     check_tls(config)
     check_log_settings(config.log_format, config.log_level)
+    check_metrics(config)
     from prebake.server.model_sources import ModelSources
 
     ModelSources.from_config(config.model_source_roots, config.model_source_map, config.data_dir)
@@ -292,6 +305,19 @@ def check_tls(config: ServerConfig) -> None:
         raise ValueError("tls_cert and tls_key go together: give both (PEM files) or neither")
     if config.tls_client_ca and not config.tls_cert:
         raise ValueError("tls_client_ca (mutual TLS) needs TLS: give tls_cert and tls_key too")
+
+
+def check_metrics(config: ServerConfig) -> None:
+    """ValueError unless metrics_listen is "" or HOST:PORT and the sampling interval is positive."""
+    if config.metrics_listen:
+        host, sep, port = config.metrics_listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(
+                f"metrics_listen {config.metrics_listen!r}: expected HOST:PORT (e.g. 127.0.0.1:9100; "
+                "port 0 picks a free one), or empty for no metrics listener"
+            )
+    if not 0 < config.status_sample_seconds < float("inf"):
+        raise ValueError(f"status_sample_seconds is {config.status_sample_seconds}; expected a number > 0")
 
 
 def check_gc_settings(config: ServerConfig) -> None:
