@@ -1,22 +1,21 @@
 """Prometheus metrics after a scripted session on a real server with a real compile.
 
-The server runs in-process (`BackgroundServer`); a `prebake worker` subprocess compiles a
-tiny Llama with the inductor backend. The exposition is read through the server's own loop
-(`prebake.server.metrics.scrape`) and parsed with prometheus_client's parser.
+The server runs in-process (`BackgroundServer`) with its metrics port on; a `prebake worker`
+subprocess compiles a tiny Llama with the inductor backend. `/metrics` is scraped over HTTP, as
+Prometheus does, and parsed with prometheus_client's parser.
 """
 
 from __future__ import annotations
 
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, cast
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from prebake.client import Client
-from prebake.server import metrics
 from prebake.server.app import BackgroundServer, background_server
 from prebake.v1 import jobs_pb2, registry_pb2
 from tests.conftest import make_artifact_dir
@@ -29,8 +28,9 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 def scrape(server: BackgroundServer) -> Samples:
-    state = cast(Any, server.running).state
-    body, content_type = cast(tuple[bytes, str], server.call(metrics.scrape, state))
+    assert server.metrics_address, "the server's metrics port is off"
+    with urllib.request.urlopen(f"http://{server.metrics_address}/metrics", timeout=30) as response:
+        body, content_type = response.read(), response.headers["Content-Type"]
     assert content_type.startswith("text/plain")
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
@@ -52,7 +52,9 @@ def total(samples: Samples, name: str, **labels: str) -> float:
 
 @pytest.fixture
 def server(tmp_path: Path, model_source_roots: str) -> Iterator[BackgroundServer]:
-    with background_server(tmp_path / "data", model_source_roots=model_source_roots) as srv:
+    with background_server(
+        tmp_path / "data", model_source_roots=model_source_roots, metrics_listen="127.0.0.1:0"
+    ) as srv:
         yield srv
 
 
@@ -153,7 +155,10 @@ def test_a_scripted_session_shows_in_the_metrics(
 
 def test_lifetime_totals_survive_a_restart_and_counters_since_start_up_do_not(tmp_path: Path) -> None:
     files = make_artifact_dir(tmp_path / "art", {"a.bin": 100})
-    with background_server(tmp_path / "data") as srv, Client(srv.address) as client:
+    with (
+        background_server(tmp_path / "data", metrics_listen="127.0.0.1:0") as srv,
+        Client(srv.address) as client,
+    ):
         client.publish(files, KEY)
         for _ in range(3):
             assert client.lookup(KEY).status == registry_pb2.LOOKUP_STATUS_HIT
@@ -161,7 +166,10 @@ def test_lifetime_totals_survive_a_restart_and_counters_since_start_up_do_not(tm
             client.lookup(replace(KEY, batch_size=2), on_miss="report").status
             == registry_pb2.LOOKUP_STATUS_MISS
         )
-    with background_server(tmp_path / "data") as srv, Client(srv.address) as client:
+    with (
+        background_server(tmp_path / "data", metrics_listen="127.0.0.1:0") as srv,
+        Client(srv.address) as client,
+    ):
         assert client.lookup(KEY).status == registry_pb2.LOOKUP_STATUS_HIT
         samples = scrape(srv)
         assert value(samples, "prebake_lifetime_lookups_total") == 5

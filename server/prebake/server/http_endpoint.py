@@ -313,11 +313,8 @@ class MetricsEndpoint:
             overview = self._on_loop(lambda: status_data.overview(s, self.history, wanted))
             return Response(HTTPStatus.OK, status_page.render_overview(overview).encode())
         if path == "/metrics":
-
-            async def expose() -> tuple[bytes, str]:
-                return metrics.exposition(s)
-
-            body, content_type = self._on_loop(expose)
+            # scrape: the storage gauges read now, not as of the last periodic refresh.
+            body, content_type = self._on_loop(lambda: metrics.scrape(s))
             return Response(HTTPStatus.OK, body, content_type)
         if path.startswith("/jobs/"):
             job_id = status_data.parse_job_id(urllib.parse.unquote(path.removeprefix("/jobs/")))
