@@ -14,20 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from prebake.client import ArtifactKey, Client
+from prebake.client import Client
 from prebake.server.app import background_server
 from prebake.server.blobs.blob_urls import SECRET_FILE
 from prebake.server.config import load_server_config
+from tests.conftest import LLAMA3_8B_INF2
 
-KEY = ArtifactKey(
-    kind="neuron",
-    model="meta-llama/Meta-Llama-3-8B",
-    instance_type="ml.inf2.48xlarge",
-    sequence_length=8192,
-    batch_size=8,
-    tensor_parallel_degree=24,
-    precision="bf16",
-)
+KEY = LLAMA3_8B_INF2
 
 
 def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes, dict[str, str]]:

@@ -15,21 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from prebake.client import ArtifactKey, Client
+from prebake.client import Client
 from tests.auth_fixtures import make_token_file
+from tests.conftest import LLAMA3_8B_INF2
 from tests.processes import PREBAKE, ServerProcess, alive, children_of, free_port, wait_until
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEPORT groups and /proc are Linux's")
 
-KEY = ArtifactKey(
-    kind="neuron",
-    model="meta-llama/Meta-Llama-3-8B",
-    instance_type="ml.inf2.48xlarge",
-    sequence_length=8192,
-    batch_size=8,
-    tensor_parallel_degree=24,
-    precision="bf16",
-)
+KEY = LLAMA3_8B_INF2
 ESTABLISHED = "01"
 
 
