@@ -219,7 +219,13 @@ def main() -> int:
             "fetch-memory",
         )
         if wanted(*transfer_names):
-            transfers = Transfers(small_server, small_client, work / "transfers", args.blob_mib << 20)
+            # Its own server, with blob downloads over HTTP (`--blob-http-listen`), as a
+            # deployment that wants fast fetches from local disk runs it.
+            transfer_server = stack.enter_context(
+                common.server_process(work / "transfer-data", args=["--blob-http-listen", "127.0.0.1:0"])
+            )
+            transfer_client = stack.enter_context(Client(transfer_server.address, timeout=120))
+            transfers = Transfers(transfer_server, transfer_client, work / "transfers", args.blob_mib << 20)
             try:
                 step(("ttfb", "resume"), lambda: transfers.ttfb(r))
                 step(("publish-cp", "publish-bare", "publish-reads"), lambda: transfers.publish(min(3, r)))

@@ -266,11 +266,14 @@ class SqliteArtifactIndex:
         wanted = rows.key_row(key)
         columns = [_KEY_COLUMN.get(name, name) for name in near.DISTANCE_FIELDS]
         distance = " + ".join(f"({column} IS NOT ?)" for column in columns)
+        # The newest rows through the (kind, model, created_at DESC, artifact_id) index, only
+        # the columns the distance needs; whole rows only for the winners.
         sql = (
-            f"SELECT *, {distance} AS distance FROM ("
-            "SELECT * FROM artifacts WHERE kind = ? AND model = ? "
-            "ORDER BY created_at DESC, artifact_id LIMIT ?"
-            ") WHERE artifact_id != ? ORDER BY distance, created_at DESC, artifact_id LIMIT ?"
+            "SELECT artifacts.* FROM ("
+            f"SELECT artifact_id AS id, created_at AS at, {distance} AS distance FROM artifacts "
+            "WHERE kind = ? AND model = ? ORDER BY created_at DESC, artifact_id LIMIT ?"
+            ") AS near JOIN artifacts ON artifacts.artifact_id = near.id "
+            "WHERE near.id != ? ORDER BY near.distance, near.at DESC, near.id LIMIT ?"
         )
         params = (*(wanted[c] for c in columns), key.kind, key.model, near.SCAN_LIMIT, key.digest, limit)
 
