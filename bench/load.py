@@ -23,6 +23,9 @@ import grpc
 
 # Send limit of load channels: the "1M-entry" lookup is about 13 MB (refused by the server).
 _OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+# Connections per load process of a throughput window, each its own (no shared subchannel).
+RATE_CHANNELS = 4
+_SPREAD_OPTIONS = [*_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
 
 
 def fresh_misses(start: int) -> Callable[[int], bytes]:
@@ -47,11 +50,15 @@ def fresh_misses(start: int) -> Callable[[int], bytes]:
 
 async def _rate(address: str, method: str, body: bytes, concurrency: int, seconds: float) -> dict[str, Any]:
     codes: Counter[str] = Counter()
-    async with grpc.aio.insecure_channel(address, options=_OPTIONS) as channel:
-        call = channel.unary_unary(method, None, None)
+    # Several connections, as many deployers make: the kernel spreads connections (not rpcs)
+    # over a server's processes (`serve --processes N`).
+    channels = [grpc.aio.insecure_channel(address, options=_SPREAD_OPTIONS) for _ in range(RATE_CHANNELS)]
+    try:
+        calls = [channel.unary_unary(method, None, None) for channel in channels]
         deadline = time.perf_counter() + seconds
 
-        async def one() -> None:
+        async def one(i: int) -> None:
+            call = calls[i % len(calls)]
             while time.perf_counter() < deadline:
                 try:
                     await call(body, timeout=30)
@@ -60,8 +67,11 @@ async def _rate(address: str, method: str, body: bytes, concurrency: int, second
                     codes[exc.code().name] += 1
 
         started = time.perf_counter()
-        await asyncio.gather(*(one() for _ in range(concurrency)))
+        await asyncio.gather(*(one(i) for i in range(concurrency)))
         return {"codes": dict(codes), "seconds": time.perf_counter() - started}
+    finally:
+        for channel in channels:
+            await channel.close(None)
 
 
 async def _loop(

@@ -23,6 +23,8 @@ from prebake.v1 import blobs_pb2, blobs_pb2_grpc
 
 MAX_FIND = 10_000
 MAX_WRITE_CHUNK = 4 << 20
+# Digests recorded as wanted per turn of the event loop (see FindMissingBlobs).
+WANTED_SLICE = 500
 READ_CHUNK = 1 << 20
 Ctx = grpc.aio.ServicerContext[Any, Any]
 log = logging.getLogger("prebake.server.blobs")
@@ -57,11 +59,15 @@ class BlobsService(blobs_pb2_grpc.BlobsServicer):
             # Off the loop, conversions included (up to 10,000 digests): one stat (local) or
             # HEAD (object store) per digest.
             digests = [convert.digest_from_proto(d, f"digests[{i}]") for i, d in enumerate(request.digests)]
-            return digests, s.blobs.find_missing(digests)
+            missing = s.blobs.find_missing(digests)
+            return missing, list(set(digests).difference(missing))
 
-        digests, missing = await s.run_blocking(find)
+        missing, present = await s.run_blocking(find)
         # The caller may publish the present ones without uploading them: not garbage now.
-        s.in_use.wanted(set(digests).difference(missing))
+        # Recorded on the loop (InUse is loop-only), a slice at a time between other rpcs.
+        for start in range(0, len(present), WANTED_SLICE):
+            s.in_use.wanted(present[start : start + WANTED_SLICE])
+            await asyncio.sleep(0)
         return await s.run_blocking(
             lambda: blobs_pb2.FindMissingBlobsResponse(missing=[convert.digest(d) for d in missing])
         )
