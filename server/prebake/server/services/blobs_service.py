@@ -68,9 +68,16 @@ class BlobsService(blobs_pb2_grpc.BlobsServicer):
         for start in range(0, len(present), WANTED_SLICE):
             s.in_use.wanted(present[start : start + WANTED_SLICE])
             await asyncio.sleep(0)
-        return await s.run_blocking(
-            lambda: blobs_pb2.FindMissingBlobsResponse(missing=[convert.digest(d) for d in missing])
-        )
+
+        def answer() -> blobs_pb2.FindMissingBlobsResponse:
+            # One element at a time: a single call building 10,000 messages would hold the
+            # GIL, and so stop the event loop, for its whole length.
+            response = blobs_pb2.FindMissingBlobsResponse()
+            for d in missing:
+                response.missing.add(hash=d.hash, size_bytes=d.size)
+            return response
+
+        return await s.run_blocking(answer)
 
     @streaming
     async def Read(

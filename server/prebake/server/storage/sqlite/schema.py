@@ -234,9 +234,15 @@ ALTER TABLE jobs ADD COLUMN request_id TEXT NOT NULL DEFAULT '';
 # Reads in index order instead of sorting: a keyset page ("newest first, then by id") and a
 # model's or kind's newest artifacts (near misses, compatibility, filtered listings) cost the
 # same at 1M artifacts as at 1k. They replace the single-column indexes they start with.
+# The model's index also holds the key columns near misses compare (nearest.DISTANCE_FIELDS),
+# so ranking a model's newest rows reads the index alone.
 _NEWEST_FIRST_INDEXES_SQL = """
 CREATE INDEX artifacts_newest ON artifacts(created_at DESC, artifact_id);
-CREATE INDEX artifacts_model_newest ON artifacts(kind, model, created_at DESC, artifact_id);
+CREATE INDEX artifacts_model_newest ON artifacts(
+    kind, model, created_at DESC, artifact_id,
+    model_revision, compile_target, sequence_length, batch_size, tensor_parallel_degree,
+    precision, toolchain, key_options
+);
 CREATE INDEX artifacts_kind_newest ON artifacts(kind, created_at DESC, artifact_id);
 DROP INDEX artifacts_created_at;
 DROP INDEX artifacts_kind_model;
