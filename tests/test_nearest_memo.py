@@ -149,21 +149,21 @@ def test_a_stampede_of_misses_computes_the_near_misses_once(
         client.publish(source, replace(LLAMA3_8B_INF2, batch_size=batch))
     index = cast(Any, server.running).state.storage.artifacts
     scans = 0
-    of_model = index.of_model
+    ranked = index.nearest
 
     async def counted(*args: Any, **kwargs: Any) -> Any:
         nonlocal scans
         scans += 1
-        return await of_model(*args, **kwargs)
+        return await ranked(*args, **kwargs)
 
-    index.of_model = counted
+    index.nearest = counted
     try:
         with ThreadPoolExecutor(32) as pool:
             looked = list(pool.map(lambda _: client.lookup(LLAMA3_8B_INF2), range(64)))
         # Later joiners of the one job: the list computed as it began still serves them.
         looked += [client.lookup(LLAMA3_8B_INF2) for _ in range(5)]
     finally:
-        index.of_model = of_model
+        index.nearest = ranked
     [job_id] = {r.job.job_id for r in looked}
     assert sum(r.job_created for r in looked) == 1
     assert {r.status for r in looked} <= {
