@@ -99,10 +99,10 @@ def main() -> int:
 
         address = f"127.0.0.1:{free_port()}"
         env = {**os.environ, "PREBAKE_SERVER": address}
-        print(f"\n$ prebake serve --listen {address} --data-dir {work / 'data'}")
-        server = subprocess.Popen(
-            [str(BIN / "prebake"), "serve", "--listen", address, "--data-dir", str(work / "data")], env=env
-        )
+        # Warnings and errors only: the per-rpc log lines would bury the walk-through.
+        serve = ["serve", "--listen", address, "--data-dir", str(work / "data"), "--log-level", "warning"]
+        print(f"\n$ prebake {' '.join(serve)}")
+        server = subprocess.Popen([str(BIN / "prebake"), *serve], env=env)
         try:
             wait_for_server(address, server)
             key = [
