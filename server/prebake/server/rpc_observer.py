@@ -30,6 +30,7 @@ import grpc
 
 from prebake.core import request_ids
 from prebake.core.request_ids import REQUEST_ID_HEADER
+from prebake.server.handler_wrapping import behaviour_of
 from prebake.server.metrics import ServerMetrics
 
 log = logging.getLogger("prebake.server.rpc")
@@ -87,14 +88,7 @@ class RpcObserver(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # gene
 def _observed(
     handler: grpc.RpcMethodHandler[Any, Any], method: str, level: int, metrics: ServerMetrics
 ) -> grpc.RpcMethodHandler[Any, Any]:
-    kinds = {
-        (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
-        (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
-        (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
-        (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
-    }
-    attribute, make = kinds[(handler.request_streaming, handler.response_streaming)]
-    behaviour = getattr(handler, attribute)
+    behaviour, rebuild = behaviour_of(handler)
 
     def begin(context: Ctx) -> tuple[str, Any, float, str]:
         rid = request_id_of(context.invocation_metadata())
@@ -159,8 +153,4 @@ def _observed(
                 request_ids.unbind(token)
 
         wrapped = call
-    return make(  # type: ignore[no-any-return]
-        wrapped,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+    return rebuild(wrapped)

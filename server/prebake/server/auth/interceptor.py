@@ -28,6 +28,7 @@ import grpc
 from prebake.core.errors import PermissionDenied, Unauthenticated
 from prebake.server.auth.authenticator import Authenticator
 from prebake.server.auth.rpc_roles import allowed, is_open, roles_for, split_method
+from prebake.server.handler_wrapping import behaviour_of
 from prebake.server.principal import Principal, bind, unbind
 
 log = logging.getLogger("prebake.server.auth")
@@ -111,14 +112,7 @@ def _guarded(
     handler: grpc.RpcMethodHandler[Any, Any], method: str, gate: AuthInterceptor
 ) -> grpc.RpcMethodHandler[Any, Any]:
     """`handler` with the caller admitted (and bound) before its behaviour runs."""
-    kinds = {
-        (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
-        (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
-        (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
-        (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
-    }
-    attribute, make = kinds[(handler.request_streaming, handler.response_streaming)]
-    behaviour = getattr(handler, attribute)
+    behaviour, rebuild = behaviour_of(handler)
 
     if inspect.isasyncgenfunction(behaviour):
 
@@ -144,8 +138,4 @@ def _guarded(
                 unbind(token)
 
         wrapped = call
-    return make(  # type: ignore[no-any-return]
-        wrapped,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+    return rebuild(wrapped)
