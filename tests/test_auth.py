@@ -284,15 +284,23 @@ def test_serve_command_refuses_and_allows_anonymous_non_loopback(prebake: Prebak
 
 
 @pytest.mark.slow
-def test_serve_with_auth_file_authenticates_its_embedded_workers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("processes", [1, 2])
+def test_serve_with_auth_file_authenticates_its_embedded_workers(tmp_path: Path, processes: int) -> None:
+    # With serving processes on the port, only the primary knows the token it minted for its
+    # embedded workers: they must reach it over its own socket, never the shared port.
     tokens = make_token_file(tmp_path / "tokens")
     server = ServerProcess(
         tmp_path,
         "auth",
-        ["--auth-file", str(tokens.path), "--workers", "1", "--data-dir", str(tmp_path / "d")],
+        [
+            *("--auth-file", str(tokens.path), "--workers", "1", "--data-dir", str(tmp_path / "d")),
+            *("--processes", str(processes)),
+        ],
     )
     try:
         server.wait_ready()
+        if processes > 1:
+            wait_until(lambda: "processes on one port" in server.log(), 60, "the serving processes")
         with Client(server.address, token=tokens.tokens["reader"]) as reader:
             wait_until(
                 lambda: any("embedded" in w.worker_id for w in reader.list_workers()),

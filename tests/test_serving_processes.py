@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from prebake.client import Client
-from tests.auth_fixtures import make_token_file
 from tests.conftest import LLAMA3_8B_INF2
 from tests.processes import PREBAKE, ServerProcess, alive, children_of, free_port, wait_until
 
@@ -124,38 +123,6 @@ def test_a_dead_serving_process_is_replaced_and_none_outlives_a_killed_primary(t
         if server.proc.poll() is None:
             server.stop()
     assert "restarting it" in server.log()
-
-
-@pytest.mark.slow
-def test_embedded_workers_authenticate_on_the_primary_when_the_port_is_shared(tmp_path: Path) -> None:
-    # Only the primary knows the token it minted for its embedded workers: they must reach it
-    # over its own socket, never through the shared port (which may lead to another process).
-    tokens = make_token_file(tmp_path / "tokens")
-    server = ServerProcess(
-        tmp_path,
-        "auth",
-        [
-            "--processes",
-            "2",
-            "--auth-file",
-            str(tokens.path),
-            "--workers",
-            "1",
-            "--data-dir",
-            str(tmp_path / "d"),
-        ],
-    )
-    try:
-        started(server)
-        with Client(server.address, token=tokens.tokens["reader"]) as reader:
-            wait_until(
-                lambda: any("embedded" in w.worker_id for w in reader.list_workers()),
-                60,
-                "the embedded worker to lease with its minted token",
-            )
-    finally:
-        assert server.stop() == 0, server.log()
-    assert "refused" not in server.log()
 
 
 def test_processes_must_be_positive(tmp_path: Path) -> None:
