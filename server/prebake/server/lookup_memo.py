@@ -17,40 +17,14 @@ Thread safety: event-loop only (like the services that own them).
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Generic, TypeVar
 
 from prebake.server import convert
+from prebake.server.bounded import Bounded
 from prebake.server.records import Artifact, NormalizedKey
 from prebake.v1 import key_pb2, registry_pb2
 
-K = TypeVar("K")
-V = TypeVar("V")
 CAPACITY = 4096
-
-
-class Bounded(Generic[K, V]):
-    """A dict that keeps its `capacity` most recently used entries."""
-
-    def __init__(self, capacity: int = CAPACITY) -> None:
-        self.capacity = capacity
-        self._entries: OrderedDict[K, V] = OrderedDict()
-
-    def get(self, key: K) -> V | None:
-        value = self._entries.get(key)
-        if value is not None:
-            self._entries.move_to_end(key)
-        return value
-
-    def put(self, key: K, value: V) -> None:
-        self._entries[key] = value
-        self._entries.move_to_end(key)
-        if len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._entries)
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,9 @@ from prebake.core import request_ids
 from prebake.core.errors import InvalidArgument, NotFound
 from prebake.server import compat, convert, nearest
 from prebake.server.auth.request_rules import ENQUEUE_REFUSED, may_enqueue, require_replace_allowed
+from prebake.server.bounded import Bounded
 from prebake.server.key_normalization import DEFAULT_TOOLCHAINS, diff_keys, normalize_key
-from prebake.server.lookup_memo import Bounded, KnownKey, ManifestMessages
+from prebake.server.lookup_memo import CAPACITY, KnownKey, ManifestMessages
 from prebake.server.nearest_memo import MISS_FRESH_SECONDS, NearestMemo
 from prebake.server.rate_limits import RateLimit, caller
 from prebake.server.records import Artifact, Digest, ErrorClass, Job, JobState, NormalizedKey
@@ -49,7 +50,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         c = state.config
         self.job_creations = RateLimit("compile jobs created", c.job_create_burst, c.job_create_per_minute)
         self.near: NearestMemo[list[registry_pb2.NearMiss]] = NearestMemo()
-        self.keys: Bounded[bytes, KnownKey] = Bounded()
+        self.keys: Bounded[bytes, KnownKey] = Bounded(CAPACITY)
         self.manifests = ManifestMessages()
 
     async def normalize(self, msg: Any) -> tuple[NormalizedKey, str]:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import sqlite3
-import threading
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from prebake.core.errors import InvalidArgument
 from prebake.server import nearest as near
+from prebake.server.bounded import Bounded
 from prebake.server.records import Artifact, Digest, FileEntry, JobState, NormalizedKey, RegistryCounts
 from prebake.server.storage import page_tokens
 from prebake.server.storage.artifact_index import ArtifactQuery, JobWrite
@@ -82,17 +82,14 @@ class SqliteArtifactIndex:
         # columns (`_VOLATILE_SQL`; decoding whole rows dominated a hit's cost); since those
         # are read from the shared file every time, a change made by another process is
         # seen at once, as without the memo.
-        self._recent: OrderedDict[str, Artifact] = OrderedDict()
-        self._recent_lock = threading.Lock()
+        self._recent: Bounded[str, Artifact] = Bounded(RECENT_ARTIFACTS)
 
     async def get(self, artifact_id: str) -> Artifact | None:
-        with self._recent_lock:
-            known = self._recent.get(artifact_id)
+        known = self._recent.get(artifact_id)
         if known is not None:
             now = self._db.read_one(_VOLATILE_SQL, (artifact_id,))
             if now is None:
-                with self._recent_lock:
-                    self._recent.pop(artifact_id, None)
+                self._recent.pop(artifact_id)
                 return None
             if now["manifest_digest"] == known.manifest_digest and now["created_at"] == known.created_at:
                 return dataclasses.replace(
@@ -108,11 +105,7 @@ class SqliteArtifactIndex:
                 return None
             files = _files(c, artifact_id)
         found = rows.artifact_from_row(row, files)
-        with self._recent_lock:
-            self._recent[artifact_id] = found
-            self._recent.move_to_end(artifact_id)
-            if len(self._recent) > RECENT_ARTIFACTS:
-                self._recent.popitem(last=False)
+        self._recent.put(artifact_id, found)
         return found
 
     async def put(
