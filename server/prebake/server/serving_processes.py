@@ -101,9 +101,6 @@ class ServingProcesses:
         self._procs: list[subprocess.Popen[bytes] | None] = [None] * self.count
         self._stopping = False
 
-    def pids(self) -> list[int]:
-        return [p.pid for p in self._procs if p is not None and p.poll() is None]
-
     async def start(self) -> None:
         await asyncio.gather(*(self._start_one(i) for i in range(self.count)))
 
