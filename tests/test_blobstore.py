@@ -74,7 +74,12 @@ def test_local_layout(tmp_path: Path) -> None:
     writer = store.open_write("lay-out", digest)
     writer.append(data[100:])
     writer.commit()
-    assert _files(root, bookkeeping=True) == [f"blobs/{digest.hash[:2]}/{digest.hash}-{digest.size}"]
+    blob = f"blobs/{digest.hash[:2]}/{digest.hash}-{digest.size}"
+    # The blob, and the stamp that vouches for the bytes the upload hashed on their way in.
+    assert _files(root, bookkeeping=True) == [f".stamps/{blob}", blob]
+    hashed = store.hashed_bytes
+    store.verify(digest)
+    assert store.hashed_bytes == hashed, "a blob the upload hashed must not be hashed again"
     assert list((root / ".multipart").iterdir()) == [] and list((root / ".tmp").iterdir()) == []
 
 
@@ -221,7 +226,7 @@ def test_a_stamp_is_not_trusted_within_the_clock_tick_of_the_last_change(tmp_pat
     store, root = _local(tmp_path)
     digest = put(store, payload(1000, seed=4))
     key = f"blobs/{digest.hash[:2]}/{digest.hash}-{digest.size}"
-    stamps = StampedVerification(root / ".stamps", LocalObjectStore(root).path)
+    stamps = StampedVerification(root / ".stamps", LocalObjectStore(root).path, lambda st: "")
     path = blob_path(root, digest)
     stamp = root / ".stamps" / key
     store.verify(digest)

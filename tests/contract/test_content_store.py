@@ -635,6 +635,24 @@ def test_a_changed_blob_is_hashed_again_before_it_is_served(backend: ObjectBacke
     assert not store.contains(digest)
 
 
+def test_a_blob_assembled_from_parts_is_not_hashed_again_and_a_change_is_still_seen(
+    backend: ObjectBackend,
+) -> None:
+    # The upload hashed the parts on their way in, so its first check (PublishArtifact's) reads
+    # nothing; an immediate change afterwards is still caught.
+    store = backend.content_store()
+    data = payload(2 * store.part_size + 5, seed=46)
+    digest = put(store, data, chunk=store.part_size // 2)
+    before = store.hashed_bytes
+    store.verify(digest)
+    assert store.hashed_bytes == before
+    if not backend.rehashes_on_read:
+        return
+    backend.corrupt_blob(digest)
+    with pytest.raises(DataLoss, match="quarantined"):
+        store.read(digest, limit=1)
+
+
 # -- corruption, deletion, stats -----------------------------------------------------
 
 

@@ -114,7 +114,10 @@ def _put(objects: ObjectStore, key: str, data: bytes) -> None:
 
 def _move(objects: ObjectStore, staged: ObjectInfo, key: str) -> None:
     # Only the object that was verified: another writer of the session may have replaced it.
-    objects.move(staged.key, key, if_etag=staged.etag)
+    info = objects.move(staged.key, key, if_etag=staged.etag)
+    # Hashed on its way in: the first read (PublishArtifact's check) need not hash it again. (A
+    # blob small enough for `_put` costs less to hash than to vouch for on a coarse clock.)
+    objects.read_verification.vouch(key, info.etag)
 
 
 def _same_parts(a: Iterable[PartInfo], b: Iterable[PartInfo]) -> bool:
@@ -737,6 +740,10 @@ class ContentAddressedStore:
         if self.contains(digest):
             return UploadStatus(digest.size, True)
         resume = self._resume(upload_id, digest)
+        if resume.upload is not None:
+            # What is reported is what the client continues from: it must survive a crash.
+            with contextlib.suppress(NoSuchUpload):
+                self.objects.sync_parts(resume.upload)
         return UploadStatus(digest.size if resume.staged is not None else resume.stored, False)
 
     # -- removal ---------------------------------------------------------------------
@@ -927,7 +934,6 @@ class BlobUpload:
 
     def _store_part(self, store: ContentAddressedStore, size: int) -> None:
         objects = store.objects
-        data = bytes(self._buffer[:size])
         number = len(self._parts) + 1
         if number > objects.max_part_count:
             raise QuotaExceeded(
@@ -936,17 +942,21 @@ class BlobUpload:
             )
         if self._upload is None:
             self._upload = objects.create_upload(session_key(self._upload_id, self._digest))
-        try:
-            part = objects.upload_part(self._upload, number, data)
-        except NoSuchUpload:
-            raise self._lost() from None
-        except StorageFull as exc:
-            raise QuotaExceeded(
-                f"no space left to store upload {self._upload_id!r} of blob {self._digest}; "
-                "free space and resume from the committed size"
-            ) from exc
-        if self._hasher is not None:
-            self._hasher.update(data)
+        # A view, not a copy, of the buffer's head (released before the buffer is trimmed). Not
+        # durable yet: `close` syncs the parts when it acknowledges a partial upload, and `commit`
+        # needs only the assembled object durable (see ObjectStore.upload_part).
+        with memoryview(self._buffer) as whole, whole[:size] as data:
+            try:
+                part = objects.upload_part(self._upload, number, data, durable=False)
+            except NoSuchUpload:
+                raise self._lost() from None
+            except StorageFull as exc:
+                raise QuotaExceeded(
+                    f"no space left to store upload {self._upload_id!r} of blob {self._digest}; "
+                    "free space and resume from the committed size"
+                ) from exc
+            if self._hasher is not None:
+                self._hasher.update(data)
         self._parts.append(part)
         self._stored += size
         del self._buffer[:size]
@@ -1052,6 +1062,10 @@ class BlobUpload:
                 # What the backend accepts as a part is kept; the rest is received again on resume.
                 with contextlib.suppress(OSError, QuotaExceeded, Busy, NoSuchUpload):
                     self._store_part(store, len(self._buffer))
+            if self._upload is not None and self._staged is None:
+                # The caller acknowledges committed_size next: those bytes must survive a crash.
+                with contextlib.suppress(NoSuchUpload):
+                    store.objects.sync_parts(self._upload)
         finally:
             self._buffer.clear()
             self._end(keep_hash=True)

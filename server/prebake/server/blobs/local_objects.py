@@ -102,7 +102,9 @@ class LocalObjectStore:
                 f"{self._tmp}, {self._multipart} and {self.root} are on different filesystems; "
                 "publishing an object needs an atomic rename between them"
             )
-        self.read_verification: ReadVerification = StampedVerification(self.root / ".stamps", self.path)
+        self.read_verification: ReadVerification = StampedVerification(
+            self.root / ".stamps", self.path, _etag
+        )
         self.sweep_scratch(leftover_seconds)
 
     def path(self, key: str) -> Path:
@@ -116,13 +118,16 @@ class LocalObjectStore:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         return fd, path
 
-    def _write_temp(self, directory: Path, data: bytes | memoryview) -> tuple[Path, os.stat_result]:
-        """A complete, fsynced file holding `data`, not yet at its final name, and its stat."""
+    def _write_temp(
+        self, directory: Path, data: bytes | memoryview, *, durable: bool = True
+    ) -> tuple[Path, os.stat_result]:
+        """A complete file holding `data` (fsynced if `durable`), not yet at its final name, and its stat."""
         fd, path = self._temp_file(directory)
         try:
             try:
                 _write_all(fd, data)
-                os.fsync(fd)
+                if durable:
+                    os.fsync(fd)
                 st = os.fstat(fd)
             finally:
                 os.close(fd)
@@ -297,24 +302,47 @@ class LocalObjectStore:
             raise NoSuchUpload(f"{upload.upload_id} is an upload of {key!r}, not {upload.key!r}")
         return directory
 
-    def upload_part(self, upload: UploadHandle, number: int, data: bytes) -> PartInfo:
+    def upload_part(
+        self, upload: UploadHandle, number: int, data: bytes | memoryview, *, durable: bool = True
+    ) -> PartInfo:
         if not 1 <= number <= self.max_part_count:
             raise ValueError(f"part number {number} is outside 1..{self.max_part_count}")
         directory = self._upload_dir(upload)
         try:
-            temp, st = self._write_temp(directory, data)
+            # Not durable: one fsync per part would write every byte to disk twice, since
+            # complete_upload copies the parts into the object and fsyncs that (the parts are
+            # deleted before the kernel writes them back). sync_parts makes them durable when a
+            # partial upload is acknowledged.
+            temp, st = self._write_temp(directory, data, durable=durable)
         except FileNotFoundError:
             raise NoSuchUpload(upload.upload_id) from None
         dest = directory / f"part-{number:05d}"
         try:
             os.replace(temp, dest)
-            fsync_dir(directory)
+            if durable:
+                fsync_dir(directory)
         except FileNotFoundError:
             raise NoSuchUpload(upload.upload_id) from None  # aborted or completed meanwhile
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp)
         return PartInfo(number=number, size=st.st_size, etag=_etag(st), modified=st.st_mtime)
+
+    def sync_parts(self, upload: UploadHandle) -> None:
+        directory = self._upload_dir(upload)
+        try:
+            with os.scandir(directory) as it:
+                names = [e.name for e in it if _PART_RE.fullmatch(e.name)]
+            for name in names:
+                with contextlib.suppress(FileNotFoundError):  # replaced meanwhile: that one syncs itself
+                    fd = os.open(directory / name, os.O_RDONLY | os.O_CLOEXEC)
+                    try:
+                        os.fsync(fd)  # cheap for a part already written back
+                    finally:
+                        os.close(fd)
+            fsync_dir(directory)
+        except FileNotFoundError:
+            raise NoSuchUpload(upload.upload_id) from None
 
     def list_parts(self, upload: UploadHandle) -> list[PartInfo]:
         directory = self._upload_dir(upload)

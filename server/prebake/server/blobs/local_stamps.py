@@ -23,9 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+
+# How long `vouch` waits for the filesystem clock to move past a file's last change (one tick of a
+# coarse clock is a few milliseconds; kernels with fine-grained timestamps need no wait).
+_VOUCH_WAIT_SECONDS = 0.02
 
 
 def _identity(st: os.stat_result) -> str:
@@ -35,9 +40,12 @@ def _identity(st: os.stat_result) -> str:
 class StampedVerification:
     """`ReadVerification` for a local filesystem; safe for threads and processes sharing `root`."""
 
-    def __init__(self, root: Path, object_path: Callable[[str], Path]) -> None:
+    def __init__(
+        self, root: Path, object_path: Callable[[str], Path], etag: Callable[[os.stat_result], str]
+    ) -> None:
         self._root = Path(root)
         self._object_path = object_path
+        self._etag = etag
 
     def _stamp_path(self, key: str) -> Path:
         return self._root / key
@@ -75,6 +83,41 @@ class StampedVerification:
                 if good and _identity(os.stat(path)) == before:
                     os.replace(pending, stamp)
             return good
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(pending)
+
+    def vouch(self, key: str, etag: str) -> None:
+        # The bytes were hashed before the file existed (as they were received), so there is no
+        # moment "before hashing" to stamp. Instead: wait (at most a few clock ticks) until the
+        # filesystem clock has moved past the file's last change, take that time as the stamp's,
+        # and only then look at the file. A change after the look gets a ctime at or after the
+        # stamp's mtime; a change between the rename and the look shows in the etag (inode, size,
+        # mtime of the object the caller made). What no metadata shows is a write by someone else
+        # within the very clock tick of the rename; published files are never written in place.
+        path = self._object_path(key)
+        stamp = self._stamp_path(key)
+        pending = stamp.parent / f".{stamp.name}.{uuid.uuid4().hex}.tmp"
+        try:
+            changed = os.stat(path).st_ctime_ns
+            pending.parent.mkdir(parents=True, exist_ok=True)
+            deadline = time.monotonic() + _VOUCH_WAIT_SECONDS
+            while True:
+                pending.write_bytes(b"")
+                started = os.stat(pending).st_mtime_ns
+                if started > changed:
+                    break
+                if time.monotonic() > deadline:
+                    return  # a coarse clock that did not move: the first read hashes instead
+                time.sleep(0.0005)
+            st = os.stat(path)
+            if self._etag(st) != etag or st.st_ctime_ns != changed:
+                return
+            pending.write_text(_identity(st))
+            os.utime(pending, ns=(started, started))  # back to the time taken before the look
+            os.replace(pending, stamp)
+        except OSError:
+            pass
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(pending)

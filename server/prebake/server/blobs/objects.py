@@ -159,6 +159,12 @@ class ReadVerification(Protocol):
         vouch for them on its own. Never True for bytes that changed since they were last checked."""
         ...
 
+    def vouch(self, key: str, etag: str) -> None:
+        """Record, without reading them, that the bytes of object `key` are known good if it still
+        is the object with `etag`: the caller hashed them on their way in and has just made them
+        that object. Best effort (a backend may decline, and the next read then hashes)."""
+        ...
+
     def forget(self, key: str) -> None:
         """Drop what is remembered about `key` (it was deleted or moved away)."""
         ...
@@ -173,6 +179,9 @@ class TrustedChecksums:
 
     def verified(self, key: str, rehash: Callable[[], bool]) -> bool:
         return True
+
+    def vouch(self, key: str, etag: str) -> None:
+        return None
 
     def forget(self, key: str) -> None:
         return None
@@ -285,11 +294,25 @@ class ObjectStore(Protocol):
         any process, after any restart. S3: the list_multipart_uploads paginator."""
         ...
 
-    def upload_part(self, upload: UploadHandle, number: int, data: bytes) -> PartInfo:
-        """Store part `number` (1..max_part_count) durably, replacing an earlier part of that number.
+    def upload_part(
+        self, upload: UploadHandle, number: int, data: bytes | memoryview, *, durable: bool = True
+    ) -> PartInfo:
+        """Store part `number` (1..max_part_count), replacing an earlier part of that number.
+
+        With `durable` (the default) the part survives a crash once this returns. Without it, an
+        exception to the common durability rule: the part survives a crash of the process, but a
+        crash of the machine before `sync_parts` returns may lose it or cut it short (it is then
+        listed shorter, or not at all). A writer that acknowledges bytes to its own caller syncs
+        first; one that only completes the upload need not, since `complete_upload` makes the
+        assembled object durable. (A backend whose parts are always durable, S3, ignores it.)
 
         Raises `NoSuchUpload`, `StorageFull`, `ValueError` (number out of range). S3: upload_part.
         """
+        ...
+
+    def sync_parts(self, upload: UploadHandle) -> None:
+        """Make every part stored so far durable (see `upload_part`). Raises `NoSuchUpload` where
+        the backend can tell it ended. S3: nothing to do."""
         ...
 
     def list_parts(self, upload: UploadHandle) -> list[PartInfo]:

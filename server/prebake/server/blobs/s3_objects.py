@@ -368,7 +368,10 @@ class S3ObjectStore:
         found.sort(key=lambda u: u.initiated)
         return found
 
-    def upload_part(self, upload: UploadHandle, number: int, data: bytes) -> PartInfo:
+    def upload_part(
+        self, upload: UploadHandle, number: int, data: bytes | memoryview, *, durable: bool = True
+    ) -> PartInfo:
+        # Every stored part is durable on S3: `durable` asks for nothing more.
         if not 1 <= number <= self.max_part_count:
             raise ValueError(f"part number {number} is outside 1..{self.max_part_count}")
         try:
@@ -378,7 +381,7 @@ class S3ObjectStore:
                     Key=self._key(upload.key),
                     UploadId=upload.upload_id,
                     PartNumber=number,
-                    Body=data,
+                    Body=bytes(data),
                     ChecksumAlgorithm=CHECKSUM,
                 )
         except StorageUnavailable:
@@ -391,6 +394,9 @@ class S3ObjectStore:
                 ) from None
             raise
         return PartInfo(number=number, size=len(data), etag=resp["ETag"], modified=time.time())
+
+    def sync_parts(self, upload: UploadHandle) -> None:
+        return None  # parts are durable once stored
 
     def _listed_parts(self, upload: UploadHandle, max_parts: int | None = None) -> list[PartTypeDef]:
         pages = self._client.get_paginator("list_parts").paginate(
