@@ -71,7 +71,8 @@ def test_go_stubs_generate_without_m_flags(tmp_path: Path) -> None:
     written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.go"))
     stems = [Path(p).stem for p in PROTOS]
     services = [Path(f.name).stem for f in FILES if f.services_by_name]
-    expected = [f"{import_path}/{s}.pb.go" for s in stems] + [f"{import_path}/{s}_grpc.pb.go" for s in services]
+    expected = [f"{import_path}/{s}.pb.go" for s in stems]
+    expected += [f"{import_path}/{s}_grpc.pb.go" for s in services]
     assert written == sorted(expected)
     for path in folder.iterdir():
         assert f"\npackage {package}\n" in path.read_text(), path.name
