@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from prebake.client import Client
+from prebake.client.render import lookup_text
 from prebake.server.app import BackgroundServer
 from prebake.server.records import ErrorClass, JobState
 from prebake.v1 import jobs_pb2, registry_pb2
@@ -147,6 +148,13 @@ def test_a_near_miss_names_the_policies_that_would_make_it_a_hit(client: Client,
         ],
         ids["batch"]: [],
     }
+    hints = sorted(
+        line.strip() for line in lookup_text(miss, explain=True).splitlines() if "a hit with" in line
+    )
+    assert hints == [
+        "a hit with --allow longer_sequence",
+        "a hit with --allow longer_sequence --allow neuroncore_v2_family",
+    ]
     # What the near miss names is what the lookup then needs.
     hit = client.lookup(LLAMA3_8B_INF2, on_miss="report", allow=["longer_sequence"])
     assert hit.status == HIT and hit.artifact.artifact_id == ids["longer"]
