@@ -88,6 +88,16 @@ def test_health_and_reflection_need_no_token(raw_channel: grpc.Channel) -> None:
 
     reply = health_pb2_grpc.HealthStub(raw_channel).Check(health_pb2.HealthCheckRequest(service=""))
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    for service in ("grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"):
+        call = raw_channel.stream_stream(
+            f"/{service}/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        (listed,) = call(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=30)
+        assert "prebake.v1.Registry" in {s.name for s in listed.list_services_response.service}
 
 
 def test_messages_are_actionable_and_never_echo_the_token(

@@ -44,6 +44,7 @@ from hypothesis import strategies as st
 
 import prebake.server
 from prebake.client import Client
+from prebake.server import reflection
 from prebake.server.app import SERVICE_NAMES, BackgroundServer, background_server
 from prebake.v1 import (
     admin_pb2,
@@ -78,7 +79,7 @@ METHODS: dict[str, MethodDescriptor] = {
     )
     for service in module.DESCRIPTOR.services_by_name.values()
     for method in service.methods
-}
+} | {f"/{reflection.V1.full_name}/{method.name}": method for method in reflection.V1.methods}
 # Read-only rpcs: a case must leave the registry and the blob store as they were.
 READ_ONLY = {
     "/prebake.v1.Registry/GetArtifact",
@@ -96,6 +97,7 @@ READ_ONLY = {
     "/grpc.health.v1.Health/Check",
     "/grpc.health.v1.Health/Watch",
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
 }
 # Fenced rpcs: the strategies never draw a token any job holds, so these change nothing either.
 FENCED = {
@@ -504,7 +506,7 @@ def test_every_service_of_the_server_is_fuzzed() -> None:
     assert {path.split("/")[1] for path in METHODS} == {
         *SERVICE_NAMES,
         "grpc.health.v1.Health",
-        reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"].full_name,
+        *reflection.SERVICE_NAMES,
     }
     assert set(METHODS) >= UNCHANGING
 

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from prebake.client import Client
+from prebake.client.render import lookup_text
 from prebake.server.app import BackgroundServer
 from prebake.server.records import ErrorClass, JobState
 from prebake.v1 import jobs_pb2, registry_pb2
@@ -42,6 +43,8 @@ def test_miss_enqueues_a_job_and_a_second_lookup_joins_it(client: Client) -> Non
 def test_report_only_miss_creates_nothing(client: Client) -> None:
     response = client.lookup(LLAMA3_8B_INF2, on_miss="report")
     assert response.status == MISS and not response.job.job_id
+    # An ordinary answer to what was asked: `error` is for problems (see LookupResponse.error).
+    assert response.error == ""
     assert all_jobs(client) == []
 
 
@@ -123,6 +126,38 @@ def test_miss_lists_nearest_artifacts_with_differences(client: Client, tmp_path:
     assert miss.status == MISS and len(miss.nearest) == 1
     diffs = {(d.field, d.artifact_value, d.requested_value) for d in miss.nearest[0].differences}
     assert diffs == {("batch_size", "4", "8")}
+
+
+def test_a_near_miss_names_the_policies_that_would_make_it_a_hit(client: Client, tmp_path: Path) -> None:
+    near = {
+        "longer": dataclasses.replace(LLAMA3_8B_INF2, sequence_length=16384),
+        "trn1": dataclasses.replace(LLAMA3_8B_INF2, instance_type="ml.trn1.32xlarge", sequence_length=16384),
+        "batch": dataclasses.replace(LLAMA3_8B_INF2, batch_size=4),
+    }
+    ids = {
+        name: client.publish(make_artifact_dir(tmp_path / name, {"w": 10}), key).artifact.artifact_id
+        for name, key in near.items()
+    }
+    miss = client.lookup(LLAMA3_8B_INF2, on_miss="report")
+    policies = {n.artifact_id: list(n.would_hit_with) for n in miss.nearest}
+    assert policies == {
+        ids["longer"]: [registry_pb2.COMPATIBILITY_POLICY_LONGER_SEQUENCE],
+        ids["trn1"]: [
+            registry_pb2.COMPATIBILITY_POLICY_LONGER_SEQUENCE,
+            registry_pb2.COMPATIBILITY_POLICY_NEURONCORE_V2_FAMILY,
+        ],
+        ids["batch"]: [],
+    }
+    hints = sorted(
+        line.strip() for line in lookup_text(miss, explain=True).splitlines() if "a hit with" in line
+    )
+    assert hints == [
+        "a hit with --allow longer_sequence",
+        "a hit with --allow longer_sequence --allow neuroncore_v2_family",
+    ]
+    # What the near miss names is what the lookup then needs.
+    hit = client.lookup(LLAMA3_8B_INF2, on_miss="report", allow=["longer_sequence"])
+    assert hit.status == HIT and hit.artifact.artifact_id == ids["longer"]
 
 
 def test_stats_count_hits_and_misses(client: Client, tmp_path: Path) -> None:

@@ -255,3 +255,103 @@ def test_pinned_artifact_is_not_deleted_without_force(stubs: Stubs, tmp_path: Pa
     assert stubs.blobs.FindMissingBlobs(blobs_pb2.FindMissingBlobsRequest(digests=[digest])).missing == [
         digest
     ]
+
+
+# A Node client that renders the 128-bit value without padding sends 31 digits for one
+# digest in 16; a Java one may send upper case. The message states the format.
+@pytest.mark.parametrize(
+    ("text", "what"),
+    [
+        (hash_bytes(b"30")[1:], "has 31 characters"),
+        (hash_bytes(b"hello").upper(), "has upper-case digits"),
+        ("0x" + hash_bytes(b"hello")[2:], "not hex digits"),
+    ],
+)
+def test_a_malformed_digest_hash_is_answered_with_the_format(stubs: Stubs, text: str, what: str) -> None:
+    assert hash_bytes(b"30").startswith("0")  # the example: its unpadded rendering is 31 digits
+    digest = blobs_pb2.Digest(hash=text, size_bytes=2)
+    message = expect_error(
+        stubs.blobs.FindMissingBlobs,
+        blobs_pb2.FindMissingBlobsRequest(digests=[digest]),
+        INVALID,
+        "digests[0]",
+        what,
+        "xxh3-128 (seed 0) as exactly 32 lowercase hex digits",
+        "big-endian",
+        "zero-padded",
+    )
+    assert repr(text) in message
+
+
+def test_a_read_with_the_right_hash_and_a_wrong_size_names_the_size(stubs: Stubs) -> None:
+    digest = upload(stubs, b"0123456789")
+    wrong = blobs_pb2.Digest(hash=digest.hash, size_bytes=11)
+    with pytest.raises(grpc.RpcError) as info:
+        list(stubs.blobs.Read(blobs_pb2.ReadRequest(digest=wrong)))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    message = info.value.details() or ""
+    assert "stored with size_bytes 10, not 11" in message and "content's length" in message
+    # A hash the server does not hold at any size says just that.
+    ghost = blobs_pb2.Digest(hash=hash_bytes(b"nope"), size_bytes=4)
+    with pytest.raises(grpc.RpcError) as info:
+        list(stubs.blobs.Read(blobs_pb2.ReadRequest(digest=ghost)))
+    assert info.value.details() == f"blob {ghost.hash}/4 is not stored"
+
+
+def test_kind_unset_names_the_enum_values_a_caller_may_send(stubs: Stubs, server: BackgroundServer) -> None:
+    # What @grpc/proto-loader sends for kind: 'neuron' (an unknown name is dropped): kind unset.
+    before = data_files(server.config.data_dir)
+    expect_error(
+        stubs.registry.Lookup,
+        registry_pb2.LookupRequest(key=good_key(kind=key_pb2.ARTIFACT_KIND_UNSPECIFIED)),
+        INVALID,
+        "kind is required",
+        "ARTIFACT_KIND_NEURON (1), ARTIFACT_KIND_AWQ (2), ARTIFACT_KIND_INDUCTOR (3)",
+        "'neuron'",
+    )
+    assert_nothing_stored(stubs, server, before)
+
+
+def test_unknown_enum_numbers_are_refused_not_read_as_unset(stubs: Stubs, server: BackgroundServer) -> None:
+    before = data_files(server.config.data_dir)
+    unknown_kind = expect_error(
+        stubs.registry.Lookup, registry_pb2.LookupRequest(key=good_key(kind=7)), INVALID, "unknown kind 7"
+    )
+    assert "required" not in unknown_kind and "ARTIFACT_KIND_NEURON (1)" in unknown_kind
+    expect_error(
+        stubs.registry.PublishArtifact,
+        registry_pb2.PublishArtifactRequest(key=good_key(kind=7)),
+        INVALID,
+        "unknown kind 7",
+    )
+    # An on_miss this server does not know must not enqueue (unset would mean ENQUEUE).
+    expect_error(
+        stubs.registry.Lookup,
+        registry_pb2.LookupRequest(key=good_key(), on_miss=9),  # type: ignore[arg-type]
+        INVALID,
+        "on_miss: unknown OnMiss value 9",
+        "ON_MISS_ENQUEUE (1), ON_MISS_REPORT (2)",
+    )
+    expect_error(
+        stubs.registry.Lookup,
+        registry_pb2.LookupRequest(key=good_key(), on_miss=registry_pb2.ON_MISS_REPORT, allow=[1, 5]),  # type: ignore[list-item]
+        INVALID,
+        "allow[1]: unknown CompatibilityPolicy value 5",
+        "COMPATIBILITY_POLICY_LONGER_SEQUENCE (1)",
+    )
+    # Filters: an unknown kind would otherwise list every kind.
+    expect_error(stubs.admin.ListArtifacts, admin_pb2.ListArtifactsRequest(kind=7), INVALID, "kind: unknown")  # type: ignore[arg-type]
+    expect_error(stubs.jobs.ListJobs, jobs_pb2.ListJobsRequest(kind=7), INVALID, "kind: unknown")  # type: ignore[arg-type]
+    expect_error(stubs.jobs.ListJobs, jobs_pb2.ListJobsRequest(states=[1, 42]), INVALID, "states[1]: unknown")  # type: ignore[list-item]
+    assert_nothing_stored(stubs, server, before)
+
+
+def test_an_unknown_jumpstart_id_points_at_the_rpc_not_the_cli(stubs: Stubs) -> None:
+    message = expect_error(
+        stubs.registry.Lookup,
+        registry_pb2.LookupRequest(key=good_key(model="meta-textgeneration-llama-3-8x")),
+        INVALID,
+        "model: unknown JumpStart model id",
+        "Catalog.ListModels",
+    )
+    assert "prebake " not in message and "--" not in message

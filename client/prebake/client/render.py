@@ -17,7 +17,7 @@ from prebake.client.artifact_key import ArtifactKey
 from prebake.client.fetch import FetchResult
 from prebake.client.prewarm import PrewarmRow
 from prebake.client.progress import human_seconds
-from prebake.core.names import error_class_name, job_state_name, kind_name, lookup_status_name
+from prebake.core.names import error_class_name, job_state_name, kind_name, lookup_status_name, policy_name
 from prebake.core.units import human_bytes
 from prebake.v1 import admin_pb2, blobs_pb2, jobs_pb2, key_pb2, registry_pb2, workers_pb2
 
@@ -117,6 +117,7 @@ def near_miss_json(near: registry_pb2.NearMiss) -> dict[str, Any]:
             {"field": d.field, "artifact_value": d.artifact_value, "requested_value": d.requested_value}
             for d in near.differences
         ],
+        "would_hit_with": [policy_name(p) for p in near.would_hit_with],
     }
 
 
@@ -232,10 +233,14 @@ def job_summary(job: jobs_pb2.Job) -> str:
 
 
 def differences_text(near: registry_pb2.NearMiss) -> str:
-    return ", ".join(
+    text = ", ".join(
         f"{d.field} {d.artifact_value or '(unset)'} (you asked {d.requested_value or '(unset)'})"
         for d in near.differences
     )
+    if near.would_hit_with:
+        allow = " ".join(f"--allow {policy_name(p)}" for p in near.would_hit_with)
+        text += f"; a hit with {allow}"
+    return text
 
 
 def lookup_text(response: registry_pb2.LookupResponse, explain: bool = False) -> str:
@@ -301,6 +306,9 @@ def lookup_text(response: registry_pb2.LookupResponse, explain: bool = False) ->
         ]
         table_text = table(["FIELD", "ARTIFACT", "YOU ASKED"], body)
         lines.extend("      " + line for line in table_text.splitlines())
+        if near.would_hit_with:
+            allow = " ".join(f"--allow {policy_name(p)}" for p in near.would_hit_with)
+            lines.append(f"      a hit with {allow}")
     return "\n".join(lines)
 
 

@@ -15,6 +15,26 @@ import xxhash
 
 CHUNK = 1 << 20
 HASH_RE = re.compile(r"^[0-9a-f]{32}$")
+# What HASH_RE accepts, for people (and callers in other languages; `Digest.hash` in
+# blobs.proto says the same): xxhash's hexdigest is exactly this form.
+HASH_FORMAT = (
+    "xxh3-128 (seed 0) as exactly 32 lowercase hex digits, the 128-bit value big-endian "
+    "and zero-padded on the left"
+)
+
+
+def hash_problem(text: str) -> str | None:
+    """None if `text` is a well-formed digest hash, else what is wrong with it and the format."""
+    if HASH_RE.match(text):
+        return None
+    shown = repr(text if len(text) <= 80 else text[:80] + "...")
+    if len(text) != 32:
+        what = f"has {len(text)} characters"
+    elif re.fullmatch(r"[0-9a-fA-F]{32}", text):
+        what = "has upper-case digits"
+    else:
+        what = "has characters that are not hex digits"
+    return f"{shown} {what}; a digest hash is {HASH_FORMAT}"
 
 
 def new_hasher() -> xxhash.xxh3_128:

@@ -15,6 +15,7 @@ _KIND = key_pb2.ArtifactKind.DESCRIPTOR
 _STATE = jobs_pb2.JobState.DESCRIPTOR
 _STATUS = registry_pb2.LookupStatus.DESCRIPTOR
 _ERROR_CLASS = jobs_pb2.ErrorClass.DESCRIPTOR
+_POLICY = registry_pb2.CompatibilityPolicy.DESCRIPTOR
 
 TERMINAL_JOB_STATES = frozenset(
     {jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED}
@@ -44,9 +45,31 @@ def _number(descriptor: EnumDescriptor, name: str) -> int | None:
     return None if value is None or value.number == 0 else value.number
 
 
+def value_names(descriptor: EnumDescriptor) -> list[str]:
+    """The enum's values as the contract spells them, without the unset one:
+    ["ARTIFACT_KIND_NEURON", "ARTIFACT_KIND_AWQ", ...]. What a JSON or proto-loader client
+    sends by name (the short names are this module's, for people at a CLI)."""
+    return [v.name for v in descriptor.values if v.number != 0]
+
+
+def known_values(descriptor: EnumDescriptor) -> str:
+    """ "ARTIFACT_KIND_NEURON (1), ARTIFACT_KIND_AWQ (2), ...": the names and numbers a caller may send."""
+    return ", ".join(f"{v.name} ({v.number})" for v in descriptor.values if v.number != 0)
+
+
+def is_known(descriptor: EnumDescriptor, number: int) -> bool:
+    """Whether `number` is a value of the enum (a newer client may send one this server lacks)."""
+    return number in descriptor.values_by_number
+
+
 def kind_names() -> list[str]:
     """["neuron", "awq", "inductor"]."""
     return _names(_KIND)
+
+
+def kind_values() -> str:
+    """ "ARTIFACT_KIND_NEURON (1), ARTIFACT_KIND_AWQ (2), ARTIFACT_KIND_INDUCTOR (3)"."""
+    return known_values(_KIND)
 
 
 def kind_to_proto(kind: str) -> key_pb2.ArtifactKind.ValueType:
@@ -81,6 +104,11 @@ def job_state_name(state: int) -> str:
 def lookup_status_name(status: int) -> str:
     """LOOKUP_STATUS_HIT -> "HIT" (upper case, as the CLI and its JSON print it)."""
     return (_short(_STATUS, status) or "unspecified").upper()
+
+
+def policy_name(policy: int) -> str:
+    """COMPATIBILITY_POLICY_LONGER_SEQUENCE -> "longer_sequence" (as `--allow` takes it)."""
+    return _short(_POLICY, policy)
 
 
 def error_class_name(error_class: int) -> str:

@@ -33,7 +33,17 @@ class Digest(_message.Message):
     HASH_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     hash: _builtins.str
-    """xxh3-128 of the content, 32 lowercase hex digits."""
+    """xxh3-128 of the content (XXH3 128-bit, seed 0, default secret), written as exactly
+    32 lowercase hexadecimal digits: the 128-bit value as an unsigned big-endian number,
+    high 64 bits first (XXH128's canonical form), zero-padded on the left. That is
+    Python's `xxhash.xxh3_128_hexdigest(data)`, and in JavaScript
+    `h.toString(16).padStart(32, "0")` for the value `h` as a BigInt. Examples: the 5
+    bytes `hello` -> `b5e9c1ad071b3e7fc779cfaa5e523818`; the 2 bytes `30` ->
+    `0b165d236bdc00c3213488a6525340f6` (note the leading zero: without padding, about 1
+    digest in 16 would be 31 digits long). 31 digits, upper case or a `0x` prefix are
+    INVALID_ARGUMENT; the message states this format. The same form is used for every
+    other xxh3-128 digest in the API (`ResolvedKey.digest`, `Artifact.manifest_digest`).
+    """
     size_bytes: _builtins.int
     """Length of the content in bytes; >= 0."""
     def __init__(

@@ -78,8 +78,8 @@ class BlobsServicer:
         only those.
 
         Errors:
-        * `INVALID_ARGUMENT`: a digest is malformed (not 32 hex digits, negative size) or
-        more than 10,000 digests were sent. Do not retry.
+        * `INVALID_ARGUMENT`: a digest is malformed (a hash not in the form `Digest.hash`
+        states, a negative size) or more than 10,000 digests were sent. Do not retry.
         * `UNAVAILABLE`: transient. Retry with backoff.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -94,7 +94,9 @@ class BlobsServicer:
         Errors:
         * `INVALID_ARGUMENT`: malformed digest, negative offset or limit. Do not retry.
         * `OUT_OF_RANGE`: `offset` is greater than the blob's size. Do not retry.
-        * `NOT_FOUND`: the server does not hold the blob. Do not retry.
+        * `NOT_FOUND`: the server does not hold the blob. When it holds the hash with
+        another size, the message says which (`size_bytes` is the content's length in
+        bytes). Do not retry.
         * `DATA_LOSS`: the stored bytes do not match the digest; the blob is quarantined
         and reported missing from then on, so that it can be uploaded again. Retrying
         gets NOT_FOUND until it is.

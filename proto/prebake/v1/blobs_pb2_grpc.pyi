@@ -51,8 +51,8 @@ class BlobsStub:
     only those.
 
     Errors:
-    * `INVALID_ARGUMENT`: a digest is malformed (not 32 hex digits, negative size) or
-      more than 10,000 digests were sent. Do not retry.
+    * `INVALID_ARGUMENT`: a digest is malformed (a hash not in the form `Digest.hash`
+      states, a negative size) or more than 10,000 digests were sent. Do not retry.
     * `UNAVAILABLE`: transient. Retry with backoff.
     """
     Read: _grpc.UnaryStreamMultiCallable[_blobs_pb2.ReadRequest, _blobs_pb2.ReadResponse]
@@ -63,7 +63,9 @@ class BlobsStub:
     Errors:
     * `INVALID_ARGUMENT`: malformed digest, negative offset or limit. Do not retry.
     * `OUT_OF_RANGE`: `offset` is greater than the blob's size. Do not retry.
-    * `NOT_FOUND`: the server does not hold the blob. Do not retry.
+    * `NOT_FOUND`: the server does not hold the blob. When it holds the hash with
+      another size, the message says which (`size_bytes` is the content's length in
+      bytes). Do not retry.
     * `DATA_LOSS`: the stored bytes do not match the digest; the blob is quarantined
       and reported missing from then on, so that it can be uploaded again. Retrying
       gets NOT_FOUND until it is.
@@ -118,8 +120,8 @@ class BlobsAsyncStub(BlobsStub):
     only those.
 
     Errors:
-    * `INVALID_ARGUMENT`: a digest is malformed (not 32 hex digits, negative size) or
-      more than 10,000 digests were sent. Do not retry.
+    * `INVALID_ARGUMENT`: a digest is malformed (a hash not in the form `Digest.hash`
+      states, a negative size) or more than 10,000 digests were sent. Do not retry.
     * `UNAVAILABLE`: transient. Retry with backoff.
     """
     Read: _aio.UnaryStreamMultiCallable[_blobs_pb2.ReadRequest, _blobs_pb2.ReadResponse]  # type: ignore[assignment]
@@ -130,7 +132,9 @@ class BlobsAsyncStub(BlobsStub):
     Errors:
     * `INVALID_ARGUMENT`: malformed digest, negative offset or limit. Do not retry.
     * `OUT_OF_RANGE`: `offset` is greater than the blob's size. Do not retry.
-    * `NOT_FOUND`: the server does not hold the blob. Do not retry.
+    * `NOT_FOUND`: the server does not hold the blob. When it holds the hash with
+      another size, the message says which (`size_bytes` is the content's length in
+      bytes). Do not retry.
     * `DATA_LOSS`: the stored bytes do not match the digest; the blob is quarantined
       and reported missing from then on, so that it can be uploaded again. Retrying
       gets NOT_FOUND until it is.
@@ -188,8 +192,8 @@ class BlobsServicer(metaclass=_abc_1.ABCMeta):
         only those.
 
         Errors:
-        * `INVALID_ARGUMENT`: a digest is malformed (not 32 hex digits, negative size) or
-          more than 10,000 digests were sent. Do not retry.
+        * `INVALID_ARGUMENT`: a digest is malformed (a hash not in the form `Digest.hash`
+          states, a negative size) or more than 10,000 digests were sent. Do not retry.
         * `UNAVAILABLE`: transient. Retry with backoff.
         """
 
@@ -206,7 +210,9 @@ class BlobsServicer(metaclass=_abc_1.ABCMeta):
         Errors:
         * `INVALID_ARGUMENT`: malformed digest, negative offset or limit. Do not retry.
         * `OUT_OF_RANGE`: `offset` is greater than the blob's size. Do not retry.
-        * `NOT_FOUND`: the server does not hold the blob. Do not retry.
+        * `NOT_FOUND`: the server does not hold the blob. When it holds the hash with
+          another size, the message says which (`size_bytes` is the content's length in
+          bytes). Do not retry.
         * `DATA_LOSS`: the stored bytes do not match the digest; the blob is quarantined
           and reported missing from then on, so that it can be uploaded again. Retrying
           gets NOT_FOUND until it is.

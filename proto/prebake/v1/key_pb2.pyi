@@ -182,8 +182,8 @@ class ResolvedKey(_message.Message):
     RELEVANT_FIELDS_FIELD_NUMBER: _builtins.int
     IGNORED_FIELDS_FIELD_NUMBER: _builtins.int
     digest: _builtins.str
-    """xxh3-128 of `canonical`, 32 lowercase hex digits. The key's identity; also the id
-    of the artifact published for it.
+    """xxh3-128 of `canonical` (its UTF-8 bytes), 32 lowercase hex digits in the form of
+    `Digest.hash`. The key's identity; also the id of the artifact published for it.
     """
     canonical: _builtins.str
     """The canonical serialisation that was hashed: compact JSON with sorted keys,

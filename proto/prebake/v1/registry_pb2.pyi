@@ -310,8 +310,10 @@ class Artifact(_message.Message):
     pinned: _builtins.bool
     """Pinned artifacts are never evicted, and deleted only with `force`."""
     manifest_digest: _builtins.str
-    """xxh3-128 of the manifest's canonical file list: two publishes with the same file
-    list have the same manifest digest.
+    """xxh3-128 of the manifest's canonical file list, in the form of `Digest.hash`: the
+    UTF-8 bytes of the compact JSON `[[path,hash,size_bytes,executable],...]` sorted by
+    path (no whitespace, non-ASCII not escaped; `JSON.stringify` of that array in
+    JavaScript). Two publishes with the same file list have the same manifest digest.
     """
     hit_count: _builtins.int
     """How many lookups have hit it."""
@@ -380,6 +382,7 @@ class NearMiss(_message.Message):
     ARTIFACT_ID_FIELD_NUMBER: _builtins.int
     KEY_FIELD_NUMBER: _builtins.int
     DIFFERENCES_FIELD_NUMBER: _builtins.int
+    WOULD_HIT_WITH_FIELD_NUMBER: _builtins.int
     artifact_id: _builtins.str
     """The nearby artifact's id."""
     @_builtins.property
@@ -390,16 +393,26 @@ class NearMiss(_message.Message):
     def differences(self) -> _containers.RepeatedCompositeFieldContainer[Global___FieldDifference]:
         """The fields in which it differs from the requested key."""
 
+    @_builtins.property
+    def would_hit_with(self) -> _containers.RepeatedScalarFieldContainer[Global___CompatibilityPolicy.ValueType]:
+        """The compatibility policies that, all in `LookupRequest.allow`, would make this
+        artifact a hit for the request (e.g. `COMPATIBILITY_POLICY_LONGER_SEQUENCE` for an
+        artifact compiled for a longer sequence length), whatever this request allowed. Empty
+        when no policy would: it differs in a field that no policy relaxes, or it cannot be
+        served (`Artifact.unavailable`).
+        """
+
     def __init__(
         self,
         *,
         artifact_id: _builtins.str = ...,
         key: _key_pb2.ResolvedKey | None = ...,
         differences: _abc.Iterable[Global___FieldDifference] | None = ...,
+        would_hit_with: _abc.Iterable[Global___CompatibilityPolicy.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_id", b"artifact_id", "differences", b"differences", "key", b"key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_id", b"artifact_id", "differences", b"differences", "key", b"key", "would_hit_with", b"would_hit_with"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -448,7 +461,9 @@ class LookupRequest(_message.Message):
     ALLOW_FIELD_NUMBER: _builtins.int
     DIRECT_DOWNLOAD_FIELD_NUMBER: _builtins.int
     on_miss: Global___OnMiss.ValueType
-    """What to do on a miss. Unset means enqueue a compile job."""
+    """What to do on a miss. Unset means enqueue a compile job. A number that is not an
+    `OnMiss` value is INVALID_ARGUMENT, and nothing is enqueued.
+    """
     force: _builtins.bool
     """Ignore a cached deterministic failure and enqueue a new job."""
     model_source: _builtins.str
@@ -470,7 +485,9 @@ class LookupRequest(_message.Message):
     @_builtins.property
     def allow(self) -> _containers.RepeatedScalarFieldContainer[Global___CompatibilityPolicy.ValueType]:
         """Compatibility policies the caller accepts besides an exact match. Empty means
-        exact only.
+        exact only; `COMPATIBILITY_POLICY_UNSPECIFIED` is ignored; a number that is not a
+        `CompatibilityPolicy` value is INVALID_ARGUMENT. A miss's `NearMiss.would_hit_with`
+        names the policies that would have made a near artifact a hit.
         """
 
     def __init__(
@@ -521,9 +538,12 @@ class LookupResponse(_message.Message):
     job_created: _builtins.bool
     """True when this lookup created `job` (as opposed to joining one in flight)."""
     error: _builtins.str
-    """For FAILED: the compile error. For a MISS with no job: why none was created. For a
-    MISS or COMPILING whose key has an artifact that is not served (signed by a revoked
-    key): which artifact and key.
+    """Empty unless something went wrong or was refused; a caller may treat a non-empty
+    `error` as a problem to show. Set only: for FAILED, to the compile error; for a MISS
+    without a job although the request asked for one (`on_miss` ENQUEUE or unset), to why
+    none was created (the server lets readers only look up); for a MISS or COMPILING
+    whose key has an artifact that is not served (signed by a revoked key), to which
+    artifact and key. Empty for an ordinary miss with `ON_MISS_REPORT`: no job was asked for.
     """
     toolchain_source: _builtins.str
     """Where the key's toolchain came from when the request named none: `configured

@@ -25,11 +25,10 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # re-exported at run time
-from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from prebake.core.errors import FailedPrecondition, PrebakeError
 from prebake.core.logs import setup_logging
-from prebake.server import integrity, metrics
+from prebake.server import integrity, metrics, reflection
 from prebake.server.auth.server_security import ServerSecurity
 from prebake.server.backends import describe, keeps_local_state, open_backends
 from prebake.server.blob_http import BlobHttpServer
@@ -309,15 +308,10 @@ async def _start_locked(config: ServerConfig, primary: bool = True) -> RunningSe
     health_servicer = health_aio.HealthServicer()
     health_service = health_pb2.DESCRIPTOR.services_by_name["Health"]
     add_service(server, health_servicer, health_service, config.max_request_bytes, foreign=True)
-    add_service(
-        server,
-        reflection.aio.ReflectionServicer(  # type: ignore[attr-defined]  # re-exported at run time
-            (*SERVICE_NAMES, health_service.full_name, reflection.SERVICE_NAME)
-        ),
-        reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
-        config.max_request_bytes,
-        foreign=True,
-    )
+    for reflection_servicer, reflection_service in reflection.servicers(
+        (*SERVICE_NAMES, health_service.full_name)
+    ):
+        add_service(server, reflection_servicer, reflection_service, config.max_request_bytes, foreign=True)
     host, _, _ = config.listen.rpartition(":")
     endpoint: MetricsEndpoint | None = None
     try:

@@ -76,6 +76,23 @@ def choose(key: NormalizedKey, candidates: Sequence[Artifact], allowed: Iterable
     return Match(best, *_explain(key, best.key))
 
 
+# The fields a policy may relax (as `key_normalization.diff_keys` names them).
+_RELAXABLE = frozenset({"sequence_length", "compile_target"})
+
+
+def would_hit_with(key: NormalizedKey, near: Artifact, differing: Iterable[str]) -> list[Policy]:
+    """The policies that, all allowed, would make `near` serve `key`; [] if none would.
+
+    `differing` are the fields in which `near`'s key differs from `key` (diff_keys): a
+    difference outside sequence length and compile target is one no policy relaxes.
+    """
+    fields = set(differing)
+    if near.unavailable or not fields or not fields <= _RELAXABLE or not applies(key, Policy):
+        return []
+    match = choose(key, [near], list(Policy))
+    return [] if match is None else [Policy(name) for name in match.policy.split("+")]
+
+
 def _explain(wanted: NormalizedKey, got: NormalizedKey) -> tuple[str, str]:
     used: list[str] = []
     reasons: list[str] = []

@@ -9,11 +9,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from google.protobuf.descriptor import EnumDescriptor
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from prebake.core import names
 from prebake.core.digests import hash_bytes
-from prebake.core.errors import InvalidArgument
+from prebake.core.errors import InvalidArgument, InvalidKey
 from prebake.core.key_fields import KEY_FIELDS
 from prebake.core.manifest_paths import validate_manifest_paths
 from prebake.core.signing import Signature
@@ -77,6 +78,9 @@ def key_request(msg: key_pb2.ArtifactKey) -> KeyRequest:
 
     `InvalidKey` for too many options, before they are copied."""
     check_option_count(len(msg.options))
+    if not names.is_known(key_pb2.ArtifactKind.DESCRIPTOR, msg.kind):
+        # Not "required": the caller sent a number, maybe from a newer contract.
+        raise InvalidKey("kind", f"unknown kind {msg.kind}; use one of {names.kind_values()}")
     values: dict[str, Any] = {name: getattr(msg, name) for name in KEY_FIELDS}
     values["kind"] = kind_name(msg.kind)
     values["options"] = dict(msg.options)
@@ -135,6 +139,16 @@ def digest_from_proto(msg: blobs_pb2.Digest, what: str = "digest") -> Digest:
         return Digest(msg.hash, msg.size_bytes)
     except InvalidArgument as exc:
         raise InvalidArgument(f"{what}: {exc}") from None
+
+
+def enum_value(descriptor: EnumDescriptor, number: int, field: str) -> int:
+    """`number`, checked to be a value of the enum; InvalidArgument naming `field` and the
+    values (by name and number, from the descriptor) if it is not. An unknown number is
+    refused rather than read as unset, so a request never does something it did not ask for."""
+    if not names.is_known(descriptor, number):
+        known = names.known_values(descriptor)
+        raise InvalidArgument(f"{field}: unknown {descriptor.name} value {number}; one of {known}")
+    return number
 
 
 def digest(d: Digest) -> blobs_pb2.Digest:

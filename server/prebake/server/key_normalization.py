@@ -24,6 +24,7 @@ from prebake.core.errors import InvalidKey
 from prebake.core.key_fields import KEY_FIELDS as CONTRACT_KEY_FIELDS
 from prebake.core.key_fields import KINDS as CONTRACT_KINDS
 from prebake.core.key_fields import require_fields, require_kinds
+from prebake.core.names import kind_values
 from prebake.server.instance_catalog import InstanceCatalog, InstanceType
 from prebake.server.records import NormalizedKey
 from prebake.server.sizing import check_fits
@@ -300,7 +301,13 @@ def _check_chars(name: str, value: str, pattern: re.Pattern[str], allowed: str) 
 def _kind(raw: str) -> str:
     kind = raw.strip().lower().removeprefix("artifact_kind_")
     if kind in ("", "unspecified"):
-        raise InvalidKey("kind", f"kind is required: one of {', '.join(KINDS)}")
+        # Said in the contract's spelling: a caller in another language that sent a short
+        # name ('neuron') by JSON or proto-loader had it dropped and arrives here unset.
+        raise InvalidKey(
+            "kind",
+            f"kind is required: one of {kind_values()}; a client that sends enums by name must "
+            "use these full names (most drop an unknown name such as 'neuron' and send kind unset)",
+        )
     if kind not in KINDS:
         raise InvalidKey("kind", f"unknown kind {_show(raw)}; use one of {', '.join(KINDS)}")
     return kind

@@ -77,8 +77,9 @@ class ModelCatalog:
             hint = f"; did you mean {' or '.join(close)}?" if close else ""
             raise InvalidKey(
                 "model",
-                f"unknown JumpStart model id {model!r}{hint} (`prebake catalog models` lists them; "
-                "Hugging Face repo ids look like org/name)",
+                # An rpc message names rpcs and fields; the CLI translates for its users.
+                f"model: unknown JumpStart model id {model!r}{hint} (Catalog.ListModels lists the "
+                "known ids; a Hugging Face repo id looks like org/name)",
             )
         if kind == "awq" and info.supports_quantization is False:
             raise InvalidKey(

@@ -7,13 +7,11 @@ on its own. Times are UNIX seconds (float).
 from __future__ import annotations
 
 import enum
-import re
 from dataclasses import dataclass, field
 
+from prebake.core.digests import hash_problem
 from prebake.core.errors import InvalidArgument
 from prebake.core.signing import Signature
-
-_HASH_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
 @dataclass(frozen=True, order=True)
@@ -24,8 +22,9 @@ class Digest:
     size: int
 
     def __post_init__(self) -> None:
-        if not _HASH_RE.match(self.hash):
-            raise InvalidArgument(f"digest hash {self.hash!r} is not 32 lowercase hex digits (xxh3-128)")
+        problem = hash_problem(self.hash)
+        if problem is not None:
+            raise InvalidArgument(f"digest hash {problem}")
         if self.size < 0:
             raise InvalidArgument(f"digest size {self.size} is negative")
 

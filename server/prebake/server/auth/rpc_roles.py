@@ -90,7 +90,14 @@ RPC_ROLES: dict[str, frozenset[Role]] = {
 }
 
 # Services whose rpcs need no credentials (see the module docstring).
-OPEN_SERVICES = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"})
+# (Both reflection protocols: `prebake.server.reflection.SERVICE_NAMES`; a test compares.)
+OPEN_SERVICES = frozenset(
+    {
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    }
+)
 # The package whose rpcs the table governs.
 GOVERNED_PACKAGE = "prebake.v1"
 

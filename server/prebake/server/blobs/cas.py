@@ -434,7 +434,7 @@ class ContentAddressedStore:
         for _ in range(3):
             info = self.objects.head(key)
             if info is None:
-                raise NotFound(f"blob {digest} is not stored")
+                raise self._not_stored(digest)
             if info.size != digest.size:
                 if self._quarantine(digest, info) is _Quarantined.REPLACED:
                     continue
@@ -463,6 +463,24 @@ class ContentAddressedStore:
 
     def verify(self, digest: Digest) -> None:
         self._checked(digest)
+
+    def _not_stored(self, digest: Digest) -> NotFound:
+        """NotFound for `digest`, naming the sizes its hash is stored with, if any: a caller
+        with the right hash and a wrong `size_bytes` learns which field is wrong. (One listing
+        of the hash's prefix, on this path only; a hash is a content address, so its sizes
+        tell nothing that the content's owner does not know.)"""
+        sizes = sorted(
+            blob.digest.size
+            for blob in self._blobs_under(f"blobs/{digest.hash[:2]}/{digest.hash}-")
+            if blob.digest.hash == digest.hash and blob.digest.size != digest.size
+        )
+        if not sizes:
+            return NotFound(f"blob {digest} is not stored")
+        stored = " or ".join(str(size) for size in sizes[:3])
+        return NotFound(
+            f"blob {digest} is not stored: hash {digest.hash} is stored with size_bytes {stored}, "
+            f"not {digest.size}; a digest's size_bytes is the content's length in bytes"
+        )
 
     def _quarantine(self, digest: Digest, seen: ObjectInfo) -> _Quarantined:
         """Move the blob aside, but only if it still is the object that was found bad."""

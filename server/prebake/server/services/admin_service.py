@@ -17,7 +17,7 @@ from prebake.server.services.registry_service import check_artifact_id
 from prebake.server.state import ServerState
 from prebake.server.status import streaming, unary
 from prebake.server.storage import ArtifactQuery
-from prebake.v1 import admin_pb2, admin_pb2_grpc, registry_pb2
+from prebake.v1 import admin_pb2, admin_pb2_grpc, key_pb2, registry_pb2
 
 MAX_MODEL_FILTER = 256
 # VerifyBlobs sends progress at least this often (and on every damaged blob).
@@ -42,7 +42,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 f"model filter is {len(request.model)} characters; at most {MAX_MODEL_FILTER}"
             )
         limit = pagination.page_size(request.page_size)
-        query = ArtifactQuery(convert.kind_name(request.kind), request.model, request.pinned_only)
+        # An unknown kind would read as "any kind": refused instead.
+        kind = convert.kind_name(convert.enum_value(key_pb2.ArtifactKind.DESCRIPTOR, request.kind, "kind"))
+        query = ArtifactQuery(kind, request.model, request.pinned_only)
         page = await self.s.storage.artifacts.list_page(query, request.page_token, limit)
         # Up to a thousand messages: built beside the loop, not in the way of other rpcs.
         return await self.s.run_blocking(

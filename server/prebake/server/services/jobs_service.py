@@ -17,7 +17,7 @@ from prebake.server.services import pagination
 from prebake.server.state import ServerState
 from prebake.server.status import streaming, unary
 from prebake.server.storage import JobQuery
-from prebake.v1 import jobs_pb2, jobs_pb2_grpc
+from prebake.v1 import jobs_pb2, jobs_pb2_grpc, key_pb2
 
 JOB_ID_RE = re.compile(r"^j-[0-9a-f]{24}$")
 MAX_REASON = 1024
@@ -51,11 +51,14 @@ class JobsService(jobs_pb2_grpc.JobsServicer):
     async def ListJobs(self, request: jobs_pb2.ListJobsRequest, context: Ctx) -> jobs_pb2.ListJobsResponse:
         limit = pagination.page_size(request.page_size)
         states = []
-        for value in request.states:
+        for i, value in enumerate(request.states):
             if value not in convert.JOB_STATES_FROM_PROTO:
-                raise InvalidArgument(f"unknown job state {value} in filter")
+                convert.enum_value(jobs_pb2.JobState.DESCRIPTOR, value, f"states[{i}]")
+                raise InvalidArgument(f"states[{i}]: JOB_STATE_UNSPECIFIED is not a state to filter by")
             states.append(convert.JOB_STATES_FROM_PROTO[value])
-        query = JobQuery(states=tuple(states), kind=convert.kind_name(request.kind))
+        # An unknown kind would read as "any kind": refused instead.
+        kind = convert.kind_name(convert.enum_value(key_pb2.ArtifactKind.DESCRIPTOR, request.kind, "kind"))
+        query = JobQuery(states=tuple(states), kind=kind)
         page = await self.s.storage.jobs.list_page(query, request.page_token, limit)
         return jobs_pb2.ListJobsResponse(
             jobs=[convert.job(j) for j in page.items], next_page_token=page.next_token

@@ -34,6 +34,7 @@ POLICIES = {
     registry_pb2.COMPATIBILITY_POLICY_LONGER_SEQUENCE: compat.Policy.LONGER_SEQUENCE,
     registry_pb2.COMPATIBILITY_POLICY_NEURONCORE_V2_FAMILY: compat.Policy.NEURONCORE_V2_FAMILY,
 }
+POLICY_VALUES = {policy: value for value, policy in POLICIES.items()}
 NEAREST = 5
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
@@ -102,18 +103,25 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         return known
 
     async def nearest(self, key: NormalizedKey) -> list[registry_pb2.NearMiss]:
-        return [
-            registry_pb2.NearMiss(
-                artifact_id=a.artifact_id,
-                key=convert.resolved_key(a.key),
-                differences=[
-                    registry_pb2.FieldDifference(field=name, artifact_value=theirs, requested_value=ours)
-                    for name, theirs, ours in diff_keys(a.key, key)
-                ],
+        found = []
+        for a in await nearest.nearest(self.s.storage.artifacts, key, NEAREST):
+            if a.artifact_id == key.digest:  # the key's own artifact, unavailable: no "near miss"
+                continue
+            differences = diff_keys(a.key, key)
+            found.append(
+                registry_pb2.NearMiss(
+                    artifact_id=a.artifact_id,
+                    key=convert.resolved_key(a.key),
+                    differences=[
+                        registry_pb2.FieldDifference(field=name, artifact_value=theirs, requested_value=ours)
+                        for name, theirs, ours in differences
+                    ],
+                    would_hit_with=[
+                        POLICY_VALUES[p] for p in compat.would_hit_with(key, a, (d[0] for d in differences))
+                    ],
+                )
             )
-            for a in await nearest.nearest(self.s.storage.artifacts, key, NEAREST)
-            if a.artifact_id != key.digest  # the key's own artifact, unavailable: no "near miss"
-        ]
+        return found
 
     async def _match(
         self, key: NormalizedKey, request: registry_pb2.LookupRequest, refused: list[str]
@@ -191,6 +199,10 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
 
     @unary
     async def Lookup(self, request: registry_pb2.LookupRequest, context: Ctx) -> registry_pb2.LookupResponse:
+        # Before anything else: an on_miss this server does not know must not enqueue.
+        convert.enum_value(registry_pb2.OnMiss.DESCRIPTOR, request.on_miss, "on_miss")
+        for i, policy in enumerate(request.allow):
+            convert.enum_value(registry_pb2.CompatibilityPolicy.DESCRIPTOR, policy, f"allow[{i}]")
         known = await self.known_key(request.key)
         key, toolchain_source, resolved = known.key, known.toolchain_source, known.resolved
         s = self.s
@@ -245,9 +257,9 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
             response.error = last.error
             return response
         if request.on_miss == registry_pb2.ON_MISS_REPORT:
+            # The caller asked for no job: an ordinary answer, so `error` stays empty.
             response.status = registry_pb2.LOOKUP_STATUS_MISS
             s.metrics.lookup("miss", "report_only")
-            response.error = "no artifact for this key; no job was created (on_miss=REPORT)"
             return response
         if not may_enqueue(s.config.reader_may_enqueue):
             response.status = registry_pb2.LOOKUP_STATUS_MISS

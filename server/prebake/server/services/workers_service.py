@@ -57,7 +57,8 @@ def capabilities(request: workers_pb2.LeaseJobRequest) -> list[WorkerCapability]
     for i, cap in enumerate(request.capabilities):
         kind = convert.kind_name(cap.kind)
         if not kind:
-            raise InvalidArgument(f"capabilities[{i}] has no kind; use neuron, awq or inductor")
+            what = "an unknown kind" if cap.kind else "no kind"
+            raise InvalidArgument(f"capabilities[{i}] has {what}; use one of {names.kind_values()}")
         if not cap.toolchain:
             raise InvalidArgument(f"capabilities[{i}] ({kind}) has no toolchain; jobs are matched on it")
         if len(cap.toolchain) > MAX_TOOLCHAIN:
