@@ -268,3 +268,17 @@ def test_the_name_table_names_only_models_of_the_model_table_once() -> None:
     assert catalog.canonical_name("META-TEXTGENERATION-LLAMA-3-8B") == "meta-llama/Meta-Llama-3-8B"
     assert catalog.canonical_name("my-org/my-finetune") == "my-org/my-finetune"
     assert catalog.other_names("meta-llama/Meta-Llama-3-8B") == ("meta-textgeneration-llama-3-8b",)
+
+
+def test_the_checks_of_a_model_apply_under_each_of_its_names(client: Client) -> None:
+    with pytest.raises(errors.InvalidArgument, match="does not support quantization") as refused:
+        client.lookup(awq("tiiuae/falcon-180B-chat"))
+    assert "JumpStart huggingface-llm-falcon-180b-chat-bf16" in str(refused.value)
+    assert client.list_jobs().jobs == []
+
+
+def test_a_model_source_mapped_under_any_name_serves_the_canonical_one(tmp_path: Path) -> None:
+    from prebake.server.model_sources import ModelSources
+
+    sources = ModelSources.from_config("", "meta-textgeneration-llama-3-8b=/srv/llama3", tmp_path)
+    assert sources.resolve("meta-llama/Meta-Llama-3-8B", "") == ("/srv/llama3", False)
