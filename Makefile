@@ -5,14 +5,21 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: all demo test fuzz lint format proto proto-check bench clean
+.PHONY: all demo test test-fast fuzz lint format proto proto-check bench clean
 
 all: lint test
 
+# The torch pin, read from pyproject.toml so the message below cannot go stale.
+TORCH  := $(shell sed -n 's/.*"torch==\([0-9.]*\)".*/\1/p' pyproject.toml | head -n 1)
+
+# pip runs --quiet (its output is pages of wheels), so say first what takes the time.
 $(STAMP): pyproject.toml
+	@echo "setting up $(VENV): installing torch $(TORCH) (CPU), transformers, llm-compressor and the dev tools,"
+	@echo "about 2 GB of packages: a few minutes the first time (quiet until done), nothing later"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@echo "$(VENV) ready: $$(du -sh $(VENV) | cut -f1)"
 	touch $@
 
 ## demo: start a server on the embedded default and walk a deployer through miss, publish, hit, fetch
@@ -25,6 +32,10 @@ demo: $(STAMP)
 # --dist loadgroup keeps each xdist_group (the fuzz module's one server) in one process.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n auto --maxprocesses=4 --dist loadgroup
+
+## test-fast: the suite without the tests that run a real torch compile (marker `compile`), on both cores
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -n auto --maxprocesses=4 --dist loadgroup -m "not compile"
 
 ## fuzz: the property-based tests with fresh random cases, at least 10,000 in all (counts per rpc printed)
 fuzz: $(STAMP)

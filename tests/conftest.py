@@ -29,6 +29,17 @@ settings.register_profile(
 )
 settings.load_profile("ci")
 
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `compile` every test that needs the tiny checkpoint, the input of every real
+    compile here (AOTInductor, AWQ): derived from the fixtures a test uses, directly or
+    through another fixture, so a new compile test cannot miss the mark that
+    `make test-fast` deselects."""
+    for item in items:
+        if "tiny_model" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.compile)
+
+
 LLAMA3_8B_INF2 = ArtifactKey(
     kind="neuron",
     model="meta-llama/Meta-Llama-3-8B",

@@ -22,7 +22,8 @@ from prebake.server.app import BackgroundServer, background_server
 from prebake.v1 import registry_pb2
 
 AVAILABLE, WHY = AwqBackend().available()
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not AVAILABLE, reason=WHY)]
+# It builds its own tiny checkpoint, so the conftest rule does not mark it `compile`.
+pytestmark = [pytest.mark.slow, pytest.mark.compile, pytest.mark.skipif(not AVAILABLE, reason=WHY)]
 KEY = ArtifactKey(kind="awq", model="tiny/llama", instance_type="ml.g5.12xlarge")
 
 

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
 from prebake.client import ArtifactKey, Client, errors
 from prebake.server.app import BackgroundServer
 from prebake.v1 import catalog_pb2, registry_pb2
-from tests.conftest import make_artifact_dir
+from tests.conftest import LLAMA3_8B_INF2, make_artifact_dir
+from tests.plugin_cli import PrebakeCli
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 
@@ -182,3 +185,100 @@ def test_import_command_publishes_a_precompiled_set(
     bad.write_text(json.dumps([{"kind": "neuron"}]))
     usage = subprocess.run([*cmd[:-2], str(bad)], env=env, capture_output=True, text=True, check=False)
     assert usage.returncode == 2 and "path" in usage.stderr
+
+
+# --- One model, one name (issue 11, item 5) ---
+
+JUMPSTART_LLAMA3_8B = dataclasses.replace(LLAMA3_8B_INF2, model="meta-textgeneration-llama-3-8b")
+
+
+@pytest.mark.parametrize(
+    ("published", "looked_up"),
+    [(JUMPSTART_LLAMA3_8B, LLAMA3_8B_INF2), (LLAMA3_8B_INF2, JUMPSTART_LLAMA3_8B)],
+    ids=["jumpstart-then-hf", "hf-then-jumpstart"],
+)
+def test_a_publish_under_one_name_of_a_model_is_a_hit_for_the_other(
+    client: Client, tmp_path: Path, published: ArtifactKey, looked_up: ArtifactKey
+) -> None:
+    stored = client.publish(make_artifact_dir(tmp_path / "a", {"model.neff": 64}), published).artifact
+    assert stored.key.key.model == "meta-llama/Meta-Llama-3-8B"  # the canonical name is what is stored
+    hit = client.lookup(looked_up, on_miss="report")
+    assert hit.status == registry_pb2.LOOKUP_STATUS_HIT
+    assert hit.artifact.artifact_id == stored.artifact_id
+    # Another spelling of the Hugging Face id (the hub resolves ids case-insensitively).
+    lower = dataclasses.replace(looked_up, model="meta-llama/meta-llama-3-8b")
+    assert client.lookup(lower, on_miss="report").artifact.artifact_id == stored.artifact_id
+
+
+def test_names_of_one_model_are_near_misses_of_each_other(client: Client, tmp_path: Path) -> None:
+    stored = client.publish(make_artifact_dir(tmp_path / "a", {"w": 8}), JUMPSTART_LLAMA3_8B).artifact
+    other_batch = dataclasses.replace(LLAMA3_8B_INF2, batch_size=4)
+    miss = client.lookup(other_batch, on_miss="report")
+    assert miss.status == registry_pb2.LOOKUP_STATUS_MISS
+    [near] = miss.nearest
+    assert near.artifact_id == stored.artifact_id
+    assert [(d.field, d.artifact_value, d.requested_value) for d in near.differences] == [
+        ("batch_size", "8", "4")
+    ]
+
+
+def test_artifacts_stored_under_a_non_canonical_name_are_still_found(
+    server: BackgroundServer, client: Client, tmp_path: Path
+) -> None:
+    """Keys stored before names were canonical carry the name as stated then: found on read."""
+    from prebake.server.key_normalization import with_model
+    from prebake.server.records import NormalizedKey
+
+    # An artifact as the previous version stored it: keyed by the JumpStart id as stated.
+    published = client.publish(make_artifact_dir(tmp_path / "a", {"w": 8}), LLAMA3_8B_INF2).artifact
+    state = cast(Any, server.running).state
+    index = state.storage.artifacts
+    canonical = cast(Any, server.call(index.get, published.artifact_id))
+    old_key: NormalizedKey = with_model(canonical.key, "meta-textgeneration-llama-3-8b")
+    old = dataclasses.replace(canonical, artifact_id=old_key.digest, key=old_key)
+    server.call(lambda: index.put(old, expect_manifest=None))
+    server.call(
+        lambda: index.delete(
+            canonical.artifact_id, expect_manifest=canonical.manifest_digest, expect_pinned=False
+        )
+    )
+    for key in (JUMPSTART_LLAMA3_8B, LLAMA3_8B_INF2):
+        hit = client.lookup(key, on_miss="report")
+        assert hit.status == registry_pb2.LOOKUP_STATUS_HIT, key.model
+        assert hit.artifact.artifact_id == old_key.digest
+    near = client.lookup(dataclasses.replace(LLAMA3_8B_INF2, batch_size=2), on_miss="report").nearest
+    assert [n.artifact_id for n in near] == [old_key.digest]
+
+
+def test_catalog_models_shows_both_ids(prebake: PrebakeCli, server: BackgroundServer) -> None:
+    ran = prebake("--server", server.address, "catalog", "models", "--family", "llama")
+    assert ran.code == 0, ran.err
+    [row] = [line for line in ran.out.splitlines() if " meta-textgeneration-llama-3-8b " in line + " "]
+    assert "meta-llama/Meta-Llama-3-8B" in row.split()
+    data = json.loads(prebake("--server", server.address, "catalog", "models", "--json").out)
+    by_id = {m["jumpstart_model_id"]: m for m in data["models"]}
+    assert by_id["meta-textgeneration-llama-3-8b"]["hf_model_id"] == "meta-llama/Meta-Llama-3-8B"
+    assert by_id["huggingface-textgeneration-gpt2"]["aliases"] == ["gpt2"]
+
+
+def test_the_name_table_names_only_models_of_the_model_table_once() -> None:
+    from prebake.server.model_catalog import ModelCatalog
+
+    catalog = ModelCatalog.load_packaged()  # raises for a name of two models or an unknown id
+    assert catalog.canonical_name("META-TEXTGENERATION-LLAMA-3-8B") == "meta-llama/Meta-Llama-3-8B"
+    assert catalog.canonical_name("my-org/my-finetune") == "my-org/my-finetune"
+    assert catalog.other_names("meta-llama/Meta-Llama-3-8B") == ("meta-textgeneration-llama-3-8b",)
+
+
+def test_the_checks_of_a_model_apply_under_each_of_its_names(client: Client) -> None:
+    with pytest.raises(errors.InvalidArgument, match="does not support quantization") as refused:
+        client.lookup(awq("tiiuae/falcon-180B-chat"))
+    assert "JumpStart huggingface-llm-falcon-180b-chat-bf16" in str(refused.value)
+    assert client.list_jobs().jobs == []
+
+
+def test_a_model_source_mapped_under_any_name_serves_the_canonical_one(tmp_path: Path) -> None:
+    from prebake.server.model_sources import ModelSources
+
+    sources = ModelSources.from_config("", "meta-textgeneration-llama-3-8b=/srv/llama3", tmp_path)
+    assert sources.resolve("meta-llama/Meta-Llama-3-8B", "") == ("/srv/llama3", False)

@@ -206,6 +206,7 @@ def test_the_plugin_commands_are_the_entry_points_the_package_declares() -> None
     declared = pyproject["project"]["entry-points"][ENTRY_POINT_GROUP]
     assert declared == {
         "serve": "prebake.server.cli:register",
+        "config": "prebake.server.cli:register_config",
         "worker": "prebake.compiler.cli:register",
         "init-aws": "prebake.server.ops_cli:register_init_aws",
         "reindex": "prebake.server.ops_cli:register_reindex",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -160,3 +162,107 @@ def test_serve_refuses_a_bad_store_as_a_usage_error(prebake: PrebakeCli) -> None
     ran = prebake("serve", "--store", "file:///tmp/x")
     assert ran.code == 2
     assert "store 'file:///tmp/x' is not an s3:// URL" in ran.err
+
+
+# --- Documented configuration: `serve --help` and `config show` (issue 11, item 4) ---
+
+
+def test_every_setting_is_documented_with_its_flag_environment_variable_and_key(
+    prebake: PrebakeCli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prebake.server.cli import flag_of
+    from prebake.server.config import settings
+
+    monkeypatch.setenv("COLUMNS", "100")
+    ran = prebake("serve", "--help")
+    assert ran.code == 0, ran.err
+    text = " ".join(ran.out.split())  # argparse wraps the help lines
+    docs = {s.name: s.doc for s in settings()}
+    for f in dataclasses.fields(ServerConfig):
+        assert docs[f.name], f"ServerConfig.{f.name} has no comment to document it"
+        assert " ".join(docs[f.name].split()[:4]) in text, f.name
+        flag, env = flag_of(f.name), f"PREBAKE_{f.name.upper()}"
+        assert f"{flag} " in ran.out, f"no {flag} for {f.name}"
+        assert f"[env {env}; key {f.name}; default " in text, f.name
+
+
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("PREBAKE_"):
+            monkeypatch.delenv(name)
+
+
+def test_config_show_names_the_source_of_every_value(
+    prebake: PrebakeCli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _clean_environment(monkeypatch)
+    file = tmp_path / "prebake.toml"
+    file.write_text('[server]\nlisten = "127.0.0.1:1"\nmax_blob_bytes = 10\nlease_seconds = 7.5\n')
+    monkeypatch.setenv("PREBAKE_MAX_BLOB_BYTES", "20")
+    monkeypatch.setenv("PREBAKE_TLS_CERT", str(tmp_path / "server.pem"))
+    monkeypatch.setenv("PREBAKE_TLS_KEY", "/very/secret/server.key")
+    ran = prebake(
+        "config", "show", "--config", str(file), "--listen", "127.0.0.1:3", "--workers", "0", "--json"
+    )
+    assert ran.code == 0, ran.err
+    shown = json.loads(ran.out)
+    assert shown["config_file"] == str(file)
+    rows = {row["name"]: row for row in shown["settings"]}
+    assert [row["name"] for row in shown["settings"]] == [f.name for f in dataclasses.fields(ServerConfig)]
+    assert rows["listen"] == {"name": "listen", "value": "127.0.0.1:3", "source": "flag", "from": "--listen"}
+    assert rows["embedded_workers"] == {
+        "name": "embedded_workers",
+        "value": 0,
+        "source": "flag",
+        "from": "--workers",
+    }
+    assert (rows["max_blob_bytes"]["value"], rows["max_blob_bytes"]["source"]) == (20, "env")
+    assert rows["max_blob_bytes"]["from"] == "PREBAKE_MAX_BLOB_BYTES"
+    assert rows["lease_seconds"] == {
+        "name": "lease_seconds",
+        "value": 7.5,
+        "source": "file",
+        "from": str(file),
+    }
+    assert rows["io_threads"] == {"name": "io_threads", "value": 4, "source": "default", "from": ""}
+    # A private key's path is never printed, only that it is set.
+    assert rows["tls_key"] == {"name": "tls_key", "value": "set", "source": "env", "from": "PREBAKE_TLS_KEY"}
+    assert rows["signing_key"]["value"] == ""
+    assert "secret" not in ran.out
+
+    text = prebake("config", "show", "--config", str(file), "--workers", "0")
+    assert text.code == 0, text.err
+    lines = {line.split()[0]: line.split()[1:] for line in text.out.splitlines()[1:]}
+    assert lines["listen"] == ["127.0.0.1:1", "file", str(file)]
+    assert lines["max_blob_bytes"] == ["20", "env", "PREBAKE_MAX_BLOB_BYTES"]
+    assert lines["embedded_workers"] == ["0", "flag", "--workers"]
+    assert lines["io_threads"] == ["4", "default"]
+    assert lines["tls_key"] == ["set", "env", "PREBAKE_TLS_KEY"]
+    assert "secret" not in text.out
+
+
+def test_generated_flags_parse_as_the_setting_does(
+    prebake: PrebakeCli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _clean_environment(monkeypatch)
+    ran = prebake(
+        "config", "show", "--json", "--no-reader-may-enqueue", "--job-create-per-minute", "5",
+        "--negative-cache-seconds", "30", "--max-request-bytes", "2K",
+        "--model-source-root", str(tmp_path / "a"), "--model-source-root", str(tmp_path / "b"),
+    )  # fmt: skip
+    assert ran.code == 0, ran.err
+    values = {row["name"]: row["value"] for row in json.loads(ran.out)["settings"]}
+    assert values["reader_may_enqueue"] is False
+    assert (values["job_create_per_minute"], values["negative_cache_seconds"]) == (5.0, 30.0)
+    assert values["max_request_bytes"] == 2048
+    assert values["model_source_roots"] == f"{tmp_path / 'a'},{tmp_path / 'b'}"
+
+
+def test_config_show_refuses_bad_settings_as_serve_does(
+    prebake: PrebakeCli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _clean_environment(monkeypatch)
+    monkeypatch.setenv("PREBAKE_PROCESSES", "0")
+    ran = prebake("config", "show")
+    assert ran.code == 2
+    assert "processes must be at least 1" in ran.err

@@ -65,6 +65,11 @@ class PluginCommand:
 # In `prebake --help` order, before the client's own commands.
 PLUGIN_COMMANDS = {
     "serve": PluginCommand("run a prebake server", "the server extra", "pip install 'prebake[server]'"),
+    "config": PluginCommand(
+        "show the server configuration and where each setting came from",
+        "the server extra",
+        "pip install 'prebake[server]'",
+    ),
     "worker": PluginCommand(
         "run a compile worker",
         "the compiler and a backend",

@@ -561,13 +561,21 @@ def catalog(args: argparse.Namespace, client: Client) -> int:
             [
                 m.family,
                 m.jumpstart_model_id,
+                m.hf_model_id or "-",
                 _SUPPORT[m.quantization],
                 _SUPPORT[m.speculative_decoding],
                 _SUPPORT[m.sagemaker_draft_model],
             ]
             for m in models
         ]
-        header = ["FAMILY", "JUMPSTART MODEL", "QUANTIZATION", "SPECULATIVE", "DRAFT MODEL"]
+        header = [
+            "FAMILY",
+            "JUMPSTART MODEL",
+            "HUGGING FACE MODEL",
+            "QUANTIZATION",
+            "SPECULATIVE",
+            "DRAFT MODEL",
+        ]
         data = {"models": [MessageToDict(m, preserving_proto_field_name=True) for m in models]}
     _emit(args, render.table(header, rows), data)
     return exitcodes.OK

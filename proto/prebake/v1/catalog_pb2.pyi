@@ -54,6 +54,8 @@ class ModelInfo(_message.Message):
 
     FAMILY_FIELD_NUMBER: _builtins.int
     JUMPSTART_MODEL_ID_FIELD_NUMBER: _builtins.int
+    HF_MODEL_ID_FIELD_NUMBER: _builtins.int
+    ALIASES_FIELD_NUMBER: _builtins.int
     QUANTIZATION_FIELD_NUMBER: _builtins.int
     SPECULATIVE_DECODING_FIELD_NUMBER: _builtins.int
     SAGEMAKER_DRAFT_MODEL_FIELD_NUMBER: _builtins.int
@@ -61,24 +63,35 @@ class ModelInfo(_message.Message):
     """Model family, e.g. `LLaMA`, `Mistral`."""
     jumpstart_model_id: _builtins.str
     """The JumpStart model id, usable as a key's `model`."""
+    hf_model_id: _builtins.str
+    """The Hugging Face repo id of the same weights, empty if not known. When set it is the
+    model's canonical name: a key naming any of the model's names (this, the JumpStart id
+    or an alias; case-insensitively) is normalised to it, so they share artifacts.
+    """
     quantization: Global___Support.ValueType
     """Quantization (AWQ keys are refused for SUPPORT_NO)."""
     speculative_decoding: Global___Support.ValueType
     """Speculative decoding."""
     sagemaker_draft_model: Global___Support.ValueType
     """Speculative decoding with the SageMaker-provided draft model."""
+    @_builtins.property
+    def aliases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Other names of the model a key may use (renamed owners, older repo ids)."""
+
     def __init__(
         self,
         *,
         family: _builtins.str = ...,
         jumpstart_model_id: _builtins.str = ...,
+        hf_model_id: _builtins.str = ...,
+        aliases: _abc.Iterable[_builtins.str] | None = ...,
         quantization: Global___Support.ValueType = ...,
         speculative_decoding: Global___Support.ValueType = ...,
         sagemaker_draft_model: Global___Support.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["family", b"family", "jumpstart_model_id", b"jumpstart_model_id", "quantization", b"quantization", "sagemaker_draft_model", b"sagemaker_draft_model", "speculative_decoding", b"speculative_decoding"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "family", b"family", "hf_model_id", b"hf_model_id", "jumpstart_model_id", b"jumpstart_model_id", "quantization", b"quantization", "sagemaker_draft_model", b"sagemaker_draft_model", "speculative_decoding", b"speculative_decoding"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -10,15 +10,27 @@ the command runs, and its absence is reported with what to install.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from prebake.core.cli_values import count, positive_int, seconds, size
 from prebake.core.command_plugins import CommandFailed, CommandRegistrar
 from prebake.core.errors import PrebakeError
-from prebake.core.logs import add_log_flags
-from prebake.server.config import DEFAULT_DATA_DIR, DEFAULT_LISTEN, ServerConfig, load_server_config
+from prebake.core.logs import LOG_FORMATS, LOG_LEVELS
+from prebake.server.config import (
+    ENV_PREFIX,
+    ServerConfig,
+    Setting,
+    is_secret,
+    load_server_config,
+    load_server_config_with_sources,
+    settings,
+)
 
 
 def register(commands: CommandRegistrar) -> None:
@@ -31,7 +43,12 @@ def register(commands: CommandRegistrar) -> None:
             "Run the server in this process until SIGINT/SIGTERM: registry and blobs under the\n"
             "data directory (or in DynamoDB and S3: --registry, --store), and an in-process\n"
             "compile worker for every backend whose toolchain is installed here (see --workers).\n"
-            "Settings: flags > PREBAKE_* environment variables > --config file.\n"
+            "\n"
+            "Every setting below has a flag, a PREBAKE_<NAME> environment variable and a key\n"
+            "<name> in the TOML file of --config (in a [server] table, or at the top level).\n"
+            "Flags beat environment variables, which beat the file, which beats the defaults.\n"
+            "`prebake config show` prints the values a server would run with and where each\n"
+            "came from.\n"
             "\n"
             "One server per address, and per data directory while the registry or the blobs\n"
             "live there: a port or a data directory another server holds is refused at\n"
@@ -57,157 +74,120 @@ def register(commands: CommandRegistrar) -> None:
         """,
         connects=False,
     )
-    p.add_argument("--listen", metavar="HOST:PORT", help=f"address to listen on (default {DEFAULT_LISTEN})")
-    p.add_argument(
-        "--data-dir",
-        metavar="DIR",
-        help=(
-            "where a local registry and blobs live, and embedded workers' scratch space "
-            f"(default {os.path.join('.', DEFAULT_DATA_DIR)})"
-        ),
-    )
     p.add_argument("--config", metavar="FILE", help="TOML file with a [server] table (env PREBAKE_CONFIG)")
-    add_backend_flags(p)
     p.add_argument(
         "--create-tables",
         action="store_true",
         help="create the --registry's DynamoDB tables first if missing (as prebake init-aws)",
     )
-    p.add_argument("--max-blob-bytes", type=size, metavar="N", help="largest blob accepted (default 64G)")
-    p.add_argument(
-        "--max-store-bytes", type=size, metavar="N", help="total blob bytes allowed (default: no limit)"
-    )
-    p.add_argument(
-        "--gc-interval",
-        type=seconds,
-        metavar="SECONDS",
-        help="how often the garbage collector runs (default 300; 0 = never, `prebake gc` still works)",
-    )
-    p.add_argument(
-        "--unreferenced-blob-grace",
-        type=seconds,
-        metavar="SECONDS",
-        help="how long an uploaded blob no artifact uses is kept for its publish (default 21600: 6 h)",
-    )
-    p.add_argument(
-        "--workers",
-        type=count,
-        metavar="N",
-        help="in-process compile workers per installed backend (default 1; 0 = none)",
-    )
-    p.add_argument(
-        "--processes",
-        type=positive_int,
-        metavar="N",
-        help=(
-            "server processes sharing the listen port, to use N cores for rpcs (default 1; "
-            "env PREBAKE_PROCESSES)"
-        ),
-    )
-    p.add_argument(
-        "--blob-http-listen",
-        metavar="HOST:PORT",
-        help=(
-            "serve blob downloads over HTTP from signed URLs handed out with manifests, so "
-            "fetches bypass gRPC streaming (local store, no TLS; env PREBAKE_BLOB_HTTP_LISTEN)"
-        ),
-    )
-    # Integrity sweep (issue 9).
-    p.add_argument(
-        "--integrity-sweep-seconds",
-        type=float,
-        metavar="S",
-        help="re-hash stored blobs and repair what is lost every S seconds (default 86400; 0 = off)",
-    )
-    p.add_argument(
-        "--integrity-sweep-rate",
-        type=size,
-        metavar="N",
-        help="bytes per second that sweep hashes at most (default 32M; 0 = unlimited)",
-    )
-    p.add_argument(
-        "--model-source-root",
-        action="append",
-        metavar="DIR|s3://PREFIX",
-        help=(
-            "a directory or s3:// prefix a lookup's --model-source may point inside; repeatable "
-            "(default: DATA_DIR/models; env PREBAKE_MODEL_SOURCE_ROOTS, comma-separated)"
-        ),
-    )
-    p.add_argument(
-        "--model-source-for",
-        action="append",
-        metavar="MODEL=SOURCE",
-        help=(
-            "the source of MODEL's jobs when a lookup names none (a directory or s3:// prefix, "
-            "allowed as is); repeatable (env PREBAKE_MODEL_SOURCE_MAP, comma-separated)"
-        ),
-    )
-    add_log_flags(p)
-    p.add_argument(
-        "--metrics-listen",
-        metavar="HOST:PORT",
-        help=(
-            "serve Prometheus metrics (/metrics) and a status page (/) over HTTP here; port 0 = a "
-            "free port (default: off; env PREBAKE_METRICS_LISTEN). Non-loopback needs --auth-file"
-        ),
-    )
-    _add_security_flags(p)
-    _add_signing_flags(p)
+    add_setting_flags(p)
 
 
-def _add_security_flags(p: argparse.ArgumentParser) -> None:
-    """Authentication and TLS: ServerConfig's auth_file, insecure_allow_anonymous, tls_*."""
-    group = p.add_argument_group("authentication and TLS")
-    group.add_argument(
-        "--auth-file",
-        metavar="FILE",
-        help="token file that turns authentication on (prebake token add makes it; env PREBAKE_AUTH_FILE)",
-    )
-    group.add_argument(
-        "--insecure-allow-anonymous",
-        action="store_true",
-        default=None,
-        help="serve a non-loopback --listen address without authentication (anyone reaching it "
-        "may replace artifacts; a warning is logged)",
-    )
-    group.add_argument("--tls-cert", metavar="FILE", help="PEM certificate chain: serve TLS (with --tls-key)")
-    group.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
-    group.add_argument(
-        "--tls-client-ca",
-        metavar="FILE",
-        help="PEM CA bundle: mutual TLS, every client needs a certificate one of them signed",
-    )
+@dataclass(frozen=True)
+class _Flag:
+    """How a ServerConfig field is given on the command line."""
+
+    flag: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    # Given once per value, the values joined with "," (the setting's comma-separated form).
+    repeatable: bool = False
 
 
-def _add_signing_flags(p: argparse.ArgumentParser) -> None:
-    """Signed artifacts: ServerConfig's require_signatures, signer_keys, revoked_signers, signing_key."""
-    group = p.add_argument_group("signed artifacts")
-    group.add_argument(
-        "--require-signatures",
-        action="store_true",
-        default=None,
-        help="refuse unsigned publishes and job completions (env PREBAKE_REQUIRE_SIGNATURES)",
-    )
-    group.add_argument(
-        "--signer-key",
-        dest="signer_keys",
-        action="append",
-        metavar="FILE",
-        help="accept signatures only by this public key (PEM); repeatable (default: any signer)",
-    )
-    group.add_argument(
-        "--revoked-signer",
-        dest="revoked_signers",
-        action="append",
-        metavar="KEY_ID",
-        help="stop serving artifacts signed by this key id (ed25519:...); repeatable",
-    )
-    group.add_argument(
-        "--signing-key",
-        metavar="FILE",
-        help="embedded workers sign their artifacts with this private key (PEM)",
-    )
+# Flags whose spelling or parsing is not the generated one (--FIELD-NAME, parsed by the
+# field's type; see `_flag`): the shorter names earlier versions had, and repeatable flags
+# of comma-separated settings.
+_FLAGS: Mapping[str, _Flag] = {
+    "processes": _Flag("--processes", {"type": positive_int, "metavar": "N"}),
+    "embedded_workers": _Flag("--workers", {"type": count, "metavar": "N"}),
+    "gc_interval_seconds": _Flag("--gc-interval", {"type": seconds, "metavar": "SECONDS"}),
+    "unreferenced_blob_grace_seconds": _Flag(
+        "--unreferenced-blob-grace", {"type": seconds, "metavar": "SECONDS"}
+    ),
+    "integrity_sweep_bytes_per_second": _Flag("--integrity-sweep-rate", {"type": size, "metavar": "N"}),
+    "model_source_roots": _Flag("--model-source-root", {"metavar": "DIR|s3://PREFIX"}, repeatable=True),
+    "model_source_map": _Flag("--model-source-for", {"metavar": "MODEL=SOURCE"}, repeatable=True),
+    "signer_keys": _Flag("--signer-key", {"metavar": "FILE"}, repeatable=True),
+    "revoked_signers": _Flag("--revoked-signer", {"metavar": "KEY_ID"}, repeatable=True),
+    "log_format": _Flag("--log-format", {"choices": LOG_FORMATS}),
+    "log_level": _Flag("--log-level", {"type": str.lower, "choices": LOG_LEVELS}),
+    "store": _Flag("--store", {"metavar": "s3://BUCKET/PREFIX"}),
+    "registry": _Flag("--registry", {"metavar": "dynamodb://TABLE_PREFIX"}),
+}
+
+
+def _flag(setting: Setting) -> _Flag:
+    """The flag of `setting`: from `_FLAGS`, else --FIELD-NAME parsed by the field's type."""
+    if setting.name in _FLAGS:
+        return _FLAGS[setting.name]
+    name, default = setting.name, setting.default
+    options: dict[str, Any]
+    if isinstance(default, bool):
+        options = {"action": argparse.BooleanOptionalAction}
+    elif isinstance(default, int):
+        options = {"type": size if "bytes" in name else int, "metavar": "N"}
+        if name.endswith("_seconds"):
+            options = {"type": count, "metavar": "SECONDS"}
+    elif isinstance(default, float):
+        options = {"type": seconds, "metavar": "SECONDS"} if name.endswith("_seconds") else {"type": float}
+        options.setdefault("metavar", "X")
+    elif name.endswith("listen"):
+        options = {"metavar": "HOST:PORT"}
+    elif isinstance(default, Path) or name.endswith("_dir"):
+        options = {"metavar": "DIR"}
+    elif name.endswith(("_file", "_cert", "_key", "_ca")):
+        options = {"metavar": "FILE"}
+    else:
+        options = {"metavar": "VALUE"}
+    return _Flag("--" + name.replace("_", "-"), options)
+
+
+def flag_of(name: str) -> str:
+    """The command-line flag of the ServerConfig field `name` (e.g. --workers)."""
+    return _flag(next(s for s in settings() if s.name == name)).flag
+
+
+def _shown_default(setting: Setting) -> str:
+    value = setting.default
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, int) and "bytes" in setting.name and value:
+        for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
+            if value % (1 << shift) == 0:
+                return f"{value >> shift}{unit}"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, Path) and not value.is_absolute():
+        return os.path.join(".", value)
+    return str(value) if str(value) else "empty"
+
+
+def add_setting_flags(p: argparse.ArgumentParser) -> None:
+    """A flag for every ServerConfig field, grouped as config.py groups them, each documented
+    with its environment variable, TOML key and default (all from `settings()`)."""
+    groups: dict[str, Any] = {}
+    for setting in settings():
+        if setting.section not in groups:
+            groups[setting.section] = p.add_argument_group(f"settings: {setting.section.lower()}")
+        flag = _flag(setting)
+        repeat = "; repeatable, or comma-separated in env and file" if flag.repeatable else ""
+        where = f"[env {setting.env}; key {setting.name}; default {_shown_default(setting)}{repeat}]"
+        groups[setting.section].add_argument(
+            flag.flag,
+            dest=setting.name,
+            action="append" if flag.repeatable else flag.options.get("action", "store"),
+            default=None,
+            help=f"{setting.doc} {where}".replace("%", "%%"),
+            **{k: v for k, v in flag.options.items() if k != "action"},
+        )
+
+
+def setting_flags(args: argparse.Namespace) -> dict[str, object]:
+    """The settings given as flags (None: not given), as `load_server_config` takes them."""
+    given: dict[str, object] = {}
+    for setting in settings():
+        value = getattr(args, setting.name)
+        given[setting.name] = ",".join(value) if _flag(setting).repeatable and value is not None else value
+    return given
 
 
 def add_backend_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -276,38 +256,81 @@ def config_from(args: argparse.Namespace, **flags: object) -> ServerConfig:
 
 
 def _config(args: argparse.Namespace) -> ServerConfig:
-    return config_from(
-        args,
-        listen=args.listen,
-        data_dir=args.data_dir,
-        store=args.store,
-        registry=args.registry,
-        max_blob_bytes=args.max_blob_bytes,
-        max_store_bytes=args.max_store_bytes,
-        metrics_listen=args.metrics_listen,
-        embedded_workers=args.workers,
-        log_format=args.log_format,
-        log_level=args.log_level,
-        processes=args.processes,
-        blob_http_listen=args.blob_http_listen,
-        integrity_sweep_seconds=args.integrity_sweep_seconds,
-        integrity_sweep_bytes_per_second=args.integrity_sweep_rate,
-        auth_file=args.auth_file,
-        insecure_allow_anonymous=args.insecure_allow_anonymous,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        tls_client_ca=args.tls_client_ca,
-        model_source_roots=_joined(args.model_source_root),
-        model_source_map=_joined(args.model_source_for),
-        gc_interval_seconds=args.gc_interval,
-        unreferenced_blob_grace_seconds=args.unreferenced_blob_grace,
-        require_signatures=args.require_signatures,
-        signer_keys=",".join(args.signer_keys) if args.signer_keys else None,
-        revoked_signers=",".join(args.revoked_signers) if args.revoked_signers else None,
-        signing_key=args.signing_key,
+    return config_from(args, **setting_flags(args))
+
+
+def register_config(commands: CommandRegistrar) -> None:
+    """Add `config show`: the configuration `serve` would run with, and where it came from."""
+    p = commands.add_command(
+        "config",
+        _config_group,
+        summary="show the server configuration and where each setting came from",
+        description=(
+            "Inspect the server configuration as `prebake serve` would build it (see its --help\n"
+            "for every setting)."
+        ),
+        examples="""
+        prebake config show
+        prebake config show --config prebake.toml --json
+        """,
+        connects=False,
     )
+    sub = commands.nested(p.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True))
+    show = sub.add_command(
+        "show",
+        config_show,
+        summary="print the effective configuration and each value's source",
+        description=(
+            "Build the configuration from the same flags, PREBAKE_* environment variables and\n"
+            "--config file as `prebake serve` (and check it the same way: a bad setting is a\n"
+            "usage error, exit 2), then print every setting with its value and its source:\n"
+            "default, file PATH, env PREBAKE_NAME or flag --name. Settings that are or point\n"
+            "at a secret (tokens, private keys) print only whether they are set."
+        ),
+        examples="""
+        prebake config show
+        PREBAKE_LISTEN=0.0.0.0:50051 prebake config show --config /etc/prebake.toml --workers 0
+        prebake config show --json | jq '.settings[] | select(.source != "default")'
+        """,
+        connects=False,
+    )
+    show.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    show.add_argument("--config", metavar="FILE", help="TOML file with a [server] table (env PREBAKE_CONFIG)")
+    add_setting_flags(show)
 
 
-def _joined(values: list[str] | None) -> str | None:
-    """A repeatable flag as its comma-separated setting (None: not given)."""
-    return None if values is None else ",".join(values)
+def _config_group(args: argparse.Namespace) -> int:
+    """`prebake config` alone: argparse requires a subcommand, so this is never reached."""
+    raise CommandFailed("prebake config: name a subcommand (show)", bad_input=True)
+
+
+def config_show(args: argparse.Namespace) -> int:
+    """Print every setting's effective value and source; CommandFailed (usage) for bad settings."""
+    config_file = Path(args.config) if args.config else None
+    try:
+        config, sources = load_server_config_with_sources(setting_flags(args), os.environ, config_file)
+    except ValueError as exc:
+        raise CommandFailed(str(exc), bad_input=True) from exc
+    rows = []
+    for setting in settings():
+        value = getattr(config, setting.name)
+        if is_secret(setting.name):
+            value = "set" if value else ""
+        elif isinstance(value, Path):
+            value = str(value)
+        source = sources[setting.name]
+        origin = flag_of(setting.name) if source.layer == "flag" else source.origin
+        rows.append({"name": setting.name, "value": value, "source": source.layer, "from": origin})
+    if args.json:
+        used = config_file or os.environ.get(f"{ENV_PREFIX}CONFIG") or None
+        print(json.dumps({"config_file": str(used) if used else None, "settings": rows}, indent=2))
+        return 0
+    table = [["SETTING", "VALUE", "SOURCE"]]
+    for row in rows:
+        shown = row["value"]
+        text = json.dumps(shown) if shown == "" or isinstance(shown, bool) else str(shown)
+        table.append([str(row["name"]), text, f"{row['source']} {row['from']}".strip()])
+    widths = [max(len(line[i]) for line in table) for i in range(2)]
+    for name, text, origin in table:
+        print(f"{name.ljust(widths[0])}  {text.ljust(widths[1])}  {origin}".rstrip())
+    return 0

@@ -2,14 +2,23 @@
 
 Precedence (applied by `load_server_config`): command-line flags > `PREBAKE_*`
 environment variables > a TOML file (`--config`, or `PREBAKE_CONFIG`) > defaults.
+
+Each field's comment is its documentation: `settings()` reads the comments from this
+source, so `prebake serve --help` (flag, environment variable, TOML key and default of
+every field) and `prebake config show` cannot drift from the dataclass. A field without a
+comment of its own fails tests/test_config.py.
+A "# --- Title ---" comment starts a group of settings.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +36,11 @@ DEFAULT_DATA_DIR = Path("./prebake-data")
 class ServerConfig:
     """Everything the server reads at start-up. Immutable; passed to every component."""
 
+    # HOST:PORT the gRPC server listens on (port 0: a free one). A non-loopback address
+    # needs auth_file or insecure_allow_anonymous.
     listen: str = DEFAULT_LISTEN
+    # Where a local registry (SQLite) and local blobs live, and the embedded workers'
+    # scratch space.
     data_dir: Path = DEFAULT_DATA_DIR
     # Where blobs and the manifest archive live: "" = local disk under data_dir (cas/), or
     # "s3://BUCKET/PREFIX". Endpoint, region and credentials: boto3's standard sources.
@@ -122,6 +135,7 @@ class ServerConfig:
     reader_may_enqueue: bool = True
     # TLS: the server's certificate chain and its private key (PEM files); both or neither.
     tls_cert: str = ""
+    # The private key of tls_cert (PEM).
     tls_key: str = ""
     # Mutual TLS: a PEM bundle of CAs; every client must present a certificate one of them
     # signed (needs tls_cert). A certificate's subject may stand for a token-file entry.
@@ -177,14 +191,17 @@ class ServerConfig:
     # create through lookups: this many at once, refilled at job_create_per_minute
     # (0: no limit); beyond it RESOURCE_EXHAUSTED, saying when to retry.
     job_create_burst: int = 200
+    # How many compile-job creations a caller gets back per minute, up to job_create_burst.
     job_create_per_minute: float = 600.0
     # Uploads (Write streams) one caller may start: this many at once, refilled at
     # upload_start_per_minute (0: no limit).
     upload_start_burst: int = 2000
+    # How many upload starts a caller gets back per minute, up to upload_start_burst.
     upload_start_per_minute: float = 12000.0
     # Uploads in progress at once, on the server and per caller (0: no cap); beyond them
     # RESOURCE_EXHAUSTED until one finishes.
     max_uploads: int = 256
+    # Uploads in progress at once per caller (0: no cap).
     max_uploads_per_caller: int = 64
     # An upload whose client sends nothing for this long is ended (ABORTED) and its partial
     # data discarded, freeing its file (0: never).
@@ -235,6 +252,78 @@ def _boolean(value: Any) -> bool:
     raise ValueError(f"{value!r} is not a boolean")
 
 
+@dataclass(frozen=True)
+class Setting:
+    """One ServerConfig field as documented: `settings()`."""
+
+    name: str  # the field, and its TOML key (in a [server] table or at the top level)
+    section: str  # the "# --- Title ---" group it is in
+    doc: str  # its comment, as one paragraph
+    default: Any
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+ENV_PREFIX = _ENV_PREFIX
+GENERAL_SECTION = "Server"
+_SECTION_RE = re.compile(r"#\s*---\s*(.*?)\s*---\s*$")
+_FIELD_RE = re.compile(r"([a-z_][a-z0-9_]*)\s*:")
+
+
+@cache
+def settings() -> tuple[Setting, ...]:
+    """Every ServerConfig field with its comment and group, in field order.
+
+    The comment right above a field documents it; each field has its own. Read from the
+    source: knowledge lives in one place. Without the source (a bytecode-only install) the
+    docs are empty.
+    """
+    try:
+        lines = inspect.getsource(ServerConfig).splitlines()
+    except (OSError, TypeError):
+        lines = []
+    docs: dict[str, tuple[str, str]] = {}
+    section, pending = GENERAL_SECTION, list[str]()
+    for line in (raw.strip() for raw in lines):
+        heading = _SECTION_RE.fullmatch(line)
+        field_match = _FIELD_RE.match(line)
+        if heading:
+            title = re.sub(r"\s*\(.*?\)", "", heading.group(1)).strip()
+            section, pending = title[:1].upper() + title[1:], []
+        elif line.startswith("#"):
+            pending.append(line.lstrip("#").strip())
+        else:
+            if field_match and not line.startswith(("def ", "class ")):
+                docs[field_match.group(1)] = (section, " ".join(pending))
+            pending = []
+    defaults = ServerConfig()
+    return tuple(
+        Setting(f.name, *docs.get(f.name, (GENERAL_SECTION, "")), getattr(defaults, f.name))
+        for f in fields(ServerConfig)
+    )
+
+
+# Settings whose value may be a secret, or points at one (a private key): `prebake config
+# show` prints only whether they are set. By name, so that a new `*_token` or `*_secret`
+# setting is covered without a list to update.
+_SECRET_RE = re.compile(r"token|secret|password|credential|(^|_)key$")
+
+
+def is_secret(name: str) -> bool:
+    return bool(_SECRET_RE.search(name))
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a setting's value came from: layer "default", "file" (`origin`: its path),
+    "env" (the variable) or "flag" (the field name; the CLI knows the flag's spelling)."""
+
+    layer: str
+    origin: str = ""
+
+
 def load_server_config(
     flags: Mapping[str, Any],
     environ: Mapping[str, str] | None = None,
@@ -244,9 +333,19 @@ def load_server_config(
 
     Raises ValueError with a readable message for unknown file keys or bad values.
     """
+    return load_server_config_with_sources(flags, environ, config_file)[0]
+
+
+def load_server_config_with_sources(
+    flags: Mapping[str, Any],
+    environ: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+) -> tuple[ServerConfig, dict[str, Source]]:
+    """`load_server_config`, and where each field's value came from."""
     environ = os.environ if environ is None else environ
     names = {f.name for f in fields(ServerConfig)}
     merged: dict[str, Any] = {}
+    sources = {name: Source("default") for name in names}
     file_path = config_file or (
         Path(environ[f"{_ENV_PREFIX}CONFIG"]) if f"{_ENV_PREFIX}CONFIG" in environ else None
     )
@@ -260,16 +359,25 @@ def load_server_config(
         if unknown:
             raise ValueError(f"config file {file_path}: unknown keys {unknown}; known: {sorted(names)}")
         merged.update({k: _coerce(k, v) for k, v in section.items()})
+        sources.update({k: Source("file", str(file_path)) for k in section})
     for name in names:
         env_value = environ.get(_ENV_PREFIX + name.upper())
         if env_value is not None and env_value != "":
             merged[name] = _coerce(name, env_value)
+            sources[name] = Source("env", _ENV_PREFIX + name.upper())
     for name, value in flags.items():
         if value is not None:
             if name not in names:
                 raise ValueError(f"unknown server setting {name!r}")
             merged[name] = _coerce(name, value)
+            sources[name] = Source("flag", name)
     config = ServerConfig(**merged)
+    _check(config)
+    return config, sources
+
+
+def _check(config: ServerConfig) -> None:
+    """ValueError for settings that cannot work together or cannot be used."""
     from prebake.server.key_normalization import DEFAULT_TOOLCHAINS
 
     # Refused now, readably, rather than when the server opens them.
@@ -296,7 +404,6 @@ def load_server_config(
         )
     if config.processes < 1:
         raise ValueError(f"processes must be at least 1, got {config.processes}")
-    return config
 
 
 def check_tls(config: ServerConfig) -> None:

@@ -8,7 +8,12 @@ digests are equal; the rest of a NormalizedKey (e.g. which instance type of a co
 target was named) is informational.
 
 Changing any rule that changes `canonical` for an existing key is a schema change:
-bump SCHEMA_VERSION rather than silently turning hits into misses.
+bump SCHEMA_VERSION rather than silently turning hits into misses. One exception, made
+without a bump: a model is named by its canonical name (`ModelCatalog.canonical_name`: the
+Hugging Face id of a catalog model, whichever of its names the request used). Keys stored
+before that under another name of a catalog model are still found, by `with_model` on
+read (see RegistryService._match), so no hit turned into a miss; a bump would have
+re-keyed every artifact instead of the few that named a JumpStart id.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 
 from prebake.core.digests import hash_bytes
@@ -26,6 +31,7 @@ from prebake.core.key_fields import KINDS as CONTRACT_KINDS
 from prebake.core.key_fields import require_fields, require_kinds
 from prebake.core.names import kind_values
 from prebake.server.instance_catalog import InstanceCatalog, InstanceType
+from prebake.server.model_catalog import ModelCatalog
 from prebake.server.records import NormalizedKey
 from prebake.server.sizing import check_fits
 
@@ -161,17 +167,19 @@ def normalize_key(
     req: KeyRequest,
     catalog: InstanceCatalog,
     default_toolchains: Mapping[str, str] | ToolchainResolver = DEFAULT_TOOLCHAINS,
+    models: ModelCatalog | None = None,
 ) -> NormalizedKey:
     """Validate and normalise `req`; raises InvalidKey(field, message) for the first problem.
 
     `default_toolchains` fills an unset toolchain: a mapping per kind, or a function of
     (kind, compile target) (the server's: configured default, else the newest toolchain
-    a live worker serves, else the built-in default). Pure and thread-safe (the catalog
-    is only read). Equal digests <=> same artifact.
+    a live worker serves, else the built-in default). `models` (default: the packaged
+    catalog) gives the model's canonical name. Pure and thread-safe (the catalogs are
+    only read). Equal digests <=> same artifact.
     """
     kind = _kind(req.kind)
     rules = _RULES[kind]
-    model = _model(req.model)
+    model = (models or ModelCatalog.load_default()).canonical_name(_model(req.model))
     revision = _revision(req.model_revision)
     precision = _precision(req.precision, kind)
     instance = _instance(req.instance_type, kind, catalog)
@@ -232,6 +240,15 @@ def normalize_key(
         canonical=canonical,
         digest=hash_bytes(canonical.encode()),
     )
+
+
+def with_model(key: NormalizedKey, model: str) -> NormalizedKey:
+    """`key` as it was normalised before model names were canonical, had it named `model`
+    (another name of its model): what an artifact stored then is keyed by."""
+    document = json.loads(key.canonical)
+    document["model"] = model
+    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return replace(key, model=model, canonical=canonical, digest=hash_bytes(canonical.encode()))
 
 
 def key_to_dict(key: NormalizedKey) -> dict[str, object]:

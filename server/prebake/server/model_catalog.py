@@ -1,10 +1,21 @@
-"""The JumpStart model table: which optimizations each SageMaker JumpStart model supports.
+"""The JumpStart model table: which optimizations each SageMaker JumpStart model supports,
+and the names each model goes by.
 
-Shipped as package data (from the reference table). Key validation uses it for keys
-whose model is a JumpStart id: an unknown id is refused with suggestions, and an AWQ key
-for a model whose quantization support is "no" is refused. Hugging Face repo ids
-(`org/name`) are not in the table and are not checked. Immutable after load, so safe to
-share between threads.
+Shipped as package data: `jumpstart_models.csv` (the reference table) and
+`model_names.csv` (the Hugging Face repo id and aliases of those JumpStart models whose
+Hugging Face repo is known). Key validation uses it: an unknown JumpStart id is refused
+with suggestions, and an AWQ key for a model whose quantization support is "no" is
+refused, whichever of its names the key uses. Other Hugging Face repo ids (`org/name`) are
+not in the table and are not checked. Immutable after load, so safe to share between threads.
+
+One model, one name in keys: `canonical_name` maps every known name of a model (JumpStart
+id, Hugging Face id, alias; case-insensitively, as the Hugging Face hub resolves repo ids)
+to its Hugging Face id, which key normalisation puts in the key. The Hugging Face id, not
+the JumpStart id, because it is what deployers and workers use: it names the checkpoint a
+worker downloads and compiles, it is what `model_source_map` entries and published
+artifacts (SageMaker's precompiled sets included) have been keyed by so far, and it exists
+for every model while a JumpStart id exists only for the models SageMaker lists. A model
+without a known Hugging Face id keeps its JumpStart id.
 """
 
 from __future__ import annotations
@@ -15,6 +26,7 @@ import io
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cache
 from importlib import resources
 
 from prebake.core.errors import InvalidKey
@@ -30,6 +42,20 @@ class ModelInfo:
     supports_quantization: bool | None
     supports_speculative_decoding: bool | None
     sagemaker_draft_model: bool | None
+    # The Hugging Face repo id of the same weights ("" if not known), the model's canonical
+    # name in keys when set; and other names of it (renamed owners, older repo names).
+    hf_model_id: str = ""
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def canonical_name(self) -> str:
+        return self.hf_model_id or self.jumpstart_model_id
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every name of the model, the canonical one first."""
+        others = (self.jumpstart_model_id, self.hf_model_id, *self.aliases)
+        return (self.canonical_name, *(n for n in others if n and n != self.canonical_name))
 
 
 def _support(cell: str) -> bool | None:
@@ -43,11 +69,32 @@ def looks_like_jumpstart_id(model: str) -> bool:
 class ModelCatalog:
     def __init__(self, models: list[ModelInfo]) -> None:
         self._models = {m.jumpstart_model_id: m for m in models}
+        self._by_name: dict[str, ModelInfo] = {}
+        for model in models:
+            for name in model.names:
+                other = self._by_name.setdefault(name.lower(), model)
+                if other is not model:
+                    raise ValueError(
+                        f"model name {name!r} names both {other.jumpstart_model_id} and "
+                        f"{model.jumpstart_model_id}"
+                    )
 
     @classmethod
     def load_default(cls) -> ModelCatalog:
-        text = resources.files("prebake.server.data").joinpath("jumpstart_models.csv").read_text()
-        rows = csv.DictReader(io.StringIO(text))
+        return _default_catalog()
+
+    @classmethod
+    def load_packaged(cls) -> ModelCatalog:
+        """Parse the package's tables (`load_default` parses them once per process)."""
+        data = resources.files("prebake.server.data")
+        names: dict[str, tuple[str, tuple[str, ...]]] = {}
+        text = data.joinpath("model_names.csv").read_text()
+        for row in csv.DictReader(line for line in io.StringIO(text) if not line.startswith("#")):
+            names[row["jumpstart_model_id"]] = (row["hf_model_id"], tuple((row["aliases"] or "").split()))
+        rows = list(csv.DictReader(io.StringIO(data.joinpath("jumpstart_models.csv").read_text())))
+        unknown = sorted(set(names) - {row["jumpstart_model_id"] for row in rows})
+        if unknown:
+            raise ValueError(f"model_names.csv names JumpStart ids the model table lacks: {unknown}")
         return cls(
             [
                 ModelInfo(
@@ -56,6 +103,8 @@ class ModelCatalog:
                     supports_quantization=_support(row["supports_quantization"]),
                     supports_speculative_decoding=_support(row["supports_speculative_decoding"]),
                     sagemaker_draft_model=_support(row["sagemaker_draft_model"]),
+                    hf_model_id=names.get(row["jumpstart_model_id"], ("", ()))[0],
+                    aliases=names.get(row["jumpstart_model_id"], ("", ()))[1],
                 )
                 for row in rows
             ]
@@ -67,11 +116,27 @@ class ModelCatalog:
     def get(self, model_id: str) -> ModelInfo | None:
         return self._models.get(model_id)
 
+    def named(self, name: str) -> ModelInfo | None:
+        """The model one of whose names (any case) is `name`."""
+        return self._by_name.get(name.lower())
+
+    def canonical_name(self, name: str) -> str:
+        """The name keys use for the model `name` names: its Hugging Face id when known,
+        else `name` itself (an unknown model is left as stated)."""
+        model = self._by_name.get(name.lower())
+        return model.canonical_name if model is not None else name
+
+    def other_names(self, name: str) -> tuple[str, ...]:
+        """The names of `name`'s model other than its canonical one: what keys stored before
+        names were made canonical may carry instead (see RegistryService._match)."""
+        model = self._by_name.get(name.lower())
+        return model.names[1:] if model is not None else ()
+
     def check(self, model: str, kind: str) -> None:
         """Refuse an unknown JumpStart id, and AWQ for a model that does not support quantization."""
-        if not looks_like_jumpstart_id(model):
+        info = self.named(model)
+        if info is None and not looks_like_jumpstart_id(model):
             return
-        info = self._models.get(model)
         if info is None:
             close = difflib.get_close_matches(model, list(self._models), n=3, cutoff=0.75)
             hint = f"; did you mean {' or '.join(close)}?" if close else ""
@@ -82,8 +147,19 @@ class ModelCatalog:
                 "known ids; a Hugging Face repo id looks like org/name)",
             )
         if kind == "awq" and info.supports_quantization is False:
+            also = "" if model == info.jumpstart_model_id else f" (JumpStart {info.jumpstart_model_id})"
             raise InvalidKey(
                 "model",
-                f"{model} does not support quantization (SageMaker JumpStart table); "
+                f"{model}{also} does not support quantization (SageMaker JumpStart table); "
                 "AWQ checkpoints cannot be made for it",
             )
+
+
+@cache
+def _default_catalog() -> ModelCatalog:
+    return ModelCatalog.load_packaged()
+
+
+def canonical_model_name(name: str) -> str:
+    """`ModelCatalog.canonical_name` of the packaged catalog."""
+    return _default_catalog().canonical_name(name)

@@ -31,6 +31,7 @@ from prebake.core.errors import FailedPrecondition, InvalidArgument
 from prebake.core.s3_urls import S3Location, is_s3_url, parse_s3_url
 from prebake.core.source_roots import lexical_path, lexically_within, really_within, s3_within
 from prebake.core.text_safety import first_invisible
+from prebake.server.model_catalog import canonical_model_name
 
 MAX_MODEL_SOURCE = 1024
 # Under the data directory, the local root when none is configured.
@@ -72,7 +73,8 @@ class ModelSources:
                     f"model_source_map entry for {model}: {source!r} is not an absolute path "
                     "without '..', nor an s3:// URL"
                 )
-            mapped[model] = _canonical(source)
+            # Keyed as keys name models, so that any name of a catalog model finds its entry.
+            mapped[canonical_model_name(model)] = _canonical(source)
         return cls(tuple(local), tuple(prefixes), mapped)
 
     def worker_roots(self) -> tuple[Path, ...]:

@@ -37,6 +37,8 @@ class CatalogService(catalog_pb2_grpc.CatalogServicer):
                 catalog_pb2.ModelInfo(
                     family=m.family,
                     jumpstart_model_id=m.jumpstart_model_id,
+                    hf_model_id=m.hf_model_id,
+                    aliases=m.aliases,
                     quantization=support(m.supports_quantization),
                     speculative_decoding=support(m.supports_speculative_decoding),
                     sagemaker_draft_model=support(m.sagemaker_draft_model),

@@ -13,7 +13,7 @@ from prebake.core.errors import InvalidArgument, NotFound
 from prebake.server import compat, convert, nearest
 from prebake.server.auth.request_rules import ENQUEUE_REFUSED, may_enqueue, require_replace_allowed
 from prebake.server.bounded import Bounded
-from prebake.server.key_normalization import DEFAULT_TOOLCHAINS, diff_keys, normalize_key
+from prebake.server.key_normalization import DEFAULT_TOOLCHAINS, diff_keys, normalize_key, with_model
 from prebake.server.lookup_memo import CAPACITY, KnownKey, ManifestMessages
 from prebake.server.nearest_memo import MISS_FRESH_SECONDS, NearestMemo
 from prebake.server.rate_limits import RateLimit, caller
@@ -73,7 +73,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         request = convert.key_request(msg)
         live_toolchain: tuple[str, str, tuple[str, str] | None] | None = None
         if request.toolchain:
-            key = normalize_key(request, self.s.catalog, DEFAULT_TOOLCHAINS)
+            key = normalize_key(request, self.s.catalog, DEFAULT_TOOLCHAINS, self.s.models)
             source = "requested"
         else:
             configured = self.s.configured_toolchains
@@ -95,16 +95,27 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
                 sources.append("built-in default")
                 return DEFAULT_TOOLCHAINS.get(kind, "")
 
-            key = normalize_key(request, self.s.catalog, resolve)
+            key = normalize_key(request, self.s.catalog, resolve, self.s.models)
             source = sources[0] if sources else "built-in default"
         self.s.models.check(key.model, key.kind)
         known = KnownKey(key, source, convert.resolved_key(key), live_toolchain)
         self.keys.put(raw, known)
         return known
 
+    def stored_as(self, key: NormalizedKey, stated: str = "") -> list[NormalizedKey]:
+        """`key` as artifacts stored before model names were canonical may be keyed: under
+        each other name of its model, and as `stated` in the request (normalise on read: no
+        migration rewrites them; see prebake.server.key_normalization)."""
+        names = dict.fromkeys((*self.s.models.other_names(key.model), stated))
+        return [with_model(key, name) for name in names if name and name != key.model]
+
     async def nearest(self, key: NormalizedKey) -> list[registry_pb2.NearMiss]:
+        index = self.s.storage.artifacts
+        ranked = await nearest.nearest(index, key, NEAREST)
+        for old in self.stored_as(key):  # the model's artifacts stored under its other names
+            ranked = nearest.rank_nearest([*ranked, *await nearest.nearest(index, old, NEAREST)], key, NEAREST)
         found = []
-        for a in await nearest.nearest(self.s.storage.artifacts, key, NEAREST):
+        for a in ranked:
             if a.artifact_id == key.digest:  # the key's own artifact, unavailable: no "near miss"
                 continue
             differences = diff_keys(a.key, key)
@@ -132,6 +143,10 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         """
         index = self.s.storage.artifacts
         found = await index.get(key.digest)
+        for old in self.stored_as(key, request.key.model) if found is None else ():
+            found = await index.get(old.digest)
+            if found is not None:
+                break
         # An artifact one of whose blobs is lost never hits (see prebake.server.integrity).
         if found is not None and not found.unavailable:
             signer = self.s.signatures.revoked_signer(found)
