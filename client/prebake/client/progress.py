@@ -42,6 +42,12 @@ def human_seconds(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m"
 
 
+def _elapsed(seconds: float) -> str:
+    """Elapsed time in a progress line: whole seconds ("0s", "42s"), then as human_seconds
+    ("1m15s"); hundredths would flicker on every redraw."""
+    return f"{int(seconds)}s" if seconds < 60 else human_seconds(seconds)
+
+
 def is_interactive(stream: TextIO) -> bool:
     try:
         return stream.isatty() and os.environ.get("TERM") != "dumb"
@@ -237,7 +243,7 @@ class TransferProgress:
             Field(self.label),
             Field(f"{fraction * 100:5.1f}%".strip()),
             Field(f"{human_bytes(done)} / {human_bytes(total)}"),
-            Field(human_seconds(elapsed)),
+            Field(_elapsed(elapsed)),
             Field(f"{human_bytes(rate)}/s" if rate > 0 else "", drop=2),
             Field(f"ETA {human_seconds((total - done) / rate)}" if rate > 0 and done < total else "", drop=3),
         ]
@@ -282,7 +288,7 @@ class VerifyProgress:
             Field("verify"),
             Field(f"{checked}/{total} blobs"),
             Field(f"{damaged} damaged"),
-            Field(human_seconds(time.monotonic() - self._started)),
+            Field(_elapsed(time.monotonic() - self._started)),
             Field(f"{human_bytes(hashed)} hashed", drop=1),
         ]
         now = time.monotonic()
@@ -406,7 +412,7 @@ class JobProgress:
         return [
             Field(stage, shrink=True),
             Field(f"{job.progress * 100:.0f}%" if running else ""),
-            Field(human_seconds(elapsed)),
+            Field(_elapsed(elapsed)),
             Field(f"job {job.job_id}", drop=1),
         ]
 
@@ -503,7 +509,7 @@ class PrewarmDisplay:
         return [
             Field("prewarm:"),
             Field(f"{snapshot.done}/{snapshot.total} done"),
-            Field(human_seconds(elapsed)),
+            Field(_elapsed(elapsed)),
             Field(pending, drop=1, shrink=True),
             Field(counts, drop=2, shrink=True),
         ]
@@ -522,9 +528,9 @@ class PrewarmDisplay:
             f"{snapshot.done}/{snapshot.total}",
             row.outcome,
             row.key.describe(),
-            f"job {row.job_id}" if row.job_id else "",
+            f"job {row.job_id}" if row.job_id and row.job_id not in detail else "",
             detail,
-            human_seconds(elapsed),
+            _elapsed(elapsed),
         ]
         return "  ".join(part for part in parts if part)
 
@@ -541,7 +547,8 @@ class PrewarmDisplay:
         self._last_draw = now
 
 
-def _pending(snapshot: PrewarmProgress) -> tuple[bool, int, int, int]:
-    """What a log line reports a change of: lookups all done, jobs waited for and
-    compiling, rows being cached."""
-    return (snapshot.looked_up == snapshot.total, snapshot.waiting, snapshot.compiling, snapshot.caching)
+def _pending(snapshot: PrewarmProgress) -> tuple[bool, int, int]:
+    """What a log line reports a change of: lookups all done, jobs compiling, rows being
+    cached. (Fewer jobs waited for means a row finished, which has its own line; more, at
+    the start, is the watches starting, not news.)"""
+    return (snapshot.looked_up == snapshot.total, snapshot.compiling, snapshot.caching)
