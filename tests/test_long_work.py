@@ -20,7 +20,7 @@ import pytest
 from prebake.client import ArtifactKey, Client
 from prebake.client.cli import main
 from prebake.client.prewarm import PrewarmProgress, prewarm
-from prebake.client.progress import Field, JobProgress, PrewarmDisplay, TransferProgress, fit
+from prebake.client.progress import Activity, Field, JobProgress, PrewarmDisplay, TransferProgress, fit
 from prebake.server.app import BackgroundServer, background_server
 from prebake.v1 import jobs_pb2, key_pb2, workers_pb2
 from tests.conftest import LLAMA3_8B_INF2
@@ -89,9 +89,7 @@ def test_a_job_line_at_80_columns_keeps_stage_percent_and_elapsed_and_drops_the_
     # A stage too long for the line is shortened; percent and elapsed stay.
     long_stage = job(jobs_pb2.JOB_STATE_LEASED, "compiling with AOTInductor for cpu-avx512 " + "x" * 80, 0.5)
     line = JobProgress.describe(long_stage, 5.0, width=79)
-    assert (
-        len(line) == 79 and line.startswith("compiling with AOTInductor") and line.endswith("…  50%  5s")
-    )
+    assert len(line) == 79 and line.startswith("compiling with AOTInductor") and line.endswith("…  50%  5s")
     # Not running: the state comes first, with its message; no percent.
     queued = job(jobs_pb2.JOB_STATE_QUEUED, "no live worker serves inductor torch-2.13.0 for cpu-avx512")
     assert JobProgress.describe(queued, 12.0, width=79) == (
@@ -377,3 +375,25 @@ def test_ctrl_c_while_waiting_for_a_job_says_the_job_keeps_running(
     assert "partial transfer" not in rest
     with Client(waiting_server.address) as client:
         assert client.get_job(job_id).state == jobs_pb2.JOB_STATE_QUEUED
+
+
+def test_the_ctrl_c_message_follows_what_was_interrupted() -> None:
+    activity = Activity()
+    assert activity.interrupted() == "interrupted"
+    queued = job(jobs_pb2.JOB_STATE_QUEUED)
+    activity.job_event(jobs_pb2.JobEvent(job=queued))
+    assert activity.interrupted().startswith(
+        f"interrupted while waiting for job {queued.job_id}: the job keeps"
+    )
+    activity.job_event(jobs_pb2.JobEvent(job=job(jobs_pb2.JOB_STATE_SUCCEEDED)))
+    activity.transferring("download")
+    assert activity.interrupted() == (
+        "interrupted during the download (a partial transfer is kept; run the command again to resume)"
+    )
+    activity.transferring("")
+    assert activity.interrupted() == "interrupted"
+    activity.waiting_for(3)  # prewarm
+    assert activity.interrupted() == (
+        "interrupted while waiting for 3 jobs: they keep running on the server; "
+        "run the command again to wait again"
+    )

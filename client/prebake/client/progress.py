@@ -440,13 +440,11 @@ class PrewarmDisplay:
         interactive: bool | None = None,
         redraw_seconds: float = 0.2,
         heartbeat_seconds: float = 30.0,
-        activity: Activity | None = None,
     ) -> None:
         self.stream = stream if stream is not None else sys.stderr
         self.interactive = is_interactive(self.stream) if interactive is None else interactive
         self._redraw_seconds = redraw_seconds
         self._heartbeat_seconds = heartbeat_seconds
-        self._activity = activity
         self._lock = threading.Lock()
         self._started = time.monotonic()
         self._last_draw = 0.0
@@ -456,8 +454,6 @@ class PrewarmDisplay:
         self._ticker.start()
 
     def __call__(self, snapshot: PrewarmProgress) -> None:
-        if self._activity is not None:
-            self._activity.waiting_for(snapshot.waiting)
         with self._lock:
             previous, self._last = self._last, snapshot
             now = time.monotonic()
