@@ -12,7 +12,7 @@ import re
 import signal
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -46,7 +46,7 @@ def key_json(key: ArtifactKey) -> dict[str, object]:
     return {**dataclasses.asdict(key), "options": dict(key.options)}
 
 
-def write_keys(path: Path, keys: list[ArtifactKey] | list[dict[str, object]]) -> Path:
+def write_keys(path: Path, keys: Sequence[ArtifactKey | dict[str, object]]) -> Path:
     path.write_text(json.dumps([key_json(k) if isinstance(k, ArtifactKey) else k for k in keys]))
     return path
 

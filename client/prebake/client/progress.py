@@ -102,8 +102,9 @@ def fit(fields: Sequence[Field], width: int, sep: str = "  ") -> str:
 
 
 class _Ticker:
-    """Calls `tick()` every `period` seconds on a daemon thread until `stop()`: what keeps
-    the elapsed time moving (and the heartbeat lines coming) while nothing else happens."""
+    """Calls `tick()` every `period` seconds on a daemon thread between `start()` and
+    `stop()`: what keeps the elapsed time moving (and the heartbeat lines coming) while
+    nothing else happens. Restartable (`ensure` may wait for a second job)."""
 
     def __init__(self, period: float, tick: Callable[[], object]) -> None:
         self._period = period
@@ -112,18 +113,23 @@ class _Ticker:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        if self._thread is None and self._period > 0:
-            self._thread = threading.Thread(target=self._run, name="prebake-progress", daemon=True)
-            self._thread.start()
+        if self._period <= 0 or (self._thread is not None and not self._stopped.is_set()):
+            return
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(self._stopped,), name="prebake-progress", daemon=True
+        )
+        self._thread.start()
 
-    def _run(self) -> None:
-        while not self._stopped.wait(self._period):
+    def _run(self, stopped: threading.Event) -> None:
+        while not stopped.wait(self._period):
             self._tick()
 
     def stop(self) -> None:
         self._stopped.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=1.0)
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=1.0)
 
 
 class Activity:
