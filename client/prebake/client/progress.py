@@ -340,7 +340,7 @@ class JobProgress:
         self._last: tuple[int, str] | None = None
         self._last_log = 0.0
         self._open_line = False
-        self._ticker = _Ticker(1.0 if self.interactive else heartbeat_seconds, self._tick)
+        self._ticker = _Ticker(min(1.0, heartbeat_seconds), self._tick)
 
     def __call__(self, event: jobs_pb2.JobEvent) -> None:
         job = event.job
@@ -456,7 +456,7 @@ class PrewarmDisplay:
         self._last_draw = 0.0
         self._last: PrewarmProgress | None = None
         self._open_line = False
-        self._ticker = _Ticker(1.0 if self.interactive else heartbeat_seconds, self._tick)
+        self._ticker = _Ticker(min(1.0, heartbeat_seconds), self._tick)
         self._ticker.start()
 
     def __call__(self, snapshot: PrewarmProgress) -> None:
