@@ -488,7 +488,13 @@ def _add_prewarm(sub: _Commands) -> None:
         "table of what became of each: hit, compiled, failed, cancelled, invalid (the server\n"
         "refused the combination; its message says why), timeout or error. With --host-cache\n"
         "the artifacts are also downloaded into this host's cache, which later fetch/ensure\n"
-        "calls on the host use first.\n"
+        "calls on the host use first. --dry-run only looks every row up (report-only) and shows\n"
+        "hit, would_compile, in_flight, no_worker (no live worker can compile it; the detail\n"
+        "names the missing capability), failed or invalid: nothing is enqueued or downloaded.\n"
+        "\n"
+        "Progress goes to stderr: one line redrawn in place on a terminal; otherwise (logs, CI)\n"
+        "a plain line per finished row and per change, and a heartbeat line with the elapsed\n"
+        "time at least every 30 s.\n"
         "\n"
         "FILE is JSON, or YAML (needs PyYAML: pip install 'prebake[prewarm]'):\n"
         "  kind: neuron                   # default for every entry\n"
@@ -508,24 +514,35 @@ def _add_prewarm(sub: _Commands) -> None:
         "\n"
         "Exit status: 0 if every row is hit or compiled (or, with --no-wait, enqueued/joined);\n"
         "5 if any compile failed; else 1 if any row is invalid, cancelled, timeout or error.\n"
-        "Rows hidden by --skip-invalid do not count. 2: the file is unreadable or malformed.",
+        "Rows hidden by --skip-invalid do not count. 2: the file is unreadable or malformed.\n"
+        "--dry-run: 0 if every row is hit, would_compile or in_flight; 5 if a key's last\n"
+        "compile failed; else 1 (invalid, no_worker, error).\n"
+        "--host-cache takes an optional DIR: `--host-cache FILE` with no other FILE reads FILE\n"
+        "as the matrix (the default cache directory is used); name a directory as --host-cache=DIR.",
         examples="""
         prebake prewarm launch-matrix.yaml
         prebake prewarm launch-matrix.yaml --no-wait --skip-invalid
+        prebake prewarm launch-matrix.yaml --dry-run --json
+        prebake prewarm --host-cache launch-matrix.yaml
         prebake prewarm launch-matrix.json --wait-timeout 7200 --host-cache=/var/cache/prebake --json
         """,
     )
-    p.add_argument("matrix", metavar="FILE", help="prewarm matrix (YAML or JSON; see above)")
+    # Optional only so that `--host-cache FILE` (whose DIR is optional) can hand FILE back:
+    # commands.prewarm requires one.
+    p.add_argument("matrix", metavar="FILE", nargs="?", help="prewarm matrix (YAML or JSON; see above)")
     p.add_argument("--no-wait", action="store_true", help="enqueue and report; do not wait for jobs")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="look every row up without enqueueing anything; show what prewarm would do",
+    )
     p.add_argument(
         "--wait-timeout",
         type=positive_seconds,
         metavar="S",
         help="stop waiting for jobs after S seconds (they keep running; rows say timeout)",
     )
-    _add_host_cache(
-        p, "also download every artifact into this host's cache; put FILE first", env_default=False
-    )
+    _add_host_cache(p, "also download every artifact into this host's cache", env_default=False)
     p.add_argument("--skip-invalid", action="store_true", help="hide (and do not fail on) invalid rows")
     p.add_argument("--force", action="store_true", help="retry keys whose last compile failed")
     p.add_argument(

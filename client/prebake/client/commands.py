@@ -10,7 +10,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -35,9 +35,11 @@ from prebake.client.errors import (
 from prebake.client.hostcache import ENV as HOST_CACHE_ENV
 from prebake.client.hostcache import HostCache
 from prebake.client.matrix import MatrixError, load_matrix
-from prebake.client.prewarm import OK_OUTCOMES, PrewarmRow, summarize
+from prebake.client.prewarm import OK_OUTCOMES, PrewarmProgress, PrewarmRow, summarize
+from prebake.client.prewarm import dry_run as prewarm_dry_run
 from prebake.client.prewarm import prewarm as prewarm_keys
 from prebake.client.progress import (
+    Activity,
     JobProgress,
     PrewarmDisplay,
     TransferProgress,
@@ -70,6 +72,8 @@ class UsageError(Exception):
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch parsed arguments to their handler, mapping failures to exit codes."""
+    # What the handler is doing (the displays tell it), so that Ctrl-C says what it left.
+    activity = args.activity = Activity()
     try:
         if not args.needs_client:
             return int(args.handler(args))
@@ -109,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         _error(str(exc))
         return exitcodes.ERROR
     except KeyboardInterrupt:
-        _error("interrupted (a partial transfer is kept; run the command again to resume)")
+        _error(activity.interrupted())
         return exitcodes.INTERRUPTED
     except BrokenPipeError:
         # stdout closed early (e.g. `| head`): not an error worth a traceback.
@@ -149,28 +153,46 @@ def key_from_args(args: argparse.Namespace) -> ArtifactKey:
     )
 
 
-@contextmanager
-def _transfer_display(args: argparse.Namespace, label: str) -> Iterator[TransferProgress | None]:
-    if getattr(args, "quiet", False):
-        yield None
-        return
-    display = TransferProgress(label)
-    try:
-        yield display
-    finally:
-        display.close()
+def _activity(args: argparse.Namespace) -> Activity:
+    activity = getattr(args, "activity", None)
+    return activity if isinstance(activity, Activity) else Activity()
 
 
 @contextmanager
-def _job_display(args: argparse.Namespace) -> Iterator[JobProgress | None]:
-    if getattr(args, "quiet", False):
-        yield None
-        return
-    display = JobProgress()
+def _transfer_display(args: argparse.Namespace, label: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress callback: the display (unless --quiet), and the activity Ctrl-C reports."""
+    activity = _activity(args)
+    display = None if getattr(args, "quiet", False) else TransferProgress(label)
+
+    def progress(done: int, total: int) -> None:
+        activity.transferring(label if done < total else "")
+        if display is not None:
+            display(done, total)
+
     try:
-        yield display
+        yield progress
     finally:
-        display.close()
+        activity.transferring("")
+        if display is not None:
+            display.close()
+
+
+@contextmanager
+def _job_display(args: argparse.Namespace) -> Iterator[Callable[[jobs_pb2.JobEvent], None]]:
+    """An on_event callback: the display (unless --quiet), and the activity Ctrl-C reports."""
+    activity = _activity(args)
+    display = None if getattr(args, "quiet", False) else JobProgress()
+
+    def on_event(event: jobs_pb2.JobEvent) -> None:
+        activity.job_event(event)
+        if display is not None:
+            display(event)
+
+    try:
+        yield on_event
+    finally:
+        if display is not None:
+            display.close()
 
 
 # Commands ---------------------------------------------------------------------------
@@ -314,41 +336,66 @@ def prewarm_exit_code(rows: list[PrewarmRow]) -> int:
 
 
 @contextmanager
-def _prewarm_display(args: argparse.Namespace) -> Iterator[PrewarmDisplay | None]:
-    if args.quiet:
-        yield None
-        return
-    display = PrewarmDisplay()
+def _prewarm_display(args: argparse.Namespace) -> Iterator[Callable[[PrewarmProgress], None]]:
+    activity = _activity(args)
+    display = None if args.quiet else PrewarmDisplay()
+
+    def progress(snapshot: PrewarmProgress) -> None:
+        activity.waiting_for(snapshot.waiting)
+        activity.transferring("host-cache download" if snapshot.caching else "")
+        if display is not None:
+            display(snapshot)
+
     try:
-        yield display
+        yield progress
     finally:
-        display.close()
+        if display is not None:
+            display.close()
+
+
+def _prewarm_matrix(args: argparse.Namespace) -> str:
+    """The matrix FILE. `--host-cache` takes an optional DIR, so in `prewarm --host-cache
+    FILE` argparse hands FILE to it: with no other FILE given, FILE is the matrix and the
+    cache takes its default directory (as `prewarm FILE --host-cache` would)."""
+    if args.matrix is not None:
+        return str(args.matrix)
+    if args.host_cache and not Path(args.host_cache).is_dir():
+        matrix, args.host_cache = args.host_cache, ""
+        return str(matrix)
+    given = f" (--host-cache took {args.host_cache} as its DIR)" if args.host_cache else ""
+    raise UsageError(f"prewarm: a matrix FILE is required{given}")
 
 
 def prewarm(args: argparse.Namespace, client: Client) -> int:
     try:
-        entries = load_matrix(args.matrix)
+        entries = load_matrix(_prewarm_matrix(args))
     except MatrixError as exc:
         _error(str(exc))
         return exitcodes.USAGE
-    cache = host_cache_from_args(args, env_default=False)
+    cache = None if args.dry_run else host_cache_from_args(args, env_default=False)
     with _prewarm_display(args) as display:
-        rows = prewarm_keys(
-            client,
-            entries,
-            wait=not args.no_wait,
-            timeout=args.wait_timeout,
-            fetch_to_cache=cache,
-            progress=display,
-            concurrency=args.concurrency,
-            force=args.force,
-        )
+        if args.dry_run:
+            rows = prewarm_dry_run(
+                client, entries, progress=display, concurrency=args.concurrency, force=args.force
+            )
+        else:
+            rows = prewarm_keys(
+                client,
+                entries,
+                wait=not args.no_wait,
+                timeout=args.wait_timeout,
+                fetch_to_cache=cache,
+                progress=display,
+                concurrency=args.concurrency,
+                force=args.force,
+            )
     shown = [row for row in rows if not (args.skip_invalid and row.outcome == "invalid")]
     counts = summarize(shown)
     code = prewarm_exit_code(shown)
     summary = render.prewarm_summary(counts, hidden_invalid=len(rows) - len(shown))
     data = {
         "keys": len(rows),
+        "dry_run": args.dry_run,
         "counts": counts,
         "hidden_invalid": len(rows) - len(shown),
         "exit_code": code,

@@ -17,6 +17,14 @@ Each key ends as one `PrewarmRow` whose `outcome` is one of:
     timeout    the job had not finished when the timeout ran out (it keeps running)
     error      anything else (e.g. caching on this host failed); `detail` says what
 
+A dry run (`dry_run`) looks every key up report-only, so it creates nothing, and ends
+each row as hit, failed, invalid or error as above, or as one of:
+
+    would_compile  a miss a live worker could compile (prewarm would enqueue it)
+    in_flight      a job for the key is already queued or running (`job_id`)
+    no_worker      a miss (or a job in flight) no live worker can compile; `detail` names
+                   the missing capability (the server's `unserved_reason`)
+
 Invalid combinations are not filtered beforehand: the server is the authority on what
 fits (tensor-parallel degree vs. cores, precision vs. kind), and its per-key message
 tells the matrix's owner which cells make no sense.
@@ -40,9 +48,22 @@ from prebake.client.matrix import PrewarmEntry
 from prebake.core.names import TERMINAL_JOB_STATES, job_state_name
 from prebake.v1 import jobs_pb2, registry_pb2
 
-OUTCOMES = ("hit", "compiled", "enqueued", "joined", "failed", "cancelled", "invalid", "timeout", "error")
+OUTCOMES = (
+    "hit",
+    "compiled",
+    "enqueued",
+    "joined",
+    "would_compile",
+    "in_flight",
+    "no_worker",
+    "failed",
+    "cancelled",
+    "invalid",
+    "timeout",
+    "error",
+)
 # Outcomes that mean "nothing is wrong with this configuration".
-OK_OUTCOMES = frozenset({"hit", "compiled", "enqueued", "joined"})
+OK_OUTCOMES = frozenset({"hit", "compiled", "enqueued", "joined", "would_compile", "in_flight"})
 # Poll period of the collecting thread: bounds how long Ctrl-C waits to be noticed.
 _POLL_SECONDS = 0.25
 R = TypeVar("R")
@@ -91,6 +112,8 @@ class PrewarmProgress:
     caching: int
     # Finished rows by outcome.
     counts: Mapping[str, int] = field(default_factory=dict)
+    # The row whose end this snapshot reports (None for other changes).
+    finished: PrewarmRow | None = None
 
     @property
     def done(self) -> int:
@@ -165,16 +188,52 @@ def prewarm(
     return rows
 
 
+def dry_run(
+    client: Client,
+    keys: Sequence[PrewarmEntry | ArtifactKey],
+    *,
+    progress: ProgressCallback | None = None,
+    concurrency: int = 8,
+    force: bool = False,
+) -> list[PrewarmRow]:
+    """What `prewarm` would do, creating nothing: one row per key, in order (see the module
+    doc for the outcomes). Every key is looked up report-only (`ON_MISS_REPORT`); the
+    server says whether a live worker could take the job (`unserved_reason`). `force`
+    shows keys whose last compile failed as they would be retried.
+
+    Raises Unavailable if the server cannot be reached.
+    """
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be at least 1, not {concurrency}")
+    entries = [k if isinstance(k, PrewarmEntry) else PrewarmEntry(k) for k in keys]
+    tracker = _Tracker(len(entries), progress)
+    rows: list[PrewarmRow] = [PrewarmRow(e.key, "error", "not looked up") for e in entries]
+
+    def look_up(index: int) -> PrewarmRow:
+        row = _look_up(client, entries[index], force, report_only=True)
+        tracker.looked_up(row, final=True)
+        return row
+
+    for index, row in _parallel(look_up, range(len(entries)), concurrency):
+        rows[index] = row
+    return rows
+
+
 def _needs_more(row: PrewarmRow, wait: bool, cache: HostCache | None) -> bool:
     if wait and row.outcome in ("enqueued", "joined"):
         return True
     return cache is not None and row.outcome == "hit"
 
 
-def _look_up(client: Client, entry: PrewarmEntry, force: bool) -> PrewarmRow:
+def _look_up(client: Client, entry: PrewarmEntry, force: bool, report_only: bool = False) -> PrewarmRow:
     row = PrewarmRow(entry.key, "error", model_source=entry.model_source)
     try:
-        response = client.lookup(entry.key, on_miss="enqueue", force=force, model_source=entry.model_source)
+        response = client.lookup(
+            entry.key,
+            on_miss="report" if report_only else "enqueue",
+            force=force,
+            model_source=entry.model_source,
+        )
     except InvalidArgument as exc:
         return dataclasses.replace(row, outcome="invalid", detail=exc.details or str(exc))
     except Unavailable:
@@ -209,6 +268,16 @@ def _look_up(client: Client, entry: PrewarmEntry, force: bool) -> PrewarmRow:
             detail=f"{error} (cached failure; --force retries)",
         )
     name = "MISS" if status == registry_pb2.LOOKUP_STATUS_MISS else "COMPILING"
+    if report_only and status in (registry_pb2.LOOKUP_STATUS_MISS, registry_pb2.LOOKUP_STATUS_COMPILING):
+        served = "would_compile" if job is None else "in_flight"
+        outcome = "no_worker" if response.unserved_reason else served
+        return dataclasses.replace(
+            row,
+            outcome=outcome,
+            lookup_status=name,
+            job_id=job.job_id if job else "",
+            detail=response.unserved_reason,
+        )
     if status not in (registry_pb2.LOOKUP_STATUS_MISS, registry_pb2.LOOKUP_STATUS_COMPILING) or job is None:
         reason = response.error or f"lookup answered status {status} without a job"
         return dataclasses.replace(row, lookup_status=name, detail=reason)
@@ -293,12 +362,12 @@ class _Tracker:
             self._looked_up += 1
             if final:
                 self._counts[row.outcome] = self._counts.get(row.outcome, 0) + 1
-            self._report()
+            self._report(row if final else None)
 
     def finished(self, row: PrewarmRow) -> None:
         with self._lock:
             self._counts[row.outcome] = self._counts.get(row.outcome, 0) + 1
-            self._report()
+            self._report(row)
 
     def waiting(self, job_id: str, delta: int) -> None:
         with self._lock:
@@ -325,7 +394,7 @@ class _Tracker:
             self._caching += delta
             self._report()
 
-    def _report(self) -> None:
+    def _report(self, finished: PrewarmRow | None = None) -> None:
         if self._callback is not None:
             self._callback(
                 PrewarmProgress(
@@ -335,6 +404,7 @@ class _Tracker:
                     compiling=len(self._leased & self._waiting.keys()),
                     caching=self._caching,
                     counts={o: self._counts[o] for o in OUTCOMES if o in self._counts},
+                    finished=finished,
                 )
             )
 

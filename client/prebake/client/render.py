@@ -539,7 +539,15 @@ def _prewarm_detail(row: PrewarmRow) -> str:
     parts = []
     if row.outcome in ("hit", "compiled") and row.artifact_id:
         parts.append(f"artifact {row.artifact_id}")
-    if row.job_id and row.outcome in ("compiled", "enqueued", "joined", "cancelled", "timeout"):
+    if row.job_id and row.outcome in (
+        "compiled",
+        "enqueued",
+        "joined",
+        "in_flight",
+        "no_worker",
+        "cancelled",
+        "timeout",
+    ):
         parts.append(f"job {row.job_id}")
     if row.cached:
         parts.append(f"cached {human_bytes(row.bytes_cached)}" if row.bytes_cached else "in host cache")

@@ -555,6 +555,9 @@ class LookupResponse(_message.Message):
     can, naming the missing capability ("no live worker serves inductor torch-2.13.0
     for cpu-avx512; live inductor workers serve torch-2.13.0 for cpu-avx2"). The job
     stays queued for a worker that may still come; a deployer should not wait for it.
+    A report-only MISS (`ON_MISS_REPORT`) says the same of the job it would create, so a
+    dry run can tell "would compile" from "no capable worker". Empty during the server's
+    start-up grace (`worker_grace_seconds`), while workers register.
     """
     @_builtins.property
     def key(self) -> _key_pb2.ResolvedKey:

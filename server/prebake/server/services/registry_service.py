@@ -189,6 +189,12 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
             entry.download_url_expires_at.CopyFrom(expires)
         return sent
 
+    async def _unserved_reason(self, key: NormalizedKey) -> str:
+        """Why no live worker could run a job for `key` ("" if one can, or during start-up grace)."""
+        if self.s.in_worker_grace:
+            return ""
+        return WorkerLiveness.unserved_reason(await self.s.liveness.live(), key)
+
     async def _unserved(self, key: NormalizedKey, job: Job) -> tuple[str, Job]:
         """Why no live worker can take `job` ("" if one can, or during start-up grace),
         and the job as it is now.
@@ -196,9 +202,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         The reason also becomes the job's message, so watchers and `prebake jobs` see it.
         """
         s = self.s
-        if s.in_worker_grace:
-            return "", job
-        reason = WorkerLiveness.unserved_reason(await s.liveness.live(), key)
+        reason = await self._unserved_reason(key)
         if reason and job.state == JobState.QUEUED and job.message != reason:
             job = await s.lifecycle.set_message(job.job_id, reason)
             s.hub.notify([job.job_id])
@@ -275,6 +279,9 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
             # The caller asked for no job: an ordinary answer, so `error` stays empty.
             response.status = registry_pb2.LOOKUP_STATUS_MISS
             s.metrics.lookup("miss", "report_only")
+            # Whether a job would be taken, so a report-only caller (a dry run) can tell
+            # "would compile" from "no capable worker" without creating anything.
+            response.unserved_reason = await self._unserved_reason(key)
             return response
         if not may_enqueue(s.config.reader_may_enqueue):
             response.status = registry_pb2.LOOKUP_STATUS_MISS
