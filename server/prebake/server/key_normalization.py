@@ -24,6 +24,7 @@ from prebake.core.errors import InvalidKey
 from prebake.core.key_fields import KEY_FIELDS as CONTRACT_KEY_FIELDS
 from prebake.core.key_fields import KINDS as CONTRACT_KINDS
 from prebake.core.key_fields import require_fields, require_kinds
+from prebake.core.suggest import did_you_mean, unknown
 from prebake.server.instance_catalog import InstanceCatalog, InstanceType
 from prebake.server.records import NormalizedKey
 from prebake.server.sizing import check_fits
@@ -302,7 +303,7 @@ def _kind(raw: str) -> str:
     if kind in ("", "unspecified"):
         raise InvalidKey("kind", f"kind is required: one of {', '.join(KINDS)}")
     if kind not in KINDS:
-        raise InvalidKey("kind", f"unknown kind {_show(raw)}; use one of {', '.join(KINDS)}")
+        raise InvalidKey("kind", unknown("kind", raw, KINDS))
     return kind
 
 
@@ -356,8 +357,10 @@ def _precision(raw: str, kind: str) -> str:
         return allowed[0]
     precision = text if text in PRECISIONS else PRECISION_ALIASES.get(text)
     if precision is None:
+        hint = did_you_mean(text, [*PRECISIONS, *PRECISION_ALIASES])
         raise InvalidKey(
-            "precision", f"unknown precision {_show(raw)}; use one of {', '.join(allowed)} for kind {kind}"
+            "precision",
+            f"unknown precision {_show(raw)}{hint} (use one of {', '.join(allowed)} for kind {kind})",
         )
     if precision in allowed:
         return precision
@@ -380,7 +383,8 @@ def _shape(name: str, value: int, limit: int, kind: str) -> int:
         unset = "" if required else " (or 0 to leave it unset)"
         raise InvalidKey(name, f"{name} must be positive{unset}; got {value}")
     if value == 0 and required:
-        raise InvalidKey(name, f"{name} is required for {kind} keys")
+        # 0 is also what an omitted field reads as: say both what is wrong and that it is needed.
+        raise InvalidKey(name, f"{name} must be positive for {kind} keys (it is required); got 0")
     if value > limit:
         raise InvalidKey(name, f"{name}={value} is above the limit of {limit}")
     return value

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import grpc
 
 from prebake.core import errors
-from prebake.core.rpc_errors import to_status
+from prebake.core.rpc_errors import to_details, to_status
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,10 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException
         log.exception("%s failed", method, exc_info=exc)
     elif translated is not exc:
         log.warning("%s: %s (%s)", method, message, exc)
+    details = to_details(translated, code)
+    if details:
+        # Given to abort, trailing metadata replaces what was set before: keep the request id.
+        await context.abort(code, message, (*(context.trailing_metadata() or ()), *details))
     await context.abort(code, message)
 
 
