@@ -99,7 +99,7 @@ INVALID_KEYS = [
 
 @pytest.mark.parametrize(("key", "message", "field"), INVALID_KEYS)
 @pytest.mark.parametrize("command", ["lookup", "ensure"])
-def test_an_invalid_key_exits_with_the_invalid_input_code(
+def test_an_invalid_key_exits_with_the_invalid_input_code(  # noqa: PLR0917 (parameters and fixtures)
     command: str,
     key: list[str],
     message: str,
@@ -166,7 +166,7 @@ def test_kind_is_checked_the_same_way_by_every_command(
         ),
     ],
 )  # fmt: skip
-def test_command_line_mistakes(
+def test_command_line_mistakes(  # noqa: PLR0917 (parameters and fixtures)
     argv: list[str],
     code: int,
     message: str,

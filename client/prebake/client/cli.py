@@ -141,7 +141,10 @@ class _Parser(argparse.ArgumentParser):
             return
         if isinstance(action, argparse._SubParsersAction):  # an unknown command is a usage error
             raise argparse.ArgumentError(action, unknown("command", value, list(choices)))
-        what = action.metavar.lower() if isinstance(action.metavar, str) else "value"
+        if isinstance(action.metavar, str):
+            what = action.metavar.lower()
+        else:
+            what = action.dest.replace("_", " ") if action.option_strings else "value"
         raise InvalidValue(action, unknown(what, str(value), [str(c) for c in choices]))
 
     def error(self, message: str) -> Any:
