@@ -60,7 +60,7 @@ INVALID_KEYS = [
     ),
     pytest.param(
         with_flag("--instance-type", "ml.inf2.48xlarg"),
-        "--instance-type: unknown instance type 'ml.inf2.48xlarg'; did you mean ml.inf2.48xlarge",
+        "--instance-type: unknown instance type 'ml.inf2.48xlarg'; did you mean 'ml.inf2.48xlarge'",
         "instance_type",
         id="instance-type-typo",
     ),
