@@ -7,14 +7,21 @@ the `{"error": {...}}` object it prints on stdout with `--json` (code, field, ex
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 
 from prebake.client import Client, exitcodes
+from prebake.client.errors import InvalidArgument
+from prebake.core import status_details
+from prebake.core.request_ids import REQUEST_ID_HEADER
 from prebake.server.app import BackgroundServer, background_server
+from prebake.v1 import registry_pb2, registry_pb2_grpc
 from tests.auth_fixtures import make_token_file
 from tests.conftest import LLAMA3_8B_INF2, data_files, make_artifact_dir
 from tests.plugin_cli import PrebakeCli, Ran
@@ -246,13 +253,45 @@ def test_messages_name_flags_where_the_server_names_fields(
     assert error_object(ran)["code"] == "FAILED_PRECONDITION"
 
 
-def test_the_server_names_the_bad_field_in_a_bad_request_detail(server: BackgroundServer) -> None:
-    from prebake.client.errors import InvalidArgument
+def trailing_of(err: grpc.RpcError) -> dict[str, Any]:
+    """A failed call's trailing metadata (a grpc.Call; the stubs type RpcError without it)."""
+    assert isinstance(err, grpc.Call)
+    return {key: value for key, value in err.trailing_metadata() or ()}
 
+
+def test_the_server_names_the_bad_field_in_a_bad_request_detail(server: BackgroundServer) -> None:
+    too_wide = dataclasses.replace(LLAMA3_8B_INF2, tensor_parallel_degree=32)
     with Client(server.address) as client, pytest.raises(InvalidArgument) as refused:
-        client.lookup(LLAMA3_8B_INF2.__class__(**{**vars(LLAMA3_8B_INF2), "tensor_parallel_degree": 32}))
+        client.lookup(too_wide)
     assert refused.value.field == "tensor_parallel_degree"
     assert "does not fit" in str(refused.value)
+
+    # On the wire, for any language: a google.rpc.Status in grpc-status-details-bin holding a
+    # google.rpc.BadRequest, beside the request id.
+    with grpc.insecure_channel(server.address) as channel, pytest.raises(grpc.RpcError) as raw:
+        registry_pb2_grpc.RegistryStub(channel).Lookup(registry_pb2.LookupRequest(key=too_wide.to_proto()))
+    trailing = trailing_of(raw.value)
+    assert REQUEST_ID_HEADER in trailing
+    status = status_details._Status.FromString(trailing[status_details.DETAILS_KEY])
+    assert status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "does not fit" in status.message
+    [detail] = status.details
+    assert detail.type_url == "type.googleapis.com/google.rpc.BadRequest"
+    [violation] = status_details._BadRequest.FromString(detail.value).field_violations
+    assert violation.field == "tensor_parallel_degree" and violation.description == status.message
+
+    # A refusal that names no field carries no details.
+    with grpc.insecure_channel(server.address) as channel, pytest.raises(grpc.RpcError) as raw:
+        registry_pb2_grpc.RegistryStub(channel).GetArtifact(
+            registry_pb2.GetArtifactRequest(artifact_id="0" * 32)
+        )
+    assert status_details.DETAILS_KEY not in trailing_of(raw.value)
+
+
+def test_the_client_library_refuses_a_url_as_its_target_too() -> None:
+    with pytest.raises(InvalidArgument, match="is a URL; give HOST:PORT"):
+        Client("http://127.0.0.1:50051")
+    for target in ("127.0.0.1:1", "[::1]:1", "unix:/tmp/x.sock", "unix:///tmp/x.sock", "dns:///h:1"):
+        Client(target).close()
 
 
 def test_unauthenticated_and_permission_denied_exit_with_the_denied_code(
