@@ -72,8 +72,8 @@ class Failure:
         """The failure that `exc` stands for; `hint` (a line for people) is appended."""
         message = to_flags(str(exc))
         flag = FIELD_FLAGS.get(exc.field or "")
-        if flag and exc.field not in ("replace", "force", "overwrite") and not message.startswith(flag):
-            message = f"{flag}: {message}"
+        if flag and not message.startswith(flag):
+            message = f"{flag}: {message}"  # the server names the field; people typed the flag
         if hint:
             message = f"{message}\n  {hint}"
         return cls(exc.code, message, exitcodes.for_error(exc), exc.field)

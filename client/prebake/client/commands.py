@@ -91,11 +91,10 @@ def run(args: argparse.Namespace) -> int:
     except CommandFailed as exc:
         code = exitcodes.USAGE if exc.bad_input else exitcodes.ERROR
         return report(Failure("USAGE" if exc.bad_input else "ERROR", str(exc), code), as_json)
-    except Unavailable as exc:
-        # The library's message says what failed (often gRPC's words); lead with the address.
-        exc.details = f"cannot reach the prebake server at {exc.target or args.server}: {exc}"
-        return report(Failure.of(exc, _hint(exc)), as_json)
     except PrebakeError as exc:
+        if isinstance(exc, Unavailable):
+            # The library's message says what failed (often in gRPC's words); lead with the address.
+            exc = Unavailable(f"cannot reach the prebake server at {exc.target or args.server}: {exc}")
         return report(Failure.of(exc, _hint(exc)), as_json)
     except KeyboardInterrupt:
         message = "interrupted (a partial transfer is kept; run the command again to resume)"
