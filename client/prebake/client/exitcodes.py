@@ -23,7 +23,8 @@ from prebake.client.errors import (
 
 OK = 0  # success; for lookup: HIT
 ERROR = 1  # any other failure (the message on stderr says what)
-USAGE = 2  # bad command line: unknown option or command, missing argument, conflicting options
+USAGE = 2  # bad command line (unknown option or command, missing argument, conflicting options),
+# or a setting or file the command cannot use (an unreadable key file, a malformed prewarm file)
 MISS = 3  # lookup/fetch: nothing usable (with enqueue, a compile job was created)
 COMPILING = 4  # lookup/fetch: a compile job for the key was already in flight
 FAILED = 5  # the key's compile failed (lookup/fetch: its last compile; ensure: the job)
@@ -38,7 +39,7 @@ INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
 DESCRIPTIONS: dict[int, str] = {
     OK: "success (lookup: HIT)",
     ERROR: "error",
-    USAGE: "usage error (unknown option, missing argument)",
+    USAGE: "usage error (unknown option, missing argument; a file or setting it cannot use)",
     MISS: "MISS: nothing usable (a compile job may have been enqueued)",
     COMPILING: "COMPILING: a compile job for the key was already in flight",
     FAILED: "FAILED: the key's compile failed",
