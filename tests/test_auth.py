@@ -339,7 +339,7 @@ def test_token_command(prebake: PrebakeCli, tmp_path: Path) -> None:
     before = path.read_text()
     duplicate = prebake("token", "add", str(path), "--role", "admin", "--name", "ci")
     assert duplicate.code == 2 and "exists already" in duplicate.err and path.read_text() == before
-    assert prebake("token", "add", str(path), "--role", "root", "--name", "x").code == 2
+    assert prebake("token", "add", str(path), "--role", "root", "--name", "x").code == 10  # invalid value
 
     cert = prebake("token", "add", str(path), "--role", "worker", "--name", "gpu", "--cert-subject", "CN=gpu")
     assert cert.code == 0 and cert.out == ""
@@ -369,11 +369,11 @@ def test_client_cli_sends_the_token(
     token_file = tmp_path / "reader.token"
     token_file.write_text(tokens.tokens["reader"] + "\n")
     with background_server(tmp_path / "data", auth_file=str(tokens.path)) as server:
-        assert prebake("--server", server.address, "stats").code == 1
+        assert prebake("--server", server.address, "stats").code == 11  # unauthenticated
         assert prebake("--server", server.address, "--token-file", str(token_file), "stats").code == 0
         assert prebake("stats", "--server", server.address, "--token", tokens.tokens["reader"]).code == 0
         denied = prebake("--server", server.address, "--token-file", str(token_file), "rm", "0" * 32)
-        assert denied.code == 1 and "admin" in denied.err
+        assert denied.code == 11 and "admin" in denied.err  # permission denied
         monkeypatch.setenv("PREBAKE_TOKEN", tokens.tokens["admin"])
         assert prebake("--server", server.address, "pin", "0" * 32).code == 6  # past auth: not found
         monkeypatch.delenv("PREBAKE_TOKEN")

@@ -98,7 +98,7 @@ def test_reflection_describes_every_rpc(served: str) -> None:
 
 def test_deployer_flow_with_exit_codes_and_json(served: str, tmp_path: Path) -> None:
     bad = cli(served, "lookup", *KEY[:-4], "--tp", "32", "--precision", "bf16")
-    assert bad.returncode == 1 and "24 NeuronCores" in bad.stderr
+    assert bad.returncode == 10 and "24 NeuronCores" in bad.stderr  # invalid input
 
     miss = cli(served, "lookup", *KEY, "--json")
     assert miss.returncode == 3, miss.stderr

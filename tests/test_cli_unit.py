@@ -77,14 +77,15 @@ def test_help_exits_0_with_description_and_examples(
 def test_top_level_help_documents_every_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
     main(["--help"])
     out = capsys.readouterr().out
-    for code in (0, 1, 2, 3, 4, 5, 6, 7):
-        assert f"\n  {code} " in out
+    for code in exitcodes.DESCRIPTIONS:
+        assert f"\n  {code:<3} " in out
 
 
 def test_exit_code_constants_are_distinct_and_as_documented() -> None:
     codes = [exitcodes.OK, exitcodes.ERROR, exitcodes.USAGE, exitcodes.MISS, exitcodes.COMPILING]
-    codes += [exitcodes.FAILED, exitcodes.NOT_FOUND, exitcodes.UNAVAILABLE]
-    assert codes == [0, 1, 2, 3, 4, 5, 6, 7]
+    codes += [exitcodes.FAILED, exitcodes.NOT_FOUND, exitcodes.UNAVAILABLE, exitcodes.NO_WORKER]
+    codes += [exitcodes.UNTRUSTED, exitcodes.INVALID, exitcodes.DENIED, exitcodes.INTERRUPTED]
+    assert codes == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 130]
     assert len(set(codes)) == len(codes)
 
 
@@ -116,17 +117,10 @@ def test_key_options_build_the_key() -> None:
 @pytest.mark.parametrize(
     "argv",
     [
-        ["lookup", *KEY_ARGS, "--option", "x"],
-        ["lookup", *KEY_ARGS, "--option", "=1"],
-        ["lookup", *KEY_ARGS, "--batch-size", "many"],
         ["lookup", "--model", "m/x"],  # --kind is required
         ["lookup", *KEY_ARGS, "--option", "a=1", "--option", "a=2"],
         ["fetch", "--dest", "d"],  # neither a key nor --artifact
         ["fetch", *KEY_ARGS, "--artifact", "ab" * 16, "--dest", "d"],
-        ["jobs", "--state", "sleeping"],
-        ["ls", "--kind", "tpu"],
-        ["serve", "--max-blob-bytes", "lots"],
-        ["worker", "--drain-seconds", "-1"],
         ["stats", "--frobnicate"],
         ["frobnicate"],
     ],
@@ -135,6 +129,27 @@ def test_bad_command_lines_exit_2(argv: list[str], capsys: pytest.CaptureFixture
     # Port 9 (discard) is never a prebake server; a usage error must not get as far as connecting.
     assert main(["--server", "127.0.0.1:9", *argv]) == exitcodes.USAGE
     assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["lookup", *KEY_ARGS, "--option", "x"],
+        ["lookup", *KEY_ARGS, "--option", "=1"],
+        ["lookup", *KEY_ARGS, "--batch-size", "many"],
+        ["lookup", *KEY_ARGS, "--tp", "0"],
+        ["jobs", "--state", "sleeping"],
+        ["ls", "--kind", "tpu"],
+        ["serve", "--max-blob-bytes", "lots"],
+        ["worker", "--drain-seconds", "-1"],
+    ],
+)
+def test_bad_values_exit_with_the_invalid_input_code(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A value the parser refuses is invalid input (a wrapper must not retry it), not a usage error.
+    assert main(["--server", "127.0.0.1:9", *argv]) == exitcodes.INVALID
+    assert "error: argument " in capsys.readouterr().err
 
 
 def test_server_option_is_accepted_before_and_after_the_command() -> None:

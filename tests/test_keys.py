@@ -275,7 +275,7 @@ def test_diff_keys_across_kinds_and_models() -> None:
         # kind
         ("awq", {"kind": ""}, "kind", "kind is required"),
         ("awq", {"kind": "ARTIFACT_KIND_UNSPECIFIED"}, "kind", "kind is required"),
-        ("awq", {"kind": "tensorrt"}, "kind", "unknown kind 'tensorrt'; use one of neuron, awq, inductor"),
+        ("awq", {"kind": "tensorrt"}, "kind", "unknown kind 'tensorrt' (one of neuron, awq, inductor)"),
         # model
         ("awq", {"model": ""}, "model", "model is required"),
         ("awq", {"model": "a" * 257}, "model", "257 characters long; the limit is 256"),
@@ -299,7 +299,8 @@ def test_diff_keys_across_kinds_and_models() -> None:
             "neuron",
             {"precision": "bf32"},
             "precision",
-            "unknown precision 'bf32'; use one of bf16, fp16, fp32, int8, fp8",
+            "unknown precision 'bf32'; did you mean 'fp32'? (use one of bf16, fp16, fp32, int8, fp8 for kind "
+            "neuron)",
         ),
         ("inductor", {"precision": "fp64"}, "precision", "use one of fp32, bf16 for kind inductor"),
         (
@@ -339,15 +340,25 @@ def test_diff_keys_across_kinds_and_models() -> None:
         ),
         ("awq", {"instance_type": "ml.c7i.xlarge"}, "instance_type", "ml.c7i.xlarge is a CPU instance"),
         # shapes
-        ("neuron", {"sequence_length": 0}, "sequence_length", "sequence_length is required for neuron keys"),
-        ("neuron", {"batch_size": 0}, "batch_size", "batch_size is required for neuron keys"),
+        (
+            "neuron",
+            {"sequence_length": 0},
+            "sequence_length",
+            "sequence_length must be positive for neuron keys",
+        ),
+        (
+            "neuron",
+            {"batch_size": 0},
+            "batch_size",
+            "batch_size must be positive for neuron keys (it is required)",
+        ),
         (
             "inductor",
             {"sequence_length": 0},
             "sequence_length",
-            "sequence_length is required for inductor keys",
+            "sequence_length must be positive for inductor keys (it is required); got 0",
         ),
-        ("inductor", {"batch_size": 0}, "batch_size", "batch_size is required for inductor keys"),
+        ("inductor", {"batch_size": 0}, "batch_size", "batch_size must be positive for inductor keys"),
         ("neuron", {"sequence_length": -1}, "sequence_length", "sequence_length must be positive; got -1"),
         ("neuron", {"batch_size": -8}, "batch_size", "batch_size must be positive; got -8"),
         ("awq", {"sequence_length": -1}, "sequence_length", "must be positive"),

@@ -162,10 +162,11 @@ def test_a_near_miss_names_the_policies_that_would_make_it_a_hit(client: Client,
 
 def test_stats_count_hits_and_misses(client: Client, tmp_path: Path) -> None:
     client.lookup(LLAMA3_8B_INF2)
+    # A publish asks first (a report-only lookup: here COMPILING, the first lookup's job).
     client.publish(make_artifact_dir(tmp_path / "a", {"w": 10}), LLAMA3_8B_INF2)
     client.lookup(LLAMA3_8B_INF2)
     stats = client.get_stats()
-    assert (stats.lookups, stats.hits, stats.misses) == (2, 1, 1)
+    assert (stats.lookups, stats.hits, stats.misses) == (3, 1, 2)
     assert stats.artifacts == 1 and stats.blobs == 1 and stats.blob_bytes == 10
     assert stats.jobs_by_state["succeeded"] == 1 and stats.queue_depth == 0
 

@@ -133,4 +133,4 @@ def test_processes_must_be_positive(tmp_path: Path) -> None:
         text=True,
         timeout=60,
     )
-    assert done.returncode == 2 and "--processes" in done.stderr
+    assert done.returncode == 10 and "--processes" in done.stderr  # an invalid value

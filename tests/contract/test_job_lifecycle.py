@@ -174,7 +174,7 @@ async def test_a_pinned_artifact_is_deleted_only_with_force(lifecycle: JobLifecy
     await lifecycle.publish(key, FILES, PRODUCER)
     pinned = await lifecycle.set_pinned(key.digest, True)
     assert pinned.pinned and pinned.files == tuple(sorted(FILES, key=by_path))
-    with pytest.raises(FailedPrecondition, match=f"artifact {key.digest} is pinned; unpin it or pass force"):
+    with pytest.raises(FailedPrecondition, match=f"artifact {key.digest} is pinned; unpin it or set `force`"):
         await lifecycle.delete_artifact(key.digest)
     assert await lifecycle.artifacts.get(key.digest) == pinned
     assert len(await lifecycle.delete_artifact(key.digest, force=True)) == len(FILES) + 1  # and the log

@@ -13,6 +13,7 @@ Policy, in one place:
 from __future__ import annotations
 
 import random
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from typing import Protocol, TypeVar
 import grpc
 
 from prebake.client.credentials import Credentials
-from prebake.client.errors import from_rpc_error
+from prebake.client.errors import InvalidArgument, from_rpc_error
 from prebake.core import request_ids
 from prebake.core.request_ids import REQUEST_ID_HEADER
 from prebake.v1 import (
@@ -93,13 +94,43 @@ class _MetadataInterceptor(
         return continuation(self._details(client_call_details), request_iterator)
 
 
+# What a target may start with besides HOST:PORT: gRPC's own name resolvers. A URL scheme
+# (http://, grpc://) is none of them; gRPC would try to resolve it as a host name and
+# answer "Misformatted domain name" only after every retry.
+TARGET_FORMS = "HOST:PORT, [IPv6]:PORT, unix:PATH, dns:HOST:PORT, ipv4:ADDR:PORT or ipv6:[ADDR]:PORT"
+_RESOLVER_SCHEMES = ("dns", "unix", "unix-abstract", "ipv4", "ipv6", "vsock")
+_URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<rest>.*)")
+
+
+def check_target(target: str) -> str:
+    """`target` if it is an address gRPC can dial (see TARGET_FORMS), else InvalidArgument.
+
+    The message names the accepted forms and, for a URL, the address it probably meant
+    (TLS is --ca-bundle / `ca_bundle`, never https://).
+    """
+    url = _URL.fullmatch(target.strip())
+    if not target.strip():
+        raise InvalidArgument(f"the server address is empty; give {TARGET_FORMS}")
+    if url is None or url["scheme"].lower() in _RESOLVER_SCHEMES:
+        return target
+    meant = url["rest"].split("/", 1)[0]
+    hint = f" (did you mean {meant!r}?)" if meant else ""
+    tls = (
+        " TLS comes from a CA bundle (--ca-bundle), not from https://."
+        if url["scheme"].lower().endswith("s")
+        else ""
+    )
+    raise InvalidArgument(f"server address {target!r} is a URL; give {TARGET_FORMS}{hint}.{tls}")
+
+
 def create_channel(target: str, credentials: Credentials | None = None) -> grpc.Channel:
-    """A channel to `target` ("host:port") with prebake's message limits.
+    """A channel to `target` ("host:port"; see `check_target`) with prebake's message limits.
 
     TLS when `credentials` carry a CA bundle or a client certificate (else plaintext);
     their token, if any, goes with every call as `authorization: Bearer` metadata, and
     every call carries an `x-request-id` (see `_MetadataInterceptor`).
     """
+    check_target(target)
     creds = credentials or Credentials()
     options = [
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

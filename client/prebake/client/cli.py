@@ -42,10 +42,15 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 from prebake.client import commands, exitcodes
+from prebake.client.channel import TARGET_FORMS, check_target
+from prebake.client.cli_errors import FLAG_FIELDS, Failure, report
 from prebake.client.client import DEFAULT_TARGET
+from prebake.client.errors import InvalidArgument
+from prebake.core import cli_values
 from prebake.core.cli_values import positive_int, positive_seconds, seconds, size
 from prebake.core.command_plugins import ENTRY_POINT_GROUP, CommandFailed, Register
 from prebake.core.names import job_state_names, kind_names
+from prebake.core.suggest import unknown
 
 DEFAULT_TIMEOUT = 30.0
 
@@ -101,6 +106,68 @@ PLUGIN_COMMANDS = {
 }
 
 
+class InvalidValue(argparse.ArgumentError):
+    """A flag's value that its type or choices refused: invalid input (exit INVALID), not usage.
+
+    `field` is the contract field the flag sets (`cli_errors.FIELD_FLAGS`), else its dest.
+    """
+
+    def __init__(self, action: argparse.Action, message: str) -> None:
+        super().__init__(action, message)
+        flag = max(action.option_strings, key=len, default="")
+        self.field = FLAG_FIELDS.get(flag, action.dest)
+
+
+class ParseFailed(Exception):
+    """The command line was refused; `cli.main` reports it (usage line, message, JSON)."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str, exit_code: int, field: str | None):
+        super().__init__(message)
+        self.parser = parser
+        self.exit_code = exit_code
+        self.field = field
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with bad values told apart from bad usage, and "did you mean" for choices.
+
+    Every subcommand's parser is one too (argparse makes subparsers of the parent's class).
+    """
+
+    def _get_value(self, action: argparse.Action, arg_string: str) -> Any:
+        try:
+            return super()._get_value(action, arg_string)
+        except argparse.ArgumentError as exc:
+            raise InvalidValue(action, exc.message) from None
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        choices = action.choices
+        if choices is None or value in choices:
+            return
+        if isinstance(action, argparse._SubParsersAction):  # an unknown command is a usage error
+            raise argparse.ArgumentError(action, unknown("command", value, list(choices)))
+        if isinstance(action.metavar, str):
+            what = action.metavar.lower()
+        else:
+            what = action.dest.replace("_", " ") if action.option_strings else "value"
+        raise InvalidValue(action, unknown(what, str(value), [str(c) for c in choices]))
+
+    def error(self, message: str) -> Any:
+        # Called by argparse inside its `except ArgumentError` (or directly for a missing or
+        # unrecognised argument): what is being handled tells a bad value from bad usage.
+        exc = sys.exc_info()[1]
+        if isinstance(exc, InvalidValue):
+            raise ParseFailed(self, message, exitcodes.INVALID, exc.field)
+        raise ParseFailed(self, message, exitcodes.USAGE, None)
+
+
+def _server_target(text: str) -> str:
+    try:
+        return check_target(text)
+    except InvalidArgument as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _formatter(prog: str) -> argparse.HelpFormatter:
     return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
 
@@ -129,8 +196,9 @@ def _client_options(suppress: bool) -> argparse.ArgumentParser:
     group.add_argument(
         "--server",
         metavar="HOST:PORT",
+        type=_server_target,
         default=default_server,
-        help=f"prebake server address (env PREBAKE_SERVER; default {DEFAULT_TARGET})",
+        help=f"prebake server address: {TARGET_FORMS} (env PREBAKE_SERVER; default {DEFAULT_TARGET})",
     )
     group.add_argument(
         "--timeout",
@@ -169,13 +237,20 @@ def _add_key_options(parser: argparse.ArgumentParser, required: bool, lookup: bo
         "the configuration; the server validates and normalises it (aliases, defaults, "
         "fields the kind ignores)",
     )
-    group.add_argument("--kind", required=required, help=f"compiler family: {', '.join(kind_names())}")
+    group.add_argument(
+        "--kind", required=required, type=cli_values.kind, help=f"compiler family: {', '.join(kind_names())}"
+    )
     group.add_argument("--model", required=required, help="model id, e.g. meta-llama/Meta-Llama-3-8B")
     group.add_argument("--revision", default="", help="model revision (commit hash or weights digest)")
     group.add_argument("--instance-type", default="", metavar="TYPE", help="e.g. ml.inf2.48xlarge")
-    group.add_argument("--sequence-length", type=int, default=0, metavar="N", help="compiled sequence length")
-    group.add_argument("--batch-size", type=int, default=0, metavar="N", help="compiled batch size")
-    group.add_argument("--tp", type=int, default=0, metavar="N", help="tensor-parallel degree (default 1)")
+    # Positive when given; omitted, 0 leaves the field unset (the server says if the kind needs it).
+    group.add_argument(
+        "--sequence-length", type=positive_int, default=0, metavar="N", help="compiled sequence length"
+    )
+    group.add_argument("--batch-size", type=positive_int, default=0, metavar="N", help="compiled batch size")
+    group.add_argument(
+        "--tp", type=positive_int, default=0, metavar="N", help="tensor-parallel degree (default 1)"
+    )
     group.add_argument(
         "--precision", default="", help="bf16, fp16, fp32, int8, fp8, int4-awq (default: kind's)"
     )
@@ -196,8 +271,10 @@ def _add_key_options(parser: argparse.ArgumentParser, required: bool, lookup: bo
         action="append",
         default=[],
         choices=["longer_sequence", "neuroncore_v2_family"],
-        help="also accept an artifact this policy admits (neuron: compiled for a longer "
-        "sequence length; compiled for the other NeuronCore-v2 family, inf2/trn1); repeatable",
+        metavar="POLICY",
+        help="also accept an artifact this policy admits (longer_sequence, neuron: compiled for a "
+        "longer sequence length; neuroncore_v2_family: compiled for the other NeuronCore-v2 family, "
+        "inf2/trn1); repeatable",
     )
 
 
@@ -256,7 +333,7 @@ def _add_job_filters(parser: argparse.ArgumentParser, suppress: bool) -> None:
         metavar="STATE",
         help=f"only jobs in these states ({', '.join(job_state_names())}); repeatable",
     )
-    parser.add_argument("--kind", choices=kind_names(), default=default, help="only jobs of this kind")
+    parser.add_argument("--kind", type=cli_values.kind, default=default, help="only jobs of this kind")
     parser.add_argument(
         "--limit", type=int, default=argparse.SUPPRESS if suppress else 50, help="at most N jobs (default 50)"
     )
@@ -311,7 +388,7 @@ class _Commands:
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole `prebake` command line: the plugins' commands, then the client's own."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="prebake",
         formatter_class=_formatter,
         parents=[_client_options(suppress=False)],
@@ -654,7 +731,7 @@ def _add_ls(sub: _Commands) -> None:
         prebake ls --kind neuron --model meta-llama/Meta-Llama-3-8B --pinned
         """,
     )
-    p.add_argument("--kind", choices=kind_names(), help="only artifacts of this kind")
+    p.add_argument("--kind", type=cli_values.kind, help="only artifacts of this kind")
     p.add_argument("--model", default="", help="only artifacts of this model (exact)")
     p.add_argument("--pinned", action="store_true", help="only pinned artifacts")
     p.add_argument("--limit", type=int, default=100, help="at most N artifacts (default 100; 0 = all)")
@@ -856,14 +933,23 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the `prebake` command line; returns the exit code (see `exitcodes`).
 
-    `--help`, `--version` and argparse's usage errors return their exit code (0 or 2)
-    instead of raising SystemExit, so callers can always use the return value.
+    `--help`, `--version` and argparse's usage errors return their exit code instead of
+    raising SystemExit, so callers can always use the return value. A refused command line
+    is reported like any failure (`cli_errors`): a bad value exits INVALID, anything else
+    USAGE, and with --json one error object goes to stdout.
     """
+    words = sys.argv[1:] if argv is None else argv
+    # Read from the words, since a refused command line has no parsed --json.
+    as_json = "--json" in words[: words.index("--")] if "--" in words else "--json" in words
     parser = build_parser()
     try:
-        args, unknown = parser.parse_known_args(argv)
-        if unknown and not getattr(args, "accepts_any_arguments", False):
-            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args, unknown_args = parser.parse_known_args(argv)
+        if unknown_args and not getattr(args, "accepts_any_arguments", False):
+            parser.error(f"unrecognized arguments: {' '.join(unknown_args)}")
+    except ParseFailed as exc:
+        exc.parser.print_usage(sys.stderr)
+        code = "INVALID_ARGUMENT" if exc.exit_code == exitcodes.INVALID else "USAGE"
+        return report(Failure(code, str(exc), exc.exit_code, exc.field), as_json)
     except SystemExit as exc:
         if exc.code is None:
             return exitcodes.OK
@@ -872,8 +958,7 @@ def main(argv: list[str] | None = None) -> int:
         return commands.run(args)
     except commands.UsageError as exc:
         parser.print_usage(sys.stderr)
-        print(f"prebake: error: {exc}", file=sys.stderr)
-        return exitcodes.USAGE
+        return report(Failure("USAGE", str(exc), exitcodes.USAGE), as_json)
 
 
 if __name__ == "__main__":

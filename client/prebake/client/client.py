@@ -15,6 +15,7 @@ import functools
 import getpass
 import os
 import socket
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from prebake.client.channel import (
 )
 from prebake.client.credentials import Credentials
 from prebake.client.errors import (
+    AlreadyExists,
     CompileFailed,
     DataLoss,
     DeadlineExceeded,
@@ -48,7 +50,7 @@ from prebake.client.errors import (
     Unavailable,
     from_rpc_error,
 )
-from prebake.client.fetch import FetchResult, fetch_artifact
+from prebake.client.fetch import MARKER, FetchResult, fetch_artifact
 from prebake.client.hostcache import HostCache
 from prebake.client.model_revision import revision_of
 from prebake.client.publish import LocalFile, scan_directory
@@ -200,6 +202,54 @@ def _producer_identity() -> str:
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+def _exact_hit(response: registry_pb2.LookupResponse | None) -> registry_pb2.Artifact | None:
+    """The artifact a report-only lookup found for exactly this key, if any."""
+    if response is None or response.status != registry_pb2.LOOKUP_STATUS_HIT:
+        return None
+    exact = response.artifact.artifact_id == response.key.digest
+    return response.artifact if exact else None
+
+
+def _sizes(files: Iterable[registry_pb2.ArtifactFile]) -> dict[str, int]:
+    return {f.path: f.digest.size_bytes for f in files}
+
+
+def _identities(files: Iterable[registry_pb2.ArtifactFile]) -> set[tuple[str, str, int, bool]]:
+    return {(f.path, f.digest.hash, f.digest.size_bytes, f.executable) for f in files}
+
+
+def _listing(directory: Path) -> dict[str, int] | None:
+    """Path -> size of the files `scan_directory` would publish, from `stat` alone.
+
+    None when the tree holds something the scan refuses (a link, a special file) or
+    cannot be read: the scan then says what is wrong, this only compares.
+    """
+    found: dict[str, int] = {}
+    try:
+        for root, dirs, names in os.walk(directory, followlinks=False):
+            if any((Path(root) / d).is_symlink() for d in dirs):
+                return None
+            for name in names:
+                path = Path(root) / name
+                st = path.lstat()
+                if not stat.S_ISREG(st.st_mode):
+                    return None
+                rel = path.relative_to(directory).as_posix()
+                if rel != MARKER:
+                    found[rel] = st.st_size
+    except OSError:
+        return None
+    return found
+
+
+def _already_exists(existing: registry_pb2.Artifact) -> AlreadyExists:
+    # Worded as the server's publish-time refusal (`replace` is the request field).
+    return AlreadyExists(
+        f"artifact {existing.artifact_id} for this key already exists with a different file list "
+        f"(manifest {existing.manifest_digest}); set `replace` to replace it"
+    )
 
 
 def one_operation(fn: Callable[P, R]) -> Callable[P, R]:
@@ -822,18 +872,28 @@ class Client:
         Hashes every file, uploads only the blobs the server lacks, then publishes;
         nothing is published before every blob is uploaded. If a blob vanishes between
         upload and publish (FAILED_PRECONDITION or DATA_LOSS), it is uploaded again and
-        the publish retried once. Symbolic links and special files are refused. With
+        the publish retried once. Symbolic links and special files are refused. Without
+        `replace`, a key that already has an artifact with other files is refused with
+        AlreadyExists before anything is uploaded (the same files publish as a no-op). With
         `signing_key` the artifact is signed: the key is resolved first (a lookup that
         enqueues nothing; the publisher role may look up), since the signature covers
         the resolved key.
         """
+        # Ask first (a lookup that enqueues nothing): a key that has another artifact is
+        # refused before a byte is hashed or uploaded, not after a multi-GB upload. The
+        # server checks again at publish time (another publisher may win the race).
+        known = self.lookup(key, on_miss="report") if signing_key is not None or not replace else None
+        existing = _exact_hit(known) if not replace else None
+        if existing is not None and _listing(Path(directory)) not in (None, _sizes(existing.files)):
+            raise _already_exists(existing)
         files = scan_directory(Path(directory))
         producer = registry_pb2.Producer(worker=_producer_identity(), note=producer_note)
         manifest = [f.to_proto() for f in files]
+        if existing is not None and _identities(manifest) != _identities(existing.files):
+            raise _already_exists(existing)  # same names and sizes, other bytes: still before uploading
         signature = None
-        if signing_key is not None:
-            resolved = self.lookup(key, on_miss="report").key
-            signature = sign_manifest(signing_key, resolved, manifest)
+        if signing_key is not None and known is not None:
+            signature = sign_manifest(signing_key, known.key, manifest)
         self._upload_missing(files, progress)
         try:
             return self.publish_artifact(key, manifest, producer, replace, force, signature=signature)

@@ -19,16 +19,14 @@ from google.protobuf.json_format import MessageToDict
 
 from prebake.client import exitcodes, importing, render
 from prebake.client.artifact_key import ArtifactKey
+from prebake.client.cli_errors import Failure, report
 from prebake.client.client import Client
 from prebake.client.credentials import from_settings
 from prebake.client.errors import (
-    AlreadyExists,
-    CompileFailed,
     FailedPrecondition,
     InvalidArgument,
-    NoCapableWorker,
-    NotFound,
     PrebakeError,
+    Unauthenticated,
     Unavailable,
     UntrustedArtifact,
 )
@@ -71,7 +69,12 @@ class UsageError(Exception):
 
 
 def run(args: argparse.Namespace) -> int:
-    """Dispatch parsed arguments to their handler, mapping failures to exit codes."""
+    """Dispatch parsed arguments to their handler, mapping failures to exit codes.
+
+    Every failure is reported by `cli_errors.report` (stderr, and one JSON object on
+    stdout with --json); the exit code of an error class is `exitcodes.for_error`'s.
+    """
+    as_json = bool(getattr(args, "json", False))
     # What the handler is doing (the displays tell it), so that Ctrl-C says what it left.
     activity = args.activity = Activity()
     try:
@@ -87,38 +90,33 @@ def run(args: argparse.Namespace) -> int:
         )
         with Client(args.server, timeout=args.timeout, credentials=credentials) as client:
             return int(args.handler(args, client))
-    except Unavailable as exc:
-        target = exc.target or args.server
-        _error(
-            f"cannot reach the prebake server at {target}: {exc}\n"
-            "  start one with `prebake serve`, or point --server (or PREBAKE_SERVER) at a running server"
-        )
-        return exitcodes.UNAVAILABLE
+    except UsageError:
+        raise  # the parser's usage line goes with it (cli.main)
     except CommandFailed as exc:
-        _error(str(exc))
-        return exitcodes.USAGE if exc.bad_input else exitcodes.ERROR
-    except NotFound as exc:
-        _error(str(exc))
-        return exitcodes.NOT_FOUND
-    except CompileFailed as exc:
-        _error(str(exc))
-        return exitcodes.FAILED
-    except NoCapableWorker as exc:
-        _error(str(exc))
-        return exitcodes.NO_WORKER
-    except UntrustedArtifact as exc:
-        _error(f"{exc}; nothing was placed")
-        return exitcodes.UNTRUSTED
+        code = exitcodes.USAGE if exc.bad_input else exitcodes.ERROR
+        return report(Failure("USAGE" if exc.bad_input else "ERROR", str(exc), code), as_json)
     except PrebakeError as exc:
-        _error(str(exc))
-        return exitcodes.ERROR
+        if isinstance(exc, Unavailable):
+            # The library's message says what failed (often in gRPC's words); lead with the address.
+            exc = Unavailable(f"cannot reach the prebake server at {exc.target or args.server}: {exc}")
+        return report(Failure.of(exc, _hint(exc)), as_json)
     except KeyboardInterrupt:
-        _error(activity.interrupted())
-        return exitcodes.INTERRUPTED
+        return report(Failure("CANCELLED", activity.interrupted(), exitcodes.INTERRUPTED), as_json)
     except BrokenPipeError:
         # stdout closed early (e.g. `| head`): not an error worth a traceback.
         sys.stderr.close()
         return exitcodes.ERROR
+
+
+def _hint(exc: PrebakeError) -> str:
+    """A line on what to do next, for the errors whose message cannot know the CLI."""
+    if isinstance(exc, Unavailable):
+        return "start one with `prebake serve`, or point --server (or PREBAKE_SERVER) at a running server"
+    if isinstance(exc, Unauthenticated):
+        return "pass a token with --token-file FILE (or PREBAKE_TOKEN_FILE), or a client certificate"
+    if isinstance(exc, UntrustedArtifact):
+        return "nothing was placed"
+    return ""
 
 
 def _error(message: str) -> None:
@@ -370,8 +368,7 @@ def prewarm(args: argparse.Namespace, client: Client) -> int:
     try:
         entries = load_matrix(_prewarm_matrix(args))
     except MatrixError as exc:
-        _error(str(exc))
-        return exitcodes.USAGE
+        raise CommandFailed(str(exc), bad_input=True) from None
     cache = None if args.dry_run else host_cache_from_args(args, env_default=False)
     with _prewarm_display(args) as display:
         if args.dry_run:
@@ -408,20 +405,17 @@ def prewarm(args: argparse.Namespace, client: Client) -> int:
 
 def publish(args: argparse.Namespace, client: Client) -> int:
     key = key_from_args(args)
-    try:
-        with _transfer_display(args, "upload") as display:
-            response = client.publish(
-                Path(args.directory),
-                key,
-                producer_note=args.note,
-                replace=args.replace,
-                progress=display,
-                force=args.force,
-                signing_key=signing_key_from_args(args),
-            )
-    except AlreadyExists as exc:
-        _error(f"{exc}\n  pass --replace to replace it")
-        return exitcodes.ERROR
+    # An AlreadyExists names `replace` (the request field): the failure report shows --replace.
+    with _transfer_display(args, "upload") as display:
+        response = client.publish(
+            Path(args.directory),
+            key,
+            producer_note=args.note,
+            replace=args.replace,
+            progress=display,
+            force=args.force,
+            signing_key=signing_key_from_args(args),
+        )
     artifact = response.artifact
     state = "published" if response.created else "unchanged (already published)"
     lines = [
@@ -496,8 +490,8 @@ def rm(args: argparse.Namespace, client: Client) -> int:
     try:
         response = client.delete_artifact(args.artifact_id, force=args.force)
     except FailedPrecondition as exc:
-        _error(f"{exc}\n  `prebake rm --force` deletes it anyway, `prebake pin --unpin` unpins it")
-        return exitcodes.ERROR
+        hint = "`prebake rm --force` deletes it anyway, `prebake pin --unpin` unpins it"
+        return report(Failure.of(exc, hint), args.json)
     text = (
         f"deleted artifact {args.artifact_id} "
         f"({response.blobs_deleted} blobs, {human_bytes(response.bytes_freed)} freed)"
@@ -633,8 +627,7 @@ def import_set(args: argparse.Namespace, client: Client) -> int:
     try:
         entries = importing.load_set(Path(args.file))
     except MatrixError as exc:
-        _error(str(exc))
-        return exitcodes.USAGE
+        raise CommandFailed(str(exc), bad_input=True) from None
 
     def report(result: importing.ImportResult) -> None:
         if args.json:

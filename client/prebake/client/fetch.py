@@ -262,7 +262,7 @@ def _refuse_unless_free(dest: Path, artifact_id: str, overwrite: bool) -> None:
     )
     raise DestinationExists(
         f"{dest} already exists and holds {what}, not artifact {artifact_id}; "
-        "pass overwrite=True (--overwrite) to replace it, or choose another destination"
+        "set `overwrite` to replace it, or choose another destination"
     )
 
 

@@ -1,12 +1,18 @@
 """Parsers of command-line values, shared by the commands of every part of `prebake`.
 
 Each is an argparse `type=`: it returns the value or raises `argparse.ArgumentTypeError`
-with a message that says what was expected (argparse turns it into a usage error, exit 2).
+with a message that says what was expected (the `prebake` parser reports it as invalid
+input, exit 10). A name from a fixed set (`kind`, or any `one_of`) that is not in it is
+refused with the closest names (`prebake.core.suggest`).
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Sequence
+
+from prebake.core.names import kind_names
+from prebake.core.suggest import unknown
 
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -58,8 +64,28 @@ def count(text: str) -> int:
 
 
 def positive_int(text: str) -> int:
-    """A whole number, 1 or more."""
+    """A whole number, 1 or more (a shape, a degree, a concurrency)."""
     value = int(_number(text, int, "a whole number"))
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected 1 or more, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be positive (1 or more); got {text!r}")
     return value
+
+
+def one_of(
+    what: str, names: Sequence[str], normalize: Callable[[str], str] = str.lower
+) -> Callable[[str], str]:
+    """A type accepting the `names` (after `normalize`), refusing others with "did you mean"."""
+    known = list(names)
+
+    def parse(text: str) -> str:
+        value = normalize(text.strip())
+        if value not in known:
+            raise argparse.ArgumentTypeError(unknown(what, text, known))
+        return value
+
+    parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+# --kind on every command: "neuron", also "NEURON" and the enum's "ARTIFACT_KIND_NEURON".
+kind = one_of("kind", kind_names(), lambda text: text.lower().removeprefix("artifact_kind_"))

@@ -14,7 +14,10 @@ meaning, wherever it is raised, and carries:
   input, missing objects and failed compiles are answers, not accidents.
 
 `str(err)` is the message for a person: it names the field or object and says what
-would be valid. `details` holds the same text.
+would be valid. `details` holds the same text; `field`, when set, names the request
+field (as the contract spells it) that the error is about. A message that tells the
+caller to set a request field names it in backquotes ("set `replace` to replace it"), so
+that the CLI can show the flag instead (`prebake.client.cli_errors`).
 
 The two digest checks are two different errors:
 
@@ -48,6 +51,9 @@ class PrebakeError(Exception):
 
     code: str = "UNKNOWN"
     retryable: ClassVar[bool] = False
+    # The request field the error is about ("tensor_parallel_degree"), when one is; the
+    # server sends it as a google.rpc.BadRequest detail (`prebake.core.status_details`).
+    field: str | None = None
 
     def __init__(self, details: str = "") -> None:
         super().__init__(details)

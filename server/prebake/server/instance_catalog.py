@@ -8,7 +8,6 @@ so one instance can be shared by every request handler and thread without lockin
 from __future__ import annotations
 
 import csv
-import difflib
 import io
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
@@ -16,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 from prebake.core.errors import InvalidKey
+from prebake.core.suggest import did_you_mean
 
 NEURON_TARGETS = frozenset({"inf2", "trn1", "trn2"})
 FAMILIES = ("neuron", "gpu", "cpu")
@@ -104,10 +104,6 @@ def normalize_instance_name(name: str) -> str:
     return name if name.startswith("ml.") else f"ml.{name}"
 
 
-def _one_of(names: list[str]) -> str:
-    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
-
-
 class InstanceCatalog:
     """Instance types by normalised name, in the order they were loaded.
 
@@ -169,10 +165,10 @@ class InstanceCatalog:
         instance = self._by_name.get(key)
         if instance is not None:
             return instance
-        close = difflib.get_close_matches(key, self._by_name, n=3)
-        hint = f"; did you mean {_one_of(close)}?" if close else ";"
+        hint = did_you_mean(key, list(self._by_name))
         raise InvalidKey(
-            "instance_type", f"unknown instance type {name.strip()!r}{hint} Known: {', '.join(self._by_name)}"
+            "instance_type",
+            f"unknown instance type {name.strip()!r}{hint or ';'} Known: {', '.join(self._by_name)}",
         )
 
     def names(self) -> tuple[str, ...]:

@@ -235,12 +235,12 @@ class JobLifecycle:
             if existing is not None and replace_existing and existing.pinned and not force and not stale:
                 raise FailedPrecondition(
                     f"artifact {existing.artifact_id} is pinned: deploy hosts rely on it staying as it is; "
-                    "pass force with replace to replace it anyway, or unpin it first"
+                    "set `force` with `replace` to replace it anyway, or unpin it first"
                 )
             if existing is not None and not replace_existing and not stale:
                 raise AlreadyExists(
                     f"artifact {key.digest} for this key already exists with a different file list "
-                    f"(manifest {existing.manifest_digest}); pass replace to overwrite"
+                    f"(manifest {existing.manifest_digest}); set `replace` to replace it"
                 )
             now = self._clock()
             artifact = new_artifact(
@@ -296,7 +296,7 @@ class JobLifecycle:
             if found is None:
                 raise NotFound(f"artifact {artifact_id} not found")
             if found.pinned and not force:
-                raise FailedPrecondition(f"artifact {artifact_id} is pinned; unpin it or pass force")
+                raise FailedPrecondition(f"artifact {artifact_id} is pinned; unpin it or set `force`")
             try:
                 await self.artifacts.delete(
                     artifact_id, expect_manifest=found.manifest_digest, expect_pinned=found.pinned

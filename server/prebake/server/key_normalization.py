@@ -30,6 +30,7 @@ from prebake.core.key_fields import KEY_FIELDS as CONTRACT_KEY_FIELDS
 from prebake.core.key_fields import KINDS as CONTRACT_KINDS
 from prebake.core.key_fields import require_fields, require_kinds
 from prebake.core.names import kind_values
+from prebake.core.suggest import did_you_mean, unknown
 from prebake.server.instance_catalog import InstanceCatalog, InstanceType
 from prebake.server.model_catalog import ModelCatalog
 from prebake.server.records import NormalizedKey
@@ -326,7 +327,7 @@ def _kind(raw: str) -> str:
             "use these full names (most drop an unknown name such as 'neuron' and send kind unset)",
         )
     if kind not in KINDS:
-        raise InvalidKey("kind", f"unknown kind {_show(raw)}; use one of {', '.join(KINDS)}")
+        raise InvalidKey("kind", unknown("kind", raw, KINDS))
     return kind
 
 
@@ -380,8 +381,10 @@ def _precision(raw: str, kind: str) -> str:
         return allowed[0]
     precision = text if text in PRECISIONS else PRECISION_ALIASES.get(text)
     if precision is None:
+        hint = did_you_mean(text, [*PRECISIONS, *PRECISION_ALIASES])
         raise InvalidKey(
-            "precision", f"unknown precision {_show(raw)}; use one of {', '.join(allowed)} for kind {kind}"
+            "precision",
+            f"unknown precision {_show(raw)}{hint} (use one of {', '.join(allowed)} for kind {kind})",
         )
     if precision in allowed:
         return precision
@@ -404,7 +407,8 @@ def _shape(name: str, value: int, limit: int, kind: str) -> int:
         unset = "" if required else " (or 0 to leave it unset)"
         raise InvalidKey(name, f"{name} must be positive{unset}; got {value}")
     if value == 0 and required:
-        raise InvalidKey(name, f"{name} is required for {kind} keys")
+        # 0 is also what an omitted field reads as: say both what is wrong and that it is needed.
+        raise InvalidKey(name, f"{name} must be positive for {kind} keys (it is required); got 0")
     if value > limit:
         raise InvalidKey(name, f"{name}={value} is above the limit of {limit}")
     return value

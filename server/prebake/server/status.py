@@ -5,7 +5,9 @@ catch them and abort the rpc with `prebake.core.rpc_errors.to_status`, the mappi
 client reverses. One server-only translation comes first: SQLite's "database is locked"
 (`sqlite3.OperationalError` after the busy timeout) is a transient condition, answered
 UNAVAILABLE so that clients retry it, never INTERNAL. Anything else unexpected is a bug:
-it is logged with its traceback and answered INTERNAL without leaking internals.
+it is logged with its traceback and answered INTERNAL without leaking internals. An
+error that names a request field (`InvalidKey.field`) also carries it as a
+google.rpc.BadRequest detail (`prebake.core.rpc_errors.to_details`).
 
 A request the deserializer refused (`prebake.server.request_limits`: too many bytes for
 its method, or not a valid message) reaches a handler as a `RejectedRequest`, in place
@@ -25,7 +27,7 @@ from typing import Any, TypeVar
 import grpc
 
 from prebake.core import errors
-from prebake.core.rpc_errors import to_status
+from prebake.core.rpc_errors import to_details, to_status
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,10 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException
         log.exception("%s failed", method, exc_info=exc)
     elif translated is not exc:
         log.warning("%s: %s (%s)", method, message, exc)
+    details = to_details(translated, code)
+    if details:
+        # Given to abort, trailing metadata replaces what was set before: keep the request id.
+        await context.abort(code, message, (*(context.trailing_metadata() or ()), *details))
     await context.abort(code, message)
 
 

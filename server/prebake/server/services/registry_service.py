@@ -113,7 +113,8 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         index = self.s.storage.artifacts
         ranked = await nearest.nearest(index, key, NEAREST)
         for old in self.stored_as(key):  # the model's artifacts stored under its other names
-            ranked = nearest.rank_nearest([*ranked, *await nearest.nearest(index, old, NEAREST)], key, NEAREST)
+            others = await nearest.nearest(index, old, NEAREST)
+            ranked = nearest.rank_nearest([*ranked, *others], key, NEAREST)
         found = []
         for a in ranked:
             if a.artifact_id == key.digest:  # the key's own artifact, unavailable: no "near miss"
