@@ -6,7 +6,9 @@ import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from prebake.client import Client
+import pytest
+
+from prebake.client import Client, errors
 from prebake.client.render import lookup_text
 from prebake.server.app import BackgroundServer
 from prebake.server.records import ErrorClass, JobState
@@ -162,11 +164,10 @@ def test_a_near_miss_names_the_policies_that_would_make_it_a_hit(client: Client,
 
 def test_stats_count_hits_and_misses(client: Client, tmp_path: Path) -> None:
     client.lookup(LLAMA3_8B_INF2)
-    # A publish asks first (a report-only lookup: here COMPILING, the first lookup's job).
     client.publish(make_artifact_dir(tmp_path / "a", {"w": 10}), LLAMA3_8B_INF2)
     client.lookup(LLAMA3_8B_INF2)
     stats = client.get_stats()
-    assert (stats.lookups, stats.hits, stats.misses) == (3, 1, 2)
+    assert (stats.lookups, stats.hits, stats.misses) == (2, 1, 1)
     assert stats.artifacts == 1 and stats.blobs == 1 and stats.blob_bytes == 10
     assert stats.jobs_by_state["succeeded"] == 1 and stats.queue_depth == 0
 
@@ -186,3 +187,26 @@ def test_a_local_model_source_sets_the_revision_so_new_weights_miss(client: Clie
     # An explicit revision wins over the directory's digest.
     pinned = dataclasses.replace(LLAMA3_8B_INF2, model_revision="abc123")
     assert client.lookup(pinned, model_source=str(weights)).key.key.model_revision == "abc123"
+
+
+def test_get_artifact_by_key_reads_without_counting_a_lookup(client: Client, tmp_path: Path) -> None:
+    with pytest.raises(errors.NotFound, match="no artifact for this key"):
+        client.get_artifact(key=LLAMA3_8B_INF2)
+    published = client.publish(make_artifact_dir(tmp_path / "a", {"w": 10}), LLAMA3_8B_INF2).artifact
+    before = client.get_stats()
+    assert client.get_artifact(key=LLAMA3_8B_INF2).artifact_id == published.artifact_id
+    # The JumpStart id of the same model names the same key.
+    jumpstart = dataclasses.replace(LLAMA3_8B_INF2, model="meta-textgeneration-llama-3-8b")
+    assert client.get_artifact(key=jumpstart).artifact_id == published.artifact_id
+    after = client.get_stats()
+    assert (after.lookups, after.hits, after.misses) == (before.lookups, before.hits, before.misses)
+    [listed] = client.iter_artifacts()
+    assert listed.hit_count == 0
+    # Only an exact key: a near one is not found (Lookup's policies do not apply).
+    with pytest.raises(errors.NotFound):
+        client.get_artifact(key=dataclasses.replace(LLAMA3_8B_INF2, batch_size=4))
+    with pytest.raises(errors.InvalidArgument, match="not both"):
+        client.get_artifact(published.artifact_id, key=LLAMA3_8B_INF2)
+    with pytest.raises(errors.InvalidArgument):
+        client.get_artifact(key=dataclasses.replace(LLAMA3_8B_INF2, sequence_length=-5))
+    assert all_jobs(client) == []

@@ -387,10 +387,14 @@ class Client:
         )
         return self._call(lambda t: self._conn.stubs.registry.Lookup(request, timeout=t), timeout)
 
-    def get_artifact(self, artifact_id: str) -> registry_pb2.Artifact:
-        """One artifact's manifest, with its files. Raises NotFound for an unknown id."""
+    def get_artifact(self, artifact_id: str = "", *, key: KeyLike | None = None) -> registry_pb2.Artifact:
+        """One artifact's manifest, with its files: by id, or the artifact of exactly `key`
+        (a read that counts as no lookup and enqueues nothing). Raises NotFound for an
+        unknown id or a key without an artifact, InvalidArgument for an invalid key."""
         request = registry_pb2.GetArtifactRequest(
-            artifact_id=artifact_id, direct_download=self.direct_download
+            artifact_id=artifact_id,
+            key=_key_proto(key) if key is not None else None,
+            direct_download=self.direct_download,
         )
         return self._call(lambda t: self._conn.stubs.registry.GetArtifact(request, timeout=t))
 
@@ -879,11 +883,14 @@ class Client:
         enqueues nothing; the publisher role may look up), since the signature covers
         the resolved key.
         """
-        # Ask first (a lookup that enqueues nothing): a key that has another artifact is
-        # refused before a byte is hashed or uploaded, not after a multi-GB upload. The
-        # server checks again at publish time (another publisher may win the race).
-        known = self.lookup(key, on_miss="report") if signing_key is not None or not replace else None
-        existing = _exact_hit(known) if not replace else None
+        # Ask first: a key that has another artifact is refused before a byte is hashed or
+        # uploaded, not after a multi-GB upload. The server checks again at publish time
+        # (another publisher may win the race). Signing resolves the key with a lookup that
+        # enqueues nothing anyway; otherwise a GetArtifact by key, which counts as no lookup.
+        known = self.lookup(key, on_miss="report") if signing_key is not None else None
+        existing = None
+        if not replace:
+            existing = _exact_hit(known) if known is not None else self._artifact_of(key)
         if existing is not None and _listing(Path(directory)) not in (None, _sizes(existing.files)):
             raise _already_exists(existing)
         files = scan_directory(Path(directory))
@@ -901,6 +908,12 @@ class Client:
             # A blob was deleted or quarantined since it was uploaded: upload it again.
             self._upload_missing(files, progress)
             return self.publish_artifact(key, manifest, producer, replace, force, signature=signature)
+
+    def _artifact_of(self, key: KeyLike) -> registry_pb2.Artifact | None:
+        try:
+            return self.get_artifact(key=key)
+        except NotFound:
+            return None
 
     @one_operation
     def upload_directory(

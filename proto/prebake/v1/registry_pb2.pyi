@@ -607,22 +607,30 @@ class GetArtifactRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ARTIFACT_ID_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
     DIRECT_DOWNLOAD_FIELD_NUMBER: _builtins.int
     artifact_id: _builtins.str
-    """The artifact's id (its key digest)."""
+    """The artifact's id (its key digest). Set this or `key`."""
     direct_download: _builtins.bool
     """Include presigned `download_url`s in the files, where the server's blob store can
     make them (see `ArtifactFile.download_url`).
     """
+    @_builtins.property
+    def key(self) -> _key_pb2.ArtifactKey:
+        """Instead of `artifact_id`: the key, normalised as `Lookup` normalises it; only an
+        artifact of exactly this key answers (no compatibility policies).
+        """
+
     def __init__(
         self,
         *,
         artifact_id: _builtins.str = ...,
+        key: _key_pb2.ArtifactKey | None = ...,
         direct_download: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_id", b"artifact_id", "direct_download", b"direct_download"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_id", b"artifact_id", "direct_download", b"direct_download", "key", b"key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -107,11 +107,14 @@ class RegistryServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetArtifact(self, request, context):
-        """Returns one artifact's manifest, with its files.
+        """Returns one artifact's manifest, with its files: by id, or the artifact of exactly
+        one key. A read: it counts as no lookup and no hit and creates no job (a publisher
+        asks it before uploading, to find a key that already has an artifact).
 
         Errors:
-        * `INVALID_ARGUMENT`: malformed artifact id (not 32 hex digits). Do not retry.
-        * `NOT_FOUND`: no such artifact. Do not retry.
+        * `INVALID_ARGUMENT`: malformed artifact id (not 32 hex digits); an invalid key (as
+        for `Lookup`); both or neither of `artifact_id` and `key`. Do not retry.
+        * `NOT_FOUND`: no such artifact, or no artifact for the key. Do not retry.
         * `FAILED_PRECONDITION`: the artifact is signed by a key the server revoked
         (`revoked_signers`); the message names the key id. It is not served until it is
         replaced by an artifact signed with a current key (a lookup enqueues that rebuild).

@@ -81,11 +81,14 @@ class RegistryStub:
     or admin may).
     """
     GetArtifact: _grpc.UnaryUnaryMultiCallable[_registry_pb2.GetArtifactRequest, _registry_pb2.Artifact]
-    """Returns one artifact's manifest, with its files.
+    """Returns one artifact's manifest, with its files: by id, or the artifact of exactly
+    one key. A read: it counts as no lookup and no hit and creates no job (a publisher
+    asks it before uploading, to find a key that already has an artifact).
 
     Errors:
-    * `INVALID_ARGUMENT`: malformed artifact id (not 32 hex digits). Do not retry.
-    * `NOT_FOUND`: no such artifact. Do not retry.
+    * `INVALID_ARGUMENT`: malformed artifact id (not 32 hex digits); an invalid key (as
+      for `Lookup`); both or neither of `artifact_id` and `key`. Do not retry.
+    * `NOT_FOUND`: no such artifact, or no artifact for the key. Do not retry.
     * `FAILED_PRECONDITION`: the artifact is signed by a key the server revoked
       (`revoked_signers`); the message names the key id. It is not served until it is
       replaced by an artifact signed with a current key (a lookup enqueues that rebuild).
@@ -172,11 +175,14 @@ class RegistryAsyncStub(RegistryStub):
     or admin may).
     """
     GetArtifact: _aio.UnaryUnaryMultiCallable[_registry_pb2.GetArtifactRequest, _registry_pb2.Artifact]  # type: ignore[assignment]
-    """Returns one artifact's manifest, with its files.
+    """Returns one artifact's manifest, with its files: by id, or the artifact of exactly
+    one key. A read: it counts as no lookup and no hit and creates no job (a publisher
+    asks it before uploading, to find a key that already has an artifact).
 
     Errors:
-    * `INVALID_ARGUMENT`: malformed artifact id (not 32 hex digits). Do not retry.
-    * `NOT_FOUND`: no such artifact. Do not retry.
+    * `INVALID_ARGUMENT`: malformed artifact id (not 32 hex digits); an invalid key (as
+      for `Lookup`); both or neither of `artifact_id` and `key`. Do not retry.
+    * `NOT_FOUND`: no such artifact, or no artifact for the key. Do not retry.
     * `FAILED_PRECONDITION`: the artifact is signed by a key the server revoked
       (`revoked_signers`); the message names the key id. It is not served until it is
       replaced by an artifact signed with a current key (a lookup enqueues that rebuild).
@@ -272,11 +278,14 @@ class RegistryServicer(metaclass=_abc_1.ABCMeta):
         request: _registry_pb2.GetArtifactRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_registry_pb2.Artifact, _abc.Awaitable[_registry_pb2.Artifact]]:
-        """Returns one artifact's manifest, with its files.
+        """Returns one artifact's manifest, with its files: by id, or the artifact of exactly
+        one key. A read: it counts as no lookup and no hit and creates no job (a publisher
+        asks it before uploading, to find a key that already has an artifact).
 
         Errors:
-        * `INVALID_ARGUMENT`: malformed artifact id (not 32 hex digits). Do not retry.
-        * `NOT_FOUND`: no such artifact. Do not retry.
+        * `INVALID_ARGUMENT`: malformed artifact id (not 32 hex digits); an invalid key (as
+          for `Lookup`); both or neither of `artifact_id` and `key`. Do not retry.
+        * `NOT_FOUND`: no such artifact, or no artifact for the key. Do not retry.
         * `FAILED_PRECONDITION`: the artifact is signed by a key the server revoked
           (`revoked_signers`); the message names the key id. It is not served until it is
           replaced by an artifact signed with a current key (a lookup enqueues that rebuild).

@@ -32,9 +32,10 @@ RPC_ROLES: dict[str, frozenset[Role]] = {
         "Registry",
         {
             # Deployers look keys up (a miss may enqueue: see request_rules) and read manifests.
-            # Publishers too: `prebake publish` resolves the key it signs with a report-only lookup.
+            # Publishers too: `prebake publish` resolves the key it signs with a report-only lookup,
+            # and asks whether the key has an artifact before it uploads anything.
             "Lookup": frozenset({R, P}),
-            "GetArtifact": frozenset({R}),
+            "GetArtifact": frozenset({R, P}),
             # Artifacts compiled elsewhere; workers publish through CompleteJob instead.
             "PublishArtifact": frozenset({P}),
         },

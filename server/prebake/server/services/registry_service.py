@@ -313,11 +313,27 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
     async def GetArtifact(
         self, request: registry_pb2.GetArtifactRequest, context: Ctx
     ) -> registry_pb2.Artifact:
-        found = await self.s.storage.artifacts.get(check_artifact_id(request.artifact_id))
+        found: Artifact | None
+        if request.HasField("key"):
+            found = await self._artifact_of_key(request)
+        else:
+            found = await self.s.storage.artifacts.get(check_artifact_id(request.artifact_id))
         if found is None:
             raise NotFound(f"no artifact {request.artifact_id}")
         self.s.signatures.refuse_revoked(found)
         return self._manifest(found, request.direct_download)
+
+    async def _artifact_of_key(self, request: registry_pb2.GetArtifactRequest) -> Artifact:
+        if request.artifact_id:
+            raise InvalidArgument("set `artifact_id` or `key`, not both")
+        key, _ = await self.normalize(request.key)
+        index = self.s.storage.artifacts
+        # Also under the model's other names (artifacts stored before names were canonical).
+        for candidate in (key, *self.stored_as(key, request.key.model)):
+            found = await index.get(candidate.digest)
+            if found is not None:
+                return found
+        raise NotFound(f"no artifact for this key (key digest {key.digest})")
 
     @unary
     async def PublishArtifact(
