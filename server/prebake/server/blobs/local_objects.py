@@ -309,10 +309,10 @@ class LocalObjectStore:
             raise ValueError(f"part number {number} is outside 1..{self.max_part_count}")
         directory = self._upload_dir(upload)
         try:
-            # Not durable: one fsync per part would write every byte to disk twice, since
-            # complete_upload copies the parts into the object and fsyncs that (the parts are
-            # deleted before the kernel writes them back). sync_parts makes them durable when a
-            # partial upload is acknowledged.
+            # Without `durable` no fsync: one per part would write every byte to disk twice,
+            # since complete_upload copies the parts into the object and fsyncs that (the parts
+            # are deleted before the kernel writes them back). sync_parts makes them durable
+            # when a partial upload is acknowledged.
             temp, st = self._write_temp(directory, data, durable=durable)
         except FileNotFoundError:
             raise NoSuchUpload(upload.upload_id) from None

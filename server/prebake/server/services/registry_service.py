@@ -109,6 +109,16 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         names = dict.fromkeys((*self.s.models.other_names(key.model), stated))
         return [with_model(key, name) for name in names if name and name != key.model]
 
+    async def exact_artifact(self, key: NormalizedKey, stated: str) -> Artifact | None:
+        """The artifact stored for exactly `key`, under its canonical model name or, as
+        `stored_as` says, under another name of the model (`stated`: the request's)."""
+        index = self.s.storage.artifacts
+        for candidate in (key, *self.stored_as(key, stated)):
+            found = await index.get(candidate.digest)
+            if found is not None:
+                return found
+        return None
+
     async def nearest(self, key: NormalizedKey) -> list[registry_pb2.NearMiss]:
         index = self.s.storage.artifacts
         ranked = await nearest.nearest(index, key, NEAREST)
@@ -143,11 +153,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         Artifacts signed by a revoked key are not matched; why is appended to `refused`.
         """
         index = self.s.storage.artifacts
-        found = await index.get(key.digest)
-        for old in self.stored_as(key, request.key.model) if found is None else ():
-            found = await index.get(old.digest)
-            if found is not None:
-                break
+        found = await self.exact_artifact(key, request.key.model)
         # An artifact one of whose blobs is lost never hits (see prebake.server.integrity).
         if found is not None and not found.unavailable:
             signer = self.s.signatures.revoked_signer(found)
@@ -327,13 +333,10 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         if request.artifact_id:
             raise InvalidArgument("set `artifact_id` or `key`, not both")
         key, _ = await self.normalize(request.key)
-        index = self.s.storage.artifacts
-        # Also under the model's other names (artifacts stored before names were canonical).
-        for candidate in (key, *self.stored_as(key, request.key.model)):
-            found = await index.get(candidate.digest)
-            if found is not None:
-                return found
-        raise NotFound(f"no artifact for this key (key digest {key.digest})")
+        found = await self.exact_artifact(key, request.key.model)
+        if found is None:
+            raise NotFound(f"no artifact for this key (key digest {key.digest})")
+        return found
 
     @unary
     async def PublishArtifact(
