@@ -13,7 +13,8 @@ included, so refusals are observed too), it
   format). Health checks and reflection log at debug level, everything else at info.
 
 Cheap by design: one metadata scan, one clock pair, a cached histogram child, and a log
-call that is skipped (no formatting, no peer lookup) when its level is off.
+call that is skipped (no formatting, no peer lookup) when its level is off, and otherwise
+made on the loop's next turn, after the response has been handed to gRPC.
 """
 
 from __future__ import annotations
@@ -66,6 +67,21 @@ def _code_of(context: Ctx, exc: BaseException | None) -> str:
     return "UNKNOWN"
 
 
+def _log_rpc(level: int, method: str, code: str, seconds: float, peer: str, rid: str) -> None:
+    log.log(
+        level,
+        "rpc %s %s %.2f ms from %s",
+        method,
+        code,
+        seconds * 1000,
+        peer,
+        extra={
+            "request_id": rid,
+            "fields": {"method": method, "code": code, "duration_ms": round(seconds * 1000, 3), "peer": peer},
+        },
+    )
+
+
 class RpcObserver(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # generic only in the stubs
     """Request ids, rpc log lines and rpc latency for every call of a server (module docstring)."""
 
@@ -97,32 +113,19 @@ def _observed(
         peer = context.peer() if log.isEnabledFor(level) else ""
         return rid, request_ids.bind(rid), time.perf_counter(), peer
 
-    def end(context: Ctx, peer: str, started: float, exc: BaseException | None) -> None:
+    def end(context: Ctx, rid: str, peer: str, started: float, exc: BaseException | None) -> None:
         seconds = time.perf_counter() - started
         code = _code_of(context, exc)
         metrics.rpc(method, code, seconds)
         if log.isEnabledFor(level):
-            log.log(
-                level,
-                "rpc %s %s %.2f ms from %s",
-                method,
-                code,
-                seconds * 1000,
-                peer,
-                extra={
-                    "fields": {
-                        "method": method,
-                        "code": code,
-                        "duration_ms": round(seconds * 1000, 3),
-                        "peer": peer,
-                    }
-                },
-            )
+            # Written on the loop's next turn, once the response is on its way: formatting and
+            # writing a line takes about 20 µs, which a hit's caller need not wait for.
+            asyncio.get_running_loop().call_soon(_log_rpc, level, method, code, seconds, peer, rid)
 
     if inspect.isasyncgenfunction(behaviour):
 
         async def stream(request: Any, context: Ctx) -> AsyncIterator[Any]:
-            _rid, token, started, peer = begin(context)
+            rid, token, started, peer = begin(context)
             failure: BaseException | None = None
             try:
                 async for item in behaviour(request, context):
@@ -131,7 +134,7 @@ def _observed(
                 failure = exc
                 raise
             finally:
-                end(context, peer, started, failure)
+                end(context, rid, peer, started, failure)
                 # A generator closed from another context cannot reset the variable; the
                 # rpc's task (and its binding) ends with the stream anyway.
                 with contextlib.suppress(ValueError):
@@ -141,7 +144,7 @@ def _observed(
     else:
 
         async def call(request: Any, context: Ctx) -> Any:
-            _rid, token, started, peer = begin(context)
+            rid, token, started, peer = begin(context)
             failure: BaseException | None = None
             try:
                 return await behaviour(request, context)
@@ -149,7 +152,7 @@ def _observed(
                 failure = exc
                 raise
             finally:
-                end(context, peer, started, failure)
+                end(context, rid, peer, started, failure)
                 request_ids.unbind(token)
 
         wrapped = call
