@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
 import time
@@ -67,7 +68,7 @@ def _code_of(context: Ctx, exc: BaseException | None) -> str:
     return "UNKNOWN"
 
 
-def _log_rpc(level: int, method: str, code: str, seconds: float, peer: str, rid: str) -> None:
+def _log_rpc(level: int, method: str, code: str, seconds: float, *, peer: str, rid: str) -> None:
     log.log(
         level,
         "rpc %s %s %.2f ms from %s",
@@ -120,7 +121,9 @@ def _observed(
         if log.isEnabledFor(level):
             # Written on the loop's next turn, once the response is on its way: formatting and
             # writing a line takes about 20 µs, which a hit's caller need not wait for.
-            asyncio.get_running_loop().call_soon(_log_rpc, level, method, code, seconds, peer, rid)
+            asyncio.get_running_loop().call_soon(
+                functools.partial(_log_rpc, level, method, code, seconds, peer=peer, rid=rid)
+            )
 
     if inspect.isasyncgenfunction(behaviour):
 
