@@ -52,7 +52,9 @@ def test_more_concurrency_at_the_same_latency_is_cheaper_per_token() -> None:
         (1.0, 0.0, 0.0, "input_output_ratio must be positive"),
     ],
 )
-def test_price_inputs_refuse_what_cannot_price(hourly: float, discount: float, ratio: float, message: str) -> None:
+def test_price_inputs_refuse_what_cannot_price(
+    hourly: float, discount: float, ratio: float, message: str
+) -> None:
     with pytest.raises(ValueError, match=message):
         PriceInputs("ml.g5.xlarge", hourly, discount, "test", ratio)
 

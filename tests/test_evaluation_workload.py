@@ -225,7 +225,12 @@ def test_distribution_is_nearest_rank() -> None:
     ],
 )
 def test_workload_validation(kwargs: dict[str, object], message: str) -> None:
-    values: dict[str, object] = {"prompt_tokens": 8, "output_tokens": 4, "requests": 2, "concurrency_levels": (1,)}
+    values: dict[str, object] = {
+        "prompt_tokens": 8,
+        "output_tokens": 4,
+        "requests": 2,
+        "concurrency_levels": (1,),
+    }
     values.update(kwargs)
     with pytest.raises(ValueError, match=message):
         Workload(**values)  # type: ignore[arg-type]

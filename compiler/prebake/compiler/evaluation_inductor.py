@@ -13,13 +13,16 @@ Right padding is exact for a causal decoder: position i attends only to position
 the padding after the last real token changes no logit that is read. Prompt plus output
 tokens must fit the window (ValueError before anything runs otherwise).
 
-Concurrency: one loaded package runs one forward at a time. `InductorRuntime` holds a pool
-of `runners` loaded packages (1 by default) and a request takes a runner for each forward,
-not for the whole request, so concurrent requests interleave token by token like users of
-one endpoint: with one runner, concurrency C makes each request's inter-token latency about
-C forwards long and the total tokens/s stays about what one forward a time allows (on two
-CPU cores more runners mostly compete for the same cores). Rows 1.. of a batch_size > 1
-package are padding: requests are not batched together (a step batcher is not built).
+Concurrency: one loaded package runs one forward at a time, over batch_size rows. The
+runtime is an engine (one thread per loaded copy, `runners`, 1 by default) serving every
+request in flight like one endpoint serves its users: each forward takes up to batch_size
+waiting requests in arrival order (one per row; the other rows are padding) and gives each
+its next token, then the unfinished ones go to the back of the line. So at concurrency C a
+batch-1 package makes each request's inter-token latency about C forwards long while the
+total tokens/s stays what back-to-back forwards allow (minus thread hand-offs under the
+GIL): more concurrency buys throughput only from a batch_size > 1 package, whose forward
+serves up to batch_size requests for about the price of one. (More runners on a 2-core
+host mostly compete for the same cores.)
 
 Tokenizer: a model source with a tokenizer (`tokenizer_dir`, loaded offline by
 transformers' AutoTokenizer) gives the vocabulary synthetic prompts are drawn from (its
@@ -30,9 +33,10 @@ vocabulary size and responses are token ids, never decoded: tokenizer_failures i
 
 from __future__ import annotations
 
-import queue
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import threading
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -77,12 +81,29 @@ def load_tokenizer(tokenizer_dir: Path | None, vocab_size: int) -> Tokenizer:
     return Tokenizer(ids, decode)
 
 
-class InductorRuntime:
-    """A pool of loaded copies of one inductor package, generating greedily (module docstring).
+@dataclass
+class _Job:
+    """One request inside the engine: its tokens so far and what it still needs."""
 
-    `generate` is thread-safe. Construction loads `runners` copies and runs one warm-up
-    forward on each (the first call of a package is slower: it maps its weights), so the
-    measured levels see a warm runtime.
+    ids: list[int]
+    remaining: int
+    on_token: OnToken
+    output: list[int] = field(default_factory=list)
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class InductorRuntime:
+    """Greedy generation with loaded copies of one inductor package (see the module docstring).
+
+    `generate` is thread-safe: it hands the request to the engine threads (one per loaded
+    copy, `runners`) and waits. Each engine thread takes up to batch_size waiting requests
+    in arrival order, runs one forward for all of them (one request per row) and gives each
+    its next token, then puts the unfinished ones back at the end of the line, so
+    concurrent requests share the package token by token. `on_token` is called from an
+    engine thread. Construction loads the copies and runs one warm-up forward on each (the
+    first call of a package is slower), so measurements see a warm runtime; `close` stops
+    the engine threads (also a context manager).
     """
 
     def __init__(self, package_dir: Path, runners: int = 1) -> None:
@@ -92,26 +113,76 @@ class InductorRuntime:
         first = packages[0]
         self.batch_size, self.sequence_length = (int(n) for n in first.input_shape)
         self.vocab_size = int(first.manifest["outputs"][0]["shape"][-1])
-        self._pool: queue.Queue[InductorPackage] = queue.Queue()
-        for package in packages:
-            package(self._window([PAD_TOKEN]))
-            self._pool.put(package)
+        self._waiting: deque[_Job] = deque()
+        self._ready = threading.Condition()
+        self._closed = False
+        self._threads = []
+        for number, package in enumerate(packages):
+            package(self._window([[PAD_TOKEN]]))
+            thread = threading.Thread(
+                target=self._engine, args=(package,), name=f"inductor-engine-{number}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
 
-    def _window(self, ids: Sequence[int]) -> torch.Tensor:
+    def __enter__(self) -> InductorRuntime:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the engine threads; requests still waiting fail with RuntimeError."""
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
+        for thread in self._threads:
+            thread.join()
+        while self._waiting:
+            job = self._waiting.popleft()
+            job.error = RuntimeError("the inductor runtime was closed")
+            job.done.set()
+
+    def _window(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
         import torch
 
         window = torch.full((self.batch_size, self.sequence_length), PAD_TOKEN, dtype=torch.int64)
-        window[0, : len(ids)] = torch.tensor(list(ids), dtype=torch.int64)
+        for row, ids in enumerate(rows):
+            window[row, : len(ids)] = torch.tensor(list(ids), dtype=torch.int64)
         return window
 
-    def _next_token(self, ids: Sequence[int]) -> int:
-        window = self._window(ids)
-        package = self._pool.get()
+    def _engine(self, package: InductorPackage) -> None:
+        while True:
+            with self._ready:
+                while not self._waiting and not self._closed:
+                    self._ready.wait()
+                if self._closed:
+                    return
+                batch = [self._waiting.popleft() for _ in range(min(self.batch_size, len(self._waiting)))]
+            self._step(package, batch)
+            with self._ready:
+                self._waiting.extend(job for job in batch if not job.done.is_set())
+                self._ready.notify_all()
+
+    def _step(self, package: InductorPackage, batch: list[_Job]) -> None:
         try:
-            logits = package(window)
-        finally:
-            self._pool.put(package)
-        return int(logits[0, len(ids) - 1].argmax())
+            logits = package(self._window([job.ids for job in batch]))
+        except Exception as exc:
+            for job in batch:
+                job.error = exc
+                job.done.set()
+            return
+        for row, job in enumerate(batch):
+            token = int(logits[row, len(job.ids) - 1].argmax())
+            job.ids.append(token)
+            job.output.append(token)
+            job.remaining -= 1
+            try:
+                job.on_token(token)
+            except Exception as exc:
+                job.error = exc
+            if job.remaining == 0 or job.error is not None:
+                job.done.set()
 
     def check_fits(self, prompt_tokens: int, output_tokens: int) -> None:
         """ValueError unless a prompt of `prompt_tokens` plus `output_tokens` new ones fit the window."""
@@ -123,18 +194,51 @@ class InductorRuntime:
             )
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, on_token: OnToken) -> list[int]:
-        """Greedy: `max_new_tokens` new ids after `prompt_ids`, each passed to `on_token` as it comes."""
+        """Greedy: `max_new_tokens` new ids after `prompt_ids`, each passed to `on_token` as it comes.
+
+        ValueError for an empty prompt or one that does not fit with the new tokens;
+        RuntimeError after `close`; the package's or `on_token`'s exception if one raised.
+        """
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         self.check_fits(len(prompt_ids), max_new_tokens)
-        ids = list(prompt_ids)
-        new: list[int] = []
-        for _ in range(max_new_tokens):
-            token = self._next_token(ids)
-            ids.append(token)
-            new.append(token)
-            on_token(token)
-        return new
+        if max_new_tokens <= 0:
+            return []
+        job = _Job(list(prompt_ids), max_new_tokens, on_token)
+        with self._ready:
+            if self._closed:
+                raise RuntimeError("the inductor runtime was closed")
+            self._waiting.append(job)
+            self._ready.notify()
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.output
+
+
+def evaluate_runtime(
+    runtime: InductorRuntime,
+    workload: Workload,
+    price: PriceInputs | None = None,
+    *,
+    tokenizer_dir: Path | None = None,
+    seed: int = 0,
+    instance_type: str = "",
+    progress: Progress | None = None,
+) -> EvaluationResult:
+    """Run `workload` against a loaded runtime (which stays open; the caller closes it).
+
+    ValueError, before any request, if the workload does not fit the package's window.
+    `instance_type` is what HostInfo records for this host ("" when unknown); `price`
+    prices the levels (None: every price 0).
+    """
+    runtime.check_fits(workload.prompt_tokens, workload.output_tokens)
+    tokenizer = load_tokenizer(tokenizer_dir, runtime.vocab_size)
+    prompts = synthetic_prompts(tokenizer.vocabulary, workload.prompt_tokens, seed)
+    levels = run_workload(
+        runtime.generate, prompts, workload, price, decode=tokenizer.decode, progress=progress
+    )
+    return EvaluationResult(workload, HostInfo.current(instance_type), price, levels)
 
 
 def evaluate_inductor(
@@ -147,19 +251,19 @@ def evaluate_inductor(
     seed: int = 0,
     instance_type: str = "",
     progress: Progress | None = None,
-    runtime_factory: Callable[[Path, int], InductorRuntime] = InductorRuntime,
 ) -> EvaluationResult:
-    """Load the inductor artifact in `package_dir` and run `workload` against it on this CPU.
+    """Load the inductor artifact in `package_dir`, run `workload` against it on this CPU, close it.
 
-    ValueError if the workload does not fit the package's window; RuntimeError (from
-    `load_package`) if this CPU cannot run the package. `instance_type` is what HostInfo
-    records for this host ("" when unknown); `price` prices the levels (None: prices 0).
+    As `evaluate_runtime`; also RuntimeError (from `load_package`) if this CPU cannot run
+    the package, ValueError if `package_dir` holds no inductor manifest.
     """
-    runtime = runtime_factory(package_dir, runners)
-    runtime.check_fits(workload.prompt_tokens, workload.output_tokens)
-    tokenizer = load_tokenizer(tokenizer_dir, runtime.vocab_size)
-    prompts = synthetic_prompts(tokenizer.vocabulary, workload.prompt_tokens, seed)
-    levels = run_workload(
-        runtime.generate, prompts, workload, price, decode=tokenizer.decode, progress=progress
-    )
-    return EvaluationResult(workload, HostInfo.current(instance_type), price, levels)
+    with InductorRuntime(package_dir, runners) as runtime:
+        return evaluate_runtime(
+            runtime,
+            workload,
+            price,
+            tokenizer_dir=tokenizer_dir,
+            seed=seed,
+            instance_type=instance_type,
+            progress=progress,
+        )
