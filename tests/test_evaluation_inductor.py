@@ -115,9 +115,9 @@ def test_the_model_sources_tokenizer_gives_the_prompt_vocabulary_and_decodes(tmp
     vocab = {"[UNK]": 0, "[EOS]": 1, **{f"w{i}": i for i in range(2, 20)}}
     raw = RawTokenizer(WordLevel(vocab, unk_token="[UNK]"))
     raw.pre_tokenizer = Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", eos_token="[EOS]").save_pretrained(
-        tmp_path
-    )
+    # transformers leaves the constructor unannotated.
+    fast = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", eos_token="[EOS]")  # type: ignore[no-untyped-call]
+    fast.save_pretrained(tmp_path)
     tokenizer = load_tokenizer(tmp_path, vocab_size=10)
     assert list(tokenizer.vocabulary) == list(range(2, 10))  # no specials, nothing beyond the model
     assert tokenizer.decode is not None and tokenizer.decode([2, 3]) == "w2 w3"
