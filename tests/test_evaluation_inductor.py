@@ -17,9 +17,9 @@ from prebake.compiler.evaluation_inductor import (
     InductorRuntime,
     evaluate_inductor,
     evaluate_runtime,
-    load_tokenizer,
 )
 from prebake.compiler.evaluation_metrics import Workload
+from prebake.compiler.evaluation_tokenizer import load_tokenizer
 from prebake.compiler.evaluation_workload import synthetic_prompts
 from prebake.server.price_table import load_price_table
 from tests.test_evaluation_workload import assert_consistent

@@ -38,47 +38,17 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prebake.compiler.evaluation_metrics import EvaluationResult, HostInfo, PriceInputs, Workload
-from prebake.compiler.evaluation_workload import Decode, OnToken, Progress, run_workload, synthetic_prompts
+from prebake.compiler.evaluation_tokenizer import load_tokenizer
+from prebake.compiler.evaluation_workload import OnToken, Progress, run_workload, synthetic_prompts
 from prebake.compiler.inductor import InductorPackage, load_package
 
 if TYPE_CHECKING:
     import torch
 
 PAD_TOKEN = 0
-
-
-@dataclass(frozen=True)
-class Tokenizer:
-    """The parts of a tokenizer an evaluation uses: prompt vocabulary and response decoding."""
-
-    vocabulary: Sequence[int]
-    decode: Decode | None
-
-
-def load_tokenizer(tokenizer_dir: Path | None, vocab_size: int) -> Tokenizer:
-    """The model source's tokenizer (offline), or token ids 0..vocab_size-1 without one.
-
-    Ids at or beyond the package's vocabulary (added tokens) and special tokens are never
-    put in a prompt.
-    """
-    if tokenizer_dir is None:
-        return Tokenizer(range(vocab_size), None)
-    from transformers import AutoTokenizer
-
-    tokenizer: Any = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-    special = set(tokenizer.all_special_ids)
-    ids = [i for i in sorted(set(tokenizer.get_vocab().values())) if i < vocab_size and i not in special]
-    if not ids:
-        raise ValueError(f"the tokenizer in {tokenizer_dir} has no ordinary token below {vocab_size}")
-
-    def decode(token_ids: list[int]) -> str:
-        text: str = tokenizer.decode(token_ids, skip_special_tokens=True)
-        return text
-
-    return Tokenizer(ids, decode)
 
 
 @dataclass
