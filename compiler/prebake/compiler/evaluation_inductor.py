@@ -135,15 +135,17 @@ class InductorRuntime:
                 self._ready.notify_all()
 
     def _step(self, package: InductorPackage, batch: list[_Job]) -> None:
+        # Whatever fails fails the requests of this step, never the engine thread: a dead
+        # engine would leave every later request waiting forever.
         try:
             logits = package(self._window([job.ids for job in batch]))
+            tokens = [int(logits[row, len(job.ids) - 1].argmax()) for row, job in enumerate(batch)]
         except Exception as exc:
             for job in batch:
                 job.error = exc
                 job.done.set()
             return
-        for row, job in enumerate(batch):
-            token = int(logits[row, len(job.ids) - 1].argmax())
+        for job, token in zip(batch, tokens, strict=True):
             job.ids.append(token)
             job.output.append(token)
             job.remaining -= 1

@@ -5,9 +5,10 @@ Independent of the model runtime: it drives a `Generate` callable,
     generate(prompt_ids, max_new_tokens, on_token) -> output_ids
 
 which must be safe to call from several threads at once, call `on_token(token_id)` as each
-new token is produced (streaming; the driver timestamps the calls) and return the new
-tokens. A generate that never calls `on_token` is treated as non-streaming: its time to
-first token is its client latency and it has no inter-token gaps.
+new token is produced (streaming; the driver timestamps the calls; any thread may call it,
+but one request's calls must not overlap) and return the new tokens. A generate that never
+calls `on_token` is treated as non-streaming: its time to first token is its client
+latency and it has no inter-token gaps.
 
 For each level of the workload, `requests` requests go out through `concurrency` threads,
 each sending its next request as soon as its previous one returned (so exactly
