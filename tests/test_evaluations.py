@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 from google.protobuf import json_format
 
-from prebake.client import Client, errors
+from prebake.client import Client, errors, exitcodes
 from prebake.server.app import BackgroundServer, background_server
 from prebake.v1 import evaluations_pb2
 from tests.conftest import LLAMA3_8B_INF2, make_artifact_dir
@@ -68,8 +69,7 @@ def sample(**changes: Any) -> evaluations_pb2.Evaluation:
 
 def publish(client: Client, root: Path, batch_size: int = 4) -> str:
     directory = make_artifact_dir(root / f"artifact-{batch_size}", {"model.bin": 2048}, seed=batch_size)
-    key = LLAMA3_8B_INF2.__class__(**{**LLAMA3_8B_INF2.__dict__, "batch_size": batch_size})
-    return client.publish(directory, key).artifact.artifact_id
+    return client.publish(directory, replace(LLAMA3_8B_INF2, batch_size=batch_size)).artifact.artifact_id
 
 
 @pytest.fixture
@@ -90,9 +90,7 @@ def test_import_stores_what_get_artifact_and_list_return(client: Client, artifac
     assert list(client.iter_evaluations(model=model)) == [stored]
     assert list(client.iter_evaluations()) == [stored]
     # Lookup hits stay small.
-    hit = client.lookup(
-        LLAMA3_8B_INF2.__class__(**{**LLAMA3_8B_INF2.__dict__, "batch_size": 4}), on_miss="report"
-    )
+    hit = client.lookup(replace(LLAMA3_8B_INF2, batch_size=4), on_miss="report")
     assert hit.artifact.artifact_id == artifact_id and not hit.artifact.evaluations
 
 
@@ -108,7 +106,7 @@ def test_listing_pages_newest_first(client: Client, artifact_id: str) -> None:
 
 
 def _levels(**change: Any) -> list[dict[str, Any]]:
-    levels = copy.deepcopy(SAMPLE["levels"])
+    levels: list[dict[str, Any]] = copy.deepcopy(SAMPLE["levels"])
     path, value = next(iter(change.items()))
     *parents, last = path.split("__")
     target = levels[1]
@@ -192,15 +190,15 @@ def test_cli_import_list_and_show(
 
     ran = prebake("--server", server.address, "show", artifact_id)
     assert ran.code == 0, ran.err
-    assert stored.evaluation_id in ran.out and "concurrency" in ran.out and "$/M blended" in ran.out
+    assert stored.evaluation_id in ran.out and "CONCURRENCY" in ran.out and "$/M BLENDED" in ran.out
     ran = prebake("--server", server.address, "show", artifact_id, "--json")
     shown = json.loads(ran.out)
-    assert shown["evaluations"][0]["evaluationId"] == stored.evaluation_id
+    assert shown["evaluations"][0]["evaluation_id"] == stored.evaluation_id
 
     ran = prebake("--server", server.address, "evaluations", "list", "--artifact", artifact_id)
     assert ran.code == 0 and stored.evaluation_id in ran.out
     ran = prebake("--server", server.address, "evaluations", "list", "--json")
-    assert [e["evaluationId"] for e in json.loads(ran.out)["evaluations"]] == [stored.evaluation_id]
+    assert [e["evaluation_id"] for e in json.loads(ran.out)["evaluations"]] == [stored.evaluation_id]
 
 
 def test_cli_import_refuses_bad_files_with_exit_codes(
@@ -211,11 +209,69 @@ def test_cli_import_refuses_bad_files_with_exit_codes(
     ran = prebake(
         "--server", server.address, "evaluations", "import", str(bad), "--artifact", artifact_id, "--json"
     )
-    failure = json.loads(ran.out or ran.err)
-    assert ran.code != 0 and failure["code"] == "INVALID_ARGUMENT" and failure["field"] == "evaluation.levels"
+    error = json.loads(ran.out)["error"]
+    assert ran.code == exitcodes.INVALID == error["exit_code"]
+    assert error["code"] == "INVALID_ARGUMENT" and error["field"] == "evaluation.levels"
     junk = tmp_path / "junk.json"
     junk.write_text("{not json")
     ran = prebake("--server", server.address, "evaluations", "import", str(junk), "--artifact", artifact_id)
-    assert ran.code != 0 and "junk.json" in ran.err
-    ran = prebake("--server", server.address, "evaluations", "import", str(bad), "--artifact", "0" * 32)
-    assert ran.code != 0
+    assert ran.code == exitcodes.USAGE and "junk.json" in ran.err and "not JSON" in ran.err
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(SAMPLE))
+    ran = prebake("--server", server.address, "evaluations", "import", str(good), "--artifact", "0" * 32)
+    assert ran.code == exitcodes.NOT_FOUND
+    ran = prebake("--server", server.address, "evaluations", "list", "--artifact", "0" * 32, "--model", "m")
+    assert ran.code == exitcodes.USAGE
+
+
+def test_cli_imports_a_sagemaker_style_results_file(
+    prebake: PrebakeCli, server: BackgroundServer, client: Client, artifact_id: str, tmp_path: Path
+) -> None:
+    results = {
+        "instance_type": "ml.inf2.48xlarge",
+        "hourly_usd": 12.98,
+        "input_output_ratio": 3,
+        "prompt_tokens": 128,
+        "output_tokens": 32,
+        "requests": 8,
+        "metrics": [
+            {
+                "Concurrency": c,
+                "Time to first token (ms)": {"p50": 41 * c, "p90": 55 * c, "p99": 70 * c},
+                "Inter-token latency (ms)": 9.8,
+                "Client latency (ms)": 350,
+                "Input tokens per second": 410 * c,
+                "Output tokens per second": 102 * c,
+                "Client invocations": 8,
+                "Client invocation errors": 0,
+                "Tokenizer failures": 0,
+                "Empty inference responses": 0,
+                "Price per million input tokens": 0.9 / c,
+                "Price per million output tokens": 3.6 / c,
+            }
+            for c in (1, 8)
+        ],
+    }
+    path = tmp_path / "sagemaker.json"
+    path.write_text(json.dumps(results))
+    ran = prebake(
+        "--server",
+        server.address,
+        "evaluations",
+        "import",
+        str(path),
+        "--artifact",
+        artifact_id,
+        "--source",
+        "job 12",
+    )
+    assert ran.code == 0, ran.err
+    (stored,) = client.iter_evaluations(artifact_id=artifact_id)
+    assert stored.source == "import:job 12" and list(stored.workload.concurrency_levels) == [1, 8]
+    assert stored.price.hourly_usd == 12.98 and stored.host.instance_type == "ml.inf2.48xlarge"
+    assert stored.levels[1].ttft_ms.p90 == 440 and stored.levels[1].itl_ms.p99 == 9.8
+    assert stored.levels[0].output_tokens_per_second == 102
+    # An unknown metric is named.
+    path.write_text(json.dumps({**results, "metrics": [{"Concurrency": 1, "Goodput": 3}]}))
+    ran = prebake("--server", server.address, "evaluations", "import", str(path), "--artifact", artifact_id)
+    assert ran.code == exitcodes.USAGE and "Goodput" in ran.err
