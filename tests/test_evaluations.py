@@ -16,6 +16,7 @@ from google.protobuf import json_format
 from prebake.client import Client, errors, exitcodes
 from prebake.server.app import BackgroundServer, background_server
 from prebake.v1 import evaluations_pb2
+from tests.aws_emulator import Emulator
 from tests.conftest import LLAMA3_8B_INF2, make_artifact_dir
 from tests.plugin_cli import PrebakeCli
 
@@ -275,3 +276,30 @@ def test_cli_imports_a_sagemaker_style_results_file(
     path.write_text(json.dumps({**results, "metrics": [{"Concurrency": 1, "Goodput": 3}]}))
     ran = prebake("--server", server.address, "evaluations", "import", str(path), "--artifact", artifact_id)
     assert ran.code == exitcodes.USAGE and "Goodput" in ran.err
+
+
+def test_evaluations_on_dynamodb_and_s3_follow_their_artifacts(aws_serial: Emulator, tmp_path: Path) -> None:
+    """The shared backends, replica hit cache included: stored, read back, deleted with their
+    artifact, kept across a restart."""
+    pytest.importorskip("prebake.server.storage.dynamodb")
+    from prebake.server.storage.dynamodb import create_tables
+
+    prefix = aws_serial.unique_name("evals")
+    create_tables(prefix)
+    settings = {"store": f"s3://{aws_serial.create_bucket()}/p", "registry": f"dynamodb://{prefix}"}
+    with (
+        background_server(tmp_path / "a", **settings) as server,
+        Client(server.address, timeout=30.0) as client,
+    ):
+        gone, kept = publish(client, tmp_path, 4), publish(client, tmp_path, 8)
+        client.import_evaluation(gone, sample())
+        survivor = client.import_evaluation(kept, sample())
+        assert len(client.get_artifact(gone).evaluations) == 1
+        client.delete_artifact(gone)
+        assert client.list_evaluations(artifact_id=gone).evaluations == []
+    with (
+        background_server(tmp_path / "b", **settings) as server,
+        Client(server.address, timeout=30.0) as client,
+    ):
+        assert list(client.get_artifact(kept).evaluations) == [survivor]
+        assert list(client.iter_evaluations()) == [survivor]
