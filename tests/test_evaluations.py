@@ -5,6 +5,7 @@ restart), and the CLI (`prebake show`, `prebake evaluations list|import`)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -14,7 +15,9 @@ import pytest
 from google.protobuf import json_format
 
 from prebake.client import Client, errors, exitcodes
+from prebake.server import evaluation_messages
 from prebake.server.app import BackgroundServer, background_server
+from prebake.server.records import Evaluation, LevelMetrics
 from prebake.v1 import evaluations_pb2
 from tests.aws_emulator import Emulator
 from tests.conftest import LLAMA3_8B_INF2, make_artifact_dir
@@ -71,6 +74,33 @@ def sample(**changes: Any) -> evaluations_pb2.Evaluation:
 def publish(client: Client, root: Path, batch_size: int = 4) -> str:
     directory = make_artifact_dir(root / f"artifact-{batch_size}", {"model.bin": 2048}, seed=batch_size)
     return client.publish(directory, replace(LLAMA3_8B_INF2, batch_size=batch_size)).artifact.artifact_id
+
+
+def test_messages_and_records_convert_both_ways_field_by_field() -> None:
+    msg = sample()
+    evaluation_messages.check(msg, "a" * 32)
+    record = Evaluation(
+        evaluation_id="ev-1",
+        artifact_id="a" * 32,
+        model="m",
+        created_at=1_700_000_000.25,
+        source="import:x",
+        request_id="r",
+        **evaluation_messages.parts(msg),
+    )
+    back = evaluation_messages.evaluation(record)
+    for name in ("workload", "host", "price", "levels"):
+        assert getattr(back, name) == getattr(msg, name), name
+    assert (back.evaluation_id, back.artifact_id, back.source, back.request_id) == (
+        "ev-1",
+        "a" * 32,
+        "import:x",
+        "r",
+    )
+    assert abs(back.created_at.ToNanoseconds() - 1_700_000_000_250_000_000) < 1000  # a float has ~240 ns here
+    # Every LevelMetrics field of the proto is a record field, and the other way round.
+    proto_fields = {f.name for f in evaluations_pb2.LevelMetrics.DESCRIPTOR.fields}
+    assert proto_fields == {f.name for f in dataclasses.fields(LevelMetrics)}
 
 
 @pytest.fixture

@@ -80,7 +80,9 @@ class EvaluationWorkload(_message.Message):
     """Requests sent at each concurrency level."""
     @_builtins.property
     def concurrency_levels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """The concurrency levels run, in the order they ran (each also has a `LevelMetrics`)."""
+        """The concurrency levels run, in the order they ran: the concurrencies of `levels`
+        (each has one `LevelMetrics`). Empty in an import: taken from `levels`.
+        """
 
     def __init__(
         self,
@@ -130,7 +132,9 @@ class EvaluationHost(_message.Message):
     INSTANCE_TYPE_FIELD_NUMBER: _builtins.int
     RUNTIME_VERSIONS_FIELD_NUMBER: _builtins.int
     hostname: _builtins.str
-    """Its host name, as it reported it. At most 256 characters."""
+    """Its host name, as it reported it. At most 256 characters, as every string of an
+    evaluation but `Evaluation.source`.
+    """
     cpu_model: _builtins.str
     """The CPU model (`/proc/cpuinfo`'s model name, or what the platform reports)."""
     cpu_count: _builtins.int
@@ -358,8 +362,8 @@ class Evaluation(_message.Message):
 
     @_builtins.property
     def levels(self) -> _containers.RepeatedCompositeFieldContainer[Global___LevelMetrics]:
-        """The metrics per concurrency level, one per level, in `workload.concurrency_levels`
-        order. At least one; concurrencies unique; at most 64.
+        """The metrics per concurrency level, one per level of `workload.concurrency_levels`.
+        At least one, at most 64; concurrencies unique.
         """
 
     def __init__(

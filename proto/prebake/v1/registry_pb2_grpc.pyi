@@ -155,11 +155,13 @@ class RegistryStub:
 
     Errors:
     * `INVALID_ARGUMENT`: a malformed artifact id; no `levels`, more than 64, or two
-      with the same `concurrency`; a concurrency below 1; a negative count or duration;
-      a distribution with `p50 > p90` or `p90 > p99`; a number that is NaN or infinite;
-      a `discount_rate` outside [0, 1); a string or map over its limit. The message and
-      the `google.rpc.BadRequest` detail name the field (`levels[1].ttft_ms.p90`). Do
-      not retry as is.
+      with the same `concurrency`; a concurrency below 1; a negative number (every count,
+      time, rate and price is at least 0); a number that is NaN or infinite; a
+      distribution with `p50 > p90` or `p90 > p99`; a `discount_rate` of 1 or more;
+      `workload.concurrency_levels` naming other concurrencies than `levels`; an
+      `evaluation.artifact_id` other than the request's; a string or map over its limit.
+      The message and the `google.rpc.BadRequest` detail name the field by its path from
+      the request (`evaluation.levels[1].ttft_ms`, `artifact_id`). Do not retry as is.
     * `NOT_FOUND`: no artifact with this id. Do not retry.
     * `UNAUTHENTICATED`, `PERMISSION_DENIED` (the caller lacks the publisher role): see
       the service. Do not retry.
@@ -287,11 +289,13 @@ class RegistryAsyncStub(RegistryStub):
 
     Errors:
     * `INVALID_ARGUMENT`: a malformed artifact id; no `levels`, more than 64, or two
-      with the same `concurrency`; a concurrency below 1; a negative count or duration;
-      a distribution with `p50 > p90` or `p90 > p99`; a number that is NaN or infinite;
-      a `discount_rate` outside [0, 1); a string or map over its limit. The message and
-      the `google.rpc.BadRequest` detail name the field (`levels[1].ttft_ms.p90`). Do
-      not retry as is.
+      with the same `concurrency`; a concurrency below 1; a negative number (every count,
+      time, rate and price is at least 0); a number that is NaN or infinite; a
+      distribution with `p50 > p90` or `p90 > p99`; a `discount_rate` of 1 or more;
+      `workload.concurrency_levels` naming other concurrencies than `levels`; an
+      `evaluation.artifact_id` other than the request's; a string or map over its limit.
+      The message and the `google.rpc.BadRequest` detail name the field by its path from
+      the request (`evaluation.levels[1].ttft_ms`, `artifact_id`). Do not retry as is.
     * `NOT_FOUND`: no artifact with this id. Do not retry.
     * `UNAUTHENTICATED`, `PERMISSION_DENIED` (the caller lacks the publisher role): see
       the service. Do not retry.
@@ -446,11 +450,13 @@ class RegistryServicer(metaclass=_abc_1.ABCMeta):
 
         Errors:
         * `INVALID_ARGUMENT`: a malformed artifact id; no `levels`, more than 64, or two
-          with the same `concurrency`; a concurrency below 1; a negative count or duration;
-          a distribution with `p50 > p90` or `p90 > p99`; a number that is NaN or infinite;
-          a `discount_rate` outside [0, 1); a string or map over its limit. The message and
-          the `google.rpc.BadRequest` detail name the field (`levels[1].ttft_ms.p90`). Do
-          not retry as is.
+          with the same `concurrency`; a concurrency below 1; a negative number (every count,
+          time, rate and price is at least 0); a number that is NaN or infinite; a
+          distribution with `p50 > p90` or `p90 > p99`; a `discount_rate` of 1 or more;
+          `workload.concurrency_levels` naming other concurrencies than `levels`; an
+          `evaluation.artifact_id` other than the request's; a string or map over its limit.
+          The message and the `google.rpc.BadRequest` detail name the field by its path from
+          the request (`evaluation.levels[1].ttft_ms`, `artifact_id`). Do not retry as is.
         * `NOT_FOUND`: no artifact with this id. Do not retry.
         * `UNAUTHENTICATED`, `PERMISSION_DENIED` (the caller lacks the publisher role): see
           the service. Do not retry.

@@ -67,10 +67,17 @@ class EvaluationRpcs:
 
     async def import_(self, request: registry_pb2.ImportEvaluationRequest) -> evaluations_pb2.Evaluation:
         artifact_id = checked_artifact_id(request.artifact_id)
-        # Every check before any read: a refused evaluation costs no database round trip.
-        messages.check(request.evaluation, artifact_id)
-        parts = messages.parts(request.evaluation)
         source = "import:" + request.evaluation.source.removeprefix("import:")
+        return await self.store(artifact_id, request.evaluation, source)
+
+    async def store(
+        self, artifact_id: str, msg: evaluations_pb2.Evaluation, source: str
+    ) -> evaluations_pb2.Evaluation:
+        """Check `msg` and store it as an evaluation of `artifact_id` by `source` (`import:...`,
+        or `worker:<id>` for an evaluation job's result); the stored evaluation."""
+        # Every check before any read: a refused evaluation costs no database round trip.
+        messages.check(msg, artifact_id)
+        parts = messages.parts(msg)
         for _ in range(IMPORT_ATTEMPTS):
             artifact = await self.s.storage.artifacts.get(artifact_id)
             if artifact is None:
