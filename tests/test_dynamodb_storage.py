@@ -33,7 +33,7 @@ from tests.aws_emulator import REGION, Emulator
 from tests.contract.samples import FILES, START, blob, entry, make_artifact, make_job, make_key
 
 CANCELLED = "TransactionCanceledException"
-SUFFIXES = ("artifacts", "blob-refs", "jobs", "workers")
+SUFFIXES = ("artifacts", "blob-refs", "jobs", "workers", "evaluations")
 
 
 def _client(emulator: Emulator) -> Any:
@@ -337,6 +337,6 @@ def test_filtered_reads_go_past_the_rows_they_skip(storage: Storage) -> None:
 
 def test_table_names_are_documented_by_tables(prefix: str) -> None:
     names = TableNames(prefix)
-    assert [names.artifacts, names.blob_refs, names.jobs, names.workers] == [
+    assert [names.artifacts, names.blob_refs, names.jobs, names.workers, names.evaluations] == [
         f"{prefix}-{suffix}" for suffix in SUFFIXES
     ]

@@ -26,7 +26,7 @@ from tests.test_ops import key, populate, snapshot
 pytest.importorskip("prebake.server.blobs.s3_objects")
 pytest.importorskip("prebake.server.storage.dynamodb")
 
-TABLE_SUFFIXES = ("artifacts", "blob-refs", "jobs", "workers")
+TABLE_SUFFIXES = ("artifacts", "blob-refs", "jobs", "workers", "evaluations")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,14 +15,22 @@ from pathlib import Path
 import pytest
 from google.protobuf.descriptor import FileDescriptor
 
-from prebake.v1 import admin_pb2, blobs_pb2, catalog_pb2, jobs_pb2, key_pb2, registry_pb2, workers_pb2
+from prebake.v1 import (
+    admin_pb2,
+    blobs_pb2,
+    catalog_pb2,
+    evaluations_pb2,
+    jobs_pb2,
+    key_pb2,
+    registry_pb2,
+    workers_pb2,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
 PROTOS = sorted(p.relative_to(PROTO_ROOT).as_posix() for p in (PROTO_ROOT / "prebake" / "v1").glob("*.proto"))
-FILES: list[FileDescriptor] = [
-    m.DESCRIPTOR for m in (admin_pb2, blobs_pb2, catalog_pb2, jobs_pb2, key_pb2, registry_pb2, workers_pb2)
-]
+MODULES = (admin_pb2, blobs_pb2, catalog_pb2, evaluations_pb2, jobs_pb2, key_pb2, registry_pb2, workers_pb2)
+FILES: list[FileDescriptor] = [m.DESCRIPTOR for m in MODULES]
 # Per file by design: the outer class of each file, named so it never collides with a message.
 PER_FILE_OPTIONS = {"java_outer_classname"}
 

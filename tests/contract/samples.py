@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 from typing import Any
 
 from prebake.core.digests import hash_bytes
@@ -11,10 +12,16 @@ from prebake.server.job_lifecycle import new_artifact, new_job_id
 from prebake.server.records import (
     Artifact,
     Digest,
+    Distribution,
+    Evaluation,
+    EvaluationHost,
+    EvaluationWorkload,
     FileEntry,
     Job,
     JobState,
+    LevelMetrics,
     NormalizedKey,
+    PriceInputs,
     Producer,
     WorkerCapability,
 )
@@ -108,3 +115,44 @@ def make_job(key: NormalizedKey | None = None, at: float = START, **overrides: A
     }
     fields.update(overrides)
     return Job(**fields)
+
+
+def make_evaluation(artifact: Artifact, at: float = START, **overrides: Any) -> Evaluation:
+    """An evaluation of `artifact` at two concurrency levels, as the services would store it."""
+    levels = tuple(
+        LevelMetrics(
+            concurrency=c,
+            requests=8,
+            client_invocations=8,
+            duration_seconds=2.5 / c,
+            input_tokens=8 * 128,
+            output_tokens=8 * 32,
+            ttft_ms=Distribution(40.0 * c, 55.5 * c, 70.25 * c),
+            itl_ms=Distribution(9.5, 11.0, 14.0),
+            client_latency_ms=Distribution(350.0, 400.0, 480.0),
+            input_tokens_per_second=1024 * c / 2.5,
+            output_tokens_per_second=256 * c / 2.5,
+            input_tokens_per_second_per_request=Distribution(300.0, 320.0, 330.0),
+            output_tokens_per_second_per_request=Distribution(80.0, 90.0, 95.0),
+            price_per_million_input_tokens=0.1 / c,
+            price_per_million_output_tokens=0.4 / c,
+            blended_price_per_million_tokens=0.175 / c,
+        )
+        for c in (1, 4)
+    )
+    fields: dict[str, Any] = {
+        "evaluation_id": "ev-" + secrets.token_hex(12),
+        "artifact_id": artifact.artifact_id,
+        "model": artifact.key.model,
+        "created_at": at,
+        "workload": EvaluationWorkload(128, 32, 8, (1, 4)),
+        "host": EvaluationHost(
+            "host-1", "Intel Xeon", 8, "c7i.2xlarge", (("python", "3.12"), ("torch", "2.13.0"))
+        ),
+        "price": PriceInputs("c7i.2xlarge", 0.357, 0.1, "table:2026-11-01", 3.0),
+        "levels": levels,
+        "source": "import:contract",
+        "request_id": "req-1",
+    }
+    fields.update(overrides)
+    return Evaluation(**fields)

@@ -46,6 +46,11 @@ class Backend(Protocol):
         the seams: ids without an artifact row show up here too (orphans)."""
         ...
 
+    def evaluation_rows(self) -> dict[str, int]:
+        """Stored evaluation records per artifact id, read from the engine itself, counted
+        whether or not they still count (orphans show up here)."""
+        ...
+
 
 @dataclass(frozen=True)
 class SqliteBackend:
@@ -61,6 +66,11 @@ class SqliteBackend:
     def file_rows(self) -> dict[str, int]:
         with closing(sqlite3.connect(self.path)) as conn:
             found = conn.execute("SELECT artifact_id, COUNT(*) FROM artifact_files GROUP BY artifact_id")
+            return {str(artifact_id): int(n) for artifact_id, n in found}
+
+    def evaluation_rows(self) -> dict[str, int]:
+        with closing(sqlite3.connect(self.path)) as conn:
+            found = conn.execute("SELECT artifact_id, COUNT(*) FROM evaluations GROUP BY artifact_id")
             return {str(artifact_id): int(n) for artifact_id, n in found}
 
 
@@ -114,10 +124,23 @@ class DynamoBackend:
                 rows[item["artifact_id"]["S"]] = len(decode_files(item["files"]["B"]))
         return rows
 
+    def evaluation_rows(self) -> dict[str, int]:
+        rows: dict[str, int] = {}
+        pages = (
+            self._client()
+            .get_paginator("scan")
+            .paginate(TableName=TableNames(self.prefix).evaluations, ConsistentRead=True)
+        )
+        for page in pages:
+            for item in page["Items"]:
+                artifact_id = item["artifact_id"]["S"]
+                rows[artifact_id] = rows.get(artifact_id, 0) + 1
+        return rows
+
     def drop(self) -> None:
         client = self._client()
         names = TableNames(self.prefix)
-        for name in (names.artifacts, names.blob_refs, names.jobs, names.workers):
+        for name in (names.artifacts, names.blob_refs, names.jobs, names.workers, names.evaluations):
             client.delete_table(TableName=name)
 
 

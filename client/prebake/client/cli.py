@@ -743,11 +743,70 @@ def _add_show(sub: _Commands) -> None:
         "show",
         commands.show,
         summary="show an artifact's manifest",
-        description="Show an artifact: key, producer, and every file with its size and digest.",
+        description="Show an artifact: key, producer, every file with its size and digest, and its newest\n"
+        "evaluations (per concurrency: TTFT and ITL medians, output tokens per second, blended\n"
+        "$ per million tokens). --json includes them whole.",
         examples="prebake show 3f2a9c0d1e2b3a4f5e6d7c8b9a0f1e2d",
     )
     p.add_argument("artifact_id", metavar="ARTIFACT_ID")
     _add_json(p)
+
+
+def _add_evaluations(sub: _Commands) -> None:
+    p = sub.add_command(
+        "evaluations",
+        commands.evaluations_list,
+        summary="list and import evaluations (measured latency, throughput, price)",
+        description="Evaluations of artifacts. Without a subcommand: list them (newest first).",
+        examples="""
+        prebake evaluations --model my/llama
+        prebake evaluations import results.json --artifact 3f2a9c0d1e2b3a4f5e6d7c8b9a0f1e2d
+        """,
+    )
+    _add_evaluation_filters(p, suppress=False)
+    evaluations = sub.nested(p.add_subparsers(dest="evaluations_command", metavar="SUBCOMMAND"))
+    p = evaluations.add_command(
+        "list",
+        commands.evaluations_list,
+        summary="list evaluations (the default)",
+        description="List evaluations, newest first: of one artifact, of one model's artifacts, or all.",
+        examples="prebake evaluations list --artifact 3f2a9c0d1e2b3a4f5e6d7c8b9a0f1e2d --json",
+    )
+    _add_evaluation_filters(p, suppress=True)
+    p = evaluations.add_command(
+        "import",
+        commands.evaluations_import,
+        summary="store an evaluation measured elsewhere",
+        description="Store the evaluation in FILE as one of the artifact's. FILE is JSON: an Evaluation in\n"
+        "protobuf JSON form (what `prebake evaluations list --json` prints, one element), or a\n"
+        "SageMaker-style results object with one `metrics` row per concurrency (the README's\n"
+        "Evaluations section shows both). The server checks it whole; nothing is stored if it refuses.",
+        examples="""
+        prebake evaluations import eval.json --artifact 3f2a9c0d1e2b3a4f5e6d7c8b9a0f1e2d
+        prebake evaluations import sagemaker-results.json --artifact 3f2a... --source "SageMaker job 12"
+        """,
+    )
+    p.add_argument("file", metavar="FILE", help="the evaluation (JSON)")
+    p.add_argument("--artifact", required=True, metavar="ID", help="the evaluated artifact's id")
+    p.add_argument("--source", default="", help="where it came from (stored as import:SOURCE)")
+    _add_json(p)
+
+
+def _add_evaluation_filters(p: argparse.ArgumentParser, suppress: bool) -> None:
+    # Given on the group and on `list` alike; a subcommand's defaults must not mask the group's.
+    default: Any = argparse.SUPPRESS if suppress else ""
+    p.add_argument("--artifact", default=default, metavar="ID", help="only evaluations of this artifact")
+    p.add_argument("--model", default=default, help="only evaluations of this model's artifacts (exact)")
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=argparse.SUPPRESS if suppress else 100,
+        help="at most N evaluations (default 100; 0 = all)",
+    )
+    if suppress:
+        p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+    else:
+        _add_json(p)
 
 
 def _add_rm(sub: _Commands) -> None:
@@ -910,6 +969,7 @@ CLIENT_COMMANDS: dict[str, Callable[[_Commands], None]] = {
     "jobs": _add_jobs,
     "ls": _add_ls,
     "show": _add_show,
+    "evaluations": _add_evaluations,
     "rm": _add_rm,
     "pin": _add_pin,
     "import": _add_import,

@@ -11,6 +11,7 @@ says the call is safe to repeat; nothing else is retried implicitly.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import getpass
 import os
@@ -78,6 +79,7 @@ from prebake.v1 import (
     admin_pb2,
     blobs_pb2,
     catalog_pb2,
+    evaluations_pb2,
     jobs_pb2,
     key_pb2,
     registry_pb2,
@@ -397,6 +399,43 @@ class Client:
             direct_download=self.direct_download,
         )
         return self._call(lambda t: self._conn.stubs.registry.GetArtifact(request, timeout=t))
+
+    def list_evaluations(
+        self, artifact_id: str = "", model: str = "", page_size: int = 0, page_token: str = ""
+    ) -> registry_pb2.ListEvaluationsResponse:
+        """One page of evaluations, newest first: of one artifact, of one model's artifacts, or
+        (both empty) every one. An unknown artifact id answers an empty page."""
+        request = registry_pb2.ListEvaluationsRequest(
+            artifact_id=artifact_id, model=model, page_size=page_size, page_token=page_token
+        )
+        return self._call(lambda t: self._conn.stubs.registry.ListEvaluations(request, timeout=t))
+
+    def iter_evaluations(
+        self, artifact_id: str = "", model: str = "", limit: int | None = None
+    ) -> Iterator[evaluations_pb2.Evaluation]:
+        """Every matching evaluation (following pages), newest first, at most `limit`."""
+
+        def page(size: int, token: str) -> tuple[Sequence[evaluations_pb2.Evaluation], str]:
+            reply = self.list_evaluations(artifact_id, model, page_size=size, page_token=token)
+            return reply.evaluations, reply.next_page_token
+
+        return _paginate(page, limit)
+
+    @one_operation
+    def import_evaluation(
+        self, artifact_id: str, evaluation: evaluations_pb2.Evaluation
+    ) -> evaluations_pb2.Evaluation:
+        """Store an evaluation of `artifact_id` measured elsewhere; returns it as stored (with
+        its server-assigned id and time). Raises InvalidArgument naming the field (`.field`,
+        e.g. `evaluation.levels[0].ttft_ms`) for an evaluation the server refuses, NotFound
+        for an unknown artifact. Not retried: a lost answer's retry would store it twice."""
+        request = registry_pb2.ImportEvaluationRequest(artifact_id=artifact_id, evaluation=evaluation)
+        once = dataclasses.replace(self.policy, retries=0)
+        return call_with_retry(
+            lambda: self._conn.stubs.registry.ImportEvaluation(request, timeout=self.timeout),
+            once,
+            self.target,
+        )
 
     def publish_artifact(
         self,

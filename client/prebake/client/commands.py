@@ -17,7 +17,7 @@ from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
-from prebake.client import exitcodes, importing, render
+from prebake.client import evaluation_files, exitcodes, importing, render
 from prebake.client.artifact_key import ArtifactKey
 from prebake.client.cli_errors import Failure, report
 from prebake.client.client import Client
@@ -482,7 +482,34 @@ def ls(args: argparse.Namespace, client: Client) -> int:
 
 def show(args: argparse.Namespace, client: Client) -> int:
     artifact = client.get_artifact(args.artifact_id)
-    _emit(args, render.artifact_text(artifact), render.artifact_json(artifact))
+    text, data = render.artifact_text(artifact), render.artifact_json(artifact)
+    if artifact.evaluations:
+        text += "\n\n" + render.evaluations_text(artifact.evaluations)
+    data["evaluations"] = [render.evaluation_json(e) for e in artifact.evaluations]
+    _emit(args, text, data)
+    return exitcodes.OK
+
+
+def evaluations_list(args: argparse.Namespace, client: Client) -> int:
+    if args.artifact and args.model:
+        raise UsageError("give --artifact or --model, not both")
+    limit = args.limit if args.limit > 0 else None
+    found = list(client.iter_evaluations(artifact_id=args.artifact, model=args.model, limit=limit))
+    text = render.evaluations_table(found) if found else "no evaluations"
+    _emit(args, text, {"evaluations": [render.evaluation_json(e) for e in found]})
+    return exitcodes.OK
+
+
+def evaluations_import(args: argparse.Namespace, client: Client) -> int:
+    try:
+        evaluation = evaluation_files.load(Path(args.file))
+    except evaluation_files.EvaluationFileError as exc:
+        raise CommandFailed(str(exc), bad_input=True) from None
+    if args.source:
+        evaluation.source = args.source
+    stored = client.import_evaluation(args.artifact, evaluation)
+    text = f"stored evaluation {stored.evaluation_id} of artifact {stored.artifact_id}\n\n"
+    _emit(args, text + render.evaluation_text(stored), render.evaluation_json(stored))
     return exitcodes.OK
 
 

@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from google.protobuf import timestamp_pb2
+from google.protobuf import json_format, timestamp_pb2
 
 from prebake.client.artifact_key import ArtifactKey
 from prebake.client.fetch import FetchResult
@@ -19,7 +19,7 @@ from prebake.client.prewarm import PrewarmRow
 from prebake.client.progress import human_seconds
 from prebake.core.names import error_class_name, job_state_name, kind_name, lookup_status_name, policy_name
 from prebake.core.units import human_bytes
-from prebake.v1 import admin_pb2, blobs_pb2, jobs_pb2, key_pb2, registry_pb2, workers_pb2
+from prebake.v1 import admin_pb2, blobs_pb2, evaluations_pb2, jobs_pb2, key_pb2, registry_pb2, workers_pb2
 
 # JSON --------------------------------------------------------------------------------
 
@@ -594,3 +594,69 @@ def prewarm_summary(counts: dict[str, int], hidden_invalid: int = 0) -> str:
     if hidden_invalid:
         text += f" ({hidden_invalid} invalid not shown)"
     return text
+
+
+# --- evaluations ----------------------------------------------------------------------------
+
+
+def evaluation_json(evaluation: evaluations_pb2.Evaluation) -> dict[str, Any]:
+    """The evaluation in protobuf JSON form with the proto's field names: what
+    `prebake evaluations import` reads back (int64 token counts are strings, as in that form)."""
+    data: dict[str, Any] = json_format.MessageToDict(
+        evaluation, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    return data
+
+
+def _number(value: float, digits: int = 1) -> str:
+    return f"{value:,.{digits}f}"
+
+
+def evaluation_text(evaluation: evaluations_pb2.Evaluation) -> str:
+    """A heading (id, source, time, host, workload) and one row per concurrency level."""
+    w, host = evaluation.workload, evaluation.host
+    where = host.instance_type or host.hostname or "unknown host"
+    cpu = f", {host.cpu_count} CPUs" if host.cpu_count else ""
+    heading = (
+        f"evaluation {evaluation.evaluation_id}  {short_time(evaluation.created_at)}  {evaluation.source}\n"
+        f"  {where}{cpu}; {w.requests} requests of {w.prompt_tokens} prompt + {w.output_tokens} output tokens"
+    )
+    price = evaluation.price
+    if price.hourly_usd:
+        heading += f"; ${price.hourly_usd:g}/h"
+        if price.discount_rate:
+            heading += f" less {price.discount_rate * 100:g}%"
+    body = [
+        [
+            str(level.concurrency),
+            _number(level.ttft_ms.p50),
+            _number(level.itl_ms.p50),
+            _number(level.output_tokens_per_second),
+            f"{level.blended_price_per_million_tokens:.4f}" if price.hourly_usd else "",
+            str(level.invocation_errors) if level.invocation_errors else "",
+        ]
+        for level in evaluation.levels
+    ]
+    headers = ["CONCURRENCY", "TTFT P50 MS", "ITL P50 MS", "OUTPUT TOK/S", "$/M BLENDED", "ERRORS"]
+    lines = table(headers, body).splitlines()
+    return "\n".join([heading, *(f"  {line}" for line in lines)])
+
+
+def evaluations_text(evaluations: Sequence[evaluations_pb2.Evaluation]) -> str:
+    return "\n\n".join(evaluation_text(e) for e in evaluations)
+
+
+def evaluations_table(evaluations: Sequence[evaluations_pb2.Evaluation]) -> str:
+    """One line per evaluation (for listings); `prebake show ARTIFACT` gives the levels."""
+    body = [
+        [
+            e.evaluation_id,
+            e.artifact_id,
+            short_time(e.created_at),
+            e.host.instance_type or e.host.hostname,
+            ",".join(str(level.concurrency) for level in e.levels),
+            e.source,
+        ]
+        for e in evaluations
+    ]
+    return table(["EVALUATION", "ARTIFACT", "CREATED", "HOST", "CONCURRENCY", "SOURCE"], body)

@@ -24,11 +24,12 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from prebake.v1 import blobs_pb2 as prebake_dot_v1_dot_blobs__pb2
+from prebake.v1 import evaluations_pb2 as prebake_dot_v1_dot_evaluations__pb2
 from prebake.v1 import jobs_pb2 as prebake_dot_v1_dot_jobs__pb2
 from prebake.v1 import key_pb2 as prebake_dot_v1_dot_key__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19prebake/v1/registry.proto\x12\nprebake.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16prebake/v1/blobs.proto\x1a\x15prebake/v1/jobs.proto\x1a\x14prebake/v1/key.proto\"\xa7\x01\n\x0c\x41rtifactFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\"\n\x06\x64igest\x18\x02 \x01(\x0b\x32\x12.prebake.v1.Digest\x12\x12\n\nexecutable\x18\x03 \x01(\x08\x12\x14\n\x0c\x64ownload_url\x18\x04 \x01(\t\x12;\n\x17\x64ownload_url_expires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe5\x01\n\x08Producer\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12G\n\x12toolchain_versions\x18\x02 \x03(\x0b\x32+.prebake.v1.Producer.ToolchainVersionsEntry\x12\x17\n\x0f\x63ompile_seconds\x18\x03 \x01(\x01\x12\x1f\n\x03log\x18\x04 \x01(\x0b\x32\x12.prebake.v1.Digest\x12\x0c\n\x04note\x18\x05 \x01(\t\x1a\x38\n\x16ToolchainVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"B\n\tSignature\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x12\n\npublic_key\x18\x03 \x01(\x0c\"\xa5\x03\n\x08\x41rtifact\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\x12$\n\x03key\x18\x02 \x01(\x0b\x32\x17.prebake.v1.ResolvedKey\x12\'\n\x05\x66iles\x18\x03 \x03(\x0b\x32\x18.prebake.v1.ArtifactFile\x12\x12\n\nfile_count\x18\x04 \x01(\x03\x12\x18\n\x10total_size_bytes\x18\x05 \x01(\x03\x12&\n\x08producer\x18\x06 \x01(\x0b\x32\x14.prebake.v1.Producer\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10last_accessed_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06pinned\x18\t \x01(\x08\x12\x17\n\x0fmanifest_digest\x18\n \x01(\t\x12\x11\n\thit_count\x18\x0b \x01(\x03\x12(\n\tsignature\x18\x0c \x01(\x0b\x32\x15.prebake.v1.Signature\x12\x13\n\x0bunavailable\x18\r \x01(\t\"\xb0\x01\n\x08NearMiss\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\x12$\n\x03key\x18\x02 \x01(\x0b\x32\x17.prebake.v1.ResolvedKey\x12\x30\n\x0b\x64ifferences\x18\x03 \x03(\x0b\x32\x1b.prebake.v1.FieldDifference\x12\x37\n\x0ewould_hit_with\x18\x04 \x03(\x0e\x32\x1f.prebake.v1.CompatibilityPolicy\"Q\n\x0f\x46ieldDifference\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x16\n\x0e\x61rtifact_value\x18\x02 \x01(\t\x12\x17\n\x0frequested_value\x18\x03 \x01(\t\"\xc8\x01\n\rLookupRequest\x12$\n\x03key\x18\x01 \x01(\x0b\x32\x17.prebake.v1.ArtifactKey\x12#\n\x07on_miss\x18\x02 \x01(\x0e\x32\x12.prebake.v1.OnMiss\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\x12\x14\n\x0cmodel_source\x18\x04 \x01(\t\x12.\n\x05\x61llow\x18\x05 \x03(\x0e\x32\x1f.prebake.v1.CompatibilityPolicy\x12\x17\n\x0f\x64irect_download\x18\x06 \x01(\x08\"\xd2\x02\n\x0eLookupResponse\x12(\n\x06status\x18\x01 \x01(\x0e\x32\x18.prebake.v1.LookupStatus\x12$\n\x03key\x18\x02 \x01(\x0b\x32\x17.prebake.v1.ResolvedKey\x12&\n\x08\x61rtifact\x18\x03 \x01(\x0b\x32\x14.prebake.v1.Artifact\x12\x14\n\x0cmatch_reason\x18\x04 \x01(\t\x12\x16\n\x0ematched_policy\x18\x05 \x01(\t\x12\x1c\n\x03job\x18\x06 \x01(\x0b\x32\x0f.prebake.v1.Job\x12\x13\n\x0bjob_created\x18\x07 \x01(\x08\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12%\n\x07nearest\x18\t \x03(\x0b\x32\x14.prebake.v1.NearMiss\x12\x18\n\x10toolchain_source\x18\n \x01(\t\x12\x17\n\x0funserved_reason\x18\x0b \x01(\t\"h\n\x12GetArtifactRequest\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\x12$\n\x03key\x18\x03 \x01(\x0b\x32\x17.prebake.v1.ArtifactKey\x12\x17\n\x0f\x64irect_download\x18\x02 \x01(\x08\"\xd9\x01\n\x16PublishArtifactRequest\x12$\n\x03key\x18\x01 \x01(\x0b\x32\x17.prebake.v1.ArtifactKey\x12\'\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x18.prebake.v1.ArtifactFile\x12&\n\x08producer\x18\x03 \x01(\x0b\x32\x14.prebake.v1.Producer\x12\x0f\n\x07replace\x18\x04 \x01(\x08\x12\r\n\x05\x66orce\x18\x05 \x01(\x08\x12(\n\tsignature\x18\x06 \x01(\x0b\x32\x15.prebake.v1.Signature\"m\n\x17PublishArtifactResponse\x12&\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x14.prebake.v1.Artifact\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12\x19\n\x11\x63ompleted_job_ids\x18\x03 \x03(\t*J\n\x06OnMiss\x12\x17\n\x13ON_MISS_UNSPECIFIED\x10\x00\x12\x13\n\x0fON_MISS_ENQUEUE\x10\x01\x12\x12\n\x0eON_MISS_REPORT\x10\x02*\x94\x01\n\x13\x43ompatibilityPolicy\x12$\n COMPATIBILITY_POLICY_UNSPECIFIED\x10\x00\x12(\n$COMPATIBILITY_POLICY_LONGER_SEQUENCE\x10\x01\x12-\n)COMPATIBILITY_POLICY_NEURONCORE_V2_FAMILY\x10\x02*\x93\x01\n\x0cLookupStatus\x12\x1d\n\x19LOOKUP_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11LOOKUP_STATUS_HIT\x10\x01\x12\x16\n\x12LOOKUP_STATUS_MISS\x10\x02\x12\x1b\n\x17LOOKUP_STATUS_COMPILING\x10\x03\x12\x18\n\x14LOOKUP_STATUS_FAILED\x10\x04\x32\xec\x01\n\x08Registry\x12?\n\x06Lookup\x12\x19.prebake.v1.LookupRequest\x1a\x1a.prebake.v1.LookupResponse\x12\x43\n\x0bGetArtifact\x12\x1e.prebake.v1.GetArtifactRequest\x1a\x14.prebake.v1.Artifact\x12Z\n\x0fPublishArtifact\x12\".prebake.v1.PublishArtifactRequest\x1a#.prebake.v1.PublishArtifactResponseBx\n\x0e\x64\x65v.prebake.v1B\rRegistryProtoP\x01Z\'prebake.dev/gen/go/prebake/v1;prebakev1\xa2\x02\x03PBK\xaa\x02\nPrebake.V1\xca\x02\nPrebake\\V1\xea\x02\x0bPrebake::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19prebake/v1/registry.proto\x12\nprebake.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16prebake/v1/blobs.proto\x1a\x1cprebake/v1/evaluations.proto\x1a\x15prebake/v1/jobs.proto\x1a\x14prebake/v1/key.proto\"\xa7\x01\n\x0c\x41rtifactFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\"\n\x06\x64igest\x18\x02 \x01(\x0b\x32\x12.prebake.v1.Digest\x12\x12\n\nexecutable\x18\x03 \x01(\x08\x12\x14\n\x0c\x64ownload_url\x18\x04 \x01(\t\x12;\n\x17\x64ownload_url_expires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe5\x01\n\x08Producer\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12G\n\x12toolchain_versions\x18\x02 \x03(\x0b\x32+.prebake.v1.Producer.ToolchainVersionsEntry\x12\x17\n\x0f\x63ompile_seconds\x18\x03 \x01(\x01\x12\x1f\n\x03log\x18\x04 \x01(\x0b\x32\x12.prebake.v1.Digest\x12\x0c\n\x04note\x18\x05 \x01(\t\x1a\x38\n\x16ToolchainVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"B\n\tSignature\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x12\n\npublic_key\x18\x03 \x01(\x0c\"\xd2\x03\n\x08\x41rtifact\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\x12$\n\x03key\x18\x02 \x01(\x0b\x32\x17.prebake.v1.ResolvedKey\x12\'\n\x05\x66iles\x18\x03 \x03(\x0b\x32\x18.prebake.v1.ArtifactFile\x12\x12\n\nfile_count\x18\x04 \x01(\x03\x12\x18\n\x10total_size_bytes\x18\x05 \x01(\x03\x12&\n\x08producer\x18\x06 \x01(\x0b\x32\x14.prebake.v1.Producer\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10last_accessed_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06pinned\x18\t \x01(\x08\x12\x17\n\x0fmanifest_digest\x18\n \x01(\t\x12\x11\n\thit_count\x18\x0b \x01(\x03\x12(\n\tsignature\x18\x0c \x01(\x0b\x32\x15.prebake.v1.Signature\x12\x13\n\x0bunavailable\x18\r \x01(\t\x12+\n\x0b\x65valuations\x18\x0e \x03(\x0b\x32\x16.prebake.v1.Evaluation\"\xb0\x01\n\x08NearMiss\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\x12$\n\x03key\x18\x02 \x01(\x0b\x32\x17.prebake.v1.ResolvedKey\x12\x30\n\x0b\x64ifferences\x18\x03 \x03(\x0b\x32\x1b.prebake.v1.FieldDifference\x12\x37\n\x0ewould_hit_with\x18\x04 \x03(\x0e\x32\x1f.prebake.v1.CompatibilityPolicy\"Q\n\x0f\x46ieldDifference\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x16\n\x0e\x61rtifact_value\x18\x02 \x01(\t\x12\x17\n\x0frequested_value\x18\x03 \x01(\t\"\xc8\x01\n\rLookupRequest\x12$\n\x03key\x18\x01 \x01(\x0b\x32\x17.prebake.v1.ArtifactKey\x12#\n\x07on_miss\x18\x02 \x01(\x0e\x32\x12.prebake.v1.OnMiss\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\x12\x14\n\x0cmodel_source\x18\x04 \x01(\t\x12.\n\x05\x61llow\x18\x05 \x03(\x0e\x32\x1f.prebake.v1.CompatibilityPolicy\x12\x17\n\x0f\x64irect_download\x18\x06 \x01(\x08\"\xd2\x02\n\x0eLookupResponse\x12(\n\x06status\x18\x01 \x01(\x0e\x32\x18.prebake.v1.LookupStatus\x12$\n\x03key\x18\x02 \x01(\x0b\x32\x17.prebake.v1.ResolvedKey\x12&\n\x08\x61rtifact\x18\x03 \x01(\x0b\x32\x14.prebake.v1.Artifact\x12\x14\n\x0cmatch_reason\x18\x04 \x01(\t\x12\x16\n\x0ematched_policy\x18\x05 \x01(\t\x12\x1c\n\x03job\x18\x06 \x01(\x0b\x32\x0f.prebake.v1.Job\x12\x13\n\x0bjob_created\x18\x07 \x01(\x08\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12%\n\x07nearest\x18\t \x03(\x0b\x32\x14.prebake.v1.NearMiss\x12\x18\n\x10toolchain_source\x18\n \x01(\t\x12\x17\n\x0funserved_reason\x18\x0b \x01(\t\"h\n\x12GetArtifactRequest\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\x12$\n\x03key\x18\x03 \x01(\x0b\x32\x17.prebake.v1.ArtifactKey\x12\x17\n\x0f\x64irect_download\x18\x02 \x01(\x08\"\xd9\x01\n\x16PublishArtifactRequest\x12$\n\x03key\x18\x01 \x01(\x0b\x32\x17.prebake.v1.ArtifactKey\x12\'\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x18.prebake.v1.ArtifactFile\x12&\n\x08producer\x18\x03 \x01(\x0b\x32\x14.prebake.v1.Producer\x12\x0f\n\x07replace\x18\x04 \x01(\x08\x12\r\n\x05\x66orce\x18\x05 \x01(\x08\x12(\n\tsignature\x18\x06 \x01(\x0b\x32\x15.prebake.v1.Signature\"m\n\x17PublishArtifactResponse\x12&\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x14.prebake.v1.Artifact\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12\x19\n\x11\x63ompleted_job_ids\x18\x03 \x03(\t\"c\n\x16ListEvaluationsRequest\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"_\n\x17ListEvaluationsResponse\x12+\n\x0b\x65valuations\x18\x01 \x03(\x0b\x32\x16.prebake.v1.Evaluation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"Z\n\x17ImportEvaluationRequest\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\x12*\n\nevaluation\x18\x02 \x01(\x0b\x32\x16.prebake.v1.Evaluation*J\n\x06OnMiss\x12\x17\n\x13ON_MISS_UNSPECIFIED\x10\x00\x12\x13\n\x0fON_MISS_ENQUEUE\x10\x01\x12\x12\n\x0eON_MISS_REPORT\x10\x02*\x94\x01\n\x13\x43ompatibilityPolicy\x12$\n COMPATIBILITY_POLICY_UNSPECIFIED\x10\x00\x12(\n$COMPATIBILITY_POLICY_LONGER_SEQUENCE\x10\x01\x12-\n)COMPATIBILITY_POLICY_NEURONCORE_V2_FAMILY\x10\x02*\x93\x01\n\x0cLookupStatus\x12\x1d\n\x19LOOKUP_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11LOOKUP_STATUS_HIT\x10\x01\x12\x16\n\x12LOOKUP_STATUS_MISS\x10\x02\x12\x1b\n\x17LOOKUP_STATUS_COMPILING\x10\x03\x12\x18\n\x14LOOKUP_STATUS_FAILED\x10\x04\x32\x99\x03\n\x08Registry\x12?\n\x06Lookup\x12\x19.prebake.v1.LookupRequest\x1a\x1a.prebake.v1.LookupResponse\x12\x43\n\x0bGetArtifact\x12\x1e.prebake.v1.GetArtifactRequest\x1a\x14.prebake.v1.Artifact\x12Z\n\x0fPublishArtifact\x12\".prebake.v1.PublishArtifactRequest\x1a#.prebake.v1.PublishArtifactResponse\x12Z\n\x0fListEvaluations\x12\".prebake.v1.ListEvaluationsRequest\x1a#.prebake.v1.ListEvaluationsResponse\x12O\n\x10ImportEvaluation\x12#.prebake.v1.ImportEvaluationRequest\x1a\x16.prebake.v1.EvaluationBx\n\x0e\x64\x65v.prebake.v1B\rRegistryProtoP\x01Z\'prebake.dev/gen/go/prebake/v1;prebakev1\xa2\x02\x03PBK\xaa\x02\nPrebake.V1\xca\x02\nPrebake\\V1\xea\x02\x0bPrebake::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,36 +39,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.prebake.v1B\rRegistryProtoP\001Z\'prebake.dev/gen/go/prebake/v1;prebakev1\242\002\003PBK\252\002\nPrebake.V1\312\002\nPrebake\\V1\352\002\013Prebake::V1'
   _globals['_PRODUCER_TOOLCHAINVERSIONSENTRY']._loaded_options = None
   _globals['_PRODUCER_TOOLCHAINVERSIONSENTRY']._serialized_options = b'8\001'
-  _globals['_ONMISS']._serialized_start=2280
-  _globals['_ONMISS']._serialized_end=2354
-  _globals['_COMPATIBILITYPOLICY']._serialized_start=2357
-  _globals['_COMPATIBILITYPOLICY']._serialized_end=2505
-  _globals['_LOOKUPSTATUS']._serialized_start=2508
-  _globals['_LOOKUPSTATUS']._serialized_end=2655
-  _globals['_ARTIFACTFILE']._serialized_start=144
-  _globals['_ARTIFACTFILE']._serialized_end=311
-  _globals['_PRODUCER']._serialized_start=314
-  _globals['_PRODUCER']._serialized_end=543
-  _globals['_PRODUCER_TOOLCHAINVERSIONSENTRY']._serialized_start=487
-  _globals['_PRODUCER_TOOLCHAINVERSIONSENTRY']._serialized_end=543
-  _globals['_SIGNATURE']._serialized_start=545
-  _globals['_SIGNATURE']._serialized_end=611
-  _globals['_ARTIFACT']._serialized_start=614
-  _globals['_ARTIFACT']._serialized_end=1035
-  _globals['_NEARMISS']._serialized_start=1038
-  _globals['_NEARMISS']._serialized_end=1214
-  _globals['_FIELDDIFFERENCE']._serialized_start=1216
-  _globals['_FIELDDIFFERENCE']._serialized_end=1297
-  _globals['_LOOKUPREQUEST']._serialized_start=1300
-  _globals['_LOOKUPREQUEST']._serialized_end=1500
-  _globals['_LOOKUPRESPONSE']._serialized_start=1503
-  _globals['_LOOKUPRESPONSE']._serialized_end=1841
-  _globals['_GETARTIFACTREQUEST']._serialized_start=1843
-  _globals['_GETARTIFACTREQUEST']._serialized_end=1947
-  _globals['_PUBLISHARTIFACTREQUEST']._serialized_start=1950
-  _globals['_PUBLISHARTIFACTREQUEST']._serialized_end=2167
-  _globals['_PUBLISHARTIFACTRESPONSE']._serialized_start=2169
-  _globals['_PUBLISHARTIFACTRESPONSE']._serialized_end=2278
-  _globals['_REGISTRY']._serialized_start=2658
-  _globals['_REGISTRY']._serialized_end=2894
+  _globals['_ONMISS']._serialized_start=2645
+  _globals['_ONMISS']._serialized_end=2719
+  _globals['_COMPATIBILITYPOLICY']._serialized_start=2722
+  _globals['_COMPATIBILITYPOLICY']._serialized_end=2870
+  _globals['_LOOKUPSTATUS']._serialized_start=2873
+  _globals['_LOOKUPSTATUS']._serialized_end=3020
+  _globals['_ARTIFACTFILE']._serialized_start=174
+  _globals['_ARTIFACTFILE']._serialized_end=341
+  _globals['_PRODUCER']._serialized_start=344
+  _globals['_PRODUCER']._serialized_end=573
+  _globals['_PRODUCER_TOOLCHAINVERSIONSENTRY']._serialized_start=517
+  _globals['_PRODUCER_TOOLCHAINVERSIONSENTRY']._serialized_end=573
+  _globals['_SIGNATURE']._serialized_start=575
+  _globals['_SIGNATURE']._serialized_end=641
+  _globals['_ARTIFACT']._serialized_start=644
+  _globals['_ARTIFACT']._serialized_end=1110
+  _globals['_NEARMISS']._serialized_start=1113
+  _globals['_NEARMISS']._serialized_end=1289
+  _globals['_FIELDDIFFERENCE']._serialized_start=1291
+  _globals['_FIELDDIFFERENCE']._serialized_end=1372
+  _globals['_LOOKUPREQUEST']._serialized_start=1375
+  _globals['_LOOKUPREQUEST']._serialized_end=1575
+  _globals['_LOOKUPRESPONSE']._serialized_start=1578
+  _globals['_LOOKUPRESPONSE']._serialized_end=1916
+  _globals['_GETARTIFACTREQUEST']._serialized_start=1918
+  _globals['_GETARTIFACTREQUEST']._serialized_end=2022
+  _globals['_PUBLISHARTIFACTREQUEST']._serialized_start=2025
+  _globals['_PUBLISHARTIFACTREQUEST']._serialized_end=2242
+  _globals['_PUBLISHARTIFACTRESPONSE']._serialized_start=2244
+  _globals['_PUBLISHARTIFACTRESPONSE']._serialized_end=2353
+  _globals['_LISTEVALUATIONSREQUEST']._serialized_start=2355
+  _globals['_LISTEVALUATIONSREQUEST']._serialized_end=2454
+  _globals['_LISTEVALUATIONSRESPONSE']._serialized_start=2456
+  _globals['_LISTEVALUATIONSRESPONSE']._serialized_end=2551
+  _globals['_IMPORTEVALUATIONREQUEST']._serialized_start=2553
+  _globals['_IMPORTEVALUATIONREQUEST']._serialized_end=2643
+  _globals['_REGISTRY']._serialized_start=3023
+  _globals['_REGISTRY']._serialized_end=3432
 # @@protoc_insertion_point(module_scope)

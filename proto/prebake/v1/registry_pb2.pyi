@@ -16,6 +16,7 @@ from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from prebake.v1 import blobs_pb2 as _blobs_pb2
+from prebake.v1 import evaluations_pb2 as _evaluations_pb2
 from prebake.v1 import jobs_pb2 as _jobs_pb2
 from prebake.v1 import key_pb2 as _key_pb2
 import builtins as _builtins
@@ -301,6 +302,7 @@ class Artifact(_message.Message):
     HIT_COUNT_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
     UNAVAILABLE_FIELD_NUMBER: _builtins.int
+    EVALUATIONS_FIELD_NUMBER: _builtins.int
     artifact_id: _builtins.str
     """The artifact's id: its key's digest."""
     file_count: _builtins.int
@@ -348,6 +350,14 @@ class Artifact(_message.Message):
         (`ListArtifacts`); use `GetArtifact`.
         """
 
+    @_builtins.property
+    def evaluations(self) -> _containers.RepeatedCompositeFieldContainer[_evaluations_pb2.Evaluation]:
+        """Its evaluations (measured latency, throughput and price), newest first, at most 20
+        (`ListEvaluations` pages through every one). Only in `GetArtifact` answers: empty in
+        lookup hits, to keep the hit path small, and in listings (`ListArtifacts`), which
+        would read every listed artifact's evaluations; use `GetArtifact` or `ListEvaluations`.
+        """
+
     def __init__(
         self,
         *,
@@ -364,10 +374,11 @@ class Artifact(_message.Message):
         hit_count: _builtins.int = ...,
         signature: Global___Signature | None = ...,
         unavailable: _builtins.str = ...,
+        evaluations: _abc.Iterable[_evaluations_pb2.Evaluation] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "key", b"key", "last_accessed_at", b"last_accessed_at", "producer", b"producer", "signature", b"signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_id", b"artifact_id", "created_at", b"created_at", "file_count", b"file_count", "files", b"files", "hit_count", b"hit_count", "key", b"key", "last_accessed_at", b"last_accessed_at", "manifest_digest", b"manifest_digest", "pinned", b"pinned", "producer", b"producer", "signature", b"signature", "total_size_bytes", b"total_size_bytes", "unavailable", b"unavailable"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_id", b"artifact_id", "created_at", b"created_at", "evaluations", b"evaluations", "file_count", b"file_count", "files", b"files", "hit_count", b"hit_count", "key", b"key", "last_accessed_at", b"last_accessed_at", "manifest_digest", b"manifest_digest", "pinned", b"pinned", "producer", b"producer", "signature", b"signature", "total_size_bytes", b"total_size_bytes", "unavailable", b"unavailable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -728,3 +739,99 @@ class PublishArtifactResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PublishArtifactResponse: _TypeAlias = PublishArtifactResponse  # noqa: Y015
+
+@_typing.final
+class ListEvaluationsRequest(_message.Message):
+    """Request for `ListEvaluations`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARTIFACT_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    artifact_id: _builtins.str
+    """Only evaluations of this artifact (32 hex digits); empty means any artifact."""
+    model: _builtins.str
+    """Only evaluations of artifacts of this model (exact match, as stored in their keys);
+    empty means every model. Not together with `artifact_id`.
+    """
+    page_size: _builtins.int
+    """Maximum number of evaluations to return, 1-1000; 0 means 100."""
+    page_token: _builtins.str
+    """`next_page_token` from a previous response of the same query, to continue the listing."""
+    def __init__(
+        self,
+        *,
+        artifact_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_id", b"artifact_id", "model", b"model", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListEvaluationsRequest: _TypeAlias = ListEvaluationsRequest  # noqa: Y015
+
+@_typing.final
+class ListEvaluationsResponse(_message.Message):
+    """Response for `ListEvaluations`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVALUATIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def evaluations(self) -> _containers.RepeatedCompositeFieldContainer[_evaluations_pb2.Evaluation]:
+        """The evaluations, newest first."""
+
+    def __init__(
+        self,
+        *,
+        evaluations: _abc.Iterable[_evaluations_pb2.Evaluation] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evaluations", b"evaluations", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListEvaluationsResponse: _TypeAlias = ListEvaluationsResponse  # noqa: Y015
+
+@_typing.final
+class ImportEvaluationRequest(_message.Message):
+    """Request for `ImportEvaluation`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARTIFACT_ID_FIELD_NUMBER: _builtins.int
+    EVALUATION_FIELD_NUMBER: _builtins.int
+    artifact_id: _builtins.str
+    """The evaluated artifact's id (32 hex digits)."""
+    @_builtins.property
+    def evaluation(self) -> _evaluations_pb2.Evaluation:
+        """The evaluation: workload, host, price inputs and levels. `evaluation_id`,
+        `created_at` and `request_id` are ignored (the server assigns them), `artifact_id`
+        must be empty or equal to the request's, and `source` is the caller's note of where
+        it came from (stored as `import:<source>`, at most 1,024 characters).
+        """
+
+    def __init__(
+        self,
+        *,
+        artifact_id: _builtins.str = ...,
+        evaluation: _evaluations_pb2.Evaluation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_id", b"artifact_id", "evaluation", b"evaluation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportEvaluationRequest: _TypeAlias = ImportEvaluationRequest  # noqa: Y015

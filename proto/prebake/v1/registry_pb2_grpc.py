@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from prebake.v1 import evaluations_pb2 as prebake_dot_v1_dot_evaluations__pb2
 from prebake.v1 import registry_pb2 as prebake_dot_v1_dot_registry__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -55,6 +56,16 @@ class RegistryStub:
                 '/prebake.v1.Registry/PublishArtifact',
                 request_serializer=prebake_dot_v1_dot_registry__pb2.PublishArtifactRequest.SerializeToString,
                 response_deserializer=prebake_dot_v1_dot_registry__pb2.PublishArtifactResponse.FromString,
+                _registered_method=True)
+        self.ListEvaluations = channel.unary_unary(
+                '/prebake.v1.Registry/ListEvaluations',
+                request_serializer=prebake_dot_v1_dot_registry__pb2.ListEvaluationsRequest.SerializeToString,
+                response_deserializer=prebake_dot_v1_dot_registry__pb2.ListEvaluationsResponse.FromString,
+                _registered_method=True)
+        self.ImportEvaluation = channel.unary_unary(
+                '/prebake.v1.Registry/ImportEvaluation',
+                request_serializer=prebake_dot_v1_dot_registry__pb2.ImportEvaluationRequest.SerializeToString,
+                response_deserializer=prebake_dot_v1_dot_evaluations__pb2.Evaluation.FromString,
                 _registered_method=True)
 
 
@@ -161,6 +172,54 @@ class RegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListEvaluations(self, request, context):
+        """Lists evaluations, newest first (then by id): of one artifact, of every artifact of
+        one model, or every evaluation; with the artifact's and model's filters both empty,
+        every one. Keyset pages: a page token continues exactly where its page ended,
+        whatever was stored meanwhile.
+
+        Errors:
+        * `INVALID_ARGUMENT`: a malformed artifact id; both `artifact_id` and `model` set;
+        a model filter over 256 characters; page size outside 0-1000; a page token this
+        server did not issue for this query. Do not retry as is.
+        * `UNAUTHENTICATED`, `PERMISSION_DENIED` (the caller lacks the reader role): see the
+        service. Do not retry.
+        * `UNAVAILABLE`: transient. Retry with backoff; listing changes nothing.
+
+        An artifact id that names no artifact answers an empty list, not NOT_FOUND (its
+        evaluations went with it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportEvaluation(self, request, context):
+        """Stores an evaluation of an artifact measured elsewhere (e.g. SageMaker's
+        inference-optimization results, converted) and returns it as stored: the server
+        assigns `evaluation_id`, `created_at` and `request_id`, sets `artifact_id` and
+        `source` (`import:` and the request's note). The evaluation is checked whole before
+        anything is stored; nothing is stored when it is refused. Not idempotent: each call
+        that succeeds stores one more evaluation.
+
+        Errors:
+        * `INVALID_ARGUMENT`: a malformed artifact id; no `levels`, more than 64, or two
+        with the same `concurrency`; a concurrency below 1; a negative number (every count,
+        time, rate and price is at least 0); a number that is NaN or infinite; a
+        distribution with `p50 > p90` or `p90 > p99`; a `discount_rate` of 1 or more;
+        `workload.concurrency_levels` naming other concurrencies than `levels`; an
+        `evaluation.artifact_id` other than the request's; a string or map over its limit.
+        The message and the `google.rpc.BadRequest` detail name the field by its path from
+        the request (`evaluation.levels[1].ttft_ms`, `artifact_id`). Do not retry as is.
+        * `NOT_FOUND`: no artifact with this id. Do not retry.
+        * `UNAUTHENTICATED`, `PERMISSION_DENIED` (the caller lacks the publisher role): see
+        the service. Do not retry.
+        * `UNAVAILABLE`: transient. Retry with backoff; a retry after a lost answer may
+        store the evaluation twice (list the artifact's evaluations to check).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -178,6 +237,16 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.PublishArtifact,
                     request_deserializer=prebake_dot_v1_dot_registry__pb2.PublishArtifactRequest.FromString,
                     response_serializer=prebake_dot_v1_dot_registry__pb2.PublishArtifactResponse.SerializeToString,
+            ),
+            'ListEvaluations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEvaluations,
+                    request_deserializer=prebake_dot_v1_dot_registry__pb2.ListEvaluationsRequest.FromString,
+                    response_serializer=prebake_dot_v1_dot_registry__pb2.ListEvaluationsResponse.SerializeToString,
+            ),
+            'ImportEvaluation': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportEvaluation,
+                    request_deserializer=prebake_dot_v1_dot_registry__pb2.ImportEvaluationRequest.FromString,
+                    response_serializer=prebake_dot_v1_dot_evaluations__pb2.Evaluation.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -268,6 +337,60 @@ class Registry:
             '/prebake.v1.Registry/PublishArtifact',
             prebake_dot_v1_dot_registry__pb2.PublishArtifactRequest.SerializeToString,
             prebake_dot_v1_dot_registry__pb2.PublishArtifactResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEvaluations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/prebake.v1.Registry/ListEvaluations',
+            prebake_dot_v1_dot_registry__pb2.ListEvaluationsRequest.SerializeToString,
+            prebake_dot_v1_dot_registry__pb2.ListEvaluationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportEvaluation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/prebake.v1.Registry/ImportEvaluation',
+            prebake_dot_v1_dot_registry__pb2.ImportEvaluationRequest.SerializeToString,
+            prebake_dot_v1_dot_evaluations__pb2.Evaluation.FromString,
             options,
             channel_credentials,
             insecure,

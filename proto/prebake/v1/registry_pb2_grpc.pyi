@@ -11,6 +11,7 @@ verified, and no reader ever sees a partial artifact.
 
 from collections import abc as _abc
 from grpc import aio as _aio
+from prebake.v1 import evaluations_pb2 as _evaluations_pb2
 from prebake.v1 import registry_pb2 as _registry_pb2
 import abc as _abc_1
 import grpc as _grpc
@@ -127,6 +128,46 @@ class RegistryStub:
       the server accepts of any message. Do not retry as is.
     * `UNAVAILABLE`: transient. Retry with backoff; publishing is idempotent.
     """
+    ListEvaluations: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListEvaluationsRequest, _registry_pb2.ListEvaluationsResponse]
+    """Lists evaluations, newest first (then by id): of one artifact, of every artifact of
+    one model, or every evaluation; with the artifact's and model's filters both empty,
+    every one. Keyset pages: a page token continues exactly where its page ended,
+    whatever was stored meanwhile.
+
+    Errors:
+    * `INVALID_ARGUMENT`: a malformed artifact id; both `artifact_id` and `model` set;
+      a model filter over 256 characters; page size outside 0-1000; a page token this
+      server did not issue for this query. Do not retry as is.
+    * `UNAUTHENTICATED`, `PERMISSION_DENIED` (the caller lacks the reader role): see the
+      service. Do not retry.
+    * `UNAVAILABLE`: transient. Retry with backoff; listing changes nothing.
+
+    An artifact id that names no artifact answers an empty list, not NOT_FOUND (its
+    evaluations went with it).
+    """
+    ImportEvaluation: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ImportEvaluationRequest, _evaluations_pb2.Evaluation]
+    """Stores an evaluation of an artifact measured elsewhere (e.g. SageMaker's
+    inference-optimization results, converted) and returns it as stored: the server
+    assigns `evaluation_id`, `created_at` and `request_id`, sets `artifact_id` and
+    `source` (`import:` and the request's note). The evaluation is checked whole before
+    anything is stored; nothing is stored when it is refused. Not idempotent: each call
+    that succeeds stores one more evaluation.
+
+    Errors:
+    * `INVALID_ARGUMENT`: a malformed artifact id; no `levels`, more than 64, or two
+      with the same `concurrency`; a concurrency below 1; a negative number (every count,
+      time, rate and price is at least 0); a number that is NaN or infinite; a
+      distribution with `p50 > p90` or `p90 > p99`; a `discount_rate` of 1 or more;
+      `workload.concurrency_levels` naming other concurrencies than `levels`; an
+      `evaluation.artifact_id` other than the request's; a string or map over its limit.
+      The message and the `google.rpc.BadRequest` detail name the field by its path from
+      the request (`evaluation.levels[1].ttft_ms`, `artifact_id`). Do not retry as is.
+    * `NOT_FOUND`: no artifact with this id. Do not retry.
+    * `UNAUTHENTICATED`, `PERMISSION_DENIED` (the caller lacks the publisher role): see
+      the service. Do not retry.
+    * `UNAVAILABLE`: transient. Retry with backoff; a retry after a lost answer may
+      store the evaluation twice (list the artifact's evaluations to check).
+    """
 
 @_typing.type_check_only
 class RegistryAsyncStub(RegistryStub):
@@ -220,6 +261,46 @@ class RegistryAsyncStub(RegistryStub):
     * `RESOURCE_EXHAUSTED`: the request message is larger than 4 MiB + 64 KiB, the most
       the server accepts of any message. Do not retry as is.
     * `UNAVAILABLE`: transient. Retry with backoff; publishing is idempotent.
+    """
+    ListEvaluations: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListEvaluationsRequest, _registry_pb2.ListEvaluationsResponse]  # type: ignore[assignment]
+    """Lists evaluations, newest first (then by id): of one artifact, of every artifact of
+    one model, or every evaluation; with the artifact's and model's filters both empty,
+    every one. Keyset pages: a page token continues exactly where its page ended,
+    whatever was stored meanwhile.
+
+    Errors:
+    * `INVALID_ARGUMENT`: a malformed artifact id; both `artifact_id` and `model` set;
+      a model filter over 256 characters; page size outside 0-1000; a page token this
+      server did not issue for this query. Do not retry as is.
+    * `UNAUTHENTICATED`, `PERMISSION_DENIED` (the caller lacks the reader role): see the
+      service. Do not retry.
+    * `UNAVAILABLE`: transient. Retry with backoff; listing changes nothing.
+
+    An artifact id that names no artifact answers an empty list, not NOT_FOUND (its
+    evaluations went with it).
+    """
+    ImportEvaluation: _aio.UnaryUnaryMultiCallable[_registry_pb2.ImportEvaluationRequest, _evaluations_pb2.Evaluation]  # type: ignore[assignment]
+    """Stores an evaluation of an artifact measured elsewhere (e.g. SageMaker's
+    inference-optimization results, converted) and returns it as stored: the server
+    assigns `evaluation_id`, `created_at` and `request_id`, sets `artifact_id` and
+    `source` (`import:` and the request's note). The evaluation is checked whole before
+    anything is stored; nothing is stored when it is refused. Not idempotent: each call
+    that succeeds stores one more evaluation.
+
+    Errors:
+    * `INVALID_ARGUMENT`: a malformed artifact id; no `levels`, more than 64, or two
+      with the same `concurrency`; a concurrency below 1; a negative number (every count,
+      time, rate and price is at least 0); a number that is NaN or infinite; a
+      distribution with `p50 > p90` or `p90 > p99`; a `discount_rate` of 1 or more;
+      `workload.concurrency_levels` naming other concurrencies than `levels`; an
+      `evaluation.artifact_id` other than the request's; a string or map over its limit.
+      The message and the `google.rpc.BadRequest` detail name the field by its path from
+      the request (`evaluation.levels[1].ttft_ms`, `artifact_id`). Do not retry as is.
+    * `NOT_FOUND`: no artifact with this id. Do not retry.
+    * `UNAUTHENTICATED`, `PERMISSION_DENIED` (the caller lacks the publisher role): see
+      the service. Do not retry.
+    * `UNAVAILABLE`: transient. Retry with backoff; a retry after a lost answer may
+      store the evaluation twice (list the artifact's evaluations to check).
     """
 
 class RegistryServicer(metaclass=_abc_1.ABCMeta):
@@ -329,6 +410,58 @@ class RegistryServicer(metaclass=_abc_1.ABCMeta):
         * `RESOURCE_EXHAUSTED`: the request message is larger than 4 MiB + 64 KiB, the most
           the server accepts of any message. Do not retry as is.
         * `UNAVAILABLE`: transient. Retry with backoff; publishing is idempotent.
+        """
+
+    @_abc_1.abstractmethod
+    def ListEvaluations(
+        self,
+        request: _registry_pb2.ListEvaluationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.ListEvaluationsResponse, _abc.Awaitable[_registry_pb2.ListEvaluationsResponse]]:
+        """Lists evaluations, newest first (then by id): of one artifact, of every artifact of
+        one model, or every evaluation; with the artifact's and model's filters both empty,
+        every one. Keyset pages: a page token continues exactly where its page ended,
+        whatever was stored meanwhile.
+
+        Errors:
+        * `INVALID_ARGUMENT`: a malformed artifact id; both `artifact_id` and `model` set;
+          a model filter over 256 characters; page size outside 0-1000; a page token this
+          server did not issue for this query. Do not retry as is.
+        * `UNAUTHENTICATED`, `PERMISSION_DENIED` (the caller lacks the reader role): see the
+          service. Do not retry.
+        * `UNAVAILABLE`: transient. Retry with backoff; listing changes nothing.
+
+        An artifact id that names no artifact answers an empty list, not NOT_FOUND (its
+        evaluations went with it).
+        """
+
+    @_abc_1.abstractmethod
+    def ImportEvaluation(
+        self,
+        request: _registry_pb2.ImportEvaluationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_evaluations_pb2.Evaluation, _abc.Awaitable[_evaluations_pb2.Evaluation]]:
+        """Stores an evaluation of an artifact measured elsewhere (e.g. SageMaker's
+        inference-optimization results, converted) and returns it as stored: the server
+        assigns `evaluation_id`, `created_at` and `request_id`, sets `artifact_id` and
+        `source` (`import:` and the request's note). The evaluation is checked whole before
+        anything is stored; nothing is stored when it is refused. Not idempotent: each call
+        that succeeds stores one more evaluation.
+
+        Errors:
+        * `INVALID_ARGUMENT`: a malformed artifact id; no `levels`, more than 64, or two
+          with the same `concurrency`; a concurrency below 1; a negative number (every count,
+          time, rate and price is at least 0); a number that is NaN or infinite; a
+          distribution with `p50 > p90` or `p90 > p99`; a `discount_rate` of 1 or more;
+          `workload.concurrency_levels` naming other concurrencies than `levels`; an
+          `evaluation.artifact_id` other than the request's; a string or map over its limit.
+          The message and the `google.rpc.BadRequest` detail name the field by its path from
+          the request (`evaluation.levels[1].ttft_ms`, `artifact_id`). Do not retry as is.
+        * `NOT_FOUND`: no artifact with this id. Do not retry.
+        * `UNAUTHENTICATED`, `PERMISSION_DENIED` (the caller lacks the publisher role): see
+          the service. Do not retry.
+        * `UNAVAILABLE`: transient. Retry with backoff; a retry after a lost answer may
+          store the evaluation twice (list the artifact's evaluations to check).
         """
 
 def add_RegistryServicer_to_server(servicer: RegistryServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -38,6 +38,10 @@ RPC_ROLES: dict[str, frozenset[Role]] = {
             "GetArtifact": frozenset({R, P}),
             # Artifacts compiled elsewhere; workers publish through CompleteJob instead.
             "PublishArtifact": frozenset({P}),
+            # Evaluations are read like manifests; storing one vouches for measurements, as
+            # publishing vouches for files.
+            "ListEvaluations": frozenset({R, P}),
+            "ImportEvaluation": frozenset({P}),
         },
     ),
     **_service(

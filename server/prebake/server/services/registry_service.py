@@ -24,11 +24,12 @@ from prebake.server.services.blob_checks import (
     superseded,
     verified_manifest,
 )
+from prebake.server.services.evaluation_rpcs import EvaluationRpcs
 from prebake.server.signatures import revoked_message
 from prebake.server.state import ServerState
 from prebake.server.status import unary
 from prebake.server.worker_liveness import WorkerLiveness
-from prebake.v1 import key_pb2, registry_pb2, registry_pb2_grpc
+from prebake.v1 import evaluations_pb2, key_pb2, registry_pb2, registry_pb2_grpc
 
 POLICIES = {
     registry_pb2.COMPATIBILITY_POLICY_LONGER_SEQUENCE: compat.Policy.LONGER_SEQUENCE,
@@ -53,6 +54,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         self.near: NearestMemo[list[registry_pb2.NearMiss]] = NearestMemo()
         self.keys: Bounded[bytes, KnownKey] = Bounded(CAPACITY)
         self.manifests = ManifestMessages()
+        self.evaluations = EvaluationRpcs(state)
 
     async def normalize(self, msg: Any) -> tuple[NormalizedKey, str]:
         """The key, and where its toolchain came from (see LookupResponse.toolchain_source)."""
@@ -327,7 +329,10 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         if found is None:
             raise NotFound(f"no artifact {request.artifact_id}")
         self.s.signatures.refuse_revoked(found)
-        return self._manifest(found, request.direct_download)
+        sent = self._manifest(found, request.direct_download)
+        # Here only: hits (`Lookup`) and listings stay small (see `Artifact.evaluations`).
+        sent.evaluations.extend(await self.evaluations.of_artifact(found.artifact_id))
+        return sent
 
     async def _artifact_of_key(self, request: registry_pb2.GetArtifactRequest) -> Artifact:
         if request.artifact_id:
@@ -366,3 +371,15 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
                 completed_job_ids=[j.job_id for j in completed],
             )
         )
+
+    @unary
+    async def ListEvaluations(
+        self, request: registry_pb2.ListEvaluationsRequest, context: Ctx
+    ) -> registry_pb2.ListEvaluationsResponse:
+        return await self.evaluations.list(request)
+
+    @unary
+    async def ImportEvaluation(
+        self, request: registry_pb2.ImportEvaluationRequest, context: Ctx
+    ) -> evaluations_pb2.Evaluation:
+        return await self.evaluations.import_(request)

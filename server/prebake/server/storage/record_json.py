@@ -1,5 +1,5 @@
 """Compact JSON of the records every storage backend stores as text: producers,
-signatures and worker capabilities.
+signatures, worker capabilities and evaluations.
 
 One encoding for every backend (SQLite columns, DynamoDB attributes), so that a
 registry moved from one engine to another keeps the same text. Floats round-trip
@@ -9,11 +9,14 @@ exactly (JSON numbers are written with `repr`).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
+import typing
+from functools import cache
 from typing import Any
 
 from prebake.core.signing import Signature
-from prebake.server.records import Digest, Producer, WorkerCapability
+from prebake.server.records import Digest, Evaluation, Producer, WorkerCapability
 
 
 def to_json(value: Any) -> str:
@@ -78,3 +81,38 @@ def capabilities_from_json(text: str) -> tuple[WorkerCapability, ...]:
         WorkerCapability(str(kind), str(toolchain), tuple(str(t) for t in targets))
         for kind, toolchain, targets in json.loads(text)
     )
+
+
+def evaluation_json(evaluation: Evaluation) -> str:
+    """The evaluation's fields as a JSON object (nested records as objects, tuples as arrays)."""
+    return to_json(dataclasses.asdict(evaluation))
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _value(hint: Any, data: Any) -> Any:
+    """`data` (decoded JSON) as the type `hint` of a record field."""
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        return _record(hint, data)
+    if typing.get_origin(hint) is tuple:
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_value(args[0], item) for item in data)
+        return tuple(_value(arg, item) for arg, item in zip(args, data, strict=True))
+    return hint(data)  # int, float, str
+
+
+def _record(cls: type, data: dict[str, Any]) -> Any:
+    # Fields the text lacks keep their defaults: evaluations written before a field existed.
+    hints = _hints(cls)
+    return cls(
+        **{f.name: _value(hints[f.name], data[f.name]) for f in dataclasses.fields(cls) if f.name in data}
+    )
+
+
+def evaluation_from_json(text: str) -> Evaluation:
+    found: Evaluation = _record(Evaluation, json.loads(text))
+    return found

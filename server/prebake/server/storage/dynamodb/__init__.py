@@ -16,6 +16,7 @@ from prebake.server.storage.dynamodb.artifact_index import DynamoArtifactIndex
 from prebake.server.storage.dynamodb.connection import new_client
 from prebake.server.storage.dynamodb.engine import Engine
 from prebake.server.storage.dynamodb.errors import init_hint, translate
+from prebake.server.storage.dynamodb.evaluation_store import DynamoEvaluationStore
 from prebake.server.storage.dynamodb.job_queue import DynamoJobQueue
 from prebake.server.storage.dynamodb.tables import TABLES, TableNames, check_tables, create_tables
 from prebake.server.storage.dynamodb.worker_directory import DynamoWorkerDirectory
@@ -52,6 +53,7 @@ def open_dynamodb(table_prefix: str, *, max_pool_connections: int = 32) -> Stora
         artifacts=DynamoArtifactIndex(engine, jobs),
         jobs=jobs,
         workers=DynamoWorkerDirectory(engine),
+        evaluations=DynamoEvaluationStore(engine),
         close=engine.close,
         description=f"{SCHEME}{table_prefix}",
     )

@@ -39,6 +39,7 @@ from prebake.server.storage.artifact_index import ArtifactQuery, JobWrite
 from prebake.server.storage.conditions import ConditionFailed
 from prebake.server.storage.dynamodb import items
 from prebake.server.storage.dynamodb.engine import Engine
+from prebake.server.storage.dynamodb.evaluation_store import drop_evaluations
 from prebake.server.storage.dynamodb.items import Item, boolean, n, s
 from prebake.server.storage.dynamodb.job_queue import DynamoJobQueue
 from prebake.server.storage.dynamodb.tables import ARTIFACT_LISTED_ATTRIBUTES
@@ -160,6 +161,8 @@ class DynamoArtifactIndex:
             await self._drop_refs(
                 items.artifact_blobs(old[0]), items.artifact_holder(artifact.artifact_id, old[1])
             )
+            # The replaced artifact's evaluations: hidden since the write (another nonce).
+            await drop_evaluations(self._engine, artifact.artifact_id, old[1])
 
     async def delete(self, artifact_id: str, *, expect_manifest: str, expect_pinned: bool) -> None:
         old = await self._stored_nonce(artifact_id)
@@ -181,6 +184,7 @@ class DynamoArtifactIndex:
         # first answer was lost does not report a condition failure.
         await self._engine.run(self._where, lambda: self._engine.transact([{"Delete": delete}]))
         await self._drop_refs(items.artifact_blobs(old[0]), items.artifact_holder(artifact_id, old[1]))
+        await drop_evaluations(self._engine, artifact_id, old[1])
 
     async def set_pinned(self, artifact_id: str, pinned: bool) -> Artifact | None:
         params = {

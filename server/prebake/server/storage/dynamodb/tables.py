@@ -1,6 +1,6 @@
 """The DynamoDB tables of one registry: names, key schemas, indexes, and `create_tables`.
 
-A registry `dynamodb://PREFIX` is four tables, all on-demand (PAY_PER_REQUEST):
+A registry `dynamodb://PREFIX` is five tables, all on-demand (PAY_PER_REQUEST):
 
 ``PREFIX-artifacts``   one item per artifact, key ``artifact_id`` (S). Its files are one
                        compressed attribute (see `items.encode_files`). Indexes:
@@ -19,6 +19,13 @@ A registry `dynamodb://PREFIX` is four tables, all on-demand (PAY_PER_REQUEST):
                        expiry first), sparse, only on leased jobs; ``by_created``
                        (``list_pk``, ``list_sk``): every job, newest first.
 ``PREFIX-workers``     one item per worker, key ``worker_id`` (S).
+``PREFIX-evaluations`` one item per evaluation, key ``artifact_id`` (S) and ``list_sk`` (S,
+                       newest first, then by evaluation id), the evaluation as one JSON
+                       attribute and the artifact's nonce it belongs to (see
+                       `evaluation_store`). Indexes: ``by_created`` (``list_pk``,
+                       ``list_sk``): every evaluation, newest first; ``by_model``
+                       (``model``, ``list_sk``): one model's. A registry created before
+                       evaluations existed gains this table by `prebake init-aws` again.
 
 IAM actions the server needs on these tables and their indexes: DescribeTable, GetItem,
 PutItem, UpdateItem, DeleteItem, Query, Scan, BatchWriteItem, TransactWriteItems
@@ -128,7 +135,13 @@ JOBS = TableSpec(
     ),
 )
 WORKERS = TableSpec("workers", "worker_id")
-TABLES = (ARTIFACTS, BLOB_REFS, JOBS, WORKERS)
+EVALUATIONS = TableSpec(
+    "evaluations",
+    "artifact_id",
+    "list_sk",
+    indexes=(IndexSpec("by_created", "list_pk", "list_sk"), IndexSpec("by_model", "model", "list_sk")),
+)
+TABLES = (ARTIFACTS, BLOB_REFS, JOBS, WORKERS, EVALUATIONS)
 
 
 @dataclass(frozen=True)
@@ -158,6 +171,10 @@ class TableNames:
     @property
     def workers(self) -> str:
         return self.of(WORKERS)
+
+    @property
+    def evaluations(self) -> str:
+        return self.of(EVALUATIONS)
 
 
 def _mismatch(spec: TableSpec, described: dict[str, Any]) -> str:

@@ -9,6 +9,7 @@ from prebake.server.storage.bundle import Storage
 from prebake.server.storage.sqlite import connection
 from prebake.server.storage.sqlite.artifact_index import SqliteArtifactIndex
 from prebake.server.storage.sqlite.connection import BUSY_TIMEOUT_MS, Database
+from prebake.server.storage.sqlite.evaluation_store import SqliteEvaluationStore
 from prebake.server.storage.sqlite.job_queue import SqliteJobQueue
 from prebake.server.storage.sqlite.schema import SchemaTooNew
 from prebake.server.storage.sqlite.worker_directory import SqliteWorkerDirectory
@@ -27,6 +28,7 @@ def open_sqlite(path: Path, busy_timeout_ms: int | None = None) -> Storage:
         artifacts=SqliteArtifactIndex(db),
         jobs=SqliteJobQueue(db),
         workers=SqliteWorkerDirectory(db),
+        evaluations=SqliteEvaluationStore(db),
         close=db.close,
         description=f"sqlite:{path}",
     )

@@ -249,6 +249,26 @@ DROP INDEX artifacts_kind_model;
 """
 
 
+# Evaluations of artifacts (storage.evaluation_store), each one JSON text (record_json), with
+# the columns its listings order and filter by. The trigger deletes them with their artifact in
+# the same transaction: a delete, a replace (a DELETE and an INSERT) and an eviction alike.
+_EVALUATIONS_SQL = """
+CREATE TABLE evaluations (
+    evaluation_id TEXT PRIMARY KEY,
+    artifact_id TEXT NOT NULL REFERENCES artifacts(artifact_id),
+    model TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    body TEXT NOT NULL
+) STRICT;
+CREATE INDEX evaluations_newest ON evaluations(created_at DESC, evaluation_id);
+CREATE INDEX evaluations_artifact_newest ON evaluations(artifact_id, created_at DESC, evaluation_id);
+CREATE INDEX evaluations_model_newest ON evaluations(model, created_at DESC, evaluation_id);
+CREATE TRIGGER artifacts_take_evaluations BEFORE DELETE ON artifacts BEGIN
+    DELETE FROM evaluations WHERE artifact_id = OLD.artifact_id;
+END;
+"""
+
+
 MIGRATIONS: list[Migration] = [
     (1, "artifacts, artifact files, jobs, job events", _initial_schema),
     (2, "job revisions for compare-and-set; worker directory", _JOB_REVISIONS_AND_WORKERS_SQL),
@@ -261,6 +281,7 @@ MIGRATIONS: list[Migration] = [
         _LOOKUP_TOTALS_AND_REQUEST_IDS_SQL,
     ),
     (7, "artifact indexes in newest-first order", _NEWEST_FIRST_INDEXES_SQL),
+    (8, "evaluations of artifacts, deleted with them", _EVALUATIONS_SQL),
 ]
 
 _BOOTSTRAP_SQL = """
