@@ -527,9 +527,16 @@ def _add_ensure(sub: _Commands) -> None:
         prebake ensure --kind neuron --model meta-llama/Meta-Llama-3-8B \\
             --instance-type ml.inf2.48xlarge --sequence-length 8192 --batch-size 8 --tp 24 \\
             --model-source s3://models/llama-3-8b --dest /opt/ml/model/compiled --wait-timeout 3600
+        prebake ensure --preset llama-3-8b/low-latency --dest /opt/ml/model/compiled
         """,
     )
-    _add_key_options(p, required=True)
+    # Required unless --preset (checked by the command: one or the other, never both).
+    _add_key_options(p, required=False)
+    p.add_argument(
+        "--preset",
+        metavar="NAME",
+        help="the key of this preset (`prebake catalog presets`), instead of the key options",
+    )
     p.add_argument("--dest", required=True, metavar="DIR", help="directory to place the artifact in")
     p.add_argument(
         "--model-source", default="", metavar="SRC", help="weights for a compile (dir or s3:// prefix)"
@@ -552,6 +559,76 @@ def _add_ensure(sub: _Commands) -> None:
     _add_host_cache(p, "place files this host's blob cache holds from it", env_default=True)
     _add_trust(p)
     _add_quiet(p)
+    _add_json(p)
+
+
+def _milliseconds(text: str) -> float:
+    """A limit in ms, 0 (none) or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of milliseconds, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected 0 (no limit) or more milliseconds, got {text!r}")
+    return value
+
+
+def _add_recommend(sub: _Commands) -> None:
+    p = sub.add_command(
+        "recommend",
+        commands.recommend,
+        summary="rank a model's evaluated artifacts for latency, throughput or cost",
+        description="Rank the evaluated artifacts of a model (each by its newest evaluation) for an\n"
+        "objective: latency (lowest p50 client latency), throughput (most output tokens/s) or cost (lowest\n"
+        "blended $ per 1M tokens), under optional p50 limits on TTFT and ITL. Each evaluation is\n"
+        "judged at --concurrency, else at its best level that meets the limits. Shows why each\n"
+        "ranks where it does, what did not qualify, and the `prebake ensure` line of the top pick.\n"
+        "Nothing qualifying exits 12 with the reason (and the closest level).",
+        examples="""
+        prebake recommend --model meta-llama/Meta-Llama-3-8B --objective latency --max-ttft-ms 200
+        prebake recommend --model meta-llama/Meta-Llama-3-8B --objective cost \\
+            --instance-type ml.inf2.48xlarge --allow neuroncore_v2_family --json
+        """,
+    )
+    p.add_argument("--model", required=True, help="the model (any of its names)")
+    p.add_argument(
+        "--objective",
+        required=True,
+        type=cli_values.one_of("objective", ["latency", "throughput", "cost"]),
+        help="latency, throughput or cost",
+    )
+    p.add_argument(
+        "--instance-type",
+        dest="instance_types",
+        action="append",
+        default=[],
+        metavar="TYPE",
+        help="only artifacts that serve this instance type; repeatable",
+    )
+    p.add_argument("--kind", type=cli_values.kind, default=None, help="only artifacts of this kind")
+    p.add_argument(
+        "--sequence-length", type=positive_int, default=0, metavar="N", help="only artifacts serving N"
+    )
+    p.add_argument(
+        "--max-ttft-ms", type=_milliseconds, default=0.0, metavar="MS", help="p50 time to first token limit"
+    )
+    p.add_argument(
+        "--max-itl-ms", type=_milliseconds, default=0.0, metavar="MS", help="p50 inter-token latency limit"
+    )
+    p.add_argument(
+        "--concurrency", type=positive_int, default=0, metavar="C", help="judge every evaluation at C"
+    )
+    p.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        choices=["longer_sequence", "neuroncore_v2_family"],
+        metavar="POLICY",
+        help="also consider artifacts this compatibility policy serves for the filters; repeatable",
+    )
+    p.add_argument(
+        "--limit", type=positive_int, default=10, metavar="N", help="at most N candidates (default 10)"
+    )
     _add_json(p)
 
 
@@ -875,10 +952,12 @@ def _add_catalog(sub: _Commands) -> None:
         prebake catalog                        # models
         prebake catalog models --family LLaMA --quantization
         prebake catalog instances --json
+        prebake catalog presets --model meta-llama/Meta-Llama-3-8B
         """,
     )
-    p.add_argument("what", nargs="?", choices=["models", "instances"], default="models")
+    p.add_argument("what", nargs="?", choices=["models", "instances", "presets"], default="models")
     p.add_argument("--family", default="", help="only this model family (e.g. LLaMA, Mistral)")
+    p.add_argument("--model", default="", help="presets: only this model's (any of its names)")
     p.add_argument("--quantization", action="store_true", help="only models that support quantization")
     _add_json(p)
 
@@ -970,6 +1049,7 @@ CLIENT_COMMANDS: dict[str, Callable[[_Commands], None]] = {
     "ls": _add_ls,
     "show": _add_show,
     "evaluations": _add_evaluations,
+    "recommend": _add_recommend,
     "rm": _add_rm,
     "pin": _add_pin,
     "import": _add_import,

@@ -47,10 +47,19 @@ FIELD_FLAGS: dict[str, str] = {
     "overwrite": "--overwrite",
     "allow": "--allow",
     "server": "--server",
+    # Recommend (`instance_types[i]` is looked up without its index).
+    "instance_types": "--instance-type",
+    "objective": "--objective",
+    "max_ttft_ms": "--max-ttft-ms",
+    "max_itl_ms": "--max-itl-ms",
+    "concurrency": "--concurrency",
+    "limit": "--limit",
 }
-FLAG_FIELDS: dict[str, str] = {flag: field for field, flag in FIELD_FLAGS.items()}
+# A flag that sets two fields (--instance-type: a key's, and Recommend's list) names the first.
+FLAG_FIELDS: dict[str, str] = {flag: field for field, flag in reversed(FIELD_FLAGS.items())}
 
 _QUOTED_FIELD = re.compile(r"`([a-z_]+)`")
+_INDEX = re.compile(r"\[\d+\]$")
 
 
 def to_flags(message: str) -> str:
@@ -71,7 +80,7 @@ class Failure:
     def of(cls, exc: PrebakeError, hint: str = "") -> Failure:
         """The failure that `exc` stands for; `hint` (a line for people) is appended."""
         message = to_flags(str(exc))
-        flag = FIELD_FLAGS.get(exc.field or "")
+        flag = FIELD_FLAGS.get(_INDEX.sub("", exc.field or ""))
         if flag and not message.startswith(flag):
             message = f"{flag}: {message}"  # the server names the field; people typed the flag
         if hint:

@@ -46,6 +46,7 @@ from prebake.client.errors import (
     InvalidArgument,
     JobCancelled,
     NoCapableWorker,
+    NoRecommendation,
     NotFound,
     PrebakeError,
     Unavailable,
@@ -420,6 +421,52 @@ class Client:
             return reply.evaluations, reply.next_page_token
 
         return _paginate(page, limit)
+
+    def recommend(
+        self,
+        model: str,
+        objective: Literal["latency", "throughput", "cost"],
+        *,
+        instance_types: Sequence[str] = (),
+        kind: str = "",
+        max_ttft_ms: float = 0.0,
+        max_itl_ms: float = 0.0,
+        concurrency: int = 0,
+        sequence_length: int = 0,
+        allow: Sequence[str] = (),
+        limit: int = 0,
+    ) -> registry_pb2.RecommendResponse:
+        """The evaluated artifacts of `model` ranked for `objective` (best first), each with the
+        key (`ensure_key`, `ensure_allow`) that gets it and why it ranks there. Raises
+        `NoRecommendation` (a FailedPrecondition) when none qualifies, its message saying why
+        (the closest level when the limits exclude everything); InvalidArgument naming the
+        field (`.field`) for a refused request. A read, retried like every other."""
+        objectives = {
+            "latency": evaluations_pb2.OBJECTIVE_LATENCY,
+            "throughput": evaluations_pb2.OBJECTIVE_THROUGHPUT,
+            "cost": evaluations_pb2.OBJECTIVE_COST,
+        }
+        if objective not in objectives:
+            raise ValueError(f"objective must be one of {sorted(objectives)}, not {objective!r}")
+        unknown = sorted(set(allow) - POLICIES.keys())
+        if unknown:
+            raise ValueError(f"unknown compatibility policies {unknown}; known: {sorted(POLICIES)}")
+        request = registry_pb2.RecommendRequest(
+            model=model,
+            instance_types=list(instance_types),
+            kind=kind_to_proto(kind) if kind else key_pb2.ARTIFACT_KIND_UNSPECIFIED,
+            objective=objectives[objective],
+            max_ttft_ms=max_ttft_ms,
+            max_itl_ms=max_itl_ms,
+            concurrency=concurrency,
+            sequence_length=sequence_length,
+            allow=[POLICIES[name] for name in allow],
+            limit=limit,
+        )
+        try:
+            return self._call(lambda t: self._conn.stubs.registry.Recommend(request, timeout=t))
+        except FailedPrecondition as exc:
+            raise NoRecommendation(str(exc)) from None
 
     @one_operation
     def import_evaluation(
@@ -840,6 +887,17 @@ class Client:
         """JumpStart models the server knows, with the optimizations each supports."""
         request = catalog_pb2.ListModelsRequest(family=family, quantization_only=quantization_only)
         return list(self._call(lambda t: self._conn.stubs.catalog.ListModels(request, timeout=t)).models)
+
+    def list_presets(self, model: str = "") -> list[catalog_pb2.Preset]:
+        """The server's presets (of `model`, any of its names, when given), each with its key as
+        the server resolves it and, where the registry has them, its artifact and newest evaluation."""
+        request = catalog_pb2.ListPresetsRequest(model=model)
+        return list(self._call(lambda t: self._conn.stubs.catalog.ListPresets(request, timeout=t)).presets)
+
+    def get_preset(self, name: str) -> catalog_pb2.Preset:
+        """One preset by name; NotFound (naming the closest presets) for an unknown one."""
+        request = catalog_pb2.GetPresetRequest(name=name)
+        return self._call(lambda t: self._conn.stubs.catalog.GetPreset(request, timeout=t))
 
     def list_instance_types(self) -> list[catalog_pb2.InstanceTypeInfo]:
         """Instance types keys may name: cores, memory and the compile target each resolves to."""

@@ -17,7 +17,7 @@ from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
-from prebake.client import evaluation_files, exitcodes, importing, render
+from prebake.client import evaluation_files, exitcodes, importing, recommendations, render
 from prebake.client.artifact_key import ArtifactKey
 from prebake.client.cli_errors import Failure, report
 from prebake.client.client import Client
@@ -255,8 +255,30 @@ def _fetch_miss(args: argparse.Namespace, response: registry_pb2.LookupResponse)
     return code
 
 
+# The key flags `ensure --preset` refuses beside it (their argparse defaults mean "not given").
+_KEY_DESTS = ("kind", "model", "revision", "instance_type", "sequence_length", "batch_size", "tp",
+              "precision", "toolchain", "options")  # fmt: skip
+
+
+def _ensure_key(args: argparse.Namespace, client: Client) -> ArtifactKey:
+    """The key flags' key, or `--preset`'s as the server resolves it (never both)."""
+    preset = getattr(args, "preset", None)
+    if preset is None:
+        missing = [
+            flag for flag, dest in (("--kind", "kind"), ("--model", "model")) if not getattr(args, dest)
+        ]
+        if missing:
+            raise UsageError(f"the following arguments are required: {', '.join(missing)} (or --preset NAME)")
+        return key_from_args(args)
+    given = [dest for dest in _KEY_DESTS if getattr(args, dest)]
+    if given:
+        flags = ", ".join("--" + d.replace("_", "-") for d in given)
+        raise UsageError(f"--preset NAME states the whole key; do not also give {flags}")
+    return ArtifactKey.from_proto(client.get_preset(preset).key)
+
+
 def ensure(args: argparse.Namespace, client: Client) -> int:
-    key = key_from_args(args)
+    key = _ensure_key(args, client)
     with _job_display(args) as jobs, _transfer_display(args, "download") as display:
         result = client.ensure(
             key,
@@ -615,6 +637,8 @@ _SUPPORT = {0: "-", 1: "yes", 2: "no"}
 
 
 def catalog(args: argparse.Namespace, client: Client) -> int:
+    if args.what == "presets":
+        return catalog_presets(args, client)
     if args.what == "instances":
         types = client.list_instance_types()
         rows = [
@@ -681,3 +705,31 @@ def import_set(args: argparse.Namespace, client: Client) -> int:
     summary = f"{len(results)} entries: {len(results) - failed} published or present, {failed} failed"
     _emit(args, summary, data)
     return exitcodes.ERROR if failed else exitcodes.OK
+
+
+def recommend(args: argparse.Namespace, client: Client) -> int:
+    response = client.recommend(
+        args.model,
+        args.objective,
+        instance_types=args.instance_types,
+        kind=args.kind or "",
+        max_ttft_ms=args.max_ttft_ms,
+        max_itl_ms=args.max_itl_ms,
+        concurrency=args.concurrency,
+        sequence_length=args.sequence_length,
+        allow=args.allow,
+        limit=args.limit,
+    )
+    _emit(
+        args,
+        recommendations.recommend_text(response, args.objective),
+        recommendations.recommend_json(response),
+    )
+    return exitcodes.OK
+
+
+def catalog_presets(args: argparse.Namespace, client: Client) -> int:
+    presets = client.list_presets(args.model)
+    text = recommendations.presets_text(presets) if presets else "no presets"
+    _emit(args, text, {"presets": [recommendations.preset_json(p) for p in presets]})
+    return exitcodes.OK

@@ -12,6 +12,7 @@ from prebake.client.errors import (
     CompileFailed,
     InvalidArgument,
     NoCapableWorker,
+    NoRecommendation,
     NotFound,
     OutOfRange,
     PermissionDenied,
@@ -34,6 +35,7 @@ NO_WORKER = 8  # ensure: no live worker can compile the key (the job stays queue
 UNTRUSTED = 9  # fetch/ensure --trust: the artifact is not signed by a trusted key (nothing placed)
 INVALID = 10  # invalid input: a value the CLI or the server refused (a key field, a flag's value)
 DENIED = 11  # unauthenticated (missing or wrong token/certificate) or permission denied (role)
+NO_RECOMMENDATION = 12  # recommend: no evaluated artifact qualifies (the message names the closest)
 INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
 
 DESCRIPTIONS: dict[int, str] = {
@@ -49,14 +51,16 @@ DESCRIPTIONS: dict[int, str] = {
     UNTRUSTED: "UNTRUSTED: fetch/ensure --trust: not signed by a trusted key; nothing placed",
     INVALID: "INVALID: invalid input (a key field or option value); do not retry unchanged",
     DENIED: "DENIED: unauthenticated or permission denied (token, certificate, role)",
+    NO_RECOMMENDATION: "NO_RECOMMENDATION: recommend: no evaluated artifact meets the constraints",
     INTERRUPTED: "interrupted (Ctrl-C)",
 }
 
-# Most specific first: UntrustedArtifact is a PermissionDenied, NoCapableWorker and
-# CompileFailed are FailedPreconditions (which, like every other PrebakeError, is ERROR).
+# Most specific first: UntrustedArtifact is a PermissionDenied, NoCapableWorker,
+# NoRecommendation and CompileFailed are FailedPreconditions (which, like every other PrebakeError, is ERROR).
 _BY_ERROR: tuple[tuple[type[PrebakeError], int], ...] = (
     (UntrustedArtifact, UNTRUSTED),
     (NoCapableWorker, NO_WORKER),
+    (NoRecommendation, NO_RECOMMENDATION),
     (CompileFailed, FAILED),
     (Unavailable, UNAVAILABLE),
     (NotFound, NOT_FOUND),

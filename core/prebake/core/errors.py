@@ -166,6 +166,12 @@ class NoCapableWorker(FailedPrecondition):
         self.job = job
 
 
+class NoRecommendation(FailedPrecondition):
+    """`Recommend` found no evaluated artifact that qualifies; the message says why (the
+    filters, the concurrency, the limits and the closest level). More evaluations, or other
+    constraints, may give one; retrying as is cannot."""
+
+
 class DestinationExists(FailedPrecondition):
     """`fetch` found its destination occupied by something else and `overwrite` was not set."""
 

@@ -22,9 +22,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from prebake.v1 import evaluations_pb2 as prebake_dot_v1_dot_evaluations__pb2
+from prebake.v1 import key_pb2 as prebake_dot_v1_dot_key__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18prebake/v1/catalog.proto\x12\nprebake.v1\"\xef\x01\n\tModelInfo\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\x12\x1a\n\x12jumpstart_model_id\x18\x02 \x01(\t\x12\x13\n\x0bhf_model_id\x18\x06 \x01(\t\x12\x0f\n\x07\x61liases\x18\x07 \x03(\t\x12)\n\x0cquantization\x18\x03 \x01(\x0e\x32\x13.prebake.v1.Support\x12\x31\n\x14speculative_decoding\x18\x04 \x01(\x0e\x32\x13.prebake.v1.Support\x12\x32\n\x15sagemaker_draft_model\x18\x05 \x01(\x0e\x32\x13.prebake.v1.Support\"\xde\x01\n\x10InstanceTypeInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x61\x63\x63\x65lerator\x18\x02 \x01(\t\x12\x19\n\x11\x61\x63\x63\x65lerator_count\x18\x03 \x01(\x05\x12\x13\n\x0btotal_cores\x18\x04 \x01(\x05\x12\x17\n\x0f\x63ore_generation\x18\x05 \x01(\t\x12\x16\n\x0e\x63ompile_target\x18\x06 \x01(\t\x12\x1e\n\x16\x61\x63\x63\x65lerator_memory_gib\x18\x07 \x01(\x01\x12\r\n\x05vcpus\x18\x08 \x01(\x05\x12\x17\n\x0fhost_memory_gib\x18\t \x01(\x01\">\n\x11ListModelsRequest\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\x12\x19\n\x11quantization_only\x18\x02 \x01(\x08\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.prebake.v1.ModelInfo\"\x1a\n\x18ListInstanceTypesRequest\"Q\n\x19ListInstanceTypesResponse\x12\x34\n\x0einstance_types\x18\x01 \x03(\x0b\x32\x1c.prebake.v1.InstanceTypeInfo*?\n\x07Support\x12\x13\n\x0fSUPPORT_UNKNOWN\x10\x00\x12\x0f\n\x0bSUPPORT_YES\x10\x01\x12\x0e\n\nSUPPORT_NO\x10\x02\x32\xb8\x01\n\x07\x43\x61talog\x12K\n\nListModels\x12\x1d.prebake.v1.ListModelsRequest\x1a\x1e.prebake.v1.ListModelsResponse\x12`\n\x11ListInstanceTypes\x12$.prebake.v1.ListInstanceTypesRequest\x1a%.prebake.v1.ListInstanceTypesResponseBw\n\x0e\x64\x65v.prebake.v1B\x0c\x43\x61talogProtoP\x01Z\'prebake.dev/gen/go/prebake/v1;prebakev1\xa2\x02\x03PBK\xaa\x02\nPrebake.V1\xca\x02\nPrebake\\V1\xea\x02\x0bPrebake::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18prebake/v1/catalog.proto\x12\nprebake.v1\x1a\x1cprebake/v1/evaluations.proto\x1a\x14prebake/v1/key.proto\"\xef\x01\n\tModelInfo\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\x12\x1a\n\x12jumpstart_model_id\x18\x02 \x01(\t\x12\x13\n\x0bhf_model_id\x18\x06 \x01(\t\x12\x0f\n\x07\x61liases\x18\x07 \x03(\t\x12)\n\x0cquantization\x18\x03 \x01(\x0e\x32\x13.prebake.v1.Support\x12\x31\n\x14speculative_decoding\x18\x04 \x01(\x0e\x32\x13.prebake.v1.Support\x12\x32\n\x15sagemaker_draft_model\x18\x05 \x01(\x0e\x32\x13.prebake.v1.Support\"\xde\x01\n\x10InstanceTypeInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x61\x63\x63\x65lerator\x18\x02 \x01(\t\x12\x19\n\x11\x61\x63\x63\x65lerator_count\x18\x03 \x01(\x05\x12\x13\n\x0btotal_cores\x18\x04 \x01(\x05\x12\x17\n\x0f\x63ore_generation\x18\x05 \x01(\t\x12\x16\n\x0e\x63ompile_target\x18\x06 \x01(\t\x12\x1e\n\x16\x61\x63\x63\x65lerator_memory_gib\x18\x07 \x01(\x01\x12\r\n\x05vcpus\x18\x08 \x01(\x05\x12\x17\n\x0fhost_memory_gib\x18\t \x01(\x01\">\n\x11ListModelsRequest\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\x12\x19\n\x11quantization_only\x18\x02 \x01(\x08\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.prebake.v1.ModelInfo\"\x1a\n\x18ListInstanceTypesRequest\"Q\n\x19ListInstanceTypesResponse\x12\x34\n\x0einstance_types\x18\x01 \x03(\x0b\x32\x1c.prebake.v1.InstanceTypeInfo\"\xe7\x01\n\x06Preset\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\tobjective\x18\x02 \x01(\x0e\x32\x15.prebake.v1.Objective\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12$\n\x03key\x18\x04 \x01(\x0b\x32\x17.prebake.v1.ArtifactKey\x12)\n\x08resolved\x18\x05 \x01(\x0b\x32\x17.prebake.v1.ResolvedKey\x12\x13\n\x0b\x61rtifact_id\x18\x06 \x01(\t\x12*\n\nevaluation\x18\x07 \x01(\x0b\x32\x16.prebake.v1.Evaluation\"#\n\x12ListPresetsRequest\x12\r\n\x05model\x18\x01 \x01(\t\":\n\x13ListPresetsResponse\x12#\n\x07presets\x18\x01 \x03(\x0b\x32\x12.prebake.v1.Preset\" \n\x10GetPresetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t*?\n\x07Support\x12\x13\n\x0fSUPPORT_UNKNOWN\x10\x00\x12\x0f\n\x0bSUPPORT_YES\x10\x01\x12\x0e\n\nSUPPORT_NO\x10\x02\x32\xc7\x02\n\x07\x43\x61talog\x12K\n\nListModels\x12\x1d.prebake.v1.ListModelsRequest\x1a\x1e.prebake.v1.ListModelsResponse\x12`\n\x11ListInstanceTypes\x12$.prebake.v1.ListInstanceTypesRequest\x1a%.prebake.v1.ListInstanceTypesResponse\x12N\n\x0bListPresets\x12\x1e.prebake.v1.ListPresetsRequest\x1a\x1f.prebake.v1.ListPresetsResponse\x12=\n\tGetPreset\x12\x1c.prebake.v1.GetPresetRequest\x1a\x12.prebake.v1.PresetBw\n\x0e\x64\x65v.prebake.v1B\x0c\x43\x61talogProtoP\x01Z\'prebake.dev/gen/go/prebake/v1;prebakev1\xa2\x02\x03PBK\xaa\x02\nPrebake.V1\xca\x02\nPrebake\\V1\xea\x02\x0bPrebake::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,20 +34,28 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'prebake.v1.catalog_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.prebake.v1B\014CatalogProtoP\001Z\'prebake.dev/gen/go/prebake/v1;prebakev1\242\002\003PBK\252\002\nPrebake.V1\312\002\nPrebake\\V1\352\002\013Prebake::V1'
-  _globals['_SUPPORT']._serialized_start=743
-  _globals['_SUPPORT']._serialized_end=806
-  _globals['_MODELINFO']._serialized_start=41
-  _globals['_MODELINFO']._serialized_end=280
-  _globals['_INSTANCETYPEINFO']._serialized_start=283
-  _globals['_INSTANCETYPEINFO']._serialized_end=505
-  _globals['_LISTMODELSREQUEST']._serialized_start=507
-  _globals['_LISTMODELSREQUEST']._serialized_end=569
-  _globals['_LISTMODELSRESPONSE']._serialized_start=571
-  _globals['_LISTMODELSRESPONSE']._serialized_end=630
-  _globals['_LISTINSTANCETYPESREQUEST']._serialized_start=632
-  _globals['_LISTINSTANCETYPESREQUEST']._serialized_end=658
-  _globals['_LISTINSTANCETYPESRESPONSE']._serialized_start=660
-  _globals['_LISTINSTANCETYPESRESPONSE']._serialized_end=741
-  _globals['_CATALOG']._serialized_start=809
-  _globals['_CATALOG']._serialized_end=993
+  _globals['_SUPPORT']._serialized_start=1160
+  _globals['_SUPPORT']._serialized_end=1223
+  _globals['_MODELINFO']._serialized_start=93
+  _globals['_MODELINFO']._serialized_end=332
+  _globals['_INSTANCETYPEINFO']._serialized_start=335
+  _globals['_INSTANCETYPEINFO']._serialized_end=557
+  _globals['_LISTMODELSREQUEST']._serialized_start=559
+  _globals['_LISTMODELSREQUEST']._serialized_end=621
+  _globals['_LISTMODELSRESPONSE']._serialized_start=623
+  _globals['_LISTMODELSRESPONSE']._serialized_end=682
+  _globals['_LISTINSTANCETYPESREQUEST']._serialized_start=684
+  _globals['_LISTINSTANCETYPESREQUEST']._serialized_end=710
+  _globals['_LISTINSTANCETYPESRESPONSE']._serialized_start=712
+  _globals['_LISTINSTANCETYPESRESPONSE']._serialized_end=793
+  _globals['_PRESET']._serialized_start=796
+  _globals['_PRESET']._serialized_end=1027
+  _globals['_LISTPRESETSREQUEST']._serialized_start=1029
+  _globals['_LISTPRESETSREQUEST']._serialized_end=1064
+  _globals['_LISTPRESETSRESPONSE']._serialized_start=1066
+  _globals['_LISTPRESETSRESPONSE']._serialized_end=1124
+  _globals['_GETPRESETREQUEST']._serialized_start=1126
+  _globals['_GETPRESETREQUEST']._serialized_end=1158
+  _globals['_CATALOG']._serialized_start=1226
+  _globals['_CATALOG']._serialized_end=1553
 # @@protoc_insertion_point(module_scope)

@@ -11,6 +11,8 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from prebake.v1 import evaluations_pb2 as _evaluations_pb2
+from prebake.v1 import key_pb2 as _key_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -243,3 +245,125 @@ class ListInstanceTypesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListInstanceTypesResponse: _TypeAlias = ListInstanceTypesResponse  # noqa: Y015
+
+@_typing.final
+class Preset(_message.Message):
+    """A named, pre-optimised configuration of a model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    OBJECTIVE_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    RESOLVED_FIELD_NUMBER: _builtins.int
+    ARTIFACT_ID_FIELD_NUMBER: _builtins.int
+    EVALUATION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`<model short name>/<goal>`, e.g. `llama-3-8b/low-latency`; lowercase."""
+    objective: _evaluations_pb2.Objective.ValueType
+    """What it is chosen for."""
+    description: _builtins.str
+    """One line for people: what the configuration trades."""
+    artifact_id: _builtins.str
+    """The registry's artifact for exactly that key; empty when it has none."""
+    @_builtins.property
+    def key(self) -> _key_pb2.ArtifactKey:
+        """The key to look up, as a deployer would state it (the toolchain unset: the server
+        resolves it as for any lookup). `prebake ensure --preset NAME` looks this up.
+        """
+
+    @_builtins.property
+    def resolved(self) -> _key_pb2.ResolvedKey:
+        """That key as this server resolves it now."""
+
+    @_builtins.property
+    def evaluation(self) -> _evaluations_pb2.Evaluation:
+        """The artifact's newest evaluation, when it has one."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        objective: _evaluations_pb2.Objective.ValueType = ...,
+        description: _builtins.str = ...,
+        key: _key_pb2.ArtifactKey | None = ...,
+        resolved: _key_pb2.ResolvedKey | None = ...,
+        artifact_id: _builtins.str = ...,
+        evaluation: _evaluations_pb2.Evaluation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "key", b"key", "resolved", b"resolved"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_id", b"artifact_id", "description", b"description", "evaluation", b"evaluation", "key", b"key", "name", b"name", "objective", b"objective", "resolved", b"resolved"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Preset: _TypeAlias = Preset  # noqa: Y015
+
+@_typing.final
+class ListPresetsRequest(_message.Message):
+    """Request for `ListPresets`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Only presets of this model (any of its names); empty means every model."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPresetsRequest: _TypeAlias = ListPresetsRequest  # noqa: Y015
+
+@_typing.final
+class ListPresetsResponse(_message.Message):
+    """Response for `ListPresets`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRESETS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def presets(self) -> _containers.RepeatedCompositeFieldContainer[Global___Preset]:
+        """The presets, in the shipped file's order."""
+
+    def __init__(
+        self,
+        *,
+        presets: _abc.Iterable[Global___Preset] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["presets", b"presets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPresetsResponse: _TypeAlias = ListPresetsResponse  # noqa: Y015
+
+@_typing.final
+class GetPresetRequest(_message.Message):
+    """Request for `GetPreset`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The preset's name (case-insensitive)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPresetRequest: _TypeAlias = GetPresetRequest  # noqa: Y015

@@ -51,6 +51,16 @@ class CatalogStub:
                 request_serializer=prebake_dot_v1_dot_catalog__pb2.ListInstanceTypesRequest.SerializeToString,
                 response_deserializer=prebake_dot_v1_dot_catalog__pb2.ListInstanceTypesResponse.FromString,
                 _registered_method=True)
+        self.ListPresets = channel.unary_unary(
+                '/prebake.v1.Catalog/ListPresets',
+                request_serializer=prebake_dot_v1_dot_catalog__pb2.ListPresetsRequest.SerializeToString,
+                response_deserializer=prebake_dot_v1_dot_catalog__pb2.ListPresetsResponse.FromString,
+                _registered_method=True)
+        self.GetPreset = channel.unary_unary(
+                '/prebake.v1.Catalog/GetPreset',
+                request_serializer=prebake_dot_v1_dot_catalog__pb2.GetPresetRequest.SerializeToString,
+                response_deserializer=prebake_dot_v1_dot_catalog__pb2.Preset.FromString,
+                _registered_method=True)
 
 
 class CatalogServicer:
@@ -84,6 +94,32 @@ class CatalogServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListPresets(self, request, context):
+        """Lists the presets: named, pre-optimised configurations per model (`llama-3-8b/low-latency`),
+        each a key and the objective it stands for, with the registry's artifact for that key
+        and its newest evaluation where there is one. The presets ship with the server
+        (server/prebake/server/data/presets.csv).
+
+        Errors:
+        * `INVALID_ARGUMENT`: an over-long model filter, or an unknown JumpStart id. Do not retry.
+        * `UNAVAILABLE`: transient. Retry with backoff.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPreset(self, request, context):
+        """Returns one preset by name, as `ListPresets` does (`prebake ensure --preset` resolves
+        its key with it).
+
+        Errors:
+        * `NOT_FOUND`: no preset of that name; the message names the closest ones. Do not retry.
+        * `UNAVAILABLE`: transient. Retry with backoff.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CatalogServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +132,16 @@ def add_CatalogServicer_to_server(servicer, server):
                     servicer.ListInstanceTypes,
                     request_deserializer=prebake_dot_v1_dot_catalog__pb2.ListInstanceTypesRequest.FromString,
                     response_serializer=prebake_dot_v1_dot_catalog__pb2.ListInstanceTypesResponse.SerializeToString,
+            ),
+            'ListPresets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPresets,
+                    request_deserializer=prebake_dot_v1_dot_catalog__pb2.ListPresetsRequest.FromString,
+                    response_serializer=prebake_dot_v1_dot_catalog__pb2.ListPresetsResponse.SerializeToString,
+            ),
+            'GetPreset': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPreset,
+                    request_deserializer=prebake_dot_v1_dot_catalog__pb2.GetPresetRequest.FromString,
+                    response_serializer=prebake_dot_v1_dot_catalog__pb2.Preset.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -159,6 +205,60 @@ class Catalog:
             '/prebake.v1.Catalog/ListInstanceTypes',
             prebake_dot_v1_dot_catalog__pb2.ListInstanceTypesRequest.SerializeToString,
             prebake_dot_v1_dot_catalog__pb2.ListInstanceTypesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPresets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/prebake.v1.Catalog/ListPresets',
+            prebake_dot_v1_dot_catalog__pb2.ListPresetsRequest.SerializeToString,
+            prebake_dot_v1_dot_catalog__pb2.ListPresetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPreset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/prebake.v1.Catalog/GetPreset',
+            prebake_dot_v1_dot_catalog__pb2.GetPresetRequest.SerializeToString,
+            prebake_dot_v1_dot_catalog__pb2.Preset.FromString,
             options,
             channel_credentials,
             insecure,

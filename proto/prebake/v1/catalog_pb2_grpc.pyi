@@ -56,6 +56,24 @@ class CatalogStub:
     Errors:
     * `UNAVAILABLE`: transient. Retry with backoff.
     """
+    ListPresets: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.ListPresetsRequest, _catalog_pb2.ListPresetsResponse]
+    """Lists the presets: named, pre-optimised configurations per model (`llama-3-8b/low-latency`),
+    each a key and the objective it stands for, with the registry's artifact for that key
+    and its newest evaluation where there is one. The presets ship with the server
+    (server/prebake/server/data/presets.csv).
+
+    Errors:
+    * `INVALID_ARGUMENT`: an over-long model filter, or an unknown JumpStart id. Do not retry.
+    * `UNAVAILABLE`: transient. Retry with backoff.
+    """
+    GetPreset: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.GetPresetRequest, _catalog_pb2.Preset]
+    """Returns one preset by name, as `ListPresets` does (`prebake ensure --preset` resolves
+    its key with it).
+
+    Errors:
+    * `NOT_FOUND`: no preset of that name; the message names the closest ones. Do not retry.
+    * `UNAVAILABLE`: transient. Retry with backoff.
+    """
 
 @_typing.type_check_only
 class CatalogAsyncStub(CatalogStub):
@@ -80,6 +98,24 @@ class CatalogAsyncStub(CatalogStub):
     """Lists the instance types keys may name.
 
     Errors:
+    * `UNAVAILABLE`: transient. Retry with backoff.
+    """
+    ListPresets: _aio.UnaryUnaryMultiCallable[_catalog_pb2.ListPresetsRequest, _catalog_pb2.ListPresetsResponse]  # type: ignore[assignment]
+    """Lists the presets: named, pre-optimised configurations per model (`llama-3-8b/low-latency`),
+    each a key and the objective it stands for, with the registry's artifact for that key
+    and its newest evaluation where there is one. The presets ship with the server
+    (server/prebake/server/data/presets.csv).
+
+    Errors:
+    * `INVALID_ARGUMENT`: an over-long model filter, or an unknown JumpStart id. Do not retry.
+    * `UNAVAILABLE`: transient. Retry with backoff.
+    """
+    GetPreset: _aio.UnaryUnaryMultiCallable[_catalog_pb2.GetPresetRequest, _catalog_pb2.Preset]  # type: ignore[assignment]
+    """Returns one preset by name, as `ListPresets` does (`prebake ensure --preset` resolves
+    its key with it).
+
+    Errors:
+    * `NOT_FOUND`: no preset of that name; the message names the closest ones. Do not retry.
     * `UNAVAILABLE`: transient. Retry with backoff.
     """
 
@@ -115,6 +151,36 @@ class CatalogServicer(metaclass=_abc_1.ABCMeta):
         """Lists the instance types keys may name.
 
         Errors:
+        * `UNAVAILABLE`: transient. Retry with backoff.
+        """
+
+    @_abc_1.abstractmethod
+    def ListPresets(
+        self,
+        request: _catalog_pb2.ListPresetsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.ListPresetsResponse, _abc.Awaitable[_catalog_pb2.ListPresetsResponse]]:
+        """Lists the presets: named, pre-optimised configurations per model (`llama-3-8b/low-latency`),
+        each a key and the objective it stands for, with the registry's artifact for that key
+        and its newest evaluation where there is one. The presets ship with the server
+        (server/prebake/server/data/presets.csv).
+
+        Errors:
+        * `INVALID_ARGUMENT`: an over-long model filter, or an unknown JumpStart id. Do not retry.
+        * `UNAVAILABLE`: transient. Retry with backoff.
+        """
+
+    @_abc_1.abstractmethod
+    def GetPreset(
+        self,
+        request: _catalog_pb2.GetPresetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.Preset, _abc.Awaitable[_catalog_pb2.Preset]]:
+        """Returns one preset by name, as `ListPresets` does (`prebake ensure --preset` resolves
+        its key with it).
+
+        Errors:
+        * `NOT_FOUND`: no preset of that name; the message names the closest ones. Do not retry.
         * `UNAVAILABLE`: transient. Retry with backoff.
         """
 

@@ -19,6 +19,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -29,6 +30,34 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _Objective:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ObjectiveEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Objective.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OBJECTIVE_UNSPECIFIED: _Objective.ValueType  # 0
+    """Not set: `Recommend` refuses it (INVALID_ARGUMENT naming `objective`)."""
+    OBJECTIVE_LATENCY: _Objective.ValueType  # 1
+    """The lowest p50 client latency (request sent to last token received), in ms."""
+    OBJECTIVE_THROUGHPUT: _Objective.ValueType  # 2
+    """The highest overall output tokens per second of a level (`output_tokens_per_second`)."""
+    OBJECTIVE_COST: _Objective.ValueType  # 3
+    """The lowest blended US dollars per million tokens (`blended_price_per_million_tokens`)."""
+
+class Objective(_Objective, metaclass=_ObjectiveEnumTypeWrapper):
+    """What a recommendation (`Registry.Recommend`) or a preset (`Catalog.ListPresets`) optimises."""
+
+OBJECTIVE_UNSPECIFIED: Objective.ValueType  # 0
+"""Not set: `Recommend` refuses it (INVALID_ARGUMENT naming `objective`)."""
+OBJECTIVE_LATENCY: Objective.ValueType  # 1
+"""The lowest p50 client latency (request sent to last token received), in ms."""
+OBJECTIVE_THROUGHPUT: Objective.ValueType  # 2
+"""The highest overall output tokens per second of a level (`output_tokens_per_second`)."""
+OBJECTIVE_COST: Objective.ValueType  # 3
+"""The lowest blended US dollars per million tokens (`blended_price_per_million_tokens`)."""
+Global___Objective: _TypeAlias = Objective  # noqa: Y015
 
 @_typing.final
 class Distribution(_message.Message):

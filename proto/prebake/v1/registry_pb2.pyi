@@ -835,3 +835,229 @@ class ImportEvaluationRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ImportEvaluationRequest: _TypeAlias = ImportEvaluationRequest  # noqa: Y015
+
+@_typing.final
+class RecommendRequest(_message.Message):
+    """Request for `Recommend`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    INSTANCE_TYPES_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    OBJECTIVE_FIELD_NUMBER: _builtins.int
+    MAX_TTFT_MS_FIELD_NUMBER: _builtins.int
+    MAX_ITL_MS_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_FIELD_NUMBER: _builtins.int
+    ALLOW_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    SEQUENCE_LENGTH_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model: any of its names (Hugging Face id, JumpStart id, alias; resolved to the
+    canonical name as keys are, and artifacts stored under its other names count too).
+    Required; 1-256 characters.
+    """
+    kind: _key_pb2.ArtifactKind.ValueType
+    """Only artifacts of this kind; unset means any."""
+    objective: _evaluations_pb2.Objective.ValueType
+    """What to optimise. Required."""
+    max_ttft_ms: _builtins.float
+    """The largest p50 time to first token a level may have, in ms; 0 means no limit."""
+    max_itl_ms: _builtins.float
+    """The largest p50 inter-token latency a level may have, in ms; 0 means no limit."""
+    concurrency: _builtins.int
+    """Only this concurrency level of each evaluation; 0 means any level (the best one that
+    meets the limits is used).
+    """
+    limit: _builtins.int
+    """At most this many candidates, 1-100; 0 means 10."""
+    sequence_length: _builtins.int
+    """Only artifacts that serve this sequence length (compiled for exactly it; for a longer one
+    too with `COMPATIBILITY_POLICY_LONGER_SEQUENCE`; AWQ artifacts serve any); 0 means any.
+    """
+    @_builtins.property
+    def instance_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only artifacts that serve one of these instance types (an exact lookup with it would
+        hit them, or one of `allow`'s policies admits them). Empty means any. At most 32.
+        """
+
+    @_builtins.property
+    def allow(self) -> _containers.RepeatedScalarFieldContainer[Global___CompatibilityPolicy.ValueType]:
+        """Compatibility policies: also consider artifacts that a lookup with these policies would
+        serve for `instance_types` and `sequence_length` (see `CompatibilityPolicy`).
+        """
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        instance_types: _abc.Iterable[_builtins.str] | None = ...,
+        kind: _key_pb2.ArtifactKind.ValueType = ...,
+        objective: _evaluations_pb2.Objective.ValueType = ...,
+        max_ttft_ms: _builtins.float = ...,
+        max_itl_ms: _builtins.float = ...,
+        concurrency: _builtins.int = ...,
+        allow: _abc.Iterable[Global___CompatibilityPolicy.ValueType] | None = ...,
+        limit: _builtins.int = ...,
+        sequence_length: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "concurrency", b"concurrency", "instance_types", b"instance_types", "kind", b"kind", "limit", b"limit", "max_itl_ms", b"max_itl_ms", "max_ttft_ms", b"max_ttft_ms", "model", b"model", "objective", b"objective", "sequence_length", b"sequence_length"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecommendRequest: _TypeAlias = RecommendRequest  # noqa: Y015
+
+@_typing.final
+class RecommendCandidate(_message.Message):
+    """One ranked artifact of a recommendation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RANK_FIELD_NUMBER: _builtins.int
+    ARTIFACT_ID_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    ENSURE_KEY_FIELD_NUMBER: _builtins.int
+    ENSURE_ALLOW_FIELD_NUMBER: _builtins.int
+    EVALUATION_ID_FIELD_NUMBER: _builtins.int
+    EVALUATION_CREATED_AT_FIELD_NUMBER: _builtins.int
+    LEVEL_FIELD_NUMBER: _builtins.int
+    OBJECTIVE_VALUE_FIELD_NUMBER: _builtins.int
+    BLENDED_PRICE_PER_MILLION_TOKENS_FIELD_NUMBER: _builtins.int
+    REASONS_FIELD_NUMBER: _builtins.int
+    MEASURED_ON_FIELD_NUMBER: _builtins.int
+    rank: _builtins.int
+    """1 for the best."""
+    artifact_id: _builtins.str
+    """The artifact's id."""
+    evaluation_id: _builtins.str
+    """The evaluation ranked: the artifact's newest."""
+    objective_value: _builtins.float
+    """The objective's value at that level: ms (LATENCY), output tokens/s (THROUGHPUT), USD per
+    million tokens (COST).
+    """
+    blended_price_per_million_tokens: _builtins.float
+    """The level's blended USD per million tokens as the ranking computed it: the stored
+    price, else recomputed from the evaluation's `PriceInputs`; 0 when unknown.
+    """
+    measured_on: _builtins.str
+    """The instance type the evaluation measured on (its `PriceInputs.instance_type`, else its
+    host's); empty when unknown.
+    """
+    @_builtins.property
+    def key(self) -> _key_pb2.ResolvedKey:
+        """The artifact's key as stored (what it was compiled for)."""
+
+    @_builtins.property
+    def ensure_key(self) -> _key_pb2.ArtifactKey:
+        """The key to look up (`prebake ensure`) to get this artifact: its key's fields, with the
+        requested instance type and sequence length where the request named them, and the
+        toolchain always stated. A `Lookup` of it with `ensure_allow` hits this artifact.
+        """
+
+    @_builtins.property
+    def ensure_allow(self) -> _containers.RepeatedScalarFieldContainer[Global___CompatibilityPolicy.ValueType]:
+        """The compatibility policies that lookup needs; empty for an exact match."""
+
+    @_builtins.property
+    def evaluation_created_at(self) -> _timestamp_pb2.Timestamp:
+        """When that evaluation was stored."""
+
+    @_builtins.property
+    def level(self) -> _evaluations_pb2.LevelMetrics:
+        """The level of that evaluation the ranking used (`reasons` says why that one)."""
+
+    @_builtins.property
+    def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Why it ranks where it does, for people: its value against the next one's, the limits it
+        met, which level was chosen and why, how a policy admits it, where it was measured.
+        """
+
+    def __init__(
+        self,
+        *,
+        rank: _builtins.int = ...,
+        artifact_id: _builtins.str = ...,
+        key: _key_pb2.ResolvedKey | None = ...,
+        ensure_key: _key_pb2.ArtifactKey | None = ...,
+        ensure_allow: _abc.Iterable[Global___CompatibilityPolicy.ValueType] | None = ...,
+        evaluation_id: _builtins.str = ...,
+        evaluation_created_at: _timestamp_pb2.Timestamp | None = ...,
+        level: _evaluations_pb2.LevelMetrics | None = ...,
+        objective_value: _builtins.float = ...,
+        blended_price_per_million_tokens: _builtins.float = ...,
+        reasons: _abc.Iterable[_builtins.str] | None = ...,
+        measured_on: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ensure_key", b"ensure_key", "evaluation_created_at", b"evaluation_created_at", "key", b"key", "level", b"level"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_id", b"artifact_id", "blended_price_per_million_tokens", b"blended_price_per_million_tokens", "ensure_allow", b"ensure_allow", "ensure_key", b"ensure_key", "evaluation_created_at", b"evaluation_created_at", "evaluation_id", b"evaluation_id", "key", b"key", "level", b"level", "measured_on", b"measured_on", "objective_value", b"objective_value", "rank", b"rank", "reasons", b"reasons"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecommendCandidate: _TypeAlias = RecommendCandidate  # noqa: Y015
+
+@_typing.final
+class RecommendExclusion(_message.Message):
+    """An evaluated artifact of the model that did not qualify, and why."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARTIFACT_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    artifact_id: _builtins.str
+    """The artifact's id."""
+    reason: _builtins.str
+    """Why, for people ("no level meets max_itl_ms 20: the closest, concurrency 1, has 27 ms")."""
+    def __init__(
+        self,
+        *,
+        artifact_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_id", b"artifact_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecommendExclusion: _TypeAlias = RecommendExclusion  # noqa: Y015
+
+@_typing.final
+class RecommendResponse(_message.Message):
+    """Response for `Recommend`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    CANDIDATES_FIELD_NUMBER: _builtins.int
+    EXCLUDED_FIELD_NUMBER: _builtins.int
+    CONSIDERED_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model as keys name it (canonical)."""
+    considered: _builtins.int
+    """Evaluated artifacts considered (each by its newest evaluation)."""
+    @_builtins.property
+    def candidates(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecommendCandidate]:
+        """Best first; at least one (nothing qualifying is FAILED_PRECONDITION)."""
+
+    @_builtins.property
+    def excluded(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecommendExclusion]:
+        """Evaluated artifacts of the model that did not qualify, with why; at most 20."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        candidates: _abc.Iterable[Global___RecommendCandidate] | None = ...,
+        excluded: _abc.Iterable[Global___RecommendExclusion] | None = ...,
+        considered: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "considered", b"considered", "excluded", b"excluded", "model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecommendResponse: _TypeAlias = RecommendResponse  # noqa: Y015

@@ -67,6 +67,11 @@ class RegistryStub:
                 request_serializer=prebake_dot_v1_dot_registry__pb2.ImportEvaluationRequest.SerializeToString,
                 response_deserializer=prebake_dot_v1_dot_evaluations__pb2.Evaluation.FromString,
                 _registered_method=True)
+        self.Recommend = channel.unary_unary(
+                '/prebake.v1.Registry/Recommend',
+                request_serializer=prebake_dot_v1_dot_registry__pb2.RecommendRequest.SerializeToString,
+                response_deserializer=prebake_dot_v1_dot_registry__pb2.RecommendResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServicer:
@@ -220,6 +225,34 @@ class RegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Recommend(self, request, context):
+        """Ranks the evaluated artifacts of a model for an objective (lowest latency, highest
+        throughput, lowest cost) under optional latency limits, and says for each which key to
+        look up to get it. Each artifact is ranked by its newest evaluation, at one level: the
+        requested concurrency, else the level best for the objective among those meeting the
+        limits (checked on p50). The rule, precisely: server/prebake/server/recommend.py. A read:
+        it counts as no lookup and creates no job.
+
+        Errors:
+        * `INVALID_ARGUMENT`: `objective` unset or unknown; `model` missing or malformed, or an
+        unknown JumpStart id; an unknown `instance_types[i]` (with the closest known names);
+        an unknown `kind` or `allow[i]`; a negative or non-finite `max_ttft_ms`/`max_itl_ms`;
+        a negative `concurrency` or `sequence_length`; `limit` outside 0-100. The
+        `google.rpc.BadRequest` detail names the field. Do not retry as is.
+        * `FAILED_PRECONDITION`: no evaluated artifact of the model qualifies. The message says
+        why: none is evaluated; none serves the filters (kind, instance types, sequence
+        length; and which `allow` policy would admit some); none has a level at the requested
+        concurrency, or one without invocation errors that measured the objective; or none
+        meets the limits, naming the closest (artifact, level, its p50 values). Retry only
+        after more evaluations are stored or with other constraints.
+        * `UNAUTHENTICATED`, `PERMISSION_DENIED` (the caller lacks the reader role): see the
+        service. Do not retry.
+        * `UNAVAILABLE`: transient. Retry with backoff; recommending changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -247,6 +280,11 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.ImportEvaluation,
                     request_deserializer=prebake_dot_v1_dot_registry__pb2.ImportEvaluationRequest.FromString,
                     response_serializer=prebake_dot_v1_dot_evaluations__pb2.Evaluation.SerializeToString,
+            ),
+            'Recommend': grpc.unary_unary_rpc_method_handler(
+                    servicer.Recommend,
+                    request_deserializer=prebake_dot_v1_dot_registry__pb2.RecommendRequest.FromString,
+                    response_serializer=prebake_dot_v1_dot_registry__pb2.RecommendResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -391,6 +429,33 @@ class Registry:
             '/prebake.v1.Registry/ImportEvaluation',
             prebake_dot_v1_dot_registry__pb2.ImportEvaluationRequest.SerializeToString,
             prebake_dot_v1_dot_evaluations__pb2.Evaluation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Recommend(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/prebake.v1.Registry/Recommend',
+            prebake_dot_v1_dot_registry__pb2.RecommendRequest.SerializeToString,
+            prebake_dot_v1_dot_registry__pb2.RecommendResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -168,6 +168,30 @@ class RegistryStub:
     * `UNAVAILABLE`: transient. Retry with backoff; a retry after a lost answer may
       store the evaluation twice (list the artifact's evaluations to check).
     """
+    Recommend: _grpc.UnaryUnaryMultiCallable[_registry_pb2.RecommendRequest, _registry_pb2.RecommendResponse]
+    """Ranks the evaluated artifacts of a model for an objective (lowest latency, highest
+    throughput, lowest cost) under optional latency limits, and says for each which key to
+    look up to get it. Each artifact is ranked by its newest evaluation, at one level: the
+    requested concurrency, else the level best for the objective among those meeting the
+    limits (checked on p50). The rule, precisely: server/prebake/server/recommend.py. A read:
+    it counts as no lookup and creates no job.
+
+    Errors:
+    * `INVALID_ARGUMENT`: `objective` unset or unknown; `model` missing or malformed, or an
+      unknown JumpStart id; an unknown `instance_types[i]` (with the closest known names);
+      an unknown `kind` or `allow[i]`; a negative or non-finite `max_ttft_ms`/`max_itl_ms`;
+      a negative `concurrency` or `sequence_length`; `limit` outside 0-100. The
+      `google.rpc.BadRequest` detail names the field. Do not retry as is.
+    * `FAILED_PRECONDITION`: no evaluated artifact of the model qualifies. The message says
+      why: none is evaluated; none serves the filters (kind, instance types, sequence
+      length; and which `allow` policy would admit some); none has a level at the requested
+      concurrency, or one without invocation errors that measured the objective; or none
+      meets the limits, naming the closest (artifact, level, its p50 values). Retry only
+      after more evaluations are stored or with other constraints.
+    * `UNAUTHENTICATED`, `PERMISSION_DENIED` (the caller lacks the reader role): see the
+      service. Do not retry.
+    * `UNAVAILABLE`: transient. Retry with backoff; recommending changes nothing.
+    """
 
 @_typing.type_check_only
 class RegistryAsyncStub(RegistryStub):
@@ -301,6 +325,30 @@ class RegistryAsyncStub(RegistryStub):
       the service. Do not retry.
     * `UNAVAILABLE`: transient. Retry with backoff; a retry after a lost answer may
       store the evaluation twice (list the artifact's evaluations to check).
+    """
+    Recommend: _aio.UnaryUnaryMultiCallable[_registry_pb2.RecommendRequest, _registry_pb2.RecommendResponse]  # type: ignore[assignment]
+    """Ranks the evaluated artifacts of a model for an objective (lowest latency, highest
+    throughput, lowest cost) under optional latency limits, and says for each which key to
+    look up to get it. Each artifact is ranked by its newest evaluation, at one level: the
+    requested concurrency, else the level best for the objective among those meeting the
+    limits (checked on p50). The rule, precisely: server/prebake/server/recommend.py. A read:
+    it counts as no lookup and creates no job.
+
+    Errors:
+    * `INVALID_ARGUMENT`: `objective` unset or unknown; `model` missing or malformed, or an
+      unknown JumpStart id; an unknown `instance_types[i]` (with the closest known names);
+      an unknown `kind` or `allow[i]`; a negative or non-finite `max_ttft_ms`/`max_itl_ms`;
+      a negative `concurrency` or `sequence_length`; `limit` outside 0-100. The
+      `google.rpc.BadRequest` detail names the field. Do not retry as is.
+    * `FAILED_PRECONDITION`: no evaluated artifact of the model qualifies. The message says
+      why: none is evaluated; none serves the filters (kind, instance types, sequence
+      length; and which `allow` policy would admit some); none has a level at the requested
+      concurrency, or one without invocation errors that measured the objective; or none
+      meets the limits, naming the closest (artifact, level, its p50 values). Retry only
+      after more evaluations are stored or with other constraints.
+    * `UNAUTHENTICATED`, `PERMISSION_DENIED` (the caller lacks the reader role): see the
+      service. Do not retry.
+    * `UNAVAILABLE`: transient. Retry with backoff; recommending changes nothing.
     """
 
 class RegistryServicer(metaclass=_abc_1.ABCMeta):
@@ -462,6 +510,36 @@ class RegistryServicer(metaclass=_abc_1.ABCMeta):
           the service. Do not retry.
         * `UNAVAILABLE`: transient. Retry with backoff; a retry after a lost answer may
           store the evaluation twice (list the artifact's evaluations to check).
+        """
+
+    @_abc_1.abstractmethod
+    def Recommend(
+        self,
+        request: _registry_pb2.RecommendRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.RecommendResponse, _abc.Awaitable[_registry_pb2.RecommendResponse]]:
+        """Ranks the evaluated artifacts of a model for an objective (lowest latency, highest
+        throughput, lowest cost) under optional latency limits, and says for each which key to
+        look up to get it. Each artifact is ranked by its newest evaluation, at one level: the
+        requested concurrency, else the level best for the objective among those meeting the
+        limits (checked on p50). The rule, precisely: server/prebake/server/recommend.py. A read:
+        it counts as no lookup and creates no job.
+
+        Errors:
+        * `INVALID_ARGUMENT`: `objective` unset or unknown; `model` missing or malformed, or an
+          unknown JumpStart id; an unknown `instance_types[i]` (with the closest known names);
+          an unknown `kind` or `allow[i]`; a negative or non-finite `max_ttft_ms`/`max_itl_ms`;
+          a negative `concurrency` or `sequence_length`; `limit` outside 0-100. The
+          `google.rpc.BadRequest` detail names the field. Do not retry as is.
+        * `FAILED_PRECONDITION`: no evaluated artifact of the model qualifies. The message says
+          why: none is evaluated; none serves the filters (kind, instance types, sequence
+          length; and which `allow` policy would admit some); none has a level at the requested
+          concurrency, or one without invocation errors that measured the objective; or none
+          meets the limits, naming the closest (artifact, level, its p50 values). Retry only
+          after more evaluations are stored or with other constraints.
+        * `UNAUTHENTICATED`, `PERMISSION_DENIED` (the caller lacks the reader role): see the
+          service. Do not retry.
+        * `UNAVAILABLE`: transient. Retry with backoff; recommending changes nothing.
         """
 
 def add_RegistryServicer_to_server(servicer: RegistryServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -19,7 +19,7 @@ from google.protobuf.message import Message
 
 from prebake.core.errors import InvalidArgument
 from prebake.server import records
-from prebake.server.records import Evaluation
+from prebake.server.records import Evaluation, LevelMetrics
 from prebake.v1 import evaluations_pb2
 
 MAX_LEVELS = 64
@@ -185,4 +185,11 @@ def evaluation(record: Evaluation) -> evaluations_pb2.Evaluation:
     _fill(msg.price, record.price)
     for level in record.levels:
         _fill(msg.levels.add(), level)
+    return msg
+
+
+def level_metrics(record: LevelMetrics) -> evaluations_pb2.LevelMetrics:
+    """One level in wire form (as `evaluation` fills each)."""
+    msg = evaluations_pb2.LevelMetrics()
+    _fill(msg, record)
     return msg

@@ -345,6 +345,12 @@ def _model(model: str) -> str:
     return model
 
 
+def check_model(model: str) -> str:
+    """`model` if a key may name it (required, length, characters, path components); else
+    InvalidKey("model", ...). For requests that name a model outside a key (`Recommend`)."""
+    return _model(model)
+
+
 def _revision(revision: str) -> str:
     if len(revision) > MAX_REVISION:
         raise InvalidKey(

@@ -42,6 +42,8 @@ RPC_ROLES: dict[str, frozenset[Role]] = {
             # publishing vouches for files.
             "ListEvaluations": frozenset({R, P}),
             "ImportEvaluation": frozenset({P}),
+            # A read of evaluations and keys, like ListEvaluations.
+            "Recommend": frozenset({R, P}),
         },
     ),
     **_service(

@@ -25,6 +25,7 @@ from prebake.server.services.blob_checks import (
     verified_manifest,
 )
 from prebake.server.services.evaluation_rpcs import EvaluationRpcs
+from prebake.server.services.recommend_rpc import RecommendRpc
 from prebake.server.signatures import revoked_message
 from prebake.server.state import ServerState
 from prebake.server.status import unary
@@ -55,6 +56,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         self.keys: Bounded[bytes, KnownKey] = Bounded(CAPACITY)
         self.manifests = ManifestMessages()
         self.evaluations = EvaluationRpcs(state)
+        self.recommendations = RecommendRpc(state)
 
     async def normalize(self, msg: Any) -> tuple[NormalizedKey, str]:
         """The key, and where its toolchain came from (see LookupResponse.toolchain_source)."""
@@ -383,3 +385,9 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         self, request: registry_pb2.ImportEvaluationRequest, context: Ctx
     ) -> evaluations_pb2.Evaluation:
         return await self.evaluations.import_(request)
+
+    @unary
+    async def Recommend(
+        self, request: registry_pb2.RecommendRequest, context: Ctx
+    ) -> registry_pb2.RecommendResponse:
+        return await self.recommendations.answer(request)
