@@ -54,7 +54,14 @@ def test_both_protocols_list_and_describe_the_services(channel: grpc.Channel, se
         files[proto.name] = proto
     registry = files["prebake/v1/registry.proto"]
     methods = {m.name for s in registry.service for m in s.method}
-    assert methods == {"Lookup", "GetArtifact", "PublishArtifact", "ListEvaluations", "ImportEvaluation"}
+    assert methods == {
+        "Lookup",
+        "GetArtifact",
+        "PublishArtifact",
+        "ListEvaluations",
+        "ImportEvaluation",
+        "Recommend",
+    }
     # Its dependencies come along, so a client can build every message type.
     assert {"prebake/v1/key.proto", "prebake/v1/blobs.proto", "prebake/v1/evaluations.proto"} <= set(files)
     assert registry.options.go_package == registry_pb2.DESCRIPTOR.GetOptions().go_package

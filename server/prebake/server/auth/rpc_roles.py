@@ -93,7 +93,16 @@ RPC_ROLES: dict[str, frozenset[Role]] = {
         },
     ),
     # Public reference data; any authenticated caller.
-    **_service("Catalog", {"ListModels": _ANY, "ListInstanceTypes": _ANY}),
+    **_service(
+        "Catalog",
+        {
+            "ListModels": _ANY,
+            "ListInstanceTypes": _ANY,
+            # Presets carry the registry's artifacts and evaluations: read like ListEvaluations.
+            "ListPresets": frozenset({R, P}),
+            "GetPreset": frozenset({R, P}),
+        },
+    ),
 }
 
 # Services whose rpcs need no credentials (see the module docstring).
