@@ -17,6 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from prebake.v1 import registry_pb2
 from tests.conftest import make_artifact_dir, tree
 
 PREBAKE = [sys.executable, "-m", "prebake.client.cli"]
@@ -93,7 +94,7 @@ def test_reflection_describes_every_rpc(served: str) -> None:
         lookup = db.FindFileContainingSymbol("prebake.v1.Registry")
         assert lookup.name == "prebake/v1/registry.proto"
         methods = {m.name for s in lookup.service for m in s.method}
-        assert methods == {"Lookup", "GetArtifact", "PublishArtifact"}
+        assert methods == {m.name for m in registry_pb2.DESCRIPTOR.services_by_name["Registry"].methods}
 
 
 def test_deployer_flow_with_exit_codes_and_json(served: str, tmp_path: Path) -> None:
