@@ -23,8 +23,9 @@ import pytest
 from prebake.client import Client, errors, exitcodes
 from prebake.client.artifact_key import ArtifactKey
 from prebake.core import pricing
-from prebake.server.app import BackgroundServer
+from prebake.server.app import BackgroundServer, background_server
 from prebake.v1 import evaluations_pb2, registry_pb2
+from tests.aws_emulator import Emulator
 from tests.conftest import LLAMA3_8B_INF2, make_artifact_dir
 from tests.plugin_cli import PrebakeCli
 
@@ -85,6 +86,10 @@ def publish(client: Client, root: Path, key: ArtifactKey, seed: int) -> str:
 @pytest.fixture
 def registry(client: Client, tmp_path: Path) -> dict[str, str]:
     """The three artifacts above, evaluated; name -> artifact id."""
+    return build_registry(client, tmp_path)
+
+
+def build_registry(client: Client, tmp_path: Path) -> dict[str, str]:
     ids = {
         "FAST": publish(client, tmp_path, FAST_KEY, 1),
         "WIDE": publish(client, tmp_path, WIDE_KEY, 2),
@@ -212,6 +217,25 @@ def test_exclusions_say_why(client: Client, registry: dict[str, str]) -> None:
     (excluded,) = response.excluded
     assert excluded.artifact_id == registry["CHEAP"]
     assert "compiled for trn1" in excluded.reason and "`allow` neuroncore_v2_family" in excluded.reason
+
+
+def test_recommend_on_dynamodb_and_s3(aws_serial: Emulator, tmp_path: Path) -> None:
+    """The shared backends: the same answers (the rpc reads only the storage seams)."""
+    pytest.importorskip("prebake.server.storage.dynamodb")
+    from prebake.server.storage.dynamodb import create_tables
+
+    prefix = aws_serial.unique_name("recommend")
+    create_tables(prefix)
+    settings = {"store": f"s3://{aws_serial.create_bucket()}/p", "registry": f"dynamodb://{prefix}"}
+    with (
+        background_server(tmp_path / "a", **settings) as server,
+        Client(server.address, timeout=30.0) as client,
+    ):
+        ids = build_registry(client, tmp_path)
+        for objective, best in (("latency", "FAST"), ("throughput", "WIDE"), ("cost", "CHEAP")):
+            assert client.recommend(MODEL, objective).candidates[0].artifact_id == ids[best]  # type: ignore[arg-type]
+        with pytest.raises(errors.NoRecommendation, match="the closest is " + ids["FAST"]):
+            client.recommend(MODEL, "latency", max_itl_ms=4)
 
 
 def rpc_error(client: Client, **fields: Any) -> grpc.RpcError:
