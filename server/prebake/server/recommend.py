@@ -337,7 +337,7 @@ def refusal(
     """Why nothing qualifies, for a FAILED_PRECONDITION (see the module docstring, 7)."""
     if not considered:
         return (
-            f"no artifact of {model} has an evaluation (`ImportEvaluation` stores one: "
+            f"no artifact of {model} has an evaluation (ImportEvaluation stores one: "
             "prebake evaluations import)"
         )
     stage = max(e.stage for e in excluded)
