@@ -281,7 +281,10 @@ def rank(candidates: Iterable[Candidate], objective: Objective, limits: Limits) 
     excluded: list[Excluded] = []
     for candidate in candidates:
         verdict = judge(candidate, objective, limits)
-        (ranked if isinstance(verdict, Ranked) else excluded).append(verdict)  # type: ignore[arg-type]
+        if isinstance(verdict, Ranked):
+            ranked.append(verdict)
+        else:
+            excluded.append(verdict)
     ranked.sort(
         key=lambda r: (
             _order(objective, r.value, r.level),
