@@ -43,9 +43,9 @@ from prebake.server.status_data import JOB_PAGE
 from prebake.v1 import blobs_pb2, registry_pb2
 from tests.auth_fixtures import make_token_file
 from tests.conftest import INDUCTOR, INDUCTOR_KEY, make_artifact_dir
-from tests.test_evaluations import sample as sample_evaluation
 from tests.plugin_cli import PrebakeCli
 from tests.processes import ServerProcess, wait_until
+from tests.test_evaluations import sample as sample_evaluation
 
 KEY = ArtifactKey(
     kind="inductor",
@@ -278,7 +278,9 @@ def test_evaluations_show_per_level_with_their_price_and_escaped_source(
     levels = re.findall(r'<li class="level" data-concurrency="(\d+)">(.*?)</li>', reply.body)
     # The sample's levels: TTFT 40 * c ms, ITL 9.5 + c ms, 64 * c output tok/s, $0.175 / c per 1M.
     assert [c for c, _ in levels] == ["1", "4"]
-    assert html.unescape(levels[1][1]) == "c=4: TTFT 160.0 ms · ITL 13.5 ms · 256.0 output tok/s · $0.0437/M tokens"
+    assert html.unescape(levels[1][1]) == (
+        "c=4: TTFT 160.0 ms · ITL 13.5 ms · 256.0 output tok/s · $0.0437/M tokens"
+    )
     assert HOSTILE_MESSAGE in parsed.text
 
 
