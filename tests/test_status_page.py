@@ -45,6 +45,7 @@ from tests.auth_fixtures import make_token_file
 from tests.conftest import INDUCTOR, INDUCTOR_KEY, make_artifact_dir
 from tests.plugin_cli import PrebakeCli
 from tests.processes import ServerProcess, wait_until
+from tests.test_evaluations import sample as sample_evaluation
 
 KEY = ArtifactKey(
     kind="inductor",
@@ -257,6 +258,30 @@ def test_user_and_worker_text_is_escaped_everywhere(status_server: BackgroundSer
     assert HOSTILE_WORKER in detail_text and HOSTILE_MESSAGE in detail_text and HOSTILE_ERROR in detail_text
     assert "<script>alert('log')</script>" in detail_text and "\ufffd not utf-8" in detail_text
     assert ("value", HOSTILE_FILTER) in parse(reflected.body).attributes
+
+
+def test_evaluations_show_per_level_with_their_price_and_escaped_source(
+    status_server: BackgroundServer, tmp_path: Path
+) -> None:
+    with Client(status_server.address) as client:
+        artifact_id = client.publish(
+            make_artifact_dir(tmp_path / "artifact", {"model.pt2": 1024}, seed=5), INDUCTOR_KEY
+        ).artifact.artifact_id
+        assert "evaluations-empty" in get(status_server.metrics_address, "/").body
+        stored = client.import_evaluation(artifact_id, sample_evaluation(source=HOSTILE_MESSAGE))
+    reply = get(status_server.metrics_address, "/")
+    assert reply.status == 200
+    parsed = parse(reply.body)
+    assert not {"script", "img", "iframe", "b"} & set(parsed.tags), parsed.tags
+    assert ("data-evaluation-id", stored.evaluation_id) in parsed.attributes
+    assert ("data-artifact-id", artifact_id) in parsed.attributes
+    levels = re.findall(r'<li class="level" data-concurrency="(\d+)">(.*?)</li>', reply.body)
+    # The sample's levels: TTFT 40 * c ms, ITL 9.5 + c ms, 64 * c output tok/s, $0.175 / c per 1M.
+    assert [c for c, _ in levels] == ["1", "4"]
+    assert html.unescape(levels[1][1]) == (
+        "c=4: TTFT 160.0 ms · ITL 13.5 ms · 256.0 output tok/s · $0.0437/M tokens"
+    )
+    assert HOSTILE_MESSAGE in parsed.text
 
 
 def test_a_non_loopback_metrics_port_needs_authentication(tmp_path: Path) -> None:
@@ -486,6 +511,15 @@ def test_the_status_page_follows_a_compile_in_a_real_browser(
     expect(page.locator("#hit-sparkline polyline")).to_have_count(1)
     ratios = page.locator("tr.interval td:last-child").all_inner_texts()
     assert ratios[0] == "100.0%" and ratios[-1] == "0.0%", ratios
+
+    # An evaluation of the artifact shows, per concurrency level.
+    with Client(compiling_server.address) as client:
+        evaluation = client.import_evaluation(artifact_id, sample_evaluation())
+    page.reload()
+    evaluated = page.locator(f'tr.evaluation[data-evaluation-id="{evaluation.evaluation_id}"]')
+    expect(evaluated.locator("td.artifact")).to_have_text(artifact_id)
+    expect(evaluated.locator("li.level")).to_have_count(2)
+    expect(evaluated.locator('li.level[data-concurrency="1"]')).to_contain_text("TTFT 40.0 ms")
 
     # The search form, as a person would use it.
     search = page.locator("#artifact-search button[type=submit]")

@@ -17,15 +17,26 @@ from prebake.core import names
 from prebake.core.errors import InvalidArgument, NotFound, PrebakeError
 from prebake.server.blobs import StoreUsage
 from prebake.server.hit_history import HitHistory, Interval, Sample
-from prebake.server.records import Artifact, Digest, Job, JobEvent, JobState, RegistryCounts, WorkerRecord
+from prebake.server.records import (
+    Artifact,
+    Digest,
+    Evaluation,
+    Job,
+    JobEvent,
+    JobState,
+    RegistryCounts,
+    WorkerRecord,
+)
 from prebake.server.services.admin_service import MAX_MODEL_FILTER
 from prebake.server.services.jobs_service import check_job_id
 from prebake.server.state import ServerState
 from prebake.server.storage import ArtifactQuery, JobQuery
+from prebake.server.storage.evaluation_store import EvaluationQuery
 from prebake.server.storage.page_tokens import MAX_TOKEN_CHARS, Page
 
 ARTIFACT_PAGE = 50
 JOB_PAGE = 20
+EVALUATION_ROWS = 10
 MAX_INSTANCE_FILTER = 128
 # The instance-type filter is applied to the registry's pages here (no index has it): at
 # most this many artifacts are read for one page of the status page.
@@ -111,6 +122,8 @@ class Overview:
     # True when the instance-type filter stopped after MAX_FILTER_SCAN artifacts.
     artifacts_scan_capped: bool
     jobs: Page[Job]
+    # The newest evaluations of any artifact (at most EVALUATION_ROWS).
+    evaluations: list[Evaluation]
 
 
 @dataclass(frozen=True)
@@ -155,6 +168,7 @@ async def overview(state: ServerState, history: HitHistory, query: OverviewQuery
         artifacts=artifacts,
         artifacts_scan_capped=capped,
         jobs=jobs,
+        evaluations=(await state.storage.evaluations.list_page(EvaluationQuery(), "", EVALUATION_ROWS)).items,
     )
 
 

@@ -17,7 +17,16 @@ from collections.abc import Iterable, Sequence
 from prebake.core import names
 from prebake.core.units import human_bytes
 from prebake.server.hit_history import Interval
-from prebake.server.records import Artifact, Job, JobEvent, JobState, NormalizedKey, WorkerRecord
+from prebake.server.records import (
+    Artifact,
+    Evaluation,
+    Job,
+    JobEvent,
+    JobState,
+    LevelMetrics,
+    NormalizedKey,
+    WorkerRecord,
+)
 from prebake.server.status_data import JobDetail, Overview, OverviewQuery
 
 SPARK_WIDTH = 360
@@ -129,6 +138,7 @@ def render_overview(o: Overview) -> str:
         + _hit_ratio_section(o)
         + _workers_section(o.workers, o.now)
         + _jobs_section(o)
+        + _evaluations_section(o)
         + _artifacts_section(o)
     )
     return document("prebake status", body)
@@ -233,6 +243,46 @@ def _job_row(job: Job, now: float) -> str:
         f"<td>{_e(key_summary(job.key))}</td><td>{_e(job.worker or '-')}</td>"
         f'<td class="message">{_e(text[:200] + ("…" if len(text) > 200 else ""))}</td>'
         f"<td>{_when(job.updated_at, now)}</td></tr>"
+    )
+
+
+def _level_cell(level: LevelMetrics) -> str:
+    price = (
+        f" · ${level.blended_price_per_million_tokens:.3g}/M tokens"
+        if level.blended_price_per_million_tokens
+        else ""
+    )
+    errors = level.invocation_errors + level.empty_responses + level.tokenizer_failures
+    return (
+        f'<li class="level" data-concurrency="{level.concurrency}">c={level.concurrency}: '
+        f"TTFT {level.ttft_ms.p50:.1f} ms · ITL {level.itl_ms.p50:.1f} ms · "
+        f"{level.output_tokens_per_second:.1f} output tok/s{price}"
+        f"{f' · {errors} failed' if errors else ''}</li>"
+    )
+
+
+def _evaluation_row(e: Evaluation, now: float) -> str:
+    w = e.workload
+    return (
+        f'<tr class="evaluation" data-evaluation-id="{_e(e.evaluation_id)}" '
+        f'data-artifact-id="{_e(e.artifact_id)}">'
+        f'<td class="model">{_e(e.model)}</td><td class="artifact">{_e(e.artifact_id)}</td>'
+        f'<td class="workload">{w.prompt_tokens} in / {w.output_tokens} out tokens, '
+        f"{w.requests} requests</td>"
+        f'<td><ul class="levels">{"".join(_level_cell(level) for level in e.levels)}</ul></td>'
+        f'<td class="price-inputs">{_e(e.price.instance_type or "-")}'
+        f"{f' at ${e.price.hourly_usd:.4g}/h' if e.price.hourly_usd else ''}</td>"
+        f'<td class="source">{_e(e.source or "-")}</td><td>{_when(e.created_at, now)}</td></tr>'
+    )
+
+
+def _evaluations_section(o: Overview) -> str:
+    rows = (_evaluation_row(e, o.now) for e in o.evaluations)
+    return '<h2 id="evaluations">Evaluations</h2>' + _table(
+        ["model", "artifact", "workload", "per concurrency level (p50)", "priced as", "source", "measured"],
+        rows,
+        "evaluations",
+        "no evaluations yet",
     )
 
 
