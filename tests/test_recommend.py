@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import grpc
 import pytest
@@ -217,6 +217,21 @@ def test_exclusions_say_why(client: Client, registry: dict[str, str]) -> None:
     (excluded,) = response.excluded
     assert excluded.artifact_id == registry["CHEAP"]
     assert "compiled for trn1" in excluded.reason and "`allow` neuroncore_v2_family" in excluded.reason
+
+
+def test_an_unavailable_artifact_is_not_recommended(
+    server: BackgroundServer, client: Client, registry: dict[str, str]
+) -> None:
+    index = cast(Any, server.running).state.storage.artifacts
+    fast = cast(Any, server.call(index.get, registry["FAST"]))
+    server.call(
+        lambda: index.mark_unavailable(fast.artifact_id, "blob lost", expect_manifest=fast.manifest_digest)
+    )
+    response = client.recommend(MODEL, "latency")
+    assert [c.artifact_id for c in response.candidates] == [registry["WIDE"], registry["CHEAP"]]
+    assert [(e.artifact_id, e.reason) for e in response.excluded] == [
+        (registry["FAST"], "unavailable: blob lost")
+    ]
 
 
 def test_recommend_on_dynamodb_and_s3(aws_serial: Emulator, tmp_path: Path) -> None:
