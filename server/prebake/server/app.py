@@ -295,10 +295,11 @@ async def _start_locked(config: ServerConfig, primary: bool = True) -> RunningSe
         options=options, interceptors=[RpcObserver(state.metrics), *security.interceptors()]
     )
     # Registered from the descriptors with per-method request limits (request_limits).
+    registry = RegistryService(state)
     for servicer, module in (
-        (RegistryService(state), registry_pb2),
+        (registry, registry_pb2),
         (BlobsService(state), blobs_pb2),
-        (JobsService(state), jobs_pb2),
+        (JobsService(state, registry), jobs_pb2),
         (AdminService(state), admin_pb2),
         (WorkersService(state), workers_pb2),
         (CatalogService(state), catalog_pb2),

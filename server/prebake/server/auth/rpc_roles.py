@@ -63,6 +63,9 @@ RPC_ROLES: dict[str, frozenset[Role]] = {
             "WatchJob": frozenset({R}),
             # A job is shared by everyone who joined it: cancelling is an operator's call.
             "CancelJob": _ADMIN_ONLY,
+            # Asks for worker time as a lookup's miss does (readers only where
+            # reader_may_enqueue: see request_rules); the worker's result vouches for itself.
+            "EnqueueEvaluation": frozenset({R, P}),
         },
     ),
     **_service(
@@ -86,6 +89,7 @@ RPC_ROLES: dict[str, frozenset[Role]] = {
             "LeaseJob": frozenset({W}),
             "Heartbeat": frozenset({W}),
             "CompleteJob": frozenset({W}),
+            "CompleteEvaluationJob": frozenset({W}),
             "FailJob": frozenset({W}),
             "ReleaseJob": frozenset({W}),
         },
