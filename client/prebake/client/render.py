@@ -106,6 +106,9 @@ def job_json(job: jobs_pb2.Job) -> dict[str, Any]:
         "updated_at": timestamp_json(job.updated_at),
         "lease_expires_at": timestamp_json(job.lease_expires_at),
         "finished_at": timestamp_json(job.finished_at),
+        # Compile or evaluate; an evaluation job's stored evaluation once it succeeded.
+        "purpose": "evaluate" if job.purpose == jobs_pb2.JOB_PURPOSE_EVALUATE else "compile",
+        "evaluation_id": job.evaluation_id or None,
     }
 
 

@@ -344,7 +344,8 @@ class EnqueueEvaluationRequest(_message.Message):
 
     @_builtins.property
     def workload(self) -> _evaluations_pb2.EvaluationWorkload:
-        """The workload. `concurrency_levels`: 1 to 16 levels, each 1-256, unique; `requests`:
+        """The workload. `concurrency_levels`: 1 to 16 levels, each 1-256, unique, run in
+        ascending order; `requests`:
         1-10,000 per level; `prompt_tokens` 1-1,000,000 and `output_tokens` 1-100,000, 0
         meaning 16 each. A workload whose prompt plus output does not fit the artifact's
         compiled sequence length is enqueued, and its job fails (deterministic) before it

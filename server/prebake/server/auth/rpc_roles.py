@@ -35,7 +35,8 @@ RPC_ROLES: dict[str, frozenset[Role]] = {
             # Publishers too: `prebake publish` resolves the key it signs with a report-only lookup,
             # and asks whether the key has an artifact before it uploads anything.
             "Lookup": frozenset({R, P}),
-            "GetArtifact": frozenset({R, P}),
+            # Workers too: an evaluation job fetches the artifact it evaluates.
+            "GetArtifact": frozenset({R, W, P}),
             # Artifacts compiled elsewhere; workers publish through CompleteJob instead.
             "PublishArtifact": frozenset({P}),
             # Evaluations are read like manifests; storing one vouches for measurements, as
@@ -48,8 +49,8 @@ RPC_ROLES: dict[str, frozenset[Role]] = {
         "Blobs",
         {
             "FindMissingBlobs": frozenset({W, P}),
-            # Downloads.
-            "Read": frozenset({R}),
+            # Downloads (by workers: the artifact an evaluation job evaluates).
+            "Read": frozenset({R, W}),
             # Uploads of compile outputs (workers) and of imported artifacts (publishers).
             "Write": frozenset({W, P}),
             "QueryWriteStatus": frozenset({W, P}),

@@ -75,7 +75,8 @@ def workload(request: jobs_pb2.EnqueueEvaluationRequest) -> EvaluationWorkload:
             )
         if level in levels[:i]:
             raise messages.invalid(f"workload.concurrency_levels[{i}]", f"concurrency {level} appears twice")
-    return EvaluationWorkload(prompt, output, w.requests, tuple(levels))
+    # Run in ascending order (the load driver's order), so "1,4" and "4,1" are one evaluation.
+    return EvaluationWorkload(prompt, output, w.requests, tuple(sorted(levels)))
 
 
 def checked_discount(discount: float) -> float:
