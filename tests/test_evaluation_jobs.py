@@ -327,7 +327,7 @@ def test_a_real_evaluation_through_a_worker_and_prebake_evaluate(
             ran = prebake(
                 "--server", srv.address, "evaluate", "--artifact", artifact_id,
                 "--concurrency", "1,4", "--requests", "4", "--prompt-tokens", "8",
-                "--output-tokens", "6", "--discount-rate", "0.1", "--json",
+                "--output-tokens", "6", "--discount-rate", "0.1", "--wait-timeout", "600", "--json",
             )  # fmt: skip
         finally:
             worker.stop()
