@@ -21,6 +21,7 @@ import pytest
 from prebake.client import ArtifactKey, Client
 from prebake.client.errors import FailedPrecondition, InvalidArgument, NotFound
 from prebake.client.model_revision import revision_of
+from prebake.compiler.evaluation_metrics import Distribution, LevelMetrics, Workload
 from prebake.compiler.probe import BackendStatus
 from prebake.compiler.worker import Worker, WorkerConfig
 from prebake.core import pricing
@@ -28,6 +29,8 @@ from prebake.server import evaluation_messages
 from prebake.server.app import BackgroundServer, background_server
 from prebake.server.config import ServerConfig
 from prebake.server.price_table import load_price_table
+from prebake.server.records import JobPurpose
+from prebake.server.storage.record_json import capabilities_from_json, capabilities_json
 from prebake.v1 import evaluations_pb2, jobs_pb2, key_pb2, registry_pb2, workers_pb2
 from tests.conftest import make_artifact_dir
 from tests.contract.samples import make_artifact, make_evaluation
@@ -296,6 +299,15 @@ def test_a_workload_longer_than_the_window_fails_the_job_before_running(
     assert "30 prompt + 8 output tokens do not fit the artifact's compiled sequence length 32" in failed.error
 
 
+def as_measured(level: evaluations_pb2.LevelMetrics) -> LevelMetrics:
+    """A stored level as the load driver's record, for its consistency checks."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(LevelMetrics):
+        value = getattr(level, f.name)
+        values[f.name] = Distribution(value.p50, value.p90, value.p99) if f.type == "Distribution" else value
+    return LevelMetrics(**values)
+
+
 def inductor_evaluator() -> BackendStatus:
     return BackendStatus(
         "inductor", True, toolchain="torch-2.13.0", compile_targets=("cpu-avx2",), evaluates=True
@@ -345,7 +357,7 @@ def test_a_real_evaluation_through_a_worker_and_prebake_evaluate(
     assert (evaluation.price.hourly_usd, evaluation.price.discount_rate) == (price.hourly_usd, 0.1)
     assert evaluation.host.runtime_versions["torch"].startswith("2.13")
     for level in evaluation.levels:
-        assert_consistent(level, workload)
+        assert_consistent(as_measured(level), Workload(8, 6, 4, (1, 4)))
         assert level.invocation_errors == 0 and level.output_tokens == 4 * 6
         assert level.output_tokens_per_second * level.duration_seconds == pytest.approx(level.output_tokens)
         assert level.itl_ms.p50 <= level.client_latency_ms.p50
@@ -353,3 +365,10 @@ def test_a_real_evaluation_through_a_worker_and_prebake_evaluate(
         blended = pricing.blended_price_per_million_tokens(price, level.concurrency, level.itl_ms.p50)
         assert level.blended_price_per_million_tokens == pytest.approx(blended)
         assert level.blended_price_per_million_tokens > 0
+
+
+def test_capabilities_stored_before_purposes_read_as_compile_only() -> None:
+    old = '[["inductor","torch-2.13.0",["cpu-avx2"]]]'
+    (capability,) = capabilities_from_json(old)
+    assert capability.purposes == (JobPurpose.COMPILE,)
+    assert capabilities_from_json(capabilities_json((capability,))) == (capability,)

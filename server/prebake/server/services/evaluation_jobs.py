@@ -33,7 +33,7 @@ from prebake.server.services.evaluation_rpcs import EvaluationRpcs, checked_arti
 from prebake.server.state import ServerState
 from prebake.server.storage.evaluation_store import EvaluationQuery
 from prebake.server.worker_liveness import WorkerLiveness
-from prebake.v1 import jobs_pb2, workers_pb2
+from prebake.v1 import evaluations_pb2, jobs_pb2, workers_pb2
 
 MAX_LEVELS = 16
 MAX_CONCURRENCY = 256
@@ -191,7 +191,7 @@ class EvaluationJobs:
             raise FailedPrecondition(f"{failed.error}; the evaluation was not stored") from None
         return workers_pb2.CompleteEvaluationJobResponse(job=convert.job(done), evaluation=stored)
 
-    async def _stored(self, job: Job) -> messages.evaluations_pb2.Evaluation | None:
+    async def _stored(self, job: Job) -> evaluations_pb2.Evaluation | None:
         """The evaluation a succeeded job stored, if it is stored (a repeated completion)."""
         page = await self.s.storage.evaluations.list_page(
             EvaluationQuery(artifact_id=job.artifact_id), "", RETRY_SCAN
