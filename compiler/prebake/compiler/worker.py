@@ -386,9 +386,15 @@ class Worker:
         artifact_dir = job_dir / "artifact"
         # Through this work dir's host cache: a worker evaluating one artifact again (more
         # workloads, other discounts) downloads none of its files twice.
-        self._client.fetch(
-            job.artifact_id, artifact_dir, host_cache=HostCache(self.config.work_dir / "host-cache")
-        )
+        try:
+            self._client.fetch(
+                job.artifact_id, artifact_dir, host_cache=HostCache(self.config.work_dir / "host-cache")
+            )
+        except NotFound:
+            # Deleted or evicted since the job was enqueued: no retry brings it back.
+            return self._fail(
+                run, f"artifact {job.artifact_id} no longer exists; nothing to evaluate", True, None
+            )
         request = evaluation_request(job, artifact_dir, self._tokenizer_dir(job, job_dir))
         (job_dir / "request.json").write_text(json.dumps(request, indent=1))
         returncode, stopped_because = run_compile(
