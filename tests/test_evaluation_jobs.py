@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from prebake.client import ArtifactKey, Client
+from prebake.client import ArtifactKey, Client, render
 from prebake.client.errors import FailedPrecondition, InvalidArgument, NotFound
 from prebake.client.model_revision import revision_of
 from prebake.compiler.evaluation_metrics import Distribution, LevelMetrics, Workload
@@ -188,6 +188,9 @@ def test_the_spec_carries_the_price_from_the_shipped_table(client: Client, tmp_p
         0.25,
     )
     assert spec.price.price_source == table.price_source and spec.price.input_output_ratio == 3.0
+    shown = render.job_text(job)
+    assert "4 requests of 8 prompt + 16 output tokens at concurrency 1,4; ml.c6a.4xlarge at $" in shown
+    assert "less 25%" in shown and render.job_json(job)["purpose"] == "evaluate"
 
 
 def test_a_price_table_file_overrides_the_shipped_one(tmp_path: Path) -> None:

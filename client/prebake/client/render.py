@@ -374,6 +374,19 @@ def artifacts_table(artifacts: Sequence[registry_pb2.Artifact]) -> str:
     return table(["ARTIFACT", "KIND", "TARGET", "SIZE", "STATE", "CREATED", "MODEL"], body)
 
 
+def _evaluation_spec_text(job: jobs_pb2.Job) -> str:
+    """An evaluation job's workload in a line ("" for a compile job; rows() skips it)."""
+    if job.purpose != jobs_pb2.JOB_PURPOSE_EVALUATE:
+        return ""
+    w, price = job.evaluation.workload, job.evaluation.price
+    levels = ",".join(str(c) for c in w.concurrency_levels)
+    return (
+        f"{w.requests} requests of {w.prompt_tokens} prompt + {w.output_tokens} output tokens at "
+        f"concurrency {levels}; {price.instance_type or 'no instance type'} at ${price.hourly_usd:g}/h"
+        + (f" less {price.discount_rate:.0%}" if price.discount_rate else "")
+    )
+
+
 def job_text(job: jobs_pb2.Job) -> str:
     return "\n".join(
         [
@@ -392,6 +405,8 @@ def job_text(job: jobs_pb2.Job) -> str:
                         job.error + (f" ({error_class_name(job.error_class)})" if job.error_class else ""),
                     ),
                     ("artifact", job.artifact_id),
+                    ("evaluates", _evaluation_spec_text(job)),
+                    ("evaluation", job.evaluation_id),
                     ("worker", job.worker),
                     ("source", job.model_source),
                     (
