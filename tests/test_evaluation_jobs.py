@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from prebake.client import ArtifactKey, Client, render
-from prebake.client.errors import FailedPrecondition, InvalidArgument, NotFound
+from prebake.client.errors import FailedPrecondition, InvalidArgument, NotFound, QuotaExceeded
 from prebake.client.model_revision import revision_of
 from prebake.compiler.evaluation_metrics import Distribution, LevelMetrics, Workload
 from prebake.compiler.probe import BackendStatus
@@ -375,3 +375,19 @@ def test_capabilities_stored_before_purposes_read_as_compile_only() -> None:
     (capability,) = capabilities_from_json(old)
     assert capability.purposes == (JobPurpose.COMPILE,)
     assert capabilities_from_json(capabilities_json((capability,))) == (capability,)
+
+
+def test_evaluations_spend_the_callers_job_budget_and_joins_are_free(tmp_path: Path) -> None:
+    with (
+        background_server(
+            tmp_path / "data", worker_grace_seconds=0.0, job_create_burst=1, job_create_per_minute=0.001
+        ) as srv,
+        Client(srv.address) as c,
+    ):
+        publish_stand_in(c, tmp_path)
+        register(c, EVALUATOR)
+        first = enqueue(c)
+        assert enqueue(c).job.job_id == first.job.job_id  # a join costs nothing
+        with pytest.raises(QuotaExceeded, match="jobs created"):
+            enqueue(c, requests=8)
+        assert [j.job_id for j in c.iter_jobs()] == [first.job.job_id]

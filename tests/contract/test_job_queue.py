@@ -284,6 +284,11 @@ async def test_a_compile_and_evaluations_of_one_key_coexist(storage: Storage) ->
     rejoined, created = await storage.jobs.create_if_absent(make_job(key, at=START + 4))
     assert not created and rejoined == compile_job
     assert await storage.jobs.active(key.digest) == compile_job
+    assert await storage.jobs.active_evaluation(key.digest, make_spec().digest) == evaluation
+    assert await storage.jobs.active_evaluation(key.digest, make_spec(requests=8).digest) == other
+    assert await storage.jobs.active_evaluation(key.digest, make_spec(requests=9).digest) is None
+    await storage.jobs.compare_and_set(replace(evaluation, state=JobState.CANCELLED, finished_at=START), 1)
+    assert await storage.jobs.active_evaluation(key.digest, make_spec().digest) is None
 
 
 async def test_an_evaluation_alone_is_not_the_keys_active_or_last_finished_job(storage: Storage) -> None:

@@ -150,6 +150,8 @@ class JobsServicer:
         compile target (the message says what the live workers serve). Nothing is
         enqueued. Retry once such a worker runs.
         * `PERMISSION_DENIED`: a reader on a server that lets readers only look up.
+        * `RESOURCE_EXHAUSTED`: the caller created too many jobs (compiles and evaluations
+        share the budget) lately; joining one in flight is always allowed. Retry later.
         * `UNAVAILABLE`: transient. Retry with backoff; an identical request joins the job.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

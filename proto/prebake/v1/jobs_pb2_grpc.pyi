@@ -106,6 +106,8 @@ class JobsStub:
       compile target (the message says what the live workers serve). Nothing is
       enqueued. Retry once such a worker runs.
     * `PERMISSION_DENIED`: a reader on a server that lets readers only look up.
+    * `RESOURCE_EXHAUSTED`: the caller created too many jobs (compiles and evaluations
+      share the budget) lately; joining one in flight is always allowed. Retry later.
     * `UNAVAILABLE`: transient. Retry with backoff; an identical request joins the job.
     """
 
@@ -177,6 +179,8 @@ class JobsAsyncStub(JobsStub):
       compile target (the message says what the live workers serve). Nothing is
       enqueued. Retry once such a worker runs.
     * `PERMISSION_DENIED`: a reader on a server that lets readers only look up.
+    * `RESOURCE_EXHAUSTED`: the caller created too many jobs (compiles and evaluations
+      share the budget) lately; joining one in flight is always allowed. Retry later.
     * `UNAVAILABLE`: transient. Retry with backoff; an identical request joins the job.
     """
 
@@ -275,6 +279,8 @@ class JobsServicer(metaclass=_abc_1.ABCMeta):
           compile target (the message says what the live workers serve). Nothing is
           enqueued. Retry once such a worker runs.
         * `PERMISSION_DENIED`: a reader on a server that lets readers only look up.
+        * `RESOURCE_EXHAUSTED`: the caller created too many jobs (compiles and evaluations
+          share the budget) lately; joining one in flight is always allowed. Retry later.
         * `UNAVAILABLE`: transient. Retry with backoff; an identical request joins the job.
         """
 

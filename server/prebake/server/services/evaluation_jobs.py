@@ -14,6 +14,7 @@ stores the evaluation under that id, so a worker that lost its lease stores noth
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from prebake.core import request_ids
 from prebake.core.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
@@ -35,6 +36,8 @@ from prebake.server.storage.evaluation_store import EvaluationQuery
 from prebake.server.worker_liveness import WorkerLiveness
 from prebake.v1 import evaluations_pb2, jobs_pb2, workers_pb2
 
+# (check, spend) of the caller's job-creation rate limit (`prebake.server.rate_limits`).
+Budget = tuple[Callable[[], None], Callable[[], None]]
 MAX_LEVELS = 16
 MAX_CONCURRENCY = 256
 MAX_REQUESTS = 10_000
@@ -109,10 +112,14 @@ class EvaluationJobs:
         return PriceInputs(instance, 0.0, discount, where, DEFAULT_INPUT_OUTPUT_RATIO)
 
     async def enqueue(
-        self, artifact: Artifact, wanted: EvaluationWorkload, discount: float
+        self, artifact: Artifact, wanted: EvaluationWorkload, discount: float, budget: Budget | None = None
     ) -> jobs_pb2.EnqueueEvaluationResponse:
         """Enqueue (or join) the evaluation of `artifact`, which the caller found from the
-        request after checking the request's fields (`workload`, `checked_discount`)."""
+        request after checking the request's fields (`workload`, `checked_discount`).
+
+        `budget` (check, spend) is the caller's job-creation limit: checked unless an identical
+        evaluation is in flight (a join costs nothing), spent when this call created the job.
+        """
         s = self.s
         spec = EvaluationSpec(wanted, self.price(artifact, discount))
         if artifact.unavailable:
@@ -128,6 +135,11 @@ class EvaluationJobs:
                 raise FailedPrecondition(f"{reason}; nothing was enqueued")
         if not may_enqueue(s.config.reader_may_enqueue):
             raise PermissionDenied(ENQUEUE_REFUSED)
+        if (
+            budget is not None
+            and await s.storage.jobs.active_evaluation(artifact.artifact_id, spec.digest) is None
+        ):
+            budget[0]()
         job, created = await s.lifecycle.create_or_join_evaluation(
             artifact.key,
             spec,
@@ -136,6 +148,8 @@ class EvaluationJobs:
             request_id=request_ids.current() or "",
         )
         if created:
+            if budget is not None:
+                budget[1]()
             s.hub.notify([job.job_id])
             s.work.fire()
         return jobs_pb2.EnqueueEvaluationResponse(job=convert.job(job), created=created)

@@ -13,6 +13,7 @@ import grpc
 
 from prebake.core.errors import InvalidArgument, NotFound
 from prebake.server import convert
+from prebake.server.rate_limits import caller
 from prebake.server.records import Job
 from prebake.server.services import evaluation_jobs, pagination
 from prebake.server.services.evaluation_jobs import EvaluationJobs
@@ -123,4 +124,8 @@ class JobsService(jobs_pb2_grpc.JobsServicer):
                     f"no artifact for this key ({key.digest}); `prebake ensure` it first, then evaluate it"
                 )
             artifact = found
-        return await self.evaluation_jobs.enqueue(artifact, wanted, discount)
+        # Worker time like a compile: the same per-caller budget of jobs created (a join is free).
+        who, limit = caller(context), self.registry.job_creations
+        return await self.evaluation_jobs.enqueue(
+            artifact, wanted, discount, (lambda: limit.check(who), lambda: limit.spend(who))
+        )

@@ -42,6 +42,11 @@ class JobQueue(Protocol):
         """The key's queued or leased compile job, if any (never an evaluation job)."""
         ...
 
+    async def active_evaluation(self, key_digest: str, spec_digest: str) -> Job | None:
+        """The queued or leased evaluation job of the key for the spec of `spec_digest`
+        (`EvaluationSpec.digest`), if any: the job an identical evaluation would join."""
+        ...
+
     async def last_finished(self, key_digest: str) -> Job | None:
         """The key's most recently finished compile job (by finished_at), if any."""
         ...

@@ -194,6 +194,11 @@ class DynamoJobQueue:
         )
         return None if job is None else self.remember(job)
 
+    async def active_evaluation(self, key_digest: str, spec_digest: str) -> Job | None:
+        sk = items.EVALUATION_GUARD_PREFIX + spec_digest  # items.guard_sk
+        job = await self._engine.run(self._where, lambda: self._get_sync(items.key_pk(key_digest), sk))
+        return None if job is None else self.remember(job)
+
     async def last_finished(self, key_digest: str) -> Job | None:
         params = {
             "TableName": self._table,

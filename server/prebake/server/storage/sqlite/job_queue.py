@@ -95,6 +95,10 @@ class SqliteJobQueue:
     async def active(self, key_digest: str) -> Job | None:
         return self._one(_ACTIVE_COMPILE, (key_digest,))
 
+    async def active_evaluation(self, key_digest: str, spec_digest: str) -> Job | None:
+        flight = f"evaluate:{key_digest}:{spec_digest}"  # Job.flight
+        return self._one(f"SELECT * FROM jobs WHERE flight = ? AND {ACTIVE_STATES_SQL}", (flight,))
+
     async def last_finished(self, key_digest: str) -> Job | None:
         return self._one(
             "SELECT * FROM jobs WHERE key_digest = ? AND purpose = 'compile' AND finished_at IS NOT NULL "
