@@ -22,6 +22,7 @@ from prebake.client import ArtifactKey, Client, render
 from prebake.client.errors import FailedPrecondition, InvalidArgument, NotFound, QuotaExceeded
 from prebake.client.model_revision import revision_of
 from prebake.compiler.evaluation_metrics import Distribution, LevelMetrics, Workload
+from prebake.compiler.evaluation_run import EVALUATORS
 from prebake.compiler.probe import BackendStatus
 from prebake.compiler.worker import Worker, WorkerConfig
 from prebake.core import pricing
@@ -391,3 +392,23 @@ def test_evaluations_spend_the_callers_job_budget_and_joins_are_free(tmp_path: P
         with pytest.raises(QuotaExceeded, match="jobs created"):
             enqueue(c, requests=8)
         assert [j.job_id for j in c.iter_jobs()] == [first.job.job_id]
+
+
+def test_neuron_artifacts_are_not_evaluated_here(client: Client, tmp_path: Path) -> None:
+    # This package does not drive the Neuron runtime: no worker advertises evaluating neuron
+    # artifacts (even where the SDK compiles them), so their evaluations are refused as unserved.
+    assert "neuron" not in EVALUATORS
+    neuron = BackendStatus("neuron", True, toolchain="neuronx-cc-2.15", compile_targets=("inf2",))
+    assert list(neuron.capability().purposes) == [COMPILE]
+    key = ArtifactKey(
+        kind="neuron",
+        model="test/tiny-llama",
+        instance_type="ml.inf2.xlarge",
+        sequence_length=SEQ,
+        batch_size=1,
+        toolchain="neuronx-cc-2.15",
+    )
+    publish_stand_in(client, tmp_path, key)
+    register(client, neuron.capability(), "w-neuron")
+    with pytest.raises(FailedPrecondition, match=r"no live worker evaluates neuron .*\(compile only\)"):
+        enqueue(client, key)
