@@ -361,6 +361,7 @@ def test_probe_reports_toolchain_and_targets() -> None:
     assert inductor["toolchain"] == "torch-2.13.0"
     assert inductor["compile_targets"] == BACKEND.compile_targets()
     assert "cpu-avx2" in inductor["compile_targets"]
+    assert inductor["evaluates"] is True  # evaluation jobs of inductor artifacts run here too
     assert available_backends()["inductor"] == (True, "")
 
 

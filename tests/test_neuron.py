@@ -320,7 +320,14 @@ def test_probe_lists_neuron_as_unavailable() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     neuron = json.loads(proc.stdout)["neuron"]
-    assert neuron == {"available": False, "reason": NOT_INSTALLED, "toolchain": "", "compile_targets": []}
+    assert neuron == {
+        "available": False,
+        "reason": NOT_INSTALLED,
+        "toolchain": "",
+        "compile_targets": [],
+        # Nor does it evaluate neuron artifacts (evaluation jobs of neuron keys wait for a host that does).
+        "evaluates": False,
+    }
 
 
 # -- a real compile (Neuron hosts only) -----------------------------------------------------------

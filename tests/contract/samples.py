@@ -15,9 +15,11 @@ from prebake.server.records import (
     Distribution,
     Evaluation,
     EvaluationHost,
+    EvaluationSpec,
     EvaluationWorkload,
     FileEntry,
     Job,
+    JobPurpose,
     JobState,
     LevelMetrics,
     NormalizedKey,
@@ -156,3 +158,26 @@ def make_evaluation(artifact: Artifact, at: float = START, **overrides: Any) -> 
     }
     fields.update(overrides)
     return Evaluation(**fields)
+
+
+def make_spec(requests: int = 4, levels: tuple[int, ...] = (1, 4), discount: float = 0.0) -> EvaluationSpec:
+    """What an evaluation job runs, as `EnqueueEvaluation` resolves it."""
+    return EvaluationSpec(
+        EvaluationWorkload(16, 8, requests, levels),
+        PriceInputs("c7i.2xlarge", 0.357, discount, "table:2026-11-01", 3.0),
+    )
+
+
+def make_evaluation_job(
+    key: NormalizedKey | None = None, at: float = START, spec: EvaluationSpec | None = None, **overrides: Any
+) -> Job:
+    """A new queued evaluation job, as `JobLifecycle.create_or_join_evaluation` builds it."""
+    found = key or make_key()
+    return make_job(
+        found,
+        at,
+        purpose=JobPurpose.EVALUATE,
+        evaluation=spec or make_spec(),
+        artifact_id=found.digest,
+        **overrides,
+    )

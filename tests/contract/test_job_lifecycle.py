@@ -11,7 +11,7 @@ import pytest
 
 from prebake.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from prebake.server.job_lifecycle import JobLifecycle, lease_number, manifest_digest, retry_backoff
-from prebake.server.records import ErrorClass, Job, JobState, Producer, WorkerCapability
+from prebake.server.records import ErrorClass, Job, JobPurpose, JobState, Producer, WorkerCapability
 from prebake.server.storage import JobQueue
 from prebake.server.storage.bundle import Storage
 from tests.contract.samples import (
@@ -24,6 +24,7 @@ from tests.contract.samples import (
     by_path,
     entry,
     make_key,
+    make_spec,
 )
 from tests.contract.storage_backends import Backend
 
@@ -636,3 +637,44 @@ async def test_replicas_expiring_one_lease_at_once_report_it_once(
     [[expired]] = [report for report in reports if report]
     assert expired == await lifecycle.jobs.get(job.job_id)
     assert await sequences(lifecycle, job.job_id) == [1, 2, 3]
+
+
+# --- evaluation jobs ---------------------------------------------------------------------------
+
+
+async def test_an_evaluation_job_is_leased_fenced_and_completed_once(lifecycle: JobLifecycle) -> None:
+    key = make_key()
+    await lifecycle.publish(key, FILES, PRODUCER)
+    job, created = await lifecycle.create_or_join_evaluation(key, make_spec(), request_id="req-ev")
+    assert created and job.purpose is JobPurpose.EVALUATE and job.artifact_id == key.digest
+    _, joined = await lifecycle.create_or_join_evaluation(key, make_spec())
+    assert not joined
+    evaluator = replace(NEURON, purposes=(JobPurpose.EVALUATE,))
+    assert await lifecycle.lease("compiler", [NEURON]) is None  # compile-only workers never take it
+    first = await lifecycle.lease("w1", [evaluator])
+    assert first is not None and first.job_id == job.job_id
+    await lifecycle.release(job.job_id, first.fencing_token)
+    second = await lifecycle.lease("w2", [evaluator])
+    assert second is not None
+    with pytest.raises(FailedPrecondition, match="not leased under fencing token"):
+        await lifecycle.complete_evaluation(job.job_id, first.fencing_token, "ev-stale")
+    # A compile's completion is refused for it, whatever the token.
+    with pytest.raises(InvalidArgument, match="evaluation job"):
+        await lifecycle.complete(job.job_id, second.fencing_token, FILES, PRODUCER)
+    done, changed = await lifecycle.complete_evaluation(job.job_id, second.fencing_token, "ev-1")
+    assert changed and done.state is JobState.SUCCEEDED and done.evaluation_id == "ev-1"
+    again, changed = await lifecycle.complete_evaluation(job.job_id, second.fencing_token, "ev-2")
+    assert not changed and again == done
+    with pytest.raises(FailedPrecondition):
+        await lifecycle.complete_evaluation(job.job_id, first.fencing_token, "ev-3")
+    # The key's artifact and compile state are untouched by it.
+    assert await lifecycle.jobs.active(key.digest) is None
+    assert await lifecycle.jobs.last_finished(key.digest) is None
+
+
+async def test_a_compile_job_is_not_completed_as_an_evaluation(lifecycle: JobLifecycle) -> None:
+    job, _ = await lifecycle.create_or_join(make_key())
+    leased = await lifecycle.lease("w1", [NEURON])
+    assert leased is not None
+    with pytest.raises(InvalidArgument, match="compile job"):
+        await lifecycle.complete_evaluation(job.job_id, leased.fencing_token, "ev-1")

@@ -8,10 +8,19 @@ from dataclasses import replace
 import pytest
 
 from prebake.core.errors import InvalidArgument
-from prebake.server.records import ErrorClass, Job, JobState, WorkerCapability
+from prebake.server.records import ErrorClass, Job, JobPurpose, JobState, WorkerCapability
 from prebake.server.storage import ConditionFailed, JobQuery
 from prebake.server.storage.bundle import Storage
-from tests.contract.samples import NEURON, NEURON_AWQ, START, blob, make_job, make_key
+from tests.contract.samples import (
+    NEURON,
+    NEURON_AWQ,
+    START,
+    blob,
+    make_evaluation_job,
+    make_job,
+    make_key,
+    make_spec,
+)
 from tests.contract.storage_backends import Backend
 
 ALL = JobQuery()
@@ -238,3 +247,73 @@ async def test_expired_leases_at_or_before_now_soonest_first(storage: Storage) -
     )
     await storage.jobs.compare_and_set(requeued, jobs[1].revision)
     assert await ids(START + 100) == [jobs[2].job_id, jobs[0].job_id]
+
+
+# --- evaluation jobs -------------------------------------------------------------------
+
+
+EVALUATE = JobPurpose.EVALUATE
+
+
+async def test_an_evaluation_job_round_trips_with_its_spec(storage: Storage) -> None:
+    new = make_evaluation_job(request_id="req-ev")
+    job, created = await storage.jobs.create_if_absent(new)
+    assert created and job == replace(new, revision=1)
+    assert job.purpose is EVALUATE and job.evaluation == make_spec()
+    done = await storage.jobs.compare_and_set(
+        replace(leased(job), state=JobState.SUCCEEDED, evaluation_id="ev-1", finished_at=START + 1), 1
+    )
+    assert await storage.jobs.get(job.job_id) == done and done.evaluation_id == "ev-1"
+    # The events carry the purpose and spec too (read back from the job).
+    assert [e.job for e in await storage.jobs.events(job.job_id)] == [job, done]
+
+
+async def test_a_compile_and_evaluations_of_one_key_coexist(storage: Storage) -> None:
+    key = make_key()
+    compile_job, _ = await storage.jobs.create_if_absent(make_job(key))
+    evaluation, created = await storage.jobs.create_if_absent(make_evaluation_job(key, at=START + 1))
+    assert created and evaluation.job_id != compile_job.job_id
+    # An identical evaluation joins; a different one is a job of its own.
+    joined, created = await storage.jobs.create_if_absent(make_evaluation_job(key, at=START + 2))
+    assert not created and joined == evaluation
+    other, created = await storage.jobs.create_if_absent(
+        make_evaluation_job(key, at=START + 3, spec=make_spec(requests=8))
+    )
+    assert created and other.job_id not in (evaluation.job_id, compile_job.job_id)
+    # A compile still joins the compile job; "the key's active job" is the compile job.
+    rejoined, created = await storage.jobs.create_if_absent(make_job(key, at=START + 4))
+    assert not created and rejoined == compile_job
+    assert await storage.jobs.active(key.digest) == compile_job
+    assert await storage.jobs.active_evaluation(key.digest, make_spec().digest) == evaluation
+    assert await storage.jobs.active_evaluation(key.digest, make_spec(requests=8).digest) == other
+    assert await storage.jobs.active_evaluation(key.digest, make_spec(requests=9).digest) is None
+    await storage.jobs.compare_and_set(replace(evaluation, state=JobState.CANCELLED, finished_at=START), 1)
+    assert await storage.jobs.active_evaluation(key.digest, make_spec().digest) is None
+
+
+async def test_an_evaluation_alone_is_not_the_keys_active_or_last_finished_job(storage: Storage) -> None:
+    key = make_key()
+    evaluation, _ = await storage.jobs.create_if_absent(make_evaluation_job(key))
+    assert await storage.jobs.active(key.digest) is None
+    compile_job, created = await storage.jobs.create_if_absent(make_job(key, at=START + 1))
+    assert created
+    failed = await storage.jobs.compare_and_set(
+        replace(compile_job, state=JobState.FAILED, finished_at=START + 2), 1
+    )
+    await storage.jobs.compare_and_set(replace(evaluation, state=JobState.FAILED, finished_at=START + 3), 1)
+    assert await storage.jobs.last_finished(key.digest) == failed
+
+
+async def test_leasable_matches_purposes(storage: Storage) -> None:
+    compile_job, _ = await storage.jobs.create_if_absent(make_job(at=START))
+    evaluation, _ = await storage.jobs.create_if_absent(make_evaluation_job(at=START + 1))
+
+    async def ids(*caps: WorkerCapability) -> list[str]:
+        return [j.job_id for j in await storage.jobs.leasable(caps, START + 10, 10)]
+
+    both = (JobPurpose.COMPILE, EVALUATE)
+    # A capability without purposes given serves compiles only (workers from before).
+    assert await ids(NEURON) == [compile_job.job_id]
+    assert await ids(replace(NEURON, purposes=(EVALUATE,))) == [evaluation.job_id]
+    assert await ids(replace(NEURON, purposes=both)) == [compile_job.job_id, evaluation.job_id]
+    assert await ids(replace(NEURON, purposes=())) == []

@@ -24,7 +24,7 @@ from sqlite_utils import Database as SqliteUtilsDatabase
 
 from prebake.core.errors import FailedPrecondition, Unavailable
 from prebake.server.job_lifecycle import JobLifecycle, lease_number
-from prebake.server.records import JobState, WorkerRecord
+from prebake.server.records import JobPurpose, JobState, WorkerRecord
 from prebake.server.storage import ArtifactQuery
 from prebake.server.storage.sqlite import SchemaTooNew, open_sqlite, rows, schema
 from prebake.server.storage.sqlite.connection import Database
@@ -36,6 +36,7 @@ from tests.contract.samples import (
     SIGNATURE,
     START,
     make_artifact,
+    make_evaluation_job,
     make_job,
     make_key,
 )
@@ -123,7 +124,7 @@ def _applied(path: Path) -> list[tuple[int, str, float]]:
 def test_migrations_apply_once_and_reopening_is_a_noop(db_path: Path) -> None:
     Database(db_path, START).close()
     first = _applied(db_path)
-    assert [row[0] for row in first] == [v for v, _, _ in schema.MIGRATIONS] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert [row[0] for row in first] == [v for v, _, _ in schema.MIGRATIONS] == [1, 2, 3, 4, 5, 6, 7, 8, 9]
     assert {row[2] for row in first} == {START}
     Database(db_path, START + 3600).close()
     assert _applied(db_path) == first
@@ -213,6 +214,8 @@ async def test_a_version_1_database_gains_job_revisions_and_workers(db_path: Pat
     for sequence, version in enumerate(history, start=1):
         row = rows.job_row(version)
         del row["revision"], row["request_id"]  # added by migrations 2 and 6
+        for added in ("purpose", "evaluation", "evaluation_id", "flight"):  # by migration 9
+            del row[added]
         if sequence == 1:
             v1.table("jobs").insert(row)
         else:
@@ -273,6 +276,35 @@ async def test_a_version_1_database_gains_job_revisions_and_workers(db_path: Pat
         record = WorkerRecord("w2", (NEURON,), START + 100, START + 130)
         await storage.workers.put_worker(record)
         assert await storage.workers.workers(START + 100) == [record]
+    finally:
+        storage.close()
+
+
+async def test_a_version_8_database_gains_evaluation_jobs_and_its_jobs_read_as_compiles(
+    db_path: Path,
+) -> None:
+    db_path.parent.mkdir(parents=True)
+    v8 = _autocommit_db(db_path)
+    assert schema.migrate(v8, START, schema.MIGRATIONS[:8]) == list(range(1, 9))
+    job = make_job(request_id="req-old")
+    row = rows.job_row(replace(job, revision=1))
+    for added in ("purpose", "evaluation", "evaluation_id", "flight"):
+        del row[added]
+    v8.table("jobs").insert(row)
+    v8.conn.close()
+
+    storage = open_sqlite(db_path)
+    try:
+        assert [v for v, _, _ in _applied(db_path)][-1] == 9
+        stored = await storage.jobs.get(job.job_id)
+        assert stored == replace(job, revision=1)
+        assert stored.purpose is JobPurpose.COMPILE and stored.flight == job.key.digest
+        assert await storage.jobs.active(job.key.digest) == stored
+        # Single flight still holds for the old compile job; an evaluation of the key does not join it.
+        joined, created = await storage.jobs.create_if_absent(make_job(job.key, at=START + 1))
+        assert not created and joined == stored
+        evaluation, created = await storage.jobs.create_if_absent(make_evaluation_job(job.key, at=START + 2))
+        assert created and evaluation.purpose is JobPurpose.EVALUATE
     finally:
         storage.close()
 

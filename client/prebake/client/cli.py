@@ -869,6 +869,67 @@ def _add_evaluations(sub: _Commands) -> None:
     _add_json(p)
 
 
+def _concurrency_levels(text: str) -> list[int]:
+    """`1,4,8` -> [1, 4, 8]: each a positive integer (the server checks the rest)."""
+    try:
+        return [positive_int(part.strip()) for part in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive integers, got {text!r}"
+        ) from None
+
+
+def _add_evaluate(sub: _Commands) -> None:
+    p = sub.add_command(
+        "evaluate",
+        commands.evaluate,
+        summary="measure an artifact's latency, throughput and price on a worker",
+        description="Enqueue an evaluation of the key's artifact (or --artifact ID): a worker that serves\n"
+        "the artifact's kind fetches it, sends --requests synthetic requests at each --concurrency\n"
+        "level and stores the evaluation (TTFT, inter-token latency, tokens/s, $ per million\n"
+        "tokens from the server's price table). Waits with progress, then prints it; an identical\n"
+        "evaluation in flight is joined.",
+        examples="""
+        prebake evaluate --kind inductor --model my/llama --instance-type ml.c7i.4xlarge \\
+            --sequence-length 512 --batch-size 1 --concurrency 1,4,8 --requests 32
+        prebake evaluate --artifact 3f2a9c0d1e2b3a4f5e6d7c8b9a0f1e2d --concurrency 1 --requests 8 --no-wait
+        """,
+    )
+    _add_key_options(p, required=False, lookup=False)
+    p.add_argument("--artifact", default="", metavar="ID", help="the artifact to evaluate, instead of a key")
+    p.add_argument(
+        "--concurrency",
+        type=_concurrency_levels,
+        required=True,
+        metavar="C,C,...",
+        help="concurrency levels to run (requests in flight at once), e.g. 1,4,8",
+    )
+    p.add_argument("--requests", type=positive_int, required=True, metavar="N", help="requests per level")
+    p.add_argument(
+        "--prompt-tokens", type=positive_int, default=0, metavar="P", help="tokens per prompt (default 16)"
+    )
+    p.add_argument(
+        "--output-tokens",
+        type=positive_int,
+        default=0,
+        metavar="O",
+        help="tokens generated per request (default 16)",
+    )
+    p.add_argument(
+        "--discount-rate",
+        type=float,
+        default=0.0,
+        metavar="D",
+        help="discount on the hourly price, 0 to below 1",
+    )
+    p.add_argument("--no-wait", action="store_true", help="enqueue and print the job; do not wait")
+    p.add_argument(
+        "--wait-timeout", type=positive_seconds, metavar="S", help="give up waiting after S seconds"
+    )
+    _add_quiet(p)
+    _add_json(p)
+
+
 def _add_evaluation_filters(p: argparse.ArgumentParser, suppress: bool) -> None:
     # Given on the group and on `list` alike; a subcommand's defaults must not mask the group's.
     default: Any = argparse.SUPPRESS if suppress else ""
@@ -1050,6 +1111,7 @@ CLIENT_COMMANDS: dict[str, Callable[[_Commands], None]] = {
     "show": _add_show,
     "evaluations": _add_evaluations,
     "recommend": _add_recommend,
+    "evaluate": _add_evaluate,
     "rm": _add_rm,
     "pin": _add_pin,
     "import": _add_import,

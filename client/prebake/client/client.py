@@ -720,6 +720,46 @@ class Client:
             raise Unavailable(f"the watch of job {job_id} ended without a terminal state", self.target)
         return job
 
+    def enqueue_evaluation(
+        self,
+        key: KeyLike | None = None,
+        *,
+        artifact_id: str = "",
+        concurrency_levels: Sequence[int],
+        requests: int,
+        prompt_tokens: int = 0,
+        output_tokens: int = 0,
+        discount_rate: float = 0.0,
+    ) -> jobs_pb2.EnqueueEvaluationResponse:
+        """Enqueue (or join an identical) evaluation of the artifact of `key` (or `artifact_id`).
+
+        A worker runs the workload against the artifact and stores the evaluation; follow the
+        returned job with `wait_for_job` (`Job.evaluation_id` names the stored evaluation).
+        0 token counts mean the server's default (16). Raises InvalidArgument naming the field,
+        NotFound when the key has no artifact, FailedPrecondition when no live worker can
+        evaluate it.
+        """
+        request = jobs_pb2.EnqueueEvaluationRequest(
+            key=_key_proto(key) if key is not None else None,
+            artifact_id=artifact_id,
+            workload=evaluations_pb2.EvaluationWorkload(
+                prompt_tokens=prompt_tokens,
+                output_tokens=output_tokens,
+                requests=requests,
+                concurrency_levels=list(concurrency_levels),
+            ),
+            discount_rate=discount_rate,
+        )
+        return self._call(lambda t: self._conn.stubs.jobs.EnqueueEvaluation(request, timeout=t))
+
+    def evaluation_of(self, job: jobs_pb2.Job) -> evaluations_pb2.Evaluation:
+        """The evaluation a succeeded evaluation job stored. Raises NotFound if it is not
+        (any more) among its artifact's evaluations."""
+        for found in self.iter_evaluations(artifact_id=job.artifact_id):
+            if found.evaluation_id == job.evaluation_id:
+                return found
+        raise NotFound(f"evaluation {job.evaluation_id or '(none)'} of job {job.job_id} is not stored")
+
     def cancel_job(self, job_id: str, reason: str = "") -> jobs_pb2.Job:
         """Cancel a queued or leased job. Raises FailedPrecondition if it already finished."""
         request = jobs_pb2.CancelJobRequest(job_id=job_id, reason=reason)
@@ -784,6 +824,16 @@ class Client:
             signature=_signature_message(signature),
         )
         return self._call(lambda t: self._conn.stubs.workers.CompleteJob(request, timeout=t))
+
+    def complete_evaluation_job(
+        self, job_id: str, fencing_token: int, evaluation: evaluations_pb2.Evaluation
+    ) -> workers_pb2.CompleteEvaluationJobResponse:
+        """Store a leased evaluation job's result. Raises FailedPrecondition when the lease was
+        lost (nothing stored); idempotent under the same token, so safe to retry."""
+        request = workers_pb2.CompleteEvaluationJobRequest(
+            job_id=job_id, fencing_token=fencing_token, evaluation=evaluation
+        )
+        return self._call(lambda t: self._conn.stubs.workers.CompleteEvaluationJob(request, timeout=t))
 
     def fail_job(
         self,

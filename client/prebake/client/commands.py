@@ -535,6 +535,35 @@ def evaluations_import(args: argparse.Namespace, client: Client) -> int:
     return exitcodes.OK
 
 
+def evaluate(args: argparse.Namespace, client: Client) -> int:
+    named_key = bool(args.kind or args.model)
+    if bool(args.artifact) == named_key:
+        raise UsageError("give the key options (--kind, --model, ...) or --artifact ID, one of them")
+    response = client.enqueue_evaluation(
+        key_from_args(args) if named_key else None,
+        artifact_id=args.artifact,
+        concurrency_levels=args.concurrency,
+        requests=args.requests,
+        prompt_tokens=args.prompt_tokens,
+        output_tokens=args.output_tokens,
+        discount_rate=args.discount_rate,
+    )
+    job = response.job
+    if args.no_wait:
+        _emit(args, render.job_text(job), render.job_json(job))
+        return exitcodes.OK
+    with _job_display(args) as display:
+        job = client.wait_for_job(job.job_id, timeout=args.wait_timeout, on_event=display)
+    if job.state != jobs_pb2.JOB_STATE_SUCCEEDED:
+        _emit(args, render.job_text(job), render.job_json(job))
+        return _JOB_EXIT.get(job.state, exitcodes.ERROR)
+    evaluation = client.evaluation_of(job)
+    text = f"stored evaluation {evaluation.evaluation_id} of artifact {evaluation.artifact_id}\n\n"
+    data = {"job": render.job_json(job), "evaluation": render.evaluation_json(evaluation)}
+    _emit(args, text + render.evaluation_text(evaluation), data)
+    return exitcodes.OK
+
+
 def rm(args: argparse.Namespace, client: Client) -> int:
     try:
         response = client.delete_artifact(args.artifact_id, force=args.force)

@@ -106,6 +106,9 @@ def job_json(job: jobs_pb2.Job) -> dict[str, Any]:
         "updated_at": timestamp_json(job.updated_at),
         "lease_expires_at": timestamp_json(job.lease_expires_at),
         "finished_at": timestamp_json(job.finished_at),
+        # Compile or evaluate; an evaluation job's stored evaluation once it succeeded.
+        "purpose": "evaluate" if job.purpose == jobs_pb2.JOB_PURPOSE_EVALUATE else "compile",
+        "evaluation_id": job.evaluation_id or None,
     }
 
 
@@ -371,6 +374,19 @@ def artifacts_table(artifacts: Sequence[registry_pb2.Artifact]) -> str:
     return table(["ARTIFACT", "KIND", "TARGET", "SIZE", "STATE", "CREATED", "MODEL"], body)
 
 
+def _evaluation_spec_text(job: jobs_pb2.Job) -> str:
+    """An evaluation job's workload in a line ("" for a compile job; rows() skips it)."""
+    if job.purpose != jobs_pb2.JOB_PURPOSE_EVALUATE:
+        return ""
+    w, price = job.evaluation.workload, job.evaluation.price
+    levels = ",".join(str(c) for c in w.concurrency_levels)
+    return (
+        f"{w.requests} requests of {w.prompt_tokens} prompt + {w.output_tokens} output tokens at "
+        f"concurrency {levels}; {price.instance_type or 'no instance type'} at ${price.hourly_usd:g}/h"
+        + (f" less {price.discount_rate:.0%}" if price.discount_rate else "")
+    )
+
+
 def job_text(job: jobs_pb2.Job) -> str:
     return "\n".join(
         [
@@ -389,6 +405,8 @@ def job_text(job: jobs_pb2.Job) -> str:
                         job.error + (f" ({error_class_name(job.error_class)})" if job.error_class else ""),
                     ),
                     ("artifact", job.artifact_id),
+                    ("evaluates", _evaluation_spec_text(job)),
+                    ("evaluation", job.evaluation_id),
                     ("worker", job.worker),
                     ("source", job.model_source),
                     (

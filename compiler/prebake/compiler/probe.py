@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from prebake.compiler.reports import tail_text
 from prebake.compiler.supervise import RUN_MODULE
 from prebake.core.names import kind_to_proto
-from prebake.v1 import workers_pb2
+from prebake.v1 import jobs_pb2, workers_pb2
 
 
 class ProbeError(RuntimeError):
@@ -42,17 +42,25 @@ class BackendStatus:
     reason: str = ""
     toolchain: str = ""
     compile_targets: tuple[str, ...] = ()
+    # Whether this host also runs evaluation jobs of the kind (see evaluation_run.py).
+    evaluates: bool = False
 
     def capability(self) -> workers_pb2.Capability:
+        purposes = [jobs_pb2.JOB_PURPOSE_COMPILE]
+        if self.evaluates:
+            purposes.append(jobs_pb2.JOB_PURPOSE_EVALUATE)
         return workers_pb2.Capability(
-            kind=kind_to_proto(self.kind), toolchain=self.toolchain, compile_targets=self.compile_targets
+            kind=kind_to_proto(self.kind),
+            toolchain=self.toolchain,
+            compile_targets=self.compile_targets,
+            purposes=purposes,
         )
 
     def describe(self) -> str:
         if not self.available:
             return f"{self.kind}: {self.reason or 'not available'}"
         targets = ", ".join(self.compile_targets) or "any target"
-        return f"{self.kind}: {self.toolchain} ({targets})"
+        return f"{self.kind}: {self.toolchain} ({targets}{'; evaluates' if self.evaluates else ''})"
 
 
 def probe_backends(python: str = sys.executable, timeout: float = 300.0) -> dict[str, BackendStatus]:
@@ -81,6 +89,7 @@ def probe_backends(python: str = sys.executable, timeout: float = 300.0) -> dict
                 reason=str(entry.get("reason") or ""),
                 toolchain=str(entry.get("toolchain") or ""),
                 compile_targets=tuple(str(t) for t in entry.get("compile_targets") or ()),
+                evaluates=bool(entry.get("evaluates")),
             )
             for kind, entry in data.items()
         }

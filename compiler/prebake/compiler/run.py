@@ -23,8 +23,8 @@ Protocol (see backend.py):
   exit    EXIT_OK (0) success; EXIT_DETERMINISTIC (3) the configuration is rejected, do not
           retry; EXIT_TRANSIENT (1) anything else; 2 for a command-line error.
 
-`--probe` prints {kind: {"available", "reason", "toolchain", "compile_targets"}} as one
-JSON object, so a worker learns its capabilities without importing torch itself.
+`--probe` prints {kind: {"available", "reason", "toolchain", "compile_targets", "evaluates"}} as
+one JSON object, so a worker learns its capabilities without importing torch itself.
 """
 
 from __future__ import annotations
@@ -85,6 +85,8 @@ def probe() -> dict[str, dict[str, Any]]:
     May import toolchains (compile targets come from torch's CPU detection): run it in a
     child (`--probe`), not in the worker process.
     """
+    from prebake.compiler.evaluation_run import EVALUATORS  # it imports this module
+
     report: dict[str, dict[str, Any]] = {}
     for kind, factory in BACKENDS.items():
         backend = factory()
@@ -94,6 +96,8 @@ def probe() -> dict[str, dict[str, Any]]:
             "reason": reason,
             "toolchain": backend.toolchain() if ok else "",
             "compile_targets": backend.compile_targets() if ok else [],
+            # Whether this host also runs evaluation jobs of the kind (evaluation_run.py).
+            "evaluates": ok and kind in EVALUATORS,
         }
     return report
 

@@ -114,16 +114,19 @@ def run_compile(
     abandon: threading.Event,
     drain_seconds: float,
     kill_grace_seconds: float,
+    module: str = RUN_MODULE,
 ) -> tuple[int, str | None]:
     """Run the backend on `job_dir/request.json`; (exit status, why we stopped it or None).
 
-    `stopping` starts the drain (`drain_seconds`), `abandon` ends it at once.
+    `stopping` starts the drain (`drain_seconds`), `abandon` ends it at once. `module` is the
+    child's module: the compile child, or the evaluation child (`prebake.compiler.evaluation_run`),
+    which speaks the same protocol.
     """
     kind = kind_name(run.lease.job.key.key.kind)
     command = [
         python,
         "-m",
-        RUN_MODULE,
+        module,
         "--kind",
         kind,
         "--request",

@@ -1,5 +1,10 @@
 """The compile worker: lease jobs from a prebake server, compile them in a child process, publish.
 
+Evaluation jobs (purpose EVALUATE) take the same loop with other steps: the workload is checked
+against the key, the artifact fetched through a host cache under `work_dir`, the workload run
+in the evaluation child (`prebake.compiler.evaluation_run`, the same protocol) and the result
+stored with `CompleteEvaluationJob` (see evaluation_job.py).
+
 A worker advertises what it can compile (kind, toolchain, compile targets, as reported by
 `python -m prebake.compiler.run --probe` in a child process, so that the worker process
 itself never imports torch or any other toolchain) and then loops:
@@ -31,6 +36,7 @@ signals.py (`prebake worker` in the foreground) and embedded.py (workers inside
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -52,7 +58,14 @@ from prebake.client.errors import (
     PrebakeError,
     Unavailable,
 )
+from prebake.client.hostcache import HostCache
 from prebake.compiler.backend import EXIT_DETERMINISTIC, EXIT_OK, CompileError, CompileRequest
+from prebake.compiler.evaluation_job import (
+    EVALUATION_MODULE,
+    evaluation_message,
+    evaluation_request,
+    workload_problem,
+)
 from prebake.compiler.heartbeat import Heartbeat, heartbeat_interval
 from prebake.compiler.job_run import JobRun, Lease, LeaseGone, Outcome
 from prebake.compiler.lease_poll import LeasePoller
@@ -67,7 +80,7 @@ from prebake.compiler.probe import (
 )
 from prebake.compiler.publish_outputs import NothingToPublish, publish, upload_log
 from prebake.compiler.reports import MAX_ERROR_CHARS, failure_report
-from prebake.compiler.supervise import key_fields, run_compile
+from prebake.compiler.supervise import key_fields, read_result, run_compile
 from prebake.compiler.work_dir import default_work_dir, worker_dir
 from prebake.core.names import kind_name, kind_names
 from prebake.core.request_ids import request_scope
@@ -305,6 +318,8 @@ class Worker:
 
     def _attempt(self, run: JobRun, job_dir: Path) -> Outcome:
         job = run.lease.job
+        if job.purpose == jobs_pb2.JOB_PURPOSE_EVALUATE:
+            return self._evaluate(run, job_dir)
         log_path = job_dir / "compile.log"
         log_path.touch()
         if not job.model_source:
@@ -358,6 +373,74 @@ class Worker:
             return Outcome.SUCCEEDED
         report = failure_report(kind_name(job.key.key.kind), returncode, job_dir)
         return self._fail(run, report, returncode == EXIT_DETERMINISTIC, log_digest)
+
+    def _evaluate(self, run: JobRun, job_dir: Path) -> Outcome:
+        """An evaluation job: check, fetch the artifact, run the workload in a child, complete."""
+        job = run.lease.job
+        problem = workload_problem(job)
+        if problem:
+            return self._fail(run, problem, True, None)
+        log_path = job_dir / "compile.log"
+        log_path.touch()
+        run.report(0.0, "fetching the artifact")
+        artifact_dir = job_dir / "artifact"
+        # Through this work dir's host cache: a worker evaluating one artifact again (more
+        # workloads, other discounts) downloads none of its files twice.
+        try:
+            self._client.fetch(
+                job.artifact_id, artifact_dir, host_cache=HostCache(self.config.work_dir / "host-cache")
+            )
+        except NotFound:
+            # Deleted or evicted since the job was enqueued: no retry brings it back.
+            return self._fail(
+                run, f"artifact {job.artifact_id} no longer exists; nothing to evaluate", True, None
+            )
+        request = evaluation_request(job, artifact_dir, self._tokenizer_dir(job, job_dir))
+        (job_dir / "request.json").write_text(json.dumps(request, indent=1))
+        returncode, stopped_because = run_compile(
+            run,
+            job_dir,
+            log_path,
+            python=self.config.python,
+            stopping=self._stopping,
+            abandon=self._abandon,
+            drain_seconds=self.config.drain_seconds,
+            kill_grace_seconds=self.config.kill_grace_seconds,
+            module=EVALUATION_MODULE,
+        )
+        if run.gone.is_set():
+            raise LeaseGone(f"{run.gone_reason}; evaluation stopped")
+        if stopped_because is not None:
+            return self._release(run, stopped_because)
+        result = read_result(job_dir / "result.json")
+        if returncode != EXIT_OK or not result.get("ok"):
+            log_digest = upload_log(self._client, self._outage, run, log_path)
+            report = str(
+                result.get("error") or failure_report(kind_name(job.key.key.kind), returncode, job_dir)
+            )
+            return self._fail(run, report, returncode == EXIT_DETERMINISTIC, log_digest)
+        evaluation = evaluation_message(result["evaluation"])
+        try:
+            call_under_lease(
+                run,
+                self._outage,
+                "storing the evaluation",
+                lambda: self._client.complete_evaluation_job(run.job_id, run.lease.token, evaluation),
+            )
+        except (FailedPrecondition, NotFound) as exc:
+            raise LeaseGone(f"evaluation refused: {exc}") from exc
+        return Outcome.SUCCEEDED
+
+    def _tokenizer_dir(self, job: jobs_pb2.Job, job_dir: Path) -> Path | None:
+        """The model source's directory, when it has one this worker may read (its tokenizer, if
+        any, then decodes responses); None otherwise: prompts are token ids."""
+        if not job.model_source:
+            return None
+        try:
+            return self._local_source(job, job_dir)
+        except (ValueError, CompileError, OSError) as exc:
+            log.info("job %s: no tokenizer from the model source (%s); using token ids", job.job_id, exc)
+            return None
 
     def _local_source(self, job: jobs_pb2.Job, job_dir: Path) -> Path:
         """The local checkpoint the compile reads.

@@ -24,10 +24,11 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from prebake.v1 import blobs_pb2 as prebake_dot_v1_dot_blobs__pb2
+from prebake.v1 import evaluations_pb2 as prebake_dot_v1_dot_evaluations__pb2
 from prebake.v1 import key_pb2 as prebake_dot_v1_dot_key__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15prebake/v1/jobs.proto\x12\nprebake.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16prebake/v1/blobs.proto\x1a\x14prebake/v1/key.proto\"\x9e\x04\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12$\n\x03key\x18\x02 \x01(\x0b\x32\x17.prebake.v1.ResolvedKey\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.prebake.v1.JobState\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\x05\x12\x14\n\x0cmax_attempts\x18\x07 \x01(\x05\x12\x10\n\x08progress\x18\x08 \x01(\x01\x12\x0f\n\x07message\x18\t \x01(\t\x12\r\n\x05\x65rror\x18\n \x01(\t\x12+\n\x0b\x65rror_class\x18\x0b \x01(\x0e\x32\x16.prebake.v1.ErrorClass\x12\x1f\n\x03log\x18\x0c \x01(\x0b\x32\x12.prebake.v1.Digest\x12\x13\n\x0b\x61rtifact_id\x18\r \x01(\t\x12\x0e\n\x06worker\x18\x0e \x01(\t\x12\x34\n\x10lease_expires_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cmodel_source\x18\x10 \x01(\t\x12/\n\x0b\x66inished_at\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x12 \x01(\t\":\n\x08JobEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x1c\n\x03job\x18\x02 \x01(\x0b\x32\x0f.prebake.v1.Job\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x86\x01\n\x0fListJobsRequest\x12$\n\x06states\x18\x01 \x03(\x0e\x32\x14.prebake.v1.JobState\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.prebake.v1.ArtifactKind\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"J\n\x10ListJobsResponse\x12\x1d\n\x04jobs\x18\x01 \x03(\x0b\x32\x0f.prebake.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"2\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t*\x99\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x14\n\x10JOB_STATE_LEASED\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05*c\n\nErrorClass\x12\x1b\n\x17\x45RROR_CLASS_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45RROR_CLASS_TRANSIENT\x10\x01\x12\x1d\n\x19\x45RROR_CLASS_DETERMINISTIC\x10\x02\x32\x80\x02\n\x04Jobs\x12\x34\n\x06GetJob\x12\x19.prebake.v1.GetJobRequest\x1a\x0f.prebake.v1.Job\x12\x45\n\x08ListJobs\x12\x1b.prebake.v1.ListJobsRequest\x1a\x1c.prebake.v1.ListJobsResponse\x12?\n\x08WatchJob\x12\x1b.prebake.v1.WatchJobRequest\x1a\x14.prebake.v1.JobEvent0\x01\x12:\n\tCancelJob\x12\x1c.prebake.v1.CancelJobRequest\x1a\x0f.prebake.v1.JobBt\n\x0e\x64\x65v.prebake.v1B\tJobsProtoP\x01Z\'prebake.dev/gen/go/prebake/v1;prebakev1\xa2\x02\x03PBK\xaa\x02\nPrebake.V1\xca\x02\nPrebake\\V1\xea\x02\x0bPrebake::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15prebake/v1/jobs.proto\x12\nprebake.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16prebake/v1/blobs.proto\x1a\x1cprebake/v1/evaluations.proto\x1a\x14prebake/v1/key.proto\"j\n\x0e\x45valuationSpec\x12\x30\n\x08workload\x18\x01 \x01(\x0b\x32\x1e.prebake.v1.EvaluationWorkload\x12&\n\x05price\x18\x02 \x01(\x0b\x32\x17.prebake.v1.PriceInputs\"\x8e\x05\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12$\n\x03key\x18\x02 \x01(\x0b\x32\x17.prebake.v1.ResolvedKey\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.prebake.v1.JobState\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\x05\x12\x14\n\x0cmax_attempts\x18\x07 \x01(\x05\x12\x10\n\x08progress\x18\x08 \x01(\x01\x12\x0f\n\x07message\x18\t \x01(\t\x12\r\n\x05\x65rror\x18\n \x01(\t\x12+\n\x0b\x65rror_class\x18\x0b \x01(\x0e\x32\x16.prebake.v1.ErrorClass\x12\x1f\n\x03log\x18\x0c \x01(\x0b\x32\x12.prebake.v1.Digest\x12\x13\n\x0b\x61rtifact_id\x18\r \x01(\t\x12\x0e\n\x06worker\x18\x0e \x01(\t\x12\x34\n\x10lease_expires_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cmodel_source\x18\x10 \x01(\t\x12/\n\x0b\x66inished_at\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x12 \x01(\t\x12\'\n\x07purpose\x18\x13 \x01(\x0e\x32\x16.prebake.v1.JobPurpose\x12.\n\nevaluation\x18\x14 \x01(\x0b\x32\x1a.prebake.v1.EvaluationSpec\x12\x15\n\revaluation_id\x18\x15 \x01(\t\":\n\x08JobEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x1c\n\x03job\x18\x02 \x01(\x0b\x32\x0f.prebake.v1.Job\"\x9e\x01\n\x18\x45nqueueEvaluationRequest\x12$\n\x03key\x18\x01 \x01(\x0b\x32\x17.prebake.v1.ArtifactKey\x12\x13\n\x0b\x61rtifact_id\x18\x02 \x01(\t\x12\x30\n\x08workload\x18\x03 \x01(\x0b\x32\x1e.prebake.v1.EvaluationWorkload\x12\x15\n\rdiscount_rate\x18\x04 \x01(\x01\"J\n\x19\x45nqueueEvaluationResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.prebake.v1.Job\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x86\x01\n\x0fListJobsRequest\x12$\n\x06states\x18\x01 \x03(\x0e\x32\x14.prebake.v1.JobState\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.prebake.v1.ArtifactKind\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"J\n\x10ListJobsResponse\x12\x1d\n\x04jobs\x18\x01 \x03(\x0b\x32\x0f.prebake.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"2\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t*\x99\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x14\n\x10JOB_STATE_LEASED\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05*c\n\nErrorClass\x12\x1b\n\x17\x45RROR_CLASS_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45RROR_CLASS_TRANSIENT\x10\x01\x12\x1d\n\x19\x45RROR_CLASS_DETERMINISTIC\x10\x02*\\\n\nJobPurpose\x12\x1b\n\x17JOB_PURPOSE_UNSPECIFIED\x10\x00\x12\x17\n\x13JOB_PURPOSE_COMPILE\x10\x01\x12\x18\n\x14JOB_PURPOSE_EVALUATE\x10\x02\x32\xe2\x02\n\x04Jobs\x12\x34\n\x06GetJob\x12\x19.prebake.v1.GetJobRequest\x1a\x0f.prebake.v1.Job\x12\x45\n\x08ListJobs\x12\x1b.prebake.v1.ListJobsRequest\x1a\x1c.prebake.v1.ListJobsResponse\x12?\n\x08WatchJob\x12\x1b.prebake.v1.WatchJobRequest\x1a\x14.prebake.v1.JobEvent0\x01\x12:\n\tCancelJob\x12\x1c.prebake.v1.CancelJobRequest\x1a\x0f.prebake.v1.Job\x12`\n\x11\x45nqueueEvaluation\x12$.prebake.v1.EnqueueEvaluationRequest\x1a%.prebake.v1.EnqueueEvaluationResponseBt\n\x0e\x64\x65v.prebake.v1B\tJobsProtoP\x01Z\'prebake.dev/gen/go/prebake/v1;prebakev1\xa2\x02\x03PBK\xaa\x02\nPrebake.V1\xca\x02\nPrebake\\V1\xea\x02\x0bPrebake::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,24 +36,32 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'prebake.v1.jobs_pb2', _glob
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.prebake.v1B\tJobsProtoP\001Z\'prebake.dev/gen/go/prebake/v1;prebakev1\242\002\003PBK\252\002\nPrebake.V1\312\002\nPrebake\\V1\352\002\013Prebake::V1'
-  _globals['_JOBSTATE']._serialized_start=1055
-  _globals['_JOBSTATE']._serialized_end=1208
-  _globals['_ERRORCLASS']._serialized_start=1210
-  _globals['_ERRORCLASS']._serialized_end=1309
-  _globals['_JOB']._serialized_start=117
-  _globals['_JOB']._serialized_end=659
-  _globals['_JOBEVENT']._serialized_start=661
-  _globals['_JOBEVENT']._serialized_end=719
-  _globals['_GETJOBREQUEST']._serialized_start=721
-  _globals['_GETJOBREQUEST']._serialized_end=752
-  _globals['_LISTJOBSREQUEST']._serialized_start=755
-  _globals['_LISTJOBSREQUEST']._serialized_end=889
-  _globals['_LISTJOBSRESPONSE']._serialized_start=891
-  _globals['_LISTJOBSRESPONSE']._serialized_end=965
-  _globals['_WATCHJOBREQUEST']._serialized_start=967
-  _globals['_WATCHJOBREQUEST']._serialized_end=1000
-  _globals['_CANCELJOBREQUEST']._serialized_start=1002
-  _globals['_CANCELJOBREQUEST']._serialized_end=1052
-  _globals['_JOBS']._serialized_start=1312
-  _globals['_JOBS']._serialized_end=1568
+  _globals['_JOBSTATE']._serialized_start=1542
+  _globals['_JOBSTATE']._serialized_end=1695
+  _globals['_ERRORCLASS']._serialized_start=1697
+  _globals['_ERRORCLASS']._serialized_end=1796
+  _globals['_JOBPURPOSE']._serialized_start=1798
+  _globals['_JOBPURPOSE']._serialized_end=1890
+  _globals['_EVALUATIONSPEC']._serialized_start=146
+  _globals['_EVALUATIONSPEC']._serialized_end=252
+  _globals['_JOB']._serialized_start=255
+  _globals['_JOB']._serialized_end=909
+  _globals['_JOBEVENT']._serialized_start=911
+  _globals['_JOBEVENT']._serialized_end=969
+  _globals['_ENQUEUEEVALUATIONREQUEST']._serialized_start=972
+  _globals['_ENQUEUEEVALUATIONREQUEST']._serialized_end=1130
+  _globals['_ENQUEUEEVALUATIONRESPONSE']._serialized_start=1132
+  _globals['_ENQUEUEEVALUATIONRESPONSE']._serialized_end=1206
+  _globals['_GETJOBREQUEST']._serialized_start=1208
+  _globals['_GETJOBREQUEST']._serialized_end=1239
+  _globals['_LISTJOBSREQUEST']._serialized_start=1242
+  _globals['_LISTJOBSREQUEST']._serialized_end=1376
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1378
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1452
+  _globals['_WATCHJOBREQUEST']._serialized_start=1454
+  _globals['_WATCHJOBREQUEST']._serialized_end=1487
+  _globals['_CANCELJOBREQUEST']._serialized_start=1489
+  _globals['_CANCELJOBREQUEST']._serialized_end=1539
+  _globals['_JOBS']._serialized_start=1893
+  _globals['_JOBS']._serialized_end=2247
 # @@protoc_insertion_point(module_scope)

@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class JobsStub:
-    """Inspect, follow and cancel compile jobs.
+    """Inspect, follow and cancel jobs; enqueue evaluations.
 
     Authentication (a server started with a token file): every rpc of this service may
     also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
@@ -61,10 +61,15 @@ class JobsStub:
                 request_serializer=prebake_dot_v1_dot_jobs__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=prebake_dot_v1_dot_jobs__pb2.Job.FromString,
                 _registered_method=True)
+        self.EnqueueEvaluation = channel.unary_unary(
+                '/prebake.v1.Jobs/EnqueueEvaluation',
+                request_serializer=prebake_dot_v1_dot_jobs__pb2.EnqueueEvaluationRequest.SerializeToString,
+                response_deserializer=prebake_dot_v1_dot_jobs__pb2.EnqueueEvaluationResponse.FromString,
+                _registered_method=True)
 
 
 class JobsServicer:
-    """Inspect, follow and cancel compile jobs.
+    """Inspect, follow and cancel jobs; enqueue evaluations.
 
     Authentication (a server started with a token file): every rpc of this service may
     also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
@@ -126,6 +131,33 @@ class JobsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EnqueueEvaluation(self, request, context):
+        """Enqueues an evaluation of the key's artifact: a worker that serves the artifact's
+        kind, toolchain and compile target and evaluates leases it, runs the workload and
+        stores the evaluation (source `worker:<worker id>`). An identical evaluation (same
+        artifact, workload and price inputs) already queued or running is joined
+        (`created` false). Follow the job with `WatchJob`. A reader may enqueue only where
+        readers may enqueue compiles (`reader_may_enqueue`).
+
+        Errors:
+        * `INVALID_ARGUMENT`: a malformed key or artifact id, both or neither set; a workload
+        field out of range (`workload.requests`, `workload.concurrency_levels[1]`, ...) or
+        a discount outside 0 to below 1. The message and the field violation name the
+        field. Nothing is enqueued. Do not retry as is.
+        * `NOT_FOUND`: the key has no artifact (look it up or `ensure` it first). Do not
+        retry until it has one.
+        * `FAILED_PRECONDITION`: no live worker evaluates the artifact's kind, toolchain and
+        compile target (the message says what the live workers serve). Nothing is
+        enqueued. Retry once such a worker runs.
+        * `PERMISSION_DENIED`: a reader on a server that lets readers only look up.
+        * `RESOURCE_EXHAUSTED`: the caller created too many jobs (compiles and evaluations
+        share the budget) lately; joining one in flight is always allowed. Retry later.
+        * `UNAVAILABLE`: transient. Retry with backoff; an identical request joins the job.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -149,6 +181,11 @@ def add_JobsServicer_to_server(servicer, server):
                     request_deserializer=prebake_dot_v1_dot_jobs__pb2.CancelJobRequest.FromString,
                     response_serializer=prebake_dot_v1_dot_jobs__pb2.Job.SerializeToString,
             ),
+            'EnqueueEvaluation': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnqueueEvaluation,
+                    request_deserializer=prebake_dot_v1_dot_jobs__pb2.EnqueueEvaluationRequest.FromString,
+                    response_serializer=prebake_dot_v1_dot_jobs__pb2.EnqueueEvaluationResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'prebake.v1.Jobs', rpc_method_handlers)
@@ -158,7 +195,7 @@ def add_JobsServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Jobs:
-    """Inspect, follow and cancel compile jobs.
+    """Inspect, follow and cancel jobs; enqueue evaluations.
 
     Authentication (a server started with a token file): every rpc of this service may
     also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
@@ -265,6 +302,33 @@ class Jobs:
             '/prebake.v1.Jobs/CancelJob',
             prebake_dot_v1_dot_jobs__pb2.CancelJobRequest.SerializeToString,
             prebake_dot_v1_dot_jobs__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnqueueEvaluation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/prebake.v1.Jobs/EnqueueEvaluation',
+            prebake_dot_v1_dot_jobs__pb2.EnqueueEvaluationRequest.SerializeToString,
+            prebake_dot_v1_dot_jobs__pb2.EnqueueEvaluationResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,12 +24,13 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from prebake.v1 import blobs_pb2 as prebake_dot_v1_dot_blobs__pb2
+from prebake.v1 import evaluations_pb2 as prebake_dot_v1_dot_evaluations__pb2
 from prebake.v1 import jobs_pb2 as prebake_dot_v1_dot_jobs__pb2
 from prebake.v1 import key_pb2 as prebake_dot_v1_dot_key__pb2
 from prebake.v1 import registry_pb2 as prebake_dot_v1_dot_registry__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18prebake/v1/workers.proto\x12\nprebake.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16prebake/v1/blobs.proto\x1a\x15prebake/v1/jobs.proto\x1a\x14prebake/v1/key.proto\x1a\x19prebake/v1/registry.proto\"`\n\nCapability\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.prebake.v1.ArtifactKind\x12\x11\n\ttoolchain\x18\x02 \x01(\t\x12\x17\n\x0f\x63ompile_targets\x18\x03 \x03(\t\"-\n\x12ListWorkersRequest\x12\x17\n\x0finclude_expired\x18\x01 \x01(\x08\"\xba\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12,\n\x0c\x63\x61pabilities\x18\x02 \x03(\x0b\x32\x16.prebake.v1.Capability\x12-\n\tlast_seen\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04live\x18\x05 \x01(\x08\">\n\x13ListWorkersResponse\x12\'\n\x07workers\x18\x01 \x03(\x0b\x32\x16.prebake.v1.WorkerInfo\"h\n\x0fLeaseJobRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12,\n\x0c\x63\x61pabilities\x18\x02 \x03(\x0b\x32\x16.prebake.v1.Capability\x12\x14\n\x0cwait_seconds\x18\x03 \x01(\x01\"\x94\x01\n\x10LeaseJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.prebake.v1.Job\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\x12\x34\n\x10lease_expires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rlease_seconds\x18\x04 \x01(\x01\"\\\n\x10HeartbeatRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\x12\x10\n\x08progress\x18\x03 \x01(\x01\x12\x0f\n\x07message\x18\x04 \x01(\t\"\\\n\x11HeartbeatResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\x12\x34\n\x10lease_expires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb6\x01\n\x12\x43ompleteJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\x12\'\n\x05\x66iles\x18\x03 \x03(\x0b\x32\x18.prebake.v1.ArtifactFile\x12&\n\x08producer\x18\x04 \x01(\x0b\x32\x14.prebake.v1.Producer\x12(\n\tsignature\x18\x05 \x01(\x0b\x32\x15.prebake.v1.Signature\"=\n\x13\x43ompleteJobResponse\x12&\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x14.prebake.v1.Artifact\"\x94\x01\n\x0e\x46\x61ilJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12+\n\x0b\x65rror_class\x18\x04 \x01(\x0e\x32\x16.prebake.v1.ErrorClass\x12\x1f\n\x03log\x18\x05 \x01(\x0b\x32\x12.prebake.v1.Digest\"J\n\x11ReleaseJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\t2\xb0\x03\n\x07Workers\x12N\n\x0bListWorkers\x12\x1e.prebake.v1.ListWorkersRequest\x1a\x1f.prebake.v1.ListWorkersResponse\x12\x45\n\x08LeaseJob\x12\x1b.prebake.v1.LeaseJobRequest\x1a\x1c.prebake.v1.LeaseJobResponse\x12H\n\tHeartbeat\x12\x1c.prebake.v1.HeartbeatRequest\x1a\x1d.prebake.v1.HeartbeatResponse\x12N\n\x0b\x43ompleteJob\x12\x1e.prebake.v1.CompleteJobRequest\x1a\x1f.prebake.v1.CompleteJobResponse\x12\x36\n\x07\x46\x61ilJob\x12\x1a.prebake.v1.FailJobRequest\x1a\x0f.prebake.v1.Job\x12<\n\nReleaseJob\x12\x1d.prebake.v1.ReleaseJobRequest\x1a\x0f.prebake.v1.JobBw\n\x0e\x64\x65v.prebake.v1B\x0cWorkersProtoP\x01Z\'prebake.dev/gen/go/prebake/v1;prebakev1\xa2\x02\x03PBK\xaa\x02\nPrebake.V1\xca\x02\nPrebake\\V1\xea\x02\x0bPrebake::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18prebake/v1/workers.proto\x12\nprebake.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16prebake/v1/blobs.proto\x1a\x1cprebake/v1/evaluations.proto\x1a\x15prebake/v1/jobs.proto\x1a\x14prebake/v1/key.proto\x1a\x19prebake/v1/registry.proto\"\x8a\x01\n\nCapability\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.prebake.v1.ArtifactKind\x12\x11\n\ttoolchain\x18\x02 \x01(\t\x12\x17\n\x0f\x63ompile_targets\x18\x03 \x03(\t\x12(\n\x08purposes\x18\x04 \x03(\x0e\x32\x16.prebake.v1.JobPurpose\"-\n\x12ListWorkersRequest\x12\x17\n\x0finclude_expired\x18\x01 \x01(\x08\"\xba\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12,\n\x0c\x63\x61pabilities\x18\x02 \x03(\x0b\x32\x16.prebake.v1.Capability\x12-\n\tlast_seen\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04live\x18\x05 \x01(\x08\">\n\x13ListWorkersResponse\x12\'\n\x07workers\x18\x01 \x03(\x0b\x32\x16.prebake.v1.WorkerInfo\"h\n\x0fLeaseJobRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12,\n\x0c\x63\x61pabilities\x18\x02 \x03(\x0b\x32\x16.prebake.v1.Capability\x12\x14\n\x0cwait_seconds\x18\x03 \x01(\x01\"\x94\x01\n\x10LeaseJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.prebake.v1.Job\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\x12\x34\n\x10lease_expires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rlease_seconds\x18\x04 \x01(\x01\"\\\n\x10HeartbeatRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\x12\x10\n\x08progress\x18\x03 \x01(\x01\x12\x0f\n\x07message\x18\x04 \x01(\t\"\\\n\x11HeartbeatResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\x12\x34\n\x10lease_expires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb6\x01\n\x12\x43ompleteJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\x12\'\n\x05\x66iles\x18\x03 \x03(\x0b\x32\x18.prebake.v1.ArtifactFile\x12&\n\x08producer\x18\x04 \x01(\x0b\x32\x14.prebake.v1.Producer\x12(\n\tsignature\x18\x05 \x01(\x0b\x32\x15.prebake.v1.Signature\"=\n\x13\x43ompleteJobResponse\x12&\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x14.prebake.v1.Artifact\"q\n\x1c\x43ompleteEvaluationJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\x12*\n\nevaluation\x18\x03 \x01(\x0b\x32\x16.prebake.v1.Evaluation\"i\n\x1d\x43ompleteEvaluationJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.prebake.v1.Job\x12*\n\nevaluation\x18\x02 \x01(\x0b\x32\x16.prebake.v1.Evaluation\"\x94\x01\n\x0e\x46\x61ilJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12+\n\x0b\x65rror_class\x18\x04 \x01(\x0e\x32\x16.prebake.v1.ErrorClass\x12\x1f\n\x03log\x18\x05 \x01(\x0b\x32\x12.prebake.v1.Digest\"J\n\x11ReleaseJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\t2\x9e\x04\n\x07Workers\x12N\n\x0bListWorkers\x12\x1e.prebake.v1.ListWorkersRequest\x1a\x1f.prebake.v1.ListWorkersResponse\x12\x45\n\x08LeaseJob\x12\x1b.prebake.v1.LeaseJobRequest\x1a\x1c.prebake.v1.LeaseJobResponse\x12H\n\tHeartbeat\x12\x1c.prebake.v1.HeartbeatRequest\x1a\x1d.prebake.v1.HeartbeatResponse\x12N\n\x0b\x43ompleteJob\x12\x1e.prebake.v1.CompleteJobRequest\x1a\x1f.prebake.v1.CompleteJobResponse\x12l\n\x15\x43ompleteEvaluationJob\x12(.prebake.v1.CompleteEvaluationJobRequest\x1a).prebake.v1.CompleteEvaluationJobResponse\x12\x36\n\x07\x46\x61ilJob\x12\x1a.prebake.v1.FailJobRequest\x1a\x0f.prebake.v1.Job\x12<\n\nReleaseJob\x12\x1d.prebake.v1.ReleaseJobRequest\x1a\x0f.prebake.v1.JobBw\n\x0e\x64\x65v.prebake.v1B\x0cWorkersProtoP\x01Z\'prebake.dev/gen/go/prebake/v1;prebakev1\xa2\x02\x03PBK\xaa\x02\nPrebake.V1\xca\x02\nPrebake\\V1\xea\x02\x0bPrebake::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,30 +38,34 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'prebake.v1.workers_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.prebake.v1B\014WorkersProtoP\001Z\'prebake.dev/gen/go/prebake/v1;prebakev1\242\002\003PBK\252\002\nPrebake.V1\312\002\nPrebake\\V1\352\002\013Prebake::V1'
-  _globals['_CAPABILITY']._serialized_start=169
-  _globals['_CAPABILITY']._serialized_end=265
-  _globals['_LISTWORKERSREQUEST']._serialized_start=267
-  _globals['_LISTWORKERSREQUEST']._serialized_end=312
-  _globals['_WORKERINFO']._serialized_start=315
-  _globals['_WORKERINFO']._serialized_end=501
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=503
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=565
-  _globals['_LEASEJOBREQUEST']._serialized_start=567
-  _globals['_LEASEJOBREQUEST']._serialized_end=671
-  _globals['_LEASEJOBRESPONSE']._serialized_start=674
-  _globals['_LEASEJOBRESPONSE']._serialized_end=822
-  _globals['_HEARTBEATREQUEST']._serialized_start=824
-  _globals['_HEARTBEATREQUEST']._serialized_end=916
-  _globals['_HEARTBEATRESPONSE']._serialized_start=918
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1010
-  _globals['_COMPLETEJOBREQUEST']._serialized_start=1013
-  _globals['_COMPLETEJOBREQUEST']._serialized_end=1195
-  _globals['_COMPLETEJOBRESPONSE']._serialized_start=1197
-  _globals['_COMPLETEJOBRESPONSE']._serialized_end=1258
-  _globals['_FAILJOBREQUEST']._serialized_start=1261
-  _globals['_FAILJOBREQUEST']._serialized_end=1409
-  _globals['_RELEASEJOBREQUEST']._serialized_start=1411
-  _globals['_RELEASEJOBREQUEST']._serialized_end=1485
-  _globals['_WORKERS']._serialized_start=1488
-  _globals['_WORKERS']._serialized_end=1920
+  _globals['_CAPABILITY']._serialized_start=200
+  _globals['_CAPABILITY']._serialized_end=338
+  _globals['_LISTWORKERSREQUEST']._serialized_start=340
+  _globals['_LISTWORKERSREQUEST']._serialized_end=385
+  _globals['_WORKERINFO']._serialized_start=388
+  _globals['_WORKERINFO']._serialized_end=574
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=576
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=638
+  _globals['_LEASEJOBREQUEST']._serialized_start=640
+  _globals['_LEASEJOBREQUEST']._serialized_end=744
+  _globals['_LEASEJOBRESPONSE']._serialized_start=747
+  _globals['_LEASEJOBRESPONSE']._serialized_end=895
+  _globals['_HEARTBEATREQUEST']._serialized_start=897
+  _globals['_HEARTBEATREQUEST']._serialized_end=989
+  _globals['_HEARTBEATRESPONSE']._serialized_start=991
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1083
+  _globals['_COMPLETEJOBREQUEST']._serialized_start=1086
+  _globals['_COMPLETEJOBREQUEST']._serialized_end=1268
+  _globals['_COMPLETEJOBRESPONSE']._serialized_start=1270
+  _globals['_COMPLETEJOBRESPONSE']._serialized_end=1331
+  _globals['_COMPLETEEVALUATIONJOBREQUEST']._serialized_start=1333
+  _globals['_COMPLETEEVALUATIONJOBREQUEST']._serialized_end=1446
+  _globals['_COMPLETEEVALUATIONJOBRESPONSE']._serialized_start=1448
+  _globals['_COMPLETEEVALUATIONJOBRESPONSE']._serialized_end=1553
+  _globals['_FAILJOBREQUEST']._serialized_start=1556
+  _globals['_FAILJOBREQUEST']._serialized_end=1704
+  _globals['_RELEASEJOBREQUEST']._serialized_start=1706
+  _globals['_RELEASEJOBREQUEST']._serialized_end=1780
+  _globals['_WORKERS']._serialized_start=1783
+  _globals['_WORKERS']._serialized_end=2325
 # @@protoc_insertion_point(module_scope)

@@ -17,6 +17,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from prebake.v1 import blobs_pb2 as _blobs_pb2
+from prebake.v1 import evaluations_pb2 as _evaluations_pb2
 from prebake.v1 import jobs_pb2 as _jobs_pb2
 from prebake.v1 import key_pb2 as _key_pb2
 from prebake.v1 import registry_pb2 as _registry_pb2
@@ -33,13 +34,16 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class Capability(_message.Message):
-    """What a worker can compile: one kind with one toolchain, for some compile targets."""
+    """What a worker can do: one kind with one toolchain, for some compile targets, for some
+    job purposes.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     KIND_FIELD_NUMBER: _builtins.int
     TOOLCHAIN_FIELD_NUMBER: _builtins.int
     COMPILE_TARGETS_FIELD_NUMBER: _builtins.int
+    PURPOSES_FIELD_NUMBER: _builtins.int
     kind: _key_pb2.ArtifactKind.ValueType
     """The compiler family. Required."""
     toolchain: _builtins.str
@@ -52,16 +56,23 @@ class Capability(_message.Message):
         means any target of the kind.
         """
 
+    @_builtins.property
+    def purposes(self) -> _containers.RepeatedScalarFieldContainer[_jobs_pb2.JobPurpose.ValueType]:
+        """The job purposes served (compile, evaluate). Empty means compile only (what workers
+        sent before evaluation jobs existed).
+        """
+
     def __init__(
         self,
         *,
         kind: _key_pb2.ArtifactKind.ValueType = ...,
         toolchain: _builtins.str = ...,
         compile_targets: _abc.Iterable[_builtins.str] | None = ...,
+        purposes: _abc.Iterable[_jobs_pb2.JobPurpose.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compile_targets", b"compile_targets", "kind", b"kind", "toolchain", b"toolchain"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compile_targets", b"compile_targets", "kind", b"kind", "purposes", b"purposes", "toolchain", b"toolchain"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -363,6 +374,70 @@ class CompleteJobResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CompleteJobResponse: _TypeAlias = CompleteJobResponse  # noqa: Y015
+
+@_typing.final
+class CompleteEvaluationJobRequest(_message.Message):
+    """Request for `CompleteEvaluationJob`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    FENCING_TOKEN_FIELD_NUMBER: _builtins.int
+    EVALUATION_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The leased evaluation job."""
+    fencing_token: _builtins.int
+    """The token from `LeaseJob`."""
+    @_builtins.property
+    def evaluation(self) -> _evaluations_pb2.Evaluation:
+        """The measured evaluation; `evaluation_id`, `artifact_id`, `created_at`, `source` and
+        `request_id` are set by the server.
+        """
+
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        fencing_token: _builtins.int = ...,
+        evaluation: _evaluations_pb2.Evaluation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "fencing_token", b"fencing_token", "job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompleteEvaluationJobRequest: _TypeAlias = CompleteEvaluationJobRequest  # noqa: Y015
+
+@_typing.final
+class CompleteEvaluationJobResponse(_message.Message):
+    """Response for `CompleteEvaluationJob`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    EVALUATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> _jobs_pb2.Job:
+        """The job, SUCCEEDED."""
+
+    @_builtins.property
+    def evaluation(self) -> _evaluations_pb2.Evaluation:
+        """The stored evaluation."""
+
+    def __init__(
+        self,
+        *,
+        job: _jobs_pb2.Job | None = ...,
+        evaluation: _evaluations_pb2.Evaluation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompleteEvaluationJobResponse: _TypeAlias = CompleteEvaluationJobResponse  # noqa: Y015
 
 @_typing.final
 class FailJobRequest(_message.Message):

@@ -27,7 +27,8 @@ if _version_not_supported:
 
 
 class WorkersStub:
-    """Lease, heartbeat, complete, fail and release compile jobs; list the live workers.
+    """Lease, heartbeat, complete, fail and release jobs (compiles and evaluations); list the
+    live workers.
 
     Authentication (a server started with a token file): every rpc of this service may
     also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
@@ -62,6 +63,11 @@ class WorkersStub:
                 request_serializer=prebake_dot_v1_dot_workers__pb2.CompleteJobRequest.SerializeToString,
                 response_deserializer=prebake_dot_v1_dot_workers__pb2.CompleteJobResponse.FromString,
                 _registered_method=True)
+        self.CompleteEvaluationJob = channel.unary_unary(
+                '/prebake.v1.Workers/CompleteEvaluationJob',
+                request_serializer=prebake_dot_v1_dot_workers__pb2.CompleteEvaluationJobRequest.SerializeToString,
+                response_deserializer=prebake_dot_v1_dot_workers__pb2.CompleteEvaluationJobResponse.FromString,
+                _registered_method=True)
         self.FailJob = channel.unary_unary(
                 '/prebake.v1.Workers/FailJob',
                 request_serializer=prebake_dot_v1_dot_workers__pb2.FailJobRequest.SerializeToString,
@@ -75,7 +81,8 @@ class WorkersStub:
 
 
 class WorkersServicer:
-    """Lease, heartbeat, complete, fail and release compile jobs; list the live workers.
+    """Lease, heartbeat, complete, fail and release jobs (compiles and evaluations); list the
+    live workers.
 
     Authentication (a server started with a token file): every rpc of this service may
     also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
@@ -145,6 +152,25 @@ class WorkersServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CompleteEvaluationJob(self, request, context):
+        """Stores the result of an evaluation job: the server checks the lease, then the
+        evaluation (as `ImportEvaluation` does), marks the job SUCCEEDED and stores the
+        evaluation as `worker:<the job's worker>` with the job's request id. A worker that
+        lost its lease stores nothing.
+
+        Errors:
+        * `INVALID_ARGUMENT`: malformed job id; a compile job; an evaluation that fails the
+        checks (the field is named, `evaluation.levels[0].ttft_ms`); levels that are not
+        the job's concurrency levels. Nothing is stored. Do not retry as is.
+        * `NOT_FOUND`: no such job.
+        * `FAILED_PRECONDITION`: the lease is no longer this worker's (nothing was stored);
+        or the artifact was deleted or replaced while it was evaluated (the job fails).
+        * `UNAVAILABLE`: transient. Retry; completing is idempotent under the same token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def FailJob(self, request, context):
         """Reports a failed attempt. Deterministic failures (and transient ones with no
         attempts left) end the job FAILED; other transient failures requeue it with backoff.
@@ -196,6 +222,11 @@ def add_WorkersServicer_to_server(servicer, server):
                     request_deserializer=prebake_dot_v1_dot_workers__pb2.CompleteJobRequest.FromString,
                     response_serializer=prebake_dot_v1_dot_workers__pb2.CompleteJobResponse.SerializeToString,
             ),
+            'CompleteEvaluationJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompleteEvaluationJob,
+                    request_deserializer=prebake_dot_v1_dot_workers__pb2.CompleteEvaluationJobRequest.FromString,
+                    response_serializer=prebake_dot_v1_dot_workers__pb2.CompleteEvaluationJobResponse.SerializeToString,
+            ),
             'FailJob': grpc.unary_unary_rpc_method_handler(
                     servicer.FailJob,
                     request_deserializer=prebake_dot_v1_dot_workers__pb2.FailJobRequest.FromString,
@@ -215,7 +246,8 @@ def add_WorkersServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Workers:
-    """Lease, heartbeat, complete, fail and release compile jobs; list the live workers.
+    """Lease, heartbeat, complete, fail and release jobs (compiles and evaluations); list the
+    live workers.
 
     Authentication (a server started with a token file): every rpc of this service may
     also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
@@ -322,6 +354,33 @@ class Workers:
             '/prebake.v1.Workers/CompleteJob',
             prebake_dot_v1_dot_workers__pb2.CompleteJobRequest.SerializeToString,
             prebake_dot_v1_dot_workers__pb2.CompleteJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompleteEvaluationJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/prebake.v1.Workers/CompleteEvaluationJob',
+            prebake_dot_v1_dot_workers__pb2.CompleteEvaluationJobRequest.SerializeToString,
+            prebake_dot_v1_dot_workers__pb2.CompleteEvaluationJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -36,7 +36,8 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class WorkersStub:
-    """Lease, heartbeat, complete, fail and release compile jobs; list the live workers.
+    """Lease, heartbeat, complete, fail and release jobs (compiles and evaluations); list the
+    live workers.
 
     Authentication (a server started with a token file): every rpc of this service may
     also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
@@ -94,6 +95,21 @@ class WorkersStub:
     * `DATA_LOSS`: a named blob's stored bytes do not match; upload it again and retry.
     * `UNAVAILABLE`: transient. Retry; completing is idempotent.
     """
+    CompleteEvaluationJob: _grpc.UnaryUnaryMultiCallable[_workers_pb2.CompleteEvaluationJobRequest, _workers_pb2.CompleteEvaluationJobResponse]
+    """Stores the result of an evaluation job: the server checks the lease, then the
+    evaluation (as `ImportEvaluation` does), marks the job SUCCEEDED and stores the
+    evaluation as `worker:<the job's worker>` with the job's request id. A worker that
+    lost its lease stores nothing.
+
+    Errors:
+    * `INVALID_ARGUMENT`: malformed job id; a compile job; an evaluation that fails the
+      checks (the field is named, `evaluation.levels[0].ttft_ms`); levels that are not
+      the job's concurrency levels. Nothing is stored. Do not retry as is.
+    * `NOT_FOUND`: no such job.
+    * `FAILED_PRECONDITION`: the lease is no longer this worker's (nothing was stored);
+      or the artifact was deleted or replaced while it was evaluated (the job fails).
+    * `UNAVAILABLE`: transient. Retry; completing is idempotent under the same token.
+    """
     FailJob: _grpc.UnaryUnaryMultiCallable[_workers_pb2.FailJobRequest, _jobs_pb2.Job]
     """Reports a failed attempt. Deterministic failures (and transient ones with no
     attempts left) end the job FAILED; other transient failures requeue it with backoff.
@@ -117,7 +133,8 @@ class WorkersStub:
 
 @_typing.type_check_only
 class WorkersAsyncStub(WorkersStub):
-    """Lease, heartbeat, complete, fail and release compile jobs; list the live workers.
+    """Lease, heartbeat, complete, fail and release jobs (compiles and evaluations); list the
+    live workers.
 
     Authentication (a server started with a token file): every rpc of this service may
     also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
@@ -172,6 +189,21 @@ class WorkersAsyncStub(WorkersStub):
     * `DATA_LOSS`: a named blob's stored bytes do not match; upload it again and retry.
     * `UNAVAILABLE`: transient. Retry; completing is idempotent.
     """
+    CompleteEvaluationJob: _aio.UnaryUnaryMultiCallable[_workers_pb2.CompleteEvaluationJobRequest, _workers_pb2.CompleteEvaluationJobResponse]  # type: ignore[assignment]
+    """Stores the result of an evaluation job: the server checks the lease, then the
+    evaluation (as `ImportEvaluation` does), marks the job SUCCEEDED and stores the
+    evaluation as `worker:<the job's worker>` with the job's request id. A worker that
+    lost its lease stores nothing.
+
+    Errors:
+    * `INVALID_ARGUMENT`: malformed job id; a compile job; an evaluation that fails the
+      checks (the field is named, `evaluation.levels[0].ttft_ms`); levels that are not
+      the job's concurrency levels. Nothing is stored. Do not retry as is.
+    * `NOT_FOUND`: no such job.
+    * `FAILED_PRECONDITION`: the lease is no longer this worker's (nothing was stored);
+      or the artifact was deleted or replaced while it was evaluated (the job fails).
+    * `UNAVAILABLE`: transient. Retry; completing is idempotent under the same token.
+    """
     FailJob: _aio.UnaryUnaryMultiCallable[_workers_pb2.FailJobRequest, _jobs_pb2.Job]  # type: ignore[assignment]
     """Reports a failed attempt. Deterministic failures (and transient ones with no
     attempts left) end the job FAILED; other transient failures requeue it with backoff.
@@ -194,7 +226,8 @@ class WorkersAsyncStub(WorkersStub):
     """
 
 class WorkersServicer(metaclass=_abc_1.ABCMeta):
-    """Lease, heartbeat, complete, fail and release compile jobs; list the live workers.
+    """Lease, heartbeat, complete, fail and release jobs (compiles and evaluations); list the
+    live workers.
 
     Authentication (a server started with a token file): every rpc of this service may
     also answer `UNAUTHENTICATED` (no token or client certificate, or one the server does
@@ -270,6 +303,27 @@ class WorkersServicer(metaclass=_abc_1.ABCMeta):
           the signer is revoked or not in the server's signer set. Nothing is stored.
         * `DATA_LOSS`: a named blob's stored bytes do not match; upload it again and retry.
         * `UNAVAILABLE`: transient. Retry; completing is idempotent.
+        """
+
+    @_abc_1.abstractmethod
+    def CompleteEvaluationJob(
+        self,
+        request: _workers_pb2.CompleteEvaluationJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workers_pb2.CompleteEvaluationJobResponse, _abc.Awaitable[_workers_pb2.CompleteEvaluationJobResponse]]:
+        """Stores the result of an evaluation job: the server checks the lease, then the
+        evaluation (as `ImportEvaluation` does), marks the job SUCCEEDED and stores the
+        evaluation as `worker:<the job's worker>` with the job's request id. A worker that
+        lost its lease stores nothing.
+
+        Errors:
+        * `INVALID_ARGUMENT`: malformed job id; a compile job; an evaluation that fails the
+          checks (the field is named, `evaluation.levels[0].ttft_ms`); levels that are not
+          the job's concurrency levels. Nothing is stored. Do not retry as is.
+        * `NOT_FOUND`: no such job.
+        * `FAILED_PRECONDITION`: the lease is no longer this worker's (nothing was stored);
+          or the artifact was deleted or replaced while it was evaluated (the job fails).
+        * `UNAVAILABLE`: transient. Retry; completing is idempotent under the same token.
         """
 
     @_abc_1.abstractmethod

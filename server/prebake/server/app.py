@@ -299,7 +299,7 @@ async def _start_locked(config: ServerConfig, primary: bool = True) -> RunningSe
     for servicer, module in (
         (registry, registry_pb2),
         (BlobsService(state), blobs_pb2),
-        (JobsService(state), jobs_pb2),
+        (JobsService(state, registry), jobs_pb2),
         (AdminService(state), admin_pb2),
         (WorkersService(state), workers_pb2),
         (CatalogService(state, registry), catalog_pb2),

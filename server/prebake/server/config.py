@@ -214,6 +214,12 @@ class ServerConfig:
     # Hashing rate of that sweep, in bytes per second (0: unlimited), so that it leaves the
     # disk and CPU to reads.
     integrity_sweep_bytes_per_second: int = 32 << 20
+    # --- evaluation jobs (issue 12: `prebake evaluate`) ---
+    # Instance price table for evaluation jobs' prices: a CSV file `instance_type,hourly_usd`
+    # (`# source:` and `# recorded:` comments become the recorded price source), replacing the
+    # shipped table of public on-demand prices (prebake/server/data/instance_prices.csv);
+    # "" = the shipped table.
+    price_table_file: str = ""
 
 
 _ENV_PREFIX = "PREBAKE_"
@@ -404,6 +410,13 @@ def _check(config: ServerConfig) -> None:
         )
     if config.processes < 1:
         raise ValueError(f"processes must be at least 1, got {config.processes}")
+    if config.price_table_file:
+        from prebake.server.price_table import load_price_table
+
+        try:
+            load_price_table(Path(config.price_table_file))
+        except OSError as exc:
+            raise ValueError(f"price_table_file {config.price_table_file}: {exc.strerror or exc}") from None
 
 
 def check_tls(config: ServerConfig) -> None:

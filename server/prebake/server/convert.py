@@ -18,13 +18,16 @@ from prebake.core.errors import InvalidArgument, InvalidKey
 from prebake.core.key_fields import KEY_FIELDS
 from prebake.core.manifest_paths import validate_manifest_paths
 from prebake.core.signing import Signature
+from prebake.server.evaluation_messages import fill
 from prebake.server.key_normalization import KeyRequest, check_option_count
 from prebake.server.records import (
     Artifact,
     Digest,
     ErrorClass,
+    EvaluationSpec,
     FileEntry,
     Job,
+    JobPurpose,
     JobState,
     NormalizedKey,
     Producer,
@@ -39,6 +42,12 @@ JOB_STATES = {
     JobState.CANCELLED: jobs_pb2.JOB_STATE_CANCELLED,
 }
 JOB_STATES_FROM_PROTO = {value: state for state, value in JOB_STATES.items()}
+
+JOB_PURPOSES = {
+    JobPurpose.COMPILE: jobs_pb2.JOB_PURPOSE_COMPILE,
+    JobPurpose.EVALUATE: jobs_pb2.JOB_PURPOSE_EVALUATE,
+}
+JOB_PURPOSES_FROM_PROTO = {value: purpose for purpose, value in JOB_PURPOSES.items()}
 
 ERROR_CLASSES = {
     ErrorClass.NONE: jobs_pb2.ERROR_CLASS_UNSPECIFIED,
@@ -246,7 +255,17 @@ def job(j: Job) -> jobs_pb2.Job:
         model_source=j.model_source,
         finished_at=timestamp(j.finished_at),
         request_id=j.request_id,
+        purpose=JOB_PURPOSES[j.purpose],
+        evaluation=None if j.evaluation is None else evaluation_spec(j.evaluation),
+        evaluation_id=j.evaluation_id,
     )
+
+
+def evaluation_spec(spec: EvaluationSpec) -> jobs_pb2.EvaluationSpec:
+    msg = jobs_pb2.EvaluationSpec()
+    fill(msg.workload, spec.workload)
+    fill(msg.price, spec.price)
+    return msg
 
 
 def unique_digests(entries: Iterable[FileEntry]) -> list[Digest]:

@@ -156,6 +156,11 @@ def _fill(into: Message, record: Any) -> None:
             setattr(into, f.name, value)
 
 
+def fill(into: Message, record: Any) -> None:
+    """Set the fields of `into` from the record of its type (`RECORDS`)."""
+    _fill(into, record)
+
+
 def parts(msg: evaluations_pb2.Evaluation) -> dict[str, Any]:
     """The caller-given parts of a checked evaluation, as `Evaluation` record fields; an empty
     `workload.concurrency_levels` becomes the levels' concurrencies, in their order."""

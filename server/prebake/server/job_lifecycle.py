@@ -30,8 +30,10 @@ from prebake.server.records import (
     Artifact,
     Digest,
     ErrorClass,
+    EvaluationSpec,
     FileEntry,
     Job,
+    JobPurpose,
     JobState,
     NormalizedKey,
     Producer,
@@ -347,6 +349,97 @@ class JobLifecycle:
         )
         return await self.jobs.create_if_absent(job)
 
+    async def create_or_join_evaluation(
+        self,
+        key: NormalizedKey,
+        spec: EvaluationSpec,
+        *,
+        model_source: str = "",
+        max_attempts: int = 3,
+        message: str = "waiting for a worker to evaluate",
+        request_id: str = "",
+    ) -> tuple[Job, bool]:
+        """Return (the active evaluation job of `key`'s artifact for `spec`, whether this call
+        created it).
+
+        Single flight per key and spec (`Job.flight`): an identical evaluation in flight is
+        joined unchanged; a compile job of the key neither blocks nor joins it. The job's
+        `artifact_id` is the evaluated artifact (the key digest) from the start.
+        """
+        if max_attempts < 1:
+            raise InvalidArgument(f"max_attempts must be at least 1, got {max_attempts}")
+        now = self._clock()
+        job = Job(
+            job_id=new_job_id(),
+            key=key,
+            state=JobState.QUEUED,
+            created_at=now,
+            updated_at=now,
+            max_attempts=max_attempts,
+            message=message,
+            artifact_id=key.digest,
+            model_source=model_source,
+            request_id=request_id,
+            purpose=JobPurpose.EVALUATE,
+            evaluation=spec,
+        )
+        return await self.jobs.create_if_absent(job)
+
+    async def complete_evaluation(
+        self, job_id: str, fencing_token: int, evaluation_id: str
+    ) -> tuple[Job, bool]:
+        """Succeed an evaluation job under its lease, recording `evaluation_id`; return (the job,
+        whether this call changed it).
+
+        The caller stores the evaluation under the id the returned job holds, after this: the
+        job's compare-and-set is the fence, so a worker that lost its lease (`FailedPrecondition`)
+        stores nothing. Completing again under the same token returns the job unchanged with
+        the id first recorded (a retry after a lost answer stores under that id). Raises
+        `NotFound`, and `InvalidArgument` for a compile job.
+        """
+
+        def decide(job: Job, now: float) -> Job | None:
+            if job.purpose is not JobPurpose.EVALUATE:
+                raise InvalidArgument(f"job {job_id} is a compile job; complete it with CompleteJob")
+            if job.state is JobState.SUCCEEDED and job.fencing_token == fencing_token and job.evaluation_id:
+                return None
+            if job.state is not JobState.LEASED or job.fencing_token != fencing_token:
+                raise _not_leased(job, fencing_token)
+            return replace(
+                job,
+                state=JobState.SUCCEEDED,
+                evaluation_id=evaluation_id,
+                progress=1.0,
+                message="evaluation stored",
+                error="",
+                error_class=ErrorClass.NONE,
+                lease_expires_at=None,
+                updated_at=now,
+                finished_at=now,
+            )
+
+        return await self._decide(job_id, decide)
+
+    async def evaluation_not_stored(self, job_id: str, error: str) -> Job:
+        """Fail a succeeded evaluation job whose evaluation could not be stored after all (its
+        artifact was deleted or replaced meanwhile): deterministic, it would not store again."""
+
+        def decide(job: Job, now: float) -> Job | None:
+            if job.state is not JobState.SUCCEEDED or job.purpose is not JobPurpose.EVALUATE:
+                return None
+            return replace(
+                job,
+                state=JobState.FAILED,
+                evaluation_id="",
+                message="failed",
+                error=displayable(error, MAX_RECORDED_ERROR),
+                error_class=ErrorClass.DETERMINISTIC,
+                updated_at=now,
+                finished_at=now,
+            )
+
+        return await self._change(job_id, decide)
+
     async def set_message(self, job_id: str, message: str) -> Job:
         """Change an active job's message (what a watcher sees it waiting for)."""
 
@@ -520,6 +613,10 @@ class JobLifecycle:
             job = await self.jobs.get(job_id)
             if job is None:
                 raise NotFound(f"job {job_id} not found")
+            if job.purpose is not JobPurpose.COMPILE:
+                raise InvalidArgument(
+                    f"job {job_id} is an evaluation job; complete it with CompleteEvaluationJob"
+                )
             if job.state is not JobState.LEASED or job.fencing_token != fencing_token:
                 raise _not_leased(job, fencing_token)
             now = self._clock()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from prebake.core.digests import hash_problem
+from prebake.core.digests import hash_bytes, hash_problem
 from prebake.core.errors import InvalidArgument
 from prebake.core.signing import Signature
 
@@ -114,6 +114,13 @@ class JobState(enum.StrEnum):
         return self in (JobState.QUEUED, JobState.LEASED)
 
 
+class JobPurpose(enum.StrEnum):
+    """What a job does; jobs stored before purposes existed are compile jobs."""
+
+    COMPILE = "compile"
+    EVALUATE = "evaluate"
+
+
 class ErrorClass(enum.StrEnum):
     NONE = ""
     TRANSIENT = "transient"
@@ -122,7 +129,12 @@ class ErrorClass(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Job:
-    """A compile job. At most one active (queued or leased) job exists per key digest."""
+    """A job: a compile of its key, or an evaluation of the key's artifact (`purpose`).
+
+    At most one active (queued or leased) job exists per `flight`: per key digest for
+    compile jobs, per key and evaluation spec for evaluation jobs, so an evaluation never
+    blocks or joins a compile of its key.
+    """
 
     job_id: str
     key: NormalizedKey
@@ -146,9 +158,21 @@ class Job:
     # The `x-request-id` of the rpc (a lookup) that created the job ("" if none); workers log
     # their lines for the job with it (see `prebake.core.request_ids`). Never changes.
     request_id: str = ""
+    # Never changes. An evaluation job carries what it runs (`evaluation`) and, once it
+    # succeeded, the id of the stored evaluation.
+    purpose: JobPurpose = JobPurpose.COMPILE
+    evaluation: EvaluationSpec | None = None
+    evaluation_id: str = ""
     # Bumped by every stored change; the job queue's compare-and-set condition, and the
     # sequence number of the job event that change appended (creation is revision 1).
     revision: int = 0
+
+    @property
+    def flight(self) -> str:
+        """The single-flight identity: at most one active job per flight."""
+        if self.purpose is JobPurpose.COMPILE or self.evaluation is None:
+            return self.key.digest
+        return f"evaluate:{self.key.digest}:{self.evaluation.digest}"
 
 
 @dataclass(frozen=True)
@@ -168,13 +192,21 @@ class WorkerCapability:
     kind: str
     toolchain: str
     compile_targets: tuple[str, ...] = ()
+    # Job purposes served; workers from before evaluation jobs serve compiles only.
+    purposes: tuple[JobPurpose, ...] = (JobPurpose.COMPILE,)
 
-    def serves(self, kind: str, toolchain: str, compile_target: str) -> bool:
+    def serves(
+        self, kind: str, toolchain: str, compile_target: str, purpose: JobPurpose = JobPurpose.COMPILE
+    ) -> bool:
         return (
             self.kind == kind
             and self.toolchain == toolchain
             and (not self.compile_targets or compile_target in self.compile_targets)
+            and purpose in self.purposes
         )
+
+    def serves_job(self, job: Job) -> bool:
+        return self.serves(job.key.kind, job.key.toolchain, job.key.compile_target, job.purpose)
 
 
 @dataclass(frozen=True)
@@ -245,6 +277,20 @@ class PriceInputs:
     discount_rate: float = 0.0
     price_source: str = ""
     input_output_ratio: float = 0.0
+
+
+@dataclass(frozen=True)
+class EvaluationSpec:
+    """What an evaluation job runs: the workload and the price inputs resolved at enqueue."""
+
+    workload: EvaluationWorkload
+    price: PriceInputs
+
+    @property
+    def digest(self) -> str:
+        """Identical specs share a digest (xxh3-128 of their fields): one job in flight."""
+        text = repr((self.workload, self.price))
+        return hash_bytes(text.encode())
 
 
 @dataclass(frozen=True)

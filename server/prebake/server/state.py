@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 from prebake.server.blob_http import BlobHttpServer
@@ -25,6 +26,7 @@ from prebake.server.key_normalization import DEFAULT_TOOLCHAINS
 from prebake.server.metrics import ServerMetrics
 from prebake.server.model_catalog import ModelCatalog
 from prebake.server.model_sources import ModelSources
+from prebake.server.price_table import PriceTable, load_price_table
 from prebake.server.signatures import SignaturePolicy, signature_policy
 from prebake.server.storage import ArtifactIndex
 from prebake.server.storage.bundle import Storage
@@ -119,6 +121,8 @@ class ServerState:
     collector: GarbageCollector = field(init=False)
     # Which signatures publishes need and which signers are revoked (signing settings).
     signatures: SignaturePolicy = field(init=False)
+    # Hourly prices that evaluation jobs record (`price_table_file`, or the shipped table).
+    prices: PriceTable = field(init=False)
 
     def __post_init__(self) -> None:
         self.collector = GarbageCollector(self)
@@ -134,6 +138,9 @@ class ServerState:
             self.config.model_source_roots, self.config.model_source_map, self.config.data_dir
         )
         self.signatures = signature_policy(self.config)
+        self.prices = load_price_table(
+            Path(self.config.price_table_file) if self.config.price_table_file else None
+        )
         self.metrics.bind(self)
 
     @property

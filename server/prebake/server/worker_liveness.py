@@ -17,7 +17,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 
-from prebake.server.records import NormalizedKey, WorkerCapability, WorkerRecord
+from prebake.server.records import JobPurpose, NormalizedKey, WorkerCapability, WorkerRecord
 from prebake.server.storage import WorkerDirectory
 
 CACHE_SECONDS = 1.0
@@ -99,17 +99,24 @@ class WorkerLiveness:
         return max(offers, key=lambda offer: (version_order(offer[0]), offer[1]))
 
     @staticmethod
-    def unserved_reason(live: Sequence[WorkerRecord], key: NormalizedKey) -> str:
-        """ "" when a live worker can run a job for `key`; else what is missing, for people."""
+    def unserved_reason(
+        live: Sequence[WorkerRecord], key: NormalizedKey, purpose: JobPurpose = JobPurpose.COMPILE
+    ) -> str:
+        """ "" when a live worker can run a job of `purpose` for `key`; else what is missing, for people."""
         if any(
-            cap.serves(key.kind, key.toolchain, key.compile_target) for w in live for cap in w.capabilities
+            cap.serves(key.kind, key.toolchain, key.compile_target, purpose)
+            for w in live
+            for cap in w.capabilities
         ):
             return ""
         target = f" for {key.compile_target}" if key.compile_target else ""
-        wanted = f"no live worker serves {key.kind} {key.toolchain}{target}"
+        verb = "serves" if purpose is JobPurpose.COMPILE else "evaluates"
+        wanted = f"no live worker {verb} {key.kind} {key.toolchain}{target}"
         same_kind = sorted(
             {
-                f"{cap.toolchain}" + (f" for {', '.join(cap.compile_targets)}" if cap.compile_targets else "")
+                f"{cap.toolchain}"
+                + (f" for {', '.join(cap.compile_targets)}" if cap.compile_targets else "")
+                + ("" if purpose in cap.purposes else f" ({', '.join(p.value for p in cap.purposes)} only)")
                 for w in live
                 for cap in w.capabilities
                 if cap.kind == key.kind

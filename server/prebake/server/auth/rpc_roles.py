@@ -35,7 +35,8 @@ RPC_ROLES: dict[str, frozenset[Role]] = {
             # Publishers too: `prebake publish` resolves the key it signs with a report-only lookup,
             # and asks whether the key has an artifact before it uploads anything.
             "Lookup": frozenset({R, P}),
-            "GetArtifact": frozenset({R, P}),
+            # Workers too: an evaluation job fetches the artifact it evaluates.
+            "GetArtifact": frozenset({R, W, P}),
             # Artifacts compiled elsewhere; workers publish through CompleteJob instead.
             "PublishArtifact": frozenset({P}),
             # Evaluations are read like manifests; storing one vouches for measurements, as
@@ -50,8 +51,8 @@ RPC_ROLES: dict[str, frozenset[Role]] = {
         "Blobs",
         {
             "FindMissingBlobs": frozenset({W, P}),
-            # Downloads.
-            "Read": frozenset({R}),
+            # Downloads (by workers: the artifact an evaluation job evaluates).
+            "Read": frozenset({R, W}),
             # Uploads of compile outputs (workers) and of imported artifacts (publishers).
             "Write": frozenset({W, P}),
             "QueryWriteStatus": frozenset({W, P}),
@@ -65,6 +66,9 @@ RPC_ROLES: dict[str, frozenset[Role]] = {
             "WatchJob": frozenset({R}),
             # A job is shared by everyone who joined it: cancelling is an operator's call.
             "CancelJob": _ADMIN_ONLY,
+            # Asks for worker time as a lookup's miss does (readers only where
+            # reader_may_enqueue: see request_rules); the worker's result vouches for itself.
+            "EnqueueEvaluation": frozenset({R, P}),
         },
     ),
     **_service(
@@ -88,6 +92,7 @@ RPC_ROLES: dict[str, frozenset[Role]] = {
             "LeaseJob": frozenset({W}),
             "Heartbeat": frozenset({W}),
             "CompleteJob": frozenset({W}),
+            "CompleteEvaluationJob": frozenset({W}),
             "FailJob": frozenset({W}),
             "ReleaseJob": frozenset({W}),
         },

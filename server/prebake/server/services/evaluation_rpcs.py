@@ -71,10 +71,20 @@ class EvaluationRpcs:
         return await self.store(artifact_id, request.evaluation, source)
 
     async def store(
-        self, artifact_id: str, msg: evaluations_pb2.Evaluation, source: str
+        self,
+        artifact_id: str,
+        msg: evaluations_pb2.Evaluation,
+        source: str,
+        *,
+        evaluation_id: str = "",
+        request_id: str | None = None,
     ) -> evaluations_pb2.Evaluation:
         """Check `msg` and store it as an evaluation of `artifact_id` by `source` (`import:...`,
-        or `worker:<id>` for an evaluation job's result); the stored evaluation."""
+        or `worker:<id>` for an evaluation job's result); the stored evaluation.
+
+        `evaluation_id` and `request_id` default to a new id and the current rpc's request id;
+        an evaluation job passes the id its completion recorded and the job's request id.
+        """
         # Every check before any read: a refused evaluation costs no database round trip.
         messages.check(msg, artifact_id)
         parts = messages.parts(msg)
@@ -83,12 +93,12 @@ class EvaluationRpcs:
             if artifact is None:
                 raise NotFound(f"no artifact {artifact_id}")
             record = Evaluation(
-                evaluation_id=new_evaluation_id(),
+                evaluation_id=evaluation_id or new_evaluation_id(),
                 artifact_id=artifact_id,
                 model=artifact.key.model,
                 created_at=time.time(),
                 source=source,
-                request_id=request_ids.current() or "",
+                request_id=(request_ids.current() or "") if request_id is None else request_id,
                 **parts,
             )
             try:

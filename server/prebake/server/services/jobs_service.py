@@ -1,4 +1,5 @@
-"""`prebake.v1.Jobs`: inspect, list, watch and cancel compile jobs."""
+"""`prebake.v1.Jobs`: inspect, list, watch and cancel jobs; enqueue evaluations
+(`prebake.server.services.evaluation_jobs`)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ import grpc
 
 from prebake.core.errors import InvalidArgument, NotFound
 from prebake.server import convert
+from prebake.server.rate_limits import caller
 from prebake.server.records import Job
-from prebake.server.services import pagination
+from prebake.server.services import evaluation_jobs, pagination
+from prebake.server.services.evaluation_jobs import EvaluationJobs
+from prebake.server.services.registry_service import RegistryService
 from prebake.server.state import ServerState
 from prebake.server.status import streaming, unary
 from prebake.server.storage import JobQuery
@@ -34,8 +38,11 @@ def check_job_id(job_id: str) -> str:
 
 
 class JobsService(jobs_pb2_grpc.JobsServicer):
-    def __init__(self, state: ServerState) -> None:
+    def __init__(self, state: ServerState, registry: RegistryService | None = None) -> None:
         self.s = state
+        # Keys are resolved as lookups resolve them (toolchains, model names): the registry's.
+        self.registry = registry or RegistryService(state)
+        self.evaluation_jobs = EvaluationJobs(state, self.registry.evaluations)
 
     async def _job(self, job_id: str) -> Job:
         job = await self.s.storage.jobs.get(check_job_id(job_id))
@@ -96,3 +103,29 @@ class JobsService(jobs_pb2_grpc.JobsServicer):
         self.s.metrics.jobs_finished([job])
         self.s.hub.notify([job.job_id])
         return convert.job(job)
+
+    @unary
+    async def EnqueueEvaluation(
+        self, request: jobs_pb2.EnqueueEvaluationRequest, context: Ctx
+    ) -> jobs_pb2.EnqueueEvaluationResponse:
+        # The request's own fields first: a malformed one costs no read.
+        artifact_id = evaluation_jobs.artifact_id_of(request)
+        wanted = evaluation_jobs.workload(request)
+        discount = evaluation_jobs.checked_discount(request.discount_rate)
+        if artifact_id:
+            artifact = await self.s.storage.artifacts.get(artifact_id)
+            if artifact is None:
+                raise NotFound(f"no artifact {artifact_id}")
+        else:
+            key, _ = await self.registry.normalize(request.key)
+            found = await self.registry.exact_artifact(key, request.key.model)
+            if found is None:
+                raise NotFound(
+                    f"no artifact for this key ({key.digest}); `prebake ensure` it first, then evaluate it"
+                )
+            artifact = found
+        # Worker time like a compile: the same per-caller budget of jobs created (a join is free).
+        who, limit = caller(context), self.registry.job_creations
+        return await self.evaluation_jobs.enqueue(
+            artifact, wanted, discount, (lambda: limit.check(who), lambda: limit.spend(who))
+        )

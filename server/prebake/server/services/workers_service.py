@@ -1,4 +1,5 @@
-"""`prebake.v1.Workers`: lease, heartbeat, complete, fail and release compile jobs."""
+"""`prebake.v1.Workers`: lease, heartbeat, complete, fail and release jobs (compiles; evaluations
+complete through `prebake.server.services.evaluation_jobs`)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ from prebake.core import names
 from prebake.core.errors import InvalidArgument, NotFound
 from prebake.server import convert
 from prebake.server.key_normalization import MAX_TOOLCHAIN
-from prebake.server.records import ErrorClass, Job, JobState, WorkerCapability
+from prebake.server.records import ErrorClass, Job, JobPurpose, JobState, WorkerCapability
 from prebake.server.services.blob_checks import (
     checked_signature,
     require_present,
     superseded,
     verified_manifest,
 )
+from prebake.server.services.evaluation_jobs import EvaluationJobs
 from prebake.server.services.jobs_service import check_job_id
 from prebake.server.state import ServerState
 from prebake.server.status import unary
@@ -72,13 +74,24 @@ def capabilities(request: workers_pb2.LeaseJobRequest) -> list[WorkerCapability]
                 f"capabilities[{i}] lists at most {MAX_COMPILE_TARGETS} compile targets of at most "
                 f"{MAX_COMPILE_TARGET} characters each"
             )
-        result.append(WorkerCapability(kind, cap.toolchain, tuple(cap.compile_targets)))
+        purposes = []
+        for j, value in enumerate(cap.purposes):
+            if value not in convert.JOB_PURPOSES_FROM_PROTO:
+                convert.enum_value(jobs_pb2.JobPurpose.DESCRIPTOR, value, f"capabilities[{i}].purposes[{j}]")
+                raise InvalidArgument(
+                    f"capabilities[{i}].purposes[{j}]: JOB_PURPOSE_UNSPECIFIED is not a purpose"
+                )
+            purposes.append(convert.JOB_PURPOSES_FROM_PROTO[value])
+        # None listed: compile only, as workers from before evaluation jobs mean it.
+        served = tuple(dict.fromkeys(purposes)) or (JobPurpose.COMPILE,)
+        result.append(WorkerCapability(kind, cap.toolchain, tuple(cap.compile_targets), served))
     return result
 
 
 class WorkersService(workers_pb2_grpc.WorkersServicer):
     def __init__(self, state: ServerState) -> None:
         self.s = state
+        self.evaluation_jobs = EvaluationJobs(state)
 
     async def _lease_any(self, worker: str, caps: list[WorkerCapability]) -> Job | None:
         return await self.s.lifecycle.lease(worker, caps, lease_seconds=self.s.config.lease_seconds)
@@ -98,6 +111,7 @@ class WorkersService(workers_pb2_grpc.WorkersServicer):
                             kind=names.kind_to_proto(c.kind),
                             toolchain=c.toolchain,
                             compile_targets=c.compile_targets,
+                            purposes=[convert.JOB_PURPOSES[p] for p in c.purposes],
                         )
                         for c in w.capabilities
                     ],
@@ -178,6 +192,12 @@ class WorkersService(workers_pb2_grpc.WorkersServicer):
         s.metrics.jobs_finished(completed)
         s.hub.notify(j.job_id for j in completed)
         return workers_pb2.CompleteJobResponse(artifact=convert.artifact(artifact))
+
+    @unary
+    async def CompleteEvaluationJob(
+        self, request: workers_pb2.CompleteEvaluationJobRequest, context: Ctx
+    ) -> workers_pb2.CompleteEvaluationJobResponse:
+        return await self.evaluation_jobs.complete(check_job_id(request.job_id), request)
 
     @unary
     async def FailJob(self, request: workers_pb2.FailJobRequest, context: Ctx) -> jobs_pb2.Job:

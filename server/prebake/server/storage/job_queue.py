@@ -1,4 +1,4 @@
-"""The job queue: compile jobs, their events, and the one active job per key.
+"""The job queue: compile and evaluation jobs, their events, and the one active job per flight.
 
 Primitives only; the lifecycle rules live in `prebake.server.job_lifecycle`.
 """
@@ -22,7 +22,12 @@ class JobQuery:
 
 
 class JobQueue(Protocol):
-    """Jobs by id, with at most one active (queued or leased) job per key digest.
+    """Jobs by id, with at most one active (queued or leased) job per `Job.flight`.
+
+    A compile job's flight is its key digest; an evaluation job's is its key and spec, so
+    a key may have one active compile job and any number of active evaluation jobs (one
+    per distinct spec). A job's purpose, spec, key and id never change. Jobs stored before
+    purposes existed read as compile jobs.
 
     Every stored change of a job bumps its `revision` and appends a `JobEvent` whose
     sequence is that revision, in the same atomic write; `compare_and_set` on the
@@ -34,17 +39,22 @@ class JobQueue(Protocol):
     async def get(self, job_id: str) -> Job | None: ...
 
     async def active(self, key_digest: str) -> Job | None:
-        """The key's queued or leased job, if any."""
+        """The key's queued or leased compile job, if any (never an evaluation job)."""
+        ...
+
+    async def active_evaluation(self, key_digest: str, spec_digest: str) -> Job | None:
+        """The queued or leased evaluation job of the key for the spec of `spec_digest`
+        (`EvaluationSpec.digest`), if any: the job an identical evaluation would join."""
         ...
 
     async def last_finished(self, key_digest: str) -> Job | None:
-        """The key's most recently finished job (by finished_at), if any."""
+        """The key's most recently finished compile job (by finished_at), if any."""
         ...
 
     async def create_if_absent(self, job: Job) -> tuple[Job, bool]:
-        """Store `job` (active, revision 1) unless the key has an active job already.
+        """Store `job` (active, revision 1) unless its flight has an active job already.
 
-        Returns (the key's active job, whether it is `job`). Single flight holds across
+        Returns (the flight's active job, whether it is `job`). Single flight holds across
         processes and replicas: it is enforced by the engine (a unique index, a
         conditional put), not by a read before the write.
         """
@@ -68,7 +78,8 @@ class JobQueue(Protocol):
 
     async def leasable(self, capabilities: Sequence[WorkerCapability], now: float, limit: int) -> list[Job]:
         """Queued jobs whose retry backoff has passed (`not_before <= now`) that one of
-        `capabilities` serves, oldest first, at most `limit`."""
+        `capabilities` serves (`WorkerCapability.serves_job`: kind, toolchain, target and
+        purpose), oldest first, at most `limit`."""
         ...
 
     async def expired_leases(self, now: float, limit: int) -> list[Job]:

@@ -16,7 +16,7 @@ from functools import cache
 from typing import Any
 
 from prebake.core.signing import Signature
-from prebake.server.records import Digest, Evaluation, Producer, WorkerCapability
+from prebake.server.records import Digest, Evaluation, EvaluationSpec, JobPurpose, Producer, WorkerCapability
 
 
 def to_json(value: Any) -> str:
@@ -73,14 +73,32 @@ def signature_from_json(text: str | None) -> Signature | None:
 
 
 def capabilities_json(capabilities: tuple[WorkerCapability, ...]) -> str:
-    return to_json([[c.kind, c.toolchain, list(c.compile_targets)] for c in capabilities])
+    return to_json(
+        [[c.kind, c.toolchain, list(c.compile_targets), [p.value for p in c.purposes]] for c in capabilities]
+    )
 
 
 def capabilities_from_json(text: str) -> tuple[WorkerCapability, ...]:
-    return tuple(
-        WorkerCapability(str(kind), str(toolchain), tuple(str(t) for t in targets))
-        for kind, toolchain, targets in json.loads(text)
-    )
+    # Capabilities written before job purposes existed have three parts: compile only.
+    found = []
+    for kind, toolchain, targets, *rest in json.loads(text):
+        purposes = tuple(JobPurpose(p) for p in rest[0]) if rest else (JobPurpose.COMPILE,)
+        found.append(WorkerCapability(str(kind), str(toolchain), tuple(str(t) for t in targets), purposes))
+    return tuple(found)
+
+
+def evaluation_spec_json(spec: EvaluationSpec) -> str:
+    return to_json(dataclasses.asdict(spec))
+
+
+def evaluation_spec_from_json(text: str) -> EvaluationSpec:
+    found: EvaluationSpec = _record(EvaluationSpec, json.loads(text))
+    return found
+
+
+def evaluation_spec_from_data(data: dict[str, Any]) -> EvaluationSpec:
+    found: EvaluationSpec = _record(EvaluationSpec, data)
+    return found
 
 
 def evaluation_json(evaluation: Evaluation) -> str:

@@ -30,8 +30,10 @@ from prebake.server.records import (
     Artifact,
     Digest,
     ErrorClass,
+    EvaluationSpec,
     FileEntry,
     Job,
+    JobPurpose,
     JobState,
     NormalizedKey,
     WorkerRecord,
@@ -39,6 +41,7 @@ from prebake.server.records import (
 from prebake.server.storage.record_json import (
     capabilities_from_json,
     capabilities_json,
+    evaluation_spec_from_data,
     producer_from_json,
     producer_json,
     signature_from_json,
@@ -56,6 +59,10 @@ LEASED_PARTITION = "leased"
 JOB_SK = "job"
 ACTIVE_SK = "active"
 FINISHED_PREFIX = "finished#"
+# An evaluation job's guard and finished copy sort apart from the compile job's, so that
+# `active` and `last_finished` of a key read compile jobs only.
+EVALUATION_GUARD_PREFIX = "active#evaluate#"
+EVALUATED_PREFIX = "evaluated#"
 EVENT_PREFIX = "event#"
 _MASK = (1 << 64) - 1
 
@@ -254,10 +261,19 @@ def event_sk(sequence: int) -> str:
 
 
 def finished_sk(job: Job) -> str:
-    """Orders a key's finished jobs by finished_at, then created_at (newest last)."""
+    """Orders a key's finished jobs by finished_at, then created_at (newest last); compile
+    and evaluation jobs apart."""
     assert job.finished_at is not None
     finished, created = ordered_time(job.finished_at), ordered_time(job.created_at)
-    return f"{FINISHED_PREFIX}{finished:016x}#{created:016x}#{job.job_id}"
+    prefix = FINISHED_PREFIX if job.purpose is JobPurpose.COMPILE else EVALUATED_PREFIX
+    return f"{prefix}{finished:016x}#{created:016x}#{job.job_id}"
+
+
+def guard_sk(job: Job) -> str:
+    """The sort key of the single-flight guard of the job's flight (`Job.flight`)."""
+    if job.purpose is JobPurpose.COMPILE or job.evaluation is None:
+        return ACTIVE_SK
+    return EVALUATION_GUARD_PREFIX + job.evaluation.digest
 
 
 def queued_partition(kind: str, toolchain: str) -> str:
@@ -275,7 +291,11 @@ def job_fields_json(job: Job) -> str:
     for f in dataclasses.fields(Job):
         if f.name not in _JOB_OUTSIDE_JSON:
             value = getattr(job, f.name)
-            fields[f.name] = [value.hash, value.size] if isinstance(value, Digest) else value
+            if isinstance(value, Digest):
+                value = [value.hash, value.size]
+            elif isinstance(value, EvaluationSpec):
+                value = dataclasses.asdict(value)
+            fields[f.name] = value
     return to_json(fields)
 
 
@@ -283,8 +303,10 @@ def _job_field(name: str, value: Any) -> Any:
     kind = _JOB_TYPES[name]
     if value is None:
         return None
-    if kind is JobState or kind is ErrorClass:
+    if kind is JobState or kind is ErrorClass or kind is JobPurpose:
         return kind(value)
+    if name == "evaluation":
+        return evaluation_spec_from_data(value)
     if name == "log":
         return Digest(str(value[0]), int(value[1]))
     if kind in (float, float | None):
@@ -327,8 +349,8 @@ def job_item(job: Job) -> Item:
 
 
 def guard_item(job: Job) -> Item:
-    """The key's single-flight guard: a copy of its active job."""
-    return _job_copy(job, key_pk(job.key.digest), ACTIVE_SK)
+    """The flight's single-flight guard: a copy of its active job."""
+    return _job_copy(job, key_pk(job.key.digest), guard_sk(job))
 
 
 def finished_item(job: Job) -> Item:

@@ -4,13 +4,14 @@ Every change of a job is one TransactWriteItems: the job item put on the conditi
 `revision = expected` (the compare-and-set), its event item numbered by the new
 revision, and the per-key items the change implies:
 
-* the key's **guard** (``key#DIGEST``/``active``, a copy of the active job): created
+* the flight's **guard** (``key#DIGEST``/``active`` for the key's compile job,
+  ``key#DIGEST``/``active#evaluate#SPEC`` for an evaluation job; a copy of the active job): created
   with `attribute_not_exists` when a job becomes active (single flight: a second
   active job of the key fails that condition), updated while it stays active, deleted
   when it leaves the active states, always on the condition that it is this job's;
-* a **finished copy** (``key#DIGEST``/``finished#<finished_at>#<created_at>#ID``)
-  while the job has a finished_at, so that `last_finished` is one strongly consistent
-  query;
+* a **finished copy** (``key#DIGEST``/``finished#<finished_at>#<created_at>#ID``,
+  ``evaluated#...`` for an evaluation job) while the job has a finished_at, so that
+  `last_finished` (compile jobs) is one strongly consistent query;
 * a **blob reference** of the job's log (`PREFIX-blob-refs`), for `is_referenced`.
 
 Which of those a change needs depends on the job as stored at the expected revision.
@@ -82,7 +83,7 @@ def _put(table: str, item: Item, condition: str = "", values: Item | None = None
 
 
 def _guard_key(job: Job) -> Item:
-    return {"pk": s(items.key_pk(job.key.digest)), "sk": s(items.ACTIVE_SK)}
+    return {"pk": s(items.key_pk(job.key.digest)), "sk": s(items.guard_sk(job))}
 
 
 class DynamoJobQueue:
@@ -160,10 +161,12 @@ class DynamoJobQueue:
             try:
                 await self._engine.run(where, lambda: self._engine.transact(writes))
             except ConditionFailed:
-                # The key has an active job (or, never in practice, the id is taken).
-                existing = await self.active(job.key.digest)
+                # The flight has an active job (or, never in practice, the id is taken).
+                existing = await self._engine.run(
+                    self._where, lambda: self._get_sync(items.key_pk(job.key.digest), items.guard_sk(job))
+                )
                 if existing is not None:
-                    return existing, False
+                    return self.remember(existing), False
                 continue
             return self.remember(new), True
         raise Busy(f"the jobs of key {job.key.digest} are being changed concurrently; retry")
@@ -189,6 +192,11 @@ class DynamoJobQueue:
         job = await self._engine.run(
             self._where, lambda: self._get_sync(items.key_pk(key_digest), items.ACTIVE_SK)
         )
+        return None if job is None else self.remember(job)
+
+    async def active_evaluation(self, key_digest: str, spec_digest: str) -> Job | None:
+        sk = items.EVALUATION_GUARD_PREFIX + spec_digest  # items.guard_sk
+        job = await self._engine.run(self._where, lambda: self._get_sync(items.key_pk(key_digest), sk))
         return None if job is None else self.remember(job)
 
     async def last_finished(self, key_digest: str) -> Job | None:
@@ -294,9 +302,7 @@ class DynamoJobQueue:
             return (
                 job.state is JobState.QUEUED
                 and job.not_before <= now
-                and any(
-                    c.serves(job.key.kind, job.key.toolchain, job.key.compile_target) for c in capabilities
-                )
+                and any(c.serves_job(job) for c in capabilities)
             )
 
         def read() -> list[Job]:

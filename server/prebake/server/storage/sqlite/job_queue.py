@@ -19,9 +19,13 @@ from prebake.server.storage.sqlite.connection import Database
 from prebake.server.storage.sqlite.schema import ACTIVE_STATES_SQL, KEY_COLUMNS
 
 TOKEN_TAG = "jobs"
-# Columns an event's snapshot leaves out: a job's key and request id never change, so
-# they are read back from `jobs`.
-_SNAPSHOT_EXCLUDES = frozenset({"key_digest", "request_id", *KEY_COLUMNS})
+# Columns an event's snapshot leaves out: a job's key, request id, purpose, spec and flight
+# never change, so they are read back from `jobs`.
+_SNAPSHOT_EXCLUDES = frozenset({"key_digest", "request_id", "purpose", "evaluation", "flight", *KEY_COLUMNS})
+# Mutable columns added after events were first written: older snapshots lack them.
+_SNAPSHOT_DEFAULTS = {"evaluation_id": ""}
+# The key's active compile job (evaluation jobs of the key are not it).
+_ACTIVE_COMPILE = f"SELECT * FROM jobs WHERE key_digest = ? AND purpose = 'compile' AND {ACTIVE_STATES_SQL}"
 
 
 def _append_event(c: sqlite3.Connection, row: dict[str, Any]) -> None:
@@ -51,13 +55,15 @@ def _capability_filter(capabilities: Sequence[WorkerCapability]) -> tuple[str, l
     clauses: list[str] = []
     params: list[Any] = []
     for cap in capabilities:
-        clause = "(kind = ? AND toolchain = ?"
-        params.extend([cap.kind, cap.toolchain])
+        if not cap.purposes:
+            continue
+        clause = f"(kind = ? AND toolchain = ? AND purpose IN ({', '.join('?' for _ in cap.purposes)})"
+        params.extend([cap.kind, cap.toolchain, *(p.value for p in cap.purposes)])
         if cap.compile_targets:
             clause += f" AND compile_target IN ({', '.join('?' for _ in cap.compile_targets)})"
             params.extend(cap.compile_targets)
         clauses.append(clause + ")")
-    return "(" + " OR ".join(clauses) + ")", params
+    return "(" + (" OR ".join(clauses) or "0") + ")", params
 
 
 class SqliteJobQueue:
@@ -87,11 +93,15 @@ class SqliteJobQueue:
         return self._one("SELECT * FROM jobs WHERE job_id = ?", (job_id,))
 
     async def active(self, key_digest: str) -> Job | None:
-        return self._one(f"SELECT * FROM jobs WHERE key_digest = ? AND {ACTIVE_STATES_SQL}", (key_digest,))
+        return self._one(_ACTIVE_COMPILE, (key_digest,))
+
+    async def active_evaluation(self, key_digest: str, spec_digest: str) -> Job | None:
+        flight = f"evaluate:{key_digest}:{spec_digest}"  # Job.flight
+        return self._one(f"SELECT * FROM jobs WHERE flight = ? AND {ACTIVE_STATES_SQL}", (flight,))
 
     async def last_finished(self, key_digest: str) -> Job | None:
         return self._one(
-            "SELECT * FROM jobs WHERE key_digest = ? AND finished_at IS NOT NULL "
+            "SELECT * FROM jobs WHERE key_digest = ? AND purpose = 'compile' AND finished_at IS NOT NULL "
             "ORDER BY finished_at DESC, created_at DESC LIMIT 1",
             (key_digest,),
         )
@@ -106,9 +116,9 @@ class SqliteJobQueue:
             try:
                 inserted = c.execute(sql, row).fetchone()
             except sqlite3.IntegrityError:
-                # The partial unique index on active jobs' key digest: single flight.
+                # The partial unique index on active jobs' flight: single flight.
                 existing = c.execute(
-                    f"SELECT * FROM jobs WHERE key_digest = ? AND {ACTIVE_STATES_SQL}", (job.key.digest,)
+                    f"SELECT * FROM jobs WHERE flight = ? AND {ACTIVE_STATES_SQL}", (job.flight,)
                 ).fetchone()
                 if existing is None:
                     raise
@@ -138,7 +148,12 @@ class SqliteJobQueue:
                 sequence=row["sequence"],
                 at=row["at"],
                 job=rows.job_from_row(
-                    {"revision": row["sequence"], **json.loads(row["snapshot"]), **key_columns}
+                    {
+                        **_SNAPSHOT_DEFAULTS,
+                        "revision": row["sequence"],
+                        **json.loads(row["snapshot"]),
+                        **key_columns,
+                    }
                 ),
             )
             for row in found

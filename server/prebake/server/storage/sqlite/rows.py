@@ -16,12 +16,15 @@ from prebake.server.records import (
     ErrorClass,
     FileEntry,
     Job,
+    JobPurpose,
     JobState,
     NormalizedKey,
     WorkerRecord,
 )
 from prebake.server.storage.record_json import (
     capabilities_from_json,
+    evaluation_spec_from_json,
+    evaluation_spec_json,
     producer_from_json,
     producer_json,
     signature_from_json,
@@ -32,7 +35,8 @@ from prebake.server.storage.sqlite.schema import KEY_COLUMNS
 
 Row = dict[str, Any]
 
-# Columns of `jobs` a compare-and-set may change (the key and the id never change).
+# Columns of `jobs` a compare-and-set may change (the key, the id, the purpose, the spec
+# and the flight never change).
 MUTABLE_JOB_COLUMNS = (
     "state",
     "attempts",
@@ -51,6 +55,7 @@ MUTABLE_JOB_COLUMNS = (
     "model_source",
     "updated_at",
     "finished_at",
+    "evaluation_id",
 )
 
 
@@ -156,6 +161,9 @@ def job_row(job: Job) -> Row:
         **mutable_job_columns(job),
         "created_at": job.created_at,
         "request_id": job.request_id,
+        "purpose": job.purpose.value,
+        "evaluation": "" if job.evaluation is None else evaluation_spec_json(job.evaluation),
+        "flight": job.flight,
         "revision": job.revision,
     }
 
@@ -178,6 +186,7 @@ def mutable_job_columns(job: Job) -> Row:
         "model_source": job.model_source,
         "updated_at": job.updated_at,
         "finished_at": job.finished_at,
+        "evaluation_id": job.evaluation_id,
     }
     assert tuple(row) == MUTABLE_JOB_COLUMNS
     return row
@@ -205,6 +214,9 @@ def job_from_row(row: Mapping[str, Any]) -> Job:
         model_source=row["model_source"],
         finished_at=row["finished_at"],
         request_id=row["request_id"],
+        purpose=JobPurpose(row["purpose"]),
+        evaluation=evaluation_spec_from_json(row["evaluation"]) if row["evaluation"] else None,
+        evaluation_id=row["evaluation_id"],
         revision=row["revision"],
     )
 

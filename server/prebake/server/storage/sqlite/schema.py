@@ -269,6 +269,23 @@ END;
 """
 
 
+# Evaluation jobs in the compile queue: a job's purpose (old jobs are compile jobs), what an
+# evaluation job runs (record_json.evaluation_spec_json, '' for compiles) and the evaluation it
+# stored. Single flight moves from the key digest to the job's flight (`Job.flight`: the key
+# digest for compiles, key and spec for evaluations), so an evaluation neither blocks nor joins
+# a compile of its key. `ACTIVE_COMPILE_SQL` is what reads of "the key's active job" match.
+_EVALUATION_JOBS_SQL = f"""
+ALTER TABLE jobs ADD COLUMN purpose TEXT NOT NULL DEFAULT 'compile';
+ALTER TABLE jobs ADD COLUMN evaluation TEXT NOT NULL DEFAULT '';
+ALTER TABLE jobs ADD COLUMN evaluation_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE jobs ADD COLUMN flight TEXT NOT NULL DEFAULT '';
+UPDATE jobs SET flight = key_digest;
+DROP INDEX jobs_one_active_per_key;
+CREATE UNIQUE INDEX jobs_one_active_per_flight ON jobs(flight) WHERE {ACTIVE_STATES_SQL};
+CREATE INDEX jobs_active_compile ON jobs(key_digest) WHERE purpose = 'compile' AND {ACTIVE_STATES_SQL};
+"""
+
+
 MIGRATIONS: list[Migration] = [
     (1, "artifacts, artifact files, jobs, job events", _initial_schema),
     (2, "job revisions for compare-and-set; worker directory", _JOB_REVISIONS_AND_WORKERS_SQL),
@@ -282,6 +299,7 @@ MIGRATIONS: list[Migration] = [
     ),
     (7, "artifact indexes in newest-first order", _NEWEST_FIRST_INDEXES_SQL),
     (8, "evaluations of artifacts, deleted with them", _EVALUATIONS_SQL),
+    (9, "evaluation jobs: job purposes and specs; single flight per job flight", _EVALUATION_JOBS_SQL),
 ]
 
 _BOOTSTRAP_SQL = """
