@@ -239,6 +239,7 @@ def test_probe_reports_awq() -> None:
         "reason": "",
         "toolchain": "llmcompressor-0.14",
         "compile_targets": [],
+        "evaluates": True,
     }
 
 

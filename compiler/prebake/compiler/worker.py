@@ -80,7 +80,7 @@ from prebake.compiler.probe import (
 )
 from prebake.compiler.publish_outputs import NothingToPublish, publish, upload_log
 from prebake.compiler.reports import MAX_ERROR_CHARS, failure_report
-from prebake.compiler.supervise import key_fields, read_result, run_compile
+from prebake.compiler.supervise import RUN_MODULE, key_fields, read_result, run_compile
 from prebake.compiler.work_dir import default_work_dir, worker_dir
 from prebake.core.names import kind_name, kind_names
 from prebake.core.request_ids import request_scope
@@ -339,16 +339,7 @@ class Worker:
         request = CompileRequest(job.job_id, key_fields(job.key), source, out_dir)
         (job_dir / "request.json").write_text(request.to_json())
         started = time.monotonic()
-        returncode, stopped_because = run_compile(
-            run,
-            job_dir,
-            log_path,
-            python=self.config.python,
-            stopping=self._stopping,
-            abandon=self._abandon,
-            drain_seconds=self.config.drain_seconds,
-            kill_grace_seconds=self.config.kill_grace_seconds,
-        )
+        returncode, stopped_because = self._run_child(run, job_dir, log_path)
         compile_seconds = time.monotonic() - started
 
         if run.gone.is_set():
@@ -374,6 +365,23 @@ class Worker:
         report = failure_report(kind_name(job.key.key.kind), returncode, job_dir)
         return self._fail(run, report, returncode == EXIT_DETERMINISTIC, log_digest)
 
+    def _run_child(
+        self, run: JobRun, job_dir: Path, log_path: Path, *, module: str = RUN_MODULE
+    ) -> tuple[int, str | None]:
+        """Run the job's child process (a compile, or with `module` an evaluation) with this
+        worker's stop and drain settings; see `supervise.run_compile`."""
+        return run_compile(
+            run,
+            job_dir,
+            log_path,
+            python=self.config.python,
+            stopping=self._stopping,
+            abandon=self._abandon,
+            drain_seconds=self.config.drain_seconds,
+            kill_grace_seconds=self.config.kill_grace_seconds,
+            module=module,
+        )
+
     def _evaluate(self, run: JobRun, job_dir: Path) -> Outcome:
         """An evaluation job: check, fetch the artifact, run the workload in a child, complete."""
         job = run.lease.job
@@ -397,17 +405,7 @@ class Worker:
             )
         request = evaluation_request(job, artifact_dir, self._tokenizer_dir(job, job_dir))
         (job_dir / "request.json").write_text(json.dumps(request, indent=1))
-        returncode, stopped_because = run_compile(
-            run,
-            job_dir,
-            log_path,
-            python=self.config.python,
-            stopping=self._stopping,
-            abandon=self._abandon,
-            drain_seconds=self.config.drain_seconds,
-            kill_grace_seconds=self.config.kill_grace_seconds,
-            module=EVALUATION_MODULE,
-        )
+        returncode, stopped_because = self._run_child(run, job_dir, log_path, module=EVALUATION_MODULE)
         if run.gone.is_set():
             raise LeaseGone(f"{run.gone_reason}; evaluation stopped")
         if stopped_because is not None:

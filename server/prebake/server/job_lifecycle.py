@@ -17,6 +17,7 @@ losing races raises `Busy` (ABORTED, retryable).
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -333,10 +334,17 @@ class JobLifecycle:
         Single flight is the queue's `create_if_absent`. A joiner gets the existing job
         unchanged (its model_source, max_attempts and request_id win).
         """
+        job = self._new_job(key, max_attempts, message, model_source=model_source, request_id=request_id)
+        return await self.jobs.create_if_absent(job)
+
+    def _new_job(
+        self, key: NormalizedKey, max_attempts: int, message: str, *, model_source: str, request_id: str
+    ) -> Job:
+        """A queued compile job of `key`, created now."""
         if max_attempts < 1:
             raise InvalidArgument(f"max_attempts must be at least 1, got {max_attempts}")
         now = self._clock()
-        job = Job(
+        return Job(
             job_id=new_job_id(),
             key=key,
             state=JobState.QUEUED,
@@ -347,7 +355,6 @@ class JobLifecycle:
             model_source=model_source,
             request_id=request_id,
         )
-        return await self.jobs.create_if_absent(job)
 
     async def create_or_join_evaluation(
         self,
@@ -366,20 +373,9 @@ class JobLifecycle:
         joined unchanged; a compile job of the key neither blocks nor joins it. The job's
         `artifact_id` is the evaluated artifact (the key digest) from the start.
         """
-        if max_attempts < 1:
-            raise InvalidArgument(f"max_attempts must be at least 1, got {max_attempts}")
-        now = self._clock()
-        job = Job(
-            job_id=new_job_id(),
-            key=key,
-            state=JobState.QUEUED,
-            created_at=now,
-            updated_at=now,
-            max_attempts=max_attempts,
-            message=message,
+        job = dataclasses.replace(
+            self._new_job(key, max_attempts, message, model_source=model_source, request_id=request_id),
             artifact_id=key.digest,
-            model_source=model_source,
-            request_id=request_id,
             purpose=JobPurpose.EVALUATE,
             evaluation=spec,
         )
