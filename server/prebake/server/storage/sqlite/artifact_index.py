@@ -259,14 +259,16 @@ class SqliteArtifactIndex:
         wanted = rows.key_row(key)
         columns = [_KEY_COLUMN.get(name, name) for name in near.DISTANCE_FIELDS]
         distance = " + ".join(f"({column} IS NOT ?)" for column in columns)
-        # The newest rows through the (kind, model, created_at DESC, artifact_id) index, only
-        # the columns the distance needs; whole rows only for the winners.
+        # The newest rows through the covering (kind, model, created_at DESC, artifact_id,
+        # key columns...) index, ranked and cut to `limit` before the join: joining first
+        # (one row lookup per scanned entry) made the scan of 500 cost 1.9 ms instead of 0.4.
         sql = (
-            "SELECT artifacts.* FROM ("
+            "SELECT artifacts.* FROM (SELECT id, at, distance FROM ("
             f"SELECT artifact_id AS id, created_at AS at, {distance} AS distance FROM artifacts "
             "WHERE kind = ? AND model = ? ORDER BY created_at DESC, artifact_id LIMIT ?"
+            ") WHERE id != ? ORDER BY distance, at DESC, id LIMIT ?"
             ") AS near JOIN artifacts ON artifacts.artifact_id = near.id "
-            "WHERE near.id != ? ORDER BY near.distance, near.at DESC, near.id LIMIT ?"
+            "ORDER BY near.distance, near.at DESC, near.id"
         )
         params = (*(wanted[c] for c in columns), key.kind, key.model, near.SCAN_LIMIT, key.digest, limit)
 
