@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,20 @@ settings.register_profile(
     "fuzz", max_examples=FUZZ_EXAMPLES, deadline=None, database=None, suppress_health_check=_SLOW_IS_FINE
 )
 settings.load_profile("ci")
+
+
+@pytest.fixture(autouse=True)
+def _root_logger_restored() -> Iterator[None]:
+    """The root logger's handlers and level as they were before each test: a test that runs
+    `prebake serve` or a worker in-process sets up logging (`setup_logging`), and without this
+    every later test's rpc lines would reach the terminal, outside pytest's capture."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
