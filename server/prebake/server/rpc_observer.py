@@ -32,7 +32,7 @@ import grpc
 
 from prebake.core import request_ids
 from prebake.core.request_ids import REQUEST_ID_HEADER
-from prebake.server.handler_wrapping import behaviour_of
+from prebake.server.handler_wrapping import WrappedOnce, behaviour_of
 from prebake.server.metrics import ServerMetrics
 
 log = logging.getLogger("prebake.server.rpc")
@@ -88,6 +88,7 @@ class RpcObserver(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # gene
 
     def __init__(self, metrics: ServerMetrics) -> None:
         self.metrics = metrics
+        self._wrapped = WrappedOnce()
 
     async def intercept_service(
         self,
@@ -99,7 +100,9 @@ class RpcObserver(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # gene
             return handler
         method: str = handler_call_details.method  # type: ignore[attr-defined]
         level = logging.DEBUG if method.startswith(_QUIET_PREFIXES) else logging.INFO
-        return _observed(handler, method.lstrip("/"), level, self.metrics)
+        return self._wrapped.get(
+            method, handler, lambda: _observed(handler, method.lstrip("/"), level, self.metrics)
+        )
 
 
 def _observed(

@@ -28,7 +28,7 @@ import grpc
 from prebake.core.errors import PermissionDenied, Unauthenticated
 from prebake.server.auth.authenticator import Authenticator
 from prebake.server.auth.rpc_roles import allowed, is_open, roles_for, split_method
-from prebake.server.handler_wrapping import behaviour_of
+from prebake.server.handler_wrapping import WrappedOnce, behaviour_of
 from prebake.server.principal import Principal, bind, unbind
 
 log = logging.getLogger("prebake.server.auth")
@@ -68,6 +68,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # 
 
     def __init__(self, authenticator: Authenticator) -> None:
         self.authenticator = authenticator
+        self._wrapped = WrappedOnce()
 
     def admit(self, method: str, context: Ctx) -> Principal:
         """The caller of `method`, if it may call it; Unauthenticated / PermissionDenied if not."""
@@ -93,7 +94,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # 
         method: str = handler_call_details.method  # type: ignore[attr-defined]
         if handler is None or is_open(method):
             return handler
-        return _guarded(handler, method, self)
+        return self._wrapped.get(method, handler, lambda: _guarded(handler, method, self))
 
 
 async def _enter(gate: AuthInterceptor, method: str, context: Ctx) -> Any:

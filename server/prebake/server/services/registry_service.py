@@ -117,7 +117,10 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         """The artifact stored for exactly `key`, under its canonical model name or, as
         `stored_as` says, under another name of the model (`stated`: the request's)."""
         index = self.s.storage.artifacts
-        for candidate in (key, *self.stored_as(key, stated)):
+        found = await index.get(key.digest)
+        if found is not None:  # the usual case: the other names are worked out only when needed
+            return found
+        for candidate in self.stored_as(key, stated):
             found = await index.get(candidate.digest)
             if found is not None:
                 return found
