@@ -99,3 +99,16 @@ def test_blob_urls_are_refused_with_tls_or_an_s3_store(tmp_path: Path) -> None:
     for extra in ({"tls_cert": "c.pem", "tls_key": "k.pem"}, {"store": "s3://bucket/prefix"}):
         with pytest.raises(ValueError, match="blob_http_listen"):
             load_server_config({"blob_http_listen": "127.0.0.1:0", "data_dir": str(tmp_path), **extra}, {})
+
+
+def test_a_lookup_carries_urls_only_from_a_server_that_can_sign_them(tmp_path: Path, artifact: Path) -> None:
+    for name, http in (("plain", ""), ("signing", "127.0.0.1:0")):
+        with (
+            background_server(tmp_path / name, embedded_workers=0, blob_http_listen=http) as server,
+            Client(server.address, direct_download=True) as client,
+        ):
+            client.publish(artifact, KEY)
+            files = client.lookup(KEY, on_miss="report").artifact.files
+            assert len(files) == 7
+            assert all(bool(f.download_url) == bool(http) for f in files), name
+            assert all(f.HasField("download_url_expires_at") == bool(http) for f in files), name

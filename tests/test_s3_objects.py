@@ -181,6 +181,7 @@ def test_the_content_store_hands_out_presigned_blob_urls(store: S3ObjectStore) -
     writer = cas.open_write("up", digest)
     writer.append(data)
     writer.commit()
+    assert cas.presigns
     url = cas.download_url(digest, 60)
     assert url is not None
     with urllib.request.urlopen(url, timeout=30) as resp:

@@ -249,6 +249,12 @@ class BlobStore(Protocol):
         """The digests not stored, in the order given, each at most once."""
         ...
 
+    @property
+    def presigns(self) -> bool:
+        """Whether `download_url` can make URLs at all: checked once per manifest, so a backend
+        that cannot presign costs a hit nothing per file."""
+        ...
+
     def download_url(self, digest: Digest, expires_seconds: int) -> str | None:
         """A URL that reads the blob straight from the backend for `expires_seconds`, or None if
         the backend cannot make one (then reads go through `read`). No request to the backend;

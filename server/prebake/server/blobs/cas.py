@@ -623,6 +623,11 @@ class ContentAddressedStore:
                 self._quarantine_if_short(digest, offset)
         return _CheckedReader(inner, offset, end, lambda at: self._quarantine_if_short(digest, at))
 
+    @property
+    def presigns(self) -> bool:
+        """Whether `download_url` can answer a URL (it costs nothing to ask)."""
+        return (self.urls or self._own_presigns) is not None
+
     def download_url(self, digest: Digest, expires_seconds: int) -> str | None:
         """A URL that reads the published blob straight from the backend (or `urls`), or None
         if neither can presign. Only ever for a blob's content address, which holds verified bytes

@@ -183,12 +183,15 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
             return None
         return compat.Match(with_files, match.policy, match.reason)
 
-    def _manifest(self, found: Artifact, direct_download: bool) -> registry_pb2.Artifact:
-        """The artifact as sent, with presigned download URLs when asked for and possible."""
-        sent = registry_pb2.Artifact()
+    def _manifest(
+        self, found: Artifact, direct_download: bool, into: registry_pb2.Artifact | None = None
+    ) -> registry_pb2.Artifact:
+        """The artifact as sent, with presigned download URLs when asked for and possible;
+        filled into `into` (an empty message, such as a response's field) when given."""
+        sent = registry_pb2.Artifact() if into is None else into
         self.manifests.fill(sent, found)
         seconds = self.s.config.presign_seconds
-        if not direct_download or seconds <= 0:
+        if not direct_download or seconds <= 0 or not self.s.blobs.presigns:
             return sent
         expires = Timestamp()
         expires.FromNanoseconds(int((time.time() + seconds) * 1e9))
@@ -249,14 +252,16 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
             s.counters.hits += 1
             s.tracker.hit(match.artifact.artifact_id)
             s.metrics.lookup("hit", match.policy)
-            return registry_pb2.LookupResponse(
+            hit = registry_pb2.LookupResponse(
                 status=registry_pb2.LOOKUP_STATUS_HIT,
                 key=resolved,
-                artifact=self._manifest(match.artifact, request.direct_download),
                 match_reason=match.reason,
                 matched_policy=match.policy,
                 toolchain_source=toolchain_source,
             )
+            # Filled in place: passed to the constructor, the manifest would be copied once more.
+            self._manifest(match.artifact, request.direct_download, into=hit.artifact)
+            return hit
         s.counters.misses += 1
         jobs = s.storage.jobs
         active = await jobs.active(key.digest)
