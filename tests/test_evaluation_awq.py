@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 
 from prebake.compiler.evaluation_awq import AwqRuntime, evaluate_awq
-from prebake.compiler.evaluation_metrics import Workload
 from prebake.compiler.evaluation_workload import synthetic_prompts
+from prebake.core.evaluation_records import EvaluationWorkload
 from prebake.server.price_table import load_price_table
 from tests.test_awq import ChildRun, awq_run, tiny_model
 from tests.test_evaluation_workload import assert_consistent
 
 __all__ = ["awq_run", "tiny_model"]  # fixtures, used by name
 
-WORKLOAD = Workload(prompt_tokens=8, output_tokens=5, requests=4, concurrency_levels=(1, 4))
+WORKLOAD = EvaluationWorkload(prompt_tokens=8, output_tokens=5, requests=4, concurrency_levels=(1, 4))
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ import pytest
 from prebake.client import Client, errors, exitcodes
 from prebake.client.artifact_key import ArtifactKey
 from prebake.core import pricing
+from prebake.core.evaluation_records import PriceInputs
 from prebake.server.app import BackgroundServer, background_server
 from prebake.v1 import evaluations_pb2, registry_pb2
 from tests.aws_emulator import Emulator
@@ -116,7 +117,7 @@ def build_registry(client: Client, tmp_path: Path) -> dict[str, str]:
 
 
 CHEAP_PRICE = pricing.blended_price_per_million_tokens(
-    pricing.PriceInputs("ml.trn1.32xlarge", 0.76, 0.0, "flag"), 4, 18.0
+    PriceInputs("ml.trn1.32xlarge", 0.76, 0.0, "flag"), 4, 18.0
 )
 
 # (request fields, expected artifacts in rank order, the chosen concurrency of the first)
