@@ -22,7 +22,7 @@ from prebake.compiler.evaluation_tokenizer import load_tokenizer
 from prebake.compiler.evaluation_workload import synthetic_prompts
 from prebake.core.evaluation_records import EvaluationWorkload
 from prebake.server.price_table import load_price_table
-from tests.test_evaluation_workload import assert_consistent
+from tests.test_evaluation_workload import assert_a_clean_priced_run
 from tests.test_inductor import SEQ, ChildRun, fp32_child, tiny_model
 
 __all__ = ["fp32_child", "tiny_model"]  # fixtures, used by name
@@ -79,14 +79,8 @@ def test_a_real_evaluation_at_concurrency_1_and_4(package_dir: Path) -> None:
     )
     assert result.workload == WORKLOAD and result.price == price
     assert result.host.cpu_count > 0 and "torch" in dict(result.host.runtime_versions)
-    assert [level.concurrency for level in result.levels] == [1, 4]
-    for level in result.levels:
-        assert_consistent(level, WORKLOAD)
-        # No tokenizer in the tiny checkpoint: token ids in, token ids out, nothing to fail.
-        assert (level.invocation_errors, level.empty_responses, level.tokenizer_failures) == (0, 0, 0)
-        assert level.output_tokens == WORKLOAD.requests * WORKLOAD.output_tokens
-        assert level.blended_price_per_million_tokens > 0
-        assert level.price_per_million_input_tokens > 0 and level.price_per_million_output_tokens > 0
+    # No tokenizer in the tiny checkpoint: token ids in, token ids out, nothing to fail.
+    assert_a_clean_priced_run(result.levels, WORKLOAD)
     assert len(seen) == 2 * WORKLOAD.requests and seen[-1] == (4, 4, 4)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,19 @@ def assert_consistent(level: LevelMetrics, workload: EvaluationWorkload) -> None
     ratio = workload.prompt_tokens / workload.output_tokens
     for q in ("p50", "p90", "p99"):
         assert getattr(in_rate, q) == pytest.approx(getattr(out_rate, q) * ratio)
+
+
+def assert_a_clean_priced_run(levels: Sequence[LevelMetrics], workload: EvaluationWorkload) -> None:
+    """What a real runtime's evaluation with a known price must show (test_evaluation_inductor,
+    test_evaluation_awq): one consistent level per concurrency, in order, none failed or cut
+    short, and every price of every level known."""
+    assert [level.concurrency for level in levels] == list(workload.concurrency_levels)
+    for level in levels:
+        assert_consistent(level, workload)
+        assert (level.invocation_errors, level.empty_responses, level.tokenizer_failures) == (0, 0, 0)
+        assert level.output_tokens == workload.requests * workload.output_tokens
+        assert level.blended_price_per_million_tokens > 0
+        assert level.price_per_million_input_tokens > 0 and level.price_per_million_output_tokens > 0
 
 
 def test_levels_are_consistent_and_concurrency_raises_total_throughput() -> None:
