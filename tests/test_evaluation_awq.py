@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 
 from prebake.compiler.evaluation_awq import AwqRuntime, evaluate_awq
-from prebake.compiler.evaluation_metrics import Workload
 from prebake.compiler.evaluation_workload import synthetic_prompts
+from prebake.core.evaluation_records import EvaluationWorkload
 from prebake.server.price_table import load_price_table
 from tests.test_awq import ChildRun, awq_run, tiny_model
-from tests.test_evaluation_workload import assert_consistent
+from tests.test_evaluation_workload import assert_a_clean_priced_run
 
 __all__ = ["awq_run", "tiny_model"]  # fixtures, used by name
 
-WORKLOAD = Workload(prompt_tokens=8, output_tokens=5, requests=4, concurrency_levels=(1, 4))
+WORKLOAD = EvaluationWorkload(prompt_tokens=8, output_tokens=5, requests=4, concurrency_levels=(1, 4))
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +51,4 @@ def test_cached_greedy_generation_matches_recomputing_without_a_cache(checkpoint
 def test_a_real_evaluation_at_concurrency_1_and_4(checkpoint: Path) -> None:
     price = load_price_table().price_inputs("ml.g5.xlarge")
     result = evaluate_awq(checkpoint, WORKLOAD, price)
-    assert [level.concurrency for level in result.levels] == [1, 4]
-    for level in result.levels:
-        assert_consistent(level, WORKLOAD)
-        assert (level.invocation_errors, level.empty_responses, level.tokenizer_failures) == (0, 0, 0)
-        assert level.output_tokens == WORKLOAD.requests * WORKLOAD.output_tokens
-        assert level.blended_price_per_million_tokens > 0
+    assert_a_clean_priced_run(result.levels, WORKLOAD)

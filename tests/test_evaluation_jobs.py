@@ -21,11 +21,11 @@ import pytest
 from prebake.client import ArtifactKey, Client, render
 from prebake.client.errors import FailedPrecondition, InvalidArgument, NotFound, QuotaExceeded
 from prebake.client.model_revision import revision_of
-from prebake.compiler.evaluation_metrics import Distribution, LevelMetrics, Workload
 from prebake.compiler.evaluation_run import EVALUATORS
 from prebake.compiler.probe import BackendStatus
 from prebake.compiler.worker import Worker, WorkerConfig
 from prebake.core import pricing
+from prebake.core.evaluation_records import Distribution, EvaluationWorkload, LevelMetrics
 from prebake.server import evaluation_messages
 from prebake.server.app import BackgroundServer, background_server
 from prebake.server.config import ServerConfig
@@ -361,7 +361,7 @@ def test_a_real_evaluation_through_a_worker_and_prebake_evaluate(
     assert (evaluation.price.hourly_usd, evaluation.price.discount_rate) == (price.hourly_usd, 0.1)
     assert evaluation.host.runtime_versions["torch"].startswith("2.13")
     for level in evaluation.levels:
-        assert_consistent(as_measured(level), Workload(8, 6, 4, (1, 4)))
+        assert_consistent(as_measured(level), EvaluationWorkload(8, 6, 4, (1, 4)))
         assert level.invocation_errors == 0 and level.output_tokens == 4 * 6
         assert level.output_tokens_per_second * level.duration_seconds == pytest.approx(level.output_tokens)
         assert level.itl_ms.p50 <= level.client_latency_ms.p50

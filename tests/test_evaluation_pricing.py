@@ -9,7 +9,7 @@ import pytest
 
 from prebake.core import pricing
 from prebake.core.errors import InvalidKey
-from prebake.core.pricing import PriceInputs
+from prebake.core.evaluation_records import PriceInputs
 from prebake.server.instance_catalog import InstanceCatalog
 from prebake.server.price_table import SHIPPED, load_price_table
 
@@ -19,7 +19,7 @@ EXAMPLE = PriceInputs("ml.g5.2xlarge", 1.515, 0.2, "test")
 
 def test_the_worked_example_by_hand() -> None:
     hourly = 1.515 * 0.8  # 1.212 USD/h
-    assert EXAMPLE.effective_hourly_usd == pytest.approx(hourly)
+    assert pricing.effective_hourly_usd(EXAMPLE.hourly_usd, EXAMPLE.discount_rate) == pytest.approx(hourly)
     assert pricing.total_token_throughput(4, 25.0) == pytest.approx(160.0)  # 4 / 0.025 s
     # 160 tokens/s = 576,000 tokens/h; 1.212 USD buys 576,000 tokens.
     assert pricing.blended_price_per_million_tokens(EXAMPLE, 4, 25.0) == pytest.approx(hourly / 0.576)
@@ -56,7 +56,7 @@ def test_price_inputs_refuse_what_cannot_price(
     hourly: float, discount: float, ratio: float, message: str
 ) -> None:
     with pytest.raises(ValueError, match=message):
-        PriceInputs("ml.g5.xlarge", hourly, discount, "test", ratio)
+        pricing.check_price_inputs(PriceInputs("ml.g5.xlarge", hourly, discount, "test", ratio))
 
 
 def test_rates_and_latencies_must_be_positive() -> None:

@@ -11,28 +11,23 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
-from prebake.compiler.evaluation_metrics import (
-    Distribution,
-    HostInfo,
-    LevelMetrics,
-    PriceInputs,
-    Workload,
-    distribution,
-)
+from prebake.compiler.evaluation_metrics import EvaluationResult, check_workload, current_host, distribution
 from prebake.compiler.evaluation_workload import (
     OnToken,
     run_workload,
     synthetic_prompts,
 )
 from prebake.core import pricing
+from prebake.core.evaluation_records import Distribution, EvaluationWorkload, LevelMetrics, PriceInputs
 
 PREFILL_S = 0.004
 PER_TOKEN_S = 0.003
-WORKLOAD = Workload(prompt_tokens=16, output_tokens=5, requests=8, concurrency_levels=(1, 4))
+WORKLOAD = EvaluationWorkload(prompt_tokens=16, output_tokens=5, requests=8, concurrency_levels=(1, 4))
 PRICE = PriceInputs("ml.c7i.xlarge", 0.214, 0.1, "test")
 PROMPTS = synthetic_prompts(range(100), WORKLOAD.prompt_tokens, seed=7)
 
@@ -67,7 +62,7 @@ class SleepingModel:
         return out
 
 
-def assert_consistent(level: LevelMetrics, workload: Workload) -> None:
+def assert_consistent(level: LevelMetrics, workload: EvaluationWorkload) -> None:
     """The properties every level must have, whatever the runtime."""
     assert level.requests == workload.requests
     assert level.client_invocations <= level.requests
@@ -94,6 +89,19 @@ def assert_consistent(level: LevelMetrics, workload: Workload) -> None:
         assert getattr(in_rate, q) == pytest.approx(getattr(out_rate, q) * ratio)
 
 
+def assert_a_clean_priced_run(levels: Sequence[LevelMetrics], workload: EvaluationWorkload) -> None:
+    """What a real runtime's evaluation with a known price must show (test_evaluation_inductor,
+    test_evaluation_awq): one consistent level per concurrency, in order, none failed or cut
+    short, and every price of every level known."""
+    assert [level.concurrency for level in levels] == list(workload.concurrency_levels)
+    for level in levels:
+        assert_consistent(level, workload)
+        assert (level.invocation_errors, level.empty_responses, level.tokenizer_failures) == (0, 0, 0)
+        assert level.output_tokens == workload.requests * workload.output_tokens
+        assert level.blended_price_per_million_tokens > 0
+        assert level.price_per_million_input_tokens > 0 and level.price_per_million_output_tokens > 0
+
+
 def test_levels_are_consistent_and_concurrency_raises_total_throughput() -> None:
     model = SleepingModel()
     one, four = run_workload(model, PROMPTS, WORKLOAD, PRICE)
@@ -110,7 +118,7 @@ def test_levels_are_consistent_and_concurrency_raises_total_throughput() -> None
 
 
 def test_prices_come_from_the_pricing_module_and_the_levels_own_numbers() -> None:
-    (level,) = run_workload(SleepingModel(), PROMPTS, Workload(16, 5, 4, (2,)), PRICE)
+    (level,) = run_workload(SleepingModel(), PROMPTS, EvaluationWorkload(16, 5, 4, (2,)), PRICE)
     assert level.blended_price_per_million_tokens == pytest.approx(
         pricing.blended_price_per_million_tokens(PRICE, 2, level.itl_ms.p50)
     )
@@ -125,7 +133,7 @@ def test_prices_come_from_the_pricing_module_and_the_levels_own_numbers() -> Non
 
 
 def test_without_a_price_every_price_is_zero() -> None:
-    (level,) = run_workload(SleepingModel(), PROMPTS, Workload(16, 3, 2, (1,)))
+    (level,) = run_workload(SleepingModel(), PROMPTS, EvaluationWorkload(16, 3, 2, (1,)))
     assert level.output_tokens == 6
     prices = (
         level.price_per_million_input_tokens,
@@ -151,18 +159,18 @@ def test_errors_empty_responses_and_tokenizer_failures_are_counted() -> None:
             raise ValueError("cannot decode")
         return " ".join(map(str, ids))
 
-    (level,) = run_workload(model, prompts, Workload(16, 4, 8, (1,)), PRICE, decode=decode)
+    (level,) = run_workload(model, prompts, EvaluationWorkload(16, 4, 8, (1,)), PRICE, decode=decode)
     assert level.client_invocations == 7  # index 6 never reached the model
     assert level.invocation_errors == 2
     assert level.empty_responses == 1
     assert level.tokenizer_failures == 2  # one prompt, one response
     assert len(decoded) == 4  # the four non-empty responses
-    assert_consistent(level, Workload(16, 4, 8, (1,)))
+    assert_consistent(level, EvaluationWorkload(16, 4, 8, (1,)))
 
 
 def test_a_level_where_everything_fails_measures_nothing() -> None:
     model = SleepingModel(dict.fromkeys(range(1, 4), "error"))
-    (level,) = run_workload(model, PROMPTS, Workload(16, 4, 3, (3,)), PRICE)
+    (level,) = run_workload(model, PROMPTS, EvaluationWorkload(16, 4, 3, (3,)), PRICE)
     assert (level.invocation_errors, level.output_tokens, level.input_tokens) == (3, 0, 0)
     assert level.ttft_ms == level.itl_ms == level.client_latency_ms == Distribution(0.0, 0.0, 0.0)
     assert level.blended_price_per_million_tokens == level.price_per_million_output_tokens == 0.0
@@ -173,7 +181,7 @@ def test_a_non_streaming_generate_has_ttft_equal_to_latency_and_no_gaps() -> Non
         time.sleep(PREFILL_S)
         return prompt_ids[:max_new_tokens]
 
-    (level,) = run_workload(generate, PROMPTS, Workload(16, 4, 2, (1,)), PRICE)
+    (level,) = run_workload(generate, PROMPTS, EvaluationWorkload(16, 4, 2, (1,)), PRICE)
     assert level.ttft_ms == level.client_latency_ms
     assert level.itl_ms == Distribution(0.0, 0.0, 0.0)
     assert level.blended_price_per_million_tokens == 0.0  # no inter-token latency, no blended price
@@ -182,7 +190,9 @@ def test_a_non_streaming_generate_has_ttft_equal_to_latency_and_no_gaps() -> Non
 
 def test_progress_reports_every_request_of_every_level() -> None:
     seen: list[tuple[int, int, int]] = []
-    run_workload(SleepingModel(), PROMPTS, Workload(16, 2, 3, (1, 2)), progress=lambda *a: seen.append(a))
+    run_workload(
+        SleepingModel(), PROMPTS, EvaluationWorkload(16, 2, 3, (1, 2)), progress=lambda *a: seen.append(a)
+    )
     assert seen == [(1, 1, 3), (1, 2, 3), (1, 3, 3), (2, 1, 3), (2, 2, 3), (2, 3, 3)]
 
 
@@ -232,19 +242,46 @@ def test_workload_validation(kwargs: dict[str, object], message: str) -> None:
         "concurrency_levels": (1,),
     }
     values.update(kwargs)
+    workload = EvaluationWorkload(**values)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=message):
-        Workload(**values)  # type: ignore[arg-type]
+        check_workload(workload)
+    model = SleepingModel()
+    with pytest.raises(ValueError, match=message):
+        run_workload(model, PROMPTS, workload)  # refused before any request
+    assert model.prompts == []
 
 
 def test_host_info_reads_this_machine(tmp_path: Path) -> None:
     import os
 
-    host = HostInfo.current("ml.c7i.xlarge")
+    host = current_host("ml.c7i.xlarge")
     assert host.cpu_count == os.cpu_count()
     assert host.cpu_model and host.hostname
     assert host.instance_type == "ml.c7i.xlarge"
-    assert "torch" in host.runtime_versions
+    assert "torch" in dict(host.runtime_versions)
+    assert list(host.runtime_versions) == sorted(host.runtime_versions)
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nmodel name\t: Example CPU @ 3.0GHz\n")
-    assert HostInfo.current(cpuinfo=cpuinfo).cpu_model == "Example CPU @ 3.0GHz"
-    assert HostInfo.current().instance_type == ""
+    assert current_host(cpuinfo=cpuinfo).cpu_model == "Example CPU @ 3.0GHz"
+    assert current_host().instance_type == ""
+
+
+def test_a_result_is_the_evaluation_the_server_stores() -> None:
+    # The worker's result, through the child's JSON and the Evaluation message, reads back as
+    # the same records on the server's side: one set of records for both.
+    import json
+
+    from prebake.compiler.evaluation_job import evaluation_message
+    from prebake.compiler.evaluation_run import result_to_dict
+    from prebake.server import evaluation_messages
+
+    levels = run_workload(SleepingModel(), PROMPTS, WORKLOAD, PRICE)
+    result = EvaluationResult(WORKLOAD, current_host("ml.c7i.xlarge"), PRICE, levels)
+    message = evaluation_message(json.loads(json.dumps(result_to_dict(result))))
+    evaluation_messages.check(message, artifact_id="")
+    assert evaluation_messages.parts(message) == {
+        "workload": WORKLOAD,
+        "host": result.host,
+        "price": PRICE,
+        "levels": levels,
+    }

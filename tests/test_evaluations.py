@@ -15,9 +15,10 @@ import pytest
 from google.protobuf import json_format
 
 from prebake.client import Client, errors, exitcodes
+from prebake.core.evaluation_records import LevelMetrics
 from prebake.server import evaluation_messages
 from prebake.server.app import BackgroundServer, background_server
-from prebake.server.records import Evaluation, LevelMetrics
+from prebake.server.records import Evaluation
 from prebake.v1 import evaluations_pb2
 from tests.aws_emulator import Emulator
 from tests.conftest import LLAMA3_8B_INF2, make_artifact_dir

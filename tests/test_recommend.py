@@ -23,11 +23,12 @@ import pytest
 from prebake.client import Client, errors, exitcodes
 from prebake.client.artifact_key import ArtifactKey
 from prebake.core import pricing
+from prebake.core.evaluation_records import PriceInputs
 from prebake.server.app import BackgroundServer, background_server
 from prebake.v1 import evaluations_pb2, registry_pb2
 from tests.aws_emulator import Emulator
 from tests.conftest import LLAMA3_8B_INF2, make_artifact_dir
-from tests.plugin_cli import PrebakeCli
+from tests.plugin_cli import PrebakeCli, Ran
 
 MODEL = "meta-llama/Meta-Llama-3-8B"
 FAST_KEY = replace(LLAMA3_8B_INF2, batch_size=1)
@@ -116,7 +117,7 @@ def build_registry(client: Client, tmp_path: Path) -> dict[str, str]:
 
 
 CHEAP_PRICE = pricing.blended_price_per_million_tokens(
-    pricing.PriceInputs("ml.trn1.32xlarge", 0.76, 0.0, "flag"), 4, 18.0
+    PriceInputs("ml.trn1.32xlarge", 0.76, 0.0, "flag"), 4, 18.0
 )
 
 # (request fields, expected artifacts in rank order, the chosen concurrency of the first)
@@ -311,15 +312,17 @@ def test_validation_names_the_field(client: Client, fields: dict[str, Any], fiel
 # --- the CLI ---------------------------------------------------------------------------------
 
 
+def recommend_cli(prebake: PrebakeCli, server: BackgroundServer, *args: str) -> Ran:
+    """`prebake recommend --server ... --model MODEL` with `args` after them."""
+    return prebake("recommend", "--server", server.address, "--model", MODEL, *args)
+
+
 def test_cli_recommend_table_and_ensure_line(
     prebake: PrebakeCli, server: BackgroundServer, registry: dict[str, str]
 ) -> None:
-    ran = prebake(
-        "recommend",
-        "--server",
-        server.address,
-        "--model",
-        MODEL,
+    ran = recommend_cli(
+        prebake,
+        server,
         "--objective",
         "cost",
         "--instance-type",
@@ -339,9 +342,7 @@ def test_cli_recommend_table_and_ensure_line(
 
 
 def test_cli_recommend_json(prebake: PrebakeCli, server: BackgroundServer, registry: dict[str, str]) -> None:
-    ran = prebake(
-        "recommend", "--server", server.address, "--model", MODEL, "--objective", "latency", "--json"
-    )
+    ran = recommend_cli(prebake, server, "--objective", "latency", "--json")
     assert ran.code == exitcodes.OK, ran.err
     data = json.loads(ran.out)
     assert [c["artifact_id"] for c in data["candidates"]] == [registry[n] for n in ("FAST", "WIDE", "CHEAP")]
@@ -354,38 +355,18 @@ def test_cli_recommend_json(prebake: PrebakeCli, server: BackgroundServer, regis
 def test_cli_recommend_refusal_and_bad_input(
     prebake: PrebakeCli, server: BackgroundServer, registry: dict[str, str]
 ) -> None:
-    ran = prebake(
-        "recommend",
-        "--server",
-        server.address,
-        "--model",
-        MODEL,
-        "--objective",
-        "latency",
-        "--max-itl-ms",
-        "4",
-        "--json",
-    )
+    ran = recommend_cli(prebake, server, "--objective", "latency", "--max-itl-ms", "4", "--json")
     assert ran.code == exitcodes.NO_RECOMMENDATION
     error = json.loads(ran.out)["error"]
     assert error["code"] == "FAILED_PRECONDITION" and error["exit_code"] == exitcodes.NO_RECOMMENDATION
     assert "the closest is" in error["message"] and "ITL p50 5 ms" in ran.err
-    ran = prebake("recommend", "--server", server.address, "--model", MODEL, "--objective", "cots")
+    ran = recommend_cli(prebake, server, "--objective", "cots")
     assert ran.code == exitcodes.INVALID and "did you mean" in ran.err
-    ran = prebake(
-        "recommend",
-        "--server",
-        server.address,
-        "--model",
-        MODEL,
-        "--objective",
-        "cost",
-        "--instance-type",
-        "ml.inf2.48xlarg",
-        "--json",
+    ran = recommend_cli(
+        prebake, server, "--objective", "cost", "--instance-type", "ml.inf2.48xlarg", "--json"
     )
     error = json.loads(ran.out)["error"]
     assert ran.code == exitcodes.INVALID and error["field"] == "instance_types[0]"
     assert error["message"].startswith("--instance-type: ")
-    ran = prebake("recommend", "--server", server.address, "--model", MODEL)
+    ran = recommend_cli(prebake, server)
     assert ran.code == exitcodes.USAGE and "--objective" in ran.err

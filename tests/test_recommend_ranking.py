@@ -7,22 +7,19 @@ import dataclasses
 import pytest
 
 from prebake.core import pricing
+from prebake.core.evaluation_records import (
+    Distribution,
+    EvaluationHost,
+    EvaluationWorkload,
+    LevelMetrics,
+    PriceInputs,
+)
 from prebake.server import compat, recommend
 from prebake.server.instance_catalog import InstanceCatalog
 from prebake.server.key_normalization import DEFAULT_TOOLCHAINS, KeyRequest, normalize_key
 from prebake.server.model_catalog import ModelCatalog
 from prebake.server.recommend import Candidate, Excluded, Limits, Objective, Ranked
-from prebake.server.records import (
-    Artifact,
-    Distribution,
-    Evaluation,
-    EvaluationHost,
-    EvaluationWorkload,
-    LevelMetrics,
-    NormalizedKey,
-    PriceInputs,
-    Producer,
-)
+from prebake.server.records import Artifact, Evaluation, NormalizedKey, Producer
 
 CATALOG = InstanceCatalog.load_default()
 MODELS = ModelCatalog.load_default()
@@ -124,7 +121,7 @@ def test_levels_with_errors_or_without_the_metric_do_not_qualify() -> None:
 def test_blended_price_stored_recomputed_or_blended() -> None:
     c = candidate(key(), lv(4, 100, 10, 25, 50), hourly=1.515)
     price, note = recommend.blended_price(c.evaluation, c.evaluation.levels[0])
-    inputs = pricing.PriceInputs("ml.inf2.48xlarge", 1.515, 0.25, "flag")
+    inputs = PriceInputs("ml.inf2.48xlarge", 1.515, 0.25, "flag")
     assert price == pytest.approx(pricing.blended_price_per_million_tokens(inputs, 4, 25.0))
     assert note == "recomputed from $1.515/h less 25% at concurrency / p50 ITL"
     stored = candidate(key(), lv(4, 100, 10, 25, 50, 2.5), hourly=1.515)

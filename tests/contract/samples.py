@@ -7,23 +7,25 @@ import secrets
 from typing import Any
 
 from prebake.core.digests import hash_bytes
+from prebake.core.evaluation_records import (
+    Distribution,
+    EvaluationHost,
+    EvaluationWorkload,
+    LevelMetrics,
+    PriceInputs,
+)
 from prebake.core.signing import Signature
 from prebake.server.job_lifecycle import new_artifact, new_job_id
 from prebake.server.records import (
     Artifact,
     Digest,
-    Distribution,
     Evaluation,
-    EvaluationHost,
     EvaluationSpec,
-    EvaluationWorkload,
     FileEntry,
     Job,
     JobPurpose,
     JobState,
-    LevelMetrics,
     NormalizedKey,
-    PriceInputs,
     Producer,
     WorkerCapability,
 )

@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from prebake.compiler.awq import read_manifest
-from prebake.compiler.evaluation_metrics import EvaluationResult, HostInfo, PriceInputs, Workload
+from prebake.compiler.evaluation_metrics import EvaluationResult, current_host
 from prebake.compiler.evaluation_tokenizer import load_tokenizer
 from prebake.compiler.evaluation_workload import OnToken, Progress, run_workload, synthetic_prompts
+from prebake.core.evaluation_records import EvaluationWorkload, PriceInputs
 
 
 class AwqRuntime:
@@ -86,7 +87,7 @@ class AwqRuntime:
 
 def evaluate_awq(
     checkpoint_dir: Path,
-    workload: Workload,
+    workload: EvaluationWorkload,
     price: PriceInputs | None = None,
     *,
     use_tokenizer: bool = True,
@@ -96,7 +97,7 @@ def evaluate_awq(
 ) -> EvaluationResult:
     """Load the awq artifact in `checkpoint_dir` and run `workload` against it on this CPU.
 
-    `instance_type` is what HostInfo records for this host ("" when unknown); `price` prices
+    `instance_type` is recorded as this host's (`current_host`; "" when unknown); `price` prices
     the levels (None: every price 0).
     """
     runtime = AwqRuntime(checkpoint_dir)
@@ -105,4 +106,4 @@ def evaluate_awq(
     levels = run_workload(
         runtime.generate, prompts, workload, price, decode=tokenizer.decode, progress=progress
     )
-    return EvaluationResult(workload, HostInfo.current(instance_type), price, levels)
+    return EvaluationResult(workload, current_host(instance_type), price, levels)

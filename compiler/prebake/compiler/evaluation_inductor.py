@@ -40,10 +40,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from prebake.compiler.evaluation_metrics import EvaluationResult, HostInfo, PriceInputs, Workload
+from prebake.compiler.evaluation_metrics import EvaluationResult, current_host
 from prebake.compiler.evaluation_tokenizer import load_tokenizer
 from prebake.compiler.evaluation_workload import OnToken, Progress, run_workload, synthetic_prompts
 from prebake.compiler.inductor import InductorPackage, load_package
+from prebake.core.evaluation_records import EvaluationWorkload, PriceInputs
 
 if TYPE_CHECKING:
     import torch
@@ -190,7 +191,7 @@ class InductorRuntime:
 
 def evaluate_runtime(
     runtime: InductorRuntime,
-    workload: Workload,
+    workload: EvaluationWorkload,
     price: PriceInputs | None = None,
     *,
     tokenizer_dir: Path | None = None,
@@ -201,7 +202,7 @@ def evaluate_runtime(
     """Run `workload` against a loaded runtime (which stays open; the caller closes it).
 
     ValueError, before any request, if the workload does not fit the package's window.
-    `instance_type` is what HostInfo records for this host ("" when unknown); `price`
+    `instance_type` is recorded as this host's (`current_host`; "" when unknown); `price`
     prices the levels (None: every price 0).
     """
     runtime.check_fits(workload.prompt_tokens, workload.output_tokens)
@@ -210,12 +211,12 @@ def evaluate_runtime(
     levels = run_workload(
         runtime.generate, prompts, workload, price, decode=tokenizer.decode, progress=progress
     )
-    return EvaluationResult(workload, HostInfo.current(instance_type), price, levels)
+    return EvaluationResult(workload, current_host(instance_type), price, levels)
 
 
 def evaluate_inductor(
     package_dir: Path,
-    workload: Workload,
+    workload: EvaluationWorkload,
     price: PriceInputs | None = None,
     *,
     tokenizer_dir: Path | None = None,

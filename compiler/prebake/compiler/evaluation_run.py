@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from prebake.compiler.backend import EXIT_DETERMINISTIC, EXIT_OK
-from prebake.compiler.evaluation_metrics import EvaluationResult, PriceInputs, Workload
+from prebake.compiler.evaluation_metrics import EvaluationResult, check_workload
 from prebake.compiler.evaluation_workload import Progress
 from prebake.compiler.run import (
     EXIT_TRANSIENT,
@@ -42,6 +42,8 @@ from prebake.compiler.run import (
     _write_json_atomically,
     exit_when_orphaned,
 )
+from prebake.core.evaluation_records import EvaluationWorkload, PriceInputs
+from prebake.core.pricing import check_price_inputs
 
 # Files whose presence says a directory holds a tokenizer transformers can load.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -56,7 +58,11 @@ def has_tokenizer(directory: Path | None) -> bool:
 
 
 def _inductor(
-    artifact: Path, workload: Workload, price: PriceInputs, tokenizer: Path | None, progress: Progress
+    artifact: Path,
+    workload: EvaluationWorkload,
+    price: PriceInputs,
+    tokenizer: Path | None,
+    progress: Progress,
 ) -> EvaluationResult:
     from prebake.compiler.evaluation_inductor import InductorRuntime, evaluate_runtime
 
@@ -75,7 +81,11 @@ def _inductor(
 
 
 def _awq(
-    artifact: Path, workload: Workload, price: PriceInputs, tokenizer: Path | None, progress: Progress
+    artifact: Path,
+    workload: EvaluationWorkload,
+    price: PriceInputs,
+    tokenizer: Path | None,
+    progress: Progress,
 ) -> EvaluationResult:
     from prebake.compiler.evaluation_awq import evaluate_awq
 
@@ -83,13 +93,16 @@ def _awq(
     return evaluate_awq(artifact, workload, price, use_tokenizer=has_tokenizer(artifact), progress=progress)
 
 
-Evaluator = Callable[[Path, Workload, PriceInputs, "Path | None", Progress], EvaluationResult]
+Evaluator = Callable[[Path, EvaluationWorkload, PriceInputs, "Path | None", Progress], EvaluationResult]
 EVALUATORS: Mapping[str, Evaluator] = {"inductor": _inductor, "awq": _awq}
 
 
 def result_to_dict(result: EvaluationResult) -> dict[str, Any]:
-    """The result as JSON-ready data (nested dataclasses as objects, tuples as lists)."""
-    return dataclasses.asdict(result)
+    """The result as the protobuf JSON of an `Evaluation` (nested records as objects, tuples as
+    lists, the host's runtime versions as the proto's map)."""
+    data = dataclasses.asdict(result)
+    data["host"]["runtime_versions"] = dict(result.host.runtime_versions)
+    return data
 
 
 def _log(message: str) -> None:
@@ -101,10 +114,12 @@ def run_evaluation(kind: str, request_path: Path, result_path: Path) -> int:
     exit_when_orphaned(os.getppid())
     request = json.loads(request_path.read_text())
     lines = JsonLinesProgress(_private_stdout())
-    workload = Workload(
+    workload = EvaluationWorkload(
         **{**request["workload"], "concurrency_levels": tuple(request["workload"]["concurrency_levels"])}
     )
     price = PriceInputs(**request["price"])
+    check_workload(workload)
+    check_price_inputs(price)
     total = workload.requests * len(workload.concurrency_levels)
     finished: dict[int, int] = {}
 

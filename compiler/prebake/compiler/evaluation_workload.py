@@ -32,8 +32,9 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from prebake.compiler.evaluation_metrics import LevelMetrics, PriceInputs, Workload, distribution
+from prebake.compiler.evaluation_metrics import check_workload, distribution
 from prebake.core import pricing
+from prebake.core.evaluation_records import EvaluationWorkload, LevelMetrics, PriceInputs
 
 OnToken = Callable[[int], None]
 Generate = Callable[[list[int], int, OnToken], list[int]]
@@ -94,7 +95,11 @@ class RequestRecord:
 
 
 def _one_request(
-    index: int, generate: Generate, prompts: PromptBuilder, workload: Workload, decode: Decode | None
+    index: int,
+    generate: Generate,
+    prompts: PromptBuilder,
+    workload: EvaluationWorkload,
+    decode: Decode | None,
 ) -> RequestRecord:
     record = RequestRecord()
     try:
@@ -130,7 +135,7 @@ def _one_request(
 def run_level(
     generate: Generate,
     prompts: PromptBuilder,
-    workload: Workload,
+    workload: EvaluationWorkload,
     concurrency: int,
     *,
     decode: Decode | None = None,
@@ -203,7 +208,7 @@ def level_metrics(
 def run_workload(
     generate: Generate,
     prompts: PromptBuilder,
-    workload: Workload,
+    workload: EvaluationWorkload,
     price: PriceInputs | None = None,
     *,
     decode: Decode | None = None,
@@ -214,8 +219,10 @@ def run_workload(
     Levels run one after another; each level's requests get their own prompt indexes, so no
     level is measured on prompts another level already sent (a runtime with a prompt cache
     would otherwise look faster at later levels). Exceptions from `generate`, `prompts` and
-    `decode` are counted, never raised; `progress` exceptions propagate.
+    `decode` are counted, never raised; `progress` exceptions propagate. ValueError, before any
+    request, for a workload that cannot run (`check_workload`).
     """
+    check_workload(workload)
     levels = []
     for number, concurrency in enumerate(workload.concurrency_levels):
         records, duration = run_level(

@@ -2,7 +2,8 @@
 
 Used by the worker when it evaluates an artifact (each concurrency level's prices) and by
 whoever recomputes a recorded evaluation's prices later (a new price table, another
-discount): everything a price depends on is in `PriceInputs`, recorded with the evaluation.
+discount): everything a price depends on is in `PriceInputs` (`prebake.core.evaluation_records`),
+recorded with the evaluation.
 
 Source: the blended price follows the definition of SageMaker's inference optimization
 toolkit, "Achieve up to ~2x higher throughput while reducing costs by ~50% for generative
@@ -46,11 +47,11 @@ Standard library only. Every function raises ValueError for inputs that cannot g
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+
+from prebake.core.evaluation_records import DEFAULT_INPUT_OUTPUT_RATIO, PriceInputs
 
 SECONDS_PER_HOUR = 3600.0
 TOKENS_PER_PRICE_UNIT = 1_000_000.0
-DEFAULT_INPUT_OUTPUT_RATIO = 3.0
 
 
 def _finite(name: str, value: float) -> float:
@@ -79,29 +80,12 @@ def effective_hourly_usd(hourly_usd: float, discount_rate: float = 0.0) -> float
     return float(hourly_usd) * (1.0 - rate)
 
 
-@dataclass(frozen=True)
-class PriceInputs:
-    """Everything a price depends on besides the measurements, recorded with an evaluation.
-
-    `price_source` says where `hourly_usd` came from (the price table and its date, or a
-    flag); `input_output_ratio` is the token mix the blended price is quoted for (3.0 = 3:1).
-    Construction validates like `effective_hourly_usd` (and a positive ratio): ValueError.
-    """
-
-    instance_type: str
-    hourly_usd: float
-    discount_rate: float
-    price_source: str
-    input_output_ratio: float = DEFAULT_INPUT_OUTPUT_RATIO
-
-    def __post_init__(self) -> None:
-        effective_hourly_usd(self.hourly_usd, self.discount_rate)
-        _positive("input_output_ratio", self.input_output_ratio)
-
-    @property
-    def effective_hourly_usd(self) -> float:
-        """hourly_usd * (1 - discount_rate)."""
-        return effective_hourly_usd(self.hourly_usd, self.discount_rate)
+def check_price_inputs(price: PriceInputs) -> None:
+    """ValueError unless `price` can price anything: as `effective_hourly_usd`, and a positive
+    `input_output_ratio`. (The record itself does not check: a stored or imported evaluation
+    may carry inputs no price is computed from.)"""
+    effective_hourly_usd(price.hourly_usd, price.discount_rate)
+    _positive("input_output_ratio", price.input_output_ratio)
 
 
 def total_token_throughput(concurrency: int, p50_itl_ms: float) -> float:
@@ -122,7 +106,8 @@ def price_per_million_tokens(price: PriceInputs, tokens_per_second: float) -> fl
     is positive.
     """
     rate = _positive("tokens_per_second", tokens_per_second)
-    return price.effective_hourly_usd / (rate * SECONDS_PER_HOUR) * TOKENS_PER_PRICE_UNIT
+    hourly = effective_hourly_usd(price.hourly_usd, price.discount_rate)
+    return hourly / (rate * SECONDS_PER_HOUR) * TOKENS_PER_PRICE_UNIT
 
 
 def blended_price_per_million_tokens(price: PriceInputs, concurrency: int, p50_itl_ms: float) -> float:

@@ -17,9 +17,10 @@ from typing import Any
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
+from prebake.core import evaluation_records
 from prebake.core.errors import InvalidArgument
-from prebake.server import records
-from prebake.server.records import Evaluation, LevelMetrics
+from prebake.core.evaluation_records import LevelMetrics
+from prebake.server.records import Evaluation
 from prebake.v1 import evaluations_pb2
 
 MAX_LEVELS = 64
@@ -30,7 +31,7 @@ MAX_SOURCE = 1024
 ARTIFACT_EVALUATIONS = 20
 # Message name -> record class: the parts of an evaluation that convert field by field.
 RECORDS: dict[str, type] = {
-    name: getattr(records, name)
+    name: getattr(evaluation_records, name)
     for name in ("Distribution", "EvaluationWorkload", "EvaluationHost", "PriceInputs", "LevelMetrics")
 }
 _NUMBERS = {

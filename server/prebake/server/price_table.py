@@ -5,7 +5,7 @@ catalog it covers), overridable by a file of the same format. Why the server: th
 an evaluation is policy like the instance catalog (one table per registry, one override
 flag), and the worker's layer (`prebake.compiler`) must not import the server. The server
 resolves `price_inputs(instance_type, discount_rate)` when it enqueues or imports an
-evaluation and hands the `PriceInputs` (a `prebake.core.pricing` type) to the worker with the
+evaluation and hands the `PriceInputs` (`prebake.core.evaluation_records`) to the worker with the
 job; the worker computes the prices with `prebake.core.pricing`, so every worker prices the
 same way whatever table it could have found locally, and the inputs are recorded.
 
@@ -24,7 +24,8 @@ from importlib import resources
 from pathlib import Path
 
 from prebake.core.errors import InvalidKey
-from prebake.core.pricing import PriceInputs
+from prebake.core.evaluation_records import PriceInputs
+from prebake.core.pricing import check_price_inputs
 from prebake.core.suggest import did_you_mean
 from prebake.server.instance_catalog import normalize_instance_name
 
@@ -62,7 +63,9 @@ class PriceTable:
         """What an evaluation on `instance_type` records; InvalidKey for an unknown type,
         ValueError for a discount outside [0, 1)."""
         hourly = self.hourly_usd(instance_type)
-        return PriceInputs(normalize_instance_name(instance_type), hourly, discount_rate, self.source)
+        price = PriceInputs(normalize_instance_name(instance_type), hourly, discount_rate, self.source)
+        check_price_inputs(price)
+        return price
 
     def names(self) -> tuple[str, ...]:
         """Every instance type with a price, in file order."""

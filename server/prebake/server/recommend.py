@@ -48,9 +48,10 @@ from dataclasses import dataclass, replace
 
 from prebake.core import pricing
 from prebake.core.errors import InvalidKey
+from prebake.core.evaluation_records import DEFAULT_INPUT_OUTPUT_RATIO, LevelMetrics
 from prebake.server import compat
 from prebake.server.key_normalization import KeyRequest, diff_keys, with_model
-from prebake.server.records import Artifact, Evaluation, LevelMetrics, NormalizedKey
+from prebake.server.records import Artifact, Evaluation, NormalizedKey
 
 
 class Objective(enum.StrEnum):
@@ -136,13 +137,10 @@ def blended_price(evaluation: Evaluation, level: LevelMetrics) -> tuple[float, s
     if level.blended_price_per_million_tokens > 0:
         return level.blended_price_per_million_tokens, ""
     p = evaluation.price
-    ratio = p.input_output_ratio or pricing.DEFAULT_INPUT_OUTPUT_RATIO
+    ratio = p.input_output_ratio or DEFAULT_INPUT_OUTPUT_RATIO
     if p.hourly_usd > 0 and level.itl_ms.p50 > 0 and level.concurrency > 0:
         try:
-            inputs = pricing.PriceInputs(
-                p.instance_type, p.hourly_usd, p.discount_rate, p.price_source, ratio
-            )
-            value = pricing.blended_price_per_million_tokens(inputs, level.concurrency, level.itl_ms.p50)
+            value = pricing.blended_price_per_million_tokens(p, level.concurrency, level.itl_ms.p50)
         except ValueError:
             pass
         else:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from prebake.core.digests import hash_bytes, hash_problem
 from prebake.core.errors import InvalidArgument
+from prebake.core.evaluation_records import EvaluationHost, EvaluationWorkload, LevelMetrics, PriceInputs
 from prebake.core.signing import Signature
 
 
@@ -235,48 +236,7 @@ class RegistryCounts:
     lifetime_hits: int = 0
 
 
-# --- evaluations (prebake.v1 evaluations.proto; the same field names) ------------------------
-
-
-@dataclass(frozen=True)
-class Distribution:
-    """Percentiles over one level's requests; `p50 <= p90 <= p99` once validated."""
-
-    p50: float = 0.0
-    p90: float = 0.0
-    p99: float = 0.0
-
-
-@dataclass(frozen=True)
-class EvaluationWorkload:
-    """What was run: token counts per request, requests per level, the levels in run order."""
-
-    prompt_tokens: int = 0
-    output_tokens: int = 0
-    requests: int = 0
-    concurrency_levels: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True)
-class EvaluationHost:
-    """The machine an evaluation ran on; `runtime_versions` sorted by name."""
-
-    hostname: str = ""
-    cpu_model: str = ""
-    cpu_count: int = 0
-    instance_type: str = ""
-    runtime_versions: tuple[tuple[str, str], ...] = ()
-
-
-@dataclass(frozen=True)
-class PriceInputs:
-    """What an evaluation's prices were computed from (so they can be recomputed)."""
-
-    instance_type: str = ""
-    hourly_usd: float = 0.0
-    discount_rate: float = 0.0
-    price_source: str = ""
-    input_output_ratio: float = 0.0
+# --- evaluations: made of the records the worker shares (`prebake.core.evaluation_records`) ---
 
 
 @dataclass(frozen=True)
@@ -289,33 +249,10 @@ class EvaluationSpec:
     @property
     def digest(self) -> str:
         """Identical specs share a digest (xxh3-128 of their fields): one job in flight."""
+        # The records' repr, class and field names included: queued jobs keep this digest in
+        # their flight, so renaming a record or a field would split a flight across an upgrade.
         text = repr((self.workload, self.price))
         return hash_bytes(text.encode())
-
-
-@dataclass(frozen=True)
-class LevelMetrics:
-    """The metrics of one concurrency level (units in the names, as in the proto)."""
-
-    concurrency: int = 0
-    requests: int = 0
-    client_invocations: int = 0
-    invocation_errors: int = 0
-    tokenizer_failures: int = 0
-    empty_responses: int = 0
-    duration_seconds: float = 0.0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    ttft_ms: Distribution = Distribution()
-    itl_ms: Distribution = Distribution()
-    client_latency_ms: Distribution = Distribution()
-    input_tokens_per_second: float = 0.0
-    output_tokens_per_second: float = 0.0
-    input_tokens_per_second_per_request: Distribution = Distribution()
-    output_tokens_per_second_per_request: Distribution = Distribution()
-    price_per_million_input_tokens: float = 0.0
-    price_per_million_output_tokens: float = 0.0
-    blended_price_per_million_tokens: float = 0.0
 
 
 @dataclass(frozen=True)

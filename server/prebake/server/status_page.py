@@ -15,6 +15,7 @@ import urllib.parse
 from collections.abc import Iterable, Sequence
 
 from prebake.core import names
+from prebake.core.evaluation_records import LevelMetrics
 from prebake.core.units import human_bytes
 from prebake.server.hit_history import Interval
 from prebake.server.records import (
@@ -23,7 +24,6 @@ from prebake.server.records import (
     Job,
     JobEvent,
     JobState,
-    LevelMetrics,
     NormalizedKey,
     WorkerRecord,
 )

@@ -18,18 +18,11 @@ from collections.abc import Callable
 
 from prebake.core import request_ids
 from prebake.core.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
-from prebake.core.pricing import DEFAULT_INPUT_OUTPUT_RATIO
+from prebake.core.evaluation_records import EvaluationWorkload, PriceInputs
 from prebake.server import convert
 from prebake.server import evaluation_messages as messages
 from prebake.server.auth.request_rules import may_enqueue
-from prebake.server.records import (
-    Artifact,
-    EvaluationSpec,
-    EvaluationWorkload,
-    Job,
-    JobPurpose,
-    PriceInputs,
-)
+from prebake.server.records import Artifact, EvaluationSpec, Job, JobPurpose
 from prebake.server.services.evaluation_rpcs import EvaluationRpcs, checked_artifact_id, new_evaluation_id
 from prebake.server.state import ServerState
 from prebake.server.storage.evaluation_store import EvaluationQuery
@@ -99,17 +92,10 @@ class EvaluationJobs:
         """The price inputs of an evaluation of `artifact` (its key's instance type)."""
         instance = artifact.key.instance_type
         if instance and instance in self.s.prices:
-            found = self.s.prices.price_inputs(instance, discount)
-            return PriceInputs(
-                found.instance_type,
-                found.hourly_usd,
-                found.discount_rate,
-                found.price_source,
-                found.input_output_ratio,
-            )
+            return self.s.prices.price_inputs(instance, discount)
         # No price known: the evaluation is still measured, its prices are 0 (the proto says so).
         where = f"no price for {instance} in {self.s.prices.source}" if instance else "no instance type"
-        return PriceInputs(instance, 0.0, discount, where, DEFAULT_INPUT_OUTPUT_RATIO)
+        return PriceInputs(instance, 0.0, discount, where)
 
     async def enqueue(
         self, artifact: Artifact, wanted: EvaluationWorkload, discount: float, budget: Budget | None = None
