@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -88,9 +89,44 @@ def model_source_roots(tmp_path_factory: pytest.TempPathFactory) -> str:
     return f"{tmp_path_factory.getbasetemp()},s3://bucket"
 
 
+# The registries a server-level test can run against: the embedded default (SQLite and local
+# disk) and the shared one (DynamoDB and S3, on the serial moto server). Run a test on both with
+# `@pytest.mark.parametrize("server", REGISTRY_BACKENDS, indirect=True)`.
+REGISTRY_BACKENDS = ("sqlite", "dynamodb")
+
+
+@contextmanager
+def registry_settings(request: pytest.FixtureRequest, backend: str, stem: str) -> Iterator[dict[str, str]]:
+    """`background_server` settings of a fresh registry of `backend`, for fixtures of any scope.
+
+    sqlite: none (the data directory holds everything). dynamodb: a new table set (created) and
+    bucket on the serial emulator, with boto3 pointed at it while the context lasts; a second
+    server given the same settings serves the same registry (a restart, another replica)."""
+    if backend == "sqlite":
+        yield {}
+        return
+    assert backend == "dynamodb", backend
+    pytest.importorskip("prebake.server.storage.dynamodb")
+    from prebake.server.storage.dynamodb import create_tables
+
+    emulator: Emulator = request.getfixturevalue("moto_serial")
+    with pytest.MonkeyPatch.context() as patch:
+        point_boto3_at(emulator, patch)
+        prefix = emulator.unique_name(stem)
+        create_tables(prefix)
+        yield {"store": f"s3://{emulator.create_bucket()}/p", "registry": f"dynamodb://{prefix}"}
+
+
 @pytest.fixture
-def server(tmp_path: Path, model_source_roots: str) -> Iterator[BackgroundServer]:
-    with background_server(tmp_path / "data", model_source_roots=model_source_roots) as srv:
+def server(
+    request: pytest.FixtureRequest, tmp_path: Path, model_source_roots: str
+) -> Iterator[BackgroundServer]:
+    """A server on an empty registry: SQLite, or the backend named by an indirect parameter."""
+    backend = getattr(request, "param", "sqlite")
+    with (
+        registry_settings(request, backend, "server") as settings,
+        background_server(tmp_path / "data", model_source_roots=model_source_roots, **settings) as srv,
+    ):
         yield srv
 
 
@@ -155,21 +191,23 @@ def moto_serial(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
         yield emulator
 
 
+def point_boto3_at(emulator: Emulator, patch: pytest.MonkeyPatch) -> None:
+    """boto3 in this process (and the processes it starts) pointed at `emulator`, until `patch` undoes it."""
+    for name, value in emulator.env.items():
+        patch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL"):
+        patch.delenv(name, raising=False)
+
+
 @pytest.fixture
 def aws_serial(moto_serial: Emulator, monkeypatch: pytest.MonkeyPatch) -> Emulator:
     """boto3 in this test (and the processes it starts) pointed at the serial emulator."""
-    for name, value in moto_serial.env.items():
-        monkeypatch.setenv(name, value)
-    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL"):
-        monkeypatch.delenv(name, raising=False)
+    point_boto3_at(moto_serial, monkeypatch)
     return moto_serial
 
 
 @pytest.fixture
 def aws_threaded(moto_threaded: Emulator, monkeypatch: pytest.MonkeyPatch) -> Emulator:
     """boto3 in this test (and the processes it starts) pointed at the threaded emulator."""
-    for name, value in moto_threaded.env.items():
-        monkeypatch.setenv(name, value)
-    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL"):
-        monkeypatch.delenv(name, raising=False)
+    point_boto3_at(moto_threaded, monkeypatch)
     return moto_threaded

@@ -1,6 +1,8 @@
 """Evaluations over the wire: ImportEvaluation, ListEvaluations and GetArtifact against real
 servers on loopback, their validation, their lifetime (deleted with the artifact, kept across a
-restart), and the CLI (`prebake show`, `prebake evaluations list|import`)."""
+restart), and the CLI (`prebake show`, `prebake evaluations list|import`). What is stored, paged,
+deleted and kept runs on every registry backend (SQLite, and DynamoDB + S3 on moto in server
+mode, the replica hit cache included); the rest on SQLite."""
 
 from __future__ import annotations
 
@@ -20,8 +22,7 @@ from prebake.server import evaluation_messages
 from prebake.server.app import BackgroundServer, background_server
 from prebake.server.records import Evaluation
 from prebake.v1 import evaluations_pb2
-from tests.aws_emulator import Emulator
-from tests.conftest import LLAMA3_8B_INF2, make_artifact_dir
+from tests.conftest import LLAMA3_8B_INF2, REGISTRY_BACKENDS, make_artifact_dir, registry_settings
 from tests.plugin_cli import PrebakeCli
 
 # An evaluation in protobuf JSON form, as `prebake evaluations import` reads it.
@@ -72,6 +73,9 @@ def sample(**changes: Any) -> evaluations_pb2.Evaluation:
     return json_format.ParseDict(data, evaluations_pb2.Evaluation())
 
 
+ON_EVERY_BACKEND = pytest.mark.parametrize("server", REGISTRY_BACKENDS, indirect=True)
+
+
 def publish(client: Client, root: Path, batch_size: int = 4) -> str:
     directory = make_artifact_dir(root / f"artifact-{batch_size}", {"model.bin": 2048}, seed=batch_size)
     return client.publish(directory, replace(LLAMA3_8B_INF2, batch_size=batch_size)).artifact.artifact_id
@@ -109,6 +113,7 @@ def artifact_id(client: Client, tmp_path: Path) -> str:
     return publish(client, tmp_path)
 
 
+@ON_EVERY_BACKEND
 def test_import_stores_what_get_artifact_and_list_return(client: Client, artifact_id: str) -> None:
     stored = client.import_evaluation(artifact_id, sample())
     assert stored.evaluation_id.startswith("ev-") and len(stored.evaluation_id) == 27
@@ -126,6 +131,7 @@ def test_import_stores_what_get_artifact_and_list_return(client: Client, artifac
     assert hit.artifact.artifact_id == artifact_id and not hit.artifact.evaluations
 
 
+@ON_EVERY_BACKEND
 def test_listing_pages_newest_first(client: Client, artifact_id: str) -> None:
     stored = [client.import_evaluation(artifact_id, sample()) for _ in range(3)]
     first = client.list_evaluations(artifact_id=artifact_id, page_size=2)
@@ -188,6 +194,7 @@ def test_unknown_or_malformed_artifacts_are_refused(client: Client) -> None:
         client.list_evaluations(page_token="junk")
 
 
+@ON_EVERY_BACKEND
 def test_deleting_the_artifact_deletes_its_evaluations(client: Client, tmp_path: Path) -> None:
     gone, kept = publish(client, tmp_path, 4), publish(client, tmp_path, 8)
     client.import_evaluation(gone, sample())
@@ -197,14 +204,21 @@ def test_deleting_the_artifact_deletes_its_evaluations(client: Client, tmp_path:
     assert client.list_evaluations(artifact_id=gone).evaluations == []
 
 
-def test_evaluations_survive_a_restart(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", REGISTRY_BACKENDS)
+def test_evaluations_survive_a_restart(request: pytest.FixtureRequest, backend: str, tmp_path: Path) -> None:
     data = tmp_path / "data"
-    with background_server(data) as server, Client(server.address, timeout=30.0) as client:
-        artifact_id = publish(client, tmp_path)
-        stored = client.import_evaluation(artifact_id, sample())
-    with background_server(data) as server, Client(server.address, timeout=30.0) as client:
-        assert list(client.get_artifact(artifact_id).evaluations) == [stored]
-        assert list(client.iter_evaluations()) == [stored]
+    # On DynamoDB + S3 the second server has a data dir of its own: only the tables and the bucket
+    # carry the evaluation over.
+    again = data if backend == "sqlite" else tmp_path / "elsewhere"
+    with registry_settings(request, backend, "evals") as settings:
+        with background_server(data, **settings) as server, Client(server.address, timeout=30.0) as client:
+            artifact_id = publish(client, tmp_path)
+            stored = client.import_evaluation(artifact_id, sample())
+            model = client.get_artifact(artifact_id).key.key.model
+        with background_server(again, **settings) as server, Client(server.address, timeout=30.0) as client:
+            assert list(client.get_artifact(artifact_id).evaluations) == [stored]
+            assert list(client.iter_evaluations()) == [stored]
+            assert list(client.iter_evaluations(model=model)) == [stored]
 
 
 # --- CLI ------------------------------------------------------------------------------------
@@ -307,30 +321,3 @@ def test_cli_imports_a_sagemaker_style_results_file(
     path.write_text(json.dumps({**results, "metrics": [{"Concurrency": 1, "Goodput": 3}]}))
     ran = prebake("--server", server.address, "evaluations", "import", str(path), "--artifact", artifact_id)
     assert ran.code == exitcodes.USAGE and "Goodput" in ran.err
-
-
-def test_evaluations_on_dynamodb_and_s3_follow_their_artifacts(aws_serial: Emulator, tmp_path: Path) -> None:
-    """The shared backends, replica hit cache included: stored, read back, deleted with their
-    artifact, kept across a restart."""
-    pytest.importorskip("prebake.server.storage.dynamodb")
-    from prebake.server.storage.dynamodb import create_tables
-
-    prefix = aws_serial.unique_name("evals")
-    create_tables(prefix)
-    settings = {"store": f"s3://{aws_serial.create_bucket()}/p", "registry": f"dynamodb://{prefix}"}
-    with (
-        background_server(tmp_path / "a", **settings) as server,
-        Client(server.address, timeout=30.0) as client,
-    ):
-        gone, kept = publish(client, tmp_path, 4), publish(client, tmp_path, 8)
-        client.import_evaluation(gone, sample())
-        survivor = client.import_evaluation(kept, sample())
-        assert len(client.get_artifact(gone).evaluations) == 1
-        client.delete_artifact(gone)
-        assert client.list_evaluations(artifact_id=gone).evaluations == []
-    with (
-        background_server(tmp_path / "b", **settings) as server,
-        Client(server.address, timeout=30.0) as client,
-    ):
-        assert list(client.get_artifact(kept).evaluations) == [survivor]
-        assert list(client.iter_evaluations()) == [survivor]

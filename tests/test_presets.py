@@ -1,6 +1,7 @@
 """Presets: the shipped catalog loads and validates; a bad row is refused with its line;
 `Catalog.ListPresets`/`GetPreset` on a real server (with the registry's artifact and newest
-evaluation); `prebake catalog presets` and `prebake ensure --preset` (a published artifact's hit)."""
+evaluation); `prebake catalog presets`, and `--preset` on `ensure`, `lookup` and `fetch` (a
+published artifact's hit)."""
 
 from __future__ import annotations
 
@@ -192,4 +193,46 @@ def test_cli_ensure_preset(
         "ensure", "--server", server.address, "--preset", "llama-3-8b/fast", "--dest", str(tmp_path / "x")
     )
     assert ran.code == exitcodes.NOT_FOUND and "known presets: llama-3-8b/low-latency" in ran.err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("command", ["lookup", "fetch"])
+def test_cli_lookup_and_fetch_take_a_preset_as_ensure_does(
+    command: str, prebake: PrebakeCli, client: Client, published: tuple[str, Path], tmp_path: Path
+) -> None:
+    server = client.target
+    dest = ["--dest", str(tmp_path / "deploy")] if command == "fetch" else ["--no-enqueue"]
+    ran = prebake(command, "--server", server, "--preset", "llama-3-8b/low-latency", *dest, "--json")
+    assert ran.code == exitcodes.OK, ran.err
+    out = json.loads(ran.out)
+    artifact = out["artifact_id"] if command == "fetch" else out["artifact"]["artifact_id"]
+    assert out["status"] == "HIT" and artifact == published[0]
+    if command == "fetch":
+        assert tree(tmp_path / "deploy") == tree(published[1])
+    # The preset's key: another preset of the model has no artifact, a miss (and nothing compiles).
+    ran = prebake(command, "--server", server, "--preset", "llama-3-8b/high-throughput", *dest)
+    assert ran.code == exitcodes.MISS
+    assert list(client.iter_jobs()) == []
+    # Key flags beside --preset: usage errors, as for ensure; an unknown preset: not found with the
+    # closest names; nothing is placed.
+    dest = ["--dest", str(tmp_path / "x")] if command == "fetch" else []
+    ran = prebake(command, "--server", server, "--preset", "llama-3-8b/low-latency",
+                  "--model", "m/x", *dest, "--json")  # fmt: skip
+    assert ran.code == exitcodes.USAGE and "do not also give --model" in ran.err
+    assert json.loads(ran.out)["error"]["code"] == "USAGE"
+    ran = prebake(command, "--server", server, "--preset", "llama-3-8b/low-latncy", *dest)
+    assert ran.code == exitcodes.NOT_FOUND
+    assert "did you mean 'llama-3-8b/low-latency'" in ran.err
+    assert not (tmp_path / "x").exists()
+    assert list(client.iter_jobs()) == []
+
+
+def test_cli_a_preset_or_an_artifact_or_a_key_never_two_never_none(
+    prebake: PrebakeCli, server: BackgroundServer, published: tuple[str, Path], tmp_path: Path
+) -> None:
+    ran = prebake("fetch", "--server", server.address, "--preset", "llama-3-8b/low-latency",
+                  "--artifact", published[0], "--dest", str(tmp_path / "x"))  # fmt: skip
+    assert ran.code == exitcodes.USAGE and "not both" in ran.err and "--preset NAME" in ran.err
+    ran = prebake("lookup", "--server", server.address, "--no-enqueue")
+    assert ran.code == exitcodes.USAGE and "--kind, --model (or --preset NAME)" in ran.err
     assert not (tmp_path / "x").exists()

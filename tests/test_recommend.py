@@ -1,6 +1,7 @@
 """Recommendations over the wire: `Registry.Recommend` on a real server with imported evaluations of
 several configurations (table-driven: objective, limits, concurrency, filters, policies), its
 refusals and validation, and `prebake recommend` (table, ready `ensure` line, --json, exit codes).
+The table-driven cases and the refusal run on every registry backend (SQLite, DynamoDB + S3).
 
 The registry: three artifacts of Llama 3 8B with one evaluation each (the newest counts):
 
@@ -13,9 +14,10 @@ The registry: three artifacts of Llama 3 8B with one evaluation each (the newest
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -26,8 +28,7 @@ from prebake.core import pricing
 from prebake.core.evaluation_records import PriceInputs
 from prebake.server.app import BackgroundServer, background_server
 from prebake.v1 import evaluations_pb2, registry_pb2
-from tests.aws_emulator import Emulator
-from tests.conftest import LLAMA3_8B_INF2, make_artifact_dir
+from tests.conftest import LLAMA3_8B_INF2, REGISTRY_BACKENDS, make_artifact_dir, registry_settings
 from tests.plugin_cli import PrebakeCli, Ran
 
 MODEL = "meta-llama/Meta-Llama-3-8B"
@@ -161,15 +162,31 @@ CASES: list[tuple[str, dict[str, Any], list[str], int]] = [
 ]
 
 
+@pytest.fixture(scope="module", params=REGISTRY_BACKENDS)
+def ranked(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Client, dict[str, str]]]:
+    """A client of a server on each registry backend holding the registry above, built once per
+    backend (the cases below only read it). The rpc reads only the storage seams, so DynamoDB + S3
+    must rank every case exactly as SQLite does."""
+    tmp = tmp_path_factory.mktemp("ranked")
+    with (
+        registry_settings(request, request.param, "recommend") as settings,
+        background_server(tmp / "data", **settings) as srv,
+        Client(srv.address, timeout=30.0) as client,
+    ):
+        yield client, build_registry(client, tmp)
+
+
 @pytest.mark.parametrize(("name", "fields", "expected", "concurrency"), CASES, ids=[c[0] for c in CASES])
-def test_recommend_picks_the_right_artifact(  # noqa: PLR0917 (fixtures and parameters)
-    client: Client,
-    registry: dict[str, str],
+def test_recommend_picks_the_right_artifact(
+    ranked: tuple[Client, dict[str, str]],
     name: str,
     fields: dict[str, Any],
     expected: list[str],
     concurrency: int,
 ) -> None:
+    client, registry = ranked
     fields = dict(fields)
     model = fields.pop("model", MODEL)
     if not expected:
@@ -235,26 +252,6 @@ def test_an_unavailable_artifact_is_not_recommended(
     ]
 
 
-def test_recommend_on_dynamodb_and_s3(aws_serial: Emulator, tmp_path: Path) -> None:
-    """The shared backends: the same answers (the rpc reads only the storage seams)."""
-    pytest.importorskip("prebake.server.storage.dynamodb")
-    from prebake.server.storage.dynamodb import create_tables
-
-    prefix = aws_serial.unique_name("recommend")
-    create_tables(prefix)
-    settings = {"store": f"s3://{aws_serial.create_bucket()}/p", "registry": f"dynamodb://{prefix}"}
-    with (
-        background_server(tmp_path / "a", **settings) as server,
-        Client(server.address, timeout=30.0) as client,
-    ):
-        ids = build_registry(client, tmp_path)
-        goals: tuple[Literal["latency", "throughput", "cost"], ...] = ("latency", "throughput", "cost")
-        tops = [client.recommend(MODEL, goal).candidates[0].artifact_id for goal in goals]
-        assert tops == [ids["FAST"], ids["WIDE"], ids["CHEAP"]]
-        with pytest.raises(errors.NoRecommendation, match="the closest is " + ids["FAST"]):
-            client.recommend(MODEL, "latency", max_itl_ms=4)
-
-
 def rpc_error(client: Client, **fields: Any) -> grpc.RpcError:
     stub = client._conn.stubs.registry  # the raw rpc: its status code and details
     with pytest.raises(grpc.RpcError) as info:
@@ -262,7 +259,8 @@ def rpc_error(client: Client, **fields: Any) -> grpc.RpcError:
     return info.value
 
 
-def test_refusal_names_the_closest(client: Client, registry: dict[str, str]) -> None:
+def test_refusal_names_the_closest(ranked: tuple[Client, dict[str, str]]) -> None:
+    client, registry = ranked
     err = rpc_error(client, model=MODEL, objective=evaluations_pb2.OBJECTIVE_LATENCY, max_itl_ms=4)
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert err.details() == (

@@ -278,6 +278,16 @@ def _add_key_options(parser: argparse.ArgumentParser, required: bool, lookup: bo
     )
 
 
+def _add_preset(parser: argparse.ArgumentParser) -> None:
+    # The key flags are then not required: the command checks one or the other, never both
+    # (`commands.key_or_preset`).
+    parser.add_argument(
+        "--preset",
+        metavar="NAME",
+        help="the key of this preset (`prebake catalog presets`), instead of the key options",
+    )
+
+
 def _add_json(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object to stdout")
 
@@ -476,9 +486,11 @@ def _add_lookup(sub: _Commands) -> None:
         prebake lookup --kind neuron --model meta-llama/Meta-Llama-3-8B \\
             --instance-type ml.inf2.48xlarge --sequence-length 8192 --batch-size 8 --tp 24
         prebake lookup --kind awq --model my/model --no-enqueue --json | jq .status
+        prebake lookup --preset llama-3-8b/low-latency --no-enqueue
         """,
     )
-    _add_key_options(p, required=True)
+    _add_key_options(p, required=False)
+    _add_preset(p)
     p.add_argument("--no-enqueue", action="store_true", help="only report a miss; create no compile job")
     p.add_argument(
         "--explain",
@@ -503,9 +515,11 @@ def _add_fetch(sub: _Commands) -> None:
         prebake fetch --kind inductor --model my/llama --instance-type ml.c7i.4xlarge \\
             --sequence-length 512 --batch-size 1 --dest /opt/models/llama-aot
         prebake fetch --artifact 3f2a9c0d1e2b3a4f5e6d7c8b9a0f1e2d --dest ./a --overwrite
+        prebake fetch --preset llama-3-8b/low-latency --dest /opt/ml/model/compiled
         """,
     )
     _add_key_options(p, required=False)
+    _add_preset(p)
     p.add_argument("--artifact", metavar="ID", help="fetch this artifact id instead of looking a key up")
     p.add_argument("--dest", required=True, metavar="DIR", help="directory to place the artifact in")
     p.add_argument("--overwrite", action="store_true", help="replace whatever --dest holds")
@@ -530,13 +544,8 @@ def _add_ensure(sub: _Commands) -> None:
         prebake ensure --preset llama-3-8b/low-latency --dest /opt/ml/model/compiled
         """,
     )
-    # Required unless --preset (checked by the command: one or the other, never both).
     _add_key_options(p, required=False)
-    p.add_argument(
-        "--preset",
-        metavar="NAME",
-        help="the key of this preset (`prebake catalog presets`), instead of the key options",
-    )
+    _add_preset(p)
     p.add_argument("--dest", required=True, metavar="DIR", help="directory to place the artifact in")
     p.add_argument(
         "--model-source", default="", metavar="SRC", help="weights for a compile (dir or s3:// prefix)"

@@ -198,7 +198,7 @@ def _job_display(args: argparse.Namespace) -> Iterator[Callable[[jobs_pb2.JobEve
 
 def lookup(args: argparse.Namespace, client: Client) -> int:
     response = client.lookup(
-        key_from_args(args),
+        key_or_preset(args, client),
         on_miss="report" if args.no_enqueue else "enqueue",
         force=args.force,
         model_source=args.model_source,
@@ -209,15 +209,15 @@ def lookup(args: argparse.Namespace, client: Client) -> int:
 
 
 def fetch(args: argparse.Namespace, client: Client) -> int:
-    if args.artifact and (args.kind or args.model):
-        raise UsageError("give either --artifact or a key (--kind, --model, ...), not both")
-    if not args.artifact and not (args.kind and args.model):
-        raise UsageError("give a key (at least --kind and --model) or --artifact ID")
+    if args.artifact and (args.kind or args.model or args.preset):
+        raise UsageError("give either --artifact or a key (--kind, --model, ... or --preset NAME), not both")
+    if not args.artifact and not args.preset and not (args.kind and args.model):
+        raise UsageError("give a key (at least --kind and --model), --preset NAME or --artifact ID")
     response: registry_pb2.LookupResponse | None = None
     if args.artifact:
         artifact = client.get_artifact(args.artifact)
     else:
-        response = client.lookup(key_from_args(args), on_miss="report", allow=args.allow)
+        response = client.lookup(key_or_preset(args, client), on_miss="report", allow=args.allow)
         if response.status != registry_pb2.LOOKUP_STATUS_HIT:
             return _fetch_miss(args, response)
         artifact = response.artifact
@@ -255,13 +255,17 @@ def _fetch_miss(args: argparse.Namespace, response: registry_pb2.LookupResponse)
     return code
 
 
-# The key flags `ensure --preset` refuses beside it (their argparse defaults mean "not given").
+# The key flags `--preset` refuses beside it (their argparse defaults mean "not given").
 _KEY_DESTS = ("kind", "model", "revision", "instance_type", "sequence_length", "batch_size", "tp",
               "precision", "toolchain", "options")  # fmt: skip
 
 
-def _ensure_key(args: argparse.Namespace, client: Client) -> ArtifactKey:
-    """The key flags' key, or `--preset`'s as the server resolves it (never both)."""
+def key_or_preset(args: argparse.Namespace, client: Client) -> ArtifactKey:
+    """The key flags' key, or `--preset NAME`'s as the server resolves it (`Catalog.GetPreset`),
+    for every command that takes either (lookup, fetch, ensure).
+
+    UsageError for both, or for neither (`--kind` and `--model` missing); NotFound, naming the
+    closest presets, for an unknown name. `--allow` is no key flag: it goes with either."""
     preset = getattr(args, "preset", None)
     if preset is None:
         missing = [
@@ -278,7 +282,7 @@ def _ensure_key(args: argparse.Namespace, client: Client) -> ArtifactKey:
 
 
 def ensure(args: argparse.Namespace, client: Client) -> int:
-    key = _ensure_key(args, client)
+    key = key_or_preset(args, client)
     with _job_display(args) as jobs, _transfer_display(args, "download") as display:
         result = client.ensure(
             key,

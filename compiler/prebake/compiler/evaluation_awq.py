@@ -26,7 +26,13 @@ from typing import Any
 from prebake.compiler.awq import read_manifest
 from prebake.compiler.evaluation_metrics import EvaluationResult, current_host
 from prebake.compiler.evaluation_tokenizer import load_tokenizer
-from prebake.compiler.evaluation_workload import OnToken, Progress, run_workload, synthetic_prompts
+from prebake.compiler.evaluation_workload import (
+    OnToken,
+    Progress,
+    WorkloadDoesNotFit,
+    run_workload,
+    synthetic_prompts,
+)
 from prebake.core.evaluation_records import EvaluationWorkload, PriceInputs
 
 
@@ -59,21 +65,27 @@ class AwqRuntime:
             out = self._model(input_ids=input_ids, past_key_values=cache, use_cache=True)
         return int(out.logits[0, -1].argmax()), out.past_key_values
 
+    def check_fits(self, prompt_tokens: int, output_tokens: int) -> None:
+        """WorkloadDoesNotFit (a ValueError) unless a prompt of `prompt_tokens` plus
+        `output_tokens` new ones fit the model's max_position_embeddings (no limit if unset)."""
+        if self.max_positions and prompt_tokens + output_tokens > self.max_positions:
+            raise WorkloadDoesNotFit(
+                f"{prompt_tokens} prompt + {output_tokens} output tokens exceed the model's "
+                f"max_position_embeddings {self.max_positions}; ask for at most "
+                f"{self.max_positions} tokens in all"
+            )
+
     def generate(self, prompt_ids: list[int], max_new_tokens: int, on_token: OnToken) -> list[int]:
         """Greedy: `max_new_tokens` new ids after `prompt_ids`, each passed to `on_token` as it comes.
 
         ValueError for an empty prompt or one that with the new tokens exceeds the model's
-        max_position_embeddings.
+        max_position_embeddings (`check_fits`).
         """
         import torch
 
         if not prompt_ids:
             raise ValueError("the prompt is empty")
-        if self.max_positions and len(prompt_ids) + max_new_tokens > self.max_positions:
-            raise ValueError(
-                f"{len(prompt_ids)} prompt + {max_new_tokens} output tokens exceed the model's "
-                f"max_position_embeddings {self.max_positions}"
-            )
+        self.check_fits(len(prompt_ids), max_new_tokens)
         new: list[int] = []
         cache: Any = None
         step = torch.tensor([prompt_ids], dtype=torch.int64)
@@ -98,9 +110,11 @@ def evaluate_awq(
     """Load the awq artifact in `checkpoint_dir` and run `workload` against it on this CPU.
 
     `instance_type` is recorded as this host's (`current_host`; "" when unknown); `price` prices
-    the levels (None: every price 0).
+    the levels (None: every price 0). WorkloadDoesNotFit, before any request, for a workload
+    beyond the model's positions.
     """
     runtime = AwqRuntime(checkpoint_dir)
+    runtime.check_fits(workload.prompt_tokens, workload.output_tokens)
     tokenizer = load_tokenizer(checkpoint_dir if use_tokenizer else None, runtime.vocab_size)
     prompts = synthetic_prompts(tokenizer.vocabulary, workload.prompt_tokens, seed)
     levels = run_workload(

@@ -34,7 +34,7 @@ from typing import Any
 
 from prebake.compiler.backend import EXIT_DETERMINISTIC, EXIT_OK
 from prebake.compiler.evaluation_metrics import EvaluationResult, check_workload
-from prebake.compiler.evaluation_workload import Progress
+from prebake.compiler.evaluation_workload import Progress, WorkloadDoesNotFit
 from prebake.compiler.run import (
     EXIT_TRANSIENT,
     JsonLinesProgress,
@@ -47,10 +47,6 @@ from prebake.core.pricing import check_price_inputs
 
 # Files whose presence says a directory holds a tokenizer transformers can load.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-
-
-class WorkloadDoesNotFit(ValueError):
-    """The workload cannot run against this artifact (deterministic)."""
 
 
 def has_tokenizer(directory: Path | None) -> bool:
@@ -89,7 +85,8 @@ def _awq(
 ) -> EvaluationResult:
     from prebake.compiler.evaluation_awq import evaluate_awq
 
-    # The checkpoint carries the tokenizer when its source had one.
+    # The checkpoint carries the tokenizer when its source had one. A workload beyond the
+    # model's positions raises WorkloadDoesNotFit once the checkpoint is loaded (its config says).
     return evaluate_awq(artifact, workload, price, use_tokenizer=has_tokenizer(artifact), progress=progress)
 
 

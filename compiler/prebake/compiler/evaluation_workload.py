@@ -44,6 +44,13 @@ Decode = Callable[[list[int]], str]
 Progress = Callable[[int, int, int], None]
 
 
+class WorkloadDoesNotFit(ValueError):
+    """The workload cannot run against this artifact at all, whatever the retry (deterministic):
+    e.g. prompt plus output tokens beyond an inductor package's window or an awq model's
+    positions. A runtime raises it before the first request, so that the job fails instead of
+    storing an evaluation whose every request failed."""
+
+
 def synthetic_prompts(vocabulary: Sequence[int], length: int, seed: int = 0) -> PromptBuilder:
     """Prompts of exactly `length` ids drawn from `vocabulary` (e.g. a tokenizer's non-special ids).
 
