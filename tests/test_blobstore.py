@@ -15,7 +15,7 @@ import pytest
 
 from prebake.core.digests import hash_bytes
 from prebake.core.errors import DataLoss, OutOfRange, UploadDigestMismatch
-from prebake.server.blobs import ContentAddressedStore, LocalObjectStore
+from prebake.server.blobs import ContentAddressedStore, LocalObjectStore, local_objects
 from prebake.server.blobs.local_stamps import StampedVerification
 from prebake.server.records import Digest
 from tests.contract.blob_backends import _settle_local
@@ -69,12 +69,17 @@ def test_local_layout(tmp_path: Path) -> None:
     writer.append(data[:100])
     writer.close()
     [upload] = [p for p in (root / ".multipart").iterdir()]
-    assert sorted(p.name for p in upload.iterdir()) == ["key", "part-00001"]
+    # Part 1 is written in place: its bytes at the start of `data`, a marker naming where (hex
+    # offset and size), synced (no boot-id suffix) since close acknowledged the partial upload.
+    assert sorted(p.name for p in upload.iterdir()) == ["data", "inline-00001-0-64", "key", "lock"]
+    assert (upload / "data").read_bytes() == data[:100]
     assert (upload / "key").read_text() == f"uploads/lay-out--{digest.hash}-{digest.size}"
+    building = os.stat(upload / "data").st_ino
     writer = store.open_write("lay-out", digest)
     writer.append(data[100:])
     writer.commit()
     blob = f"blobs/{digest.hash[:2]}/{digest.hash}-{digest.size}"
+    assert os.stat(root / blob).st_ino == building, "parts in order become the blob without a copy"
     # The blob, and the stamp that vouches for the bytes the upload hashed on their way in.
     assert _files(root, bookkeeping=True) == [f".stamps/{blob}", blob]
     hashed = store.hashed_bytes
@@ -367,3 +372,54 @@ def test_parts_left_beside_an_assembled_upload_by_a_crash_are_removed_by_its_res
     assert _files(root) == [blob_path(root, digest).relative_to(root).as_posix()]
     assert not [p for p in (root / ".multipart").iterdir() if not p.name.startswith(".")]
     assert restarted.usage().upload_bytes == 0
+
+
+def _upload_dir(root: Path) -> Path:
+    [upload] = [p for p in (root / ".multipart").iterdir() if not p.name.startswith(".")]
+    return upload
+
+
+def test_parts_not_synced_before_a_machine_crash_are_not_listed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    objects = LocalObjectStore(tmp_path / "objects")
+    upload = objects.create_upload("blobs/x")
+    objects.upload_part(upload, 1, b"a" * 100, durable=False)
+    objects.sync_parts(upload)
+    objects.upload_part(upload, 2, b"b" * 50, durable=False)
+    assert [(p.number, p.size) for p in objects.list_parts(upload)] == [(1, 100), (2, 50)]
+    # The machine restarts: part 2's bytes may never have reached the disk, part 1's did.
+    monkeypatch.setattr(local_objects, "BOOT_ID", "f" * 32)
+    assert [(p.number, p.size) for p in objects.list_parts(upload)] == [(1, 100)]
+    # The writer resumes with part 2, in place again, and the object is exactly what was sent.
+    objects.upload_part(upload, 2, b"c" * 70, durable=False)
+    info = objects.complete_upload(upload, objects.list_parts(upload))
+    assert b"".join(objects.get("blobs/x")) == b"a" * 100 + b"c" * 70
+    assert info.size == 170
+
+
+def test_parts_out_of_order_or_replaced_are_files_of_their_own_and_assemble_by_copy(tmp_path: Path) -> None:
+    objects = LocalObjectStore(tmp_path / "objects")
+    upload = objects.create_upload("blobs/y")
+    one = objects.upload_part(upload, 1, b"1" * 10)
+    objects.upload_part(upload, 2, b"2" * 10)
+    objects.upload_part(upload, 4, b"4" * 10)  # not next: a file of its own
+    two = objects.upload_part(upload, 2, b"Z" * 20)  # replaces an in-place part
+    names = sorted(p.name for p in _upload_dir(tmp_path / "objects").iterdir())
+    assert names == ["data", "inline-00001-0-a", "key", "lock", "part-00002", "part-00004"]
+    listed = objects.list_parts(upload)
+    assert [(p.number, p.size) for p in listed] == [(1, 10), (2, 20), (4, 10)]
+    assert listed[:2] == [one, two]
+    objects.complete_upload(upload, listed)
+    assert b"".join(objects.get("blobs/y")) == b"1" * 10 + b"Z" * 20 + b"4" * 10
+    assert list((tmp_path / "objects" / ".multipart").iterdir()) == []
+
+
+def test_completing_fewer_parts_than_were_written_in_place_cuts_the_object(tmp_path: Path) -> None:
+    objects = LocalObjectStore(tmp_path / "objects")
+    upload = objects.create_upload("blobs/z")
+    parts = [objects.upload_part(upload, n, bytes([48 + n]) * 8) for n in (1, 2, 3)]
+    building = os.stat(_upload_dir(tmp_path / "objects") / "data").st_ino
+    objects.complete_upload(upload, parts[:2])
+    assert b"".join(objects.get("blobs/z")) == b"1" * 8 + b"2" * 8
+    assert os.stat(objects.path("blobs/z")).st_ino == building

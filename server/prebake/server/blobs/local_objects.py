@@ -5,8 +5,21 @@ Layout under `root`::
     <key>                          every object, at its key's path (so keys map to plain files)
     .tmp/                          files being written; renamed into place once complete and fsynced
     .multipart/<upload id>/key     one directory per unfinished multipart upload, naming its object
-    .multipart/<upload id>/part-N  its parts, each written like an object (temp file, fsync, rename)
+    .multipart/<upload id>/data    parts written in place, one after another (see below)
+    .multipart/<upload id>/inline-N-OFFSET-SIZE[.BOOT]   an empty marker: part N is those bytes of data
+    .multipart/<upload id>/part-N  a part that could not go in place, written like an object
+    .multipart/<upload id>/lock    serialises the writers of in-place parts (flock)
     .stamps/                       verified-at stamps, see `local_stamps`
+
+Parts written in order (1, 2, 3 ..., as the content store writes them) go in place: part N is
+written into `data` just after part N-1, and completing an upload of such parts renames `data` into
+place, so no byte is copied and every byte is written to disk once. Any other part (out of order, or
+replacing one already stored) is a file of its own, and completing an upload that has one copies
+the parts into a new file in the kernel (`copy_file_range`).
+
+A part stored without `durable` has a marker suffixed with this boot's id (the kernel's `boot_id`):
+after a machine crash its bytes may never have reached the disk, so a marker from another boot is
+not listed. `sync_parts` syncs `data` and renames the markers to their durable names.
 
 Every write goes to a temporary file under `.tmp/` (or the upload's directory), is fsynced and
 renamed into place, and the directory is fsynced, so an object or part is visible whole or not at
@@ -20,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import io
 import os
 import re
@@ -28,6 +42,7 @@ import stat
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from prebake.server.blobs.local_stamps import StampedVerification
@@ -46,6 +61,21 @@ from prebake.server.blobs.objects import (
 )
 
 _PART_RE = re.compile(r"part-([0-9]{5,})")
+# An in-place part: number, offset and size (hex) in `data`; `.BOOT` while not yet synced.
+_INLINE_RE = re.compile(r"inline-([0-9]{5,})-([0-9a-f]+)-([0-9a-f]+)(?:\.([0-9a-f]+))?")
+_DATA = "data"
+_LOCK = "lock"
+
+
+def _boot_id() -> str:
+    """This boot's id (hex), or "" where the kernel does not say (parts are then always synced)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")
+    except OSError:
+        return ""
+
+
+BOOT_ID = _boot_id()
 _COPY_CHUNK = 8 << 20
 
 
@@ -76,6 +106,25 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
 
 def _full(exc: OSError) -> bool:
     return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+@dataclass(frozen=True)
+class _Marker:
+    """An in-place part: `size` bytes of the upload's `data` from `offset`, named by marker file `name`."""
+
+    name: str
+    offset: int
+    size: int
+    st: os.stat_result
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.size
+
+    def part(self, number: int) -> PartInfo:
+        # The marker's inode and mtime stay when sync_parts renames it; a replacement is a new marker.
+        etag = f"i{self.st.st_ino:x}-{self.size:x}-{self.st.st_mtime_ns:x}"
+        return PartInfo(number=number, size=self.size, etag=etag, modified=self.st.st_mtime)
 
 
 class LocalObjectStore:
@@ -309,16 +358,24 @@ class LocalObjectStore:
             raise ValueError(f"part number {number} is outside 1..{self.max_part_count}")
         directory = self._upload_dir(upload)
         try:
-            # Without `durable` no fsync: one per part would write every byte to disk twice,
-            # since complete_upload copies the parts into the object and fsyncs that (the parts
-            # are deleted before the kernel writes them back). sync_parts makes them durable
-            # when a partial upload is acknowledged.
+            in_place = self._put_in_place(directory, number, data, durable=durable or not BOOT_ID)
+        except FileNotFoundError:
+            raise NoSuchUpload(upload.upload_id) from None  # aborted or completed meanwhile
+        if in_place is not None:
+            return in_place
+        try:
+            # Without `durable` no fsync: sync_parts makes the part durable when a partial upload
+            # is acknowledged, and complete_upload syncs the object it assembles.
             temp, st = self._write_temp(directory, data, durable=durable)
         except FileNotFoundError:
             raise NoSuchUpload(upload.upload_id) from None
         dest = directory / f"part-{number:05d}"
         try:
             os.replace(temp, dest)
+            with self._locked(directory):
+                # This part replaces the one of its number stored in place, if any.
+                for marker in self._markers(directory).pop(number, ()):
+                    os.unlink(directory / marker.name)
             if durable:
                 fsync_dir(directory)
         except FileNotFoundError:
@@ -327,6 +384,71 @@ class LocalObjectStore:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp)
         return PartInfo(number=number, size=st.st_size, etag=_etag(st), modified=st.st_mtime)
+
+    @contextlib.contextmanager
+    def _locked(self, directory: Path) -> Iterator[None]:
+        """Hold the upload's lock (against writers of in-place parts in any process); raise
+        FileNotFoundError if the upload has gone, before or while waiting for it."""
+        fd = os.open(directory / _LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            # Completed or aborted while we waited: its directory was renamed away.
+            os.stat(directory / "key")
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _markers(self, directory: Path) -> dict[int, list[_Marker]]:
+        """The in-place parts' markers by number, this boot's unsynced ones included, another
+        boot's left out (see the module docstring)."""
+        found: dict[int, list[_Marker]] = {}
+        with os.scandir(directory) as it:
+            for entry in it:
+                m = _INLINE_RE.fullmatch(entry.name)
+                if m is None or m.group(4) not in (None, BOOT_ID):
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    st = entry.stat(follow_symlinks=False)
+                    found.setdefault(int(m.group(1)), []).append(
+                        _Marker(entry.name, int(m.group(2), 16), int(m.group(3), 16), st)
+                    )
+        return found
+
+    def _put_in_place(
+        self, directory: Path, number: int, data: bytes | memoryview, *, durable: bool
+    ) -> PartInfo | None:
+        """Write part `number` into `data` right after the last part there, if it is the next one
+        (else None: the caller stores it as a file of its own)."""
+        with self._locked(directory):
+            markers = self._markers(directory)
+            if number in markers or (directory / f"part-{number:05d}").exists():
+                return None  # a replacement
+            last = max(markers, default=0)
+            if number != last + 1:
+                return None
+            offset = markers[last][0].end if markers else 0
+            fd = os.open(directory / _DATA, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                view = memoryview(data)
+                at = offset
+                while view:
+                    n = os.pwrite(fd, view, at)
+                    view, at = view[n:], at + n
+                if durable:
+                    os.fdatasync(fd)
+            except OSError as exc:
+                if _full(exc):
+                    raise StorageFull(exc.errno, f"no space left to store {len(data)} bytes") from exc
+                raise
+            finally:
+                os.close(fd)
+            size = len(data)
+            name = f"inline-{number:05d}-{offset:x}-{size:x}" + ("" if durable else f".{BOOT_ID}")
+            os.close(os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
+            if durable:
+                fsync_dir(directory)
+            marker = _Marker(name, offset, size, os.stat(directory / name))
+        return marker.part(number)
 
     def sync_parts(self, upload: UploadHandle) -> None:
         directory = self._upload_dir(upload)
@@ -340,38 +462,119 @@ class LocalObjectStore:
                         os.fsync(fd)  # cheap for a part already written back
                     finally:
                         os.close(fd)
+            with self._locked(directory):
+                unsynced = [m for ms in self._markers(directory).values() for m in ms if "." in m.name]
+                if unsynced:
+                    fd = os.open(directory / _DATA, os.O_RDONLY | os.O_CLOEXEC)
+                    try:
+                        os.fdatasync(fd)
+                    finally:
+                        os.close(fd)
+                    fsync_dir(directory)  # the markers exist on disk before their durable names do
+                    for marker in unsynced:
+                        os.rename(directory / marker.name, directory / marker.name.split(".")[0])
             fsync_dir(directory)
         except FileNotFoundError:
             raise NoSuchUpload(upload.upload_id) from None
 
     def list_parts(self, upload: UploadHandle) -> list[PartInfo]:
         directory = self._upload_dir(upload)
-        parts: list[PartInfo] = []
+        parts: dict[int, PartInfo] = {}
         try:
             with os.scandir(directory) as it:
                 entries = [(m, e) for e in it if (m := _PART_RE.fullmatch(e.name))]
             for m, entry in entries:
                 with contextlib.suppress(FileNotFoundError):
                     st = entry.stat(follow_symlinks=False)
-                    parts.append(PartInfo(int(m.group(1)), st.st_size, _etag(st), st.st_mtime))
+                    parts[int(m.group(1))] = PartInfo(int(m.group(1)), st.st_size, _etag(st), st.st_mtime)
+            markers = self._markers(directory)
+            if markers:
+                try:
+                    stored = os.stat(directory / _DATA).st_size
+                except FileNotFoundError:
+                    stored = 0
+                for number, found in markers.items():
+                    # A file of its own replaced the in-place part (its marker is being removed).
+                    whole = [m for m in found if m.end <= stored]
+                    if number not in parts and whole:
+                        parts[number] = whole[0].part(number)
         except FileNotFoundError:
             raise NoSuchUpload(upload.upload_id) from None
-        return sorted(parts, key=lambda p: p.number)
+        return [parts[n] for n in sorted(parts)]
 
     def complete_upload(self, upload: UploadHandle, parts: Sequence[PartInfo]) -> ObjectInfo:
         directory = self._upload_dir(upload)
+        previous = 0
+        for i, part in enumerate(parts):
+            if part.number <= previous:
+                raise InvalidPart(f"part {part.number} is out of order")
+            if part.size < self.min_part_size and i < len(parts) - 1:
+                raise InvalidPart(f"part {part.number} is smaller than {self.min_part_size} bytes")
+            previous = part.number
+        try:
+            with self._locked(directory):
+                current = {p.number: p for p in self.list_parts(upload)}
+                for part in parts:
+                    if part.number not in current:
+                        raise InvalidPart(f"part {part.number} of {upload.key} is not stored")
+                    if current[part.number].etag != part.etag:
+                        raise InvalidPart(f"part {part.number} of {upload.key} was replaced")
+                info = self._complete_in_place(directory, upload, parts)
+                if info is None:
+                    info = self._complete_by_copy(directory, upload, parts)
+                # Still holding the lock: a writer waiting for it finds the upload gone.
+                self._discard(directory)
+        except FileNotFoundError:
+            raise NoSuchUpload(upload.upload_id) from None
+        return info
+
+    def _complete_in_place(
+        self, directory: Path, upload: UploadHandle, parts: Sequence[PartInfo]
+    ) -> ObjectInfo | None:
+        """Rename `data` into place when `parts` are exactly its bytes from the start, else None."""
+        markers = self._markers(directory)
+        end = 0
+        for part in parts:
+            marker = next(
+                (m for m in markers.get(part.number, ()) if m.part(part.number).etag == part.etag), None
+            )
+            if marker is None or marker.offset != end or (directory / f"part-{part.number:05d}").exists():
+                return None
+            end = marker.end
         dest = self.path(upload.key)
+        data = directory / _DATA
+        try:
+            fd = os.open(data, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                os.ftruncate(fd, end)  # parts stored after those completed are dropped
+                os.fsync(fd)
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
+            self._install(data, dest)
+        except OSError as exc:
+            if _full(exc):
+                raise StorageFull(exc.errno, f"no space left to complete {upload.key}") from exc
+            raise
+        return _info(upload.key, st)
+
+    def _complete_by_copy(
+        self, directory: Path, upload: UploadHandle, parts: Sequence[PartInfo]
+    ) -> ObjectInfo:
+        dest = self.path(upload.key)
+        markers = self._markers(directory)
         fd, temp = self._temp_file(self._tmp)
         try:
             try:
-                previous = 0
-                for i, part in enumerate(parts):
-                    if part.number <= previous:
-                        raise InvalidPart(f"part {part.number} is out of order")
-                    if part.size < self.min_part_size and i < len(parts) - 1:
-                        raise InvalidPart(f"part {part.number} is smaller than {self.min_part_size} bytes")
-                    previous = part.number
-                    self._append_part(fd, directory / f"part-{part.number:05d}", part, upload)
+                for part in parts:
+                    in_place = next(
+                        (m for m in markers.get(part.number, ()) if m.part(part.number).etag == part.etag),
+                        None,
+                    )
+                    if in_place is not None:
+                        self._copy(fd, directory / _DATA, in_place.offset, part, upload)
+                    else:
+                        self._copy(fd, directory / f"part-{part.number:05d}", 0, part, upload)
                 os.fsync(fd)
                 st = os.fstat(fd)
             finally:
@@ -383,25 +586,22 @@ class LocalObjectStore:
             if isinstance(exc, OSError) and _full(exc):
                 raise StorageFull(exc.errno, f"no space left to complete {upload.key}") from exc
             raise
-        self._discard(directory)
         return _info(upload.key, st)
 
-    def _append_part(self, fd: int, path: Path, part: PartInfo, upload: UploadHandle) -> None:
+    def _copy(self, fd: int, path: Path, offset: int, part: PartInfo, upload: UploadHandle) -> None:
         try:
             src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            self._upload_dir(upload)  # NoSuchUpload if the whole upload went away
             raise InvalidPart(f"part {part.number} of {upload.key} is not stored") from None
         try:
-            if _etag(os.fstat(src)) != part.etag:
-                raise InvalidPart(f"part {part.number} of {upload.key} was replaced")
             remaining = part.size
             while remaining > 0:
-                # In the kernel where the filesystem supports it (a reflink on btrfs/xfs).
-                n = os.copy_file_range(src, fd, min(remaining, _COPY_CHUNK))
+                # In the kernel; a reflink where the filesystem supports it (btrfs, xfs).
+                n = os.copy_file_range(src, fd, min(remaining, _COPY_CHUNK), offset)
                 if n == 0:
                     raise InvalidPart(f"part {part.number} of {upload.key} is shorter than {part.size} bytes")
                 remaining -= n
+                offset += n
         finally:
             os.close(src)
 
