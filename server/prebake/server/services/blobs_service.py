@@ -128,9 +128,12 @@ class BlobsService(blobs_pb2_grpc.BlobsServicer):
         s = self.s
         writer: BlobWriter | None = None
         upload_id = ""
-        # The append running on an I/O thread, if any: a cancelled stream must not close
-        # the writer under it (see finally).
+        # The append running on an I/O thread, if any: the next message is received while it
+        # writes (one append in flight, so at most two messages are held), and a cancelled
+        # stream must not close the writer under it (see finally).
         appending: asyncio.Future[None] | None = None
+        # Where the next message's data must start: what is committed plus the append in flight.
+        expected = 0
         idle = False
         try:
             async for req in request_iterator:
@@ -144,12 +147,13 @@ class BlobsService(blobs_pb2_grpc.BlobsServicer):
                     if writer.complete:
                         s.in_use.wanted([writer.digest])  # as FindMissingBlobs: about to be published
                         return blobs_pb2.WriteResponse(committed_size=writer.digest.size, complete=True)
+                    expected = writer.committed_size
                 else:
                     self._check_consistent(req, upload_id, writer)
-                if req.offset != writer.committed_size:
+                if req.offset != expected:
                     raise InvalidArgument(
                         f"write offset {req.offset} does not match the upload's committed size "
-                        f"{writer.committed_size}; call QueryWriteStatus and continue from there"
+                        f"{expected}; call QueryWriteStatus and continue from there"
                     )
                 if len(req.data) > MAX_WRITE_CHUNK:
                     raise InvalidArgument(
@@ -158,15 +162,21 @@ class BlobsService(blobs_pb2_grpc.BlobsServicer):
                 if req.data:
                     s.counters.bytes_received += len(req.data)
                     s.metrics.blob_written_bytes.inc(len(req.data))
+                    if appending is not None:
+                        await asyncio.shield(appending)  # its error, if any, ends the stream here
                     appending = asyncio.ensure_future(s.run_blocking(writer.append, req.data))
-                    await asyncio.shield(appending)
+                    expected += len(req.data)
                 if req.finish_write:
+                    if appending is not None:
+                        await asyncio.shield(appending)
                     await s.run_blocking(writer.commit)
                     return blobs_pb2.WriteResponse(committed_size=writer.committed_size, complete=True)
             if writer is None:
                 raise InvalidArgument(
                     "empty Write stream: send at least one message with upload_id and digest"
                 )
+            if appending is not None:
+                await asyncio.shield(appending)
             # Closed before answering, so the reply names what the store kept (a backend with a
             # minimum part size may keep less than arrived), the size a client continues from.
             await s.run_blocking(writer.close)
@@ -179,6 +189,8 @@ class BlobsService(blobs_pb2_grpc.BlobsServicer):
                 # Cancelled mid-append: the thread still writes; let it finish first.
                 with contextlib.suppress(Exception):
                     await appending
+            elif appending is not None and not appending.cancelled():
+                appending.exception()  # the stream failed first; its append's error is moot
             # Keep what the store can of what arrived, so the client can resume; after a
             # commit, an abort or the close above this is a no-op. A stalled stream's partial
             # upload is discarded instead: a client that stops sending holds nothing.
