@@ -13,7 +13,7 @@ Rows (`--only` takes row names or their prefixes):
   miss-scale                  miss p50 at 1M (hot model with 10% of the registry) vs at 1k
   getstats                    GetStats p50 at 1M vs at 1k
   list-deep                   ListArtifacts page at offset 90% vs the first page (1M)
-  hit-c64                     hit QPS at 64 in flight vs Check QPS (`serve --processes <cores>`; load from --load-processes processes)
+  hit-c64                     hit QPS at 64 in flight vs Check QPS (`serve --processes <cores>`)
   stampede                    500 concurrent misses of one key vs 500 concurrent Checks (1M); failures
   block-*                     Check p99 from a second client while a slow rpc runs vs idle (1M)
   ttfb, resume                first byte / last MiB of a large blob vs a bare grpc.aio stream
