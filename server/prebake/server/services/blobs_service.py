@@ -13,7 +13,7 @@ import grpc
 
 from prebake.core.errors import DataLoss, InvalidArgument, NotFound, PrebakeError
 from prebake.server import convert, integrity
-from prebake.server.blobs import BlobWriter
+from prebake.server.blobs import BlobWriter, PendingDigest, UploadDigest
 from prebake.server.rate_limits import RateLimit, caller
 from prebake.server.records import Digest
 from prebake.server.state import ServerState
@@ -28,6 +28,17 @@ WANTED_SLICE = 500
 READ_CHUNK = 1 << 20
 Ctx = grpc.aio.ServicerContext[Any, Any]
 log = logging.getLogger("prebake.server.blobs")
+
+
+def _upload_digest(msg: blobs_pb2.Digest) -> UploadDigest:
+    """A Write's or QueryWriteStatus's `digest`: an empty hash names a digest-late upload of
+    `size_bytes` bytes (see `WriteRequest.digest`)."""
+    if not msg.hash:
+        try:
+            return PendingDigest(msg.size_bytes)
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"digest: {exc}") from None
+    return convert.digest_from_proto(msg)
 
 
 async def _lost(state: ServerState, digest: Digest, exc: NotFound | DataLoss, read_at: float) -> None:
@@ -138,11 +149,10 @@ class BlobsService(blobs_pb2_grpc.BlobsServicer):
                     if not req.upload_id or not req.HasField("digest"):
                         raise InvalidArgument("the first Write message must carry upload_id and digest")
                     upload_id = req.upload_id
-                    writer = await s.run_blocking(
-                        s.blobs.open_write, upload_id, convert.digest_from_proto(req.digest)
-                    )
-                    if writer.complete:
-                        s.in_use.wanted([writer.digest])  # as FindMissingBlobs: about to be published
+                    writer = await s.run_blocking(s.blobs.open_write, upload_id, _upload_digest(req.digest))
+                    if writer.complete:  # stored already (never so for a digest-late upload)
+                        if isinstance(writer.digest, Digest):
+                            s.in_use.wanted([writer.digest])  # as FindMissingBlobs: about to be published
                         return blobs_pb2.WriteResponse(committed_size=writer.digest.size, complete=True)
                 else:
                     self._check_consistent(req, upload_id, writer)
@@ -161,7 +171,11 @@ class BlobsService(blobs_pb2_grpc.BlobsServicer):
                     appending = asyncio.ensure_future(s.run_blocking(writer.append, req.data))
                     await asyncio.shield(appending)
                 if req.finish_write:
-                    await s.run_blocking(writer.commit)
+                    stated = self._stated_digest(req, writer)
+                    await s.run_blocking(writer.commit, stated)
+                    if stated is not None:
+                        # Maybe a duplicate of a stored blob, which the caller publishes next.
+                        s.in_use.wanted([stated])
                     return blobs_pb2.WriteResponse(committed_size=writer.committed_size, complete=True)
             if writer is None:
                 raise InvalidArgument(
@@ -189,14 +203,37 @@ class BlobsService(blobs_pb2_grpc.BlobsServicer):
     def _check_consistent(req: blobs_pb2.WriteRequest, upload_id: str, writer: BlobWriter) -> None:
         if req.upload_id and req.upload_id != upload_id:
             raise InvalidArgument(f"upload_id changed mid-stream from {upload_id!r} to {req.upload_id!r}")
-        if req.HasField("digest") and convert.digest_from_proto(req.digest) != writer.digest:
+        if not req.HasField("digest"):
+            return
+        if isinstance(writer.digest, PendingDigest) and req.finish_write and req.digest.hash:
+            return  # the digest a digest-late upload states (checked by `_stated_digest`)
+        if _upload_digest(req.digest) != writer.digest:
             raise InvalidArgument("digest changed mid-stream; one Write stream uploads one blob")
+
+    @staticmethod
+    def _stated_digest(req: blobs_pb2.WriteRequest, writer: BlobWriter) -> Digest | None:
+        """The digest a digest-late upload is committed under (None for a digest-first one)."""
+        opened = writer.digest
+        if not isinstance(opened, PendingDigest):
+            return None
+        if not req.HasField("digest") or not req.digest.hash:
+            raise InvalidArgument(
+                "this upload was started without `digest.hash`: its message with `finish_write` must "
+                "carry the full `digest` (hash and size_bytes) of what was sent"
+            )
+        stated = convert.digest_from_proto(req.digest)
+        if stated.size != opened.size:
+            raise InvalidArgument(
+                f"digest: size_bytes {stated.size} differs from the {opened.size} this upload was "
+                "started with; one Write stream uploads one blob"
+            )
+        return stated
 
     @unary
     async def QueryWriteStatus(
         self, request: blobs_pb2.QueryWriteStatusRequest, context: Ctx
     ) -> blobs_pb2.QueryWriteStatusResponse:
-        digest = convert.digest_from_proto(request.digest)
+        digest = _upload_digest(request.digest)
         s = self.s
         # Off the loop: on an object store this lists the upload's parts.
         committed, complete = await s.run_blocking(s.blobs.upload_status, request.upload_id, digest)
