@@ -55,13 +55,13 @@ from prebake.core.errors import (
 )
 from prebake.server.blobs.blob_store import (
     Collected,
+    PendingDigest,
     QuarantinedBlob,
     ScrubOutcome,
     ScrubResult,
     StoredBlob,
     StoreStats,
     StoreUsage,
-    PendingDigest,
     UploadDigest,
     UploadStatus,
     validate_upload_id,
