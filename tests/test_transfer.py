@@ -6,6 +6,7 @@ import builtins
 import dataclasses
 import os
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -311,3 +312,35 @@ def test_digest_late_writes_over_the_wire(client: Client) -> None:
     response = client.write_blob(_late("w4", data, digest))
     assert response.complete
     assert client.get_stats().blobs == blobs
+
+
+def test_digest_memo_is_only_a_memo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    memo_path = tmp_path / "memo.json"
+    file = tmp_path / "f.bin"
+    file.write_bytes(b"content")
+    st = os.stat(file)
+    h = hash_bytes(b"content")
+    # Too recent to rely on: a change in the same timestamp tick would keep the times.
+    memo = DigestMemo(memo_path)
+    memo.record(file, st, h, time.time_ns())
+    assert len(memo) == 0
+    # Old enough: recorded, saved, found again under the same identity only.
+    memo.record(file, st, h, time.time_ns() + int(digest_memo.RACY_SECONDS * 2e9))
+    memo.save()
+    assert DigestMemo(memo_path).get(file, st) == h
+    file.write_bytes(b"CONTENT")
+    assert DigestMemo(memo_path).get(file, os.stat(file)) is None
+    # Bounded, least recently used first out.
+    monkeypatch.setattr(digest_memo, "MAX_ENTRIES", 2)
+    memo = DigestMemo(memo_path)
+    for name in ("a", "b", "c"):
+        (tmp_path / name).write_bytes(name.encode())
+        memo.record(tmp_path / name, os.stat(tmp_path / name), h, time.time_ns() + 10**10)
+    assert len(memo) == 2 and memo.get(tmp_path / "a", os.stat(tmp_path / "a")) is None
+    # Anything unexpected in the file reads as empty; `off` disables it.
+    memo_path.write_text('{"version": 1, "entries": [["k", "not a hash"], 3]}')
+    assert len(DigestMemo(memo_path)) == 0
+    memo_path.write_text("not json")
+    assert len(DigestMemo(memo_path)) == 0
+    monkeypatch.setenv(digest_memo.ENV, "off")
+    assert DigestMemo.default().path is None

@@ -225,8 +225,9 @@ def upload_hashing(
     except InvalidArgument:
         if not source.resumed_foreign:
             raise
-    # The bytes kept on the server under this file's upload id were not the file's: start over.
-    return _upload(conn, source, f"prebake-late-{uuid.uuid4()}", settings, progress)
+    # The bytes kept on the server under this file's upload id were not the file's: start over,
+    # hashing again what is sent (the server's check is of the bytes it receives).
+    return _upload(conn, _Source(path, size, None), f"prebake-late-{uuid.uuid4()}", settings, progress)
 
 
 def _upload(
