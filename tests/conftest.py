@@ -80,6 +80,16 @@ INDUCTOR = workers_pb2.Capability(
 )
 
 
+@pytest.fixture(autouse=True, scope="session")
+def digest_memo_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Clients (and the workers and CLIs tests start) keep their digest memo in this session's
+    temporary directory, not in the user's cache (`prebake.client.digest_memo`)."""
+    path = tmp_path_factory.mktemp("digest-memo") / "digests.json"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREBAKE_DIGEST_MEMO", str(path))
+        yield path
+
+
 @pytest.fixture
 def model_source_roots(tmp_path_factory: pytest.TempPathFactory) -> str:
     """What lookups to the `server` fixture may name as model sources (its

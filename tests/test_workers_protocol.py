@@ -209,3 +209,42 @@ def digest(data: bytes):  # type: ignore[no-untyped-def]
     from prebake.v1 import blobs_pb2
 
     return blobs_pb2.Digest(hash=hash_of(data), size_bytes=len(data))
+
+
+def test_worker_publish_reads_outputs_once_and_reuploads_only_what_vanished(
+    client: Client, server: BackgroundServer, tmp_path: Path
+) -> None:
+    from prebake.compiler import publish_outputs
+    from prebake.compiler.job_run import JobRun, Lease
+    from prebake.compiler.outage import Outage
+    from prebake.core.digests import hash_file
+    from prebake.server.convert import digest_from_proto
+
+    client.lookup(INDUCTOR_KEY)
+    leased = lease(client)
+    run = JobRun(Lease(leased.job, leased.fencing_token, 30.0))
+    outage = Outage(client.target)
+    job_dir = tmp_path / "job"
+    make_artifact_dir(job_dir / "out", {"model.pt2": 3 << 20, "meta.json": 300}, seed=5)
+    (job_dir / "compile.log").write_text("compiled\n")
+    log_digest = publish_outputs.upload_log(client, outage, run, job_dir / "compile.log")
+    assert log_digest is not None
+    assert (log_digest.hash, log_digest.size_bytes) == hash_file(job_dir / "compile.log")
+    files = client.upload_directory(job_dir / "out")
+    assert {f.path: (f.digest.hash, f.digest.size_bytes) for f in files} == {
+        name: hash_file(job_dir / "out" / name) for name in ("model.pt2", "meta.json")
+    }
+    # A blob lost before completion: only it is uploaded again, by the manifest's digest.
+    lost = next(f.digest for f in files if f.path == "model.pt2")
+    state = server.running.state  # type: ignore[union-attr]
+    server.call(state.blobs.delete, digest_from_proto(lost))
+    received = client.get_stats().bytes_received
+    reuploaded = publish_outputs._reupload_missing(
+        client, outage, run, job_dir=job_dir, files=files, log_digest=log_digest
+    )
+    assert reuploaded
+    assert client.get_stats().bytes_received - received == lost.size_bytes
+    assert client.find_missing_blobs([f.digest for f in files] + [log_digest]) == []
+    assert not publish_outputs._reupload_missing(
+        client, outage, run, job_dir=job_dir, files=files, log_digest=log_digest
+    )

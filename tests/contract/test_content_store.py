@@ -34,6 +34,7 @@ from prebake.server.blobs import (
     BlobWriter,
     Collected,
     ContentAddressedStore,
+    PendingDigest,
     StoreStats,
     UploadStatus,
 )
@@ -600,6 +601,167 @@ def test_wrong_bytes_in_a_multipart_upload_are_discarded(blob_store: ContentAddr
     assert blob_store.upload_status("liar-big", claimed) == (0, False)
     assert no_uploads_left(blob_store)
     assert list(blob_store.objects.list_objects("")) == []
+
+
+# -- digest-late uploads (the digest is stated at commit) -----------------------------
+
+
+def put_late(store: BlobStore, data: bytes, upload_id: str = "late-1", chunk: int = 256 * 1024) -> Digest:
+    """Upload `data` digest-late: opened with its size only, its digest stated at commit."""
+    writer = store.open_write(upload_id, PendingDigest(len(data)))
+    assert (writer.complete, writer.committed_size, writer.digest) == (False, 0, PendingDigest(len(data)))
+    for i in range(0, len(data), chunk):
+        writer.append(data[i : i + chunk])
+    digest = digest_of(data)
+    writer.commit(digest)
+    assert writer.complete
+    assert writer.digest == digest
+    return digest
+
+
+def late_size(store: ContentAddressedStore, size: int | str) -> int:
+    """`size`, or for "parts" one that is stored as several parts on every backend."""
+    return 3 * unit(store) + 17 if size == "parts" else int(size)
+
+
+@pytest.mark.parametrize("size", [0, 1, 5000, "parts"])
+def test_digest_late_upload_round_trip(blob_store: ContentAddressedStore, size: int | str) -> None:
+    data = payload(late_size(blob_store, size), seed=60)
+    digest = put_late(blob_store, data)
+    assert blob_store.contains(digest)
+    assert get(blob_store, digest) == data
+    assert blob_store.stats() == (1, len(data))
+    assert blob_store.upload_status("late-1", digest) == (len(data), True)
+    # Committed: the digest-late upload holds nothing any more, and is never reported complete.
+    assert blob_store.upload_status("late-1", PendingDigest(len(data))) == (0, False)
+    assert no_uploads_left(blob_store)
+
+
+@pytest.mark.parametrize("size", [5000, "parts"])
+def test_digest_late_upload_with_a_wrong_digest_stores_nothing(
+    blob_store: ContentAddressedStore, size: int | str
+) -> None:
+    data = payload(late_size(blob_store, size), seed=61)
+    writer = blob_store.open_write("late-liar", PendingDigest(len(data)))
+    writer.append(data)
+    # No digest, or one of another size: refused, nothing changes, the writer stays open.
+    with pytest.raises(InvalidArgument, match="must state it") as missing:
+        writer.commit()
+    with pytest.raises(InvalidArgument, match="started for") as other_size:
+        writer.commit(digest_of(data[:-1]))
+    assert not isinstance(missing.value, UploadDigestMismatch)
+    assert not isinstance(other_size.value, UploadDigestMismatch)
+    claimed = Digest(hash_bytes(b"not these bytes"), len(data))
+    with pytest.raises(UploadDigestMismatch, match="nothing was stored"):
+        writer.commit(claimed)
+    assert not blob_store.contains(claimed)
+    assert not blob_store.contains(digest_of(data))
+    assert blob_store.stats() == (0, 0)
+    assert blob_store.upload_status("late-liar", PendingDigest(len(data))) == (0, False)
+    assert no_uploads_left(blob_store)
+    assert list(blob_store.objects.list_objects("")) == []
+    writer.close()  # ended writers tolerate close/abort
+    writer.abort()
+
+
+def test_digest_late_upload_claiming_a_stored_blob_is_refused(blob_store: ContentAddressedStore) -> None:
+    stored = payload(4000, seed=62)
+    digest = put(blob_store, stored)
+    writer = blob_store.open_write("late-claim", PendingDigest(len(stored)))
+    writer.append(payload(4000, seed=63))
+    with pytest.raises(UploadDigestMismatch):
+        writer.commit(digest)
+    assert get(blob_store, digest) == stored
+    assert blob_store.stats() == (1, len(stored))
+    assert no_uploads_left(blob_store)
+
+
+def test_digest_late_duplicate_of_a_stored_blob_is_dropped(blob_store: ContentAddressedStore) -> None:
+    u = unit(blob_store)
+    for size in (3000, 2 * u + 5):
+        data = payload(size, seed=size)
+        digest = put(blob_store, data, upload_id=f"first-{size}")
+        before = blob_store.stats()
+        assert put_late(blob_store, data, upload_id=f"again-{size}") == digest
+        assert blob_store.stats() == before
+        assert get(blob_store, digest) == data
+        assert no_uploads_left(blob_store)
+
+
+def test_digest_late_upload_resumes_after_a_restart(backend: ObjectBackend) -> None:
+    first = backend.content_store()
+    u = unit(first)
+    data = payload(3 * u + 9, seed=64)
+    pending = PendingDigest(len(data))
+    digest = digest_of(data)
+    writer = first.open_write("late-resume", pending)
+    writer.append(data[: u + 5])
+    writer.close()
+    committed = writer.committed_size
+    assert committed == kept(first, digest, u + 5) > 0
+    assert first.upload_status("late-resume", pending) == (committed, False)
+    # Staged under its upload id and size, apart from a digest-first upload of the same id.
+    assert first.upload_status("late-resume", digest) == (0, False)
+    assert first.upload_status("late-resume", PendingDigest(len(data) + 1)) == (0, False)
+    del first, writer
+
+    second = backend.content_store()  # a restart: nothing in memory
+    assert second.upload_status("late-resume", pending) == (committed, False)
+    writer = second.open_write("late-resume", pending)
+    assert (writer.committed_size, writer.complete) == (committed, False)
+    writer.append(data[committed:])
+    writer.commit(digest)
+    # The parts stored before the restart were read back to check the digest (all of it, once).
+    assert second.hashed_bytes == len(data)
+    assert get(second, digest) == data
+    assert no_uploads_left(second)
+
+
+def test_digest_late_upload_resumed_in_the_same_instance_hashes_nothing_again(
+    blob_store: ContentAddressedStore,
+) -> None:
+    u = unit(blob_store)
+    data = payload(2 * u + 9, seed=65)
+    writer = blob_store.open_write("late-same", PendingDigest(len(data)))
+    writer.append(data[: u + 5])
+    writer.close()
+    writer = blob_store.open_write("late-same", PendingDigest(len(data)))
+    writer.append(data[writer.committed_size :])
+    writer.commit(digest_of(data))
+    assert blob_store.hashed_bytes == 0
+    assert get(blob_store, digest_of(data)) == data
+
+
+def test_digest_late_uploads_are_busy_while_held_and_swept_when_stale(
+    blob_store: ContentAddressedStore,
+) -> None:
+    step = max(300_000, blob_store.objects.min_part_size)
+    data = payload(2 * step, seed=66)
+    pending = PendingDigest(len(data))
+    old = blob_store.open_write("late-old", pending)
+    old.append(data[:step])
+    old.close()
+    held = blob_store.open_write("late-held", pending)
+    held.append(data[:step])
+    with pytest.raises(Busy):
+        blob_store.open_write("late-held", pending)
+    assert blob_store.sweep_uploads(0) == 1
+    assert blob_store.upload_status("late-old", pending) == (0, False)
+    held.append(data[step:])
+    held.commit(digest_of(data))
+    assert get(blob_store, digest_of(data)) == data
+    assert no_uploads_left(blob_store)
+
+
+def test_digest_first_commit_may_restate_its_digest_only(blob_store: ContentAddressedStore) -> None:
+    data = payload(100, seed=67)
+    digest = digest_of(data)
+    writer = blob_store.open_write("restate", digest)
+    writer.append(data)
+    with pytest.raises(InvalidArgument, match="cannot be committed as"):
+        writer.commit(digest_of(b"other"))
+    writer.commit(digest)
+    assert get(blob_store, digest) == data
 
 
 # -- verification on read ------------------------------------------------------------

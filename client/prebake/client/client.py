@@ -37,6 +37,8 @@ from prebake.client.channel import (
     status_of,
 )
 from prebake.client.credentials import Credentials
+from prebake.client.digest_memo import DigestMemo
+from prebake.client.digest_memo import default_path as default_memo_path
 from prebake.client.errors import (
     AlreadyExists,
     CompileFailed,
@@ -64,6 +66,7 @@ from prebake.client.transfer import (
     UploadResult,
     download_blob,
     upload_blob,
+    upload_hashing,
     upload_id_for,
 )
 from prebake.core.names import (
@@ -309,8 +312,15 @@ class Client:
         client_key: str | Path | None = None,
         credentials: Credentials | None = None,
         trust: TrustSet | None = None,
+        digest_memo: bool | Path | str = True,
     ) -> None:
         self.target = target
+        # Where `publish` remembers the digests of files it read (`prebake.client.digest_memo`):
+        # True for the default place ($PREBAKE_DIGEST_MEMO, else the user's cache), False for none.
+        if digest_memo is True:
+            self.digest_memo_path = default_memo_path()
+        else:
+            self.digest_memo_path = Path(digest_memo) if digest_memo else None
         # What the server is shown (see `prebake.client.credentials`): read once, here.
         self.credentials = credentials or Credentials.load(token, ca_bundle, client_cert, client_key)
         # Every fetch (and ensure) places only artifacts signed by one of these keys, checked
@@ -597,6 +607,15 @@ class Client:
         """
         source = path_or_bytes if isinstance(path_or_bytes, bytes) else Path(path_or_bytes)
         return upload_blob(self._conn, source, as_digest(digest), self._transfer, progress)
+
+    @one_operation
+    def upload_file(self, path: Path | str, progress: Progress | None = None) -> UploadResult:
+        """Upload a file whose digest is not known yet, hashing it while sending (it is read once);
+        `UploadResult.digest` is its digest. Resumes an interrupted upload of the unchanged file
+        (the upload id is derived from host, path and the file's stat identity); the server drops
+        the upload as a duplicate if it holds the blob already. `progress` as for `upload_blob`.
+        """
+        return upload_hashing(self._conn, Path(path), self._transfer, progress)
 
     @one_operation
     def download_blob(
@@ -1020,8 +1039,11 @@ class Client:
 
         `replace` and `force` as for `publish_artifact`.
 
-        Hashes every file, uploads only the blobs the server lacks, then publishes;
-        nothing is published before every blob is uploaded. If a blob vanishes between
+        Reads every file once: a file whose digest the digest memo knows (unchanged since a
+        publish read it) is uploaded only if the server lacks its blob; any other is hashed
+        while it is uploaded (the server drops it if it turns out to hold the blob). Then
+        publishes, with the digests computed while uploading; nothing is published before
+        every blob is uploaded. If a blob vanishes between
         upload and publish (FAILED_PRECONDITION or DATA_LOSS), it is uploaded again and
         the publish retried once. Symbolic links and special files are refused. Without
         `replace`, a key that already has an artifact with other files is refused with
@@ -1040,15 +1062,22 @@ class Client:
             existing = _exact_hit(known) if known is not None else self._artifact_of(key)
         if existing is not None and _listing(Path(directory)) not in (None, _sizes(existing.files)):
             raise _already_exists(existing)
-        files = scan_directory(Path(directory))
+        memo = DigestMemo(self.digest_memo_path)
+        # An artifact exists for the key: hash first, so that other bytes under the same names
+        # and sizes are refused before anything is uploaded (the same bytes upload nothing).
+        files = scan_directory(Path(directory), hash_files=existing is not None, digest_memo=memo)
+        if existing is not None and _identities(f.to_proto() for f in files) != _identities(existing.files):
+            memo.save()
+            raise _already_exists(existing)  # same names and sizes, other bytes: still before uploading
+        try:
+            files = self._upload_missing(files, progress, memo)
+        finally:
+            memo.save()
         producer = registry_pb2.Producer(worker=_producer_identity(), note=producer_note)
         manifest = [f.to_proto() for f in files]
-        if existing is not None and _identities(manifest) != _identities(existing.files):
-            raise _already_exists(existing)  # same names and sizes, other bytes: still before uploading
         signature = None
         if signing_key is not None and known is not None:
             signature = sign_manifest(signing_key, known.key, manifest)
-        self._upload_missing(files, progress)
         try:
             return self.publish_artifact(key, manifest, producer, replace, force, signature=signature)
         except (FailedPrecondition, DataLoss):
@@ -1068,29 +1097,57 @@ class Client:
     ) -> list[registry_pb2.ArtifactFile]:
         """Upload the regular files under `directory` (only the blobs the server lacks).
 
-        Returns the manifest to pass to `publish_artifact` or `complete_job`. Symbolic
-        links and special files are refused, as in `publish`.
+        Returns the manifest to pass to `publish_artifact` or `complete_job`, with the
+        digests computed while uploading: each file is read once, as in `publish`.
+        Symbolic links and special files are refused, as in `publish`.
         """
-        files = scan_directory(Path(directory))
-        self._upload_missing(files, progress)
+        memo = DigestMemo(self.digest_memo_path)
+        try:
+            files = self._upload_missing(
+                scan_directory(Path(directory), hash_files=False, digest_memo=memo), progress, memo
+            )
+        finally:
+            memo.save()
         return [f.to_proto() for f in files]
 
-    def _upload_missing(self, files: Sequence[LocalFile], progress: Progress | None) -> None:
+    def _upload_missing(
+        self, files: Sequence[LocalFile], progress: Progress | None, memo: DigestMemo | None = None
+    ) -> list[LocalFile]:
+        """Upload what the server lacks of `files`: of those with a digest, the blobs it does not
+        hold; the others hashed while uploading (recorded in `memo`). `files` with every digest."""
         by_digest: dict[tuple[str, int], LocalFile] = {}
         for f in files:
-            by_digest.setdefault((f.hash, f.size), f)
-        missing = self.find_missing_blobs(f.digest for f in by_digest.values())
+            if f.hash:
+                by_digest.setdefault((f.hash, f.size), f)
+        missing = self.find_missing_blobs(f.digest for f in by_digest.values()) if by_digest else []
         todo = [by_digest[(d.hash, d.size_bytes)] for d in missing if (d.hash, d.size_bytes) in by_digest]
-        total = sum(f.size for f in todo)
+        # Unhashed files, once per file (hard links share one upload).
+        unhashed: dict[object, LocalFile] = {}
+        for f in files:
+            if not f.hash:
+                unhashed.setdefault(f.file_identity, f)
+        total = sum(f.size for f in todo) + sum(f.size for f in unhashed.values())
         done = 0
-        for f in todo:
 
-            def report(file_done: int, _file_total: int, base: int = done) -> None:
+        def reporter(base: int) -> Progress:
+            def report(file_done: int, _file_total: int) -> None:
                 if progress is not None:
                     progress(base + file_done, total)
 
-            self.upload_blob(f.source, f.digest, report)
+            return report
+
+        for f in todo:
+            self.upload_blob(f.source, f.digest, reporter(done))
             done += f.size
+        computed: dict[object, blobs_pb2.Digest] = {}
+        for identity, f in unhashed.items():
+            started = time.time_ns()
+            digest = self.upload_file(f.source, reporter(done)).digest
+            computed[identity] = digest
+            if memo is not None and f.stat is not None and digest.size_bytes == f.size:
+                memo.record(f.source, f.stat, digest.hash, started)
+            done += f.size
+        return [f if f.hash else f.with_digest(computed[f.file_identity]) for f in files]
 
     def _await_capable_worker(
         self,

@@ -2,6 +2,9 @@
 
 Uploads name their upload with an id derived from host and blob, so a rerun of an
 interrupted upload (even in another process) continues from the server's committed size.
+A file whose digest is not known yet is uploaded digest-late (`upload_hashing`): hashed as
+it is read for sending, its digest stated with the last message, so it is read once; its
+upload id is derived from host, path and the file's stat identity instead.
 Downloads append to a partial file, re-seeding the hash from what is already there, and
 verify size and xxh3-128 of every byte before reporting success.
 
@@ -33,6 +36,7 @@ from prebake.client.channel import (
     Connection,
     IdleWatchdog,
     RetryPolicy,
+    Stubs,
     call_with_retry,
     cancel_call,
     stalled,
@@ -94,6 +98,73 @@ def upload_id_for(digest: blobs_pb2.Digest) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, name))
 
 
+def hashing_upload_id(path: Path, st: os.stat_result) -> str:
+    """The id of a digest-late upload of `path` as `st` describes it: stable across processes on
+    one host while the file is unchanged (a rerun resumes), another once it changes."""
+    identity = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+    name = f"prebake-late:{socket.gethostname()}:{os.path.abspath(path)}:{identity}"
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, name))
+
+
+class _Source:
+    """What an upload sends (a file or bytes of `size` bytes) and, for a digest-late upload
+    (`digest` None), the running hash of it: every byte is hashed once, when first read, in
+    order, however often it is sent again after a failure."""
+
+    def __init__(self, source: Path | bytes, size: int, digest: blobs_pb2.Digest | None) -> None:
+        self.source = source
+        self.size = size
+        self.known = digest
+        self.hasher = None if digest is not None else digests.new_hasher()
+        self.hashed_to = 0  # the hasher has consumed [0, hashed_to)
+        # The server held bytes of this digest-late upload that this call had not sent.
+        self.resumed_foreign = False
+
+    @property
+    def late(self) -> bool:
+        return self.known is None
+
+    @property
+    def named(self) -> blobs_pb2.Digest:
+        """What the first Write message and QueryWriteStatus name: the digest, or (digest-late)
+        an empty hash and the size."""
+        return self.known if self.known is not None else blobs_pb2.Digest(hash="", size_bytes=self.size)
+
+    @property
+    def digest(self) -> blobs_pb2.Digest | None:
+        """The blob's digest, once known (digest-late: once every byte has been read)."""
+        if self.known is not None:
+            return self.known
+        if self.hasher is None or self.hashed_to < self.size:
+            return None
+        return blobs_pb2.Digest(hash=self.hasher.hexdigest(), size_bytes=self.size)
+
+    def feed(self, offset: int, data: bytes) -> None:
+        """`data` was read at `offset`: hash what of it the hasher has not consumed yet."""
+        end = offset + len(data)
+        if self.hasher is None or end <= self.hashed_to or offset > self.hashed_to:
+            return
+        with memoryview(data) as view:
+            self.hasher.update(view[self.hashed_to - offset :])
+        self.hashed_to = end
+
+    def catch_up(self, offset: int) -> None:
+        """Hash [hashed_to, offset) from the source: bytes the server already holds of this
+        upload (an earlier process's), which this call does not send but must hash."""
+        if self.hasher is None or offset <= self.hashed_to:
+            return
+        self.resumed_foreign = True
+        with _open_source(self.source) as reader:
+            reader.seek(self.hashed_to)
+            while self.hashed_to < offset:
+                data = reader.read(min(CHUNK, offset - self.hashed_to))
+                if not data:
+                    raise InvalidArgument(
+                        f"{_what(self)} ended at byte {self.hashed_to} of {self.size} while being uploaded"
+                    )
+                self.feed(self.hashed_to, data)
+
+
 class _WriteState:
     """What the request generator (run on a gRPC thread) shares with the caller."""
 
@@ -117,28 +188,71 @@ def upload_blob(
     this host is uploading the same blob under the same id) is waited out more
     patiently, since that upload may well complete the blob for us.
     """
-    upload_id = upload_id_for(digest)
-    size = digest.size_bytes
-    query = blobs_pb2.QueryWriteStatusRequest(upload_id=upload_id, digest=digest)
+    return _upload(
+        conn, _Source(source, digest.size_bytes, digest), upload_id_for(digest), settings, progress
+    )
+
+
+def upload_hashing(
+    conn: Connection,
+    path: Path,
+    settings: TransferSettings,
+    progress: Progress | None = None,
+) -> UploadResult:
+    """Upload the file `path` as a blob whose digest is computed while it is read for sending
+    (digest-late: see `Blobs.Write`), so that it is read once; `UploadResult.digest` is it.
+
+    A file of at most one chunk is read whole and uploaded digest-first (nothing is sent if
+    the server holds it). Otherwise the server checks the stated digest against what it
+    received, and drops the upload as a duplicate if it holds that blob already. Failures
+    are retried as by `upload_blob`; a resumed upload whose bytes on the server turn out not
+    to be the file's (it changed in place, its stat identity intact) is sent once more from
+    zero under a fresh upload id. What is uploaded is what was read: a file changed while
+    being uploaded yields the digest of the bytes sent.
+    """
+    st = os.stat(path)
+    size = st.st_size
+    if size <= CHUNK:
+        with open(path, "rb") as f:
+            data = f.read(size)
+        if len(data) != size:
+            raise InvalidArgument(f"{path} ended at byte {len(data)} of {size} while being read")
+        digest = blobs_pb2.Digest(hash=digests.hash_bytes(data), size_bytes=size)
+        return upload_blob(conn, data, digest, settings, progress)
+    source = _Source(path, size, None)
+    try:
+        return _upload(conn, source, hashing_upload_id(path, st), settings, progress)
+    except InvalidArgument:
+        if not source.resumed_foreign:
+            raise
+    # The bytes kept on the server under this file's upload id were not the file's: start over,
+    # hashing again what is sent (the server's check is of the bytes it receives).
+    return _upload(conn, _Source(path, size, None), f"prebake-late-{uuid.uuid4()}", settings, progress)
+
+
+def _upload(
+    conn: Connection, source: _Source, upload_id: str, settings: TransferSettings, progress: Progress | None
+) -> UploadResult:
+    size = source.size
+    query = blobs_pb2.QueryWriteStatusRequest(upload_id=upload_id, digest=source.named)
     failures = aborts = 0
     resumed: int | None = None
     best_committed = -1
     while True:
         stubs = conn.stubs
-        status = call_with_retry(
-            functools.partial(stubs.blobs.QueryWriteStatus, query, timeout=settings.unary_timeout),
-            settings.policy,
-            settings.target,
-        )
+        status = _write_status(stubs, query, source, settings)
         if status.complete:
             if progress is not None:
                 progress(size, size)
+            digest = source.digest
+            assert digest is not None  # complete is never reported before the digest is known
             if resumed is None:
                 return UploadResult(digest, 0, 0, already_present=True)
             return UploadResult(digest, size - resumed, resumed, already_present=False)
         committed = status.committed_size
         if resumed is None:
             resumed = committed
+        source.catch_up(committed)
         if committed > best_committed:
             failures = 0
             best_committed = committed
@@ -147,7 +261,6 @@ def upload_blob(
         state = _WriteState()
         requests = _write_requests(
             source=source,
-            digest=digest,
             upload_id=upload_id,
             offset=committed,
             settings=settings,
@@ -178,9 +291,11 @@ def upload_blob(
             if response.complete:
                 if progress is not None:
                     progress(size, size)
+                digest = source.digest
+                assert digest is not None  # the stream finished: every byte was read
                 return UploadResult(digest, size - resumed, resumed, already_present=False)
             error = Unavailable(
-                f"the server stopped the upload of blob {digest.hash} at byte {response.committed_size}",
+                f"the server stopped the upload of {_what(source)} at byte {response.committed_size}",
                 settings.target,
             )
         if failures >= settings.policy.retries:
@@ -189,10 +304,36 @@ def upload_blob(
         failures += 1
 
 
+def _what(source: _Source) -> str:
+    if source.known is not None:
+        return f"blob {source.known.hash}"
+    return str(source.source) if isinstance(source.source, Path) else "the data"
+
+
+def _write_status(
+    stubs: Stubs, query: blobs_pb2.QueryWriteStatusRequest, source: _Source, settings: TransferSettings
+) -> blobs_pb2.QueryWriteStatusResponse:
+    """QueryWriteStatus of the upload. A digest-late one is never reported complete, so once its
+    digest is known (a finish may have been lost) the server is first asked about the blob."""
+
+    def ask(request: blobs_pb2.QueryWriteStatusRequest) -> blobs_pb2.QueryWriteStatusResponse:
+        return call_with_retry(
+            functools.partial(stubs.blobs.QueryWriteStatus, request, timeout=settings.unary_timeout),
+            settings.policy,
+            settings.target,
+        )
+
+    digest = source.digest
+    if source.late and digest is not None:
+        stored = ask(blobs_pb2.QueryWriteStatusRequest(upload_id=query.upload_id, digest=digest))
+        if stored.complete:
+            return stored
+    return ask(query)
+
+
 def _write_requests(
     *,
-    source: Path | bytes,
-    digest: blobs_pb2.Digest,
+    source: _Source,
     upload_id: str,
     offset: int,
     settings: TransferSettings,
@@ -202,9 +343,9 @@ def _write_requests(
     # gRPC swallows exceptions raised by a request iterator (it just cancels the call),
     # so every failure here is parked in `state` and re-raised by the caller; ending
     # the stream without finish_write makes the server keep what it received.
-    size = digest.size_bytes
+    size = source.size
     try:
-        with _open_source(source) as reader:
+        with _open_source(source.source) as reader:
             reader.seek(offset)
             first = True
             while True:
@@ -212,14 +353,29 @@ def _write_requests(
                 last = offset + len(data) >= size
                 if not data and not last:
                     raise InvalidArgument(
-                        f"the data for blob {digest.hash} ended at byte {offset} of {size}; "
-                        "was the file changed after it was hashed?"
+                        f"the data of {_what(source)} ended at byte {offset} of {size}; "
+                        + (
+                            "was the file changed after it was hashed?"
+                            if not source.late
+                            else "did it shrink?"
+                        )
                     )
+                source.feed(offset, data)
                 request = blobs_pb2.WriteRequest(offset=offset, data=data, finish_write=last)
                 if first:
-                    request.upload_id = upload_id
-                    request.digest.CopyFrom(digest)
+                    opening = blobs_pb2.WriteRequest(upload_id=upload_id, digest=source.named, offset=offset)
+                    if last and source.late:
+                        # A digest-late stream states its digest in a later message than its first.
+                        if state.watchdog is not None:
+                            state.watchdog.kick()
+                        yield opening
+                    else:
+                        request.MergeFrom(opening)
                     first = False
+                if last and source.late:
+                    digest = source.digest
+                    assert digest is not None
+                    request.digest.CopyFrom(digest)
                 if state.watchdog is not None:
                     # After the last chunk the server fsyncs and renames: allow a unary's time.
                     state.watchdog.kick(settings.unary_timeout + settings.idle_seconds if last else None)

@@ -15,6 +15,7 @@ Contract:
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,7 +26,6 @@ from prebake.client.errors import DataLoss, FailedPrecondition, NotFound, Prebak
 from prebake.compiler.job_run import JobRun, LeaseGone
 from prebake.compiler.outage import Outage, call_under_lease
 from prebake.compiler.supervise import read_result
-from prebake.core.digests import hash_file
 from prebake.core.signing import SigningKey
 from prebake.v1 import blobs_pb2, registry_pb2, workers_pb2
 
@@ -45,13 +45,12 @@ def toolchain_versions(result: Mapping[str, Any]) -> dict[str, str]:
 def upload_log(client: Client, outage: Outage, run: JobRun, log_path: Path) -> blobs_pb2.Digest | None:
     """Upload the compile log as a blob; None (and a warning) if that fails."""
     try:
-        digest_hex, size = hash_file(log_path)
-        digest = blobs_pb2.Digest(hash=digest_hex, size_bytes=size)
-        call_under_lease(run, outage, "uploading the log", lambda: client.upload_blob(log_path, digest))
+        # Hashed while uploading: the log is read once.
+        result = call_under_lease(run, outage, "uploading the log", lambda: client.upload_file(log_path))
     except (OSError, PrebakeError) as exc:
         log.warning("job %s: compile log not uploaded: %s", run.job_id, exc)
         return None
-    return digest
+    return result.digest
 
 
 def publish(
@@ -66,6 +65,8 @@ def publish(
     signing_key: SigningKey | None = None,
 ) -> registry_pb2.Artifact:
     """Upload `job_dir/out` and complete the job with it; the published artifact.
+
+    Each output file is read once: hashed while it is uploaded (`Client.upload_directory`).
 
     With `signing_key` the completion carries its signature of the job's key and files.
     """
@@ -127,7 +128,13 @@ def _reupload_missing(
     if not missing:
         return False
     log.warning("job %s: %d blob(s) vanished before publishing; uploading again", run.job_id, len(missing))
-    call_under_lease(run, outage, "uploading", lambda: client.upload_directory(job_dir / "out"))
+    lost = {(m.hash, m.size_bytes) for m in missing}
+    out_dir = job_dir / "out"
+    for f in {(f.digest.hash, f.digest.size_bytes): f for f in files}.values():
+        if (f.digest.hash, f.digest.size_bytes) in lost:
+            # By the digest the manifest names: the bytes must still be those (the server checks).
+            upload = functools.partial(client.upload_blob, out_dir / f.path, f.digest)
+            call_under_lease(run, outage, "uploading", upload)
     if log_digest is not None and any(m.hash == log_digest.hash for m in missing):
         log_file = job_dir / "compile.log"
         call_under_lease(run, outage, "uploading the log", lambda: client.upload_blob(log_file, log_digest))

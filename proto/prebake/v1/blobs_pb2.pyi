@@ -188,11 +188,21 @@ class WriteRequest(_message.Message):
     data: _builtins.bytes
     """The next bytes. At most 4 MiB per message."""
     finish_write: _builtins.bool
-    """Set on the last message: the server then checks the digest and publishes the blob."""
+    """Set on the last message: the server then checks the digest (for a digest-late
+    upload, the one this message states) and publishes the blob.
+    """
     @_builtins.property
     def digest(self) -> Global___Digest:
         """The blob being written. Required in the first message; later messages may leave
         it unset, or must repeat it exactly.
+
+        Digest-late: a first message whose `digest.hash` is empty (and `size_bytes` is the
+        blob's size) starts an upload whose digest is stated at the end instead: its message
+        with `finish_write` must carry the full digest (hash and the same `size_bytes`), and
+        the blob is published under it once the received bytes are found to hash to it
+        (else INVALID_ARGUMENT and nothing is stored). So such a stream has at least two
+        messages; the first may carry no data. Its other messages leave `digest` unset or
+        repeat the first one's.
         """
 
     def __init__(
@@ -250,7 +260,9 @@ class QueryWriteStatusRequest(_message.Message):
     """The upload id the client used in `Write`."""
     @_builtins.property
     def digest(self) -> Global___Digest:
-        """The blob being written."""
+        """The blob being written, as the `Write` named it in its first message (an empty
+        hash and the size for a digest-late upload).
+        """
 
     def __init__(
         self,

@@ -115,10 +115,22 @@ class BlobsServicer:
         Concurrent uploads of one blob under different upload ids are safe; the first to
         finish publishes it.
 
+        Digest-late uploads: a client that has not hashed its content yet (so that it reads
+        it once, hashing while sending) starts the stream with `digest.hash` empty and
+        `digest.size_bytes` set, and states the full digest in its message with
+        `finish_write`; the server checks it against the hash of what it received. Such an
+        upload is known by its upload id and size (apart from any digest-first upload of the
+        same id), resumes like any other (`QueryWriteStatus` with the same empty-hash
+        digest), and is never answered `complete` before its finish: the server cannot know
+        the blob before. If the stated blob is stored already, the upload is dropped as a
+        duplicate and the answer is `complete`. See `WriteRequest.digest`.
+
         Errors:
         * `INVALID_ARGUMENT`: missing or malformed digest or upload id; an `offset` that is
         not the upload's committed size; more bytes than `size_bytes`; content whose
-        digest does not match (the partial upload is discarded). Do not retry as is.
+        digest does not match (the partial upload is discarded); a digest-late upload
+        whose `finish_write` message lacks the full digest or states another size (the
+        partial upload is kept). Do not retry as is.
         * `ABORTED`: another stream is writing the same upload id right now; retry later
         after `QueryWriteStatus`. Or the stream sent nothing for the server's
         `upload_idle_seconds` (120 s by default): the partial upload was discarded; start
@@ -135,7 +147,10 @@ class BlobsServicer:
 
     def QueryWriteStatus(self, request, context):
         """Reports how many bytes of an upload the server has committed, and whether the
-        blob is already complete (in which case nothing needs to be sent).
+        blob is already complete (in which case nothing needs to be sent). For a digest-late
+        upload (`digest.hash` empty, as in its `Write`), the bytes committed under that
+        upload id and size; `complete` is then always false (once finished, the upload holds
+        nothing: ask with the full digest, which reports `complete` for a stored blob).
 
         Errors:
         * `INVALID_ARGUMENT`: malformed digest or upload id. Do not retry.

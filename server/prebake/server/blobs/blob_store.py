@@ -23,6 +23,12 @@ Contract common to every method:
   instance on the same storage (after a restart, on another replica). A backend whose parts have a
   minimum size (S3: 5 MiB) may keep less than was received: bytes after the last stored part are
   received again.
+* **Digest-late uploads.** An uploader that has not hashed its content yet opens the upload with a
+  `PendingDigest` (the size only) and states the digest at `commit`, which checks it against the
+  hash computed while receiving, so the uploader reads its content once. Such an upload is staged
+  under its upload id and size, apart from every digest-first upload of the same id, and resumes
+  like one (`open_write` / `upload_status` with the same `PendingDigest`). Nothing is visible
+  before `commit`, as for any upload; a wrong digest at commit stores nothing.
 * **Idempotency.** Storing a blob that already exists succeeds without changing anything visible;
   concurrent uploads of one blob all succeed and one of them publishes it. `delete` of an absent
   blob and `close`/`abort` of an ended writer are no-ops.
@@ -67,6 +73,27 @@ def validate_upload_id(upload_id: str) -> str:
             "characters of A-Z a-z 0-9 . _ -"
         )
     return upload_id
+
+
+@dataclass(frozen=True)
+class PendingDigest:
+    """The blob of a digest-late upload before its commit: only its size is known.
+
+    Its hash is stated at `BlobWriter.commit`; see "Digest-late uploads" in the module docstring.
+    """
+
+    size: int
+
+    def __post_init__(self) -> None:
+        if self.size < 0:
+            raise InvalidArgument(f"digest size {self.size} is negative")
+
+    def __str__(self) -> str:
+        return f"(hash stated at commit)/{self.size}"
+
+
+UploadDigest = Digest | PendingDigest
+"""What an upload is opened with: the blob's digest, or only its size (digest-late)."""
 
 
 class UploadStatus(NamedTuple):
@@ -176,8 +203,9 @@ class BlobWriter(Protocol):
     """
 
     @property
-    def digest(self) -> Digest:
-        """The blob being written."""
+    def digest(self) -> UploadDigest:
+        """The blob being written: as opened (a `PendingDigest` for a digest-late upload until its
+        `commit` succeeds), and after `commit` the digest it was committed under."""
         ...
 
     @property
@@ -204,8 +232,14 @@ class BlobWriter(Protocol):
         """
         ...
 
-    def commit(self) -> None:
+    def commit(self, digest: Digest | None = None) -> None:
         """Verify the bytes and publish the blob atomically; afterwards `complete` is True.
+
+        `digest` is required for a digest-late upload (opened with a `PendingDigest`): the blob's
+        digest, of the size it was opened with, which the bytes are checked against
+        (`InvalidArgument` if it is missing or of another size: nothing changes, the writer stays
+        open). If that blob is stored already, the upload is discarded and the commit succeeds (a
+        duplicate). For a digest-first upload `digest` may be omitted or must equal the one opened.
 
         Hashes what this writer has not hashed while receiving it (after a resume in another
         process, the stored parts are read back once). Raises `InvalidArgument` if fewer than
@@ -282,8 +316,12 @@ class BlobStore(Protocol):
         """
         ...
 
-    def open_write(self, upload_id: str, digest: Digest) -> BlobWriter:
+    def open_write(self, upload_id: str, digest: UploadDigest) -> BlobWriter:
         """Start or resume upload `upload_id` of `digest`.
+
+        With a `PendingDigest` (digest-late; see the module docstring) the blob is not known yet:
+        the upload never starts complete, and resumes what the store kept for this upload id and
+        size; its digest is given to `commit`.
 
         If the blob is already stored, returns a complete writer (committed_size ==
         size) that holds nothing. Otherwise resumes from what the store kept for this
@@ -294,11 +332,17 @@ class BlobStore(Protocol):
         """
         ...
 
-    def upload_status(self, upload_id: str, digest: Digest) -> UploadStatus:
+    def upload_status(self, upload_id: str, digest: UploadDigest) -> UploadStatus:
         """(size, True) if the blob is stored; else (bytes the store keeps for this upload, False).
 
+        For a `PendingDigest`, the digest-late upload of that id and size: never complete (the
+        store does not know which blob it will be; once committed it holds nothing any more).
+
         Those bytes are what a client must send from; never more than `open_write` resumes
-        from. Raises `InvalidArgument` for a malformed upload id.
+        from. While a writer of this store holds the upload (a stream that was cut and is still
+        storing what it received), waits a few seconds for it to let go, so the size is not
+        reported short of what that stream keeps. Raises `InvalidArgument` for a malformed
+        upload id.
         """
         ...
 

@@ -5,6 +5,9 @@ Keys it uses in the object store::
     blobs/<hash[:2]>/<hash>-<size>         published blobs; only ever verified bytes
     uploads/<upload_id>--<hash>-<size>     an upload session: the key of its multipart upload, and
                                            of the assembled object between completion and publishing
+    uploads/<upload_id>--late-<size>       the same for a digest-late upload (`PendingDigest`): its
+                                           hash is known only at `commit`, which publishes it under
+                                           the digest stated then (after checking it)
     quarantine/<hash>-<size>.<time_ns>     blobs whose stored bytes were found not to match, kept for
                                            inspection until `collect_quarantined` removes them
     verified/<hash>-<size>                 empty; its modification time is when the integrity sweep
@@ -18,7 +21,9 @@ object store (`find_uploads` + `list_parts`). `commit` publishes a blob that fit
 with one atomic `put` after hashing it; a bigger one is assembled under its session key
 (`complete_upload`), verified (from the running hash if this process hashed every stored part,
 which the parts' etags prove, else by reading it back once) and only then moved under its content
-address. So the content address never holds unverified bytes, on any backend. (The price on S3:
+address. So the content address never holds unverified bytes, on any backend. A digest-late upload takes
+the same path under its own session key; only its target is named at `commit` (and if that blob is
+stored already, the session is dropped as a duplicate). (The price on S3:
 the move is a server-side copy; the parts of an unfinished upload cannot be read there, so the
 assembled object is the only thing that can be verified after a restart.)
 """
@@ -50,12 +55,14 @@ from prebake.core.errors import (
 )
 from prebake.server.blobs.blob_store import (
     Collected,
+    PendingDigest,
     QuarantinedBlob,
     ScrubOutcome,
     ScrubResult,
     StoredBlob,
     StoreStats,
     StoreUsage,
+    UploadDigest,
     UploadStatus,
     validate_upload_id,
 )
@@ -77,9 +84,14 @@ from prebake.server.blobs.objects import (
 from prebake.server.records import Digest
 
 DEFAULT_PART_SIZE = 8 << 20
+# How long `upload_status` waits for a writer holding the upload to let go (a cut stream
+# finishing its last append; a live concurrent writer is answered as it stands after this).
+HELD_WAIT_SECONDS = 5.0
 _HASH_CHUNK = 4 << 20
 _BLOB_KEY_RE = re.compile(r"blobs/([0-9a-f]{2})/([0-9a-f]{32})-(0|[1-9][0-9]*)")
 _SESSION_KEY_RE = re.compile(r"uploads/([A-Za-z0-9._-]{1,128})--([0-9a-f]{32})-(0|[1-9][0-9]*)")
+# "late" is not hexadecimal: no digest-first session key has this form, nor this one the other's.
+_LATE_SESSION_KEY_RE = re.compile(r"uploads/([A-Za-z0-9._-]{1,128})--late-(0|[1-9][0-9]*)")
 QUARANTINE_PREFIX = "quarantine/"
 VERIFIED_PREFIX = "verified/"
 _QUARANTINE_KEY_RE = re.compile(r"quarantine/([0-9a-f]{32})-(0|[1-9][0-9]*)\.([0-9]{1,20})")
@@ -100,8 +112,19 @@ def blob_key(digest: Digest) -> str:
     return f"blobs/{digest.hash[:2]}/{digest.hash}-{digest.size}"
 
 
-def session_key(upload_id: str, digest: Digest) -> str:
+def session_key(upload_id: str, digest: UploadDigest) -> str:
+    if isinstance(digest, PendingDigest):
+        return f"uploads/{upload_id}--late-{digest.size}"
     return f"uploads/{upload_id}--{digest.hash}-{digest.size}"
+
+
+def _session_of(key: str) -> tuple[str, UploadDigest] | None:
+    """The (upload id, digest) whose `session_key` is `key`, or None."""
+    if (m := _SESSION_KEY_RE.fullmatch(key)) is not None:
+        return m.group(1), Digest(m.group(2), int(m.group(3)))
+    if (m := _LATE_SESSION_KEY_RE.fullmatch(key)) is not None:
+        return m.group(1), PendingDigest(int(m.group(2)))
+    return None
 
 
 def verified_key(digest: Digest) -> str:
@@ -199,16 +222,18 @@ class ContentAddressedStore:
         self.part_size = part_size
         # Guards the counters, `_held` and `_hashed`.
         self._lock = threading.Lock()
+        # Notified whenever a writer lets go of its session (`upload_status` waits for it).
+        self._released = threading.Condition(self._lock)
         self._stripes = [threading.Lock() for _ in range(_STRIPES)]
         # Who signs download URLs for a backend that cannot presign its own (local disk
         # behind `prebake.server.blob_http`); set once at start-up, before any read.
         self.urls: Presigns | None = None
         # Decided once: a runtime Protocol check costs about 12 µs, and every hit asks.
         self._own_presigns: Presigns | None = objects if isinstance(objects, Presigns) else None
-        self._held: set[tuple[str, Digest]] = set()
+        self._held: set[tuple[str, UploadDigest]] = set()
         # Running hashes of uploads whose writer closed, so that a resume in this process need not
         # read the stored parts back. Bounded: forgetting one only costs that read.
-        self._hashed: OrderedDict[tuple[str, Digest], _Hashed] = OrderedDict()
+        self._hashed: OrderedDict[tuple[str, UploadDigest], _Hashed] = OrderedDict()
         self._remembered_uploads = remembered_uploads
         # Published blobs, per shard (so that `rescan` can recount one shard) and in all.
         self._shard_counts = [0] * _SHARDS
@@ -221,7 +246,7 @@ class ContentAddressedStore:
         self._uploads: dict[str, int] = {}
         self._upload_bytes = 0
         # The rest of each held session's blob, not stored yet.
-        self._reserved: dict[tuple[str, Digest], int] = {}
+        self._reserved: dict[tuple[str, UploadDigest], int] = {}
         self._reserved_bytes = 0
         self._hashed_bytes = 0
         self.rescan()
@@ -229,7 +254,7 @@ class ContentAddressedStore:
     def _stripe(self, digest: Digest) -> threading.Lock:
         return self._stripes[_shard(digest) % _STRIPES]
 
-    def part_size_for(self, digest: Digest) -> int:
+    def part_size_for(self, digest: UploadDigest) -> int:
         """The part size of `digest`'s uploads: big enough that its parts fit the backend's part count,
         with a tenth of the numbers left for short parts stored by interrupted uploads."""
         usable = max(1, self.objects.max_part_count * 9 // 10)
@@ -296,13 +321,13 @@ class ContentAddressedStore:
         else:
             self._uploads.pop(key, None)
 
-    def _reserve_locked(self, session: tuple[str, Digest], size: int) -> None:
+    def _reserve_locked(self, session: tuple[str, UploadDigest], size: int) -> None:
         self._reserved_bytes += max(0, size) - self._reserved.pop(session, 0)
         if size > 0:
             self._reserved[session] = size
 
     def _check_room_locked(
-        self, digest: Digest, adding: int, exclude: tuple[str, Digest] | None = None
+        self, digest: UploadDigest, adding: int, exclude: tuple[str, UploadDigest] | None = None
     ) -> None:
         """Raise QuotaExceeded unless `adding` more bytes fit; `exclude`'s own upload and
         reservation do not count (they become the blob being published)."""
@@ -639,7 +664,7 @@ class ContentAddressedStore:
 
     # -- writing ---------------------------------------------------------------------
 
-    def _resume(self, upload_id: str, digest: Digest) -> _Resume:
+    def _resume(self, upload_id: str, digest: UploadDigest) -> _Resume:
         key = session_key(upload_id, digest)
         staged = self.objects.head(key)
         assembled = staged is not None and staged.size == digest.size
@@ -670,9 +695,10 @@ class ContentAddressedStore:
             return _Resume(staged=staged, leftovers=tuple(leftovers))
         return best
 
-    def open_write(self, upload_id: str, digest: Digest) -> BlobUpload:
+    def open_write(self, upload_id: str, digest: UploadDigest) -> BlobUpload:
         validate_upload_id(upload_id)
-        if self.contains(digest):
+        # A digest-late upload cannot be known complete before its commit names the blob.
+        if not isinstance(digest, PendingDigest) and self.contains(digest):
             return BlobUpload.already_stored(digest)
         if digest.size > self.max_blob_bytes:
             raise QuotaExceeded(
@@ -698,7 +724,7 @@ class ContentAddressedStore:
             with self._lock:
                 stored = digest.size if resume.staged is not None else resume.stored
                 self._reserve_locked(session, digest.size - stored)
-            if self.contains(digest):
+            if not isinstance(digest, PendingDigest) and self.contains(digest):
                 # Published by another upload meanwhile: what this one kept is of no use.
                 self._discard(resume)
                 self._release(session)
@@ -731,16 +757,17 @@ class ContentAddressedStore:
             with self._lock:
                 self._add_upload_locked(resume.staged.key, -resume.staged.size)
 
-    def _release(self, session: tuple[str, Digest], hashed: _Hashed | None = None) -> None:
+    def _release(self, session: tuple[str, UploadDigest], hashed: _Hashed | None = None) -> None:
         with self._lock:
             self._held.discard(session)
+            self._released.notify_all()
             self._reserve_locked(session, 0)
             if hashed is not None:
                 self._hashed[session] = hashed
                 while len(self._hashed) > self._remembered_uploads:
                     self._hashed.popitem(last=False)
 
-    def _publish(self, digest: Digest, put: Callable[[], None], session: tuple[str, Digest]) -> None:
+    def _publish(self, digest: Digest, put: Callable[[], None], session: tuple[str, UploadDigest]) -> None:
         """Run `put` (which makes the verified blob visible) unless the blob is stored, counting it
         (and no longer `session`'s upload, whose bytes it becomes)."""
         with self._stripe(digest):
@@ -760,9 +787,15 @@ class ContentAddressedStore:
                 self._add_upload_locked(session_key(*session), -digest.size)
                 self._reserve_locked(session, 0)
 
-    def upload_status(self, upload_id: str, digest: Digest) -> UploadStatus:
+    def upload_status(self, upload_id: str, digest: UploadDigest) -> UploadStatus:
         validate_upload_id(upload_id)
-        if self.contains(digest):
+        if not isinstance(digest, PendingDigest) and self.contains(digest):
+            return UploadStatus(digest.size, True)
+        with self._lock:
+            # A cut stream's writer may still be storing what it received (its last message, its
+            # buffer): answered now, the client would resume short of it and be refused.
+            self._released.wait_for(lambda: (upload_id, digest) not in self._held, HELD_WAIT_SECONDS)
+        if not isinstance(digest, PendingDigest) and self.contains(digest):
             return UploadStatus(digest.size, True)
         resume = self._resume(upload_id, digest)
         if resume.upload is not None:
@@ -785,11 +818,11 @@ class ContentAddressedStore:
         return True
 
     def _is_held(self, key: str) -> bool:
-        m = _SESSION_KEY_RE.fullmatch(key)
-        if m is None:
+        session = _session_of(key)
+        if session is None:
             return False
         with self._lock:
-            return (m.group(1), Digest(m.group(2), int(m.group(3)))) in self._held
+            return session in self._held
 
     def sweep_uploads(self, older_than_seconds: float) -> int:
         return self._collect_sessions(older_than_seconds, dry_run=False).items
@@ -904,18 +937,22 @@ class BlobUpload:
         self,
         store: ContentAddressedStore | None,
         upload_id: str,
-        digest: Digest,
+        digest: UploadDigest,
         resume: _Resume,
         hasher: xxhash.xxh3_128 | None,
     ) -> None:
         self._store = store
         self._upload_id = upload_id
+        # What the session is named by (its key, its hold and reservation), for good; `_digest`
+        # becomes the committed blob's once a digest-late upload commits.
+        self._session: tuple[str, UploadDigest] = (upload_id, digest)
         self._digest = digest
         self._upload = resume.upload
         self._parts = list(resume.parts)
         self._stored = resume.stored
         self._staged = resume.staged
-        self._staged_verified = False
+        # The digest the staged object was found to match, once it has been.
+        self._verified_as: Digest | None = None
         self._buffer = bytearray()
         # Has consumed exactly the bytes of `_parts`; None if some were stored by another process.
         self._hasher = hasher
@@ -927,7 +964,7 @@ class BlobUpload:
         return cls(None, "", digest, _Resume(), None)
 
     @property
-    def digest(self) -> Digest:
+    def digest(self) -> UploadDigest:
         return self._digest
 
     @property
@@ -966,7 +1003,7 @@ class BlobUpload:
                 "use another upload id"
             )
         if self._upload is None:
-            self._upload = objects.create_upload(session_key(self._upload_id, self._digest))
+            self._upload = objects.create_upload(session_key(*self._session))
         # A view, not a copy, of the buffer's head (released before the buffer is trimmed). Not
         # durable yet: `close` syncs the parts when it acknowledges a partial upload, and `commit`
         # needs only the assembled object durable (see ObjectStore.upload_part).
@@ -985,7 +1022,7 @@ class BlobUpload:
         self._parts.append(part)
         self._stored += size
         del self._buffer[:size]
-        session = (self._upload_id, self._digest)
+        session = self._session
         with store._lock:
             store._add_upload_locked(self._upload.key, size)
             store._reserve_locked(session, store._reserved.get(session, 0) - size)
@@ -1012,11 +1049,29 @@ class BlobUpload:
             del self._buffer[max(0, before - self._stored) :]
             raise
 
-    def commit(self) -> None:
+    def _target(self, stated: Digest | None) -> Digest:
+        """The blob this upload commits: the digest it was opened with, or the one stated now."""
+        opened = self._digest
+        if isinstance(opened, PendingDigest):
+            if stated is None:
+                raise InvalidArgument(
+                    f"upload {self._upload_id!r} was started without a digest; its commit must state it"
+                )
+            if stated.size != opened.size:
+                raise InvalidArgument(
+                    f"upload {self._upload_id!r} was started for {opened.size} bytes; the digest stated "
+                    f"at its commit is of {stated.size} bytes"
+                )
+            return stated
+        if stated is not None and stated != opened:
+            raise InvalidArgument(f"upload of {opened} cannot be committed as {stated}")
+        return opened
+
+    def commit(self, digest: Digest | None = None) -> None:
         if self._complete:
             return
         store = self._live_store("commit")
-        digest = self._digest
+        digest = self._target(digest)
         if self.committed_size != digest.size:
             raise InvalidArgument(
                 f"upload of {digest} is incomplete: {self.committed_size} of {digest.size} bytes"
@@ -1028,9 +1083,9 @@ class BlobUpload:
             actual = hash_bytes(data)
             if actual != digest.hash:
                 self.abort()
-                raise self._mismatch(actual)
-            store._publish(digest, lambda: _put(store.objects, blob, data), (self._upload_id, digest))
-            return self._finish()
+                raise self._mismatch(actual, digest)
+            store._publish(digest, lambda: _put(store.objects, blob, data), self._session)
+            return self._finish(digest)
         if self._staged is None:
             assert self._upload is not None
             if self._buffer:
@@ -1042,7 +1097,9 @@ class BlobUpload:
                 raise self._lost() from None
             self._upload = None
         staged = self._staged
-        if not self._staged_verified:
+        # A digest-late upload is checked against the digest stated now, and may be verified
+        # against no other: a second commit with another digest re-hashes (see `_verified_as`).
+        if self._verified_as != digest:
             if self._hasher is not None and self._stored == digest.size:
                 actual = self._hasher.hexdigest()
             else:
@@ -1055,25 +1112,27 @@ class BlobUpload:
                 with store._lock:
                     store._add_upload_locked(staged.key, -staged.size)
                 self._end(keep_hash=False)
-                raise self._mismatch(actual)
-            self._staged_verified = True
+                raise self._mismatch(actual, digest)
+            self._verified_as = digest
         try:
-            store._publish(digest, lambda: _move(store.objects, staged, blob), (self._upload_id, digest))
+            store._publish(digest, lambda: _move(store.objects, staged, blob), self._session)
         except (NoSuchObject, PreconditionFailed):
             if not store.contains(digest):
                 raise self._lost() from None
-        # Left if the blob was published by another upload first: no longer this upload's bytes.
+        # Left if the blob was published by another upload first (for a digest-late upload: it
+        # was a duplicate of a stored blob): no longer this upload's bytes.
         if store.objects.delete(staged.key):
             with store._lock:
                 store._add_upload_locked(staged.key, -staged.size)
-        return self._finish()
+        return self._finish(digest)
 
-    def _mismatch(self, actual: str) -> UploadDigestMismatch:
+    def _mismatch(self, actual: str, digest: Digest) -> UploadDigestMismatch:
         return UploadDigestMismatch(
-            f"uploaded bytes hash to {actual} but the digest says {self._digest.hash}; nothing was stored"
+            f"uploaded bytes hash to {actual} but the digest says {digest.hash}; nothing was stored"
         )
 
-    def _finish(self) -> None:
+    def _finish(self, digest: Digest) -> None:
+        self._digest = digest
         self._complete = True
         self._end(keep_hash=False)
 
@@ -1114,4 +1173,4 @@ class BlobUpload:
         if keep_hash and self._hasher is not None and self._parts:
             hashed = _Hashed(tuple(self._parts), self._hasher)
         self._hasher = None
-        self._store._release((self._upload_id, self._digest), hashed)
+        self._store._release(self._session, hashed)

@@ -13,7 +13,7 @@ import grpc
 
 from prebake.core.errors import DataLoss, InvalidArgument, NotFound, PrebakeError
 from prebake.server import convert, integrity
-from prebake.server.blobs import BlobWriter
+from prebake.server.blobs import BlobWriter, PendingDigest, UploadDigest
 from prebake.server.rate_limits import RateLimit, caller
 from prebake.server.records import Digest
 from prebake.server.state import ServerState
@@ -28,6 +28,17 @@ WANTED_SLICE = 500
 READ_CHUNK = 1 << 20
 Ctx = grpc.aio.ServicerContext[Any, Any]
 log = logging.getLogger("prebake.server.blobs")
+
+
+def _upload_digest(msg: blobs_pb2.Digest) -> UploadDigest:
+    """A Write's or QueryWriteStatus's `digest`: an empty hash names a digest-late upload of
+    `size_bytes` bytes (see `WriteRequest.digest`)."""
+    if not msg.hash:
+        try:
+            return PendingDigest(msg.size_bytes)
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"digest: {exc}") from None
+    return convert.digest_from_proto(msg)
 
 
 async def _lost(state: ServerState, digest: Digest, exc: NotFound | DataLoss, read_at: float) -> None:
@@ -46,6 +57,8 @@ class BlobsService(blobs_pb2_grpc.BlobsServicer):
         c = state.config
         self.sessions = UploadSessions(c.max_uploads, c.max_uploads_per_caller)
         self.upload_starts = RateLimit("uploads started", c.upload_start_burst, c.upload_start_per_minute)
+        # Ends of Write streams still running after their rpc was cancelled (kept referenced).
+        self._ending: set[asyncio.Future[None]] = set()
 
     @unary
     async def FindMissingBlobs(
@@ -141,11 +154,10 @@ class BlobsService(blobs_pb2_grpc.BlobsServicer):
                     if not req.upload_id or not req.HasField("digest"):
                         raise InvalidArgument("the first Write message must carry upload_id and digest")
                     upload_id = req.upload_id
-                    writer = await s.run_blocking(
-                        s.blobs.open_write, upload_id, convert.digest_from_proto(req.digest)
-                    )
-                    if writer.complete:
-                        s.in_use.wanted([writer.digest])  # as FindMissingBlobs: about to be published
+                    writer = await s.run_blocking(s.blobs.open_write, upload_id, _upload_digest(req.digest))
+                    if writer.complete:  # stored already (never so for a digest-late upload)
+                        if isinstance(writer.digest, Digest):
+                            s.in_use.wanted([writer.digest])  # as FindMissingBlobs: about to be published
                         return blobs_pb2.WriteResponse(committed_size=writer.digest.size, complete=True)
                     expected = writer.committed_size
                 else:
@@ -160,16 +172,22 @@ class BlobsService(blobs_pb2_grpc.BlobsServicer):
                         f"a Write message carries {len(req.data)} bytes; at most {MAX_WRITE_CHUNK}"
                     )
                 if req.data:
-                    s.counters.bytes_received += len(req.data)
-                    s.metrics.blob_written_bytes.inc(len(req.data))
                     if appending is not None:
-                        await asyncio.shield(appending)  # its error, if any, ends the stream here
+                        # Its error, if any, ends the stream here. Cancelled while waiting, this
+                        # message is neither kept nor counted: the client sends it again.
+                        await asyncio.shield(appending)
                     appending = asyncio.ensure_future(s.run_blocking(writer.append, req.data))
                     expected += len(req.data)
+                    s.counters.bytes_received += len(req.data)
+                    s.metrics.blob_written_bytes.inc(len(req.data))
                 if req.finish_write:
+                    stated = self._stated_digest(req, writer)
                     if appending is not None:
                         await asyncio.shield(appending)
-                    await s.run_blocking(writer.commit)
+                    await s.run_blocking(writer.commit, stated)
+                    if stated is not None:
+                        # Maybe a duplicate of a stored blob, which the caller publishes next.
+                        s.in_use.wanted([stated])
                     return blobs_pb2.WriteResponse(committed_size=writer.committed_size, complete=True)
             if writer is None:
                 raise InvalidArgument(
@@ -185,30 +203,63 @@ class BlobsService(blobs_pb2_grpc.BlobsServicer):
             idle = True
             raise
         finally:
-            if appending is not None and not appending.done():
-                # Cancelled mid-append: the thread still writes; let it finish first.
-                with contextlib.suppress(Exception):
-                    await appending
-            elif appending is not None and not appending.cancelled():
-                appending.exception()  # the stream failed first; its append's error is moot
-            # Keep what the store can of what arrived, so the client can resume; after a
-            # commit, an abort or the close above this is a no-op. A stalled stream's partial
-            # upload is discarded instead: a client that stops sending holds nothing.
-            if writer is not None:
-                await s.run_blocking(writer.abort if idle else writer.close)
+            # Its own task, shielded: gRPC may cancel a cut stream's handler more than once, and
+            # the writer must still store what arrived and let go of the upload, or the client
+            # resuming would find it held and short of the bytes it sent.
+            ending = asyncio.ensure_future(self._end_write(appending, writer, idle))
+            self._ending.add(ending)
+            ending.add_done_callback(self._ending.discard)
+            await asyncio.shield(ending)
+
+    async def _end_write(
+        self, appending: asyncio.Future[None] | None, writer: BlobWriter | None, idle: bool
+    ) -> None:
+        if appending is not None:
+            # Cancelled mid-append, the thread still writes: let it finish first. (Its error,
+            # if the stream failed otherwise first, is moot.)
+            with contextlib.suppress(Exception):
+                await appending
+        # Keep what the store can of what arrived, so the client can resume; after a commit, an
+        # abort or the close above this is a no-op. A stalled stream's partial upload is
+        # discarded instead: a client that stops sending holds nothing.
+        if writer is not None:
+            await self.s.run_blocking(writer.abort if idle else writer.close)
 
     @staticmethod
     def _check_consistent(req: blobs_pb2.WriteRequest, upload_id: str, writer: BlobWriter) -> None:
         if req.upload_id and req.upload_id != upload_id:
             raise InvalidArgument(f"upload_id changed mid-stream from {upload_id!r} to {req.upload_id!r}")
-        if req.HasField("digest") and convert.digest_from_proto(req.digest) != writer.digest:
+        if not req.HasField("digest"):
+            return
+        if isinstance(writer.digest, PendingDigest) and req.finish_write and req.digest.hash:
+            return  # the digest a digest-late upload states (checked by `_stated_digest`)
+        if _upload_digest(req.digest) != writer.digest:
             raise InvalidArgument("digest changed mid-stream; one Write stream uploads one blob")
+
+    @staticmethod
+    def _stated_digest(req: blobs_pb2.WriteRequest, writer: BlobWriter) -> Digest | None:
+        """The digest a digest-late upload is committed under (None for a digest-first one)."""
+        opened = writer.digest
+        if not isinstance(opened, PendingDigest):
+            return None
+        if not req.HasField("digest") or not req.digest.hash:
+            raise InvalidArgument(
+                "this upload was started without `digest.hash`: its message with `finish_write` must "
+                "carry the full `digest` (hash and size_bytes) of what was sent"
+            )
+        stated = convert.digest_from_proto(req.digest)
+        if stated.size != opened.size:
+            raise InvalidArgument(
+                f"digest: size_bytes {stated.size} differs from the {opened.size} this upload was "
+                "started with; one Write stream uploads one blob"
+            )
+        return stated
 
     @unary
     async def QueryWriteStatus(
         self, request: blobs_pb2.QueryWriteStatusRequest, context: Ctx
     ) -> blobs_pb2.QueryWriteStatusResponse:
-        digest = convert.digest_from_proto(request.digest)
+        digest = _upload_digest(request.digest)
         s = self.s
         # Off the loop: on an object store this lists the upload's parts.
         committed, complete = await s.run_blocking(s.blobs.upload_status, request.upload_id, digest)
