@@ -237,7 +237,7 @@ def main() -> int:
             transfers = Transfers(transfer_server, transfer_client, work / "transfers", args.blob_mib << 20)
             try:
                 step(("ttfb", "resume"), lambda: transfers.ttfb(r))
-                step(("publish-cp", "publish-bare", "publish-reads"), lambda: transfers.publish(min(3, r)))
+                step(("publish-cp", "publish-bare", "publish-reads"), lambda: transfers.publish(r))
                 step(("fetch-1", "fetch-32"), lambda: transfers.fetch(r))
                 step(("fetch-memory",), lambda: transfers.memory(max(2, r // 2)))
             finally:
