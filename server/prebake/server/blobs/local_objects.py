@@ -98,10 +98,21 @@ def _info(key: str, st: os.stat_result) -> ObjectInfo:
     return ObjectInfo(key=key, size=st.st_size, etag=_etag(st), modified=st.st_mtime)
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+# Bytes per write(2): an upload part (8 MiB) is written in slices of this size. Measured on this
+# project's 2-core VM (ext4), 512 MiB in 1 MiB writes took 0.15 s every time; in 8 MiB writes,
+# 0.15 s usually but 1.7-6 s one time in three (the kernel stalling to find room for the large
+# page-cache folios a large write asks for), which made publish 2-3x a bare upload.
+_WRITE_SLICE = 1 << 20
+
+
+def _write_all(fd: int, data: bytes | memoryview, offset: int | None = None) -> None:
+    """Write all of `data` at the file's position, or at `offset` (pwrite), in `_WRITE_SLICE` writes."""
+    with memoryview(data) as whole:
+        done = 0
+        while done < len(whole):
+            with whole[done : done + _WRITE_SLICE] as piece:
+                n = os.write(fd, piece) if offset is None else os.pwrite(fd, piece, offset + done)
+            done += n
 
 
 def _full(exc: OSError) -> bool:
@@ -429,11 +440,7 @@ class LocalObjectStore:
             offset = markers[last][0].end if markers else 0
             fd = os.open(directory / _DATA, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
-                view = memoryview(data)
-                at = offset
-                while view:
-                    n = os.pwrite(fd, view, at)
-                    view, at = view[n:], at + n
+                _write_all(fd, data, offset)
                 if durable:
                     os.fdatasync(fd)
             except OSError as exc:
