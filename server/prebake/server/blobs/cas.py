@@ -789,8 +789,6 @@ class ContentAddressedStore:
 
     def upload_status(self, upload_id: str, digest: UploadDigest) -> UploadStatus:
         validate_upload_id(upload_id)
-        if not isinstance(digest, PendingDigest) and self.contains(digest):
-            return UploadStatus(digest.size, True)
         with self._lock:
             # A cut stream's writer may still be storing what it received (its last message, its
             # buffer): answered now, the client would resume short of it and be refused.

@@ -57,8 +57,6 @@ class BlobsService(blobs_pb2_grpc.BlobsServicer):
         c = state.config
         self.sessions = UploadSessions(c.max_uploads, c.max_uploads_per_caller)
         self.upload_starts = RateLimit("uploads started", c.upload_start_burst, c.upload_start_per_minute)
-        # Ends of Write streams still running after their rpc was cancelled (kept referenced).
-        self._ending: set[asyncio.Future[None]] = set()
 
     @unary
     async def FindMissingBlobs(
@@ -203,27 +201,17 @@ class BlobsService(blobs_pb2_grpc.BlobsServicer):
             idle = True
             raise
         finally:
-            # Its own task, shielded: gRPC may cancel a cut stream's handler more than once, and
-            # the writer must still store what arrived and let go of the upload, or the client
-            # resuming would find it held and short of the bytes it sent.
-            ending = asyncio.ensure_future(self._end_write(appending, writer, idle))
-            self._ending.add(ending)
-            ending.add_done_callback(self._ending.discard)
-            await asyncio.shield(ending)
-
-    async def _end_write(
-        self, appending: asyncio.Future[None] | None, writer: BlobWriter | None, idle: bool
-    ) -> None:
-        if appending is not None:
-            # Cancelled mid-append, the thread still writes: let it finish first. (Its error,
-            # if the stream failed otherwise first, is moot.)
-            with contextlib.suppress(Exception):
-                await appending
-        # Keep what the store can of what arrived, so the client can resume; after a commit, an
-        # abort or the close above this is a no-op. A stalled stream's partial upload is
-        # discarded instead: a client that stops sending holds nothing.
-        if writer is not None:
-            await self.s.run_blocking(writer.abort if idle else writer.close)
+            if appending is not None and not appending.done():
+                # Cancelled mid-append: the thread still writes; let it finish first.
+                with contextlib.suppress(Exception):
+                    await appending
+            elif appending is not None and not appending.cancelled():
+                appending.exception()  # the stream failed first; its append's error is moot
+            # Keep what the store can of what arrived, so the client can resume; after a
+            # commit, an abort or the close above this is a no-op. A stalled stream's partial
+            # upload is discarded instead: a client that stops sending holds nothing.
+            if writer is not None:
+                await s.run_blocking(writer.abort if idle else writer.close)
 
     @staticmethod
     def _check_consistent(req: blobs_pb2.WriteRequest, upload_id: str, writer: BlobWriter) -> None:
