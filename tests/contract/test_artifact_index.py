@@ -144,6 +144,50 @@ async def test_repeated_gets_follow_every_change_made_elsewhere(backend: Backend
         other.close()
 
 
+async def test_the_change_marker_moves_with_every_change_made_anywhere(
+    backend: Backend, storage: Storage
+) -> None:
+    # A hit's answer is reused while the marker read before it is unchanged
+    # (RegistryService.Lookup): a change by this instance or another one must move it,
+    # and reads must not. A backend that cannot tell says None, always.
+    index = storage.artifacts
+    if index.change_marker() is None:
+        assert "sqlite" not in backend.name  # SQLite can tell: PRAGMA data_version
+        await index.put(make_artifact(), expect_manifest=None)
+        assert index.change_marker() is None
+        return
+    artifact = make_artifact()
+    other = backend.open()
+    seen = [index.change_marker()]
+
+    async def moved() -> None:
+        now = index.change_marker()
+        assert now not in seen
+        await index.get(artifact.artifact_id)
+        await index.list_page(ALL, "", 10)
+        assert index.change_marker() == now  # reads move nothing
+        seen.append(now)
+
+    try:
+        await index.put(artifact, expect_manifest=None)
+        await moved()
+        await other.artifacts.set_pinned(artifact.artifact_id, True)
+        await moved()
+        await other.artifacts.record_hits({artifact.artifact_id: (2, START + 10)})
+        await moved()
+        await index.set_pinned(artifact.artifact_id, False)
+        await moved()
+        changed = make_artifact(files=(entry("other.bin", "different"),), at=START + 200)
+        await other.artifacts.put(changed, expect_manifest=artifact.manifest_digest)
+        await moved()
+        await other.artifacts.delete(
+            artifact.artifact_id, expect_manifest=changed.manifest_digest, expect_pinned=False
+        )
+        await moved()
+    finally:
+        other.close()
+
+
 async def test_conditional_create_refuses_an_existing_id(storage: Storage, backend: Backend) -> None:
     first = make_artifact()
     await storage.artifacts.put(first, expect_manifest=None)

@@ -1,4 +1,5 @@
-"""What a repeated hit reuses instead of recomputing: normalised keys and manifest messages.
+"""What a repeated hit reuses instead of recomputing: whole answers, normalised keys and
+manifest messages.
 
 A hit's own work is a point read; before these memos most of its time went to normalising
 the same key message again and building the same manifest message again (issue 10: +265 µs
@@ -10,13 +11,21 @@ stale, because each entry says what it depends on and is checked against it on e
   workers at every use);
 - a manifest message is fixed for as long as its artifact's (manifest_digest, created_at)
   is (a replace writes a new row); the few fields that change without a new manifest
-  (pin, hit counts, availability) are set on every use from the artifact just read.
+  (pin, hit counts, availability) are set on every use from the artifact just read;
+- a whole hit answer depends on the request's bytes, the artifacts (everything else it reads
+  is fixed configuration: catalogs, revoked signers, policies) and, like a normalised key,
+  on live workers' toolchains. It is reused only while the index's change marker
+  (`ArtifactIndex.change_marker`, read before the answer was computed) is unchanged, so
+  after any commit, by any process (a publish, a pin, a hit-count flush), the next hit is
+  computed afresh; an index that cannot tell gets nothing reused. Answers with download
+  URLs are never kept (their URLs expire).
 
 Thread safety: event-loop only (like the services that own them).
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 from prebake.server import convert
@@ -25,6 +34,8 @@ from prebake.server.records import Artifact, NormalizedKey
 from prebake.v1 import key_pb2, registry_pb2
 
 CAPACITY = 4096
+# A live toolchain a key's normalisation depended on (see KnownKey.live_toolchain).
+LiveToolchain = tuple[str, str, tuple[str, str] | None]
 
 
 @dataclass(frozen=True)
@@ -39,7 +50,38 @@ class KnownKey:
     key: NormalizedKey
     toolchain_source: str
     resolved: key_pb2.ResolvedKey
-    live_toolchain: tuple[str, str, tuple[str, str] | None] | None
+    live_toolchain: LiveToolchain | None
+
+
+# Answers with more files than this are not kept: a memo of CAPACITY big manifests would be
+# large, and their serialisation, not their computation, dominates their cost anyway.
+ANSWER_MAX_FILES = 64
+
+
+@dataclass(frozen=True)
+class HitAnswer:
+    """A hit's response, what a reuse must count again, and what it depended on."""
+
+    response: registry_pb2.LookupResponse  # never changed once kept: it is sent as it is
+    artifact_id: str
+    policy: str
+    marker: Hashable
+    live_toolchain: LiveToolchain | None
+
+
+class HitAnswers:
+    """Hit responses by request bytes, valid while the index's change marker is unchanged."""
+
+    def __init__(self, capacity: int = CAPACITY) -> None:
+        self._answers: Bounded[bytes, HitAnswer] = Bounded(capacity)
+
+    def get(self, request: bytes, marker: Hashable) -> HitAnswer | None:
+        answer = self._answers.get(request)
+        return answer if answer is not None and answer.marker == marker else None
+
+    def put(self, request: bytes, answer: HitAnswer) -> None:
+        if len(answer.response.artifact.files) <= ANSWER_MAX_FILES:
+            self._answers.put(request, answer)
 
 
 class ManifestMessages:

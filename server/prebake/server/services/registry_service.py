@@ -14,7 +14,14 @@ from prebake.server import compat, convert, nearest
 from prebake.server.auth.request_rules import ENQUEUE_REFUSED, may_enqueue, require_replace_allowed
 from prebake.server.bounded import Bounded
 from prebake.server.key_normalization import DEFAULT_TOOLCHAINS, diff_keys, normalize_key, with_model
-from prebake.server.lookup_memo import CAPACITY, KnownKey, ManifestMessages
+from prebake.server.lookup_memo import (
+    CAPACITY,
+    HitAnswer,
+    HitAnswers,
+    KnownKey,
+    LiveToolchain,
+    ManifestMessages,
+)
 from prebake.server.nearest_memo import MISS_FRESH_SECONDS, NearestMemo
 from prebake.server.rate_limits import RateLimit, caller
 from prebake.server.records import Artifact, Digest, ErrorClass, Job, JobState, NormalizedKey
@@ -55,6 +62,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         self.near: NearestMemo[list[registry_pb2.NearMiss]] = NearestMemo()
         self.keys: Bounded[bytes, KnownKey] = Bounded(CAPACITY)
         self.manifests = ManifestMessages()
+        self.answers = HitAnswers()
         self.evaluations = EvaluationRpcs(state)
         self.recommendations = RecommendRpc(state)
 
@@ -68,14 +76,10 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         it depended on is unchanged (see `prebake.server.lookup_memo`)."""
         raw = msg.SerializeToString()
         known = self.keys.get(raw)
-        if known is not None:
-            if known.live_toolchain is None:
-                return known
-            kind, target, offered = known.live_toolchain
-            if WorkerLiveness.newest_toolchain(await self.s.liveness.live(), kind, target) == offered:
-                return known
+        if known is not None and await self._still_offered(known.live_toolchain):
+            return known
         request = convert.key_request(msg)
-        live_toolchain: tuple[str, str, tuple[str, str] | None] | None = None
+        live_toolchain: LiveToolchain | None = None
         if request.toolchain:
             key = normalize_key(request, self.s.catalog, DEFAULT_TOOLCHAINS, self.s.models)
             source = "requested"
@@ -105,6 +109,13 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         known = KnownKey(key, source, convert.resolved_key(key), live_toolchain)
         self.keys.put(raw, known)
         return known
+
+    async def _still_offered(self, live_toolchain: LiveToolchain | None) -> bool:
+        """Whether the live workers offer what they offered when a key was normalised."""
+        if live_toolchain is None:
+            return True
+        kind, target, offered = live_toolchain
+        return WorkerLiveness.newest_toolchain(await self.s.liveness.live(), kind, target) == offered
 
     def stored_as(self, key: NormalizedKey, stated: str = "") -> list[NormalizedKey]:
         """`key` as artifacts stored before model names were canonical may be keyed: under
@@ -233,8 +244,26 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
             if conflict is not None:
                 raise conflict
 
+    def _count_hit(self, artifact_id: str, policy: str) -> None:
+        s = self.s
+        s.counters.lookups += 1
+        s.counters.hits += 1
+        s.tracker.lookup()
+        s.tracker.hit(artifact_id)
+        s.metrics.lookup("hit", policy)
+
     @unary
     async def Lookup(self, request: registry_pb2.LookupRequest, context: Ctx) -> registry_pb2.LookupResponse:
+        # A repeated hit is answered as it was while no artifact has changed since (see
+        # `prebake.server.lookup_memo`): the same bytes were valid then and are now.
+        marker = self.s.storage.artifacts.change_marker()
+        raw = b""
+        if marker is not None:
+            raw = request.SerializeToString()
+            reused = self.answers.get(raw, marker)
+            if reused is not None and await self._still_offered(reused.live_toolchain):
+                self._count_hit(reused.artifact_id, reused.policy)
+                return reused.response
         # Before anything else: an on_miss this server does not know must not enqueue.
         convert.enum_value(registry_pb2.OnMiss.DESCRIPTOR, request.on_miss, "on_miss")
         for i, policy in enumerate(request.allow):
@@ -244,14 +273,10 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         s = self.s
         # Policy, not input: the source a job would read (see `prebake.server.model_sources`).
         model_source, named = s.model_sources.resolve(key.model, request.model_source)
-        s.counters.lookups += 1
-        s.tracker.lookup()
         refused: list[str] = []
         match = await self._match(key, request, refused)
         if match is not None:
-            s.counters.hits += 1
-            s.tracker.hit(match.artifact.artifact_id)
-            s.metrics.lookup("hit", match.policy)
+            self._count_hit(match.artifact.artifact_id, match.policy)
             hit = registry_pb2.LookupResponse(
                 status=registry_pb2.LOOKUP_STATUS_HIT,
                 key=resolved,
@@ -261,8 +286,13 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
             )
             # Filled in place: passed to the constructor, the manifest would be copied once more.
             self._manifest(match.artifact, request.direct_download, into=hit.artifact)
+            if marker is not None and not any(f.download_url for f in hit.artifact.files):
+                artifact_id = match.artifact.artifact_id
+                self.answers.put(raw, HitAnswer(hit, artifact_id, match.policy, marker, known.live_toolchain))
             return hit
+        s.counters.lookups += 1
         s.counters.misses += 1
+        s.tracker.lookup()
         jobs = s.storage.jobs
         active = await jobs.active(key.digest)
         if active is not None:

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import TypeVar
 
 from prebake.core.errors import PrebakeError, QuotaExceeded, Unavailable
@@ -205,6 +205,9 @@ class ArchivedArtifactIndex:
 
     async def get(self, artifact_id: str) -> Artifact | None:
         return await self.inner.get(artifact_id)
+
+    def change_marker(self) -> Hashable | None:
+        return self.inner.change_marker()
 
     async def list_page(self, query: ArtifactQuery, page_token: str, limit: int) -> Page[Artifact]:
         return await self.inner.list_page(query, page_token, limit)

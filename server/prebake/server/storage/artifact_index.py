@@ -7,7 +7,7 @@ artifacts are "nearest" are decided above this interface (`prebake.server.job_li
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -52,6 +52,18 @@ class ArtifactIndex(Protocol):
 
     async def get(self, artifact_id: str) -> Artifact | None:
         """The artifact with its files sorted by path, or None."""
+        ...
+
+    def change_marker(self) -> Hashable | None:
+        """A value read now that differs from every earlier one once any change to the
+        artifacts has been committed since (by this process or any other), or None when
+        the engine cannot tell cheaply.
+
+        Synchronous and cheap (one local read): a hit's answer may be reused for as long as
+        the marker read before computing it is unchanged (`RegistryService.Lookup`). None
+        means: reuse nothing derived from reads. Markers are comparable only with markers
+        of the same instance, read on the same thread.
+        """
         ...
 
     async def put(

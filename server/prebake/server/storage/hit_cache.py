@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from typing import TypeVar
 
 from prebake.server.records import Artifact, Digest, NormalizedKey, RegistryCounts
@@ -52,6 +52,11 @@ class CachedArtifactIndex:
         with self._lock:
             self._writes += 1
             self._entries.pop(artifact_id, None)
+
+    def change_marker(self) -> Hashable | None:
+        # What another replica changed reaches this cache only by expiry, which no marker of
+        # the engine's would say: an answer reused on it could outlive `ttl_seconds`.
+        return None
 
     async def get(self, artifact_id: str) -> Artifact | None:
         now = self._clock()

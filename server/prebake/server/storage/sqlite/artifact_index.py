@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import sqlite3
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 from prebake.core.errors import InvalidArgument
@@ -107,6 +107,9 @@ class SqliteArtifactIndex:
         found = rows.artifact_from_row(row, files)
         self._recent.put(artifact_id, found)
         return found
+
+    def change_marker(self) -> Hashable | None:
+        return self._db.data_version()
 
     async def put(
         self, artifact: Artifact, *, expect_manifest: str | None, complete: JobWrite | None = None

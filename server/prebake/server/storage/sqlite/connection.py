@@ -189,6 +189,15 @@ class Database:
             found: list[Row] = conn.execute(sql, params).fetchall()
         return found[0] if found else None
 
+    def data_version(self) -> tuple[int, int]:
+        """(this thread's reader connection, its `PRAGMA data_version`): changes once any
+        other connection (the writer, another process's) commits, never otherwise. About
+        6 µs, half a point read."""
+        conn = self._reader()
+        with _translated(self.path):
+            row = conn.execute("PRAGMA data_version").fetchone()
+        return id(conn), int(row["data_version"])
+
     def _run_write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         conn = self._write_conn
         with _translated(self.path):
