@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -13,10 +15,11 @@ import pytest
 
 from prebake.client import Client
 from prebake.core import request_ids
-from prebake.core.logs import log_settings, setup_logging
+from prebake.core.logs import direct_handler, log_settings, setup_logging
 from prebake.core.request_ids import request_scope
 from prebake.server.app import BackgroundServer
 from prebake.server.config import load_server_config
+from prebake.server.rpc_observer import RpcLine, RpcLines
 from tests.conftest import LLAMA3_8B_INF2
 
 
@@ -104,3 +107,74 @@ def test_jobs_record_the_client_operations_request_id(tmp_path: Path) -> None:
     assert named.job_created and named.job.request_id == "deploy-42"
     ids = [r.job.request_id for r in fresh]
     assert all(r.job_created for r in fresh) and all(len(i) == 32 for i in ids) and ids[0] != ids[1]
+
+
+def _rpc_lines(lines: list[RpcLine]) -> None:
+    async def turn() -> None:
+        writer = RpcLines()
+        for line in lines:
+            writer.add(line)
+        await asyncio.sleep(0)  # the lines of a turn are written on the next
+
+    asyncio.run(turn())
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_rpc_lines_written_directly_read_as_those_logged_through_logging(
+    stream: io.StringIO, log_format: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    setup_logging(log_format, "info", stream)
+    root = logging.getLogger()
+    ours = [h for h in root.handlers if getattr(h, "_prebake", False)]
+    monkeypatch.setattr(root, "handlers", ours)  # without pytest's capture: the deployed set-up
+    rpc = logging.getLogger("prebake.server.rpc")
+    assert direct_handler(rpc, logging.INFO) is ours[0]
+    lines = [
+        RpcLine(logging.INFO, "prebake.v1.Registry/Lookup", "OK", 0.000312, "ipv4:127.0.0.1:4242", "rid-7"),
+        RpcLine(logging.INFO, "prebake.v1.Blobs/Read", "NOT_FOUND", 0.0421, "ipv6:[::1]:80", "rid-8"),
+    ]
+    _rpc_lines(lines)
+    direct = stream.getvalue().splitlines()
+    stream.truncate(0)
+    stream.seek(0)
+    # Anything else on the way and they go through logging, one record each.
+    capture = logging.NullHandler()
+    rpc.addHandler(capture)
+    try:
+        assert direct_handler(rpc, logging.INFO) is None
+        _rpc_lines(lines)
+    finally:
+        rpc.removeHandler(capture)
+    logged = stream.getvalue().splitlines()
+    assert len(direct) == len(logged) == 2
+    if log_format == "json":
+        for a, b in zip(direct, logged, strict=True):
+            left, right = json.loads(a), json.loads(b)
+            assert {left.pop("ts"), left.pop("time")} and {right.pop("ts"), right.pop("time")}
+            assert left == right
+        assert json.loads(direct[1])["duration_ms"] == 42.1
+    else:
+        # "2026-12-03 13:53:58,448 " then the rest, the same either way.
+        assert [line[24:] for line in direct] == [line[24:] for line in logged]
+        assert direct[0][24:] == (
+            "INFO prebake.server.rpc [rid-7]: "
+            "rpc prebake.v1.Registry/Lookup OK 0.31 ms from ipv4:127.0.0.1:4242"
+        )
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ", direct[0][:24])
+
+
+def test_nothing_is_written_directly_past_a_filter_or_a_level(
+    stream: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    setup_logging("text", "warning", stream)
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [h for h in root.handlers if getattr(h, "_prebake", False)])
+    rpc = logging.getLogger("prebake.server.rpc")
+    assert direct_handler(rpc, logging.INFO) is None  # below the level
+    assert direct_handler(rpc, logging.WARNING) is not None
+    quiet = logging.Filter("nothing.here")
+    rpc.addFilter(quiet)
+    try:
+        assert direct_handler(rpc, logging.WARNING) is None
+    finally:
+        rpc.removeFilter(quiet)

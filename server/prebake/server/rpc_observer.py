@@ -13,24 +13,27 @@ included, so refusals are observed too), it
   format). Health checks and reflection log at debug level, everything else at info.
 
 Cheap by design: one metadata scan, one clock pair, a cached histogram child, and a log
-call that is skipped (no formatting, no peer lookup) when its level is off, and otherwise
-made on the loop's next turn, after the response has been handed to gRPC.
+line that is skipped (no formatting, no peer lookup) when its level is off. Otherwise the
+lines of one loop turn are written on the next, after the responses have been handed to
+gRPC, and together: where the only handler is prebake's own, formatted from their parts and
+written in one write, without a LogRecord each (`prebake.core.logs.direct_handler`; about
+25 µs a line less), else logged one by one through `logging`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
-from prebake.core import request_ids
+from prebake.core import logs, request_ids
 from prebake.core.request_ids import REQUEST_ID_HEADER
 from prebake.server.handler_wrapping import WrappedOnce, behaviour_of
 from prebake.server.metrics import ServerMetrics
@@ -68,19 +71,49 @@ def _code_of(context: Ctx, exc: BaseException | None) -> str:
     return "UNKNOWN"
 
 
-def _log_rpc(level: int, method: str, code: str, seconds: float, *, peer: str, rid: str) -> None:
-    log.log(
-        level,
-        "rpc %s %s %.2f ms from %s",
-        method,
-        code,
-        seconds * 1000,
-        peer,
-        extra={
-            "request_id": rid,
-            "fields": {"method": method, "code": code, "duration_ms": round(seconds * 1000, 3), "peer": peer},
-        },
-    )
+@dataclass(frozen=True)
+class RpcLine:
+    """What the log line of one rpc says."""
+
+    level: int
+    method: str
+    code: str
+    seconds: float
+    peer: str
+    request_id: str
+
+    def message(self) -> str:
+        return f"rpc {self.method} {self.code} {self.seconds * 1000:.2f} ms from {self.peer}"
+
+    def fields(self) -> dict[str, object]:
+        duration_ms = round(self.seconds * 1000, 3)
+        return {"method": self.method, "code": self.code, "duration_ms": duration_ms, "peer": self.peer}
+
+
+class RpcLines:
+    """The rpc lines of one loop turn, written on the next (event-loop only)."""
+
+    def __init__(self) -> None:
+        self._pending: list[RpcLine] = []
+
+    def add(self, line: RpcLine) -> None:
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self.write)
+        self._pending.append(line)
+
+    def write(self) -> None:
+        lines, self._pending = self._pending, []
+        now = time.time()
+        direct = logs.direct_handler(log, min(line.level for line in lines))
+        if direct is not None:
+            with contextlib.suppress(Exception):  # logged below instead, which reports the error
+                name = log.name
+                direct.write_lines(
+                    [logs.Line(now, x.level, name, x.message(), x.request_id, x.fields()) for x in lines]
+                )
+                return
+        for x in lines:
+            log.log(x.level, "%s", x.message(), extra={"request_id": x.request_id, "fields": x.fields()})
 
 
 class RpcObserver(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # generic only in the stubs
@@ -89,6 +122,7 @@ class RpcObserver(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # gene
     def __init__(self, metrics: ServerMetrics) -> None:
         self.metrics = metrics
         self._wrapped = WrappedOnce()
+        self._lines = RpcLines()
 
     async def intercept_service(
         self,
@@ -101,12 +135,12 @@ class RpcObserver(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # gene
         method: str = handler_call_details.method  # type: ignore[attr-defined]
         level = logging.DEBUG if method.startswith(_QUIET_PREFIXES) else logging.INFO
         return self._wrapped.get(
-            method, handler, lambda: _observed(handler, method.lstrip("/"), level, self.metrics)
+            method, handler, lambda: _observed(handler, method.lstrip("/"), level, self.metrics, self._lines)
         )
 
 
 def _observed(
-    handler: grpc.RpcMethodHandler[Any, Any], method: str, level: int, metrics: ServerMetrics
+    handler: grpc.RpcMethodHandler[Any, Any], method: str, level: int, metrics: ServerMetrics, lines: RpcLines
 ) -> grpc.RpcMethodHandler[Any, Any]:
     behaviour, rebuild = behaviour_of(handler)
 
@@ -122,11 +156,8 @@ def _observed(
         code = _code_of(context, exc)
         metrics.rpc(method, code, seconds)
         if log.isEnabledFor(level):
-            # Written on the loop's next turn, once the response is on its way: formatting and
-            # writing a line takes about 20 µs, which a hit's caller need not wait for.
-            asyncio.get_running_loop().call_soon(
-                functools.partial(_log_rpc, level, method, code, seconds, peer=peer, rid=rid)
-            )
+            # Written on the loop's next turn, once the response is on its way (see RpcLines).
+            lines.add(RpcLine(level, method, code, seconds, peer, rid))
 
     if inspect.isasyncgenfunction(behaviour):
 
