@@ -236,17 +236,22 @@ class Transfers:
                     for n in names:
                         self.bare.download(directory / n, out / n)
 
+                steps: dict[str, Callable[[int], None]] = {"prebake": prebake, "bare": by_bare}
+                if nginx is not None:
+                    steps["nginx"] = by_nginx
                 for r in range(rounds + 1):  # round 0 warms up
-                    t_fetch = _seconds(prebake, r)
-                    t_nginx = _seconds(by_nginx, r) if nginx is not None else float("nan")
-                    t_bare = _seconds(by_bare, r)
+                    # Each writes 512 MiB more to tmpfs before the round's cleanup: the order
+                    # turns round by round, as for publish, so no one always writes last.
+                    order = list(steps)
+                    order = order[r % len(order) :] + order[: r % len(order)]
+                    t = {name: _seconds(steps[name], r) for name in order}
                     for p in self.shm.iterdir():
                         shutil.rmtree(p)
                     if r:
                         mib = self.size / MIB
                         if nginx is not None:
-                            vs_nginx.add(mib / t_fetch, mib / t_nginx)
-                        vs_bare.add(mib / t_fetch, mib / t_bare)
+                            vs_nginx.add(mib / t["prebake"], mib / t["nginx"])
+                        vs_bare.add(mib / t["prebake"], mib / t["bare"])
                 if nginx is None:
                     vs_nginx.note = "SKIPPED: nginx is not installed (apt-get install nginx-light)"
                 rows.extend([vs_nginx, vs_bare])
