@@ -220,6 +220,10 @@ def test_cli_lookup_and_fetch_take_a_preset_as_ensure_does(
                   "--model", "m/x", *dest, "--json")  # fmt: skip
     assert ran.code == exitcodes.USAGE and "do not also give --model" in ran.err
     assert json.loads(ran.out)["error"]["code"] == "USAGE"
+    ran = prebake(command, "--server", server, "--preset", "llama-3-8b/low-latency",
+                  "--option", "a=b", "--instance-type", "ml.inf2.xlarge", *dest)  # fmt: skip
+    # Named as they are typed, in the order of `--help`.
+    assert ran.code == exitcodes.USAGE and "do not also give --instance-type, --option" in ran.err
     ran = prebake(command, "--server", server, "--preset", "llama-3-8b/low-latncy", *dest)
     assert ran.code == exitcodes.NOT_FOUND
     assert "did you mean 'llama-3-8b/low-latency'" in ran.err

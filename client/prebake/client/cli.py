@@ -237,25 +237,22 @@ def _add_key_options(parser: argparse.ArgumentParser, required: bool, lookup: bo
         "the configuration; the server validates and normalises it (aliases, defaults, "
         "fields the kind ignores)",
     )
-    group.add_argument(
-        "--kind", required=required, type=cli_values.kind, help=f"compiler family: {', '.join(kind_names())}"
-    )
-    group.add_argument("--model", required=required, help="model id, e.g. meta-llama/Meta-Llama-3-8B")
-    group.add_argument("--revision", default="", help="model revision (commit hash or weights digest)")
-    group.add_argument("--instance-type", default="", metavar="TYPE", help="e.g. ml.inf2.48xlarge")
+    actions: list[argparse.Action] = []
+
+    def add(*flags: str, **kwargs: Any) -> None:
+        actions.append(group.add_argument(*flags, **kwargs))
+
+    add("--kind", required=required, type=cli_values.kind, help=f"compiler family: {', '.join(kind_names())}")
+    add("--model", required=required, help="model id, e.g. meta-llama/Meta-Llama-3-8B")
+    add("--revision", default="", help="model revision (commit hash or weights digest)")
+    add("--instance-type", default="", metavar="TYPE", help="e.g. ml.inf2.48xlarge")
     # Positive when given; omitted, 0 leaves the field unset (the server says if the kind needs it).
-    group.add_argument(
-        "--sequence-length", type=positive_int, default=0, metavar="N", help="compiled sequence length"
-    )
-    group.add_argument("--batch-size", type=positive_int, default=0, metavar="N", help="compiled batch size")
-    group.add_argument(
-        "--tp", type=positive_int, default=0, metavar="N", help="tensor-parallel degree (default 1)"
-    )
-    group.add_argument(
-        "--precision", default="", help="bf16, fp16, fp32, int8, fp8, int4-awq (default: kind's)"
-    )
-    group.add_argument("--toolchain", default="", help="compiler version (default: the server's)")
-    group.add_argument(
+    add("--sequence-length", type=positive_int, default=0, metavar="N", help="compiled sequence length")
+    add("--batch-size", type=positive_int, default=0, metavar="N", help="compiled batch size")
+    add("--tp", type=positive_int, default=0, metavar="N", help="tensor-parallel degree (default 1)")
+    add("--precision", default="", help="bf16, fp16, fp32, int8, fp8, int4-awq (default: kind's)")
+    add("--toolchain", default="", help="compiler version (default: the server's)")
+    add(
         "--option",
         dest="options",
         action="append",
@@ -264,6 +261,9 @@ def _add_key_options(parser: argparse.ArgumentParser, required: bool, lookup: bo
         metavar="KEY=VALUE",
         help="extra compiler option; repeatable",
     )
+    # Every key flag as (destination, flag), for what refuses them beside `--preset`
+    # (`commands.key_or_preset`): derived here, where they are defined.
+    parser.set_defaults(key_flags=tuple((a.dest, a.option_strings[0]) for a in actions))
     if not lookup:
         return
     group.add_argument(

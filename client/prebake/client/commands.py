@@ -255,11 +255,6 @@ def _fetch_miss(args: argparse.Namespace, response: registry_pb2.LookupResponse)
     return code
 
 
-# The key flags `--preset` refuses beside it (their argparse defaults mean "not given").
-_KEY_DESTS = ("kind", "model", "revision", "instance_type", "sequence_length", "batch_size", "tp",
-              "precision", "toolchain", "options")  # fmt: skip
-
-
 def key_or_preset(args: argparse.Namespace, client: Client) -> ArtifactKey:
     """The key flags' key, or `--preset NAME`'s as the server resolves it (`Catalog.GetPreset`),
     for every command that takes either (lookup, fetch, ensure).
@@ -274,10 +269,10 @@ def key_or_preset(args: argparse.Namespace, client: Client) -> ArtifactKey:
         if missing:
             raise UsageError(f"the following arguments are required: {', '.join(missing)} (or --preset NAME)")
         return key_from_args(args)
-    given = [dest for dest in _KEY_DESTS if getattr(args, dest)]
+    # The key flags (`cli._add_key_options`); their defaults mean "not given".
+    given = [flag for dest, flag in args.key_flags if getattr(args, dest)]
     if given:
-        flags = ", ".join("--" + d.replace("_", "-") for d in given)
-        raise UsageError(f"--preset NAME states the whole key; do not also give {flags}")
+        raise UsageError(f"--preset NAME states the whole key; do not also give {', '.join(given)}")
     return ArtifactKey.from_proto(client.get_preset(preset).key)
 
 

@@ -53,8 +53,10 @@ class KnownKey:
     live_toolchain: LiveToolchain | None
 
 
-# Answers with more files than this are not kept: a memo of CAPACITY big manifests would be
-# large, and their serialisation, not their computation, dominates their cost anyway.
+# Answers kept: the keys a fleet deploys again and again are few. Answers with more files
+# than ANSWER_MAX_FILES are not kept: their serialisation, not their computation, dominates
+# their cost, and the memo stays small (at most about 10 MB).
+ANSWER_CAPACITY = 1024
 ANSWER_MAX_FILES = 64
 
 
@@ -72,7 +74,7 @@ class HitAnswer:
 class HitAnswers:
     """Hit responses by request bytes, valid while the index's change marker is unchanged."""
 
-    def __init__(self, capacity: int = CAPACITY) -> None:
+    def __init__(self, capacity: int = ANSWER_CAPACITY) -> None:
         self._answers: Bounded[bytes, HitAnswer] = Bounded(capacity)
 
     def get(self, request: bytes, marker: Hashable) -> HitAnswer | None:
