@@ -19,6 +19,7 @@ import socket
 import stat
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -220,6 +221,10 @@ def _exact_hit(response: registry_pb2.LookupResponse | None) -> registry_pb2.Art
 
 def _sizes(files: Iterable[registry_pb2.ArtifactFile]) -> dict[str, int]:
     return {f.path: f.digest.size_bytes for f in files}
+
+
+def _same_files(files: Sequence[LocalFile], artifact: registry_pb2.Artifact) -> bool:
+    return _identities(f.to_proto() for f in files) == _identities(artifact.files)
 
 
 def _identities(files: Iterable[registry_pb2.ArtifactFile]) -> set[tuple[str, str, int, bool]]:
@@ -1062,17 +1067,13 @@ class Client:
             existing = _exact_hit(known) if known is not None else self._artifact_of(key)
         if existing is not None and _listing(Path(directory)) not in (None, _sizes(existing.files)):
             raise _already_exists(existing)
-        memo = DigestMemo(self.digest_memo_path)
-        # An artifact exists for the key: hash first, so that other bytes under the same names
-        # and sizes are refused before anything is uploaded (the same bytes upload nothing).
-        files = scan_directory(Path(directory), hash_files=existing is not None, digest_memo=memo)
-        if existing is not None and _identities(f.to_proto() for f in files) != _identities(existing.files):
-            memo.save()
-            raise _already_exists(existing)  # same names and sizes, other bytes: still before uploading
-        try:
+        with self._digest_memo() as memo:
+            # An artifact exists for the key: hash first, so that other bytes under the same names
+            # and sizes are refused before anything is uploaded (the same bytes upload nothing).
+            files = scan_directory(Path(directory), hash_files=existing is not None, digest_memo=memo)
+            if existing is not None and not _same_files(files, existing):
+                raise _already_exists(existing)  # same names and sizes, other bytes: still before uploading
             files = self._upload_missing(files, progress, memo)
-        finally:
-            memo.save()
         producer = registry_pb2.Producer(worker=_producer_identity(), note=producer_note)
         manifest = [f.to_proto() for f in files]
         signature = None
@@ -1101,14 +1102,19 @@ class Client:
         digests computed while uploading: each file is read once, as in `publish`.
         Symbolic links and special files are refused, as in `publish`.
         """
+        with self._digest_memo() as memo:
+            scanned = scan_directory(Path(directory), hash_files=False, digest_memo=memo)
+            files = self._upload_missing(scanned, progress, memo)
+        return [f.to_proto() for f in files]
+
+    @contextmanager
+    def _digest_memo(self) -> Iterator[DigestMemo]:
+        """The digest memo, saved afterwards whatever happened (what was read stays known)."""
         memo = DigestMemo(self.digest_memo_path)
         try:
-            files = self._upload_missing(
-                scan_directory(Path(directory), hash_files=False, digest_memo=memo), progress, memo
-            )
+            yield memo
         finally:
             memo.save()
-        return [f.to_proto() for f in files]
 
     def _upload_missing(
         self, files: Sequence[LocalFile], progress: Progress | None, memo: DigestMemo | None = None
