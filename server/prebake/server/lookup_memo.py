@@ -1,5 +1,5 @@
-"""What a repeated hit reuses instead of recomputing: whole answers, normalised keys and
-manifest messages.
+"""What a repeated lookup reuses instead of recomputing: whole hit answers, normalised keys,
+manifest messages and job messages.
 
 A hit's own work is a point read; before these memos most of its time went to normalising
 the same key message again and building the same manifest message again (issue 10: +265 µs
@@ -18,7 +18,10 @@ stale, because each entry says what it depends on and is checked against it on e
   (`ArtifactIndex.change_marker`, read before the answer was computed) is unchanged, so
   after any commit, by any process (a publish, a pin, a hit-count flush), the next hit is
   computed afresh; an index that cannot tell gets nothing reused. Answers with download
-  URLs are never kept (their URLs expire).
+  URLs are never kept (their URLs expire);
+- a job message is fixed for as long as the job's (revision, updated_at) is: every stored
+  change bumps the revision (`Job.revision`), so the joiners of one compile (a stampede of
+  misses) build its message once.
 
 Thread safety: event-loop only (like the services that own them).
 """
@@ -30,8 +33,8 @@ from dataclasses import dataclass
 
 from prebake.server import convert
 from prebake.server.bounded import Bounded
-from prebake.server.records import Artifact, NormalizedKey
-from prebake.v1 import key_pb2, registry_pb2
+from prebake.server.records import Artifact, Job, NormalizedKey
+from prebake.v1 import jobs_pb2, key_pb2, registry_pb2
 
 CAPACITY = 4096
 # A live toolchain a key's normalisation depended on (see KnownKey.live_toolchain).
@@ -106,3 +109,21 @@ class ManifestMessages:
         into.hit_count = found.hit_count
         into.last_accessed_at.FromNanoseconds(int(found.last_accessed_at * 1e9))
         into.unavailable = found.unavailable
+
+
+class JobMessages:
+    """The `jobs_pb2.Job` of recently sent jobs, rebuilt only once the job has changed."""
+
+    def __init__(self, capacity: int = CAPACITY) -> None:
+        self._messages: Bounded[str, tuple[int, float, jobs_pb2.Job]] = Bounded(capacity)
+
+    def fill(self, into: jobs_pb2.Job, job: Job) -> None:
+        """Make `into` (an empty message) the message of `job`, as `convert.job` would."""
+        known = self._messages.get(job.job_id)
+        if known is not None and known[:2] == (job.revision, job.updated_at):
+            into.CopyFrom(known[2])
+            return
+        message = convert.job(job)
+        if job.revision:  # 0: a job not read from the queue, which nothing vouches for
+            self._messages.put(job.job_id, (job.revision, job.updated_at, message))
+        into.CopyFrom(message)

@@ -18,6 +18,7 @@ from prebake.server.lookup_memo import (
     CAPACITY,
     HitAnswer,
     HitAnswers,
+    JobMessages,
     KnownKey,
     LiveToolchain,
     ManifestMessages,
@@ -63,6 +64,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         self.keys: Bounded[bytes, KnownKey] = Bounded(CAPACITY)
         self.manifests = ManifestMessages()
         self.answers = HitAnswers()
+        self.job_messages = JobMessages()
         self.evaluations = EvaluationRpcs(state)
         self.recommendations = RecommendRpc(state)
 
@@ -308,7 +310,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
             response.status = registry_pb2.LOOKUP_STATUS_COMPILING
             s.metrics.lookup("compiling", "joined")
             response.unserved_reason, active = await self._unserved(key, active)
-            response.job.CopyFrom(convert.job(active))
+            self.job_messages.fill(response.job, active)
             return response
         last = await jobs.last_finished(key.digest)
         if (
@@ -321,7 +323,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         ):
             response.status = registry_pb2.LOOKUP_STATUS_FAILED
             s.metrics.lookup("failed", "negative_cache")
-            response.job.CopyFrom(convert.job(last))
+            self.job_messages.fill(response.job, last)
             response.error = last.error
             return response
         if request.on_miss == registry_pb2.ON_MISS_REPORT:
@@ -353,7 +355,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         response.status = registry_pb2.LOOKUP_STATUS_MISS if created else registry_pb2.LOOKUP_STATUS_COMPILING
         s.metrics.lookup(*(("miss", "enqueued") if created else ("compiling", "joined")))
         response.unserved_reason, job = await self._unserved(key, job)
-        response.job.CopyFrom(convert.job(job))
+        self.job_messages.fill(response.job, job)
         response.job_created = created
         return response
 

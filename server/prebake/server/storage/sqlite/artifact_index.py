@@ -28,6 +28,7 @@ _VOLATILE_SQL = (
     "SELECT manifest_digest, created_at, pinned, hit_count, last_accessed_at, unavailable "
     "FROM artifacts WHERE artifact_id = ?"
 )
+_EXISTS_SQL = "SELECT 1 AS found FROM artifacts WHERE artifact_id = ?"
 # The column of a NormalizedKey field where the names differ (see rows.key_row).
 _KEY_COLUMN = {"options": "key_options"}
 # Decoded artifacts kept to answer repeated gets with a one-row read (`_VOLATILE_SQL`).
@@ -99,6 +100,10 @@ class SqliteArtifactIndex:
                     last_accessed_at=now["last_accessed_at"],
                     unavailable=now["unavailable"],
                 )
+        # An absent one (every miss asks) in one statement; a present one, once, with its files
+        # in one snapshot.
+        if self._db.read_one(_EXISTS_SQL, (artifact_id,)) is None:
+            return None
         with self._db.read() as c:
             row = _artifact_row(c, artifact_id)
             if row is None:

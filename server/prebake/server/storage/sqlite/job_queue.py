@@ -74,8 +74,8 @@ class SqliteJobQueue:
         self._db = db
 
     def _one(self, sql: str, params: Sequence[Any]) -> Job | None:
-        with self._db.read() as c:
-            row = c.execute(sql, params).fetchone()
+        # One statement: its own snapshot, without BEGIN and COMMIT around it.
+        row = self._db.read_one(sql, tuple(params))
         return None if row is None else rows.job_from_row(row)
 
     def _many(self, sql: str, params: Sequence[Any]) -> list[Job]:
