@@ -204,7 +204,7 @@ def main() -> int:
         step(("miss-scale",), lambda: lookups.miss_scale(big_client, small_client, r, max(10, n // 6), big_n))
         step(("getstats",), lambda: lookups.stats_scale(big_client, small_client, r, max(10, n // 6), big_n))
         step(("list-deep",), lambda: lookups.deep_page(big_client, big, r, max(10, n // 10)))
-        step(("stampede",), lambda: lookups.stampede(big_server.address, max(2, r // 2), 500, big_n))
+        step(("stampede",), lambda: lookups.stampede(big_server.address, r, 500, big_n))
         block_names = ("block-stats", "block-deep", "block-miss", "block-find", "block-huge")
         if wanted(*block_names):
             token = lookups.deep_token(big, big_n * 9 // 10)
