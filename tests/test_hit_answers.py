@@ -1,7 +1,8 @@
-"""A repeated hit is answered from the server's memo of whole answers (`HitAnswers` in
-prebake.server.lookup_memo) only while nothing it depends on has changed: every change made
-since, through this server or by another process on the same registry file, shows on the
-very next lookup, and every reused answer is counted as a hit."""
+"""A repeated hit, or a repeated join of a compile in flight, is answered from the server's
+memo of whole answers (`Answers` in prebake.server.lookup_memo) only while nothing it
+depends on has changed: every change made since, through this server or by another process
+on the same registry file, shows on the very next lookup, and every reused answer is
+counted as the hit or the miss it is."""
 
 from __future__ import annotations
 
@@ -13,16 +14,20 @@ from pathlib import Path
 
 import pytest
 
-from prebake.client import Client
+from prebake.client import ArtifactKey, Client
 from prebake.server.app import BackgroundServer, background_server
 from prebake.server.backends import REGISTRY_FILE
 from prebake.server.storage.sqlite.artifact_index import SqliteArtifactIndex
 from prebake.server.storage.sqlite.connection import Database
-from prebake.v1 import key_pb2, registry_pb2, workers_pb2
+from prebake.v1 import jobs_pb2, key_pb2, registry_pb2, workers_pb2
 from tests.conftest import LLAMA3_8B_INF2, make_artifact_dir
 
 HIT = registry_pb2.LOOKUP_STATUS_HIT
 MISS = registry_pb2.LOOKUP_STATUS_MISS
+COMPILING = registry_pb2.LOOKUP_STATUS_COMPILING
+NEURON_INF2 = workers_pb2.Capability(
+    kind=key_pb2.ARTIFACT_KIND_NEURON, toolchain="neuronx-cc-2", compile_targets=["inf2"]
+)
 
 
 @pytest.fixture
@@ -112,3 +117,48 @@ def test_an_answer_that_took_a_live_workers_toolchain_ends_with_that_worker(tmp_
         time.sleep(1.5 + 1.1)  # the worker's time to live, then the cache's
         after = client.lookup(key, on_miss="report")
         assert after.status == MISS and after.toolchain_source == "built-in default"
+
+
+def joined_twice(client: Client, key: ArtifactKey = LLAMA3_8B_INF2) -> registry_pb2.LookupResponse:
+    first = client.lookup(key)
+    second = client.lookup(key)
+    assert first.status == second.status == COMPILING and second == first
+    return second
+
+
+def test_a_repeated_join_shows_every_change_of_the_job_at_once(client: Client) -> None:
+    created = client.lookup(LLAMA3_8B_INF2)
+    assert created.job_created
+    before = client.get_stats()
+    queued = joined_twice(client)
+    assert queued.job.state == jobs_pb2.JOB_STATE_QUEUED and not queued.job_created
+    after = client.get_stats()
+    assert (after.lookups - before.lookups, after.misses - before.misses) == (2, 2)
+
+    lease = client.lease_job("w-1", [NEURON_INF2], wait_seconds=0)
+    assert lease.job.job_id == created.job.job_id
+    leased = joined_twice(client)
+    assert leased.job.state == jobs_pb2.JOB_STATE_LEASED and leased.job.worker == "w-1"
+    assert leased.unserved_reason == ""
+    client.heartbeat(lease.job.job_id, lease.fencing_token, 0.5, "compiling layer 3")
+    progressed = joined_twice(client)
+    assert (progressed.job.progress, progressed.job.message) == (0.5, "compiling layer 3")
+    client.cancel_job(lease.job.job_id)
+    assert client.lookup(LLAMA3_8B_INF2, on_miss="report").status == MISS
+
+
+def test_a_joins_unserved_reason_follows_the_live_workers_without_a_write(tmp_path: Path) -> None:
+    # A worker going quiet writes nothing (hit counts are not flushed here either): the memo
+    # must notice that the workers it answered with are no longer the live ones. The key
+    # names its toolchain, so that its normalisation depends on no live worker.
+    key = dataclasses.replace(LLAMA3_8B_INF2, toolchain="neuronx-cc-2")
+    settings = {"worker_grace_seconds": 0.0, "worker_ttl_seconds": 1.5, "access_flush_seconds": 3600.0}
+    with background_server(tmp_path / "data", **settings) as running, Client(running.address) as client:
+        client.lease_job("w-1", [NEURON_INF2], wait_seconds=0)
+        time.sleep(1.1)  # the server's cache of live workers
+        assert client.lookup(key).job_created
+        served = joined_twice(client, key)
+        assert served.unserved_reason == "" and served.toolchain_source == "requested"
+        time.sleep(1.5 + 1.1)  # the worker's time to live, then the cache's
+        after = client.lookup(key)
+        assert after.status == COMPILING and "no worker is live" in after.unserved_reason

@@ -12,7 +12,7 @@ import pytest
 
 from prebake.core.errors import InvalidArgument
 from prebake.server.nearest import compatible_candidates, nearest
-from prebake.server.records import Artifact, Job, JobState
+from prebake.server.records import Artifact, Job, JobState, WorkerRecord
 from prebake.server.storage import ArtifactQuery, ConditionFailed, JobQuery, JobWrite
 from prebake.server.storage.bundle import Storage
 from prebake.server.storage.page_tokens import encode
@@ -147,7 +147,7 @@ async def test_repeated_gets_follow_every_change_made_elsewhere(backend: Backend
 async def test_the_change_marker_moves_with_every_change_made_anywhere(
     backend: Backend, storage: Storage
 ) -> None:
-    # A hit's answer is reused while the marker read before it is unchanged
+    # A lookup's answer is reused while the marker read before it is unchanged
     # (RegistryService.Lookup): a change by this instance or another one must move it,
     # and reads must not. A backend that cannot tell says None, always.
     index = storage.artifacts
@@ -183,6 +183,13 @@ async def test_the_change_marker_moves_with_every_change_made_anywhere(
         await other.artifacts.delete(
             artifact.artifact_id, expect_manifest=changed.manifest_digest, expect_pinned=False
         )
+        await moved()
+        # The seams of one Storage share the engine: their changes move it too.
+        job, _ = await other.jobs.create_if_absent(make_job())
+        await moved()
+        await other.jobs.compare_and_set(replace(job, progress=0.5), job.revision)
+        await moved()
+        await other.workers.put_worker(WorkerRecord("w-1", (), START, START + 90))
         await moved()
     finally:
         other.close()

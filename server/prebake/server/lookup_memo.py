@@ -12,13 +12,15 @@ stale, because each entry says what it depends on and is checked against it on e
 - a manifest message is fixed for as long as its artifact's (manifest_digest, created_at)
   is (a replace writes a new row); the few fields that change without a new manifest
   (pin, hit counts, availability) are set on every use from the artifact just read;
-- a whole hit answer depends on the request's bytes, the artifacts (everything else it reads
-  is fixed configuration: catalogs, revoked signers, policies) and, like a normalised key,
-  on live workers' toolchains. It is reused only while the index's change marker
+- a whole answer, a hit or the join of a compile in flight, depends on the request's bytes,
+  what is stored (artifacts, jobs, workers; everything else it reads is fixed
+  configuration: catalogs, revoked signers, policies), on live workers' toolchains like a
+  normalised key, and for a join also on which workers are live and whether start-up grace
+  is over (its `unserved_reason`). It is reused only while the storage's change marker
   (`ArtifactIndex.change_marker`, read before the answer was computed) is unchanged, so
-  after any commit, by any process (a publish, a pin, a hit-count flush), the next hit is
-  computed afresh; an index that cannot tell gets nothing reused. Answers with download
-  URLs are never kept (their URLs expire);
+  after any commit, by any process (a publish, a pin, a hit-count flush, a job's progress,
+  a worker's heartbeat), the next lookup is computed afresh; storage that cannot tell gets
+  nothing reused. Answers with download URLs are never kept (their URLs expire);
 - a job message is fixed for as long as the job's (revision, updated_at) is: every stored
   change bumps the revision (`Job.revision`), so the joiners of one compile (a stampede of
   misses) build its message once.
@@ -33,7 +35,7 @@ from dataclasses import dataclass
 
 from prebake.server import convert
 from prebake.server.bounded import Bounded
-from prebake.server.records import Artifact, Job, NormalizedKey
+from prebake.server.records import Artifact, Job, NormalizedKey, WorkerCapability
 from prebake.v1 import jobs_pb2, key_pb2, registry_pb2
 
 CAPACITY = 4096
@@ -60,31 +62,39 @@ class KnownKey:
 # than ANSWER_MAX_FILES are not kept: their serialisation, not their computation, dominates
 # their cost, and the memo stays small (at most about 10 MB).
 ANSWER_CAPACITY = 1024
+# (start-up grace still on, (worker id, capabilities) of each live worker): see Answer.workers.
+WorkersSeen = tuple[bool, tuple[tuple[str, tuple[WorkerCapability, ...]], ...]]
 ANSWER_MAX_FILES = 64
 
 
 @dataclass(frozen=True)
-class HitAnswer:
-    """A hit's response, what a reuse must count again, and what it depended on."""
+class Answer:
+    """A lookup's response, what a reuse must count again, and what it depended on.
+
+    `artifact_id` and `policy`: a hit's (counted as a hit again); empty for a join.
+    `workers`: for a join, (start-up grace still on, the live workers and what they serve)
+    then; None for a hit, which depends on neither.
+    """
 
     response: registry_pb2.LookupResponse  # never changed once kept: it is sent as it is
     artifact_id: str
     policy: str
     marker: Hashable
     live_toolchain: LiveToolchain | None
+    workers: WorkersSeen | None = None
 
 
-class HitAnswers:
-    """Hit responses by request bytes, valid while the index's change marker is unchanged."""
+class Answers:
+    """Lookup responses by request bytes, valid while the storage's change marker is unchanged."""
 
     def __init__(self, capacity: int = ANSWER_CAPACITY) -> None:
-        self._answers: Bounded[bytes, HitAnswer] = Bounded(capacity)
+        self._answers: Bounded[bytes, Answer] = Bounded(capacity)
 
-    def get(self, request: bytes, marker: Hashable) -> HitAnswer | None:
+    def get(self, request: bytes, marker: Hashable) -> Answer | None:
         answer = self._answers.get(request)
         return answer if answer is not None and answer.marker == marker else None
 
-    def put(self, request: bytes, answer: HitAnswer) -> None:
+    def put(self, request: bytes, answer: Answer) -> None:
         if len(answer.response.artifact.files) <= ANSWER_MAX_FILES:
             self._answers.put(request, answer)
 

@@ -16,12 +16,13 @@ from prebake.server.bounded import Bounded
 from prebake.server.key_normalization import DEFAULT_TOOLCHAINS, diff_keys, normalize_key, with_model
 from prebake.server.lookup_memo import (
     CAPACITY,
-    HitAnswer,
-    HitAnswers,
+    Answer,
+    Answers,
     JobMessages,
     KnownKey,
     LiveToolchain,
     ManifestMessages,
+    WorkersSeen,
 )
 from prebake.server.nearest_memo import MISS_FRESH_SECONDS, NearestMemo
 from prebake.server.rate_limits import RateLimit, caller
@@ -63,7 +64,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         self.near: NearestMemo[list[registry_pb2.NearMiss]] = NearestMemo()
         self.keys: Bounded[bytes, KnownKey] = Bounded(CAPACITY)
         self.manifests = ManifestMessages()
-        self.answers = HitAnswers()
+        self.answers = Answers()
         self.job_messages = JobMessages()
         self.evaluations = EvaluationRpcs(state)
         self.recommendations = RecommendRpc(state)
@@ -254,17 +255,38 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         s.tracker.hit(artifact_id)
         s.metrics.lookup("hit", policy)
 
+    def _count_join(self) -> None:
+        s = self.s
+        s.counters.lookups += 1
+        s.counters.misses += 1
+        s.tracker.lookup()
+        s.metrics.lookup("compiling", "joined")
+
+    async def _workers_seen(self) -> WorkersSeen:
+        """What a join's `unserved_reason` depends on (`Answer.workers`): the live workers as
+        this replica sees them (its cache of them may lag behind the marker) and the grace."""
+        live = await self.s.liveness.live()
+        return self.s.in_worker_grace, tuple((w.worker_id, w.capabilities) for w in live)
+
+    async def _reusable(self, answer: Answer) -> bool:
+        return await self._still_offered(answer.live_toolchain) and (
+            answer.workers is None or answer.workers == await self._workers_seen()
+        )
+
     @unary
     async def Lookup(self, request: registry_pb2.LookupRequest, context: Ctx) -> registry_pb2.LookupResponse:
-        # A repeated hit is answered as it was while no artifact has changed since (see
-        # `prebake.server.lookup_memo`): the same bytes were valid then and are now.
+        # A repeated hit or join is answered as it was while nothing stored has changed since
+        # (see `prebake.server.lookup_memo`): the same bytes were valid then and are now.
         marker = self.s.storage.artifacts.change_marker()
         raw = b""
         if marker is not None:
             raw = request.SerializeToString()
             reused = self.answers.get(raw, marker)
-            if reused is not None and await self._still_offered(reused.live_toolchain):
-                self._count_hit(reused.artifact_id, reused.policy)
+            if reused is not None and await self._reusable(reused):
+                if reused.artifact_id:
+                    self._count_hit(reused.artifact_id, reused.policy)
+                else:
+                    self._count_join()
                 return reused.response
         # Before anything else: an on_miss this server does not know must not enqueue.
         convert.enum_value(registry_pb2.OnMiss.DESCRIPTOR, request.on_miss, "on_miss")
@@ -290,7 +312,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
             self._manifest(match.artifact, request.direct_download, into=hit.artifact)
             if marker is not None and not any(f.download_url for f in hit.artifact.files):
                 artifact_id = match.artifact.artifact_id
-                self.answers.put(raw, HitAnswer(hit, artifact_id, match.policy, marker, known.live_toolchain))
+                self.answers.put(raw, Answer(hit, artifact_id, match.policy, marker, known.live_toolchain))
             return hit
         s.counters.lookups += 1
         s.counters.misses += 1
@@ -309,8 +331,12 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         if active is not None:
             response.status = registry_pb2.LOOKUP_STATUS_COMPILING
             s.metrics.lookup("compiling", "joined")
+            workers = await self._workers_seen()
             response.unserved_reason, active = await self._unserved(key, active)
             self.job_messages.fill(response.job, active)
+            if marker is not None:
+                # A join that changed the job's message moved the marker: it is not reused.
+                self.answers.put(raw, Answer(response, "", "", marker, known.live_toolchain, workers))
             return response
         last = await jobs.last_finished(key.digest)
         if (

@@ -55,12 +55,13 @@ class ArtifactIndex(Protocol):
         ...
 
     def change_marker(self) -> Hashable | None:
-        """A value read now that differs from every earlier one once any change to the
-        artifacts has been committed since (by this process or any other), or None when
+        """A value read now that differs from every earlier one once any change to what the
+        engine stores has been committed since, by this process or any other: artifacts and,
+        since the seams of one `Storage` share the engine, jobs and workers too. None when
         the engine cannot tell cheaply.
 
-        Synchronous and cheap (one local read): a hit's answer may be reused for as long as
-        the marker read before computing it is unchanged (`RegistryService.Lookup`). None
+        Synchronous and cheap (one local read): a lookup's answer may be reused for as long
+        as the marker read before computing it is unchanged (`RegistryService.Lookup`). None
         means: reuse nothing derived from reads. Markers are comparable only with markers
         of the same instance, read on the same thread.
         """
