@@ -9,13 +9,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from prebake.client import ArtifactKey, Client
-from prebake.server.app import BackgroundServer, background_server
+from prebake.server.app import background_server
 from prebake.server.backends import REGISTRY_FILE
 from prebake.server.storage.sqlite.artifact_index import SqliteArtifactIndex
 from prebake.server.storage.sqlite.connection import Database
@@ -28,18 +25,6 @@ COMPILING = registry_pb2.LOOKUP_STATUS_COMPILING
 NEURON_INF2 = workers_pb2.Capability(
     kind=key_pb2.ARTIFACT_KIND_NEURON, toolchain="neuronx-cc-2", compile_targets=["inf2"]
 )
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[BackgroundServer]:
-    with background_server(tmp_path / "data", worker_grace_seconds=0.0) as running:
-        yield running
-
-
-@pytest.fixture
-def client(server: BackgroundServer) -> Iterator[Client]:
-    with Client(server.address) as c:
-        yield c
 
 
 def another_process(tmp_path: Path) -> SqliteArtifactIndex:
