@@ -7,6 +7,7 @@ import dataclasses
 import os
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -191,11 +192,18 @@ def _hashed(src: Path) -> dict[str, tuple[str, int]]:
     return {p.relative_to(src).as_posix(): hash_file(p) for p in src.rglob("*") if p.is_file()}
 
 
-def test_publish_reads_each_source_file_once(
-    client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def memo_client(client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Client]:
+    """A client of the same server whose digest memo is the test's own (`DigestMemo.default()`)."""
     monkeypatch.setenv(digest_memo.ENV, str(tmp_path / "memo.json"))
-    client = Client(client.target)  # with the memo above
+    with Client(client.target) as c:
+        yield c
+
+
+def test_publish_reads_each_source_file_once(
+    memo_client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = memo_client
     src = make_artifact_dir(tmp_path / "src", READ_ONCE_SIZES, seed=11)
     counter = ReadCounter(src).install(monkeypatch)
     response = client.publish(src, LLAMA3_8B_INF2)
@@ -203,15 +211,13 @@ def test_publish_reads_each_source_file_once(
     assert _manifest(client, response.artifact.artifact_id) == _hashed(src)
     # Freshly written files are not remembered: their times are too recent to rely on.
     assert len(DigestMemo.default()) == 0
-    client.close()
 
 
 def test_republishing_unchanged_files_reads_and_sends_nothing(
-    client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    memo_client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(digest_memo, "RACY_SECONDS", 0.0)
-    monkeypatch.setenv(digest_memo.ENV, str(tmp_path / "memo.json"))
-    client = Client(client.target)  # with the memo above
+    client = memo_client
     src = make_artifact_dir(tmp_path / "src", READ_ONCE_SIZES, seed=12)
     first = client.publish(src, LLAMA3_8B_INF2)
     received = client.get_stats().bytes_received
@@ -220,15 +226,13 @@ def test_republishing_unchanged_files_reads_and_sends_nothing(
     assert counter.bytes == 0
     assert client.get_stats().bytes_received == received
     assert _manifest(client, again.artifact.artifact_id) == _manifest(client, first.artifact.artifact_id)
-    client.close()
 
 
 def test_a_file_changed_in_place_with_its_times_restored_is_read_again(
-    client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    memo_client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(digest_memo, "RACY_SECONDS", 0.0)
-    monkeypatch.setenv(digest_memo.ENV, str(tmp_path / "memo.json"))
-    client = Client(client.target)
+    client = memo_client
     src = make_artifact_dir(tmp_path / "src", READ_ONCE_SIZES, seed=13)
     client.publish(src, LLAMA3_8B_INF2)
     path = src / "model.bin"
@@ -246,7 +250,6 @@ def test_a_file_changed_in_place_with_its_times_restored_is_read_again(
     )
     response = client.publish(src, OTHER_KEY)
     assert _manifest(client, response.artifact.artifact_id) == _hashed(src)
-    client.close()
 
 
 def test_interrupted_digest_late_upload_resumes(client: Client, tmp_path: Path) -> None:

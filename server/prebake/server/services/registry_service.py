@@ -255,12 +255,12 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         s.tracker.hit(artifact_id)
         s.metrics.lookup("hit", policy)
 
-    def _count_join(self) -> None:
+    def _count_miss(self) -> None:
+        """Count a lookup that did not hit; the metrics count it by outcome, once known."""
         s = self.s
         s.counters.lookups += 1
         s.counters.misses += 1
         s.tracker.lookup()
-        s.metrics.lookup("compiling", "joined")
 
     async def _workers_seen(self) -> WorkersSeen:
         """What a join's `unserved_reason` depends on (`Answer.workers`): the live workers as
@@ -286,7 +286,8 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
                 if reused.artifact_id:
                     self._count_hit(reused.artifact_id, reused.policy)
                 else:
-                    self._count_join()
+                    self._count_miss()
+                    self.s.metrics.lookup("compiling", "joined")
                 return reused.response
         # Before anything else: an on_miss this server does not know must not enqueue.
         convert.enum_value(registry_pb2.OnMiss.DESCRIPTOR, request.on_miss, "on_miss")
@@ -314,9 +315,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
                 artifact_id = match.artifact.artifact_id
                 self.answers.put(raw, Answer(hit, artifact_id, match.policy, marker, known.live_toolchain))
             return hit
-        s.counters.lookups += 1
-        s.counters.misses += 1
-        s.tracker.lookup()
+        self._count_miss()
         jobs = s.storage.jobs
         active = await jobs.active(key.digest)
         if active is not None:
