@@ -32,6 +32,7 @@ from typing import BinaryIO
 import grpc
 import xxhash
 
+from prebake.client import digest_memo
 from prebake.client.channel import (
     Connection,
     IdleWatchdog,
@@ -100,9 +101,9 @@ def upload_id_for(digest: blobs_pb2.Digest) -> str:
 
 def hashing_upload_id(path: Path, st: os.stat_result) -> str:
     """The id of a digest-late upload of `path` as `st` describes it: stable across processes on
-    one host while the file is unchanged (a rerun resumes), another once it changes."""
-    identity = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
-    name = f"prebake-late:{socket.gethostname()}:{os.path.abspath(path)}:{identity}"
+    one host while the file is unchanged (a rerun resumes), another once it changes. Unchanged
+    means what it means to the digest memo: the same `digest_memo.identity`."""
+    name = f"prebake-late:{socket.gethostname()}:{digest_memo.identity(path, st)}"
     return str(uuid.uuid5(uuid.NAMESPACE_URL, name))
 
 
